@@ -1,0 +1,196 @@
+/**
+ * One set of settings, three spellings: a CLI flag (`--max-cache-bytes`), an environment
+ * variable (`KHEADERSD_MAX_CACHE_BYTES`) and a key of /etc/kheadersd/config.json
+ * (`maxCacheBytes`). Precedence: flag, then variable, then file, then the default. Every value is
+ * parsed and checked here, so a bad one is a clear E_CONFIG/E_USAGE at start, naming its source.
+ */
+import { readFile } from 'node:fs/promises';
+import { KheadersError, errnoOf } from './errors.js';
+import { LOG_LEVELS, type LogLevel } from './log.js';
+import { defaultCacheDir, isAndroid } from './store/cache.js';
+
+export const DEFAULT_CONFIG_FILE = '/etc/kheadersd/config.json';
+
+type Kind = 'string' | 'boolean' | 'integer' | 'bytes' | 'enum';
+
+interface KeySpec {
+  kind: Kind;
+  values?: readonly string[];
+  help: string;
+}
+
+/** Every configurable key. The CLI declares its flags from this table, so they cannot drift. */
+export const KEYS = {
+  cacheDir: { kind: 'string', help: 'cache directory (default /var/cache/kheadersd; /data/local/kheadersd on Android)' },
+  archive: { kind: 'string', help: 'use this file instead of the running kernel\'s archive (.tar.xz, kheaders.ko, vmlinux)' },
+  release: { kind: 'string', help: 'kernel release of an archive that names none' },
+  modprobe: { kind: 'boolean', help: 'run `modprobe kheaders` when no archive is exposed (default on)' },
+  unloadModule: { kind: 'boolean', help: 'unload the kheaders module afterwards if we loaded it (default on)' },
+  keep: { kind: 'integer', help: 'keep at most N cache entries (default 3; the running kernel\'s is never evicted)' },
+  maxCacheBytes: { kind: 'bytes', help: 'evict old entries beyond this many bytes (e.g. 512M)' },
+  maxTotalBytes: { kind: 'bytes', help: 'refuse archives that expand beyond this (default 1G)' },
+  maxEntries: { kind: 'integer', help: 'refuse archives with more entries (default 200000)' },
+  maxFileBytes: { kind: 'bytes', help: 'refuse archives with a larger file (default 64M)' },
+  decoder: { kind: 'enum', values: ['auto', 'xz', 'lzma-native'], help: 'xz decoder: the xz binary (fastest) or lzma-native (default auto)' },
+  lockTimeout: { kind: 'integer', help: 'seconds to wait for another process holding the cache lock (default 30)' },
+  logLevel: { kind: 'enum', values: LOG_LEVELS, help: 'log level (default info)' },
+  mount: { kind: 'string', help: 'FUSE mount point, or "off" (default /run/kheaders; /data/local/kheadersd/mnt on Android)' },
+  fuseBackend: { kind: 'enum', values: ['auto', 'kernel', 'native'], help: 'FUSE transport: kernel (/dev/fuse protocol in TypeScript), native (fuse-native/libfuse2), auto' },
+  linkModules: { kind: 'boolean', help: 'create /lib/modules/<release>/build -> <mount>/<release> when absent (default off)' },
+  http: { kind: 'string', help: 'HTTP listen address HOST:PORT, or "off" (default 127.0.0.1:7711)' },
+  tokenFile: { kind: 'string', help: 'require `Authorization: Bearer <token>` with the token in this file' },
+} as const satisfies Record<string, KeySpec>;
+
+export type ConfigKey = keyof typeof KEYS;
+
+export interface Config {
+  cacheDir: string;
+  archive?: string;
+  release?: string;
+  modprobe: boolean;
+  unloadModule: boolean;
+  keep: number;
+  maxCacheBytes?: number;
+  maxTotalBytes: number;
+  maxEntries: number;
+  maxFileBytes: number;
+  decoder: 'auto' | 'xz' | 'lzma-native';
+  lockTimeout: number;
+  logLevel: LogLevel;
+  mount: string | null;
+  fuseBackend: 'auto' | 'kernel' | 'native';
+  linkModules: boolean;
+  http: { host: string; port: number } | null;
+  tokenFile?: string;
+}
+
+export function envName(key: ConfigKey): string {
+  return 'KHEADERSD_' + key.replace(/[A-Z]/g, (c) => '_' + c).toUpperCase();
+}
+
+export function flagName(key: ConfigKey): string {
+  return key.replace(/[A-Z]/g, (c) => '-' + c.toLowerCase());
+}
+
+const SIZE_RE = /^(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)$/i;
+
+export function parseBytes(text: string): number | undefined {
+  const m = SIZE_RE.exec(text.trim());
+  if (!m) return undefined;
+  const unit = { '': 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40 }[m[2]!.toLowerCase() as '' | 'k' | 'm' | 'g' | 't'];
+  const n = Math.round(Number(m[1]) * unit);
+  return Number.isSafeInteger(n) ? n : undefined;
+}
+
+export function parseListen(text: string): { host: string; port: number } | null | undefined {
+  if (text === 'off') return null;
+  const m = /^(?:\[([0-9a-fA-F:.]+)\]|([^:\s]*)):(\d{1,5})$/.exec(text);
+  if (!m) return undefined;
+  const port = Number(m[3]);
+  if (port > 65535) return undefined;
+  return { host: m[1] ?? (m[2] || '127.0.0.1'), port };
+}
+
+/** Parse one raw value (a flag or variable string, or a JSON value from the file). */
+function parseValue(key: ConfigKey, raw: unknown, origin: string): string | number | boolean {
+  const spec: KeySpec = KEYS[key];
+  const bad = (expected: string): never => {
+    throw new KheadersError('E_CONFIG', `${origin}: ${JSON.stringify(raw)} is not ${expected}`, { key, origin });
+  };
+  switch (spec.kind) {
+    case 'string':
+      return typeof raw === 'string' && raw !== '' ? raw : bad('a non-empty string');
+    case 'boolean':
+      if (typeof raw === 'boolean') return raw;
+      if (typeof raw === 'string' && /^(1|true|yes|on)$/i.test(raw)) return true;
+      if (typeof raw === 'string' && /^(0|false|no|off)$/i.test(raw)) return false;
+      return bad('a boolean (true/false)');
+    case 'integer': {
+      const n = typeof raw === 'number' ? raw : typeof raw === 'string' && /^\d+$/.test(raw) ? Number(raw) : NaN;
+      return Number.isSafeInteger(n) && n >= 0 ? n : bad('a whole number');
+    }
+    case 'bytes': {
+      const n = typeof raw === 'number' ? raw : typeof raw === 'string' ? parseBytes(raw) : undefined;
+      return n !== undefined && Number.isSafeInteger(n) && n > 0 ? n : bad('a size (bytes, or with K/M/G)');
+    }
+    case 'enum':
+      return typeof raw === 'string' && spec.values!.includes(raw) ? raw : bad(`one of ${spec.values!.join(', ')}`);
+  }
+}
+
+export async function readConfigFile(file: string, required: boolean): Promise<Record<string, unknown>> {
+  let text: string;
+  try {
+    text = await readFile(file, 'utf8');
+  } catch (err) {
+    if (!required && errnoOf(err) === 'ENOENT') return {};
+    throw new KheadersError('E_CONFIG', `cannot read the configuration file ${file}: ${errnoOf(err) ?? String(err)}`, { file });
+  }
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch (err) {
+    throw new KheadersError('E_CONFIG', `${file} is not valid JSON: ${(err as Error).message}`, { file });
+  }
+  if (typeof json !== 'object' || json === null || Array.isArray(json)) throw new KheadersError('E_CONFIG', `${file} must hold a JSON object`, { file });
+  for (const key of Object.keys(json)) {
+    if (!(key in KEYS)) throw new KheadersError('E_CONFIG', `${file}: unknown key "${key}" (known: ${Object.keys(KEYS).join(', ')})`, { file, key });
+  }
+  return json as Record<string, unknown>;
+}
+
+export interface ConfigSources {
+  /** Parsed CLI options (commander camelCase), only those given. */
+  flags: Partial<Record<ConfigKey, unknown>>;
+  env: NodeJS.ProcessEnv;
+  file: Record<string, unknown>;
+  fileName: string;
+}
+
+export function resolveConfig({ flags, env, file, fileName }: ConfigSources): Config {
+  const pick = (key: ConfigKey): string | number | boolean | undefined => {
+    if (flags[key] !== undefined) return parseValue(key, flags[key], `--${flagName(key)}`);
+    const e = env[envName(key)];
+    if (e !== undefined && e !== '') return parseValue(key, e, envName(key));
+    if (file[key] !== undefined) return parseValue(key, file[key], `${fileName}: ${key}`);
+    return undefined;
+  };
+  const str = (key: ConfigKey): string | undefined => pick(key) as string | undefined;
+  const num = (key: ConfigKey): number | undefined => pick(key) as number | undefined;
+  const bool = (key: ConfigKey, dflt: boolean): boolean => (pick(key) as boolean | undefined) ?? dflt;
+
+  const httpText = str('http') ?? '127.0.0.1:7711';
+  const http = parseListen(httpText);
+  if (http === undefined) throw new KheadersError('E_CONFIG', `http: ${JSON.stringify(httpText)} is not HOST:PORT or "off"`);
+  const mount = str('mount') ?? (isAndroid() ? '/data/local/kheadersd/mnt' : '/run/kheaders');
+
+  const cfg: Config = {
+    cacheDir: str('cacheDir') ?? defaultCacheDir({}),
+    modprobe: bool('modprobe', true),
+    unloadModule: bool('unloadModule', true),
+    keep: num('keep') ?? 3,
+    maxTotalBytes: num('maxTotalBytes') ?? 1024 ** 3,
+    maxEntries: num('maxEntries') ?? 200_000,
+    maxFileBytes: num('maxFileBytes') ?? 64 * 1024 ** 2,
+    decoder: (str('decoder') as Config['decoder'] | undefined) ?? 'auto',
+    lockTimeout: num('lockTimeout') ?? 30,
+    logLevel: (str('logLevel') as LogLevel | undefined) ?? 'info',
+    mount: mount === 'off' ? null : mount,
+    fuseBackend: (str('fuseBackend') as Config['fuseBackend'] | undefined) ?? 'auto',
+    linkModules: bool('linkModules', false),
+    http,
+  };
+  const optional: Array<[keyof Config, ConfigKey]> = [
+    ['archive', 'archive'],
+    ['release', 'release'],
+    ['tokenFile', 'tokenFile'],
+  ];
+  for (const [field, key] of optional) {
+    const v = str(key);
+    if (v !== undefined) (cfg as unknown as Record<string, unknown>)[field] = v;
+  }
+  const maxCache = num('maxCacheBytes');
+  if (maxCache !== undefined) cfg.maxCacheBytes = maxCache;
+  if (cfg.keep < 1) throw new KheadersError('E_CONFIG', 'keep must be at least 1');
+  return cfg;
+}
