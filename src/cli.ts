@@ -1,0 +1,141 @@
+#!/usr/bin/env node
+/**
+ * The command line: parses flags, resolves the configuration, and hands each command to its
+ * module. Heavy modules (fastify, fuse-native, the BTF emitter) are imported inside the action
+ * that needs them, so `kheadersd ingest` starts as fast as node itself.
+ */
+import { Command, Option } from 'commander';
+import { DEFAULT_CONFIG_FILE, KEYS, envName, flagName, readConfigFile, resolveConfig, type Config, type ConfigKey } from './config.js';
+import { EXIT, KheadersError } from './errors.js';
+import { createLogger, type Logger } from './log.js';
+import type { CommandIO } from './commands/store-commands.js';
+
+const VERSION = '0.1.0';
+
+interface GlobalOptions {
+  config?: string;
+  json?: boolean;
+}
+
+function addKeys(cmd: Command, keys: readonly ConfigKey[]): Command {
+  for (const key of keys) {
+    const spec = KEYS[key];
+    const flag = flagName(key);
+    if (spec.kind === 'boolean') {
+      cmd.addOption(new Option(`--${flag}`, spec.help));
+      cmd.addOption(new Option(`--no-${flag}`).hideHelp());
+    } else {
+      const opt = new Option(`--${flag} <${spec.kind === 'bytes' ? 'size' : spec.kind === 'integer' ? 'n' : 'value'}>`, `${spec.help} [env ${envName(key)}]`);
+      cmd.addOption('values' in spec ? opt.choices(spec.values) : opt);
+    }
+  }
+  return cmd;
+}
+
+const COMMON: ConfigKey[] = ['cacheDir', 'logLevel', 'lockTimeout'];
+const INGEST_KEYS: ConfigKey[] = ['archive', 'release', 'modprobe', 'unloadModule', 'keep', 'maxCacheBytes', 'maxTotalBytes', 'maxEntries', 'maxFileBytes', 'decoder'];
+
+/**
+ * Run one command: load configuration, build the logger, map errors to an exit status. Logs go
+ * to stdout, except for commands whose stdout carries data (`--json`, `cat`), where they go to
+ * stderr so the data stays clean.
+ */
+async function run(cmd: Command, dataOnStdout: boolean, body: (cfg: Config, io: CommandIO) => Promise<void>): Promise<void> {
+  const opts = cmd.optsWithGlobals<GlobalOptions & Partial<Record<ConfigKey, unknown>>>();
+  const dataOut = dataOnStdout || opts.json === true;
+  let log: Logger = createLogger('info', dataOut ? process.stderr : process.stdout);
+  try {
+    const configFile = opts.config ?? process.env.KHEADERSD_CONFIG ?? DEFAULT_CONFIG_FILE;
+    const file = await readConfigFile(configFile, opts.config !== undefined || process.env.KHEADERSD_CONFIG !== undefined);
+    const flags: Partial<Record<ConfigKey, unknown>> = {};
+    for (const key of Object.keys(KEYS) as ConfigKey[]) if (opts[key] !== undefined) flags[key] = opts[key];
+    const cfg = resolveConfig({ flags, env: process.env, file, fileName: configFile });
+    log = createLogger(cfg.logLevel, dataOut ? process.stderr : process.stdout);
+    await body(cfg, { stdout: process.stdout, stderr: process.stderr, log });
+  } catch (err) {
+    process.exitCode = report(err, log);
+  }
+}
+
+function report(err: unknown, log: Logger): number {
+  if (err instanceof KheadersError) {
+    log.error({ code: err.code, details: err.details }, err.message);
+    process.stderr.write(`kheadersd: ${err.message}\n`);
+    return err.exitCode;
+  }
+  log.error({ err }, 'internal error');
+  process.stderr.write(`kheadersd: internal error: ${err instanceof Error ? err.message : String(err)}\n(this is a bug; the log above has the details)\n`);
+  return EXIT.internal;
+}
+
+export function buildProgram(): Command {
+  const program = new Command('kheadersd')
+    .description("Serve the running kernel's own headers (CONFIG_IKHEADERS) to BPF toolchains: one crash-safe cache, a FUSE mount and HTTP.")
+    .version(VERSION)
+    .option('--config <file>', `configuration file (default ${DEFAULT_CONFIG_FILE} if present) [env KHEADERSD_CONFIG]`)
+    .showHelpAfterError()
+    .addHelpText(
+      'after',
+      `\nExit status: 0 ok, ${EXIT.usage} usage or configuration error, ${EXIT.archiveNotFound} no archive found, ${EXIT.badArchive} bad archive,\n${EXIT.environment} environment (cache locked, unsafe or full, no FUSE), ${EXIT.internal} internal error.`,
+    );
+  program.exitOverride((err) => {
+    process.exit(err.exitCode === 0 ? 0 : EXIT.usage);
+  });
+
+  const ingestCmd = addKeys(program.command('ingest').description("cache the kernel's header archive (the running kernel's, or --archive FILE)"), [...INGEST_KEYS, ...COMMON])
+    .option('--json', 'print the result as JSON')
+    .action(async (_o, cmd: Command) =>
+      run(cmd, false, async (cfg, io) => {
+        const { cmdIngest } = await import('./commands/store-commands.js');
+        await cmdIngest(cfg, io, cmd.opts().json === true);
+      }),
+    );
+  void ingestCmd;
+
+  addKeys(program.command('ls').description('list cached entries'), COMMON)
+    .option('--json', 'print JSON')
+    .action(async (_o, cmd: Command) =>
+      run(cmd, false, async (cfg, io) => {
+        const { cmdLs } = await import('./commands/store-commands.js');
+        await cmdLs(cfg, io, cmd.opts().json === true);
+      }),
+    );
+
+  addKeys(program.command('cat').description("print a file from the cache (symlinks followed)").argument('<ref>', 'current, a release, or a digest').argument('<path>', 'e.g. include/linux/sched.h'), COMMON).action(
+    async (ref: string, file: string, _o, cmd: Command) =>
+      run(cmd, true, async (cfg, io) => {
+        const { cmdCat } = await import('./commands/store-commands.js');
+        await cmdCat(cfg, io, ref, file);
+      }),
+  );
+
+  addKeys(program.command('export').description('write an entry out as a plain directory (for BCC_KERNEL_SOURCE without FUSE)').argument('<ref>', 'current, a release, or a digest').argument('<dir>', 'a new or empty directory'), COMMON).action(
+    async (ref: string, dir: string, _o, cmd: Command) =>
+      run(cmd, false, async (cfg, io) => {
+        const { cmdExport } = await import('./commands/store-commands.js');
+        await cmdExport(cfg, io, ref, dir);
+      }),
+  );
+
+  addKeys(program.command('gc').description('evict old entries (beyond --keep and --max-cache-bytes; never the current one)'), ['keep', 'maxCacheBytes', ...COMMON])
+    .option('--json', 'print JSON')
+    .action(async (_o, cmd: Command) =>
+      run(cmd, false, async (cfg, io) => {
+        const { cmdGc } = await import('./commands/store-commands.js');
+        await cmdGc(cfg, io, cmd.opts().json === true);
+      }),
+    );
+
+  return program;
+}
+
+// Run only as the entry point (tests import buildProgram without side effects).
+const invokedAs = process.argv[1] ?? '';
+if (/(?:^|[/\\])(?:cli\.js|kheadersd)$/.test(invokedAs)) {
+  buildProgram()
+    .parseAsync(process.argv)
+    .catch((err: unknown) => {
+      process.stderr.write(`kheadersd: ${err instanceof Error ? err.message : String(err)}\n`);
+      process.exitCode = EXIT.internal;
+    });
+}
