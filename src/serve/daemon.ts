@@ -1,0 +1,225 @@
+/**
+ * `kheadersd serve`: ingest the running kernel's archive, then serve the cache over HTTP and a
+ * FUSE mount until told to stop. Lifecycle only: what is served is the store's business, how it
+ * is served belongs to serve/http and serve/fuse.
+ *
+ *   start ─ ingest (or reuse) ─ HTTP up ─ mount ─ ready (sd_notify)
+ *   SIGHUP ─ re-read the live kernel's release and archive digest; if new, ingest and flip `current`
+ *   SIGTERM/SIGINT ─ stop accepting, finish in-flight responses, unmount, exit 0
+ *
+ * A mount that cannot be made is logged and reported by /readyz and `doctor`; HTTP keeps
+ * working without it.
+ */
+import { lstat, mkdir, readlink, rmdir, symlink, unlink } from 'node:fs/promises';
+import { readFile } from 'node:fs/promises';
+import path from 'node:path';
+import type { Config } from '../config.js';
+import { KheadersError, errnoOf, isKheadersError } from '../errors.js';
+import type { CommandIO } from '../commands/store-commands.js';
+import { ingestWithConfig } from '../commands/store-commands.js';
+import { CacheStore } from '../store/cache.js';
+import type { CacheEntry } from '../store/entry.js';
+import { DaemonState } from './state.js';
+import type { FuseMount } from './fuse/types.js';
+import type { IndexFsModel } from './fuse/index-model.js';
+
+export interface RunningDaemon {
+  state: DaemonState;
+  /** Re-check the kernel (what SIGHUP does). */
+  refresh(reason: string): Promise<void>;
+  /** Stop everything (what SIGTERM does). */
+  stop(): Promise<void>;
+  readonly httpUrl: string | null;
+}
+
+/** Start the daemon; resolves once it is serving. Signal handling is `installSignalHandlers`. */
+export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDaemon> {
+  const { log } = io;
+  const state = new DaemonState();
+  const store = await CacheStore.open(cfg.cacheDir, { write: true, lockTimeoutMs: cfg.lockTimeout * 1000 });
+  let model: IndexFsModel | null = null;
+  let mount: FuseMount | null = null;
+  let http: { url: string; close(): Promise<void> } | null = null;
+  const links = new ModuleLinks(log);
+  let refreshing: Promise<void> = Promise.resolve();
+
+  const allEntries = async (): Promise<CacheEntry[]> => Promise.all((await store.list()).map((m) => store.load(m.id)));
+
+  /** Bring the model and state up to date with the store (after any ingest). */
+  const publish = async (): Promise<void> => {
+    const current = await store.currentId();
+    state.currentId = current;
+    state.ready = current !== null;
+    model?.setEntries(await allEntries(), current);
+    if (cfg.linkModules && mount && current) {
+      const entry = await store.load(current);
+      await links.point(entry.manifest.release, path.join(mount.mountpoint, entry.manifest.release));
+    }
+    state.changed();
+  };
+
+  const ingestNow = async (reason: string): Promise<void> => {
+    const started = new Date().toISOString();
+    try {
+      const result = await ingestWithConfig(cfg, io, { setCurrent: true });
+      state.lastIngest = { at: started, durationMs: result.durationMs, id: result.entry.manifest.id, reused: result.reused };
+      state.lastIngestError = null;
+      log.info({ reason, id: result.entry.manifest.id, reused: result.reused }, result.reused ? 'kernel unchanged' : 'kernel headers ingested');
+    } catch (err) {
+      const code = err instanceof KheadersError ? err.code : 'E_INTERNAL';
+      state.lastIngestError = { at: started, code, message: err instanceof Error ? err.message : String(err) };
+      throw err;
+    }
+  };
+
+  const refresh = (reason: string): Promise<void> => {
+    // One refresh at a time: a burst of SIGHUPs queues, it does not race.
+    refreshing = refreshing.then(async () => {
+      try {
+        await ingestNow(reason);
+      } catch (err) {
+        log.error({ reason, code: isKheadersError(err) ? err.code : 'E_INTERNAL' }, `ingest failed, still serving the last good entry: ${(err as Error).message}`);
+      }
+      await publish();
+    });
+    return refreshing;
+  };
+
+  // The first ingest decides whether there is anything to serve at all.
+  try {
+    await ingestNow('start');
+  } catch (err) {
+    // With no archive but an earlier entry for this kernel (e.g. the module cannot be loaded any
+    // more), serve what the cache has rather than nothing.
+    if (!isKheadersError(err, 'E_ARCHIVE_NOT_FOUND') || (await store.currentId()) === null) throw err;
+    log.warn({ code: err.code }, `no live archive; serving the cached entry: ${err.message}`);
+  }
+
+  if (cfg.mount) {
+    const { IndexFsModel } = await import('./fuse/index-model.js');
+    model = new IndexFsModel({ log });
+  }
+  await publish();
+
+  if (cfg.http) {
+    const { startHttpServer } = await import('./http/server.js');
+    const token = cfg.tokenFile ? await readToken(cfg.tokenFile) : undefined;
+    http = await startHttpServer({ listen: cfg.http, store, state, log, ...(token !== undefined ? { token } : {}) });
+    log.info({ url: http.url }, 'HTTP listening');
+  }
+
+  if (cfg.mount && model) {
+    try {
+      const { mountFuse } = await import('./fuse/index.js');
+      mount = await mountFuse({ mountpoint: cfg.mount, model, log, allowOther: true, backend: cfg.fuseBackend });
+      state.mountpoint = mount.mountpoint;
+      state.mountError = null;
+      log.info({ mountpoint: mount.mountpoint, backend: mount.backend }, 'mounted');
+      await publish(); // now that the mount exists, --link-modules can point at it
+    } catch (err) {
+      state.mountError = err instanceof Error ? err.message : String(err);
+      if (!http) throw err;
+      log.error({ code: isKheadersError(err) ? err.code : 'E_FUSE' }, `no FUSE mount, serving HTTP only: ${state.mountError}`);
+    }
+  }
+
+  const { notifyReady, notifyStopping } = await import('./sd-notify.js');
+  await notifyReady(log);
+
+  let stopping: Promise<void> | null = null;
+  const stop = (): Promise<void> => {
+    stopping ??= (async () => {
+      await notifyStopping(log);
+      await refreshing.catch(() => {});
+      await http?.close();
+      await links.removeAll();
+      await mount?.unmount();
+      await model?.close();
+      log.info('stopped');
+    })();
+    return stopping;
+  };
+
+  return { state, refresh, stop, httpUrl: http?.url ?? null };
+}
+
+/** SIGHUP re-checks the kernel; SIGTERM/SIGINT stop cleanly, a second one exits at once. */
+export function installSignalHandlers(daemon: RunningDaemon, io: CommandIO): void {
+  process.on('SIGHUP', () => {
+    io.log.info('SIGHUP: re-checking the running kernel');
+    void daemon.refresh('SIGHUP');
+  });
+  let signalled = false;
+  const onStop = (signal: NodeJS.Signals): void => {
+    if (signalled) {
+      io.log.warn({ signal }, 'second signal: exiting now');
+      process.exit(1);
+    }
+    signalled = true;
+    io.log.info({ signal }, 'stopping');
+    daemon.stop().then(
+      () => process.exit(0),
+      (err: unknown) => {
+        io.log.error({ err }, 'unclean stop');
+        process.exit(1);
+      },
+    );
+  };
+  process.on('SIGTERM', onStop);
+  process.on('SIGINT', onStop);
+}
+
+async function readToken(file: string): Promise<string> {
+  let token: string;
+  try {
+    token = (await readFile(file, 'utf8')).trim();
+  } catch (err) {
+    throw new KheadersError('E_CONFIG', `cannot read --token-file ${file}: ${errnoOf(err) ?? String(err)}`, { file });
+  }
+  if (token.length < 16) throw new KheadersError('E_CONFIG', `the token in ${file} is shorter than 16 characters; use a long random one (e.g. openssl rand -hex 32)`);
+  return token;
+}
+
+/**
+ * --link-modules: `/lib/modules/<release>/build -> <mount>/<release>` so unmodified tools find
+ * headers with no variable at all. Never replaces an existing path; removes only what it made.
+ */
+class ModuleLinks {
+  private readonly made: Array<{ link: string; target: string; dirMade: string | null }> = [];
+
+  constructor(
+    private readonly log: CommandIO['log'],
+    private readonly modulesRoot = '/lib/modules',
+  ) {}
+
+  async point(release: string, target: string): Promise<void> {
+    const dir = path.join(this.modulesRoot, release);
+    const link = path.join(dir, 'build');
+    if (this.made.some((m) => m.link === link && m.target === target)) return;
+    try {
+      await lstat(link);
+      this.log.info({ link }, `--link-modules: ${link} exists; left alone`);
+      return;
+    } catch (err) {
+      if (errnoOf(err) !== 'ENOENT') throw err;
+    }
+    let dirMade: string | null = null;
+    try {
+      await lstat(dir);
+    } catch {
+      await mkdir(dir, { recursive: true });
+      dirMade = dir;
+    }
+    await symlink(target, link);
+    this.made.push({ link, target, dirMade });
+    this.log.info({ link, target }, '--link-modules: linked');
+  }
+
+  async removeAll(): Promise<void> {
+    for (const { link, target, dirMade } of this.made.splice(0).reverse()) {
+      // Only if it is still the link we made: someone may have replaced it meanwhile.
+      if ((await readlink(link).catch(() => null)) === target) await unlink(link).catch(() => {});
+      if (dirMade) await rmdir(dirMade).catch(() => {}); // only if empty
+    }
+  }
+}
