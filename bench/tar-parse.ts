@@ -34,7 +34,7 @@ async function withTarStream(parts: Buffer[]): Promise<number> {
     extract.on('error', reject);
   });
   for (const p of parts) extract.write(p);
-  extract.end();
+  extract.end(Buffer.alloc(0));
   await done;
   return entries;
 }
