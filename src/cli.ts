@@ -6,7 +6,7 @@
  */
 import { Command, Option } from 'commander';
 import { DEFAULT_CONFIG_FILE, KEYS, envName, flagName, readConfigFile, resolveConfig, type Config, type ConfigKey } from './config.js';
-import { EXIT, KheadersError } from './errors.js';
+import { EXIT, KheadersError, errnoOf } from './errors.js';
 import { createLogger, type Logger } from './log.js';
 import type { CommandIO } from './commands/store-commands.js';
 
@@ -33,7 +33,7 @@ function addKeys(cmd: Command, keys: readonly ConfigKey[]): Command {
 }
 
 const COMMON: ConfigKey[] = ['cacheDir', 'logLevel', 'lockTimeout'];
-const INGEST_KEYS: ConfigKey[] = ['archive', 'release', 'modprobe', 'unloadModule', 'keep', 'maxCacheBytes', 'maxTotalBytes', 'maxEntries', 'maxFileBytes', 'decoder'];
+const INGEST_KEYS: ConfigKey[] = ['archive', 'release', 'modprobe', 'unloadModule', 'keep', 'maxCacheBytes', 'maxTotalBytes', 'maxEntries', 'maxFileBytes', 'decoder', 'btf'];
 
 /**
  * Run one command: load configuration, build the logger, map errors to an exit status. Logs go
@@ -58,6 +58,8 @@ async function run(cmd: Command, dataOnStdout: boolean, body: (cfg: Config, io: 
 }
 
 function report(err: unknown, log: Logger): number {
+  // The reader closed the pipe (`kheadersd cat … | head`): the normal end of a Unix filter.
+  if (errnoOf(err) === 'EPIPE') return EXIT.ok;
   if (err instanceof KheadersError) {
     log.error({ code: err.code, details: err.details }, err.message);
     process.stderr.write(`kheadersd: ${err.message}\n`);
@@ -125,6 +127,17 @@ export function buildProgram(): Command {
         await cmdGc(cfg, io, cmd.opts().json === true);
       }),
     );
+
+  addKeys(
+    program.command('serve').description('ingest the running kernel\'s headers, then serve them over a FUSE mount and HTTP until stopped'),
+    [...INGEST_KEYS, 'mount', 'fuseBackend', 'linkModules', 'http', 'tokenFile', ...COMMON],
+  ).action(async (_o, cmd: Command) =>
+    run(cmd, false, async (cfg, io) => {
+      const { startDaemon, installSignalHandlers } = await import('./serve/daemon.js');
+      const daemon = await startDaemon(cfg, io);
+      installSignalHandlers(daemon, io);
+    }),
+  );
 
   return program;
 }

@@ -31,6 +31,7 @@ export const KEYS = {
   maxTotalBytes: { kind: 'bytes', help: 'refuse archives that expand beyond this (default 1G)' },
   maxEntries: { kind: 'integer', help: 'refuse archives with more entries (default 200000)' },
   maxFileBytes: { kind: 'bytes', help: 'refuse archives with a larger file (default 64M)' },
+  btf: { kind: 'string', help: 'BTF for vmlinux.h: a file, "off", or "auto" (the running kernel\'s /sys/kernel/btf/vmlinux for its own entry)' },
   decoder: { kind: 'enum', values: ['auto', 'xz', 'lzma-native'], help: 'xz decoder: the xz binary (fastest) or lzma-native (default auto)' },
   lockTimeout: { kind: 'integer', help: 'seconds to wait for another process holding the cache lock (default 30)' },
   logLevel: { kind: 'enum', values: LOG_LEVELS, help: 'log level (default info)' },
@@ -55,6 +56,7 @@ export interface Config {
   maxEntries: number;
   maxFileBytes: number;
   decoder: 'auto' | 'xz' | 'lzma-native';
+  btf: string;
   lockTimeout: number;
   logLevel: LogLevel;
   mount: string | null;
@@ -173,6 +175,7 @@ export function resolveConfig({ flags, env, file, fileName }: ConfigSources): Co
     maxEntries: num('maxEntries') ?? 200_000,
     maxFileBytes: num('maxFileBytes') ?? 64 * 1024 ** 2,
     decoder: (str('decoder') as Config['decoder'] | undefined) ?? 'auto',
+    btf: str('btf') ?? 'auto',
     lockTimeout: num('lockTimeout') ?? 30,
     logLevel: (str('logLevel') as LogLevel | undefined) ?? 'info',
     mount: mount === 'off' ? null : mount,

@@ -32,6 +32,7 @@ export async function ingestWithConfig(cfg: Config, io: CommandIO, extra: { setC
     unloadModule: cfg.unloadModule,
     limits: { maxTotalBytes: cfg.maxTotalBytes, maxEntries: cfg.maxEntries, maxFileBytes: cfg.maxFileBytes },
     decoder: cfg.decoder,
+    btf: cfg.btf,
     keep: cfg.keep,
     ...(cfg.maxCacheBytes !== undefined ? { maxCacheBytes: cfg.maxCacheBytes } : {}),
     lockTimeoutMs: cfg.lockTimeout * 1000,

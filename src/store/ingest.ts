@@ -3,12 +3,13 @@
  *
  *   archive (in memory) ─┬─ sha256 ─ already cached? → done, no work
  *                        ├─ archive.tar.xz (kept for clients that want the whole archive)
- *                        └─ xz decoder ─ TarIndexer (checks, limits, offsets) ─ pack.tar
- *                                                        └─ index.json, manifest.json
+ *                        └─ xz decoder ─ pack.tar ─ TarIndexer (checks, limits, offsets) ─ index.json
+ *   BTF (if any) ─ worker thread ─ vmlinux.h (in parallel with the above)
  *
  * Everything is built in <cache>/tmp/, fsynced, and renamed into entries/ in one step while the
  * cache lock is held: a crash leaves no entry or a whole one, and a failure of any kind leaves
- * the earlier entries exactly as they were.
+ * the earlier entries exactly as they were. A kernel with BTF but no header archive gets an
+ * entry holding only vmlinux.h.
  */
 import { createHash } from 'node:crypto';
 import { chmod, mkdtemp, open, rename, rm, type FileHandle } from 'node:fs/promises';
@@ -23,6 +24,7 @@ import { startDecoder, type Decoder, type DecoderChoice, type DecoderName } from
 import { ARCHIVE_FILE, INDEX_FILE, MANIFEST_FILE, PACK_FILE, type CacheEntry, type Manifest } from './entry.js';
 import { DEFAULT_LIMITS, TarIndexer, type IngestLimits } from './tar-indexer.js';
 import { TreeIndex } from './tree-index.js';
+import { LIVE_BTF, VMLINUX_H, btfSource, provideVmlinuxH, type BtfSource } from './vmlinux-h.js';
 
 const UTSRELEASE_H = 'include/generated/utsrelease.h';
 const PROGRESS_INTERVAL_MS = 500;
@@ -45,6 +47,11 @@ export interface IngestOptions {
   unloadModule?: boolean;
   limits?: Partial<IngestLimits>;
   decoder?: DecoderChoice;
+  /**
+   * BTF to make vmlinux.h from: a file, 'off', or 'auto' (default): the running kernel's
+   * /sys/kernel/btf/vmlinux when the entry is the running kernel's.
+   */
+  btf?: string;
   /** Make this entry `current`. Default: when it is the running kernel's (live, or same release). */
   setCurrent?: boolean;
   /** Eviction after a successful ingest. */
@@ -53,8 +60,9 @@ export interface IngestOptions {
   lockTimeoutMs?: number;
   log?: Logger;
   onProgress?: (p: IngestProgress) => void;
-  /** For tests: where the live archive is looked for. */
+  /** For tests: where the live archive and BTF are looked for. */
   livePaths?: readonly string[];
+  liveBtf?: string;
 }
 
 export interface IngestResult {
@@ -72,14 +80,24 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
   if (opts.release !== undefined && !validRelease(opts.release)) {
     throw new KheadersError('E_USAGE', `--release ${JSON.stringify(opts.release)} is not a valid kernel release (letters, digits, ".", "_", "+", "-")`);
   }
-  const source = await locateArchive({
-    ...(opts.archive !== undefined ? { archive: opts.archive } : {}),
-    modprobe: opts.modprobe ?? true,
-    unloadModule: opts.unloadModule ?? true,
-    maxArchiveBytes: limits.maxTotalBytes,
-    ...(opts.log ? { log: opts.log } : {}),
-    ...(opts.livePaths ? { livePaths: opts.livePaths } : {}),
-  });
+  let source: ArchiveSource;
+  try {
+    source = await locateArchive({
+      ...(opts.archive !== undefined ? { archive: opts.archive } : {}),
+      modprobe: opts.modprobe ?? true,
+      unloadModule: opts.unloadModule ?? true,
+      maxArchiveBytes: limits.maxTotalBytes,
+      ...(opts.log ? { log: opts.log } : {}),
+      ...(opts.livePaths ? { livePaths: opts.livePaths } : {}),
+    });
+  } catch (err) {
+    // No header archive, but the kernel has BTF: an entry with vmlinux.h alone is still useful.
+    const btf = opts.archive === undefined && isKheadersError(err, 'E_ARCHIVE_NOT_FOUND') ? await chooseBtf(opts, true) : undefined;
+    if (!btf) throw err;
+    opts.log?.warn({ btf: btf.path }, `no header archive for this kernel (CONFIG_IKHEADERS): caching vmlinux.h generated from BTF only. ${(err as Error).message.split('\n')[1] ?? ''}`);
+    return ingestBtfOnly(opts, btf, started);
+  }
+
   const total = xzUncompressedSize(source.bytes);
   if (total !== undefined && total > limits.maxTotalBytes) {
     throw new KheadersError('E_LIMIT', `the archive would expand to ${total} bytes, over the limit of ${limits.maxTotalBytes} (--max-total-bytes)`, {
@@ -88,44 +106,101 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
     });
   }
   const digest = createHash('sha256').update(source.bytes).digest('hex');
-  const store = await CacheStore.open(opts.cacheDir, { write: true, ...(opts.lockTimeoutMs !== undefined ? { lockTimeoutMs: opts.lockTimeoutMs } : {}) });
   const namedRelease = opts.release ?? source.release;
+  const btf = await chooseBtf(opts, source.live || namedRelease === os.release());
+  const store = await openStore(opts);
 
   return store.locked(async () => {
-    const swept = await store.sweepTmp();
-    if (swept.length > 0) opts.log?.warn({ swept }, 'removed leftovers of an interrupted ingest');
-
-    const existing = store.findByDigest(await store.list(), digest, namedRelease);
+    await sweep(store, opts.log);
+    const manifests = await store.list();
+    const existing = store.findByDigest(manifests, digest, namedRelease);
     let entry: CacheEntry;
     let decoder: DecoderName | null = null;
     if (existing) {
       entry = await store.load(existing.id);
       opts.log?.info({ id: existing.id }, 'archive already cached: nothing to do');
     } else {
-      const built = await buildEntry(store, source, digest, namedRelease, total, limits, opts);
+      const built = await buildHeadersEntry(store, source, digest, namedRelease, total, limits, btf, opts);
       entry = built.entry;
       decoder = built.decoder;
     }
     const makeCurrent = opts.setCurrent ?? (source.live || entry.manifest.release === os.release());
-    if (makeCurrent && (await store.currentId()) !== entry.manifest.id) await store.setCurrent(entry.manifest.id);
-    const evicted = await store.gc({ keep: opts.keep ?? 3, ...(opts.maxCacheBytes !== undefined ? { maxBytes: opts.maxCacheBytes } : {}) });
-    if (evicted.length > 0) opts.log?.info({ evicted }, 'evicted old entries');
+    const evicted = await finish(store, entry, makeCurrent, opts);
     return { entry, reused: existing !== undefined, evicted, decoder, durationMs: Math.round(performance.now() - started) };
   });
 }
 
-async function buildEntry(
+/** The BTF to use: an explicit file (which must exist), or the live one when `live` allows. */
+async function chooseBtf(opts: IngestOptions, live: boolean): Promise<BtfSource | undefined> {
+  const choice = opts.btf ?? 'auto';
+  if (choice === 'off') return undefined;
+  if (choice !== 'auto') {
+    const btf = await btfSource(choice);
+    if (!btf) throw new KheadersError('E_NOT_FOUND', `no BTF file at ${choice} (--btf)`, { btf: choice });
+    return btf;
+  }
+  return live ? btfSource(opts.liveBtf ?? LIVE_BTF) : undefined;
+}
+
+async function openStore(opts: IngestOptions): Promise<CacheStore> {
+  return CacheStore.open(opts.cacheDir, { write: true, ...(opts.lockTimeoutMs !== undefined ? { lockTimeoutMs: opts.lockTimeoutMs } : {}) });
+}
+
+async function sweep(store: CacheStore, log: Logger | undefined): Promise<void> {
+  const swept = await store.sweepTmp();
+  if (swept.length > 0) log?.warn({ swept }, 'removed leftovers of an interrupted ingest');
+}
+
+async function finish(store: CacheStore, entry: CacheEntry, makeCurrent: boolean, opts: IngestOptions): Promise<string[]> {
+  if (makeCurrent && (await store.currentId()) !== entry.manifest.id) await store.setCurrent(entry.manifest.id);
+  const evicted = await store.gc({ keep: opts.keep ?? 3, ...(opts.maxCacheBytes !== undefined ? { maxBytes: opts.maxCacheBytes } : {}) });
+  if (evicted.length > 0) opts.log?.info({ evicted }, 'evicted old entries');
+  return evicted;
+}
+
+async function loadAll(store: CacheStore): Promise<CacheEntry[]> {
+  return Promise.all((await store.list()).map((m) => store.load(m.id)));
+}
+
+async function ingestBtfOnly(opts: IngestOptions, btf: BtfSource, started: number): Promise<IngestResult> {
+  const release = opts.release ?? os.release();
+  if (!validRelease(release)) throw new KheadersError('E_INTERNAL', `the running kernel's release ${JSON.stringify(release)} cannot name a cache entry`);
+  const store = await openStore(opts);
+  return store.locked(async () => {
+    await sweep(store, opts.log);
+    const id = entryId(release, btf.digest);
+    let entry = (await store.list()).some((m) => m.id === id) ? await store.load(id) : undefined;
+    const reused = entry !== undefined;
+    if (!entry) {
+      const tmp = await mkdtemp(path.join(store.tmpDir, `ingest-${process.pid}-`));
+      try {
+        const bytes = await provideVmlinuxH(btf, path.join(tmp, VMLINUX_H), await loadAll(store));
+        const now = Math.floor(Date.now() / 1000);
+        const index = TreeIndex.fromRecords([{ path: VMLINUX_H, kind: 'file', mode: 0o644, mtime: now, size: bytes, blob: VMLINUX_H }]);
+        const manifest = makeManifest({ id, release, digest: btf.digest, kind: 'btf-only', buildId: null, source: `btf:${btf.path}`, index, packBytes: 0, archiveBytes: 0, btf: { digest: btf.digest, bytes } });
+        entry = await commitEntry(store, tmp, manifest, index, []);
+      } catch (err) {
+        await rm(tmp, { recursive: true, force: true }).catch(() => {});
+        throw asIngestError(err);
+      }
+    }
+    const evicted = await finish(store, entry, opts.setCurrent ?? true, opts);
+    return { entry, reused, evicted, decoder: null, durationMs: Math.round(performance.now() - started) };
+  });
+}
+
+async function buildHeadersEntry(
   store: CacheStore,
   source: ArchiveSource,
   digest: string,
   namedRelease: string | undefined,
   total: number | undefined,
   limits: IngestLimits,
+  btf: BtfSource | undefined,
   opts: IngestOptions,
 ): Promise<{ entry: CacheEntry; decoder: DecoderName }> {
   const tmp = await mkdtemp(path.join(store.tmpDir, `ingest-${process.pid}-`));
   const handles: FileHandle[] = [];
-  const progressTimer = setInterval(() => report(), PROGRESS_INTERVAL_MS);
   const indexer = new TarIndexer(limits, new Set([UTSRELEASE_H]));
   const report = (): void => {
     const p: IngestProgress = {
@@ -137,6 +212,17 @@ async function buildEntry(
     opts.onProgress?.(p);
     opts.log?.info({ progress: p }, 'ingesting');
   };
+  const progressTimer = setInterval(report, PROGRESS_INTERVAL_MS);
+  // vmlinux.h is generated on a worker thread while xz decodes; a BTF problem costs only vmlinux.h.
+  const vmlinux = btf
+    ? provideVmlinuxH(btf, path.join(tmp, VMLINUX_H), await loadAll(store)).then(
+        (bytes) => ({ bytes }),
+        (err: unknown) => {
+          opts.log?.warn({ btf: btf.path }, `no vmlinux.h for this entry: ${(err as Error).message}`);
+          return null;
+        },
+      )
+    : Promise.resolve(null);
   try {
     const archiveFh = await open(path.join(tmp, ARCHIVE_FILE), 'w', 0o644);
     handles.push(archiveFh);
@@ -154,48 +240,29 @@ async function buildEntry(
       throw new KheadersError('E_USAGE', `cannot tell which kernel release ${source.source} is for (no vermagic, no ${UTSRELEASE_H}): pass --release R`);
     }
     if (!validRelease(release)) throw new KheadersError('E_ARCHIVE_CORRUPT', `the archive names an invalid release ${JSON.stringify(release)}`);
+    const made = await vmlinux;
+    if (made && btf && !records.some((r) => r.path === VMLINUX_H)) {
+      records.push({ path: VMLINUX_H, kind: 'file', mode: 0o644, mtime: Math.floor(Date.now() / 1000), size: made.bytes, blob: VMLINUX_H });
+    }
     const index = TreeIndex.fromRecords(records); // refuses duplicates and escaping symlinks
-    const id = entryId(release, digest);
-    const manifest: Manifest = {
-      formatVersion: 1,
-      id,
+    const manifest = makeManifest({
+      id: entryId(release, digest),
       release,
       digest,
       kind: 'headers',
       buildId: source.buildId,
       source: source.source,
-      ingestedAt: new Date().toISOString(),
-      files: index.fileCount,
-      dirs: index.dirCount,
-      symlinks: index.symlinkCount,
-      bytes: index.totalBytes,
+      index,
       packBytes: indexer.position,
       archiveBytes: source.bytes.length,
-      btf: null,
-    };
-    // Every file is fsynced before the rename makes the entry visible; the fsyncs run together
-    // so the filesystem can commit them in one journal transaction instead of one each.
-    await Promise.all([
-      writeSynced(path.join(tmp, INDEX_FILE), JSON.stringify(index.toJSON())),
-      writeSynced(path.join(tmp, MANIFEST_FILE), JSON.stringify(manifest, null, 2) + '\n'),
-      packFh.sync(),
-      archiveFh.sync(),
-    ]);
-    await Promise.all(handles.splice(0).map((h) => h.close()));
-    await chmod(tmp, 0o755); // mkdtemp made it 0700; entries are world-readable like the headers
-    await fsyncDir(tmp);
-
-    const finalDir = path.join(store.entriesDir, id);
-    await rename(tmp, finalDir).catch(async (err: unknown) => {
-      // Same content under the same release appeared meanwhile (only possible without the lock).
-      if (errnoOf(err) === 'ENOTEMPTY' || errnoOf(err) === 'EEXIST') await rm(tmp, { recursive: true, force: true });
-      else throw err;
+      btf: made && btf ? { digest: btf.digest, bytes: made.bytes } : null,
     });
-    await fsyncDir(store.entriesDir);
+    const entry = await commitEntry(store, tmp, manifest, index, handles.splice(0));
     report();
-    opts.log?.info({ id, files: manifest.files, bytes: manifest.bytes, decoder: decoder.name }, 'ingested');
-    return { entry: store.remember({ manifest, dir: finalDir, index }), decoder: decoder.name };
+    opts.log?.info({ id: manifest.id, files: manifest.files, bytes: manifest.bytes, decoder: decoder.name, vmlinuxH: manifest.btf !== null }, 'ingested');
+    return { entry, decoder: decoder.name };
   } catch (err) {
+    await vmlinux; // let the worker finish writing before its directory goes
     await Promise.all(handles.map((h) => h.close().catch(() => {})));
     await rm(tmp, { recursive: true, force: true }).catch(() => {});
     throw asIngestError(err);
@@ -204,10 +271,60 @@ async function buildEntry(
   }
 }
 
+function makeManifest(m: {
+  id: string;
+  release: string;
+  digest: string;
+  kind: Manifest['kind'];
+  buildId: string | null;
+  source: string;
+  index: TreeIndex;
+  packBytes: number;
+  archiveBytes: number;
+  btf: Manifest['btf'];
+}): Manifest {
+  return {
+    formatVersion: 1,
+    id: m.id,
+    release: m.release,
+    digest: m.digest,
+    kind: m.kind,
+    buildId: m.buildId,
+    source: m.source,
+    ingestedAt: new Date().toISOString(),
+    files: m.index.fileCount,
+    dirs: m.index.dirCount,
+    symlinks: m.index.symlinkCount,
+    bytes: m.index.totalBytes,
+    packBytes: m.packBytes,
+    archiveBytes: m.archiveBytes,
+    btf: m.btf,
+  };
+}
+
 /**
- * Pump decoded bytes through the indexer into the pack. When the tar looks corrupt, keep
- * draining (within the size limit) to learn whether xz itself fails: a CRC error is the real
- * cause of garbage tar headers and the more useful message.
+ * Make a built directory a cache entry: index and manifest written, every file fsynced (together,
+ * so the filesystem can commit them in one journal transaction), then one rename.
+ */
+async function commitEntry(store: CacheStore, tmp: string, manifest: Manifest, index: TreeIndex, open_: FileHandle[]): Promise<CacheEntry> {
+  await Promise.all([
+    writeSynced(path.join(tmp, INDEX_FILE), JSON.stringify(index.toJSON())),
+    writeSynced(path.join(tmp, MANIFEST_FILE), JSON.stringify(manifest, null, 2) + '\n'),
+    ...open_.map((h) => h.sync()),
+  ]);
+  await Promise.all(open_.map((h) => h.close()));
+  await chmod(tmp, 0o755); // mkdtemp made it 0700; entries are world-readable like the headers
+  await fsyncDir(tmp);
+  const finalDir = path.join(store.entriesDir, manifest.id);
+  await rename(tmp, finalDir);
+  await fsyncDir(store.entriesDir);
+  return store.remember({ manifest, dir: finalDir, index });
+}
+
+/**
+ * Read decoded bytes through the indexer (and into the pack, when the decoder does not write it
+ * itself). When the tar looks corrupt, keep draining (within the size limit) to learn whether xz
+ * itself fails: a CRC error is the real cause of garbage tar headers and the more useful message.
  */
 async function decodeInto(decoder: Decoder, indexer: TarIndexer, pack: FileHandle, limits: IngestLimits): Promise<void> {
   let tarError: KheadersError | undefined;
@@ -266,3 +383,4 @@ function asIngestError(err: unknown): unknown {
   }
   return err;
 }
+
