@@ -139,6 +139,45 @@ export function buildProgram(): Command {
     }),
   );
 
+  addKeys(
+    program.command('doctor').description('check everything a first `serve` needs, and say what to do about each problem'),
+    [...INGEST_KEYS, 'mount', 'fuseBackend', 'linkModules', 'http', 'tokenFile', ...COMMON],
+  )
+    .option('--json', 'print the checks as JSON')
+    .action(async (_o, cmd: Command) =>
+      run(cmd, false, async (cfg, io) => {
+        const { cmdDoctor } = await import('./commands/doctor.js');
+        process.exitCode = await cmdDoctor(cfg, io, { json: cmd.opts().json === true });
+      }),
+    );
+
+  program
+    .command('install-systemd')
+    .description('install, enable and start the systemd unit (as root): /etc/systemd/system/kheadersd.service')
+    .option('--http-only', 'no FUSE mount: HTTP only, in the full systemd sandbox')
+    .option('--no-enable', 'do not enable it at boot')
+    .option('--no-start', 'do not (re)start it now')
+    .option('--dry-run', 'print what would be written; change nothing')
+    .option('--unit-dir <dir>', 'write the unit there instead (systemctl is not run then)')
+    .option('--config-dir <dir>', 'where config.json goes', '/etc/kheadersd')
+    .action(async (o: { httpOnly?: boolean; enable: boolean; start: boolean; dryRun?: boolean; unitDir?: string; configDir: string }) => {
+      const { cmdInstallSystemd } = await import('./commands/install.js');
+      process.exitCode = await cmdInstallSystemd(
+        { stdout: process.stdout, stderr: process.stderr },
+        { httpOnly: o.httpOnly === true, enable: o.enable, start: o.start, dryRun: o.dryRun === true, configDir: o.configDir, ...(o.unitDir !== undefined ? { unitDir: o.unitDir } : {}) },
+      );
+    });
+
+  program
+    .command('uninstall-systemd')
+    .description('stop, disable and remove the systemd unit (as root); keeps the configuration and the cache')
+    .option('--dry-run', 'print what would be removed; change nothing')
+    .option('--unit-dir <dir>', 'the directory install-systemd --unit-dir wrote to')
+    .action(async (o: { dryRun?: boolean; unitDir?: string }) => {
+      const { cmdUninstallSystemd } = await import('./commands/install.js');
+      process.exitCode = await cmdUninstallSystemd({ stdout: process.stdout, stderr: process.stderr }, { dryRun: o.dryRun === true, ...(o.unitDir !== undefined ? { unitDir: o.unitDir } : {}) });
+    });
+
   return program;
 }
 
