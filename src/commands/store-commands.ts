@@ -58,6 +58,13 @@ export async function cmdIngest(cfg: Config, io: CommandIO, json: boolean): Prom
     return;
   }
   const m = result.entry.manifest;
+  if (m.kind === 'btf-only') {
+    io.stderr.write(
+      `no header archive for ${m.release} (the kernel lacks CONFIG_IKHEADERS): cached vmlinux.h only, generated from ${m.source.replace(/^btf:/, '')}.\n` +
+        `CO-RE programs can use it now (kheadersd cat current vmlinux.h); for the headers, see \`kheadersd doctor\`.\n`,
+    );
+    return;
+  }
   io.stderr.write(
     `${result.reused ? 'already cached' : 'ingested'}: ${m.release} (sha256 ${m.digest.slice(0, 12)}), ${m.files} files, ${humanBytes(m.bytes)}` +
       `${summary.current ? ', current' : ''} in ${result.durationMs} ms\n`,
@@ -95,7 +102,7 @@ export async function cmdLs(cfg: Config, io: CommandIO, json: boolean): Promise<
 export async function cmdCat(cfg: Config, io: CommandIO, ref: string, file: string): Promise<void> {
   const store = await CacheStore.open(cfg.cacheDir);
   const entry = await store.resolve(ref);
-  const node = entry.index.resolve(normaliseEntryPath(file));
+  const node = entry.index.resolve(userPath(file));
   if (!node) throw new KheadersError('E_NOT_FOUND', `${file}: no such file in ${entry.manifest.release} (${entry.manifest.digest.slice(0, 12)})`, { path: file });
   if (node.kind !== 'file') throw new KheadersError('E_USAGE', `${file} is a directory`, { path: file });
   if (node.size === 0) return;
@@ -103,6 +110,15 @@ export async function cmdCat(cfg: Config, io: CommandIO, ref: string, file: stri
   const stream = createReadStream(dataFile, { start: offset, end: offset + node.size - 1 });
   for await (const chunk of stream) {
     if (!io.stdout.write(chunk as Buffer)) await once(io.stdout, 'drain');
+  }
+}
+
+/** A path the user typed: one inside the tree, or a usage error (not a bad archive). */
+function userPath(file: string): string {
+  try {
+    return normaliseEntryPath(file);
+  } catch {
+    throw new KheadersError('E_USAGE', `${JSON.stringify(file)} is not a path inside the header tree (no "..", not absolute)`, { path: file });
   }
 }
 

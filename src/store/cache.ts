@@ -51,6 +51,8 @@ export interface OpenOptions {
 export interface GcOptions {
   keep: number;
   maxBytes?: number;
+  /** Entries never to evict besides the current one (e.g. the one an ingest just made). */
+  protect?: readonly string[];
 }
 
 export class CacheStore {
@@ -77,6 +79,10 @@ export class CacheStore {
       }
     } else {
       await checkOwnership(abs, false);
+      // A reader trusts what is under entries/ too: it must be as closed as the cache dir.
+      await checkOwnership(path.join(abs, 'entries'), false).catch((err: unknown) => {
+        if (!(err instanceof KheadersError && err.code === 'E_NOT_FOUND')) throw err;
+      });
     }
     return new CacheStore(abs, options.lockTimeoutMs ?? 30_000);
   }
@@ -191,16 +197,25 @@ export class CacheStore {
    * Evict the oldest entries beyond `keep` and beyond `maxBytes` (packed bytes on disk), never the
    * current one. Call while holding the lock. Returns the evicted ids.
    */
-  async gc({ keep, maxBytes }: GcOptions): Promise<string[]> {
+  async gc({ keep, maxBytes, protect = [] }: GcOptions): Promise<string[]> {
     const manifests = await this.list(); // newest first
+    const pinned = new Set<string>(protect);
     const current = await this.currentId();
-    const evicted: string[] = [];
+    if (current) pinned.add(current);
+    const sizeOf = (m: Manifest): number => m.packBytes + m.archiveBytes + (m.btf?.bytes ?? 0);
+    // Pinned entries are kept first and use up their share of --keep and --max-cache-bytes.
     let kept = 0;
     let bytes = 0;
     for (const m of manifests) {
-      const size = m.packBytes + m.archiveBytes + (m.btf?.bytes ?? 0);
-      const isCurrent = m.id === current;
-      if (isCurrent || (kept < keep && (maxBytes === undefined || bytes + size <= maxBytes))) {
+      if (!pinned.has(m.id)) continue;
+      kept++;
+      bytes += sizeOf(m);
+    }
+    const evicted: string[] = [];
+    for (const m of manifests) {
+      if (pinned.has(m.id)) continue;
+      const size = sizeOf(m);
+      if (kept < keep && (maxBytes === undefined || bytes + size <= maxBytes)) {
         kept++;
         bytes += size;
         continue;
@@ -268,7 +283,7 @@ async function checkOwnership(dir: string, forWriting: boolean): Promise<void> {
   }
   const acceptable = forWriting ? st.uid === uid : st.uid === uid || st.uid === 0;
   if (!acceptable) {
-    throw new KheadersError('E_CACHE_UNSAFE', `refusing the cache directory ${dir}: it is owned by uid ${st.uid}, not by ${forWriting ? 'you' : 'you or root'} (uid ${uid})`, {
+    throw new KheadersError('E_CACHE_UNSAFE', `refusing the cache directory ${dir}: it is owned by uid ${st.uid}, not by ${forWriting ? 'you' : 'you or root'} (uid ${uid}); fix with: chown ${uid} ${dir} (as root), or choose another with --cache-dir`, {
       dir,
       owner: st.uid,
     });

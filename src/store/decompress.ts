@@ -127,11 +127,19 @@ async function startLzmaNative(input: Buffer): Promise<Decoder> {
   const done = new Promise<void>((resolve, reject) => {
     decompressor.on('error', (err: Error) => {
       reject(corrupt(err.message));
-      output.destroy();
+      output.destroy(corrupt(err.message)); // so the reader of `chunks` sees the typed error, not ERR_STREAM_PREMATURE_CLOSE
     });
     output.on('finish', resolve);
+    // abort() destroys the output: settle `done` so whoever waits for the decoder is released.
+    output.on('close', () => reject(new KheadersError('E_INTERNAL', 'the lzma-native decoder was stopped')));
   });
+  done.catch(() => {}); // observed by the caller later; a rejection before then is not "unhandled"
   decompressor.pipe(output);
   decompressor.end(input);
-  return { name: 'lzma-native', chunks: output, writesPack: false, done, abort: () => decompressor.destroy() };
+  return { name: 'lzma-native', chunks: output, writesPack: false, done, abort: () => {
+      decompressor.unpipe(output);
+      decompressor.destroy();
+      output.destroy();
+    },
+  };
 }

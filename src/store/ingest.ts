@@ -12,7 +12,7 @@
  * entry holding only vmlinux.h.
  */
 import { createHash } from 'node:crypto';
-import { chmod, mkdtemp, open, rename, rm, type FileHandle } from 'node:fs/promises';
+import { chmod, mkdtemp, open, readdir, rename, rm, type FileHandle } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { KheadersError, errnoOf, isKheadersError } from '../errors.js';
@@ -153,7 +153,7 @@ async function sweep(store: CacheStore, log: Logger | undefined): Promise<void> 
 
 async function finish(store: CacheStore, entry: CacheEntry, makeCurrent: boolean, opts: IngestOptions): Promise<string[]> {
   if (makeCurrent && (await store.currentId()) !== entry.manifest.id) await store.setCurrent(entry.manifest.id);
-  const evicted = await store.gc({ keep: opts.keep ?? 3, ...(opts.maxCacheBytes !== undefined ? { maxBytes: opts.maxCacheBytes } : {}) });
+  const evicted = await store.gc({ keep: opts.keep ?? 3, protect: [entry.manifest.id], ...(opts.maxCacheBytes !== undefined ? { maxBytes: opts.maxCacheBytes } : {}) });
   if (evicted.length > 0) opts.log?.info({ evicted }, 'evicted old entries');
   return evicted;
 }
@@ -227,6 +227,7 @@ async function buildHeadersEntry(
     const archiveFh = await open(path.join(tmp, ARCHIVE_FILE), 'w', 0o644);
     handles.push(archiveFh);
     const archiveWritten = archiveFh.writeFile(source.bytes);
+    archiveWritten.catch(() => {}); // awaited below; failing first (ENOSPC) must not be an unhandled rejection
     const packFh = await open(path.join(tmp, PACK_FILE), 'w', 0o644);
     handles.push(packFh);
 
@@ -235,7 +236,11 @@ async function buildHeadersEntry(
     const records = indexer.finish();
     await archiveWritten;
 
-    const release = namedRelease ?? releaseFromUtsrelease(indexer.captured.get(UTSRELEASE_H));
+    const archived = releaseFromUtsrelease(indexer.captured.get(UTSRELEASE_H));
+    if (namedRelease !== undefined && archived !== undefined && archived !== namedRelease) {
+      opts.log?.warn({ named: namedRelease, archived }, `the archive's ${UTSRELEASE_H} says ${archived}, but it is cached as ${namedRelease} (as named)`);
+    }
+    const release = namedRelease ?? archived;
     if (release === undefined) {
       throw new KheadersError('E_USAGE', `cannot tell which kernel release ${source.source} is for (no vermagic, no ${UTSRELEASE_H}): pass --release R`);
     }
@@ -313,6 +318,7 @@ async function commitEntry(store: CacheStore, tmp: string, manifest: Manifest, i
     ...open_.map((h) => h.sync()),
   ]);
   await Promise.all(open_.map((h) => h.close()));
+  await Promise.all((await readdir(tmp)).map((f) => chmod(path.join(tmp, f), 0o644))); // the umask must not decide who can read
   await chmod(tmp, 0o755); // mkdtemp made it 0700; entries are world-readable like the headers
   await fsyncDir(tmp);
   const finalDir = path.join(store.entriesDir, manifest.id);

@@ -137,7 +137,7 @@ function decodeString(block: Buffer, offset: number, length: number): string {
 /** Octal, space/NUL terminated; or GNU base-256 when the high bit of the first byte is set. */
 function decodeNumber(block: Buffer, offset: number, length: number, field: string): number {
   if (block[offset]! & 0x80) {
-    let value = 0;
+    let value = block[offset]! & 0x3f; // the lead byte's low bits are the number's top bits
     for (let i = offset + 1; i < offset + length; i++) value = value * 256 + block[i]!;
     if ((block[offset]! & 0x40) !== 0 || !Number.isSafeInteger(value)) throw new TarHeaderError(`${field} out of range`);
     return value;

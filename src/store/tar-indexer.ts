@@ -194,6 +194,8 @@ export class TarIndexer {
         return;
       case 'symlink':
         this.records.push({ path, kind: 'symlink', mode, mtime, size: Buffer.byteLength(linkname), target: linkname });
+        // A symlink has no body; one that claims one must not have it parsed as headers.
+        if (size > 0) this.state = { kind: 'skip', remaining: paddedSize(size) };
         return;
       case 'link':
         throw unsafe(name, `is a hard link (to ${JSON.stringify(linkname)}); only files, directories and symlinks are accepted`);

@@ -70,6 +70,52 @@ export function symlinkTargetPath(linkPath: string, target: string): string | un
   return parts.join('/');
 }
 
+const ESCAPES = Symbol('escapes the tree');
+const STOPS = Symbol('does not resolve'); // ENOENT, ENOTDIR or ELOOP: nothing is reached
+
+/** The directory chain from the root to node `id` (inclusive). */
+function chainTo(nodes: readonly TreeNode[], id: number): TreeNode[] {
+  const chain: TreeNode[] = [];
+  for (let n = nodes[id]!; ; n = nodes[n.parent]!) {
+    chain.unshift(n);
+    if (n.id === 0) return chain;
+  }
+}
+
+/**
+ * Path resolution as the kernel does it: components are taken one at a time from the current
+ * directory chain; `..` pops the chain (so it climbs from where a symlink led, not from the text
+ * of the path); a symlink's target is spliced in front of what remains, relative to the link's
+ * own directory; at most MAX_SYMLINK_HOPS links. One walker for ingest's escape check and for
+ * every reader's lookups, so `cat`, HTTP, export and FUSE agree on where a path leads.
+ */
+function walk(chain: readonly TreeNode[], components: readonly string[]): TreeNode | typeof ESCAPES | typeof STOPS {
+  const dirs = [...chain];
+  const pending = [...components];
+  let hops = 0;
+  while (pending.length > 0) {
+    const name = pending.shift()!;
+    if (name === '' || name === '.') continue;
+    if (name === '..') {
+      if (dirs.length === 1) return ESCAPES;
+      dirs.pop();
+      continue;
+    }
+    const cur = dirs[dirs.length - 1]!;
+    if (cur.kind !== 'dir') return STOPS;
+    const next = cur.children?.get(name);
+    if (!next) return STOPS;
+    if (next.kind === 'symlink') {
+      if (++hops > MAX_SYMLINK_HOPS) return STOPS;
+      if (next.target!.startsWith('/')) return ESCAPES;
+      pending.unshift(...next.target!.split('/'));
+      continue;
+    }
+    dirs.push(next);
+  }
+  return dirs[dirs.length - 1]!;
+}
+
 function unsafe(entry: string, why: string): KheadersError {
   return new KheadersError('E_UNSAFE_ENTRY', `unsafe archive entry ${JSON.stringify(entry)}: ${why}`, { entry, reason: why });
 }
@@ -161,6 +207,14 @@ export class TreeIndex {
       byPath.set(rec.path, node);
       parent.children!.set(node.name, node);
     }
+    // Text alone cannot tell where a link leads: the kernel (a FUSE mount, an exported tree)
+    // expands each symlink where it stands, so `up/../x` with `up -> ../..` climbs from where
+    // `up` leads, not from `up`'s directory. Follow every link as the kernel will.
+    for (const n of nodes) {
+      if (n.kind === 'symlink' && walk(chainTo(nodes, n.parent), n.target!.split('/')) === ESCAPES) {
+        throw unsafe(n.path, `is a symlink to ${JSON.stringify(n.target)}, which leaves the tree through another symlink`);
+      }
+    }
     return new TreeIndex(nodes, byPath);
   }
 
@@ -203,27 +257,12 @@ export class TreeIndex {
   }
 
   /**
-   * Resolve a path, following symlinks in every component (and the last one), never leaving
-   * the tree. Undefined when missing, looping, or escaping. Input must already be normalised.
+   * Resolve a path, following symlinks in every component (and the last one) exactly as the
+   * kernel does, never leaving the tree. Undefined when missing, looping, or escaping. Input
+   * must already be normalised.
    */
   resolve(path: string): TreeNode | undefined {
-    let hops = 0;
-    let pending = path === '' ? [] : path.split('/');
-    let cur = this.root;
-    while (pending.length > 0) {
-      const name = pending.shift()!;
-      const next = cur.children?.get(name);
-      if (!next) return undefined;
-      if (next.kind === 'symlink') {
-        if (++hops > MAX_SYMLINK_HOPS) return undefined;
-        const target = symlinkTargetPath(next.path, next.target!);
-        if (target === undefined) return undefined;
-        pending = (target === '' ? [] : target.split('/')).concat(pending);
-        cur = this.root;
-        continue;
-      }
-      cur = next;
-    }
-    return cur;
+    const result = walk([this.root], path === '' ? [] : path.split('/'));
+    return typeof result === 'symbol' ? undefined : result;
   }
 }

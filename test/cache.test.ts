@@ -1,0 +1,412 @@
+/**
+ * The cache directory: who may own it, entries keyed by release and digest, eviction (--keep,
+ * --max-cache-bytes, gc, never the current entry), a full filesystem, and two processes
+ * ingesting into one cache at once.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFileSync, spawn } from 'node:child_process';
+import { chmod, chown, mkdir, mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { KheadersError } from '../src/errors.js';
+import { createLogger } from '../src/log.js';
+import { CacheStore } from '../src/store/cache.js';
+import { dataLocation, type Manifest } from '../src/store/entry.js';
+import { ingest, type IngestOptions } from '../src/store/ingest.js';
+import { CLI, cleanEnv, goodTree, hasStackTrace, makeTar, randomBytes, runCli, sha256, snapshot, tempDir, textLike, xz, xzAsync } from './helpers/archives.js';
+
+const silent = createLogger('silent');
+const isRoot = process.getuid?.() === 0;
+
+function run(opts: IngestOptions): ReturnType<typeof ingest> {
+  return ingest({ btf: 'off', log: silent, ...opts });
+}
+
+/** Distinct small archives: release R, content varied by salt. */
+async function archiveFile(dir: string, release: string, salt = ''): Promise<string> {
+  const file = path.join(dir, `${release}${salt ? '-' + salt.replace(/\W/g, '') : ''}.tar.xz`);
+  await writeFile(file, xz(await makeTar(goodTree(release, salt))));
+  return file;
+}
+
+const tick = (): Promise<void> => new Promise((r) => setTimeout(r, 15)); // distinct ingestedAt
+
+async function readVia(store: CacheStore, ref: string, p: string): Promise<string> {
+  const entry = await store.resolve(ref);
+  const node = entry.index.resolve(p)!;
+  const { file, offset } = dataLocation(entry, node);
+  return (await readFile(file)).subarray(offset, offset + node.size).toString();
+}
+
+function expectCode(code: string, ...patterns: RegExp[]): (err: unknown) => boolean {
+  return (err: unknown) => {
+    assert.ok(err instanceof KheadersError, String(err));
+    assert.equal(err.code, code, err.message);
+    for (const p of patterns) assert.match(err.message, p);
+    return true;
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Who may own the cache
+
+test('a fresh cache dir is created 0755 and owned by the user, whatever the umask', async (t) => {
+  const dir = await tempDir(t);
+  const cacheDir = path.join(dir, 'deep', 'er', 'cache');
+  const old = process.umask(0o077);
+  try {
+    await run({ cacheDir, archive: await archiveFile(dir, '6.99.0-fresh') });
+  } finally {
+    process.umask(old);
+  }
+  for (const d of [cacheDir, path.join(cacheDir, 'entries'), path.join(cacheDir, 'tmp')]) {
+    const st = await stat(d);
+    assert.equal(st.mode & 0o7777, 0o755, `${d} mode`);
+    assert.equal(st.uid, process.getuid!(), `${d} owner`);
+  }
+  const [entry] = await readdir(path.join(cacheDir, 'entries'));
+  assert.equal((await stat(path.join(cacheDir, 'entries', entry!))).mode & 0o777, 0o755);
+  for (const f of await readdir(path.join(cacheDir, 'entries', entry!))) {
+    assert.equal((await stat(path.join(cacheDir, 'entries', entry!, f))).mode & 0o777, 0o644, f);
+  }
+});
+
+test('a cache dir writable by others is refused, with the fix in the message', async (t) => {
+  const dir = await tempDir(t);
+  const cacheDir = path.join(dir, 'cache');
+  const archive = await archiveFile(dir, '6.99.0-perm');
+  await run({ cacheDir, archive });
+  const before = await snapshot(path.join(cacheDir, 'entries'));
+  const other = await archiveFile(dir, '6.99.1-perm');
+  for (const [mode, who] of [
+    [0o777, /writable by everyone/],
+    [0o1777, /writable by everyone/], // sticky, like /tmp: still anyone can plant an entry
+    [0o775, /writable by its group/],
+  ] as const) {
+    await chmod(cacheDir, mode);
+    await assert.rejects(run({ cacheDir, archive: other }), expectCode('E_CACHE_UNSAFE', who, new RegExp(`fix with: chmod 755 ${cacheDir}`)));
+    await assert.rejects(CacheStore.open(cacheDir), expectCode('E_CACHE_UNSAFE', who), 'readers refuse it too');
+    const ls = await runCli(['ls', '--cache-dir', cacheDir]);
+    assert.equal(ls.code, 5, ls.stderr);
+    assert.match(ls.stderr, /refusing the cache directory .* chmod 755/);
+    assert.equal(hasStackTrace(ls.stderr), false);
+  }
+  await chmod(cacheDir, 0o755);
+  assert.deepEqual(await snapshot(path.join(cacheDir, 'entries')), before, 'nothing was written meanwhile');
+
+  // A subdirectory opened up is refused as well (a writer checks entries/ and tmp/).
+  await chmod(path.join(cacheDir, 'entries'), 0o777);
+  await assert.rejects(run({ cacheDir, archive: other }), expectCode('E_CACHE_UNSAFE', /entries/));
+  await chmod(path.join(cacheDir, 'entries'), 0o755);
+  await run({ cacheDir, archive: other, keep: 10 });
+});
+
+test('a cache dir owned by another user is refused, with the fix in the message', async (t) => {
+  if (!isRoot) return t.skip('needs root to chown the cache to another uid');
+  const dir = await tempDir(t);
+  const cacheDir = path.join(dir, 'cache');
+  await run({ cacheDir, archive: await archiveFile(dir, '6.99.0-owner') });
+  await chown(cacheDir, 65534, 65534);
+  await assert.rejects(run({ cacheDir, archive: await archiveFile(dir, '6.99.1-owner') }), expectCode('E_CACHE_UNSAFE', /owned by uid 65534/));
+  const ls = await runCli(['ls', '--cache-dir', cacheDir]);
+  assert.equal(ls.code, 5);
+  assert.match(ls.stderr, /owned by uid 65534/);
+  // Saying what is wrong is half of it: the message must say how to fix it.
+  assert.match(ls.stderr, /chown|--cache-dir/, `the message says how to fix it: ${ls.stderr}`);
+});
+
+test('a cache path that is a file is refused', async (t) => {
+  const dir = await tempDir(t);
+  const cacheDir = path.join(dir, 'not-a-dir');
+  await writeFile(cacheDir, 'x');
+  await assert.rejects(run({ cacheDir, archive: await archiveFile(dir, '6.99.0-file') }), expectCode('E_CACHE_UNSAFE', /not a directory/));
+});
+
+// ---------------------------------------------------------------------------------------------
+// Keys
+
+test('entries are keyed by release AND digest: one release, two builds → two entries', async (t) => {
+  const dir = await tempDir(t);
+  const cacheDir = path.join(dir, 'cache');
+  const a = await run({ cacheDir, archive: await archiveFile(dir, '6.99.0-same', 'build A') });
+  await tick();
+  const b = await run({ cacheDir, archive: await archiveFile(dir, '6.99.0-same', 'build B') });
+  assert.equal(b.reused, false);
+  assert.notEqual(a.entry.manifest.digest, b.entry.manifest.digest);
+  assert.notEqual(a.entry.manifest.id, b.entry.manifest.id);
+  const store = await CacheStore.open(cacheDir);
+  assert.deepEqual((await store.list()).map((m) => m.release), ['6.99.0-same', '6.99.0-same']);
+  // The release alone names the newest build; a digest (or a prefix of it) names either one.
+  assert.match(await readVia(store, '6.99.0-same', 'include/linux/types.h'), /build B/);
+  assert.match(await readVia(store, a.entry.manifest.digest.slice(0, 12), 'include/linux/types.h'), /build A/);
+  assert.match(await readVia(store, b.entry.manifest.digest, 'include/linux/types.h'), /build B/);
+  assert.match(await readVia(store, a.entry.manifest.id, 'include/linux/types.h'), /build A/);
+});
+
+test('one archive under two --release names: two entries with one digest; re-ingests are reused', async (t) => {
+  const dir = await tempDir(t);
+  const cacheDir = path.join(dir, 'cache');
+  const archive = await archiveFile(dir, '6.99.0-named');
+  const x = await run({ cacheDir, archive, release: '6.99.0-x' });
+  await tick();
+  const y = await run({ cacheDir, archive, release: '6.99.0-y' });
+  assert.equal(y.reused, false, 'a different release name is a different entry');
+  assert.equal(x.entry.manifest.digest, y.entry.manifest.digest);
+  assert.equal(x.entry.manifest.release, '6.99.0-x', '--release overrides what utsrelease.h says');
+
+  const again = await run({ cacheDir, archive, release: '6.99.0-x' });
+  assert.equal(again.reused, true);
+  assert.equal(again.entry.manifest.id, x.entry.manifest.id);
+
+  // Without --release, the digest alone finds a cached copy: nothing is decoded.
+  const bare = await run({ cacheDir, archive });
+  assert.equal(bare.reused, true);
+  assert.equal(bare.decoder, null);
+  assert.ok([x.entry.manifest.id, y.entry.manifest.id].includes(bare.entry.manifest.id));
+
+  const store = await CacheStore.open(cacheDir);
+  assert.equal((await store.list()).length, 2);
+  // The shared digest is not "ambiguous": both entries hold the same bytes.
+  assert.match(await readVia(store, x.entry.manifest.digest.slice(0, 10), 'include/linux/types.h'), /u32/);
+});
+
+// ---------------------------------------------------------------------------------------------
+// Eviction
+
+async function ingestSeries(dir: string, cacheDir: string, releases: string[], opts: Partial<IngestOptions> = {}): Promise<Manifest[]> {
+  const out: Manifest[] = [];
+  for (const r of releases) {
+    out.push((await run({ cacheDir, archive: await archiveFile(dir, r), keep: 100, ...opts })).entry.manifest);
+    await tick();
+  }
+  return out;
+}
+
+const entrySize = (m: Manifest): number => m.packBytes + m.archiveBytes + (m.btf?.bytes ?? 0);
+
+test('--keep N keeps the N newest entries', async (t) => {
+  const dir = await tempDir(t);
+  const cacheDir = path.join(dir, 'cache');
+  const [a, b] = await ingestSeries(dir, cacheDir, ['6.99.1-k', '6.99.2-k']);
+  const c = await run({ cacheDir, archive: await archiveFile(dir, '6.99.3-k'), keep: 2 });
+  assert.deepEqual(c.evicted, [a!.id]);
+  await tick();
+  const d = await run({ cacheDir, archive: await archiveFile(dir, '6.99.4-k'), keep: 2 });
+  assert.deepEqual(d.evicted, [b!.id]);
+  const store = await CacheStore.open(cacheDir);
+  assert.deepEqual((await store.list()).map((m) => m.release), ['6.99.4-k', '6.99.3-k']);
+  assert.deepEqual((await readdir(path.join(cacheDir, 'entries'))).sort(), [c.entry.manifest.id, d.entry.manifest.id].sort());
+  assert.deepEqual(await readdir(path.join(cacheDir, 'tmp')), [], 'evicted entries are deleted, not parked in tmp');
+});
+
+test('the current entry is never evicted, by --keep or by --max-cache-bytes', async (t) => {
+  const dir = await tempDir(t);
+  const cacheDir = path.join(dir, 'cache');
+  const current = (await run({ cacheDir, archive: await archiveFile(dir, '6.99.0-cur'), setCurrent: true })).entry.manifest;
+  await tick();
+  await ingestSeries(dir, cacheDir, ['6.99.1-c', '6.99.2-c', '6.99.3-c']);
+  const store = await CacheStore.open(cacheDir, { write: true });
+  assert.equal(await store.currentId(), current.id);
+  const evicted = await store.locked(() => store.gc({ keep: 1, maxBytes: 1 }));
+  assert.equal(evicted.includes(current.id), false);
+  assert.deepEqual((await store.list()).map((m) => m.id), [current.id]);
+  assert.match(await readVia(store, 'current', 'include/linux/types.h'), /u32/);
+});
+
+test('--keep counts the current entry: keep 1 leaves the current entry alone', async (t) => {
+  // "keep at most N cache entries (default 3; the running kernel's is never evicted)": with
+  // --keep 1 and the current entry older than others, only the current one may remain.
+  const dir = await tempDir(t);
+  const cacheDir = path.join(dir, 'cache');
+  const current = (await run({ cacheDir, archive: await archiveFile(dir, '6.99.0-cur1'), setCurrent: true })).entry.manifest;
+  await tick();
+  await ingestSeries(dir, cacheDir, ['6.99.1-n', '6.99.2-n']);
+  const store = await CacheStore.open(cacheDir, { write: true });
+  await store.locked(() => store.gc({ keep: 1 }));
+  assert.deepEqual((await store.list()).map((m) => m.id), [current.id], 'at most --keep entries remain');
+});
+
+test('--max-cache-bytes evicts the oldest beyond the budget', async (t) => {
+  const dir = await tempDir(t);
+  const cacheDir = path.join(dir, 'cache');
+  const ms = await ingestSeries(dir, cacheDir, ['6.99.1-b', '6.99.2-b', '6.99.3-b', '6.99.4-b']);
+  const budget = entrySize(ms[3]!) + entrySize(ms[2]!) + Math.floor(entrySize(ms[1]!) / 2);
+  const store = await CacheStore.open(cacheDir, { write: true });
+  const evicted = await store.locked(() => store.gc({ keep: 100, maxBytes: budget }));
+  assert.deepEqual(evicted.sort(), [ms[0]!.id, ms[1]!.id].sort());
+  assert.deepEqual((await store.list()).map((m) => m.release), ['6.99.4-b', '6.99.3-b']);
+  assert.ok((await store.totalBytes()) <= budget);
+});
+
+test('an ingest never evicts the entry it has just made', async (t) => {
+  const dir = await tempDir(t);
+  const cacheDir = path.join(dir, 'cache');
+  await ingestSeries(dir, cacheDir, ['6.99.1-s']);
+  const r = await run({ cacheDir, archive: await archiveFile(dir, '6.99.2-s'), maxCacheBytes: 1000 });
+  assert.equal(r.evicted.includes(r.entry.manifest.id), false, `evicted ${r.evicted.join(', ')}`);
+  assert.ok((await stat(r.entry.dir)).isDirectory(), 'the entry ingest returned still exists');
+});
+
+test('kheadersd gc: --keep, --max-cache-bytes, --json, and sweeping tmp', async (t) => {
+  const dir = await tempDir(t);
+  const cacheDir = path.join(dir, 'cache');
+  const ms = await ingestSeries(dir, cacheDir, ['6.99.1-g', '6.99.2-g', '6.99.3-g']);
+  await mkdir(path.join(cacheDir, 'tmp', 'ingest-99999-leftover'));
+  await writeFile(path.join(cacheDir, 'tmp', 'ingest-99999-leftover', 'pack.tar'), 'half');
+
+  const r1 = await runCli(['gc', '--keep', '2', '--json', '--cache-dir', cacheDir]);
+  assert.equal(r1.code, 0, r1.stderr);
+  assert.deepEqual(JSON.parse(r1.stdout), { evicted: [ms[0]!.id], swept: ['ingest-99999-leftover'] });
+  assert.deepEqual(await readdir(path.join(cacheDir, 'tmp')), []);
+
+  const r2 = await runCli(['gc', '--keep', '5', '--max-cache-bytes', String(entrySize(ms[2]!)), '--cache-dir', cacheDir]);
+  assert.equal(r2.code, 0, r2.stderr);
+  assert.match(r2.stderr, new RegExp(`evicted 1: ${ms[1]!.id}`));
+
+  const r3 = await runCli(['gc', '--cache-dir', cacheDir]);
+  assert.equal(r3.code, 0);
+  assert.match(r3.stderr, /nothing to evict/);
+  const ls = JSON.parse((await runCli(['ls', '--json', '--cache-dir', cacheDir])).stdout) as Array<{ release: string }>;
+  assert.deepEqual(ls.map((e) => e.release), ['6.99.3-g']);
+
+  const bad = await runCli(['gc', '--keep', '0', '--cache-dir', cacheDir]);
+  assert.equal(bad.code, 2);
+  assert.match(bad.stderr, /keep must be at least 1/);
+});
+
+// ---------------------------------------------------------------------------------------------
+// A full filesystem
+
+function tryMount(dir: string, size: string): string | undefined {
+  if (!isRoot) return 'mounting a tmpfs needs root';
+  try {
+    execFileSync('mount', ['-t', 'tmpfs', '-o', `size=${size}`, 'tmpfs', dir], { stdio: 'pipe' });
+    return undefined;
+  } catch (err) {
+    return `mount -t tmpfs is not permitted here: ${String((err as { stderr?: Buffer }).stderr ?? err).trim()}`;
+  }
+}
+
+for (const decoder of ['xz', 'lzma-native'] as const) {
+  test(`a full cache filesystem gives E_NO_SPACE and changes nothing (${decoder} decoder)`, { timeout: 180_000 }, async (t) => {
+    const dir = await tempDir(t);
+    // Not inside `dir`, and unmounted before it is removed (hooks run in the order they were added).
+    const mnt = await mkdtemp(path.join(os.tmpdir(), 'kheadersd-tmpfs-'));
+    const why = tryMount(mnt, '8m');
+    t.after(async () => {
+      if (!why) execFileSync('umount', [mnt]);
+      await rm(mnt, { recursive: true, force: true });
+    });
+    if (why) return t.skip(why);
+    const cacheDir = path.join(mnt, 'cache');
+
+    const small = await run({ cacheDir, archive: await archiveFile(dir, '6.99.0-small'), decoder });
+    const before = await snapshot(path.join(cacheDir, 'entries'));
+
+    // The pack cannot fit: 12 MiB of text that xz squeezes into ~3.5 MiB.
+    const packTooBig = path.join(dir, 'pack-too-big.tar.xz');
+    await writeFile(packTooBig, await xzAsync(await makeTar([...goodTree('6.99.1-full'), { name: './include/big.h', content: textLike(12 * 2 ** 20, 3) }]), 1));
+    // Not even the archive fits: 10 MiB of random bytes, which xz cannot shrink.
+    const archiveTooBig = path.join(dir, 'archive-too-big.tar.xz');
+    await writeFile(archiveTooBig, await xzAsync(await makeTar([...goodTree('6.99.2-full'), { name: './include/big.h', content: randomBytes(10 * 2 ** 20, 3) }]), 0));
+
+    for (const archive of [packTooBig, archiveTooBig]) {
+      const label = `${decoder} ${path.basename(archive)}`;
+      // As a process with a deadline: a crash or a hang is a failure, not a stuck test run.
+      const r = await runCli(['ingest', '--archive', archive, '--cache-dir', cacheDir, '--decoder', decoder, '--btf', 'off', '--log-level', 'warn'], { timeoutMs: 30_000 });
+      assert.equal(r.signal, null, `${label}: hung and was killed`);
+      assert.equal(r.code, 5, `${label}: exit 5; stderr: ${r.stderr}`);
+      assert.match(r.stderr, /the cache filesystem is full \(ENOSPC\)/, label);
+      assert.equal(hasStackTrace(r.stderr), false, `${label}: no stack trace`);
+      assert.deepEqual(await readdir(path.join(cacheDir, 'tmp')), [], `${label}: tmp is empty`);
+      assert.equal((await readdir(cacheDir)).includes('lock'), false, `${label}: lock released`);
+      assert.deepEqual(await snapshot(path.join(cacheDir, 'entries')), before, `${label}: the earlier entry is intact`);
+    }
+    // The space was given back: a small ingest still works.
+    const store = await CacheStore.open(cacheDir);
+    assert.deepEqual((await store.list()).map((m) => m.id), [small.entry.manifest.id]);
+    const after = await run({ cacheDir, archive: await archiveFile(dir, '6.99.3-small'), decoder, keep: 10 });
+    assert.equal(after.reused, false);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Two writers
+
+async function bigArchive(dir: string, release: string, megabytes: number, seed: number): Promise<string> {
+  const tree = goodTree(release);
+  for (let i = 0; i < megabytes; i++) tree.push({ name: `./include/big/p${i}.h`, content: textLike(2 ** 20, seed * 1000 + i) });
+  const file = path.join(dir, `${release}.tar.xz`);
+  await writeFile(file, await xzAsync(await makeTar(tree), 0));
+  return file;
+}
+
+test('two concurrent ingests into one cache both succeed, one after the other', { timeout: 180_000 }, async (t) => {
+  const dir = await tempDir(t);
+  const cacheDir = path.join(dir, 'cache');
+  const a = await bigArchive(dir, '6.99.1-par', 16, 1);
+  const b = await bigArchive(dir, '6.99.2-par', 16, 2);
+  const args = (archive: string): string[] => ['ingest', '--archive', archive, '--cache-dir', cacheDir, '--json', '--btf', 'off', '--log-level', 'warn', '--keep', '10'];
+  const [ra, rb] = await Promise.all([runCli(args(a)), runCli(args(b))]);
+  assert.equal(ra.code, 0, ra.stderr);
+  assert.equal(rb.code, 0, rb.stderr);
+  assert.equal(JSON.parse(ra.stdout).reused, false);
+  assert.equal(JSON.parse(rb.stdout).reused, false);
+  const ls = JSON.parse((await runCli(['ls', '--json', '--cache-dir', cacheDir])).stdout) as Array<{ release: string; digest: string; files: number }>;
+  assert.deepEqual(ls.map((e) => e.release).sort(), ['6.99.1-par', '6.99.2-par']);
+  assert.equal(ls.find((e) => e.release === '6.99.1-par')!.digest, sha256(await readFile(a)));
+  assert.equal(ls.find((e) => e.release === '6.99.2-par')!.digest, sha256(await readFile(b)));
+  const store = await CacheStore.open(cacheDir);
+  for (const e of ls) {
+    const entry = await store.load(`${e.release}~${e.digest}`);
+    assert.equal(entry.index.fileCount, e.files);
+    assert.equal(await readVia(store, e.release, 'include/generated/utsrelease.h'), `#define UTS_RELEASE "${e.release}"\n`);
+  }
+  assert.deepEqual(await readdir(path.join(cacheDir, 'tmp')), []);
+  assert.equal((await readdir(cacheDir)).includes('lock'), false);
+});
+
+test('with --lock-timeout 0 the second writer gets E_LOCKED (exit 5) and the cache stays consistent', { timeout: 180_000 }, async (t) => {
+  const dir = await tempDir(t);
+  const cacheDir = path.join(dir, 'cache');
+  const slow = await bigArchive(dir, '6.99.1-slow', 48, 3);
+  const quick = await archiveFile(dir, '6.99.2-quick');
+
+  // The first writer: slow enough (lzma-native, 48 MiB) to still hold the lock when the second comes.
+  const first = spawn(process.execPath, [CLI, 'ingest', '--archive', slow, '--cache-dir', cacheDir, '--decoder', 'lzma-native', '--json', '--btf', 'off', '--log-level', 'warn'], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+    env: cleanEnv(),
+  });
+  t.after(() => {
+    if (first.exitCode === null && first.signalCode === null) first.kill('SIGKILL');
+  });
+  let firstOut = '';
+  let firstErr = '';
+  first.stdout.setEncoding('utf8').on('data', (s: string) => (firstOut += s));
+  first.stderr.setEncoding('utf8').on('data', (s: string) => (firstErr += s));
+  const firstDone = new Promise<number | null>((resolve) => first.on('close', (code) => resolve(code)));
+
+  // It holds the lock once its build directory exists.
+  const deadline = Date.now() + 60_000;
+  while (!(await readdir(path.join(cacheDir, 'tmp')).catch(() => [] as string[])).some((n) => n.startsWith('ingest-'))) {
+    assert.ok(Date.now() < deadline && first.exitCode === null, `the first ingest never started building: ${firstErr}`);
+    await new Promise((r) => setTimeout(r, 5));
+  }
+  const second = await runCli(['ingest', '--archive', quick, '--cache-dir', cacheDir, '--lock-timeout', '0', '--btf', 'off']);
+  assert.equal(second.code, 5, second.stderr);
+  assert.match(second.stderr, new RegExp(`the cache is locked by process ${first.pid} \\(another kheadersd writing to it\\); try again when it finishes`));
+  assert.equal(hasStackTrace(second.stderr), false);
+
+  assert.equal(await firstDone, 0, firstErr);
+  assert.equal(JSON.parse(firstOut).release, '6.99.1-slow');
+  const ls = JSON.parse((await runCli(['ls', '--json', '--cache-dir', cacheDir])).stdout) as Array<{ release: string }>;
+  assert.deepEqual(ls.map((e) => e.release), ['6.99.1-slow']);
+  assert.deepEqual(await readdir(path.join(cacheDir, 'tmp')), []);
+
+  // Once the lock is free, the second one goes through.
+  const retry = await runCli(['ingest', '--archive', quick, '--cache-dir', cacheDir, '--lock-timeout', '0', '--btf', 'off', '--json']);
+  assert.equal(retry.code, 0, retry.stderr);
+  const ls2 = JSON.parse((await runCli(['ls', '--json', '--cache-dir', cacheDir])).stdout) as Array<{ release: string }>;
+  assert.deepEqual(ls2.map((e) => e.release).sort(), ['6.99.1-slow', '6.99.2-quick']);
+});
