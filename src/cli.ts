@@ -139,6 +139,18 @@ export function buildProgram(): Command {
     }),
   );
 
+  program
+    .command('btf')
+    .description("write vmlinux.h (for libbpf CO-RE programs) generated from the kernel's BTF")
+    .option('--btf <file>', 'the BTF to read', '/sys/kernel/btf/vmlinux')
+    .option('--out <file>', 'write here (atomically) instead of stdout')
+    .action(async (o: { btf: string; out?: string }, cmd: Command) =>
+      run(cmd, o.out === undefined, async () => {
+        const { runBtfCommand } = await import('./btf/command.js');
+        await runBtfCommand({ btf: o.btf, ...(o.out !== undefined ? { out: o.out } : {}) }, process.stdout);
+      }),
+    );
+
   addKeys(
     program.command('doctor').description('check everything a first `serve` needs, and say what to do about each problem'),
     [...INGEST_KEYS, 'mount', 'fuseBackend', 'linkModules', 'http', 'tokenFile', ...COMMON],
