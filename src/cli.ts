@@ -134,8 +134,9 @@ export function buildProgram(): Command {
   ).action(async (_o, cmd: Command) =>
     run(cmd, false, async (cfg, io) => {
       const { startDaemon, installSignalHandlers } = await import('./serve/daemon.js');
-      const daemon = await startDaemon(cfg, io);
-      installSignalHandlers(daemon, io);
+      const starting = startDaemon(cfg, io);
+      installSignalHandlers(starting, io);
+      await starting;
     }),
   );
 

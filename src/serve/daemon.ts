@@ -56,6 +56,7 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
       await links.point(entry.manifest.release, path.join(mount.mountpoint, entry.manifest.release));
     }
     state.changed();
+    log.info({ current }, 'serving');
   };
 
   const ingestNow = async (reason: string): Promise<void> => {
@@ -143,11 +144,15 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
   return { state, refresh, stop, httpUrl: http?.url ?? null };
 }
 
-/** SIGHUP re-checks the kernel; SIGTERM/SIGINT stop cleanly, a second one exits at once. */
-export function installSignalHandlers(daemon: RunningDaemon, io: CommandIO): void {
+/**
+ * SIGHUP re-checks the kernel; SIGTERM/SIGINT stop cleanly, a second one exits at once.
+ * Installed before start-up begins, so a stop requested while the first ingest or the mount is
+ * still under way waits for it and then unmounts, instead of killing the process mid-mount.
+ */
+export function installSignalHandlers(starting: Promise<RunningDaemon>, io: CommandIO): void {
   process.on('SIGHUP', () => {
     io.log.info('SIGHUP: re-checking the running kernel');
-    void daemon.refresh('SIGHUP');
+    void starting.then((daemon) => daemon.refresh('SIGHUP')).catch(() => {});
   });
   let signalled = false;
   const onStop = (signal: NodeJS.Signals): void => {
@@ -157,13 +162,16 @@ export function installSignalHandlers(daemon: RunningDaemon, io: CommandIO): voi
     }
     signalled = true;
     io.log.info({ signal }, 'stopping');
-    daemon.stop().then(
-      () => process.exit(0),
-      (err: unknown) => {
-        io.log.error({ err }, 'unclean stop');
-        process.exit(1);
-      },
-    );
+    starting
+      .then((daemon) => daemon.stop())
+      .then(
+        () => process.exit(0),
+        (err: unknown) => {
+          // A failed start has already been reported by the command; exit with its status.
+          if (process.exitCode === undefined) io.log.error({ err }, 'unclean stop');
+          process.exit(typeof process.exitCode === 'number' && process.exitCode !== 0 ? process.exitCode : 1);
+        },
+      );
   };
   process.on('SIGTERM', onStop);
   process.on('SIGINT', onStop);

@@ -1,0 +1,162 @@
+/**
+ * `kheadersd serve` end to end, as a user runs it: a real child process, a real FUSE mount, a
+ * real HTTP listener on loopback. A kernel swap is an archive file replaced on disk plus SIGHUP;
+ * SIGTERM must unmount and exit 0. Every access to the mount is async (the daemon is another
+ * process, but a hung mount must fail the test, not hang it).
+ */
+import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
+import { open, readFile, readlink, rename, stat, writeFile } from 'node:fs/promises';
+import path from 'node:path';
+import { test, type TestContext } from 'node:test';
+import assert from 'node:assert/strict';
+import { CLI, goodArchive, tempDir } from './helpers/archives.js';
+import { fuseSkipReason } from './helpers/fuse-env.js';
+
+interface Daemon {
+  child: ChildProcessWithoutNullStreams;
+  logs: Array<Record<string, unknown>>;
+  waitFor(pred: (line: Record<string, unknown>) => boolean, what: string, timeoutMs?: number): Promise<Record<string, unknown>>;
+  exited: Promise<number | null>;
+}
+
+function startServe(t: TestContext, args: string[]): Daemon {
+  const child = spawn(process.execPath, [CLI, 'serve', ...args], { stdio: ['pipe', 'pipe', 'pipe'] });
+  const logs: Array<Record<string, unknown>> = [];
+  const waiters = new Set<() => void>();
+  let buffered = '';
+  child.stdout.setEncoding('utf8');
+  child.stdout.on('data', (s: string) => {
+    buffered += s;
+    let nl;
+    while ((nl = buffered.indexOf('\n')) >= 0) {
+      const line = buffered.slice(0, nl);
+      buffered = buffered.slice(nl + 1);
+      try {
+        logs.push(JSON.parse(line) as Record<string, unknown>);
+      } catch {
+        logs.push({ msg: line });
+      }
+      for (const w of waiters) w();
+    }
+  });
+  let stderr = '';
+  child.stderr.setEncoding('utf8');
+  child.stderr.on('data', (s: string) => (stderr += s));
+  const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
+  t.after(async () => {
+    if (child.exitCode === null && child.signalCode === null) {
+      child.kill('SIGTERM');
+      await Promise.race([exited, new Promise((r) => setTimeout(r, 10_000))]);
+      if (child.exitCode === null) child.kill('SIGKILL');
+    }
+  });
+  return {
+    child,
+    logs,
+    exited,
+    waitFor(pred, what, timeoutMs = 60_000) {
+      return new Promise((resolve, reject) => {
+        const check = (): void => {
+          const hit = logs.find(pred);
+          if (hit) {
+            waiters.delete(check);
+            clearTimeout(timer);
+            resolve(hit);
+          }
+        };
+        const timer = setTimeout(() => {
+          waiters.delete(check);
+          reject(new Error(`timed out waiting for ${what}; stderr: ${stderr}; logs: ${JSON.stringify(logs.slice(-5))}`));
+        }, timeoutMs);
+        waiters.add(check);
+        check();
+      });
+    },
+  };
+}
+
+async function pollUntil<T>(fn: () => Promise<T | undefined>, what: string, timeoutMs = 30_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await fn().catch(() => undefined);
+    if (v !== undefined) return v;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+test('serve: mount + HTTP, SIGHUP follows a kernel swap, open files keep reading, SIGTERM unmounts', async (t) => {
+  const skip = await fuseSkipReason();
+  if (skip) return t.skip(skip);
+  const dir = await tempDir(t, 'kheadersd-daemon-');
+  const cache = path.join(dir, 'cache');
+  const mnt = path.join(dir, 'mnt');
+  const archive = path.join(dir, 'kernel.tar.xz');
+  await writeFile(archive, await goodArchive('6.90.0-old', 'old'));
+
+  // The archive names its release in include/generated/utsrelease.h, as the kernel's does.
+  const d = startServe(t, ['--archive', archive, '--cache-dir', cache, '--mount', mnt, '--http', '127.0.0.1:0', '--btf', 'off', '--log-level', 'info']);
+  const listening = await d.waitFor((l) => l.msg === 'HTTP listening', 'HTTP to listen');
+  await d.waitFor((l) => l.msg === 'mounted', 'the mount');
+  const url = String(listening.url);
+
+  const ready = await fetch(`${url}/readyz`);
+  assert.equal(ready.status, 200);
+  assert.equal(await readlink(path.join(mnt, 'current')), '6.90.0-old');
+  const uts = path.join(mnt, 'current/include/generated/utsrelease.h');
+  assert.match(await readFile(uts, 'utf8'), /6\.90\.0-old/);
+  const viaHttp = await fetch(`${url}/v1/kernels/current/files/include/generated/utsrelease.h`);
+  assert.equal(viaHttp.status, 200);
+  assert.match(await viaHttp.text(), /6\.90\.0-old/);
+
+  // Hold a file open on the old tree across the swap.
+  const held = await open(uts, 'r');
+  t.after(() => held.close().catch(() => {}));
+
+  // The kernel swaps: a new archive appears at the same path; SIGHUP tells the daemon.
+  await writeFile(archive + '.new', await goodArchive('6.91.0-new', 'new'));
+  await rename(archive + '.new', archive);
+  d.child.kill('SIGHUP');
+  await pollUntil(async () => ((await readlink(path.join(mnt, 'current'))) === '6.91.0-new' ? true : undefined), 'current to flip');
+  assert.match(await readFile(path.join(mnt, 'current/include/generated/utsrelease.h'), 'utf8'), /6\.91\.0-new/);
+  const kernels = (await (await fetch(`${url}/v1/kernels/current`)).json()) as { release: string };
+  assert.equal(kernels.release, '6.91.0-new');
+  // Both releases stay reachable by name; the old fd still reads the old bytes.
+  assert.match(await readFile(path.join(mnt, '6.90.0-old/include/generated/utsrelease.h'), 'utf8'), /6\.90\.0-old/);
+  const buf = Buffer.alloc(200);
+  const { bytesRead } = await held.read(buf, 0, buf.length, 0);
+  assert.match(buf.subarray(0, bytesRead).toString(), /6\.90\.0-old/);
+  await held.close();
+
+  // SIGTERM: clean stop, exit 0, nothing left mounted.
+  d.child.kill('SIGTERM');
+  assert.equal(await d.exited, 0);
+  const mountinfo = await readFile('/proc/self/mountinfo', 'utf8');
+  assert.ok(!mountinfo.includes(` ${mnt} `), 'the mount is gone after SIGTERM');
+  await stat(mnt); // the mount point is a plain directory again (no ENOTCONN)
+});
+
+test('serve: with no archive anywhere and BTF off, it says what is missing and exits 3', async (t) => {
+  const dir = await tempDir(t, 'kheadersd-daemon-');
+  const d = startServe(t, ['--cache-dir', path.join(dir, 'cache'), '--mount', 'off', '--http', '127.0.0.1:0', '--no-modprobe', '--btf', 'off']);
+  const code = await d.exited;
+  assert.equal(code, 3);
+  const stderr: string[] = [];
+  d.child.stderr.on('data', (s: string) => stderr.push(s));
+  assert.ok(d.logs.some((l) => l.code === 'E_ARCHIVE_NOT_FOUND' && /CONFIG_IKHEADERS/.test(String(l.msg))));
+});
+
+test('serve: a mount that cannot be made leaves HTTP serving', async (t) => {
+  const dir = await tempDir(t, 'kheadersd-daemon-');
+  const archive = path.join(dir, 'kernel.tar.xz');
+  await writeFile(archive, await goodArchive('6.92.0-x', 'x'));
+  const notADir = path.join(dir, 'file');
+  await writeFile(notADir, 'not a directory');
+  const d = startServe(t, ['--archive', archive, '--cache-dir', path.join(dir, 'cache'), '--mount', path.join(notADir, 'mnt'), '--http', '127.0.0.1:0', '--btf', 'off']);
+  const listening = await d.waitFor((l) => l.msg === 'HTTP listening', 'HTTP to listen');
+  await d.waitFor((l) => typeof l.msg === 'string' && l.msg.startsWith('no FUSE mount, serving HTTP only'), 'the mount failure to be logged');
+  const res = await fetch(`${String(listening.url)}/v1/kernels/current`);
+  assert.equal(res.status, 200);
+  d.child.kill('SIGTERM');
+  assert.equal(await d.exited, 0);
+});
