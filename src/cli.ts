@@ -141,6 +141,37 @@ export function buildProgram(): Command {
   );
 
   program
+    .command('pull')
+    .description("on a developer host: fetch a device's current headers over HTTP (or adb) into a directory, and print the export lines")
+    .option('--url <url>', 'the daemon to pull from (default http://127.0.0.1:7711)')
+    .option('--adb', 'reach the device through a temporary `adb forward` (removed afterwards)')
+    .option('--serial <serial>', "adb's -s: which device, when several are attached")
+    .option('--out <dir>', 'where trees go: DIR/<release>-<digest12>/ (default <host cache>/trees)')
+    .option('--release <release>', "pull this release instead of the device's current one")
+    .option('--cache-dir <dir>', 'the host-side cache (default $XDG_CACHE_HOME/kheadersd or ~/.cache/kheadersd)')
+    .option('--token-file <file>', 'the bearer token, when the daemon requires one')
+    .addOption(new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']))
+    .action(async (o: { url?: string; adb?: boolean; serial?: string; out?: string; release?: string; cacheDir?: string; tokenFile?: string }, cmd: Command) =>
+      run(cmd, true, async (_cfg, io) => {
+        const { cmdPull, defaultHostCacheDir } = await import('./commands/pull.js');
+        const { readFile } = await import('node:fs/promises');
+        const token = o.tokenFile !== undefined ? (await readFile(o.tokenFile, 'utf8')).trim() : undefined;
+        await cmdPull(
+          {
+            ...(o.url !== undefined ? { url: o.url } : {}),
+            ...(o.adb ? { adb: true } : {}),
+            ...(o.serial !== undefined ? { serial: o.serial } : {}),
+            ...(o.out !== undefined ? { out: o.out } : {}),
+            ...(o.release !== undefined ? { release: o.release } : {}),
+            ...(token !== undefined ? { token } : {}),
+            cacheDir: o.cacheDir ?? defaultHostCacheDir(),
+          },
+          io,
+        );
+      }),
+    );
+
+  program
     .command('btf')
     .description("write vmlinux.h (for libbpf CO-RE programs) generated from the kernel's BTF")
     .option('--btf <file>', 'the BTF to read', '/sys/kernel/btf/vmlinux')

@@ -26,7 +26,9 @@ export async function exportEntry(entry: CacheEntry, dest: string): Promise<Expo
   }
   await mkdir(path.dirname(target), { recursive: true });
   const tmp = await mkdtemp(path.join(path.dirname(target), `.${path.basename(target)}.kheadersd-`));
-  const handles = new Map<string, FileHandle>();
+  // One handle per data file, shared by the parallel copies: the map holds the open *promise*,
+  // so 16 copies starting at once do not each open (and leak) their own.
+  const handles = new Map<string, Promise<FileHandle>>();
   try {
     const nodes = entry.index.nodes;
     for (const n of nodes) if (n.kind === 'dir' && n.id !== 0) await mkdir(path.join(tmp, n.path), { mode: 0o755 });
@@ -46,17 +48,18 @@ export async function exportEntry(entry: CacheEntry, dest: string): Promise<Expo
     if (errnoOf(err) === 'ENOSPC') throw new KheadersError('E_NO_SPACE', `no space left while exporting to ${target}; nothing was left behind`, { dest: target });
     throw err;
   } finally {
-    await Promise.all([...handles.values()].map((h) => h.close()));
+    await Promise.all([...handles.values()].map(async (h) => (await h).close()));
   }
 }
 
-async function copyOut(entry: CacheEntry, node: TreeNode, root: string, handles: Map<string, FileHandle>): Promise<void> {
+async function copyOut(entry: CacheEntry, node: TreeNode, root: string, handles: Map<string, Promise<FileHandle>>): Promise<void> {
   const { file, offset } = dataLocation(entry, node);
-  let fh = handles.get(file);
-  if (!fh) {
-    fh = await open(file, 'r');
-    handles.set(file, fh);
+  let opening = handles.get(file);
+  if (!opening) {
+    opening = open(file, 'r');
+    handles.set(file, opening);
   }
+  const fh = await opening;
   const buf = Buffer.allocUnsafe(node.size);
   const { bytesRead } = node.size > 0 ? await fh.read(buf, 0, node.size, offset) : { bytesRead: 0 };
   if (bytesRead !== node.size) throw new KheadersError('E_INTERNAL', `the pack is shorter than its index says (at ${node.path})`);

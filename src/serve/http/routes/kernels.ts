@@ -1,0 +1,74 @@
+/**
+ * /v1/kernels: entries named by release (or `current`). Responses are revalidated (`no-cache` +
+ * ETag): what a release name points at can change (a re-ingest, a kernel swap for `current`).
+ *
+ * The router picks the handler; the path itself is always re-parsed from the raw URL by
+ * parseRequestPath (see paths.ts), never taken from the router's decoded parameters.
+ */
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import { summarise } from '../../../commands/format.js';
+import { parseRequestPath, PathError } from '../paths.js';
+import { sendError } from '../respond.js';
+import { REVALIDATE, serveArchive, serveTreePath } from '../tree.js';
+import { getAndHead, type RouteContext } from './context.js';
+
+const PREFIX = ['v1', 'kernels'];
+
+/** The decoded segments after /v1/kernels, or an error reply. */
+export function segmentsAfter(req: FastifyRequest, reply: FastifyReply, prefix: readonly string[]): string[] | FastifyReply {
+  let segments: string[];
+  try {
+    segments = parseRequestPath(req.raw.url ?? '/').segments;
+  } catch (err) {
+    if (err instanceof PathError) return sendError(reply, 400, 'E_BAD_PATH', err.message);
+    throw err;
+  }
+  for (let i = 0; i < prefix.length; i++) {
+    if (segments[i] !== prefix[i]) return sendError(reply, 404, 'E_NOT_FOUND', 'no such route');
+  }
+  return segments.slice(prefix.length);
+}
+
+export async function kernelRoutes(app: FastifyInstance, ctx: RouteContext): Promise<void> {
+  const { catalog } = ctx;
+
+  const notCached = (reply: FastifyReply, ref: string): FastifyReply =>
+    sendError(reply, 404, 'E_NOT_FOUND', ref === 'current' ? "the running kernel's entry is not cached yet" : `no cached entry for release ${JSON.stringify(ref)}`);
+
+  getAndHead(app, '/v1/kernels', async (_req, reply) => {
+    const snap = await catalog.snapshot();
+    reply.header('cache-control', REVALIDATE);
+    // The same array `kheadersd ls --json` prints.
+    return snap.manifests.map((m) => summarise(m, snap.currentId));
+  });
+
+  getAndHead(app, '/v1/kernels/:ref', async (req, reply) => {
+    const rest = segmentsAfter(req, reply, PREFIX);
+    if (!Array.isArray(rest)) return rest;
+    const served = rest.length === 1 ? await catalog.byRef(rest[0]!) : undefined;
+    if (!served) return notCached(reply, rest[0] ?? '');
+    const snap = await catalog.snapshot();
+    reply.header('cache-control', REVALIDATE);
+    return summarise(served.manifest, snap.currentId);
+  });
+
+  getAndHead(app, '/v1/kernels/:ref/archive.tar.xz', async (req, reply) => {
+    const rest = segmentsAfter(req, reply, PREFIX);
+    if (!Array.isArray(rest)) return rest;
+    const served = rest[1] === 'archive.tar.xz' && rest.length === 2 ? await catalog.byRef(rest[0]!) : undefined;
+    if (!served) return notCached(reply, rest[0] ?? '');
+    return serveArchive(catalog, req, reply, served, REVALIDATE);
+  });
+
+  const files = async (req: FastifyRequest, reply: FastifyReply): Promise<FastifyReply> => {
+    const rest = segmentsAfter(req, reply, PREFIX);
+    if (!Array.isArray(rest)) return rest;
+    if (rest[1] !== 'files') return sendError(reply, 404, 'E_NOT_FOUND', 'no such route');
+    const ref = rest[0]!;
+    const served = await catalog.byRef(ref);
+    if (!served) return notCached(reply, ref);
+    return serveTreePath(catalog, req, reply, { served, segments: rest.slice(2), base: `/v1/kernels/${encodeURIComponent(ref)}`, cacheControl: REVALIDATE });
+  };
+  getAndHead(app, '/v1/kernels/:ref/files', files);
+  getAndHead(app, '/v1/kernels/:ref/files/*', files);
+}

@@ -1,0 +1,242 @@
+/**
+ * What the HTTP and pull tests share: a synthetic kernel-like archive (built with tar-stream and
+ * the xz tool, so it runs without the fixture), entries made by the real ingest, a real server
+ * on a loopback port, and raw HTTP requests that nothing normalises.
+ */
+import { spawn } from 'node:child_process';
+import { access, constants as fsc, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import http from 'node:http';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { pack } from 'tar-stream';
+import { createLogger, type Logger } from '../../src/log.js';
+import { startHttpServer, type HttpLimits, type HttpServerHandle } from '../../src/serve/http/server.js';
+import { DaemonState } from '../../src/serve/state.js';
+import { CacheStore } from '../../src/store/cache.js';
+import type { CacheEntry } from '../../src/store/entry.js';
+import { ingest } from '../../src/store/ingest.js';
+
+export const FIXTURE = process.env['KHEADERSD_FIXTURE'] ?? '/work/shared/fixtures/kheaders-6.1-x86_64.tar.xz';
+export const FIXTURE_RELEASE = '6.1.192';
+export const SYNTH_RELEASE = '6.6.0-synth';
+
+export function quietLog(): Logger {
+  return createLogger(process.env['KHEADERSD_TEST_LOG'] ? 'debug' : 'silent', process.stderr);
+}
+
+export async function fixtureSkipReason(): Promise<string | undefined> {
+  try {
+    await access(FIXTURE, fsc.R_OK);
+    return undefined;
+  } catch {
+    return `the real header archive ${FIXTURE} is absent (set KHEADERSD_FIXTURE)`;
+  }
+}
+
+export function tempDir(prefix: string): Promise<string> {
+  return mkdtemp(path.join(os.tmpdir(), `kheadersd-${prefix}-`));
+}
+
+export async function removeDir(dir: string): Promise<void> {
+  await rm(dir, { recursive: true, force: true, maxRetries: 3 });
+}
+
+// ---- processes ---------------------------------------------------------------------------------
+
+export interface RunResult {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** An async child process with its output captured. */
+export function run(cmd: string, args: readonly string[], opts: { cwd?: string; env?: NodeJS.ProcessEnv; input?: Buffer } = {}): Promise<RunResult> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(cmd, args, { cwd: opts.cwd, env: opts.env ?? process.env, stdio: [opts.input ? 'pipe' : 'ignore', 'pipe', 'pipe'] });
+    const out: Buffer[] = [];
+    const err: Buffer[] = [];
+    child.stdout!.on('data', (b: Buffer) => out.push(b));
+    child.stderr!.on('data', (b: Buffer) => err.push(b));
+    child.on('error', reject);
+    child.on('close', (code) => resolve({ code, stdout: Buffer.concat(out).toString(), stderr: Buffer.concat(err).toString() }));
+    if (opts.input) child.stdin!.end(opts.input);
+  });
+}
+
+export async function runOk(cmd: string, args: readonly string[], opts: Parameters<typeof run>[2] = {}): Promise<RunResult> {
+  const r = await run(cmd, args, opts);
+  if (r.code !== 0) throw new Error(`${cmd} ${args.join(' ')} exited ${r.code}: ${r.stderr.slice(-2000)}`);
+  return r;
+}
+
+// ---- a synthetic archive ----------------------------------------------------------------------
+
+export interface TarSpec {
+  name: string;
+  type?: 'file' | 'directory' | 'symlink';
+  content?: string | Buffer;
+  linkname?: string;
+}
+
+export const SYNTH_MTIME = new Date('2024-03-01T12:00:00Z');
+
+/** A tar built with tar-stream and compressed by `xz`, like the kernel's own archive. */
+export async function makeTarXz(files: readonly TarSpec[], out: string): Promise<string> {
+  const p = pack();
+  const chunks: Buffer[] = [];
+  const done = new Promise<void>((resolve, reject) => {
+    p.on('data', (b: unknown) => chunks.push(b as Buffer));
+    p.on('end', resolve);
+    p.on('error', reject);
+  });
+  for (const f of files) {
+    const type = f.type ?? 'file';
+    if (type === 'file') {
+      const body = Buffer.isBuffer(f.content) ? f.content : Buffer.from(f.content ?? '');
+      p.entry({ name: f.name, type, mode: 0o644, mtime: SYNTH_MTIME, size: body.length }, body);
+    } else if (type === 'symlink') {
+      p.entry({ name: f.name, type, mode: 0o777, mtime: SYNTH_MTIME, linkname: f.linkname ?? '' });
+    } else {
+      p.entry({ name: f.name, type, mode: 0o755, mtime: SYNTH_MTIME });
+    }
+  }
+  p.finalize();
+  await done;
+  await writeFile(out, await xzCompress(Buffer.concat(chunks)));
+  return out;
+}
+
+/** `xz -c` of a buffer (single stream, CRC64, like gen_kheaders.sh). */
+export function xzCompress(input: Buffer): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const child = spawn('xz', ['-T1', '--check=crc64', '-c'], { stdio: ['pipe', 'pipe', 'inherit'] });
+    const out: Buffer[] = [];
+    child.stdout.on('data', (b: Buffer) => out.push(b));
+    child.on('error', (err) => reject(new Error(`the xz tool is needed to build the synthetic archive: ${err.message}`)));
+    child.on('close', (code) => (code === 0 ? resolve(Buffer.concat(out)) : reject(new Error(`xz exited ${code}`))));
+    child.stdin.end(input);
+  });
+}
+
+/** A big text file (over the server's one-pread buffer size, so it is streamed). */
+export function bigText(kib: number): Buffer {
+  const lines: string[] = [];
+  let length = 0;
+  for (let i = 0; length < kib * 1024; i++) {
+    const line = `#define BIG_CONSTANT_${i.toString().padStart(6, '0')} ${i * 7}\n`;
+    lines.push(line);
+    length += line.length;
+  }
+  return Buffer.from(lines.join('').slice(0, kib * 1024));
+}
+
+/** Names a listing must escape, a symlink to a file and one to a directory, an empty file. */
+export function synthTree(release = SYNTH_RELEASE, variant = 'a'): TarSpec[] {
+  return [
+    { name: './', type: 'directory' },
+    { name: './include/', type: 'directory' },
+    { name: './include/linux/', type: 'directory' },
+    { name: './include/linux/sched.h', content: `/* sched.h ${variant} */\n#ifndef _LINUX_SCHED_H\n#define _LINUX_SCHED_H\n${'struct task_struct { int pid; };\n'.repeat(40)}#endif\n` },
+    { name: './include/linux/types.h', content: `#define TYPES_${variant} 1\n` },
+    { name: './include/linux/empty.h', content: '' },
+    { name: './include/linux/big.h', content: bigText(600) },
+    { name: './include/linux/odd <b>&"name\'.h', content: '/* an odd name */\n' },
+    { name: './include/dt-bindings/', type: 'directory' },
+    { name: './include/dt-bindings/sched-link.h', type: 'symlink', linkname: '../linux/sched.h' },
+    { name: './include/linux-alias', type: 'symlink', linkname: 'linux' },
+    { name: './include/generated/', type: 'directory' },
+    { name: './include/generated/utsrelease.h', content: `#define UTS_RELEASE "${release}"\n` },
+    { name: './arch/x86/include/asm/', type: 'directory' },
+    { name: './arch/x86/include/asm/ptrace.h', content: `struct pt_regs { unsigned long di; }; /* ${variant} */\n` },
+  ];
+}
+
+export async function ingestSynth(cacheDir: string, work: string, release = SYNTH_RELEASE, variant = 'a', setCurrent = true): Promise<CacheEntry> {
+  const archive = await makeTarXz(synthTree(release, variant), path.join(work, `synth-${release}-${variant}.tar.xz`));
+  const { entry } = await ingest({ cacheDir, archive, release, setCurrent, keep: 100, log: quietLog() });
+  return entry;
+}
+
+export async function ingestFixture(cacheDir: string, setCurrent = true): Promise<CacheEntry> {
+  const { entry } = await ingest({ cacheDir, archive: FIXTURE, setCurrent, keep: 100, log: quietLog() });
+  return entry;
+}
+
+// ---- a server ---------------------------------------------------------------------------------
+
+export interface HttpEnv {
+  work: string;
+  cacheDir: string;
+  store: CacheStore;
+  state: DaemonState;
+  server: HttpServerHandle;
+  port: number;
+  close(): Promise<void>;
+}
+
+/** A real server on 127.0.0.1:<free port> over the cache in `cacheDir`. */
+export async function startEnv(opts: { work: string; cacheDir: string; token?: string; ready?: boolean; log?: Logger; limits?: Partial<HttpLimits>; fastPath?: boolean }): Promise<HttpEnv> {
+  const store = await CacheStore.open(opts.cacheDir);
+  const state = new DaemonState();
+  state.currentId = await store.currentId();
+  state.ready = opts.ready ?? state.currentId !== null;
+  const server = await startHttpServer({
+    listen: { host: '127.0.0.1', port: 0 },
+    store,
+    state,
+    log: opts.log ?? quietLog(),
+    ...(opts.token !== undefined ? { token: opts.token } : {}),
+    ...(opts.limits ? { limits: opts.limits } : {}),
+    ...(opts.fastPath !== undefined ? { fastPath: opts.fastPath } : {}),
+  });
+  return { work: opts.work, cacheDir: opts.cacheDir, store, state, server, port: server.port, close: () => server.close() };
+}
+
+// ---- requests ---------------------------------------------------------------------------------
+
+export interface Res {
+  status: number;
+  headers: http.IncomingHttpHeaders;
+  body: Buffer;
+}
+
+/** A request whose path is sent exactly as given (http.request does not normalise it). */
+export function request(port: number, rawPath: string, opts: { method?: string; headers?: http.OutgoingHttpHeaders; agent?: http.Agent | false } = {}): Promise<Res> {
+  return new Promise((resolve, reject) => {
+    const req = http.request({ host: '127.0.0.1', port, path: rawPath, method: opts.method ?? 'GET', headers: opts.headers ?? {}, agent: opts.agent ?? false }, (res) => {
+      const chunks: Buffer[] = [];
+      res.on('data', (b: Buffer) => chunks.push(b));
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks) }));
+      res.on('error', reject);
+    });
+    req.on('error', reject);
+    req.end();
+  });
+}
+
+export function json<T = unknown>(res: Res): T {
+  return JSON.parse(res.body.toString('utf8')) as T;
+}
+
+/**
+ * Send raw bytes as the request target over a plain socket: for what http.request refuses to
+ * send (NUL, spaces, raw non-ASCII). Returns the status code (0 if the server just closed).
+ */
+export function rawStatus(port: number, target: Buffer): Promise<{ status: number; text: string }> {
+  return new Promise((resolve, reject) => {
+    const sock = net.connect(port, '127.0.0.1');
+    const chunks: Buffer[] = [];
+    sock.on('connect', () => {
+      sock.write(Buffer.concat([Buffer.from('GET '), target, Buffer.from(' HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n')]));
+    });
+    sock.on('data', (b: Buffer) => chunks.push(b));
+    sock.on('end', () => {
+      const text = Buffer.concat(chunks).toString('latin1');
+      const m = /^HTTP\/1\.1 (\d{3})/.exec(text);
+      resolve({ status: m ? Number(m[1]) : 0, text });
+    });
+    sock.on('error', reject);
+    sock.setTimeout(10_000, () => sock.destroy(new Error('raw request timed out')));
+  });
+}
