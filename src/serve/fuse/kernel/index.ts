@@ -1,0 +1,164 @@
+/**
+ * The kernel-protocol FUSE backend: the daemon speaks FUSE to /dev/fuse itself, in TypeScript.
+ * No libfuse and no native addon, so it runs wherever Node and a `mount` binary do — arm64
+ * boards and phones, Android (no libfuse at all) — as root.
+ *
+ *   /dev/fuse ── reader thread ──► FuseSession.dispatch ──► FsModel
+ *        ▲                                  │ (replies: writeSync on the JS thread)
+ *        └──────── notifier thread ◄── invalidations
+ */
+import { access, constants as fsConstants } from 'node:fs/promises';
+import { KheadersError, errnoOf } from '../../../errors.js';
+import { isMounted, prepareMountpoint } from '../mountpoint.js';
+import type { FuseMount, FuseOpCounts, MountOptions } from '../types.js';
+import { DevFuse, loopReaderAvailable, type DeviceEnd, type ReaderKind } from './device.js';
+import { mountFd, unmountPath, type MountFlavor } from './mount.js';
+import { FUSE_MIN_READ_BUFFER } from './protocol.js';
+import { FuseSession, DEFAULT_SESSION_OPTIONS, type NegotiatedInit, type SessionOptions } from './session.js';
+
+export { FuseSession, DEFAULT_SESSION_OPTIONS, type NegotiatedInit, type SessionOptions } from './session.js';
+export { loopReaderAvailable, type DeviceEnd, type ReaderKind } from './device.js';
+
+const INIT_TIMEOUT_MS = 20_000;
+/** Room for the in header and write_in ahead of max_write bytes of data (80 bytes; a page). */
+const HEADER_ROOM = 4096;
+
+export interface KernelMountOptions extends MountOptions {
+  session?: SessionOptions;
+  /** Default /dev/fuse. */
+  devicePath?: string;
+  mountBin?: string;
+  umountBin?: string;
+  /** Skip `mount --version` detection (e.g. 'toybox' on Android). */
+  mountFlavor?: MountFlavor;
+  /** How requests are read (device.ts): 'auto' takes 'loop' when this Node allows it. */
+  reader?: ReaderKind | 'auto';
+}
+
+export interface KernelFuseMount extends FuseMount {
+  readonly backend: 'kernel';
+  /** What INIT settled on with this kernel. */
+  readonly init: NegotiatedInit;
+  /** Resolves when the connection ends, by our unmount or anyone else's. */
+  readonly closed: Promise<DeviceEnd>;
+  opCounts(): FuseOpCounts;
+  /** Node ids the kernel holds references to (lookups not yet forgotten). */
+  knownNodes(): number;
+  readonly reader: ReaderKind;
+}
+
+function fuseError(message: string, details: Record<string, unknown> = {}, cause?: unknown): KheadersError {
+  return new KheadersError('E_FUSE', message, { backend: 'kernel', ...details }, cause === undefined ? undefined : { cause });
+}
+
+async function checkEnvironment(devicePath: string): Promise<void> {
+  if (process.platform !== 'linux' && process.platform !== 'android') {
+    throw fuseError(`the kernel FUSE backend needs Linux (this is ${process.platform})`);
+  }
+  if (process.getuid?.() !== 0) {
+    throw fuseError(`the kernel FUSE backend mounts with mount(2) and needs root (uid ${process.getuid?.() ?? '?'}); run as root or use --fuse-backend native`);
+  }
+  try {
+    await access(devicePath, fsConstants.R_OK | fsConstants.W_OK);
+  } catch (err) {
+    const errno = errnoOf(err);
+    if (errno === 'ENOENT') throw fuseError(`no ${devicePath}: load the fuse module (modprobe fuse), or in a container pass --device /dev/fuse`, { device: devicePath }, err);
+    throw fuseError(`${devicePath} is not usable: ${errno ?? String(err)}`, { device: devicePath, errno }, err);
+  }
+}
+
+function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  return Promise.race([
+    p,
+    new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`${what} after ${ms} ms`)), ms);
+    }),
+  ]).finally(() => clearTimeout(timer));
+}
+
+export async function mountKernel(opts: KernelMountOptions): Promise<KernelFuseMount> {
+  const { model, log } = opts;
+  const devicePath = opts.devicePath ?? '/dev/fuse';
+  const allowOther = opts.allowOther ?? true;
+  await checkEnvironment(devicePath);
+  const mountpoint = await prepareMountpoint(opts.mountpoint, log);
+
+  const sessionOptions = { ...DEFAULT_SESSION_OPTIONS, ...opts.session };
+  const bufferSize = Math.max(FUSE_MIN_READ_BUFFER, sessionOptions.maxWrite + HEADER_ROOM);
+  let dev: DevFuse;
+  try {
+    dev = await DevFuse.open(devicePath, bufferSize, log);
+  } catch (err) {
+    throw fuseError(`cannot open ${devicePath}: ${errnoOf(err) ?? String(err)}`, { device: devicePath }, err);
+  }
+  const session = new FuseSession(model, dev, log, opts.session);
+
+  const wanted = opts.reader ?? 'auto';
+  const reader: ReaderKind = wanted === 'auto' ? (loopReaderAvailable() ? 'loop' : 'thread') : wanted;
+  let unmounting = false;
+  let resolveClosed!: (end: DeviceEnd) => void;
+  const closed = new Promise<DeviceEnd>((resolve) => (resolveClosed = resolve));
+  const startReader = (): void =>
+    dev.startReader(
+      reader,
+      (buf) => session.dispatch(buf),
+      (end) => {
+        session.end(end.code);
+        if (!unmounting) log.warn({ mountpoint, ...end }, 'FUSE connection ended (unmounted from outside?)');
+        resolveClosed(end);
+      },
+    );
+
+  let init: NegotiatedInit;
+  let mounted = false;
+  try {
+    dev.startNotifier();
+    // A reader thread waits for the mount by itself; the event-loop reader must not read an
+    // unattached descriptor (EPERM would end it), so it starts once mount(2) is done. The
+    // kernel queues INIT at mount time and `mount` does not wait for it, so nothing is lost.
+    if (reader === 'thread') startReader();
+    await mountFd(dev.fd, { mountpoint, allowOther, uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0, ...(opts.mountBin ? { mountBin: opts.mountBin } : {}), ...(opts.mountFlavor ? { flavor: opts.mountFlavor } : {}) }, log);
+    mounted = true;
+    dev.mounted();
+    if (reader === 'loop') startReader();
+    init = await within(session.initialized(), INIT_TIMEOUT_MS, 'the kernel did not start the FUSE session');
+  } catch (err) {
+    unmounting = true;
+    session.end('mount failed');
+    if (mounted) await unmountPath(mountpoint, log, opts.umountBin);
+    await dev.close();
+    if (err instanceof KheadersError) throw err;
+    throw fuseError(`cannot mount ${mountpoint}: ${err instanceof Error ? err.message : String(err)}`, { mountpoint }, err);
+  }
+  log.info({ mountpoint, backend: 'kernel', reader, protocol: `7.${init.minor}`, kernelProtocol: `${init.kernelMajor}.${init.kernelMinor}`, flags: `0x${init.flags.toString(16)}` }, 'FUSE mounted');
+
+  let unmounted: Promise<void> | undefined;
+  const unmount = (): Promise<void> => {
+    unmounted ??= (async () => {
+      unmounting = true;
+      const how = dev.end ? 'gone' : await unmountPath(mountpoint, log, opts.umountBin);
+      // A clean umount ends the connection (the reader sees ENODEV); after a lazy one the
+      // superblock lives on while files are open, and closing our descriptor aborts it.
+      if (how === 'clean') await dev.waitEnd(2000);
+      await dev.close();
+      session.end('unmounted');
+      if (how === 'failed' && (await isMounted(mountpoint))) {
+        throw fuseError(`cannot unmount ${mountpoint}; run: umount -l ${mountpoint}`, { mountpoint });
+      }
+      log.info({ mountpoint, how }, 'FUSE unmounted');
+    })();
+    return unmounted;
+  };
+
+  return {
+    mountpoint,
+    backend: 'kernel',
+    init,
+    reader,
+    closed,
+    unmount,
+    opCounts: () => session.opCounts(),
+    knownNodes: () => session.knownNodes(),
+  };
+}

@@ -1,0 +1,115 @@
+/**
+ * Mounting a /dev/fuse descriptor with the system's `mount` binary (no libfuse, no native code).
+ *
+ * mount(2) for FUSE takes the open /dev/fuse descriptor as the `fd=N` option; the `mount`
+ * child is given ours as its fd 3 through `stdio` (child_process dups it without close-on-exec
+ * into the child only — in this process it stays close-on-exec). util-linux and busybox need
+ * `-i` so they do not go looking for a /sbin/mount.fuse helper; toybox (Android) has no helpers
+ * and no `-i`. Every child is spawned asynchronously: once mounted, only this process's JS
+ * thread answers the mount, so a synchronous child that touches it would never return.
+ */
+import { execFile, spawn } from 'node:child_process';
+import { KheadersError } from '../../../errors.js';
+import type { Logger } from '../../../log.js';
+
+export type MountFlavor = 'util-linux' | 'busybox' | 'toybox' | 'unknown';
+
+/** The fs type the mount shows in /proc/mounts (`fuse.<subtype>`; the kernel strips the
+ * subtype to find the filesystem). */
+export const FUSE_FSTYPE = 'fuse.kheadersd';
+export const FUSE_SOURCE = 'kheadersd';
+const CHILD_TIMEOUT_MS = 15_000;
+/** The descriptor number the `mount` child sees the connection as. */
+const CHILD_FD = 3;
+
+export interface FdMountOptions {
+  mountpoint: string;
+  allowOther: boolean;
+  uid: number;
+  gid: number;
+  /** Default 'mount' from PATH. */
+  mountBin?: string;
+  flavor?: MountFlavor;
+}
+
+/** What `mount --version` says about which implementation this is. */
+export function flavorFromVersion(output: string): MountFlavor {
+  if (/util-linux/i.test(output)) return 'util-linux';
+  if (/toybox/i.test(output)) return 'toybox';
+  if (/busybox/i.test(output)) return 'busybox';
+  return 'unknown';
+}
+
+export function detectMountFlavor(mountBin = 'mount'): Promise<MountFlavor> {
+  return new Promise((resolve) => {
+    execFile(mountBin, ['--version'], { timeout: CHILD_TIMEOUT_MS }, (_err, stdout, stderr) => resolve(flavorFromVersion(`${stdout}\n${stderr}`)));
+  });
+}
+
+/**
+ * The -o string. `ro` makes the VFS refuse every write with EROFS before it reaches us;
+ * `default_permissions` makes the kernel check the (read-only) modes itself instead of asking
+ * us with ACCESS; rootmode/user_id/group_id are required by the kernel for fd= mounts.
+ */
+export function mountOptionString(o: { fd: number; allowOther: boolean; uid: number; gid: number }): string {
+  const opts = [`fd=${o.fd}`, 'rootmode=40000', `user_id=${o.uid}`, `group_id=${o.gid}`, 'ro', 'nosuid', 'nodev', 'noatime', 'default_permissions'];
+  if (o.allowOther) opts.push('allow_other');
+  return opts.join(',');
+}
+
+export function mountArgs(flavor: MountFlavor, o: { mountpoint: string; allowOther: boolean; uid: number; gid: number; fstype?: string }): string[] {
+  const args = flavor === 'toybox' ? [] : ['-i'];
+  args.push('-t', o.fstype ?? FUSE_FSTYPE, '-o', mountOptionString({ fd: CHILD_FD, ...o }), FUSE_SOURCE, o.mountpoint);
+  return args;
+}
+
+function runChild(cmd: string, args: string[], extraFd?: number): Promise<{ code: number | null; output: string }> {
+  return new Promise((resolve) => {
+    const stdio: Array<'ignore' | 'pipe' | number> = ['ignore', 'pipe', 'pipe'];
+    if (extraFd !== undefined) stdio.push(extraFd);
+    let output = '';
+    let child;
+    try {
+      child = spawn(cmd, args, { stdio, timeout: CHILD_TIMEOUT_MS });
+    } catch (err) {
+      resolve({ code: null, output: err instanceof Error ? err.message : String(err) });
+      return;
+    }
+    child.stdout?.on('data', (d: Buffer) => (output += d.toString()));
+    child.stderr?.on('data', (d: Buffer) => (output += d.toString()));
+    child.on('error', (err) => resolve({ code: null, output: `${output}${err.message}` }));
+    child.on('close', (code) => resolve({ code, output: output.trim() }));
+  });
+}
+
+/**
+ * mount(2) `fd` on `mountpoint` through the `mount` binary. The kernel sends INIT as soon as the
+ * mount exists; the caller's session must already be reading, or whatever `mount` does after
+ * mount(2) (util-linux may stat the target) waits for it.
+ */
+export async function mountFd(fd: number, o: FdMountOptions, log: Logger): Promise<void> {
+  const bin = o.mountBin ?? 'mount';
+  const flavor = o.flavor ?? (await detectMountFlavor(bin));
+  const args = mountArgs(flavor, o);
+  log.debug({ bin, args, flavor }, 'mounting /dev/fuse descriptor');
+  let r = await runChild(bin, args, fd);
+  if (r.code !== 0 && /unknown filesystem type/i.test(r.output)) {
+    // A kernel or mount without subtype support: plain `fuse` is the same filesystem.
+    r = await runChild(bin, mountArgs(flavor, { ...o, fstype: 'fuse' }), fd);
+  }
+  if (r.code !== 0) {
+    const why = r.code === null ? `could not run ${bin}` : `${bin} exited with ${r.code}`;
+    throw new KheadersError('E_FUSE', `cannot mount ${o.mountpoint}: ${why}${r.output ? `: ${r.output}` : ''}`, { mountpoint: o.mountpoint, args, backend: 'kernel' });
+  }
+}
+
+/** `umount DIR`; on failure (busy) `umount -l DIR`. Says which one worked. */
+export async function unmountPath(mountpoint: string, log: Logger, umountBin = 'umount'): Promise<'clean' | 'lazy' | 'failed'> {
+  const r = await runChild(umountBin, [mountpoint]);
+  if (r.code === 0) return 'clean';
+  log.debug({ mountpoint, output: r.output }, 'umount failed; detaching lazily');
+  const l = await runChild(umountBin, ['-l', mountpoint]);
+  if (l.code === 0) return 'lazy';
+  log.warn({ mountpoint, output: l.output }, 'umount -l failed');
+  return 'failed';
+}

@@ -1,0 +1,31 @@
+/**
+ * What a FUSE backend takes and gives back. Both transports (fuse-native over libfuse2 in
+ * ./native.ts, and the /dev/fuse protocol in ./kernel/) implement this, so the daemon and the
+ * tests never care which one is serving.
+ */
+import type { Logger } from '../../log.js';
+import type { FsModel } from './fs-model.js';
+
+export interface MountOptions {
+  /** Absolute (or cwd-relative) directory to mount on; created when missing. */
+  mountpoint: string;
+  model: FsModel;
+  log: Logger;
+  /** Let other users (compilers run by anyone) read the mount. Default true. */
+  allowOther?: boolean;
+}
+
+/** Requests the backend answered, by operation name ('lookup', 'getattr', 'read', ...). */
+export type FuseOpCounts = Readonly<Record<string, number>>;
+
+export interface FuseMount {
+  readonly mountpoint: string;
+  readonly backend: 'native' | 'kernel';
+  /** Detach the mount and release the backend's resources. Safe to call twice. */
+  unmount(): Promise<void>;
+  /**
+   * How many requests of each kind reached the backend since mounting (benchmarks report the
+   * callbacks one compile costs). Optional: a backend may not count.
+   */
+  opCounts?(): FuseOpCounts;
+}
