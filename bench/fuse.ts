@@ -12,7 +12,7 @@
  * process (or an inherited /dev/fuse descriptor) with the server.
  *
  * Reproduce: sudo sh -c 'cd /work/main && npx tsc -p . && node dist/bench/fuse.js'
- * (root: mounting with allow_other and dropping caches). --runs N sets the warm rounds,
+ * (root: mounting with allow_other and dropping caches). --runs N sets the warm rounds (11),
  * --no-write prints without touching BENCHMARKS.md. KHEADERSD_FUSE_TUNING='{"timeoutSec":1}'
  * tries other cache settings.
  */
@@ -148,7 +148,7 @@ async function main(): Promise<void> {
   const args = process.argv.slice(2);
   if (args[0] === '--serve') return serve(args[1]!, args[2]!, args[3]!);
   const runsArg = args.indexOf('--runs');
-  const warmRuns = runsArg >= 0 ? Number(args[runsArg + 1]) : 9;
+  const warmRuns = runsArg >= 0 ? Number(args[runsArg + 1]) : 11;
   const coldRuns = 3;
   const write = !args.includes('--no-write');
 
@@ -224,8 +224,7 @@ One compile of a BPF program including \`<linux/sched.h>\`, \`<linux/bpf.h>\` an
 directory of the same archive (kheaders-6.1-x86_64.tar.xz, 6,691 entries). A compile is BCC's
 pipeline: \`clang -O2 -emit-llvm -c\` (the host frontend, which reads the headers) then
 \`clang -target bpf -O2 -c\` of the IR (x86 headers' inline asm cannot go through a
-\`-target bpf\` frontend). The mount is served by a
-separate node process, as the daemon serves it.
+\`-target bpf\` frontend). The mount is served by a separate node process, as the daemon serves it.
 
 | | plain dir | FUSE mount | ratio | target |
 | --- | ---: | ---: | ---: | ---: |
@@ -234,6 +233,9 @@ separate node process, as the daemon serves it.
 
 - Median of the per-round ratios (each FUSE run over the plain run next to it): cold ${paired(coldFuse, coldPlain)}, warm ${paired(warmFuse, warmPlain)}.
 - FUSE callbacks per compile: cold ${fmtCounts(coldCounts)}; warm ${fmtCounts(warmCounts)}.
+  A warm compile's requests are its header opens, one per header (every open reaches the daemon, so
+  that a descriptor keeps its tree across a kernel swap), and readlinks of \`current\`; lookups,
+  attributes, negative lookups and file data all come from the kernel's caches.
 - Daemon RSS while serving: ${(rss.rssKiB / 1024).toFixed(1)} MiB (peak ${(rss.hwmKiB / 1024).toFixed(1)} MiB), the fixture's index loaded.
 - Cache settings: auto_cache ${tuning.autoCache}, kernel_cache ${tuning.kernelCache}, attr/entry/negative timeout ${tuning.timeoutSec} s, direct_io ${tuning.directIo}.
 - All runs: cold plain ${coldPlain.map(ms).join(', ')}; cold FUSE ${coldFuse.map(ms).join(', ')}; warm plain ${warmPlain.map(ms).join(', ')}; warm FUSE ${warmFuse.map(ms).join(', ')}.
