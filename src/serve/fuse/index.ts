@@ -5,9 +5,9 @@
  *
  *   native  libfuse2 through fuse-native (linux-x64 prebuild + Debian libfuse2)
  *   kernel  the FUSE protocol spoken to /dev/fuse in TypeScript (root; any architecture)
- *   auto    native where it can load, else kernel (arm64, Android, no libfuse2 installed)
+ *   auto    kernel (the faster, measured), else native where the kernel backend cannot mount
  */
-import { isKheadersError } from '../../errors.js';
+import { KheadersError, isKheadersError } from '../../errors.js';
 import type { FuseMount, MountOptions } from './types.js';
 
 export type { FuseMount, FuseOpCounts, MountOptions } from './types.js';
@@ -25,17 +25,25 @@ export async function mountFuse(opts: MountOptions & { backend: FuseBackend }): 
       return mountKernel(mountOpts);
     }
     case 'auto': {
-      // native is the backend measured first (bench/fuse.ts); the kernel backend covers the
-      // machines where fuse-native cannot load. Any other native failure (no /dev/fuse, not
-      // permitted, a busy mount point) would stop the kernel backend too, so it is reported as is.
-      const { mountNative } = await import('./native.js');
+      // The kernel backend first: measured faster (BENCHMARKS.md, "fuse-kernel": a warm compile
+      // sends it no request at all) and it needs no native code. It needs root to mount; where
+      // it cannot mount, fuse-native (setuid fusermount, linux-x64) may still.
+      const { mountKernel } = await import('./kernel/index.js');
       try {
-        return await mountNative(mountOpts);
-      } catch (err) {
-        if (!isKheadersError(err, 'E_FUSE') || err.details['unavailable'] !== true) throw err;
-        opts.log.warn({ reason: err.message }, 'fuse-native is unavailable; using the kernel-protocol FUSE backend');
-        const { mountKernel } = await import('./kernel/index.js');
-        return mountKernel(mountOpts);
+        return await mountKernel(mountOpts);
+      } catch (kernelErr) {
+        if (!isKheadersError(kernelErr, 'E_FUSE')) throw kernelErr;
+        opts.log.warn({ reason: kernelErr.message }, 'the kernel-protocol FUSE backend cannot mount; trying fuse-native');
+        const { mountNative } = await import('./native.js');
+        try {
+          return await mountNative(mountOpts);
+        } catch (nativeErr) {
+          if (!isKheadersError(nativeErr, 'E_FUSE')) throw nativeErr;
+          throw new KheadersError('E_FUSE', `no FUSE backend could mount ${mountOpts.mountpoint}: kernel: ${kernelErr.message}; native: ${nativeErr.message}`, {
+            kernel: kernelErr.details,
+            native: nativeErr.details,
+          });
+        }
       }
     }
     default: {
