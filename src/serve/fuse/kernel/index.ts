@@ -95,7 +95,7 @@ export async function mountKernel(opts: KernelMountOptions): Promise<KernelFuseM
   const session = new FuseSession(model, dev, log, opts.session);
 
   const wanted = opts.reader ?? 'auto';
-  const reader: ReaderKind = wanted === 'auto' ? (loopReaderAvailable() ? 'loop' : 'thread') : wanted;
+  let reader: ReaderKind = wanted === 'auto' ? (loopReaderAvailable() ? 'loop' : 'thread') : wanted;
   let unmounting = false;
   let resolveClosed!: (end: DeviceEnd) => void;
   const closed = new Promise<DeviceEnd>((resolve) => (resolveClosed = resolve));
@@ -121,7 +121,18 @@ export async function mountKernel(opts: KernelMountOptions): Promise<KernelFuseM
     await mountFd(dev.fd, { mountpoint, allowOther, uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0, ...(opts.mountBin ? { mountBin: opts.mountBin } : {}), ...(opts.mountFlavor ? { flavor: opts.mountFlavor } : {}) }, log);
     mounted = true;
     dev.mounted();
-    if (reader === 'loop') startReader();
+    if (reader === 'loop') {
+      try {
+        startReader();
+      } catch (err) {
+        // The Pipe binding is Node-internal: if this Node refuses the descriptor, a reader
+        // thread serves just as correctly (only each request's hop is slower).
+        if (wanted === 'loop') throw err;
+        log.warn({ err: err instanceof Error ? err.message : String(err) }, 'event-loop FUSE reader unavailable; using a reader thread');
+        reader = 'thread';
+        startReader();
+      }
+    }
     init = await within(session.initialized(), INIT_TIMEOUT_MS, 'the kernel did not start the FUSE session');
   } catch (err) {
     unmounting = true;
