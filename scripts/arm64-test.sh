@@ -27,12 +27,13 @@ cd "$ROOT"
 [ "$(uname -m)" = aarch64 ] && { echo "already arm64: run the tests directly"; exit 1; }
 
 # 1. qemu-user with binfmt, and the arm64 C/C++ runtime the node binary links against.
-need=()
-command -v qemu-aarch64 >/dev/null || need+=(qemu-user qemu-user-binfmt)
-[ -e /usr/aarch64-linux-gnu/lib/ld-linux-aarch64.so.1 ] || need+=(libc6-arm64-cross)
-[ -e /usr/aarch64-linux-gnu/lib/libstdc++.so.6 ] || need+=(libstdc++6-arm64-cross libgcc-s1-arm64-cross)
-if [ "${#need[@]}" -gt 0 ]; then
-  apt-get install -y "${need[@]}" || { apt-get update && apt-get install -y "${need[@]}"; }
+# The packages still missing, collected in the positional parameters (POSIX sh has no arrays).
+set --
+command -v qemu-aarch64 >/dev/null || set -- "$@" qemu-user qemu-user-binfmt
+[ -e /usr/aarch64-linux-gnu/lib/ld-linux-aarch64.so.1 ] || set -- "$@" libc6-arm64-cross
+[ -e /usr/aarch64-linux-gnu/lib/libstdc++.so.6 ] || set -- "$@" libstdc++6-arm64-cross libgcc-s1-arm64-cross
+if [ "$#" -gt 0 ]; then
+  apt-get install -y "$@" || { apt-get update && apt-get install -y "$@"; }
 fi
 # binfmt: lets the arm64 node spawn process.execPath (tests fork node children) like any binary.
 [ -e /proc/sys/fs/binfmt_misc/register ] || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
