@@ -106,6 +106,9 @@ async function* followFile(file: string, finished: () => boolean): AsyncGenerato
       if (bytesRead > 0) {
         position += bytesRead;
         yield buf.subarray(0, bytesRead);
+        // A short read means we caught up with xz: let it get ahead before the next read, so
+        // reads stay large (each costs a threadpool round trip and a wake-up of this thread).
+        if (bytesRead < FOLLOW_CHUNK / 4 && !wasFinished) await new Promise((r) => setTimeout(r, FOLLOW_POLL_MS));
       } else if (wasFinished) {
         return;
       } else {

@@ -105,6 +105,7 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
       value: limits.maxTotalBytes,
     });
   }
+  const located = Math.round(performance.now() - started);
   const digest = createHash('sha256').update(source.bytes).digest('hex');
   const namedRelease = opts.release ?? source.release;
   const btf = await chooseBtf(opts, source.live || namedRelease === os.release());
@@ -114,6 +115,7 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
     await sweep(store, opts.log);
     const manifests = await store.list();
     const existing = store.findByDigest(manifests, digest, namedRelease);
+    opts.log?.debug({ locatedMs: located, lockedMs: Math.round(performance.now() - started) }, 'archive read, hashed, cache locked');
     let entry: CacheEntry;
     let decoder: DecoderName | null = null;
     if (existing) {
@@ -199,6 +201,11 @@ async function buildHeadersEntry(
   btf: BtfSource | undefined,
   opts: IngestOptions,
 ): Promise<{ entry: CacheEntry; decoder: DecoderName }> {
+  const t0 = performance.now();
+  const phases: Record<string, number> = {};
+  const mark = (name: string): void => {
+    phases[name] = Math.round(performance.now() - t0);
+  };
   const tmp = await mkdtemp(path.join(store.tmpDir, `ingest-${process.pid}-`));
   const handles: FileHandle[] = [];
   const indexer = new TarIndexer(limits, new Set([UTSRELEASE_H]));
@@ -231,10 +238,12 @@ async function buildHeadersEntry(
     const packFh = await open(path.join(tmp, PACK_FILE), 'w', 0o644);
     handles.push(packFh);
 
+    mark('setup');
     const decoder = await startDecoder(source.bytes, path.join(tmp, PACK_FILE), opts.decoder);
     await decodeInto(decoder, indexer, packFh, limits);
     const records = indexer.finish();
     await archiveWritten;
+    mark('decoded');
 
     const archived = releaseFromUtsrelease(indexer.captured.get(UTSRELEASE_H));
     if (namedRelease !== undefined && archived !== undefined && archived !== namedRelease) {
@@ -262,9 +271,11 @@ async function buildHeadersEntry(
       archiveBytes: source.bytes.length,
       btf: made && btf ? { digest: btf.digest, bytes: made.bytes } : null,
     });
+    mark('indexed');
     const entry = await commitEntry(store, tmp, manifest, index, handles.splice(0));
+    mark('committed');
     report();
-    opts.log?.info({ id: manifest.id, files: manifest.files, bytes: manifest.bytes, decoder: decoder.name, vmlinuxH: manifest.btf !== null }, 'ingested');
+    opts.log?.info({ id: manifest.id, files: manifest.files, bytes: manifest.bytes, decoder: decoder.name, vmlinuxH: manifest.btf !== null, phasesMs: phases }, 'ingested');
     return { entry, decoder: decoder.name };
   } catch (err) {
     await vmlinux; // let the worker finish writing before its directory goes
