@@ -1,29 +1,30 @@
 /**
- * fuse-native bench: one clang compile of a real BPF program (linux/sched.h, linux/bpf.h,
- * net/sock.h: several hundred headers deep) against the FUSE mount vs against a plain
- * `tar -xJf` directory of the same archive.
+ * The kernel-protocol FUSE backend against a plain directory and against fuse-native:
  *
- *   cold: first compile after a fresh mount, page cache dropped (echo 3 > drop_caches) before
- *         each side's compile; median of a few rounds.
- *   warm: median of several back-to-back compiles, sides alternating.
+ *   compile   one BCC-style compile of a BPF program (linux/sched.h, linux/bpf.h, net/sock.h),
+ *             cold (fresh mount, `echo 3 > drop_caches`) and warm (back to back, sides
+ *             interleaved round by round so background load hits every side alike);
+ *   find      `find ROOT/ | wc -l` over the whole tree, cold and warm;
+ *   read all  `find ROOT/ -type f -exec cat {} +`, cold and warm;
+ *   requests  FUSE requests that reached the daemon per compile.
  *
- * The mount is served by a child process (this file with --serve), as the daemon would serve it:
- * its RSS is the daemon's, its callback counts are the compile's, and clang never shares a
- * process (or an inherited /dev/fuse descriptor) with the server.
+ * Each mount is served by its own child process (this file with --serve), as the daemon serves
+ * it: clang never shares a process, a threadpool or an inherited descriptor with the server.
+ * Kernel-backend variants: the default (event-loop reader, zero-message open), classic OPEN
+ * (every open(2) reaches the daemon, with KEEP_CACHE|NOFLUSH), and the reader thread.
  *
- * Reproduce: sudo sh -c 'cd /work/main && npx tsc -p . && node dist/bench/fuse.js'
- * (root: mounting with allow_other and dropping caches). --runs N sets the warm rounds (11),
- * --no-write prints without touching BENCHMARKS.md. KHEADERSD_FUSE_TUNING='{"timeoutSec":1}'
- * tries other cache settings.
+ * Reproduce (root: it mounts and drops caches):
+ *   sudo sh -c 'cd /work/main && npx tsc -p . && node dist/bench/fuse-kernel.js'
+ * Options: --runs N (warm rounds, default 7), --cold N (default 3), --no-native, --no-write.
  */
 import { fork, type ChildProcess } from 'node:child_process';
-import { readFile, writeFile } from 'node:fs/promises';
+import { access, readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { createLogger } from '../src/log.js';
 import { IndexFsModel } from '../src/serve/fuse/index-model.js';
-import { mountNative, DEFAULT_NATIVE_TUNING, type NativeTuning } from '../src/serve/fuse/native.js';
-import type { FuseOpCounts } from '../src/serve/fuse/types.js';
+import { mountKernel, type SessionOptions } from '../src/serve/fuse/kernel/index.js';
+import type { FuseMount, FuseOpCounts } from '../src/serve/fuse/types.js';
 import { CacheStore } from '../src/store/cache.js';
 import {
   BPF_PROGRAM,
@@ -32,7 +33,6 @@ import {
   clangTaskStructSize,
   extractFixture,
   fixtureSkipReason,
-  fuseSkipReason,
   ingestFixture,
   removeDir,
   run,
@@ -42,32 +42,41 @@ import {
 } from '../test/helpers/fuse-env.js';
 import { machineLine, median, writeSection } from './report.js';
 
-type ServerMsg = { type: 'ready'; mountpoint: string } | { type: 'counts'; counts: FuseOpCounts } | { type: 'rss'; rssKiB: number; hwmKiB: number } | { type: 'error'; message: string };
+type Backend = 'kernel' | 'kernel-classic-open' | 'kernel-thread' | 'native';
+const LABEL: Record<Backend, string> = {
+  kernel: 'kernel (default)',
+  'kernel-classic-open': 'kernel, OPEN per open(2)',
+  'kernel-thread': 'kernel, reader thread',
+  native: 'fuse-native',
+};
 
-function tuningFromEnv(): Partial<NativeTuning> {
-  const raw = process.env['KHEADERSD_FUSE_TUNING'];
-  return raw ? (JSON.parse(raw) as Partial<NativeTuning>) : {};
-}
+type ServerMsg = { type: 'ready'; mountpoint: string } | { type: 'counts'; counts: FuseOpCounts } | { type: 'rss'; rssKiB: number } | { type: 'error'; message: string };
 
-// ---- child: the daemon's half ---------------------------------------------------------------------
+// ---- child: the daemon's half -----------------------------------------------------------------
 
-async function serve(cacheDir: string, id: string, mountpoint: string): Promise<void> {
+async function serve(backend: Backend, cacheDir: string, id: string, mountpoint: string): Promise<void> {
   const log = createLogger('warn', process.stderr);
   const store = await CacheStore.open(cacheDir);
   const entry = await store.load(id);
   const model = new IndexFsModel({ log });
   model.setEntries([entry], id);
-  const mount = await mountNative({ mountpoint, model, log, tuning: tuningFromEnv() });
+  let mount: FuseMount;
+  if (backend === 'native') {
+    const { mountNative } = await import('../src/serve/fuse/native.js');
+    mount = await mountNative({ mountpoint, model, log });
+  } else {
+    const session: SessionOptions = backend === 'kernel-classic-open' ? { zeroMessageOpen: false } : {};
+    mount = await mountKernel({ mountpoint, model, log, session, reader: backend === 'kernel-thread' ? 'thread' : 'auto' });
+  }
   const send = (m: ServerMsg): void => {
     process.send!(m);
   };
   process.on('message', (msg: string) => {
     void (async () => {
-      if (msg === 'counts') send({ type: 'counts', counts: mount.opCounts!() });
+      if (msg === 'counts') send({ type: 'counts', counts: mount.opCounts?.() ?? {} });
       else if (msg === 'rss') {
         const status = await readFile('/proc/self/status', 'utf8');
-        const kib = (k: string): number => Number(new RegExp(`^${k}:\\s+(\\d+)`, 'm').exec(status)?.[1] ?? 0);
-        send({ type: 'rss', rssKiB: kib('VmRSS'), hwmKiB: kib('VmHWM') });
+        send({ type: 'rss', rssKiB: Number(/^VmRSS:\s+(\d+)/m.exec(status)?.[1] ?? 0) });
       } else if (msg === 'stop') {
         await mount.unmount();
         await model.close();
@@ -75,14 +84,13 @@ async function serve(cacheDir: string, id: string, mountpoint: string): Promise<
       }
     })().catch((err: unknown) => send({ type: 'error', message: String(err) }));
   });
-  // The parent died or let go without 'stop': never leave the mount behind.
   process.on('disconnect', () => {
     void mount.unmount().finally(() => process.exit(0));
   });
   send({ type: 'ready', mountpoint: mount.mountpoint });
 }
 
-// ---- parent: the compiler's half -----------------------------------------------------------------
+// ---- parent: the compiler's half --------------------------------------------------------------
 
 class Server {
   private constructor(
@@ -90,13 +98,13 @@ class Server {
     readonly mountpoint: string,
   ) {}
 
-  static async start(cacheDir: string, id: string, mountpoint: string): Promise<Server> {
-    const child = fork(fileURLToPath(import.meta.url), ['--serve', cacheDir, id, mountpoint], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+  static async start(backend: Backend, cacheDir: string, id: string, mountpoint: string): Promise<Server> {
+    const child = fork(fileURLToPath(import.meta.url), ['--serve', backend, cacheDir, id, mountpoint], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
     const ready = await new Promise<ServerMsg>((resolve, reject) => {
       child.once('message', (m: ServerMsg) => resolve(m));
-      child.once('exit', (code) => reject(new Error(`bench server exited ${code} before mounting`)));
+      child.once('exit', (code) => reject(new Error(`${backend} server exited ${code} before mounting`)));
     });
-    if (ready.type !== 'ready') throw new Error(`bench server: ${JSON.stringify(ready)}`);
+    if (ready.type !== 'ready') throw new Error(`${backend} server: ${JSON.stringify(ready)}`);
     return new Server(child, ready.mountpoint);
   }
 
@@ -111,8 +119,8 @@ class Server {
     return this.ask('counts', 'counts').then((m) => m.counts);
   }
 
-  rss(): Promise<{ rssKiB: number; hwmKiB: number }> {
-    return this.ask('rss', 'rss');
+  rss(): Promise<number> {
+    return this.ask('rss', 'rss').then((m) => m.rssKiB);
   }
 
   async stop(): Promise<void> {
@@ -131,39 +139,65 @@ function diff(after: FuseOpCounts, before: FuseOpCounts): Record<string, number>
   }
   return out;
 }
-
 const total = (c: Record<string, number>): number => Object.values(c).reduce((a, b) => a + b, 0);
-const fmtCounts = (c: Record<string, number>): string =>
-  `${total(c)} (${Object.entries(c)
+const fmtCounts = (c: Record<string, number>): string => {
+  const parts = Object.entries(c)
     .sort((a, b) => b[1] - a[1])
-    .map(([k, v]) => `${k} ${v}`)
-    .join(', ')})`;
+    .map(([k, v]) => `${k} ${v}`);
+  return parts.length ? `${total(c)} (${parts.join(', ')})` : '0';
+};
 
 async function dropCaches(): Promise<void> {
   await runOk('sync', []);
   await writeFile('/proc/sys/vm/drop_caches', '3\n');
 }
 
+async function timed(fn: () => Promise<unknown>): Promise<number> {
+  const t0 = performance.now();
+  await fn();
+  return performance.now() - t0;
+}
+
+async function nativeAvailable(): Promise<string | undefined> {
+  try {
+    await access(fileURLToPath(new URL('../src/serve/fuse/native.js', import.meta.url)));
+  } catch {
+    return 'src/serve/fuse/native.ts does not exist';
+  }
+  try {
+    const { createRequire } = await import('node:module');
+    createRequire(import.meta.url)('fuse-native');
+    return undefined;
+  } catch (err) {
+    return `fuse-native cannot load: ${(err as Error).message}`;
+  }
+}
+
 async function main(): Promise<void> {
   const args = process.argv.slice(2);
-  if (args[0] === '--serve') return serve(args[1]!, args[2]!, args[3]!);
-  const runsArg = args.indexOf('--runs');
-  const warmRuns = runsArg >= 0 ? Number(args[runsArg + 1]) : 11;
-  const coldRuns = 3;
+  if (args[0] === '--serve') return serve(args[1] as Backend, args[2]!, args[3]!, args[4]!);
+  const opt = (name: string, dflt: number): number => (args.includes(name) ? Number(args[args.indexOf(name) + 1]) : dflt);
+  const warmRuns = opt('--runs', 7);
+  const coldRuns = opt('--cold', 3);
   const write = !args.includes('--no-write');
 
-  for (const reason of [await fuseSkipReason(), await fixtureSkipReason(), await toolSkipReason('clang')]) {
+  for (const reason of [
+    process.getuid?.() === 0 ? undefined : 'needs root (mounting, drop_caches)',
+    await fixtureSkipReason(),
+    await toolSkipReason('clang'),
+  ]) {
     if (reason) {
-      console.log(`bench fuse-native skipped: ${reason}`);
+      console.log(`bench fuse-kernel skipped: ${reason}`);
       return;
     }
   }
+  const noNative = args.includes('--no-native') ? '--no-native given' : await nativeAvailable();
+  const backends: Backend[] = ['kernel', 'kernel-classic-open', 'kernel-thread', ...(noNative ? [] : (['native'] as const))];
 
-  const cacheDir = await tempDir('bench-cache');
-  const work = await tempDir('bench-work');
-  const mnt = path.join(work, 'mnt');
+  const cacheDir = await tempDir('kbench-cache');
+  const work = await tempDir('kbench-work');
+  const servers = new Map<Backend, Server>();
   let plain: string | undefined;
-  let server: Server | undefined;
   try {
     const entry = await ingestFixture(cacheDir);
     plain = await extractFixture();
@@ -171,83 +205,113 @@ async function main(): Promise<void> {
     const size = await clangTaskStructSize(plain, resource, work);
     const src = path.join(work, 'prog.c');
     await writeFile(src, BPF_PROGRAM);
-
-    const compile = async (root: string): Promise<number> => {
-      const t0 = performance.now();
-      await bpfCompile(root, resource, src, path.join(work, 'prog.o'), size);
-      return performance.now() - t0;
+    const mnt = (b: Backend): string => path.join(work, `mnt-${b}`);
+    const start = async (b: Backend): Promise<Server> => {
+      await servers.get(b)?.stop();
+      const s = await Server.start(b, cacheDir, entry.manifest.id, mnt(b));
+      servers.set(b, s);
+      return s;
     };
-    const fuseRoot = (): string => path.join(mnt, 'current');
+    const root = (side: Backend | 'plain'): string => (side === 'plain' ? plain! : path.join(mnt(side), 'current'));
+    const compile = (side: Backend | 'plain'): Promise<number> => timed(() => bpfCompile(root(side), resource, src, path.join(work, `prog-${side}.o`), size));
+    const find = (side: Backend | 'plain'): Promise<number> => timed(() => runOk('sh', ['-c', 'find "$1"/ | wc -l', 'sh', root(side)]));
+    const readAll = (side: Backend | 'plain'): Promise<number> => timed(() => runOk('sh', ['-c', 'find "$1"/ -type f -exec cat {} + > /dev/null', 'sh', root(side)]));
+    const sides: Array<Backend | 'plain'> = ['plain', ...backends];
+    const series = (): Record<string, number[]> => Object.fromEntries(sides.map((s) => [s, [] as number[]]));
 
-    // Cold: a fresh mount (no kernel caches for it) and an empty page cache, for both sides.
-    const coldPlain: number[] = [];
-    const coldFuse: number[] = [];
-    let coldCounts: Record<string, number> = {};
+    // Cold compile: a fresh mount (the kernel has nothing cached for it) and an empty page cache.
+    const cold = series();
+    const coldCounts: Record<string, Record<string, number>> = {};
     for (let i = 0; i < coldRuns; i++) {
-      await dropCaches();
-      coldPlain.push(await compile(plain));
-      await server?.stop();
-      server = await Server.start(cacheDir, entry.manifest.id, mnt);
-      await dropCaches();
-      const before = await server.counts();
-      coldFuse.push(await compile(fuseRoot()));
-      coldCounts = diff(await server.counts(), before);
+      for (const side of sides) {
+        let before: FuseOpCounts = {};
+        if (side !== 'plain') before = await (await start(side)).counts();
+        await dropCaches();
+        cold[side]!.push(await compile(side));
+        if (side !== 'plain') coldCounts[side] = diff(await servers.get(side)!.counts(), before);
+      }
     }
-
-    // Warm: both sides compiled once already; alternate so drift hits both equally.
-    await compile(plain);
-    await compile(fuseRoot());
-    const warmPlain: number[] = [];
-    const warmFuse: number[] = [];
-    let warmCounts: Record<string, number> = {};
+    // One compile each before the warm series.
+    for (const side of sides) await compile(side);
+    const warm = series();
+    const warmCounts: Record<string, Record<string, number>> = {};
     for (let i = 0; i < warmRuns; i++) {
-      warmPlain.push(await compile(plain));
-      const before = await server!.counts();
-      warmFuse.push(await compile(fuseRoot()));
-      warmCounts = diff(await server!.counts(), before);
+      for (const side of sides) {
+        const before = side === 'plain' ? {} : await servers.get(side)!.counts();
+        warm[side]!.push(await compile(side));
+        if (side !== 'plain') warmCounts[side] = diff(await servers.get(side)!.counts(), before);
+      }
     }
-    const rss = await server!.rss();
+    // find and read-all: cold after drop_caches (same mounts), then warm (median of 3).
+    const findCold = series();
+    const readCold = series();
+    const findWarm = series();
+    const readWarm = series();
+    const readCounts: Record<string, Record<string, number>> = {};
+    for (const side of sides) {
+      await dropCaches();
+      findCold[side]!.push(await find(side));
+      await dropCaches();
+      const before = side === 'plain' ? {} : await servers.get(side)!.counts();
+      readCold[side]!.push(await readAll(side));
+      if (side !== 'plain') readCounts[side] = diff(await servers.get(side)!.counts(), before);
+    }
+    for (let i = 0; i < 3; i++) {
+      for (const side of sides) {
+        findWarm[side]!.push(await find(side));
+        readWarm[side]!.push(await readAll(side));
+      }
+    }
+    const rss: Record<string, number> = {};
+    for (const b of backends) rss[b] = await servers.get(b)!.rss();
     const load = (await readFile('/proc/loadavg', 'utf8')).split(' ').slice(0, 3).join(' ');
 
-    const cold = { plain: median(coldPlain), fuse: median(coldFuse) };
-    const warm = { plain: median(warmPlain), fuse: median(warmFuse) };
     const ms = (x: number): string => `${x.toFixed(0)} ms`;
-    const ratio = (a: number, b: number): string => (a / b).toFixed(2);
-    // Runs alternate, so each FUSE run has a plain neighbour under the same background load.
-    const paired = (f: number[], p: number[]): string => median(f.map((x, i) => x / p[i]!)).toFixed(2);
-    const tuning = { ...DEFAULT_NATIVE_TUNING, ...tuningFromEnv() };
+    const cell = (data: Record<string, number[]>, side: Backend | 'plain'): string => {
+      const m = median(data[side]!);
+      if (side === 'plain') return ms(m);
+      // Each FUSE run has a plain neighbour from the same round: the paired ratio resists drift.
+      const p = data['plain']!;
+      const paired = median(data[side]!.map((x, i) => x / p[Math.min(i, p.length - 1)]!));
+      return `${ms(m)} (**${paired.toFixed(2)}×**)`;
+    };
+    const row = (what: string, data: Record<string, number[]>): string => `| ${what} | ${sides.map((s) => cell(data, s)).join(' | ')} |`;
     const md = `
-## FUSE (fuse-native backend)
+## FUSE: kernel-protocol backend (TypeScript on /dev/fuse) vs plain directory vs fuse-native
 
-One compile of a BPF program including \`<linux/sched.h>\`, \`<linux/bpf.h>\` and
-\`<net/sock.h>\` with BCC's kernel include flags, against \`MOUNT/current\` vs a plain \`tar -xJf\`
-directory of the same archive (kheaders-6.1-x86_64.tar.xz, 6,691 entries). A compile is BCC's
-pipeline: \`clang -O2 -emit-llvm -c\` (the host frontend, which reads the headers) then
-\`clang -target bpf -O2 -c\` of the IR (x86 headers' inline asm cannot go through a
-\`-target bpf\` frontend). The mount is served by a separate node process, as the daemon serves it.
+Same compile as the fuse-native section: a BPF program including \`<linux/sched.h>\`,
+\`<linux/bpf.h>\`, \`<net/sock.h>\` with BCC's kernel include flags, \`clang -O2 -emit-llvm -c\` then
+\`clang -target bpf\`, against \`MOUNT/current\` or a \`tar -xJf\` directory of the fixture. Each mount
+is served by its own node process. Cells: median time (median of per-round ratios to the plain
+directory run in the same round).
 
-| | plain dir | FUSE mount | ratio | target |
-| --- | ---: | ---: | ---: | ---: |
-| cold (fresh mount, caches dropped; median of ${coldRuns}) | ${ms(cold.plain)} | ${ms(cold.fuse)} | **${ratio(cold.fuse, cold.plain)}** | ≤ 2 |
-| warm (median of ${warmRuns}) | ${ms(warm.plain)} | ${ms(warm.fuse)} | **${ratio(warm.fuse, warm.plain)}** | ≤ 1.15 |
+| | plain dir | ${backends.map((b) => LABEL[b]).join(' | ')} |
+| --- | ---: | ${backends.map(() => '---:').join(' | ')} |
+${row(`compile, warm (median of ${warmRuns})`, warm)}
+${row(`compile, cold: fresh mount, drop_caches (median of ${coldRuns})`, cold)}
+${row('find over the tree, warm (median of 3)', findWarm)}
+${row('find over the tree, after drop_caches', findCold)}
+${row('read every file, warm (median of 3)', readWarm)}
+${row('read every file, after drop_caches', readCold)}
 
-- Median of the per-round ratios (each FUSE run over the plain run next to it): cold ${paired(coldFuse, coldPlain)}, warm ${paired(warmFuse, warmPlain)}.
-- FUSE callbacks per compile: cold ${fmtCounts(coldCounts)}; warm ${fmtCounts(warmCounts)}.
-  A warm compile's requests are its header opens, one per header (every open reaches the daemon, so
-  that a descriptor keeps its tree across a kernel swap), and readlinks of \`current\`; lookups,
-  attributes, negative lookups and file data all come from the kernel's caches.
-- Daemon RSS while serving: ${(rss.rssKiB / 1024).toFixed(1)} MiB (peak ${(rss.hwmKiB / 1024).toFixed(1)} MiB), the fixture's index loaded.
-- Cache settings: auto_cache ${tuning.autoCache}, kernel_cache ${tuning.kernelCache}, attr/entry/negative timeout ${tuning.timeoutSec} s, direct_io ${tuning.directIo}.
-- All runs: cold plain ${coldPlain.map(ms).join(', ')}; cold FUSE ${coldFuse.map(ms).join(', ')}; warm plain ${warmPlain.map(ms).join(', ')}; warm FUSE ${warmFuse.map(ms).join(', ')}.
-- Machine: ${machineLine()}; ${(await run('clang', ['--version'])).stdout.split('\n')[0]}; load average at the end ${load}
-  (the machine is shared: every request is a hop to the daemon's JS thread, and a busy scheduler makes each hop slower).
+FUSE requests per compile (reaching the daemon):
 
-Reproduce: \`sudo sh -c 'cd /work/main && npx tsc -p . && node dist/bench/fuse.js'\`
+| | warm | cold |
+| --- | --- | --- |
+${backends.map((b) => `| ${LABEL[b]} | ${fmtCounts(warmCounts[b] ?? {})} | ${fmtCounts(coldCounts[b] ?? {})} |`).join('\n')}
+
+- Requests to read every file after drop_caches: ${backends.map((b) => `${LABEL[b]} ${fmtCounts(readCounts[b] ?? {})}`).join('; ')}.
+- Server RSS at the end: ${backends.map((b) => `${LABEL[b]} ${(rss[b]! / 1024).toFixed(0)} MiB`).join(', ')}.
+- Target: warm compile within 1.05× of the plain directory.${noNative ? ` fuse-native not measured: ${noNative}.` : ''}
+- All warm compile runs: ${sides.map((s) => `${s} ${warm[s]!.map((x) => x.toFixed(0)).join('/')}`).join('; ')} ms.
+- Machine: ${machineLine()}; ${(await run('clang', ['--version'])).stdout.split('\n')[0]}; load average at the end ${load} (shared machine: absolute times drift, ratios within a round are what to read).
+
+Reproduce: \`sudo sh -c 'cd /work/main && npx tsc -p . && node dist/bench/fuse-kernel.js'\` (\`--runs N\`, \`--cold N\`, \`--no-native\`, \`--no-write\`)
 `;
     console.log(md);
-    if (write) await writeSection('fuse-native', md);
+    if (write) await writeSection('fuse-kernel', md);
   } finally {
-    await server?.stop().catch((err: unknown) => console.error('stopping the bench server:', err));
+    for (const s of servers.values()) await s.stop().catch((err: unknown) => console.error('stopping a bench server:', err));
     if (plain) await removeDir(plain);
     await removeDir(work);
     await removeDir(cacheDir);

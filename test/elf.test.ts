@@ -1,54 +1,16 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { createHash } from 'node:crypto';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { KheadersError, isKheadersError, type ErrorCode } from '../src/errors.js';
 import { findEmbeddedArchive, isElf, readModinfo, releaseFromVermagic } from '../src/source/elf.js';
+import { FIXTURE_ARCHIVE, FIXTURE_OBJECT, FIXTURE_SHA256, pseudoRandom, randomBytes, sha256, xz } from './helpers/archives.js';
 import { buildElf, sectionHeaderOffset, ET_DYN, ET_EXEC, ET_REL, SHT_DYNSYM, SHT_NOBITS, type ElfSpec } from './helpers/elf-builder.js';
 
-// The compiled test runs from dist/test/, so the repository root is two levels up.
-const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
-const fixturesDir = path.resolve(repoRoot, '../shared/fixtures');
-const fixtureObject = path.join(fixturesDir, 'kheaders-6.1-x86_64.o');
-const fixtureArchive = path.join(fixturesDir, 'kheaders-6.1-x86_64.tar.xz');
-const FIXTURE_SHA256 = '1e6afab138bcb67bba113c4cca4773a2a3c04c57d562bed43eab9a5c5e8abed4';
-
-const sha256 = (buf: Buffer): string => createHash('sha256').update(buf).digest('hex');
-
-/** Deterministic pseudo-random bytes (xorshift32), so failures reproduce. */
-function pseudoRandom(seed: number): () => number {
-  let x = seed >>> 0 || 1;
-  return () => {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    return x;
-  };
-}
-
-function pseudoRandomBytes(length: number, seed: number): Buffer {
-  const next = pseudoRandom(seed);
-  return Buffer.from(Array.from({ length }, () => next() & 0xff));
-}
-
-/** A real xz stream (CRC64 check, like the kernel's) from the xz binary; undefined if xz is missing. */
-function xzCompress(input: Buffer): Buffer | undefined {
-  try {
-    return execFileSync('xz', ['--format=xz', '--check=crc64', '-c'], { input, stdio: ['pipe', 'pipe', 'ignore'] });
-  } catch {
-    return undefined;
-  }
-}
-const NO_XZ = 'the xz binary is not available to make a real xz stream';
-
 /** The archive bytes the synthetic files embed: any bytes do for the symbol path. */
-const ARCHIVE = Buffer.concat([Buffer.from([0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00]), pseudoRandomBytes(1000, 7)]);
+const ARCHIVE = Buffer.concat([Buffer.from([0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00]), randomBytes(1000, 7)]);
 
 function expectError(fn: () => unknown, code: ErrorCode, ...patterns: RegExp[]): KheadersError {
   let caught: unknown;
@@ -87,20 +49,20 @@ function relocatableSpec(bits: 32 | 64, endian: 'le' | 'be'): ElfSpec {
 // ---------------------------------------------------------------------------------------------
 
 test('the fixture kheaders.o yields exactly the fixture archive through its symbols', (t) => {
-  if (!existsSync(fixtureObject) || !existsSync(fixtureArchive)) return t.skip(`fixture ${fixtureObject} not present`);
-  const object = readFileSync(fixtureObject);
+  if (!existsSync(FIXTURE_OBJECT) || !existsSync(FIXTURE_ARCHIVE)) return t.skip(`fixture ${FIXTURE_OBJECT} not present`);
+  const object = readFileSync(FIXTURE_OBJECT);
   assert.equal(isElf(object), true);
   const archive = findEmbeddedArchive(object);
   assert.equal(archive.method, 'symbols');
   assert.equal(archive.release, undefined, 'kheaders.o has no vermagic (modpost adds it to the .ko)');
   assert.equal(archive.data.buffer, object.buffer, 'data is a view of the input, not a copy');
-  assert.equal(archive.data.length, readFileSync(fixtureArchive).length);
+  assert.equal(archive.data.length, readFileSync(FIXTURE_ARCHIVE).length);
   assert.equal(sha256(archive.data), FIXTURE_SHA256);
 });
 
 test('the fixture kheaders.o without its symbols is found by the xz magic scan, to the same bytes', (t) => {
-  if (!existsSync(fixtureObject)) return t.skip(`fixture ${fixtureObject} not present`);
-  const object = Buffer.from(readFileSync(fixtureObject));
+  if (!existsSync(FIXTURE_OBJECT)) return t.skip(`fixture ${FIXTURE_OBJECT} not present`);
+  const object = Buffer.from(readFileSync(FIXTURE_OBJECT));
   // Rename the two symbols in .strtab so the file looks stripped of them.
   const name = Buffer.from('kernel_headers_data', 'latin1');
   let renamed = 0;
@@ -115,23 +77,23 @@ test('the fixture kheaders.o without its symbols is found by the xz magic scan, 
 });
 
 test('the fixture kheaders.o .modinfo holds the module strings but no vermagic', (t) => {
-  if (!existsSync(fixtureObject)) return t.skip(`fixture ${fixtureObject} not present`);
-  const info = readModinfo(readFileSync(fixtureObject));
+  if (!existsSync(FIXTURE_OBJECT)) return t.skip(`fixture ${FIXTURE_OBJECT} not present`);
+  const info = readModinfo(readFileSync(FIXTURE_OBJECT));
   assert.equal(info.get('license'), 'GPL v2');
   assert.equal(info.get('author'), 'Joel Fernandes');
   assert.equal(info.has('vermagic'), false);
 });
 
 test('the fixture archive itself is not an ELF file', (t) => {
-  if (!existsSync(fixtureArchive)) return t.skip(`fixture ${fixtureArchive} not present`);
-  const archive = readFileSync(fixtureArchive);
+  if (!existsSync(FIXTURE_ARCHIVE)) return t.skip(`fixture ${FIXTURE_ARCHIVE} not present`);
+  const archive = readFileSync(FIXTURE_ARCHIVE);
   assert.equal(isElf(archive), false);
   expectError(() => findEmbeddedArchive(archive), 'E_ELF', /not an ELF file/);
 });
 
 test('damaging the fixture never escapes as anything but a KheadersError', (t) => {
-  if (!existsSync(fixtureObject)) return t.skip(`fixture ${fixtureObject} not present`);
-  const original = readFileSync(fixtureObject);
+  if (!existsSync(FIXTURE_OBJECT)) return t.skip(`fixture ${FIXTURE_OBJECT} not present`);
+  const original = readFileSync(FIXTURE_OBJECT);
   // Truncations: the section table is at the end, so most lengths lose it.
   for (let i = 0; i < 64; i++) {
     const length = Math.floor((original.length * i) / 64) + (i % 7);
@@ -270,9 +232,8 @@ test('releaseFromVermagic takes the first word of the value', () => {
 // ---------------------------------------------------------------------------------------------
 
 test('a stripped file: the xz stream is found by its header and first valid footer', (t) => {
-  const stream = xzCompress(pseudoRandomBytes(20000, 3));
-  const second = xzCompress(Buffer.from('a second stream that must not be included\n'));
-  if (!stream || !second) return t.skip(NO_XZ);
+  const stream = xz(randomBytes(20000, 3));
+  const second = xz(Buffer.from('a second stream that must not be included\n'));
   // A decoy header magic with a wrong CRC, a stray footer magic, then the real stream and another after it.
   const decoy = Buffer.from([0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00, 0x00, 0x04, 0xde, 0xad, 0xbe, 0xef]);
   const rodata = Buffer.concat([Buffer.from('junk YZ junk'), decoy, Buffer.alloc(5), stream, Buffer.alloc(7, 0x55), second]);
@@ -285,16 +246,14 @@ test('a stripped file: the xz stream is found by its header and first valid foot
 });
 
 test('a stripped file whose xz stream lost its footer: E_ARCHIVE_NOT_FOUND that says so', (t) => {
-  const stream = xzCompress(pseudoRandomBytes(5000, 5));
-  if (!stream) return t.skip(NO_XZ);
+  const stream = xz(randomBytes(5000, 5));
   const elf = buildElf({ bits: 64, endian: 'le', type: ET_REL, sections: [{ name: '.rodata', data: stream.subarray(0, stream.length - 12) }] });
   const err = expectError(() => findEmbeddedArchive(elf.buf), 'E_ARCHIVE_NOT_FOUND', /xz stream header at offset \d+ has no valid stream footer/);
   assert.deepEqual(err.details.orphanXzHeaders, [elf.offsets.get('.rodata')]);
 });
 
 test('a stream whose footer flags differ from its header is not accepted', (t) => {
-  const stream = xzCompress(Buffer.from('hello\n'));
-  if (!stream) return t.skip(NO_XZ);
+  const stream = xz(Buffer.from('hello\n'));
   const crc64 = Buffer.from(stream);
   // Rewrite the header to claim CRC32 (flags 00 01) with a correct header CRC: the footer still says CRC64.
   const flags = Buffer.from([0x00, 0x01]);
@@ -326,8 +285,7 @@ test('neither symbols nor an xz stream: E_ARCHIVE_NOT_FOUND', () => {
 });
 
 test('files written by binutils (objcopy, as, ld): ELF32/64, both byte orders, .o, vmlinux-like, .so, stripped', (t) => {
-  const stream = xzCompress(pseudoRandomBytes(3000, 11));
-  if (!stream) return t.skip(NO_XZ);
+  const stream = xz(randomBytes(3000, 11));
   const dir = mkdtempSync(path.join(tmpdir(), 'kheadersd-elf-'));
   t.after(() => rmSync(dir, { recursive: true, force: true }));
   const run = (cmd: string, args: string[]): boolean => {

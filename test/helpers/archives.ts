@@ -7,7 +7,7 @@
 import { execFile, execFileSync, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { lstat, mkdtemp, readdir, readFile, readlink, rm } from 'node:fs/promises';
+import { lstat, mkdtemp, readdir, readFile, readlink, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -136,6 +136,16 @@ export async function makeTar(entries: readonly SynthEntry[]): Promise<Buffer> {
   pack.finalize();
   await collected;
   return Buffer.concat(chunks);
+}
+
+/**
+ * makeTar, xz-compressed by the xz tool (CRC64, like gen_kheaders.sh), written to `out`.
+ * Entries without an mtime get `mtime`.
+ */
+export async function writeTarXz(entries: readonly SynthEntry[], out: string, mtime = DEFAULT_MTIME): Promise<string> {
+  const tarBytes = await makeTar(entries.map((e) => ({ mtime, ...e })));
+  await writeFile(out, await xzAsync(tarBytes, 6));
+  return out;
 }
 
 /** The release every synthetic "good" tree names in its utsrelease.h. */

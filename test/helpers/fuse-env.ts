@@ -15,10 +15,10 @@ import { access, constants as fsc, mkdtemp, rm, stat, writeFile } from 'node:fs/
 import { createRequire } from 'node:module';
 import os from 'node:os';
 import path from 'node:path';
-import { pack } from 'tar-stream';
 import { createLogger, type Logger } from '../../src/log.js';
 import type { CacheEntry } from '../../src/store/entry.js';
 import { ingest } from '../../src/store/ingest.js';
+import { writeTarXz, type SynthEntry } from './archives.js';
 
 export const FIXTURE = process.env['KHEADERSD_FIXTURE'] ?? '/work/shared/fixtures/kheaders-6.1-x86_64.tar.xz';
 export const FIXTURE_RELEASE = '6.1.192';
@@ -120,42 +120,12 @@ export async function removeDir(dir: string): Promise<void> {
 
 // ---- test entries --------------------------------------------------------------------------------
 
-export interface TarSpec {
-  /** As in the kernel's archive: './include/...'; a trailing '/' for directories is optional. */
-  name: string;
-  type?: 'file' | 'directory' | 'symlink';
-  content?: string | Buffer;
-  linkname?: string;
-  mtime?: Date;
-}
+/** An entry of a synthetic archive (the core tests' type). */
+export type TarSpec = SynthEntry;
 
 /** A tar built with tar-stream, then xz-compressed with the xz tool, like the kernel's archive. */
-export async function makeTarXz(files: readonly TarSpec[], out: string): Promise<string> {
-  const p = pack();
-  const chunks: Buffer[] = [];
-  const done = new Promise<void>((resolve, reject) => {
-    p.on('data', (b: unknown) => chunks.push(b as Buffer));
-    p.on('end', resolve);
-    p.on('error', reject);
-  });
-  for (const f of files) {
-    const type = f.type ?? 'file';
-    const mtime = f.mtime ?? new Date('2024-01-01T00:00:00Z');
-    if (type === 'file') {
-      const body = Buffer.isBuffer(f.content) ? f.content : Buffer.from(f.content ?? '');
-      p.entry({ name: f.name, type, mode: 0o644, mtime, size: body.length }, body);
-    } else if (type === 'symlink') {
-      p.entry({ name: f.name, type, mode: 0o777, mtime, linkname: f.linkname ?? '' });
-    } else {
-      p.entry({ name: f.name, type, mode: 0o755, mtime });
-    }
-  }
-  p.finalize();
-  await done;
-  const tar = out.replace(/\.xz$/, '');
-  await writeFile(tar, Buffer.concat(chunks));
-  await runOk('xz', ['-f', '-T1', '--check=crc64', tar]);
-  return `${tar}.xz`;
+export function makeTarXz(files: readonly TarSpec[], out: string): Promise<string> {
+  return writeTarXz(files, out, new Date('2024-01-01T00:00:00Z'));
 }
 
 /**

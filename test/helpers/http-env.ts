@@ -4,18 +4,18 @@
  * on a loopback port, and raw HTTP requests that nothing normalises.
  */
 import { spawn } from 'node:child_process';
-import { access, constants as fsc, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { access, constants as fsc, mkdtemp, rm } from 'node:fs/promises';
 import http from 'node:http';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { pack } from 'tar-stream';
 import { createLogger, type Logger } from '../../src/log.js';
 import { startHttpServer, type HttpLimits, type HttpServerHandle } from '../../src/serve/http/server.js';
 import { DaemonState } from '../../src/serve/state.js';
 import { CacheStore } from '../../src/store/cache.js';
 import type { CacheEntry } from '../../src/store/entry.js';
 import { ingest } from '../../src/store/ingest.js';
+import { writeTarXz, type SynthEntry } from './archives.js';
 
 export const FIXTURE = process.env['KHEADERSD_FIXTURE'] ?? '/work/shared/fixtures/kheaders-6.1-x86_64.tar.xz';
 export const FIXTURE_RELEASE = '6.1.192';
@@ -72,51 +72,14 @@ export async function runOk(cmd: string, args: readonly string[], opts: Paramete
 
 // ---- a synthetic archive ----------------------------------------------------------------------
 
-export interface TarSpec {
-  name: string;
-  type?: 'file' | 'directory' | 'symlink';
-  content?: string | Buffer;
-  linkname?: string;
-}
+/** An entry of a synthetic archive (the core tests' type). */
+export type TarSpec = SynthEntry;
 
 export const SYNTH_MTIME = new Date('2024-03-01T12:00:00Z');
 
 /** A tar built with tar-stream and compressed by `xz`, like the kernel's own archive. */
-export async function makeTarXz(files: readonly TarSpec[], out: string): Promise<string> {
-  const p = pack();
-  const chunks: Buffer[] = [];
-  const done = new Promise<void>((resolve, reject) => {
-    p.on('data', (b: unknown) => chunks.push(b as Buffer));
-    p.on('end', resolve);
-    p.on('error', reject);
-  });
-  for (const f of files) {
-    const type = f.type ?? 'file';
-    if (type === 'file') {
-      const body = Buffer.isBuffer(f.content) ? f.content : Buffer.from(f.content ?? '');
-      p.entry({ name: f.name, type, mode: 0o644, mtime: SYNTH_MTIME, size: body.length }, body);
-    } else if (type === 'symlink') {
-      p.entry({ name: f.name, type, mode: 0o777, mtime: SYNTH_MTIME, linkname: f.linkname ?? '' });
-    } else {
-      p.entry({ name: f.name, type, mode: 0o755, mtime: SYNTH_MTIME });
-    }
-  }
-  p.finalize();
-  await done;
-  await writeFile(out, await xzCompress(Buffer.concat(chunks)));
-  return out;
-}
-
-/** `xz -c` of a buffer (single stream, CRC64, like gen_kheaders.sh). */
-export function xzCompress(input: Buffer): Promise<Buffer> {
-  return new Promise((resolve, reject) => {
-    const child = spawn('xz', ['-T1', '--check=crc64', '-c'], { stdio: ['pipe', 'pipe', 'inherit'] });
-    const out: Buffer[] = [];
-    child.stdout.on('data', (b: Buffer) => out.push(b));
-    child.on('error', (err) => reject(new Error(`the xz tool is needed to build the synthetic archive: ${err.message}`)));
-    child.on('close', (code) => (code === 0 ? resolve(Buffer.concat(out)) : reject(new Error(`xz exited ${code}`))));
-    child.stdin.end(input);
-  });
+export function makeTarXz(files: readonly TarSpec[], out: string): Promise<string> {
+  return writeTarXz(files, out, SYNTH_MTIME);
 }
 
 /** A big text file (over the server's one-pread buffer size, so it is streamed). */
