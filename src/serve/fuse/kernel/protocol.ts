@@ -730,37 +730,14 @@ function writeDirent(buf: Buffer, off: number, d: DirentIn): void {
 }
 
 /**
- * As many READDIR records as fit in `size` bytes, in order. `count` says how many were taken:
- * the kernel resumes from the `off` of the last one.
+ * As many records as fit in `size` bytes, in order, each written by `write` at its offset.
+ * `count` says how many were taken: the kernel resumes from the `off` of the last one.
  */
-export function encodeDirents(entries: readonly DirentIn[], size: number): { buf: Buffer; count: number } {
-  let total = 0;
-  let count = 0;
-  for (const d of entries) {
-    const n = direntSize(d.name.length);
-    if (total + n > size) break;
-    total += n;
-    count++;
-  }
-  const buf = Buffer.allocUnsafe(total);
-  let off = 0;
-  for (let i = 0; i < count; i++) {
-    const d = entries[i]!;
-    writeDirent(buf, off, d);
-    off += direntSize(d.name.length);
-  }
-  return { buf, count };
-}
-
-/**
- * READDIRPLUS records (entry_out + dirent). Every record with a non-zero nodeid counts as one
- * lookup of that node in the kernel (it will FORGET it later); '.' and '..' carry nodeid 0.
- */
-export function encodeDirentsPlus(entries: readonly DirentPlusIn[], size: number, d: AttrDefaults = DEFAULT_ATTR): { buf: Buffer; count: number } {
+function packRecords<T extends { name: Buffer }>(entries: readonly T[], size: number, recordSize: (nameLength: number) => number, write: (buf: Buffer, off: number, e: T) => void): { buf: Buffer; count: number } {
   let total = 0;
   let count = 0;
   for (const e of entries) {
-    const n = direntPlusSize(e.name.length);
+    const n = recordSize(e.name.length);
     if (total + n > size) break;
     total += n;
     count++;
@@ -769,12 +746,27 @@ export function encodeDirentsPlus(entries: readonly DirentPlusIn[], size: number
   let off = 0;
   for (let i = 0; i < count; i++) {
     const e = entries[i]!;
+    write(buf, off, e);
+    off += recordSize(e.name.length);
+  }
+  return { buf, count };
+}
+
+/** READDIR records (fuse_dirent), as many as fit in `size` bytes. */
+export function encodeDirents(entries: readonly DirentIn[], size: number): { buf: Buffer; count: number } {
+  return packRecords(entries, size, direntSize, writeDirent);
+}
+
+/**
+ * READDIRPLUS records (entry_out + dirent). Every record with a non-zero nodeid counts as one
+ * lookup of that node in the kernel (it will FORGET it later); '.' and '..' carry nodeid 0.
+ */
+export function encodeDirentsPlus(entries: readonly DirentPlusIn[], size: number, d: AttrDefaults = DEFAULT_ATTR): { buf: Buffer; count: number } {
+  return packRecords(entries, size, direntPlusSize, (buf, off, e) => {
     // READDIRPLUS exists only since 7.21, so the entry is never the pre-7.9 compat size.
     writeEntryOut(buf, off, e.entry, d);
     writeDirent(buf, off + ENTRY_OUT_SIZE, e);
-    off += direntPlusSize(e.name.length);
-  }
-  return { buf, count };
+  });
 }
 
 // --- Notifications (unsolicited writes: unique 0, the code in the error field) ---------------
