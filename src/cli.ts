@@ -22,8 +22,8 @@ function addKeys(cmd: Command, keys: readonly ConfigKey[]): Command {
     const spec = KEYS[key];
     const flag = flagName(key);
     if (spec.kind === 'boolean') {
-      cmd.addOption(new Option(`--${flag}`, spec.help));
-      cmd.addOption(new Option(`--no-${flag}`).hideHelp());
+      cmd.addOption(new Option(`--${flag}`, `${spec.help} [env ${envName(key)}=true|false]`));
+      cmd.addOption(new Option(`--no-${flag}`, `turn --${flag} off`));
     } else {
       const opt = new Option(`--${flag} <${spec.kind === 'bytes' ? 'size' : spec.kind === 'integer' ? 'n' : 'value'}>`, `${spec.help} [env ${envName(key)}]`);
       cmd.addOption('values' in spec ? opt.choices(spec.values) : opt);
