@@ -9,7 +9,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
-const BENCHES = ['ingest', 'tar-parse', 'fuse', 'fuse-kernel', 'http', 'btf'];
+const BENCHES = ['ingest', 'tar-parse', 'fuse', 'http', 'btf'];
 
 let failed = 0;
 for (const name of BENCHES) {
