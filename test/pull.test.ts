@@ -13,6 +13,7 @@ import { after, before, test } from 'node:test';
 import { cmdPull, digestFromHeaders, parseAdbDevices, pull, shellQuote, type PullOptions } from '../src/commands/pull.js';
 import type { CommandIO } from '../src/commands/store-commands.js';
 import { isKheadersError } from '../src/errors.js';
+import { CacheStore } from '../src/store/cache.js';
 import type { CacheEntry } from '../src/store/entry.js';
 import {
   FIXTURE,
@@ -107,6 +108,9 @@ test('pull --url: downloads, verifies, unpacks into DIR/<release>-<digest12>, pr
   await assertTree(dir, 'a');
   // Nothing but the tree is left in DIR (the export renamed its temp dir into place).
   assert.deepEqual(await readdir(d.out!), [path.basename(dir)]);
+  // The host cache says where the tree came from, not the temp file it was downloaded to.
+  const [pulled] = await (await CacheStore.open(d.cacheDir!)).list();
+  assert.equal(pulled?.source, `http://127.0.0.1:${env.port}/v1/blobs/${entry.manifest.digest}/archive.tar.xz`);
 
   // Again: reused, nothing downloaded.
   const again = await pull({ url: `http://127.0.0.1:${env.port}/`, ...d }, io());

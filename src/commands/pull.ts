@@ -143,8 +143,9 @@ async function pullFrom(base: URL, opts: PullOptions, io: CommandIO, cacheDir: s
   const tmp = await mkdtemp(path.join(os.tmpdir(), 'kheadersd-pull-'));
   try {
     const archive = path.join(tmp, 'archive.tar.xz');
-    await download(endpoint(base, `v1/blobs/${digest}/archive.tar.xz`), { ...headers, accept: 'application/x-xz', 'accept-encoding': 'identity' }, archive, digest, timeoutMs, io, where);
-    const result = await ingest({ cacheDir, archive, release, setCurrent: false, keep: opts.keep ?? 3, log: io.log });
+    const archiveUrl = endpoint(base, `v1/blobs/${digest}/archive.tar.xz`);
+    await download(archiveUrl, { ...headers, accept: 'application/x-xz', 'accept-encoding': 'identity' }, archive, digest, timeoutMs, io, where);
+    const result = await ingest({ cacheDir, archive, sourceLabel: archiveUrl, release, setCurrent: false, keep: opts.keep ?? 3, log: io.log });
     if (result.entry.manifest.digest !== digest) throw new KheadersError('E_INTERNAL', 'the ingested archive has another digest than the one verified');
     try {
       await exportEntry(result.entry, dir);

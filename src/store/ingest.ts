@@ -52,6 +52,11 @@ export interface IngestOptions {
    * /sys/kernel/btf/vmlinux when the entry is the running kernel's.
    */
   btf?: string;
+  /**
+   * What the manifest records as the archive's origin, when the file read is only a carrier
+   * (pull downloads into a temp file that is gone afterwards: the URL is what tells where it came from).
+   */
+  sourceLabel?: string;
   /** Make this entry `current`. Default: when it is the running kernel's (live, or same release). */
   setCurrent?: boolean;
   /** Eviction after a successful ingest. */
@@ -90,6 +95,7 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
       ...(opts.log ? { log: opts.log } : {}),
       ...(opts.livePaths ? { livePaths: opts.livePaths } : {}),
     });
+    if (opts.sourceLabel !== undefined) source = { ...source, source: opts.sourceLabel };
   } catch (err) {
     // No header archive, but the kernel has BTF: an entry with vmlinux.h alone is still useful.
     const btf = opts.archive === undefined && isKheadersError(err, 'E_ARCHIVE_NOT_FOUND') ? await chooseBtf(opts, true) : undefined;
