@@ -5,8 +5,8 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync, spawn } from 'node:child_process';
-import { chmod, chown, mkdir, mkdtemp, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
+import { chmod, chown, mkdir, mkdtemp, readdir, readFile, rm, stat, utimes, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { KheadersError } from '../src/errors.js';
@@ -14,7 +14,7 @@ import { createLogger } from '../src/log.js';
 import { CacheStore } from '../src/store/cache.js';
 import { dataLocation, type Manifest } from '../src/store/entry.js';
 import { ingest, type IngestOptions } from '../src/store/ingest.js';
-import { CLI, cleanEnv, goodTree, hasStackTrace, makeTar, randomBytes, runCli, sha256, snapshot, tempDir, textLike, xz, xzAsync } from './helpers/archives.js';
+import { CLI, REPO_ROOT, cleanEnv, goodTree, hasStackTrace, makeTar, randomBytes, runCli, runProcess, sha256, snapshot, tempDir, textLike, xz, xzAsync } from './helpers/archives.js';
 
 const silent = createLogger('silent');
 const isRoot = process.getuid?.() === 0;
@@ -409,4 +409,33 @@ test('with --lock-timeout 0 the second writer gets E_LOCKED (exit 5) and the cac
   assert.equal(retry.code, 0, retry.stderr);
   const ls2 = JSON.parse((await runCli(['ls', '--json', '--cache-dir', cacheDir])).stdout) as Array<{ release: string }>;
   assert.deepEqual(ls2.map((e) => e.release).sort(), ['6.99.1-slow', '6.99.2-quick']);
+});
+
+test('the cache lock excludes: 6 processes x 40 locked read-modify-writes lose no increment, and no lock is left', { timeout: 120_000 }, async (t) => {
+  const dir = await tempDir(t);
+  const lockPath = path.join(dir, 'lock');
+  const counter = path.join(dir, 'counter');
+  await writeFile(counter, '0\n');
+  const child = path.join(REPO_ROOT, 'dist/test/helpers/lock-child.js');
+  const results = await Promise.all(Array.from({ length: 6 }, () => runProcess(process.execPath, [child, lockPath, counter, '40'], { timeoutMs: 110_000 })));
+  for (const r of results) assert.equal(r.code, 0, r.stderr);
+  assert.equal(Number(await readFile(counter, 'utf8')), 240);
+  assert.deepEqual(await readdir(dir), ['counter']);
+});
+
+test('a dead owner\'s lock (and a breaker that died mid-break) are cleared once, with 6 waiters racing to break them', { timeout: 120_000 }, async (t) => {
+  const dir = await tempDir(t);
+  const lockPath = path.join(dir, 'lock');
+  const counter = path.join(dir, 'counter');
+  await writeFile(counter, '0\n');
+  const dead = spawnSync('true').pid;
+  await writeFile(lockPath, `${dead} 12345\n`);
+  await writeFile(`${lockPath}.break`, `${dead} 12345\n`);
+  const old = new Date(Date.now() - 60_000);
+  await utimes(`${lockPath}.break`, old, old);
+  const child = path.join(REPO_ROOT, 'dist/test/helpers/lock-child.js');
+  const results = await Promise.all(Array.from({ length: 6 }, () => runProcess(process.execPath, [child, lockPath, counter, '40'], { timeoutMs: 110_000 })));
+  for (const r of results) assert.equal(r.code, 0, r.stderr);
+  assert.equal(Number(await readFile(counter, 'utf8')), 240);
+  assert.deepEqual(await readdir(dir), ['counter']);
 });

@@ -1,10 +1,22 @@
 /**
- * A cross-process lock on one cache directory: a file created with O_EXCL holding the owner's
- * pid and start time. A lock whose owner is gone (killed, crashed) is stale and broken on sight;
- * the start time tells a reused pid from the real owner. Within one process, callers queue.
+ * A cross-process lock on one cache directory: a file holding the owner's pid and start time.
+ * A lock whose owner is gone (killed, crashed) is stale and broken on sight; the start time tells
+ * a reused pid from the real owner. Within one process, callers queue.
+ *
+ * Two races are closed by construction rather than by timing:
+ * - The file appears with its content already in it (written to a private name, then link(2)ed
+ *   into place, which fails with EEXIST like O_EXCL). An O_EXCL file is empty for a moment, and a
+ *   waiter reading it then would take the live lock for a torn one and break it.
+ * - Breaking is serialised through a second lock (`<lock>.break`), and the breaker re-reads the
+ *   lock under it: two waiters that both saw the same dead owner cannot both unlink, the second
+ *   removing the fresh lock the first one just took. The break section is a read and an unlink,
+ *   so a `.break` older than BREAK_STALE_MS belongs to a process that died inside it.
  */
-import { open, readFile, unlink } from 'node:fs/promises';
+import { randomBytes } from 'node:crypto';
+import { link, open, readFile, stat, unlink } from 'node:fs/promises';
 import { KheadersError, errnoOf } from '../errors.js';
+
+const BREAK_STALE_MS = 5_000;
 
 export interface LockOptions {
   /** How long to wait for another process to finish (0: fail at once). */
@@ -14,9 +26,9 @@ export interface LockOptions {
 
 async function processStartTime(pid: number): Promise<string> {
   try {
-    const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
+    const procStat = await readFile(`/proc/${pid}/stat`, 'utf8');
     // Field 22 (starttime) counts from after the parenthesised command name, which may hold spaces.
-    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19] ?? '';
+    return procStat.slice(procStat.lastIndexOf(')') + 2).split(' ')[19] ?? '';
   } catch {
     return '';
   }
@@ -25,7 +37,7 @@ async function processStartTime(pid: number): Promise<string> {
 async function ownerAlive(content: string): Promise<boolean> {
   const [pidText, start = ''] = content.trim().split(' ');
   const pid = Number(pidText);
-  if (!Number.isInteger(pid) || pid <= 0) return false; // unreadable: a torn write by a dead owner
+  if (!Number.isInteger(pid) || pid <= 0) return false; // not a lock this code wrote (it is never seen half-written)
   try {
     process.kill(pid, 0);
   } catch (err) {
@@ -58,27 +70,55 @@ export async function withLock<T>(lockPath: string, options: LockOptions, fn: ()
   }
 }
 
+/** Create `file` holding `content`, atomically: false if it exists already. */
+async function createWithContent(file: string, content: string): Promise<boolean> {
+  const scratch = `${file}.${process.pid}.${randomBytes(6).toString('hex')}`;
+  const fh = await open(scratch, 'wx', 0o644);
+  try {
+    await fh.writeFile(content);
+  } finally {
+    await fh.close();
+  }
+  try {
+    await link(scratch, file);
+    return true;
+  } catch (err) {
+    if (errnoOf(err) === 'EEXIST') return false;
+    throw err;
+  } finally {
+    await unlink(scratch).catch(() => {});
+  }
+}
+
+/** Remove the lock if it still holds `holder` (whose owner is dead), one breaker at a time. */
+async function breakStale(lockPath: string, holder: string, me: string): Promise<void> {
+  const breaker = `${lockPath}.break`;
+  if (!(await createWithContent(breaker, me))) {
+    const st = await stat(breaker).catch(() => undefined);
+    if (st && Date.now() - st.mtimeMs > BREAK_STALE_MS) await unlink(breaker).catch(() => {});
+    return;
+  }
+  try {
+    if ((await readFile(lockPath, 'utf8').catch(() => '')) === holder) await unlink(lockPath).catch(() => {});
+  } finally {
+    await unlink(breaker).catch(() => {});
+  }
+}
+
 async function acquire(lockPath: string, { timeoutMs, pollMs = 50 }: LockOptions): Promise<() => Promise<void>> {
   const me = `${process.pid} ${await processStartTime(process.pid)}\n`;
   const deadline = Date.now() + timeoutMs;
   for (;;) {
-    try {
-      const fh = await open(lockPath, 'wx', 0o644);
-      try {
-        await fh.writeFile(me);
-      } finally {
-        await fh.close();
-      }
+    if (await createWithContent(lockPath, me)) {
       return async () => {
-        await unlink(lockPath).catch(() => {});
+        // Only our own lock: never one that another process holds now.
+        if ((await readFile(lockPath, 'utf8').catch(() => '')) === me) await unlink(lockPath).catch(() => {});
       };
-    } catch (err) {
-      if (errnoOf(err) !== 'EEXIST') throw err;
     }
-    const holder = await readFile(lockPath, 'utf8').catch(() => '');
+    const holder = await readFile(lockPath, 'utf8').catch(() => undefined);
+    if (holder === undefined) continue; // released between our attempt and the read: try again
     if (!(await ownerAlive(holder))) {
-      // Re-read right before breaking it, so a lock just taken by a live process survives.
-      if ((await readFile(lockPath, 'utf8').catch(() => '')) === holder) await unlink(lockPath).catch(() => {});
+      await breakStale(lockPath, holder, me);
       continue;
     }
     if (Date.now() >= deadline) {
