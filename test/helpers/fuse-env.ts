@@ -18,10 +18,10 @@ import path from 'node:path';
 import { createLogger, type Logger } from '../../src/log.js';
 import type { CacheEntry } from '../../src/store/entry.js';
 import { ingest } from '../../src/store/ingest.js';
-import { writeTarXz, type SynthEntry } from './archives.js';
+import { FIXTURE_ARCHIVE, FIXTURE_RELEASE, writeTarXz, type SynthEntry } from './archives.js';
 
-export const FIXTURE = process.env['KHEADERSD_FIXTURE'] ?? '/work/shared/fixtures/kheaders-6.1-x86_64.tar.xz';
-export const FIXTURE_RELEASE = '6.1.192';
+export const FIXTURE = process.env['KHEADERSD_FIXTURE'] ?? FIXTURE_ARCHIVE;
+export { FIXTURE_RELEASE };
 /** What the fixture's README says it holds (the 320 directories include the root, './'). */
 export const FIXTURE_COUNTS = { files: 6368, dirs: 320, symlinks: 3 } as const;
 
@@ -79,7 +79,7 @@ export interface RunResult {
  * directory between fork and exec while the parent waits for the exec, so a cwd on a mount this
  * process serves hangs the parent (measured: clang with cwd = MOUNT/current never started).
  */
-export function run(cmd: string, args: readonly string[], opts: { cwd?: string; env?: NodeJS.ProcessEnv; timeoutMs?: number; input?: string } = {}): Promise<RunResult> {
+export function run(cmd: string, args: readonly string[], opts: { cwd?: string; env?: NodeJS.ProcessEnv; timeoutMs?: number; input?: string | Buffer } = {}): Promise<RunResult> {
   const [file, argv] = opts.cwd === undefined ? [cmd, args] : ['sh', ['-c', 'cd -- "$0" && exec "$@"', opts.cwd, cmd, ...args]];
   return new Promise((resolve, reject) => {
     const child = spawn(file, argv, {

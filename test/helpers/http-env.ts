@@ -3,13 +3,10 @@
  * the xz tool, so it runs without the fixture), entries made by the real ingest, a real server
  * on a loopback port, and raw HTTP requests that nothing normalises.
  */
-import { spawn } from 'node:child_process';
-import { access, constants as fsc, mkdtemp, rm } from 'node:fs/promises';
 import http from 'node:http';
 import net from 'node:net';
-import os from 'node:os';
 import path from 'node:path';
-import { createLogger, type Logger } from '../../src/log.js';
+import type { Logger } from '../../src/log.js';
 import { startHttpServer, type HttpLimits, type HttpServerHandle } from '../../src/serve/http/server.js';
 import { DaemonState } from '../../src/serve/state.js';
 import { CacheStore } from '../../src/store/cache.js';
@@ -17,58 +14,11 @@ import type { CacheEntry } from '../../src/store/entry.js';
 import { ingest } from '../../src/store/ingest.js';
 import { writeTarXz, type SynthEntry } from './archives.js';
 
-export const FIXTURE = process.env['KHEADERSD_FIXTURE'] ?? '/work/shared/fixtures/kheaders-6.1-x86_64.tar.xz';
-export const FIXTURE_RELEASE = '6.1.192';
+// The fixture, skip reasons, processes and temp dirs are the FUSE tests' own helpers.
+import { FIXTURE, quietLog } from './fuse-env.js';
+export { FIXTURE, FIXTURE_RELEASE, fixtureSkipReason, quietLog, removeDir, run, runOk, tempDir, type RunResult } from './fuse-env.js';
+
 export const SYNTH_RELEASE = '6.6.0-synth';
-
-export function quietLog(): Logger {
-  return createLogger(process.env['KHEADERSD_TEST_LOG'] ? 'debug' : 'silent', process.stderr);
-}
-
-export async function fixtureSkipReason(): Promise<string | undefined> {
-  try {
-    await access(FIXTURE, fsc.R_OK);
-    return undefined;
-  } catch {
-    return `the real header archive ${FIXTURE} is absent (set KHEADERSD_FIXTURE)`;
-  }
-}
-
-export function tempDir(prefix: string): Promise<string> {
-  return mkdtemp(path.join(os.tmpdir(), `kheadersd-${prefix}-`));
-}
-
-export async function removeDir(dir: string): Promise<void> {
-  await rm(dir, { recursive: true, force: true, maxRetries: 3 });
-}
-
-// ---- processes ---------------------------------------------------------------------------------
-
-export interface RunResult {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-}
-
-/** An async child process with its output captured. */
-export function run(cmd: string, args: readonly string[], opts: { cwd?: string; env?: NodeJS.ProcessEnv; input?: Buffer } = {}): Promise<RunResult> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(cmd, args, { cwd: opts.cwd, env: opts.env ?? process.env, stdio: [opts.input ? 'pipe' : 'ignore', 'pipe', 'pipe'] });
-    const out: Buffer[] = [];
-    const err: Buffer[] = [];
-    child.stdout!.on('data', (b: Buffer) => out.push(b));
-    child.stderr!.on('data', (b: Buffer) => err.push(b));
-    child.on('error', reject);
-    child.on('close', (code) => resolve({ code, stdout: Buffer.concat(out).toString(), stderr: Buffer.concat(err).toString() }));
-    if (opts.input) child.stdin!.end(opts.input);
-  });
-}
-
-export async function runOk(cmd: string, args: readonly string[], opts: Parameters<typeof run>[2] = {}): Promise<RunResult> {
-  const r = await run(cmd, args, opts);
-  if (r.code !== 0) throw new Error(`${cmd} ${args.join(' ')} exited ${r.code}: ${r.stderr.slice(-2000)}`);
-  return r;
-}
 
 // ---- a synthetic archive ----------------------------------------------------------------------
 
