@@ -932,7 +932,7 @@ function checkNoLoops(words: Uint32Array, at: Uint32Array, kinds: Uint8Array, st
       }
       const next = words[stackNext[sp]!]!;
       stackLeft[sp]!--;
-      stackNext[sp] += stackStride[sp]!;
+      stackNext[sp]! += stackStride[sp]!;
       if (next === 0 || state[next] === 2) continue;
       if (state[next] === 1) onLoop(next);
       state[next] = 1;

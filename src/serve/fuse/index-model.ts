@@ -290,8 +290,8 @@ export class IndexFsModel implements FsModel {
     const nlinks = new Uint32Array(count);
     for (const node of entry.index.nodes) {
       if (node.kind !== 'dir') continue;
-      nlinks[node.id] += 2;
-      if (node.id !== 0) nlinks[node.parent] += 1;
+      nlinks[node.id]! += 2;
+      if (node.id !== 0) nlinks[node.parent]! += 1;
     }
     const slot: Slot = { entry, seq: this.slots.length, base: this.nextBase, count, nlinks };
     this.nextBase += count;
