@@ -40,10 +40,18 @@ function parseArgs(argv: readonly string[]): Args {
   const a: Args = { duration: 10, connections: 32, rounds: 3, write: true };
   for (let i = 0; i < argv.length; i++) {
     const v = argv[i + 1];
-    if (argv[i] === '--duration') (a.duration = Number(v)), i++;
-    else if (argv[i] === '--connections') (a.connections = Number(v)), i++;
-    else if (argv[i] === '--rounds') (a.rounds = Number(v)), i++;
-    else if (argv[i] === '--no-write') a.write = false;
+    if (argv[i] === '--duration') {
+      a.duration = Number(v);
+      i++;
+    } else if (argv[i] === '--connections') {
+      a.connections = Number(v);
+      i++;
+    } else if (argv[i] === '--rounds') {
+      a.rounds = Number(v);
+      i++;
+    } else if (argv[i] === '--no-write') {
+      a.write = false;
+    }
   }
   a.duration = Math.min(Math.max(1, a.duration), 30); // bounded, whatever is asked
   a.connections = Math.min(Math.max(1, a.connections), 256);

@@ -103,7 +103,7 @@ export function buildProgram(): Command {
       }),
     );
 
-  addKeys(program.command('cat').description("print a file from the cache (symlinks followed)").argument('<ref>', 'current, a release, or a digest').argument('<path>', 'e.g. include/linux/sched.h'), COMMON).action(
+  addKeys(program.command('cat').description('print a file from the cache (symlinks followed)').argument('<ref>', 'current, a release, or a digest').argument('<path>', 'e.g. include/linux/sched.h'), COMMON).action(
     async (ref: string, file: string, _o, cmd: Command) =>
       run(cmd, true, async (cfg, io) => {
         const { cmdCat } = await import('./commands/store-commands.js');

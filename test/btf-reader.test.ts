@@ -45,7 +45,7 @@ function allKinds(): { b: BtfBuilder; ids: Record<string, number> } {
 }
 
 function expectedAllKinds(ids: Record<string, number>): BtfType[] {
-  const { int, ptr, st, proto, v } = ids as Record<string, number>;
+  const { int, ptr, st, proto, v } = ids;
   return [
     { kind: BtfKind.VOID, id: 0, name: '' },
     { kind: BtfKind.INT, id: int!, name: 'int', size: 4, signed: true, char: false, bool: false, bitsOffset: 0, bits: 32 },

@@ -351,8 +351,8 @@ test('two concurrent ingests into one cache both succeed, one after the other', 
   const [ra, rb] = await Promise.all([runCli(args(a)), runCli(args(b))]);
   assert.equal(ra.code, 0, ra.stderr);
   assert.equal(rb.code, 0, rb.stderr);
-  assert.equal(JSON.parse(ra.stdout).reused, false);
-  assert.equal(JSON.parse(rb.stdout).reused, false);
+  assert.equal((JSON.parse(ra.stdout) as { reused: boolean }).reused, false);
+  assert.equal((JSON.parse(rb.stdout) as { reused: boolean }).reused, false);
   const ls = JSON.parse((await runCli(['ls', '--json', '--cache-dir', cacheDir])).stdout) as Array<{ release: string; digest: string; files: number }>;
   assert.deepEqual(ls.map((e) => e.release).sort(), ['6.99.1-par', '6.99.2-par']);
   assert.equal(ls.find((e) => e.release === '6.99.1-par')!.digest, sha256(await readFile(a)));
@@ -399,7 +399,7 @@ test('with --lock-timeout 0 the second writer gets E_LOCKED (exit 5) and the cac
   assert.equal(hasStackTrace(second.stderr), false);
 
   assert.equal(await firstDone, 0, firstErr);
-  assert.equal(JSON.parse(firstOut).release, '6.99.1-slow');
+  assert.equal((JSON.parse(firstOut) as { release: string }).release, '6.99.1-slow');
   const ls = JSON.parse((await runCli(['ls', '--json', '--cache-dir', cacheDir])).stdout) as Array<{ release: string }>;
   assert.deepEqual(ls.map((e) => e.release), ['6.99.1-slow']);
   assert.deepEqual(await readdir(path.join(cacheDir, 'tmp')), []);

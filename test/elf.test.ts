@@ -231,7 +231,7 @@ test('releaseFromVermagic takes the first word of the value', () => {
 // Stripped files: the xz magic scan
 // ---------------------------------------------------------------------------------------------
 
-test('a stripped file: the xz stream is found by its header and first valid footer', (t) => {
+test('a stripped file: the xz stream is found by its header and first valid footer', () => {
   const stream = xz(randomBytes(20000, 3));
   const second = xz(Buffer.from('a second stream that must not be included\n'));
   // A decoy header magic with a wrong CRC, a stray footer magic, then the real stream and another after it.
@@ -245,14 +245,14 @@ test('a stripped file: the xz stream is found by its header and first valid foot
   }
 });
 
-test('a stripped file whose xz stream lost its footer: E_ARCHIVE_NOT_FOUND that says so', (t) => {
+test('a stripped file whose xz stream lost its footer: E_ARCHIVE_NOT_FOUND that says so', () => {
   const stream = xz(randomBytes(5000, 5));
   const elf = buildElf({ bits: 64, endian: 'le', type: ET_REL, sections: [{ name: '.rodata', data: stream.subarray(0, stream.length - 12) }] });
   const err = expectError(() => findEmbeddedArchive(elf.buf), 'E_ARCHIVE_NOT_FOUND', /xz stream header at offset \d+ has no valid stream footer/);
   assert.deepEqual(err.details.orphanXzHeaders, [elf.offsets.get('.rodata')]);
 });
 
-test('a stream whose footer flags differ from its header is not accepted', (t) => {
+test('a stream whose footer flags differ from its header is not accepted', () => {
   const stream = xz(Buffer.from('hello\n'));
   const crc64 = Buffer.from(stream);
   // Rewrite the header to claim CRC32 (flags 00 01) with a correct header CRC: the footer still says CRC64.

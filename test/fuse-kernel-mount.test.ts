@@ -306,7 +306,7 @@ for (const reader of readers) {
       const elf = path.join(s.tmp, `p-${reader}.elf`);
       // --emit-elf: a dry run that parses the headers and generates the program, without loading it.
       const env = { ...process.env, BPFTRACE_KERNEL_SOURCE: path.join(dir, 'current') };
-      await run('bpftrace', ['--emit-elf', elf, script], { env }).catch((err: { stderr?: string }) => {
+      await run('bpftrace', ['--emit-elf', elf, script], { env }).catch((err: Error & { stderr?: string }) => {
         throw new Error(`bpftrace failed: ${err.stderr ?? String(err)}`);
       });
       assert.ok((await stat(elf)).size > 0);

@@ -100,7 +100,7 @@ for (const decoder of ['lzma-native', 'xz'] as const) {
     try {
       caught = await waitForGrowingPack(tmpDir, child, Math.min(24 * 2 ** 20, b.tarBytes / 4));
     } catch (err) {
-      throw new Error(`${(err as Error).message}; child output:\n${out}`);
+      throw new Error(`${(err as Error).message}; child output:\n${out}`, { cause: err });
     }
     if (decoder === 'xz') process.kill(-child.pid!, 'SIGKILL');
     else process.kill(child.pid!, 'SIGKILL');
@@ -152,7 +152,7 @@ for (const decoder of ['lzma-native', 'xz'] as const) {
       for (const [name, digest] of b.files) {
         const node = entry.index.get(name)!;
         const data = Buffer.allocUnsafe(node.size);
-        await fh.read(data, 0, node.size, node.offset!);
+        await fh.read(data, 0, node.size, node.offset);
         assert.equal(sha256(data), digest, name);
       }
     } finally {

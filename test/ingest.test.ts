@@ -275,7 +275,7 @@ async function assertMatchesTar(entry: CacheEntry): Promise<void> {
       if (n.kind !== 'file') continue;
       const want = ref.files.get(n.path)!;
       const buf = Buffer.alloc(n.size);
-      await fh.read(buf, 0, n.size, n.offset!);
+      await fh.read(buf, 0, n.size, n.offset);
       assert.ok(buf.equals(want.bytes), `bytes of ${n.path}`);
       assert.equal(n.mtime, want.mtime, `mtime of ${n.path}`);
       bytes += n.size;
@@ -363,7 +363,7 @@ test('re-ingesting the same archive is "reused" and touches nothing', async (t) 
   // The CLI says so too.
   const cli = await runCli(['ingest', '--archive', FIXTURE_ARCHIVE, '--cache-dir', cacheDir, '--json', '--log-level', 'warn', '--btf', 'off']);
   assert.equal(cli.code, 0, cli.stderr);
-  assert.equal(JSON.parse(cli.stdout).reused, true);
+  assert.equal((JSON.parse(cli.stdout) as { reused: boolean }).reused, true);
   const st = await stat(first.entry.dir);
   assert.equal(st.ino, dirStat.ino, 'the entry directory was not replaced');
   assert.equal(st.mtimeMs, dirStat.mtimeMs, 'nor modified');

@@ -333,7 +333,7 @@ while True:
 `;
       const child = spawn(python!, ['-c', receiver, socket, received], { stdio: ['ignore', 'pipe', 'inherit'] });
       try {
-        await once(child.stdout!, 'data');
+        await once(child.stdout, 'data');
         const t0 = Date.now();
         assert.equal(await sdNotify({ READY: '1', STATUS: 'serving' }, silent, { socket }), true);
         assert.ok(Date.now() - t0 < 5000, 'the barrier was answered');

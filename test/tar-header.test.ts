@@ -222,7 +222,7 @@ test('TarIndexer records exact data offsets, whatever the chunking', async () =>
       assert.ok(rec, `${label}: ${name} indexed`);
       assert.equal(rec.kind, 'file');
       assert.equal(rec.size, content.length);
-      assert.ok(tarBytes.subarray(rec.offset!, rec.offset! + rec.size).equals(content), `${label}: bytes of ${name} at its offset`);
+      assert.ok(tarBytes.subarray(rec.offset, rec.offset! + rec.size).equals(content), `${label}: bytes of ${name} at its offset`);
     }
     assert.deepEqual(records.find((r) => r.path === 'include/link.h'), { path: 'include/link.h', kind: 'symlink', mode: 0o644, mtime: 1_700_000_000, size: 3, target: 'a.h' });
     assert.equal(records.find((r) => r.path === '')?.kind, 'dir');
@@ -255,7 +255,7 @@ test('TarIndexer applies GNU long names and long link targets to the next member
     ],
   );
   const file = records[0]!;
-  assert.ok(tarBytes.subarray(file.offset!, file.offset! + file.size).equals(body));
+  assert.ok(tarBytes.subarray(file.offset, file.offset! + file.size).equals(body));
 });
 
 test('TarIndexer applies pax path, linkpath, size and mtime', () => {
@@ -275,7 +275,7 @@ test('TarIndexer applies pax path, linkpath, size and mtime', () => {
   assert.ok(rec);
   assert.equal(rec.size, content.length);
   assert.equal(rec.mtime, 1_600_000_000);
-  assert.ok(tarBytes.subarray(rec.offset!, rec.offset! + rec.size).equals(content));
+  assert.ok(tarBytes.subarray(rec.offset, rec.offset! + rec.size).equals(content));
   assert.equal(records.find((r) => r.path === 'include/l')?.target, 'from-pax.h');
   assert.ok(records.find((r) => r.path === 'include/plain.h'), 'the extension headers did not leak onto later members');
   assert.equal(records.length, 3);

@@ -5,7 +5,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { KheadersError } from '../src/errors.js';
-import { TreeIndex, normaliseEntryPath, symlinkTargetPath, type IndexRecord } from '../src/store/tree-index.js';
+import { TreeIndex, normaliseEntryPath, symlinkTargetPath, type IndexFile, type IndexRecord } from '../src/store/tree-index.js';
 
 const file = (path: string, size = 1, offset = 512): IndexRecord => ({ path, kind: 'file', mode: 0o644, mtime: 1_700_000_000, size, offset });
 const dir = (path: string, mtime = 1_700_000_000): IndexRecord => ({ path, kind: 'dir', mode: 0o755, mtime, size: 0 });
@@ -115,7 +115,7 @@ test('list sorts children by name; toJSON/fromJSON round-trips', () => {
   const idx = TreeIndex.fromRecords(records);
   assert.deepEqual(idx.list(idx.get('d')!).map((n) => n.name), ['a.h', 'b.h', 'c']);
   assert.deepEqual(idx.list(idx.get('d/a.h')!), []);
-  const again = TreeIndex.fromJSON(JSON.parse(JSON.stringify(idx.toJSON())));
+  const again = TreeIndex.fromJSON(JSON.parse(JSON.stringify(idx.toJSON())) as IndexFile);
   assert.deepEqual(again.toJSON(), idx.toJSON());
   assert.equal(again.get('d/b.h')?.offset, 1024);
   assert.equal(again.get('vmlinux.h')?.blob, 'vmlinux.h');

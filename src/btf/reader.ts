@@ -242,7 +242,6 @@ export type BtfType =
   | BtfDatasec
   | BtfDeclTag;
 
-
 /** Where a problem is, for messages: `type [12] (STRUCT) member 3`. */
 function where(id: number, kind: number, part?: string, index?: number): string {
   return `type [${id}] (${btfKindName(kind)})${part === undefined ? '' : ` ${part}${index === undefined ? '' : ` ${index}`}`}`;

@@ -69,7 +69,7 @@ function corrupt(detail: string): KheadersError {
  */
 async function startXzChild(input: Buffer, packPath: string, file: string, args: string[]): Promise<Decoder> {
   const out = await open(packPath, 'r+');
-  const child = spawn(file, args, { stdio: ["pipe", out.fd, "pipe"] }) as ChildProcessByStdio<Writable, null, Readable>;
+  const child = spawn(file, args, { stdio: ['pipe', out.fd, 'pipe'] }) as ChildProcessByStdio<Writable, null, Readable>;
   let stderr = '';
   let exited = false;
   child.stderr.setEncoding('utf8');

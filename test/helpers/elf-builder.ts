@@ -186,7 +186,7 @@ export function buildElf(spec: ElfSpec): BuiltElf {
   w.u16(fields.shstrndx, shstrndx);
 
   sections.forEach((s, i) => {
-    s.data.copy(buf, fileOffsets[i]!);
+    s.data.copy(buf, fileOffsets[i]);
     const off = shoff + i * shentsize;
     w.u32(off, s.name ? shstrtab.offsetOf.get(s.name)! : 0);
     w.u32(off + 4, s.type);

@@ -254,7 +254,7 @@ export class IndexFsModel implements FsModel {
     // Fast path: everything below an entry root is one map lookup in its index (which never
     // follows symlinks: a path through a symlink is simply not a key).
     let slot: Slot | undefined;
-    let rest: string[] = [];
+    let rest: string[];
     if (parts[0] === BY_DIGEST_NAME) {
       if (parts.length === 1) return this.byDigestAttr();
       slot = this.digests.get(parts[1]!);

@@ -149,7 +149,7 @@ export async function startHttpServer(opts: HttpServerOptions): Promise<HttpServ
       } catch (pathErr) {
         if (pathErr instanceof PathError) message = pathErr.message;
       }
-      sendError(reply as unknown as FastifyReply, 400, 'E_BAD_PATH', message);
+      sendError(reply, 400, 'E_BAD_PATH', message);
     },
   }) as unknown as FastifyInstance;
 

@@ -181,7 +181,7 @@ export class DevFuse implements FuseChannel {
         },
       },
     };
-    const socket = new DeviceSocket(options as net.SocketConstructorOpts);
+    const socket = new DeviceSocket(options);
     socket.beforeClose = () => this.beforeFdClose();
     let failure: DeviceEnd | undefined;
     socket.on('error', (err: NodeJS.ErrnoException) => {
@@ -245,7 +245,7 @@ export class DevFuse implements FuseChannel {
     if (this.closed) return 'EBADF';
     try {
       if (parts.length === 1) fs.writeSync(this.fd, parts[0]!);
-      else fs.writevSync(this.fd, parts as Buffer[]);
+      else fs.writevSync(this.fd, parts);
       return undefined;
     } catch (err) {
       return typeof err === 'object' && err !== null && 'code' in err && typeof err.code === 'string' ? err.code : 'EIO';

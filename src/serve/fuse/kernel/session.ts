@@ -127,7 +127,7 @@ export function errnoFor(err: unknown): number {
   const table = os.constants.errno as Record<string, number | undefined>;
   if (isKheadersError(err)) {
     const named = err.details['errno'];
-    if (typeof named === 'string' && table[named] !== undefined) return table[named]!;
+    if (typeof named === 'string' && table[named] !== undefined) return table[named];
     return err.code === 'E_NOT_FOUND' ? Errno.ENOENT : Errno.EIO;
   }
   const named = errnoOf(err);
