@@ -200,7 +200,7 @@ fi
 # ---- 1. host tools -----------------------------------------------------------------------------
 step "host tools"
 for tool in node tar od; do
-  command -v "$tool" >/dev/null 2>&1 || fail "$tool is not installed on this host" "install it (node >= 20: https://nodejs.org or your distribution)"
+  command -v "$tool" >/dev/null 2>&1 || fail "$tool is not installed on this host" "install it (node >= 22: https://nodejs.org or your distribution)"
 done
 if [ -z "$BUNDLE_ONLY" ]; then
   command -v adb >/dev/null 2>&1 || fail "adb is not installed" "install Android platform-tools (Debian: apt install adb) and put adb on PATH"
