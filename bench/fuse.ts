@@ -15,7 +15,7 @@
  * (every open(2) reaches the daemon, with KEEP_CACHE|NOFLUSH), and the reader thread.
  *
  * Reproduce (root: it mounts and drops caches):
- *   sudo sh -c 'cd /work/main && npx tsc -p . && node dist/bench/fuse.js'
+ *   sudo sh -c 'npx tsc -p . && node dist/bench/fuse.js'        (from the checkout)
  * Options: --runs N (warm rounds, default 7), --cold N (default 3), --no-native, --no-write.
  */
 import { fork, type ChildProcess } from 'node:child_process';
@@ -309,7 +309,7 @@ ${backends.map((b) => `| ${LABEL[b]} | ${fmtCounts(warmCounts[b] ?? {})} | ${fmt
 - All warm compile runs: ${sides.map((s) => `${s} ${warm[s]!.map((x) => x.toFixed(0)).join('/')}`).join('; ')} ms.
 - Machine: ${machineLine()}; ${(await run('clang', ['--version'])).stdout.split('\n')[0]}; load average at the end ${load} (shared machine: absolute times drift, ratios within a round are what to read).
 
-Reproduce: \`sudo sh -c 'cd /work/main && npx tsc -p . && node dist/bench/fuse.js'\` (\`--runs N\`, \`--cold N\`, \`--no-native\`, \`--no-write\`)
+Reproduce, from the checkout: \`sudo sh -c 'npx tsc -p . && node dist/bench/fuse.js'\` (\`--runs N\`, \`--cold N\`, \`--no-native\`, \`--no-write\`)
 `;
     console.log(md);
     if (write) await writeSection('fuse', md);

@@ -12,7 +12,7 @@
  *
  * The daemon is a child process (this file with --serve) so its RSS is the server's alone.
  *
- * Reproduce: cd /work/main && npx tsc -p . && node dist/bench/http.js
+ * Reproduce, from the checkout: npx tsc -p . && node dist/bench/http.js
  *   [--duration 10] [--connections 32] [--rounds 2] [--no-write]
  */
 import { fork, spawn, type ChildProcess } from 'node:child_process';
@@ -317,7 +317,7 @@ ${row('bare node:http (`/…`)', b)}
 
 Machine load average (1 min) ${loadBefore.toFixed(1)} before the runs, ${os.loadavg()[0]!.toFixed(1)} after: on a shared machine the absolute figures and the ratio to nginx swing with other load (a busy machine slows nginx more than node), so compare runs by their load; daemon/bare node:http is the steadier figure.
 
-Reproduce: \`cd /work/main && npx tsc -p . && node dist/bench/http.js\` (options: \`--duration S --connections N --rounds R --no-write\`).
+Reproduce, from the checkout: \`npx tsc -p . && node dist/bench/http.js\` (options: \`--duration S --connections N --rounds R --no-write\`).
 `;
     console.log(md);
     if (args.write) await writeSection('http', md);

@@ -12,15 +12,15 @@
 # (`kheadersd serve --fuse-backend kernel`) under arm64 node, with a BCC-style clang compile and
 # a byte-for-byte diff through its mount.
 #
-# Usage (root): sh scripts/arm64-test.sh            from /work/main, after `npx tsc -p .`
+# Usage (root): sh scripts/arm64-test.sh            from the checkout, after `npx tsc -p .`
 # Env: NODE_ARM64_VERSION (default 20.20.2), ARM64_DIR (default /tmp/kheadersd-arm64),
-#      KHEADERSD_FIXTURE (default /work/shared/fixtures/kheaders-6.1-x86_64.tar.xz).
+#      KHEADERSD_FIXTURE (default ../shared/fixtures/kheaders-6.1-x86_64.tar.xz beside the checkout).
 set -eu
 
 VERSION=${NODE_ARM64_VERSION:-20.20.2}
 DIR=${ARM64_DIR:-/tmp/kheadersd-arm64}
-FIXTURE=${KHEADERSD_FIXTURE:-/work/shared/fixtures/kheaders-6.1-x86_64.tar.xz}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+FIXTURE=${KHEADERSD_FIXTURE:-$ROOT/../shared/fixtures/kheaders-6.1-x86_64.tar.xz}
 cd "$ROOT"
 
 [ "$(id -u)" = 0 ] || { echo "run as root (FUSE mounts)"; exit 1; }

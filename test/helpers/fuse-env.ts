@@ -31,20 +31,30 @@ export function quietLog(): Logger {
 
 // ---- skip reasons --------------------------------------------------------------------------------
 
-/** Why a real mount cannot be made here, or undefined when it can. */
-export async function fuseSkipReason(): Promise<string | undefined> {
+/**
+ * Why the kernel-protocol backend cannot mount here, or undefined when it can. It speaks to
+ * /dev/fuse itself, so it needs Linux, the device and root, and not libfuse.
+ */
+export async function fuseDeviceSkipReason(): Promise<string | undefined> {
   if (process.platform !== 'linux') return `FUSE tests need Linux (this is ${process.platform})`;
   try {
     await access('/dev/fuse', fsc.R_OK | fsc.W_OK);
   } catch (err) {
     return `/dev/fuse is missing or not usable (${(err as NodeJS.ErrnoException).code ?? String(err)})`;
   }
+  if (process.getuid?.() !== 0) return 'FUSE mount tests run as root (they mount with allow_other and drop caches)';
+  return undefined;
+}
+
+/** Why a fuse-native mount cannot be made here (what the kernel backend needs, and libfuse.so.2), or undefined. */
+export async function fuseSkipReason(): Promise<string | undefined> {
+  const device = await fuseDeviceSkipReason();
+  if (device) return device;
   try {
     createRequire(import.meta.url)('fuse-native');
   } catch (err) {
     return `fuse-native cannot load (libfuse.so.2 missing?): ${(err as Error).message}`;
   }
-  if (process.getuid?.() !== 0) return 'FUSE mount tests run as root (they mount with allow_other and drop caches)';
   return undefined;
 }
 
