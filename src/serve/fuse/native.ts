@@ -13,7 +13,7 @@
  * whole right after opening it, so this does not bite them; the kernel-protocol backend, which
  * gives the kernel one inode per tree, has no such limit.
  *
- * Facts that shape this file (see shared/notes/dependencies.md):
+ * Facts about fuse-native 2.2.6 and libfuse2 that shape this file (measured here):
  * - every callback runs on the JS thread; nothing here may block it (no sync I/O);
  * - reads pread the pack through libuv's threadpool, so the serving process must never keep
  *   UV_THREADPOOL_SIZE (4) fs calls on its own mount in flight: each holds a pool thread until

@@ -1,7 +1,8 @@
 /**
  * Sending one representation (a file of the tree, the archive, a directory listing) with the
- * HTTP semantics the issue asks for: strong ETag, Last-Modified, 304s, single Range (206/416),
- * HEAD, and gzip for text when the client accepts it (never for a range, never for the archive).
+ * HTTP semantics a client needs to cache and resume (RFC 9110): strong ETag, Last-Modified,
+ * 304s, single Range (206/416), HEAD, and gzip for text when the client accepts it (never for a
+ * range, never for the archive).
  *
  * We do this by hand rather than through @fastify/send: send stats the file it is given and
  * derives its own ETag from the pack's size and mtime, which would change on every re-pack and
