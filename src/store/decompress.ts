@@ -2,13 +2,17 @@
  * xz decoding for ingest. Two decoders, chosen by measurement (BENCHMARKS.md, "ingest"):
  * an `xz -dc` child process, which decodes on the other core at the speed of the xz tool itself,
  * and lzma-native on the libuv threadpool, about twice as slow, used where no xz binary exists.
- * Either way the event loop only moves buffers.
+ *
+ * Either way the decoded bytes are *pulled*: the decoder runs only as far ahead of its reader as
+ * a small buffer allows, so an xz bomb costs neither memory nor disk beyond what the reader has
+ * accepted. The reader (ingest) checks every limit before it writes a byte to the cache. The
+ * size an archive announces is never trusted for this: a second stream, stream padding or a
+ * forged index all make it lie.
  */
 import { spawn, type ChildProcessByStdio } from 'node:child_process';
 import type { Readable, Writable } from 'node:stream';
-import { access, constants, open } from 'node:fs/promises';
+import { access, constants } from 'node:fs/promises';
 import path from 'node:path';
-import { PassThrough } from 'node:stream';
 import { KheadersError } from '../errors.js';
 
 export type DecoderName = 'xz' | 'lzma-native';
@@ -16,22 +20,33 @@ export type DecoderChoice = DecoderName | 'auto';
 
 export interface Decoder {
   readonly name: DecoderName;
-  /** The decoded tar stream, in order. */
+  /** The decoded tar stream, in order. The decoder waits while its reader does. */
   readonly chunks: AsyncIterable<Buffer>;
-  /**
-   * True when the decoder itself writes the pack file (the xz child writes it directly, so the
-   * bytes never cross a pipe); false when the caller must write `chunks` to the pack.
-   */
-  readonly writesPack: boolean;
-  /** Resolves when the decoder has verified the whole stream; rejects with E_ARCHIVE_CORRUPT. */
+  /** Resolves when the decoder has verified the whole stream; rejects with E_ARCHIVE_CORRUPT or E_LIMIT. */
   readonly done: Promise<void>;
   abort(): void;
 }
 
+/**
+ * The most memory the decoder itself may use (its dictionary, mostly). The kernel's archive
+ * needs 9 MiB (xz's default preset); `xz -9` needs 65 MiB. A larger dictionary is only useful to
+ * a bomb: the dictionary fills with decoded bytes, so it would be resident memory up to its size.
+ */
+export const DECODER_MEMLIMIT_BYTES = 96 * 1024 * 1024;
+
+/**
+ * lzma-native decodes each buffer it is given in one go on the threadpool and hands over all of
+ * its output at once: the input must reach it in slices small enough that even the densest
+ * input (LZMA tops out near 7,000:1, a run of zeros) expands to a bounded amount. 2 KiB slices
+ * bound that to ~14 MiB; on the real archive they cost no measurable time over one large write.
+ */
+const LZMA_NATIVE_SLICE_BYTES = 2 * 1024;
+
 /** Find an xz decoder binary on PATH: `xz`, or `xzcat` (toybox and busybox on Android have it). */
 export async function findXzBinary(envPath = process.env.PATH ?? ''): Promise<{ file: string; args: string[] } | undefined> {
   for (const [name, args] of [
-    ['xz', ['-dc']],
+    ['xz', ['-dc', `--memlimit-decompress=${DECODER_MEMLIMIT_BYTES}`]],
+    // toybox and busybox xzcat (xz-embedded) cap the dictionary at 64 MiB themselves.
     ['xzcat', []],
   ] as const) {
     for (const dir of envPath.split(path.delimiter)) {
@@ -48,11 +63,11 @@ export async function findXzBinary(envPath = process.env.PATH ?? ''): Promise<{ 
   return undefined;
 }
 
-/** Decode `input` into the file `packPath` (already created by the caller). */
-export async function startDecoder(input: Buffer, packPath: string, choice: DecoderChoice = 'auto'): Promise<Decoder> {
+/** Start decoding `input` (a whole .xz file). */
+export async function startDecoder(input: Buffer, choice: DecoderChoice = 'auto'): Promise<Decoder> {
   if (choice !== 'lzma-native') {
     const xz = await findXzBinary();
-    if (xz) return startXzChild(input, packPath, xz.file, xz.args);
+    if (xz) return startXzChild(input, xz.file, xz.args);
     if (choice === 'xz') throw new KheadersError('E_USAGE', 'no xz or xzcat binary on PATH (--decoder xz); install xz-utils or use --decoder auto');
   }
   return startLzmaNative(input);
@@ -62,87 +77,96 @@ function corrupt(detail: string): KheadersError {
   return new KheadersError('E_ARCHIVE_CORRUPT', `corrupt archive: the xz stream does not decode (${detail})`, { decoderMessage: detail });
 }
 
+function memoryLimit(detail: string): KheadersError {
+  return new KheadersError('E_LIMIT', `the archive needs more memory to decode than the ${DECODER_MEMLIMIT_BYTES / 1024 / 1024} MiB allowed (its xz dictionary is too large): ${detail}`, {
+    limit: 'decoderMemory',
+    value: DECODER_MEMLIMIT_BYTES,
+    decoderMessage: detail,
+  });
+}
+
 /**
- * xz writes into the pack file itself (its stdout is the file) while we follow the growing file
- * in large reads. Through a pipe, xz's 8 KiB writes cost ~3,000 event-loop wake-ups per archive;
- * this way the index is built on our core while xz decodes on the other, in ~30 reads.
+ * xz decodes on the other core and writes into a pipe (a socket pair, as libuv makes them);
+ * node stops reading while ingest is busy, the pipe fills, and xz blocks in write(2). Nothing
+ * reaches the cache that ingest has not counted and checked.
  */
-async function startXzChild(input: Buffer, packPath: string, file: string, args: string[]): Promise<Decoder> {
-  const out = await open(packPath, 'r+');
-  const child = spawn(file, args, { stdio: ['pipe', out.fd, 'pipe'] }) as ChildProcessByStdio<Writable, null, Readable>;
+function startXzChild(input: Buffer, file: string, args: string[]): Decoder {
+  const child = spawn(file, args, { stdio: ['pipe', 'pipe', 'pipe'] }) as ChildProcessByStdio<Writable, Readable, Readable>;
   let stderr = '';
-  let exited = false;
   child.stderr.setEncoding('utf8');
   child.stderr.on('data', (s: string) => {
     if (stderr.length < 4096) stderr += s;
   });
-  // xz exits early on bad input; the EPIPE that follows on its stdin is expected, not an error.
+  // xz exits early on bad input (or is killed); the EPIPE that follows on a pipe is expected.
   child.stdin.on('error', () => {});
+  child.stdout.on('error', () => {});
   child.stdin.end(input);
   const done = new Promise<void>((resolve, reject) => {
     child.on('error', (err) => reject(new KheadersError('E_INTERNAL', `could not run ${file}: ${err.message}`, {}, { cause: err })));
     child.on('close', (code, signal) => {
-      exited = true;
       const message = stderr.replace(/^.*?\((?:stdin|stdout)\):\s*/s, '').trim();
       if (code === 0) resolve();
-      else if (/no space left|disk quota/i.test(message)) reject(Object.assign(new Error(message), { code: 'ENOSPC' }));
-      else if (signal) reject(new KheadersError('E_INTERNAL', `${file} was killed by ${signal}`));
+      else if (/memory usage limit|of memory is required/i.test(message)) reject(memoryLimit(message));
+      else if (signal) reject(new KheadersError('E_INTERNAL', `${file} was stopped by ${signal}`));
       else reject(corrupt(message || `${path.basename(file)} exited with status ${code}`));
     });
   });
-  done.catch(() => {}).finally(() => void out.close().catch(() => {}));
-  return { name: 'xz', chunks: followFile(packPath, () => exited), writesPack: true, done, abort: () => child.kill('SIGKILL') };
+  done.catch(() => {}); // observed by the caller later; a rejection before then is not "unhandled"
+  return {
+    name: 'xz',
+    chunks: child.stdout,
+    done,
+    abort: () => {
+      child.stdout.destroy();
+      child.kill('SIGKILL');
+    },
+  };
 }
-
-/** Yield a file's bytes as another process appends them, until `finished()` and EOF. */
-async function* followFile(file: string, finished: () => boolean): AsyncGenerator<Buffer> {
-  const fh = await open(file, 'r');
-  try {
-    let position = 0;
-    for (;;) {
-      const wasFinished = finished(); // read it before the read, so no byte written after is missed
-      const buf = Buffer.allocUnsafe(FOLLOW_CHUNK);
-      const { bytesRead } = await fh.read(buf, 0, buf.length, position);
-      if (bytesRead > 0) {
-        position += bytesRead;
-        yield buf.subarray(0, bytesRead);
-        // A short read means we caught up with xz: let it get ahead before the next read, so
-        // reads stay large (each costs a threadpool round trip and a wake-up of this thread).
-        if (bytesRead < FOLLOW_CHUNK / 4 && !wasFinished) await new Promise((r) => setTimeout(r, FOLLOW_POLL_MS));
-      } else if (wasFinished) {
-        return;
-      } else {
-        await new Promise((r) => setTimeout(r, FOLLOW_POLL_MS));
-      }
-    }
-  } finally {
-    await fh.close();
-  }
-}
-
-const FOLLOW_CHUNK = 1024 * 1024;
-const FOLLOW_POLL_MS = 2;
 
 async function startLzmaNative(input: Buffer): Promise<Decoder> {
   const lzma = await import('lzma-native');
-  const decompressor = lzma.createDecompressor();
-  const output = new PassThrough({ highWaterMark: 1024 * 1024 });
+  const decompressor = lzma.createDecompressor({ memlimit: DECODER_MEMLIMIT_BYTES });
+  let failure: KheadersError | undefined;
+  const typed = (err: unknown): KheadersError => {
+    failure ??= (err as { name?: unknown }).name === 'LZMA_MEMLIMIT_ERROR' ? memoryLimit((err as Error).message) : corrupt((err as Error).message);
+    return failure;
+  };
+  let stopped = false;
   const done = new Promise<void>((resolve, reject) => {
-    decompressor.on('error', (err: Error) => {
-      reject(corrupt(err.message));
-      output.destroy(corrupt(err.message)); // so the reader of `chunks` sees the typed error, not ERR_STREAM_PREMATURE_CLOSE
-    });
-    output.on('finish', resolve);
-    // abort() destroys the output: settle `done` so whoever waits for the decoder is released.
-    output.on('close', () => reject(new KheadersError('E_INTERNAL', 'the lzma-native decoder was stopped')));
+    decompressor.on('error', (err: Error) => reject(typed(err)));
+    decompressor.on('end', resolve);
+    // abort() destroys the stream: settle `done` so whoever waits for the decoder is released.
+    decompressor.on('close', () => reject(failure ?? new KheadersError('E_INTERNAL', 'the lzma-native decoder was stopped')));
   });
   done.catch(() => {}); // observed by the caller later; a rejection before then is not "unhandled"
-  decompressor.pipe(output);
-  decompressor.end(input);
-  return { name: 'lzma-native', chunks: output, writesPack: false, done, abort: () => {
-      decompressor.unpipe(output);
+
+  // One slice at a time: the next is written only once the last is decoded, and the stream
+  // decodes it only once its reader has taken the output below the stream's buffer size.
+  const writeSlice = (slice: Buffer): Promise<void> =>
+    new Promise((resolve, reject) => {
+      decompressor.write(slice, (err?: Error | null) => (err ? reject(typed(err)) : resolve()));
+    });
+  void (async () => {
+    for (let at = 0; at < input.length && !stopped; at += LZMA_NATIVE_SLICE_BYTES) {
+      await writeSlice(input.subarray(at, at + LZMA_NATIVE_SLICE_BYTES));
+    }
+    if (!stopped) decompressor.end();
+  })().catch(() => {}); // a failed write is the stream's 'error', reported through `done` and `chunks`
+
+  async function* chunks(): AsyncGenerator<Buffer> {
+    try {
+      for await (const chunk of decompressor) yield chunk as Buffer;
+    } catch (err) {
+      throw typed(err); // the reader sees the typed error, not ERR_STREAM_PREMATURE_CLOSE
+    }
+  }
+  return {
+    name: 'lzma-native',
+    chunks: chunks(),
+    done,
+    abort: () => {
+      stopped = true;
       decompressor.destroy();
-      output.destroy();
     },
   };
 }

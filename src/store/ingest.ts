@@ -8,7 +8,9 @@
  *
  * Everything is built in <cache>/tmp/, fsynced, and renamed into entries/ in one step while the
  * cache lock is held: a crash leaves no entry or a whole one, and a failure of any kind leaves
- * the earlier entries exactly as they were. A kernel with BTF but no header archive gets an
+ * the earlier entries exactly as they were. A failure also leaves nothing running and nothing
+ * open (a deleted file still open keeps its space: a daemon that failed once on a full disk
+ * would keep the disk full), and tmp/ empty. A kernel with BTF but no header archive gets an
  * entry holding only vmlinux.h.
  */
 import { createHash } from 'node:crypto';
@@ -21,6 +23,7 @@ import { locateArchive, type ArchiveSource } from '../source/locate.js';
 import { xzUncompressedSize } from '../source/xz.js';
 import { CacheStore, entryId, fsyncDir, validRelease } from './cache.js';
 import { startDecoder, type Decoder, type DecoderChoice, type DecoderName } from './decompress.js';
+import { PackWriter } from './pack-writer.js';
 import { ARCHIVE_FILE, INDEX_FILE, MANIFEST_FILE, PACK_FILE, type CacheEntry, type Manifest } from './entry.js';
 import { DEFAULT_LIMITS, TarIndexer, type IngestLimits } from './tar-indexer.js';
 import { TreeIndex } from './tree-index.js';
@@ -70,6 +73,9 @@ export interface IngestOptions {
   liveBtf?: string;
 }
 
+/** What an ingest was writing when the disk filled up (E_NO_SPACE's details.step). */
+export type IngestStep = 'cache' | 'archive' | 'pack' | 'vmlinux.h' | 'index' | 'manifest' | 'current';
+
 export interface IngestResult {
   entry: CacheEntry;
   /** True when the digest was already cached and nothing was decoded. */
@@ -117,7 +123,7 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
   const btf = await chooseBtf(opts, source.live || namedRelease === os.release());
   const store = await openStore(opts);
 
-  return store.locked(async () => {
+  return inStep('cache', store.locked(async () => {
     await sweep(store, opts.log);
     const manifests = await store.list();
     const existing = store.findByDigest(manifests, digest, namedRelease);
@@ -135,7 +141,7 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
     const makeCurrent = opts.setCurrent ?? (source.live || entry.manifest.release === os.release());
     const evicted = await finish(store, entry, makeCurrent, opts);
     return { entry, reused: existing !== undefined, evicted, decoder, durationMs: Math.round(performance.now() - started) };
-  });
+  }));
 }
 
 /** The BTF to use: an explicit file (which must exist), or the live one when `live` allows. */
@@ -160,7 +166,7 @@ async function sweep(store: CacheStore, log: Logger | undefined): Promise<void> 
 }
 
 async function finish(store: CacheStore, entry: CacheEntry, makeCurrent: boolean, opts: IngestOptions): Promise<string[]> {
-  if (makeCurrent && (await store.currentId()) !== entry.manifest.id) await store.setCurrent(entry.manifest.id);
+  if (makeCurrent && (await store.currentId()) !== entry.manifest.id) await inStep('current', store.setCurrent(entry.manifest.id), entry.manifest.id);
   const evicted = await store.gc({ keep: opts.keep ?? 3, protect: [entry.manifest.id], ...(opts.maxCacheBytes !== undefined ? { maxBytes: opts.maxCacheBytes } : {}) });
   if (evicted.length > 0) opts.log?.info({ evicted }, 'evicted old entries');
   return evicted;
@@ -174,7 +180,7 @@ async function ingestBtfOnly(opts: IngestOptions, btf: BtfSource, started: numbe
   const release = opts.release ?? os.release();
   if (!validRelease(release)) throw new KheadersError('E_INTERNAL', `the running kernel's release ${JSON.stringify(release)} cannot name a cache entry`);
   const store = await openStore(opts);
-  return store.locked(async () => {
+  return inStep('cache', store.locked(async () => {
     await sweep(store, opts.log);
     const id = entryId(release, btf.digest);
     let entry = (await store.list()).some((m) => m.id === id) ? await store.load(id) : undefined;
@@ -182,19 +188,19 @@ async function ingestBtfOnly(opts: IngestOptions, btf: BtfSource, started: numbe
     if (!entry) {
       const tmp = await mkdtemp(path.join(store.tmpDir, `ingest-${process.pid}-`));
       try {
-        const bytes = await provideVmlinuxH(btf, path.join(tmp, VMLINUX_H), await loadAll(store));
+        const bytes = await inStep('vmlinux.h', provideVmlinuxH(btf, path.join(tmp, VMLINUX_H), await loadAll(store)));
         const now = Math.floor(Date.now() / 1000);
         const index = TreeIndex.fromRecords([{ path: VMLINUX_H, kind: 'file', mode: 0o644, mtime: now, size: bytes, blob: VMLINUX_H }]);
         const manifest = makeManifest({ id, release, digest: btf.digest, kind: 'btf-only', buildId: null, source: `btf:${btf.path}`, index, packBytes: 0, archiveBytes: 0, btf: { digest: btf.digest, bytes } });
         entry = await commitEntry(store, tmp, manifest, index, []);
       } catch (err) {
         await rm(tmp, { recursive: true, force: true }).catch(() => {});
-        throw asIngestError(err);
+        throw err;
       }
     }
     const evicted = await finish(store, entry, opts.setCurrent ?? true, opts);
     return { entry, reused, evicted, decoder: null, durationMs: Math.round(performance.now() - started) };
-  });
+  }));
 }
 
 async function buildHeadersEntry(
@@ -213,7 +219,11 @@ async function buildHeadersEntry(
     phases[name] = Math.round(performance.now() - t0);
   };
   const tmp = await mkdtemp(path.join(store.tmpDir, `ingest-${process.pid}-`));
+  // Everything that holds a file in tmp/ open or may still write there; a failure waits for all
+  // of it before tmp/ goes, so nothing is left open (holding the space of deleted files) or recreated.
   const handles: FileHandle[] = [];
+  const running: Array<Promise<unknown>> = [];
+  let decoder: Decoder | undefined;
   const indexer = new TarIndexer(limits, new Set([UTSRELEASE_H]));
   const report = (): void => {
     const p: IngestProgress = {
@@ -226,26 +236,32 @@ async function buildHeadersEntry(
     opts.log?.info({ progress: p }, 'ingesting');
   };
   const progressTimer = setInterval(report, PROGRESS_INTERVAL_MS);
-  // vmlinux.h is generated on a worker thread while xz decodes; a BTF problem costs only vmlinux.h.
-  const vmlinux = btf
-    ? provideVmlinuxH(btf, path.join(tmp, VMLINUX_H), await loadAll(store)).then(
-        (bytes) => ({ bytes }),
-        (err: unknown) => {
-          opts.log?.warn({ btf: btf.path }, `no vmlinux.h for this entry: ${(err as Error).message}`);
-          return null;
-        },
-      )
-    : Promise.resolve(null);
   try {
+    // vmlinux.h is generated on a worker thread while xz decodes; a BTF problem costs only
+    // vmlinux.h, but a full disk fails the ingest (an entry must not lack it for that reason).
+    const vmlinux = btf
+      ? inStep('vmlinux.h', provideVmlinuxH(btf, path.join(tmp, VMLINUX_H), await loadAll(store))).then(
+          (bytes) => ({ bytes }),
+          (err: unknown) => {
+            if (isKheadersError(err, 'E_NO_SPACE')) throw err;
+            opts.log?.warn({ btf: btf.path }, `no vmlinux.h for this entry: ${(err as Error).message}`);
+            return null;
+          },
+        )
+      : Promise.resolve(null);
+    running.push(vmlinux);
+    vmlinux.catch(() => {}); // awaited below; failing first must not be an unhandled rejection
+
     const archiveFh = await open(path.join(tmp, ARCHIVE_FILE), 'w', 0o644);
     handles.push(archiveFh);
-    const archiveWritten = archiveFh.writeFile(source.bytes);
-    archiveWritten.catch(() => {}); // awaited below; failing first (ENOSPC) must not be an unhandled rejection
+    const archiveWritten = inStep('archive', archiveFh.writeFile(source.bytes));
+    running.push(archiveWritten);
+    archiveWritten.catch(() => {}); // awaited below; failing first must not be an unhandled rejection
     const packFh = await open(path.join(tmp, PACK_FILE), 'w', 0o644);
     handles.push(packFh);
 
     mark('setup');
-    const decoder = await startDecoder(source.bytes, path.join(tmp, PACK_FILE), opts.decoder);
+    decoder = await startDecoder(source.bytes, opts.decoder);
     await decodeInto(decoder, indexer, packFh, limits);
     const records = indexer.finish();
     await archiveWritten;
@@ -278,16 +294,17 @@ async function buildHeadersEntry(
       btf: made && btf ? { digest: btf.digest, bytes: made.bytes } : null,
     });
     mark('indexed');
-    const entry = await commitEntry(store, tmp, manifest, index, handles.splice(0));
+    const entry = await commitEntry(store, tmp, manifest, index, handles);
     mark('committed');
     report();
     opts.log?.info({ id: manifest.id, files: manifest.files, bytes: manifest.bytes, decoder: decoder.name, vmlinuxH: manifest.btf !== null, phasesMs: phases }, 'ingested');
     return { entry, decoder: decoder.name };
   } catch (err) {
-    await vmlinux; // let the worker finish writing before its directory goes
-    await Promise.all(handles.map((h) => h.close().catch(() => {})));
+    decoder?.abort();
+    await Promise.allSettled([...running, decoder?.done]);
+    await Promise.allSettled(handles.map((h) => h.close())); // a handle already closed resolves at once
     await rm(tmp, { recursive: true, force: true }).catch(() => {});
-    throw asIngestError(err);
+    throw err;
   } finally {
     clearInterval(progressTimer);
   }
@@ -326,15 +343,16 @@ function makeManifest(m: {
 
 /**
  * Make a built directory a cache entry: index and manifest written, every file fsynced (together,
- * so the filesystem can commit them in one journal transaction), then one rename.
+ * so the filesystem can commit them in one journal transaction), then one rename. The caller
+ * still owns `files` (it closes them again on failure; closing twice is harmless).
  */
-async function commitEntry(store: CacheStore, tmp: string, manifest: Manifest, index: TreeIndex, open_: FileHandle[]): Promise<CacheEntry> {
-  await Promise.all([
-    writeSynced(path.join(tmp, INDEX_FILE), JSON.stringify(index.toJSON())),
-    writeSynced(path.join(tmp, MANIFEST_FILE), JSON.stringify(manifest, null, 2) + '\n'),
-    ...open_.map((h) => h.sync()),
+async function commitEntry(store: CacheStore, tmp: string, manifest: Manifest, index: TreeIndex, files: readonly FileHandle[]): Promise<CacheEntry> {
+  await settleAll([
+    inStep('index', writeSynced(path.join(tmp, INDEX_FILE), JSON.stringify(index.toJSON()))),
+    inStep('manifest', writeSynced(path.join(tmp, MANIFEST_FILE), JSON.stringify(manifest, null, 2) + '\n')),
+    ...files.map((h) => inStep('cache', h.sync())),
   ]);
-  await Promise.all(open_.map((h) => h.close()));
+  await settleAll(files.map((h) => h.close()));
   await Promise.all((await readdir(tmp)).map((f) => chmod(path.join(tmp, f), 0o644))); // the umask must not decide who can read
   await chmod(tmp, 0o755); // mkdtemp made it 0700; entries are world-readable like the headers
   await fsyncDir(tmp);
@@ -345,14 +363,26 @@ async function commitEntry(store: CacheStore, tmp: string, manifest: Manifest, i
 }
 
 /**
- * Read decoded bytes through the indexer (and into the pack, when the decoder does not write it
- * itself). When the tar looks corrupt, keep draining (within the size limit) to learn whether xz
- * itself fails: a CRC error is the real cause of garbage tar headers and the more useful message.
+ * Wait for every one of `work`, then fail with the first failure: a sibling still writing when
+ * the caller cleans up would recreate a file in a directory being removed, or keep it open.
+ */
+async function settleAll(work: ReadonlyArray<Promise<unknown>>): Promise<void> {
+  const failed = (await Promise.allSettled(work)).find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  if (failed) throw failed.reason;
+}
+
+/**
+ * Read decoded bytes through the indexer, which applies every limit and safety rule, and only
+ * then into the pack: the pack never holds a byte past a limit, and since the decoder is pulled,
+ * neither does memory. When the tar looks corrupt, keep draining (within the size limit, writing
+ * nothing) to learn whether xz itself fails: a CRC error is the real cause of garbage tar headers
+ * and the more useful message.
  */
 async function decodeInto(decoder: Decoder, indexer: TarIndexer, pack: FileHandle, limits: IngestLimits): Promise<void> {
+  const writer = new PackWriter(pack);
   let tarError: KheadersError | undefined;
-  let drained = 0;
-  try {
+  const readAll = async (): Promise<void> => {
+    let drained = 0;
     for await (const chunk of decoder.chunks) {
       if (tarError) {
         drained += chunk.length;
@@ -368,13 +398,18 @@ async function decodeInto(decoder: Decoder, indexer: TarIndexer, pack: FileHandl
         }
         throw err;
       }
-      if (!decoder.writesPack) await pack.write(chunk);
+      await writer.write(chunk);
     }
+    if (!tarError) await writer.end();
+  };
+  try {
+    await inStep('pack', readAll());
   } catch (err) {
     decoder.abort();
-    await decoder.done.catch(() => {});
+    await Promise.allSettled([decoder.done, writer.settle()]);
     throw err;
   }
+  await writer.settle();
   if (tarError) {
     decoder.abort();
     await decoder.done.catch((xzError: unknown) => {
@@ -399,11 +434,32 @@ async function writeSynced(file: string, content: string): Promise<void> {
   }
 }
 
-function asIngestError(err: unknown): unknown {
-  const code = errnoOf(err);
-  if (code === 'ENOSPC' || code === 'EDQUOT') {
-    return new KheadersError('E_NO_SPACE', `the cache filesystem is full (${code}); nothing was changed and the earlier entries are intact. Free space, or lower --keep / --max-cache-bytes and run \`kheadersd gc\``, {}, { cause: err });
+/**
+ * Await one step of an ingest; a full disk there becomes E_NO_SPACE naming the step. Every step
+ * but `current` fails before the entry exists: the earlier entries are untouched, and the next
+ * ingest works as soon as there is space.
+ */
+async function inStep<T>(step: IngestStep, work: Promise<T>, entryId?: string): Promise<T> {
+  try {
+    return await work;
+  } catch (err) {
+    const code = errnoOf(err);
+    if (code !== 'ENOSPC' && code !== 'EDQUOT') throw err;
+    const fix = 'Free space, or lower --keep / --max-cache-bytes and run `kheadersd gc`';
+    const message =
+      step === 'current'
+        ? `the cache filesystem is full (${code}) while pointing \`current\` at ${entryId ?? 'the new entry'}: the entry is cached, but \`current\` still names the one before. ${fix}, then ingest again (it reuses the entry)`
+        : `the cache filesystem is full (${code}) while writing ${STEP_WHAT[step]}; nothing was changed and the earlier entries are intact. ${fix}`;
+    throw new KheadersError('E_NO_SPACE', message, { step, errno: code }, { cause: err });
   }
-  return err;
 }
 
+const STEP_WHAT: Record<IngestStep, string> = {
+  cache: 'to the cache directory',
+  archive: ARCHIVE_FILE,
+  pack: PACK_FILE,
+  'vmlinux.h': VMLINUX_H,
+  index: INDEX_FILE,
+  manifest: MANIFEST_FILE,
+  current: 'current',
+};
