@@ -293,14 +293,19 @@ async function checkOwnership(dir: string, forWriting: boolean): Promise<void> {
 /** Write a small file so that a crash leaves the old content or the new, never a torn one. */
 export async function writeFileDurably(file: string, content: string | Buffer, tmpDir: string): Promise<void> {
   const tmp = path.join(tmpDir, `.${path.basename(file)}.${process.pid}.${Date.now()}`);
-  const fh = await open(tmp, 'w', 0o644);
   try {
-    await fh.writeFile(content);
-    await fh.sync();
-  } finally {
-    await fh.close();
+    const fh = await open(tmp, 'w', 0o644);
+    try {
+      await fh.writeFile(content);
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
+    await rename(tmp, file);
+  } catch (err) {
+    await rm(tmp, { force: true }); // a full disk must not leave the half-written file in tmp/
+    throw err;
   }
-  await rename(tmp, file);
   await fsyncDir(path.dirname(file));
 }
 

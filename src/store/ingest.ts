@@ -262,7 +262,9 @@ async function buildHeadersEntry(
 
     mark('setup');
     decoder = await startDecoder(source.bytes, opts.decoder);
-    await decodeInto(decoder, indexer, packFh, limits);
+    // The pack's first write waits for the archive's (done long before 1 MiB is decoded): a disk
+    // that fills up then names the file it really stopped at.
+    await decodeInto(decoder, indexer, new PackWriter(packFh, archiveWritten), limits);
     const records = indexer.finish();
     await archiveWritten;
     mark('decoded');
@@ -347,12 +349,24 @@ function makeManifest(m: {
  * still owns `files` (it closes them again on failure; closing twice is harmless).
  */
 async function commitEntry(store: CacheStore, tmp: string, manifest: Manifest, index: TreeIndex, files: readonly FileHandle[]): Promise<CacheEntry> {
-  await settleAll([
-    inStep('index', writeSynced(path.join(tmp, INDEX_FILE), JSON.stringify(index.toJSON()))),
-    inStep('manifest', writeSynced(path.join(tmp, MANIFEST_FILE), JSON.stringify(manifest, null, 2) + '\n')),
-    ...files.map((h) => inStep('cache', h.sync())),
-  ]);
-  await settleAll(files.map((h) => h.close()));
+  const all = [...files];
+  const metadata = [
+    ['index', INDEX_FILE, JSON.stringify(index.toJSON())],
+    ['manifest', MANIFEST_FILE, JSON.stringify(manifest, null, 2) + '\n'],
+  ] as const;
+  try {
+    // One after the other, so a full disk names the file it stopped at.
+    for (const [step, name, text] of metadata) {
+      const fh = await open(path.join(tmp, name), 'w', 0o644);
+      all.push(fh);
+      await inStep(step, fh.writeFile(text));
+    }
+    await settleAll(all.map((h) => inStep('cache', h.sync())));
+  } catch (err) {
+    await Promise.allSettled(all.map((h) => h.close()));
+    throw err;
+  }
+  await settleAll(all.map((h) => h.close()));
   await Promise.all((await readdir(tmp)).map((f) => chmod(path.join(tmp, f), 0o644))); // the umask must not decide who can read
   await chmod(tmp, 0o755); // mkdtemp made it 0700; entries are world-readable like the headers
   await fsyncDir(tmp);
@@ -378,8 +392,7 @@ async function settleAll(work: ReadonlyArray<Promise<unknown>>): Promise<void> {
  * nothing) to learn whether xz itself fails: a CRC error is the real cause of garbage tar headers
  * and the more useful message.
  */
-async function decodeInto(decoder: Decoder, indexer: TarIndexer, pack: FileHandle, limits: IngestLimits): Promise<void> {
-  const writer = new PackWriter(pack);
+async function decodeInto(decoder: Decoder, indexer: TarIndexer, writer: PackWriter, limits: IngestLimits): Promise<void> {
   let tarError: KheadersError | undefined;
   const readAll = async (): Promise<void> => {
     let drained = 0;
@@ -422,16 +435,6 @@ async function decodeInto(decoder: Decoder, indexer: TarIndexer, pack: FileHandl
 
 function releaseFromUtsrelease(content: Buffer | undefined): string | undefined {
   return content?.toString('utf8').match(/#define\s+UTS_RELEASE\s+"([^"]+)"/)?.[1];
-}
-
-async function writeSynced(file: string, content: string): Promise<void> {
-  const fh = await open(file, 'w', 0o644);
-  try {
-    await fh.writeFile(content);
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
 }
 
 /**

@@ -76,6 +76,9 @@ async function createWithContent(file: string, content: string): Promise<boolean
   const fh = await open(scratch, 'wx', 0o644);
   try {
     await fh.writeFile(content);
+  } catch (err) {
+    await unlink(scratch).catch(() => {}); // a full disk must not leave it behind
+    throw err;
   } finally {
     await fh.close();
   }

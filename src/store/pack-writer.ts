@@ -12,9 +12,16 @@ export class PackWriter {
   private batch: Buffer[] = [];
   private batchBytes = 0;
   private position = 0;
-  private inFlight: Promise<void> = Promise.resolve();
+  private inFlight: Promise<void>;
 
-  constructor(private readonly file: FileHandle) {}
+  /** `after`: the first write waits for it, and fails with its failure (what else had to be written first). */
+  constructor(
+    private readonly file: FileHandle,
+    after: Promise<unknown> = Promise.resolve(),
+  ) {
+    this.inFlight = after.then(() => undefined);
+    this.inFlight.catch(() => {}); // observed by the first flush, end() or settle()
+  }
 
   /** Queue `chunk` (which must not change afterwards); waits only when a full batch is ready and the last one is still being written. */
   async write(chunk: Buffer): Promise<void> {

@@ -48,6 +48,8 @@ function generateInWorker(btfPath: string, outFile: string): Promise<number> {
     worker.once('message', (msg: { ok: true; bytes: number } | { ok: false; code: string; message: string }) => {
       settled = true;
       if (msg.ok) resolve(msg.bytes);
+      // An errno (ENOSPC writing the file) stays one, so the caller can tell a full disk from bad BTF.
+      else if (!msg.code.startsWith('E_')) reject(Object.assign(new Error(`cannot write ${outFile}: ${msg.message}`), { code: msg.code }));
       else reject(new KheadersError(msg.code as ErrorCode, `cannot make vmlinux.h from ${btfPath}: ${msg.message}`, { btf: btfPath }));
     });
     worker.once('error', (err) => {
