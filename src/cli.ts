@@ -33,6 +33,8 @@ function addKeys(cmd: Command, keys: readonly ConfigKey[]): Command {
 }
 
 const COMMON: ConfigKey[] = ['cacheDir', 'logLevel', 'lockTimeout'];
+/** serve's own keys (doctor takes them too, to check what serve would do). */
+const SERVE_KEYS: ConfigKey[] = ['mount', 'fuseBackend', 'linkModules', 'http', 'tokenFile', 'httpMaxConnectionsPerClient', 'httpHeadersTimeout', 'httpIdleTimeout'];
 const INGEST_KEYS: ConfigKey[] = ['archive', 'release', 'modprobe', 'unloadModule', 'keep', 'maxCacheBytes', 'maxTotalBytes', 'maxEntries', 'maxFileBytes', 'decoder', 'btf'];
 
 /**
@@ -130,7 +132,7 @@ export function buildProgram(): Command {
 
   addKeys(
     program.command('serve').description('ingest the running kernel\'s headers, then serve them over a FUSE mount and HTTP until stopped'),
-    [...INGEST_KEYS, 'mount', 'fuseBackend', 'linkModules', 'http', 'tokenFile', ...COMMON],
+    [...INGEST_KEYS, ...SERVE_KEYS, ...COMMON],
   ).action(async (_o, cmd: Command) =>
     run(cmd, false, async (cfg, io) => {
       const { startDaemon, installSignalHandlers } = await import('./serve/daemon.js');
@@ -185,7 +187,7 @@ export function buildProgram(): Command {
 
   addKeys(
     program.command('doctor').description('check everything a first `serve` needs, and say what to do about each problem'),
-    [...INGEST_KEYS, 'mount', 'fuseBackend', 'linkModules', 'http', 'tokenFile', ...COMMON],
+    [...INGEST_KEYS, ...SERVE_KEYS, ...COMMON],
   )
     .option('--json', 'print the checks as JSON')
     .action(async (_o, cmd: Command) =>

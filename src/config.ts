@@ -7,6 +7,7 @@
 import { readFile } from 'node:fs/promises';
 import { KheadersError, errnoOf } from './errors.js';
 import { LOG_LEVELS, type LogLevel } from './log.js';
+import { DEFAULT_HTTP_LIMITS } from './serve/http/limits.js';
 import { defaultCacheDir, isAndroid } from './store/cache.js';
 
 export const DEFAULT_CONFIG_FILE = '/etc/kheadersd/config.json';
@@ -40,6 +41,9 @@ export const KEYS = {
   linkModules: { kind: 'boolean', help: 'create /lib/modules/<release>/build -> <mount>/<release> when absent (default off)' },
   http: { kind: 'string', help: 'HTTP listen address HOST:PORT, or "off" (default 127.0.0.1:7711)' },
   tokenFile: { kind: 'string', help: 'require `Authorization: Bearer <token>` with the token in this file' },
+  httpMaxConnectionsPerClient: { kind: 'integer', help: 'connections one HTTP client (an address; IPv6: a /64) may hold open at once; 0 = no cap (default 128; raise it behind a reverse proxy)' },
+  httpHeadersTimeout: { kind: 'integer', help: 'seconds an HTTP client has to send a request\'s headers (default 5)' },
+  httpIdleTimeout: { kind: 'integer', help: 'seconds an HTTP connection may stay silent (a stalled download) before it is closed (default 30)' },
 } as const satisfies Record<string, KeySpec>;
 
 export type ConfigKey = keyof typeof KEYS;
@@ -64,6 +68,11 @@ export interface Config {
   linkModules: boolean;
   http: { host: string; port: number } | null;
   tokenFile?: string;
+  httpMaxConnectionsPerClient: number;
+  /** Seconds. */
+  httpHeadersTimeout: number;
+  /** Seconds. */
+  httpIdleTimeout: number;
 }
 
 export function envName(key: ConfigKey): string {
@@ -182,6 +191,9 @@ export function resolveConfig({ flags, env, file, fileName }: ConfigSources): Co
     fuseBackend: (str('fuseBackend') as Config['fuseBackend'] | undefined) ?? 'auto',
     linkModules: bool('linkModules', false),
     http,
+    httpMaxConnectionsPerClient: num('httpMaxConnectionsPerClient') ?? DEFAULT_HTTP_LIMITS.maxConnectionsPerClient,
+    httpHeadersTimeout: num('httpHeadersTimeout') ?? DEFAULT_HTTP_LIMITS.headersTimeoutMs / 1000,
+    httpIdleTimeout: num('httpIdleTimeout') ?? DEFAULT_HTTP_LIMITS.idleTimeoutMs / 1000,
   };
   const optional: Array<[keyof Config, ConfigKey]> = [
     ['archive', 'archive'],
@@ -195,5 +207,7 @@ export function resolveConfig({ flags, env, file, fileName }: ConfigSources): Co
   const maxCache = num('maxCacheBytes');
   if (maxCache !== undefined) cfg.maxCacheBytes = maxCache;
   if (cfg.keep < 1) throw new KheadersError('E_CONFIG', 'keep must be at least 1');
+  if (cfg.httpHeadersTimeout < 1) throw new KheadersError('E_CONFIG', 'httpHeadersTimeout must be at least 1 (seconds)');
+  if (cfg.httpIdleTimeout < 1) throw new KheadersError('E_CONFIG', 'httpIdleTimeout must be at least 1 (seconds)');
   return cfg;
 }

@@ -160,3 +160,17 @@ test('readConfigFile: missing, unreadable, not JSON, not an object, unknown keys
     });
   }
 });
+
+test('resolveConfig: the HTTP slow-client settings (per-client cap, header and idle timeouts)', () => {
+  const dflt = resolveConfig(base);
+  assert.equal(dflt.httpMaxConnectionsPerClient, 128);
+  assert.equal(dflt.httpHeadersTimeout, 5);
+  assert.equal(dflt.httpIdleTimeout, 30);
+  const set = resolveConfig({ ...base, env: { KHEADERSD_HTTP_MAX_CONNECTIONS_PER_CLIENT: '0' }, file: { httpHeadersTimeout: 2 }, flags: { httpIdleTimeout: '90' } });
+  assert.equal(set.httpMaxConnectionsPerClient, 0, '0 turns the cap off');
+  assert.equal(set.httpHeadersTimeout, 2);
+  assert.equal(set.httpIdleTimeout, 90);
+  expectConfigError(() => resolveConfig({ ...base, flags: { httpHeadersTimeout: '0' } }), /httpHeadersTimeout must be at least 1/);
+  expectConfigError(() => resolveConfig({ ...base, file: { httpIdleTimeout: 0 } }), /httpIdleTimeout must be at least 1/);
+  expectConfigError(() => resolveConfig({ ...base, env: { KHEADERSD_HTTP_MAX_CONNECTIONS_PER_CLIENT: 'many' } }), /KHEADERSD_HTTP_MAX_CONNECTIONS_PER_CLIENT/, /whole number/);
+});

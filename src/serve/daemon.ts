@@ -105,7 +105,8 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
   if (cfg.http) {
     const { startHttpServer } = await import('./http/server.js');
     const token = cfg.tokenFile ? await readToken(cfg.tokenFile) : undefined;
-    http = await startHttpServer({ listen: cfg.http, store, state, log, ...(token !== undefined ? { token } : {}) });
+    const limits = { maxConnectionsPerClient: cfg.httpMaxConnectionsPerClient, headersTimeoutMs: cfg.httpHeadersTimeout * 1000, idleTimeoutMs: cfg.httpIdleTimeout * 1000 };
+    http = await startHttpServer({ listen: cfg.http, store, state, log, limits, ...(token !== undefined ? { token } : {}) });
     log.info({ url: http.url }, 'HTTP listening');
   }
 

@@ -14,8 +14,10 @@ import type { Logger } from '../../log.js';
 import type { CacheStore } from '../../store/cache.js';
 import type { DaemonState } from '../state.js';
 import { bearerChecker } from './auth.js';
+import { capConnectionsPerClient } from './client-cap.js';
 import { Catalog } from './catalog.js';
 import { createFastPath, type FastPath } from './fast-path.js';
+import { DEFAULT_HTTP_LIMITS, type HttpLimits } from './limits.js';
 import { HttpMetrics } from './metrics.js';
 import { PathError, parseRequestPath } from './paths.js';
 import { BUFFER_MAX_BYTES, sendError } from './respond.js';
@@ -27,39 +29,7 @@ import { metricsRoutes } from './routes/metrics.js';
 import './types.js';
 
 export { readTokenFile } from './auth.js';
-
-export interface HttpLimits {
-  /** Request line + headers (Node's maxHeaderSize). */
-  maxHeaderBytes: number;
-  /** Time to receive the request headers (slowloris guard). */
-  headersTimeoutMs: number;
-  /** Time to receive the whole request. */
-  requestTimeoutMs: number;
-  /** An idle keep-alive connection is closed after this. */
-  keepAliveTimeoutMs: number;
-  /** A socket with no activity at all (e.g. a stalled download) is closed after this. */
-  idleTimeoutMs: number;
-  /** Connections beyond this are closed as soon as they are accepted (server.maxConnections). */
-  maxConnections: number;
-  /** close(): how long in-flight responses may take before their connections are cut. */
-  shutdownGraceMs: number;
-  /** Hot file bodies kept in memory (see bytes.ts: a pread per request halves throughput); 0 = off. */
-  bodyCacheBytes: number;
-  /** gzip-compressed bodies kept in memory (compressing is the CPU cost of a gzip response). */
-  gzipCacheBytes: number;
-}
-
-export const DEFAULT_HTTP_LIMITS: HttpLimits = {
-  maxHeaderBytes: 16 * 1024,
-  headersTimeoutMs: 10_000,
-  requestTimeoutMs: 30_000,
-  keepAliveTimeoutMs: 5_000,
-  idleTimeoutMs: 60_000,
-  maxConnections: 512,
-  shutdownGraceMs: 10_000,
-  bodyCacheBytes: 16 * 1024 * 1024, // half a kernel's headers; a BPF compile reads a few MiB of them
-  gzipCacheBytes: 8 * 1024 * 1024,
-};
+export { DEFAULT_HTTP_LIMITS, type HttpLimits } from './limits.js';
 
 export interface HttpServerOptions {
   listen: { host: string; port: number };
@@ -121,12 +91,21 @@ export async function startHttpServer(opts: HttpServerOptions): Promise<HttpServ
   // Our own node server, so the fast path sees requests before fastify does; with a
   // serverFactory fastify leaves the timeouts to us, so they are all set here.
   const serverFactory = (handler: (req: IncomingMessage, res: ServerResponse) => void): Server => {
-    const server = http.createServer({ maxHeaderSize: limits.maxHeaderBytes, headersTimeout: limits.headersTimeoutMs, requestTimeout: limits.requestTimeoutMs }, (req, res) => {
-      if (!fast?.(req, res)) handler(req, res);
-    });
+    const server = http.createServer(
+      {
+        maxHeaderSize: limits.maxHeaderBytes,
+        headersTimeout: limits.headersTimeoutMs,
+        requestTimeout: Math.max(limits.requestTimeoutMs, limits.headersTimeoutMs),
+        connectionsCheckingInterval: limits.timeoutCheckIntervalMs,
+      },
+      (req, res) => {
+        if (!fast?.(req, res)) handler(req, res);
+      },
+    );
     server.keepAliveTimeout = limits.keepAliveTimeoutMs;
     server.setTimeout(limits.idleTimeoutMs);
     server.maxConnections = limits.maxConnections;
+    capConnectionsPerClient(server, limits.maxConnectionsPerClient, log);
     return server;
   };
 
