@@ -151,13 +151,11 @@ export function buildProgram(): Command {
     .option('--out <dir>', 'where trees go: DIR/<release>-<digest12>/ (default <host cache>/trees)')
     .option('--release <release>', "pull this release instead of the device's current one")
     .option('--cache-dir <dir>', 'the host-side cache (default $XDG_CACHE_HOME/kheadersd or ~/.cache/kheadersd)')
-    .option('--token-file <file>', 'the bearer token, when the daemon requires one')
+    .option('--token-file <file>', 'the bearer token, when the daemon requires one (mode 600, one line of 16 or more characters)')
     .addOption(new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']))
     .action(async (o: { url?: string; adb?: boolean; serial?: string; out?: string; release?: string; cacheDir?: string; tokenFile?: string }, cmd: Command) =>
       run(cmd, true, async (_cfg, io) => {
         const { cmdPull, defaultHostCacheDir } = await import('./commands/pull.js');
-        const { readFile } = await import('node:fs/promises');
-        const token = o.tokenFile !== undefined ? (await readFile(o.tokenFile, 'utf8')).trim() : undefined;
         await cmdPull(
           {
             ...(o.url !== undefined ? { url: o.url } : {}),
@@ -165,7 +163,7 @@ export function buildProgram(): Command {
             ...(o.serial !== undefined ? { serial: o.serial } : {}),
             ...(o.out !== undefined ? { out: o.out } : {}),
             ...(o.release !== undefined ? { release: o.release } : {}),
-            ...(token !== undefined ? { token } : {}),
+            ...(o.tokenFile !== undefined ? { tokenFile: o.tokenFile } : {}),
             cacheDir: o.cacheDir ?? defaultHostCacheDir(),
           },
           io,

@@ -40,7 +40,7 @@ export const KEYS = {
   fuseBackend: { kind: 'enum', values: ['auto', 'kernel', 'native'], help: 'FUSE transport: kernel (/dev/fuse protocol in TypeScript), native (fuse-native/libfuse2), auto' },
   linkModules: { kind: 'boolean', help: 'create /lib/modules/<release>/build -> <mount>/<release> when absent (default off)' },
   http: { kind: 'string', help: 'HTTP listen address HOST:PORT, or "off" (default 127.0.0.1:7711)' },
-  tokenFile: { kind: 'string', help: 'require `Authorization: Bearer <token>` with the token in this file' },
+  tokenFile: { kind: 'string', help: 'require `Authorization: Bearer <token>` with the token in this file (mode 600 or stricter, yours or root\'s, one line of 16+ printable characters)' },
   httpMaxConnectionsPerClient: { kind: 'integer', help: 'connections one HTTP client (an address; IPv6: a /64) may hold open at once; 0 = no cap (default 128; raise it behind a reverse proxy)' },
   httpHeadersTimeout: { kind: 'integer', help: 'seconds an HTTP client has to send a request\'s headers (default 5)' },
   httpIdleTimeout: { kind: 'integer', help: 'seconds an HTTP connection may stay silent (a stalled download) before it is closed (default 30)' },

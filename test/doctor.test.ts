@@ -253,7 +253,8 @@ describe('doctor checks', () => {
     assert.match(one(await runDoctor(config(root, { tokenFile: token }), env), 'token').what, /fewer than 16/);
     await writeFile(token, 'a'.repeat(64));
     await chmod(token, 0o644);
-    assert.equal(one(await runDoctor(config(root, { tokenFile: token }), env), 'token').status, 'warn');
+    // serve refuses such a file (the one token rule), so doctor says FAIL, not warn.
+    assert.equal(one(await runDoctor(config(root, { tokenFile: token }), env), 'token').status, 'fail');
     await chmod(token, 0o600);
     assert.equal(one(await runDoctor(config(root, { tokenFile: token }), env), 'token').status, 'ok');
     assert.equal(only(await runDoctor(config(root), env), 'token').length, 0, 'no token file, no line');

@@ -138,8 +138,8 @@ test('token: every route but /healthz needs it; compared exactly', async (t) => 
 
 test('readTokenFile: private file, one token', async () => {
   const f = path.join(work, 'token');
-  await writeFile(f, 'abc123\n', { mode: 0o600 });
-  assert.equal(await readTokenFile(f), 'abc123');
+  await writeFile(f, 'abc123-0123456789abcdef\n', { mode: 0o600 });
+  assert.equal(await readTokenFile(f), 'abc123-0123456789abcdef');
   await chmod(f, 0o644);
   await assert.rejects(readTokenFile(f), (err: unknown) => isKheadersError(err, 'E_CONFIG') && /chmod 600/.test(err.message));
   await writeFile(path.join(work, 'empty'), '\n', { mode: 0o600 });

@@ -21,10 +21,11 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import type { Config } from '../config.js';
-import { EXIT, errnoOf } from '../errors.js';
+import { EXIT, errnoOf, isKheadersError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { BTF_PATH, LIVE_ARCHIVE_PATHS } from '../source/locate.js';
 import { isAndroid } from '../store/cache.js';
+import { readTokenFile } from '../token.js';
 import { packageRoot } from './install.js';
 
 export type CheckStatus = 'ok' | 'warn' | 'fail';
@@ -388,20 +389,18 @@ class Doctor {
     return out;
   }
 
+  /** The token file, by the very rule serve and pull apply (readTokenFile): what serve would refuse is a FAIL. */
   async token(): Promise<Found> {
     const file = this.cfg.tokenFile;
     if (file === undefined) return [];
-    let st;
-    let text: string;
     try {
-      st = await stat(file);
-      text = (await readFile(file, 'utf8')).trim();
+      const token = await readTokenFile(file);
+      return [{ id: 'token', status: 'ok', what: `token file ${file}: ${token.length} characters, private` }];
     } catch (err) {
-      return [{ id: 'token', status: 'fail', what: `token file ${file}: cannot read it (${errnoOf(err) ?? String(err)})`, fix: 'create it: openssl rand -hex 32 > FILE; chmod 600 FILE' }];
+      if (!isKheadersError(err, 'E_CONFIG')) throw err;
+      const { problem, fix } = err.details;
+      return [{ id: 'token', status: 'fail', what: typeof problem === 'string' ? problem : err.message, ...(typeof fix === 'string' ? { fix } : {}) }];
     }
-    if (text.length < 16) return [{ id: 'token', status: 'fail', what: `token file ${file} holds fewer than 16 characters`, fix: 'use a long random token: openssl rand -hex 32' }];
-    if ((st.mode & 0o044) !== 0) return [{ id: 'token', status: 'warn', what: `token file ${file} is readable by others (mode ${(st.mode & 0o777).toString(8)})`, fix: `chmod 600 ${file}` }];
-    return [{ id: 'token', status: 'ok', what: `token file ${file}: ${text.length} characters, private` }];
   }
 
   async fuseDevice(): Promise<Found> {

@@ -27,6 +27,7 @@ import { KheadersError, errnoOf, isKheadersError } from '../errors.js';
 import { isDigest, validRelease } from '../store/cache.js';
 import { exportEntry } from '../store/export.js';
 import { ingest } from '../store/ingest.js';
+import { readTokenFile } from '../token.js';
 import type { CommandIO } from './store-commands.js';
 import { humanBytes, progressBar, type EntrySummary } from './format.js';
 
@@ -56,6 +57,8 @@ export interface PullOptions {
   cacheDir?: string;
   /** Bearer token, when the daemon has --token-file. */
   token?: string;
+  /** A file holding the token, checked by the same rule as the daemon's (token.ts). Exclusive with `token`. */
+  tokenFile?: string;
   /** Host-cache entries to keep (default 3); exported trees are never removed. */
   keep?: number;
   /** A request (or a download that stops moving) fails after this long. */
@@ -84,7 +87,9 @@ export async function cmdPull(opts: PullOptions, io: CommandIO): Promise<void> {
   io.stdout.write(`export BCC_KERNEL_SOURCE=${shellQuote(r.dir)}\nexport BPFTRACE_KERNEL_SOURCE=${shellQuote(r.dir)}\n`);
 }
 
-export async function pull(opts: PullOptions, io: CommandIO): Promise<PullResult> {
+export async function pull(options: PullOptions, io: CommandIO): Promise<PullResult> {
+  if (options.token !== undefined && options.tokenFile !== undefined) throw new KheadersError('E_USAGE', 'give the token or the token file, not both');
+  const opts = options.tokenFile !== undefined ? { ...options, token: await readTokenFile(options.tokenFile) } : options;
   if (opts.url !== undefined && opts.adb) throw new KheadersError('E_USAGE', '--url and --adb are exclusive: --adb sets up its own forward');
   if (opts.serial !== undefined && !opts.adb) throw new KheadersError('E_USAGE', '--serial only makes sense with --adb');
   if (opts.release !== undefined && !validRelease(opts.release)) throw new KheadersError('E_USAGE', `--release ${JSON.stringify(opts.release)} is not a valid kernel release`);

@@ -11,7 +11,6 @@
  * working without it.
  */
 import { lstat, mkdir, readlink, rmdir, symlink, unlink } from 'node:fs/promises';
-import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import type { Config } from '../config.js';
 import { KheadersError, errnoOf, isKheadersError } from '../errors.js';
@@ -19,6 +18,7 @@ import type { CommandIO } from '../commands/store-commands.js';
 import { ingestWithConfig } from '../commands/store-commands.js';
 import { CacheStore } from '../store/cache.js';
 import type { CacheEntry } from '../store/entry.js';
+import { readTokenFile } from '../token.js';
 import { DaemonState } from './state.js';
 import type { FuseMount } from './fuse/types.js';
 import type { IndexFsModel } from './fuse/index-model.js';
@@ -35,6 +35,8 @@ export interface RunningDaemon {
 /** Start the daemon; resolves once it is serving. Signal handling is `installSignalHandlers`. */
 export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDaemon> {
   const { log } = io;
+  // Before any work: a token file that breaks the rule is a configuration error, not a late surprise.
+  const token = cfg.http && cfg.tokenFile !== undefined ? await readTokenFile(cfg.tokenFile) : undefined;
   const state = new DaemonState();
   const store = await CacheStore.open(cfg.cacheDir, { write: true, lockTimeoutMs: cfg.lockTimeout * 1000 });
   let model: IndexFsModel | null = null;
@@ -104,7 +106,6 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
 
   if (cfg.http) {
     const { startHttpServer } = await import('./http/server.js');
-    const token = cfg.tokenFile ? await readToken(cfg.tokenFile) : undefined;
     const limits = { maxConnectionsPerClient: cfg.httpMaxConnectionsPerClient, headersTimeoutMs: cfg.httpHeadersTimeout * 1000, idleTimeoutMs: cfg.httpIdleTimeout * 1000 };
     http = await startHttpServer({ listen: cfg.http, store, state, log, limits, ...(token !== undefined ? { token } : {}) });
     log.info({ url: http.url }, 'HTTP listening');
@@ -176,17 +177,6 @@ export function installSignalHandlers(starting: Promise<RunningDaemon>, io: Comm
   };
   process.on('SIGTERM', onStop);
   process.on('SIGINT', onStop);
-}
-
-async function readToken(file: string): Promise<string> {
-  let token: string;
-  try {
-    token = (await readFile(file, 'utf8')).trim();
-  } catch (err) {
-    throw new KheadersError('E_CONFIG', `cannot read --token-file ${file}: ${errnoOf(err) ?? String(err)}`, { file });
-  }
-  if (token.length < 16) throw new KheadersError('E_CONFIG', `the token in ${file} is shorter than 16 characters; use a long random one (e.g. openssl rand -hex 32)`);
-  return token;
 }
 
 /**

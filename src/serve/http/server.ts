@@ -28,7 +28,7 @@ import { kernelRoutes } from './routes/kernels.js';
 import { metricsRoutes } from './routes/metrics.js';
 import './types.js';
 
-export { readTokenFile } from './auth.js';
+export { readTokenFile } from '../../token.js';
 export { DEFAULT_HTTP_LIMITS, type HttpLimits } from './limits.js';
 
 export interface HttpServerOptions {
