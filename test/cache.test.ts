@@ -5,9 +5,8 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync, spawn, spawnSync } from 'node:child_process';
-import { chmod, chown, mkdir, mkdtemp, readdir, readFile, rm, stat, utimes, writeFile } from 'node:fs/promises';
-import os from 'node:os';
+import { spawn, spawnSync } from 'node:child_process';
+import { chmod, chown, mkdir, readdir, readFile, stat, utimes, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { KheadersError } from '../src/errors.js';
 import { createLogger } from '../src/log.js';
@@ -15,6 +14,7 @@ import { CacheStore } from '../src/store/cache.js';
 import { dataLocation, type Manifest } from '../src/store/entry.js';
 import { ingest, type IngestOptions } from '../src/store/ingest.js';
 import { CLI, REPO_ROOT, cleanEnv, goodTree, hasStackTrace, makeTar, randomBytes, runCli, runProcess, sha256, snapshot, tempDir, textLike, xz, xzAsync } from './helpers/archives.js';
+import { mountTmpfs } from './helpers/tmpfs.js';
 
 const silent = createLogger('silent');
 const isRoot = process.getuid?.() === 0;
@@ -278,28 +278,12 @@ test('kheadersd gc: --keep, --max-cache-bytes, --json, and sweeping tmp', async 
 // ---------------------------------------------------------------------------------------------
 // A full filesystem
 
-function tryMount(dir: string, size: string): string | undefined {
-  if (!isRoot) return 'mounting a tmpfs needs root';
-  try {
-    execFileSync('mount', ['-t', 'tmpfs', '-o', `size=${size}`, 'tmpfs', dir], { stdio: 'pipe' });
-    return undefined;
-  } catch (err) {
-    return `mount -t tmpfs is not permitted here: ${String((err as { stderr?: Buffer }).stderr ?? err).trim()}`;
-  }
-}
-
 for (const decoder of ['xz', 'lzma-native'] as const) {
   test(`a full cache filesystem gives E_NO_SPACE and changes nothing (${decoder} decoder)`, { timeout: 180_000 }, async (t) => {
     const dir = await tempDir(t);
-    // Not inside `dir`, and unmounted before it is removed (hooks run in the order they were added).
-    const mnt = await mkdtemp(path.join(os.tmpdir(), 'kheadersd-tmpfs-'));
-    const why = tryMount(mnt, '8m');
-    t.after(async () => {
-      if (!why) execFileSync('umount', [mnt]);
-      await rm(mnt, { recursive: true, force: true });
-    });
-    if (why) return t.skip(why);
-    const cacheDir = path.join(mnt, 'cache');
+    const mounted = await mountTmpfs(t, '8m');
+    if ('skip' in mounted) return t.skip(mounted.skip);
+    const cacheDir = path.join(mounted.dir, 'cache');
 
     const small = await run({ cacheDir, archive: await archiveFile(dir, '6.99.0-small'), decoder });
     const before = await snapshot(path.join(cacheDir, 'entries'));
