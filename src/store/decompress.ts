@@ -45,8 +45,7 @@ const LZMA_NATIVE_SLICE_BYTES = 2 * 1024;
 /** Find an xz decoder binary on PATH: `xz`, or `xzcat` (toybox and busybox on Android have it). */
 export async function findXzBinary(envPath = process.env.PATH ?? ''): Promise<{ file: string; args: string[] } | undefined> {
   for (const [name, args] of [
-    ['xz', ['-dc', `--memlimit-decompress=${DECODER_MEMLIMIT_BYTES}`]],
-    // toybox and busybox xzcat (xz-embedded) cap the dictionary at 64 MiB themselves.
+    ['xz', ['-dc']],
     ['xzcat', []],
   ] as const) {
     for (const dir of envPath.split(path.delimiter)) {
@@ -91,7 +90,10 @@ function memoryLimit(detail: string): KheadersError {
  * reaches the cache that ingest has not counted and checked.
  */
 function startXzChild(input: Buffer, file: string, args: string[]): Decoder {
-  const child = spawn(file, args, { stdio: ['pipe', 'pipe', 'pipe'] }) as ChildProcessByStdio<Writable, Readable, Readable>;
+  // The memory limit goes in XZ_DEFAULTS, which XZ Utils reads and other xz tools ignore, where
+  // a flag they do not know would stop them. toybox's xzcat has its own: a 64 MiB dictionary.
+  const env = { ...process.env, XZ_DEFAULTS: `--memlimit-decompress=${DECODER_MEMLIMIT_BYTES}` };
+  const child = spawn(file, args, { stdio: ['pipe', 'pipe', 'pipe'], env }) as ChildProcessByStdio<Writable, Readable, Readable>;
   let stderr = '';
   child.stderr.setEncoding('utf8');
   child.stderr.on('data', (s: string) => {
@@ -126,17 +128,20 @@ function startXzChild(input: Buffer, file: string, args: string[]): Decoder {
 async function startLzmaNative(input: Buffer): Promise<Decoder> {
   const lzma = await import('lzma-native');
   const decompressor = lzma.createDecompressor({ memlimit: DECODER_MEMLIMIT_BYTES });
+  let stopped = false;
+  const stoppedError = new KheadersError('E_INTERNAL', 'the lzma-native decoder was stopped');
   let failure: KheadersError | undefined;
+  /** The decoder's own error, typed; after abort() only "stopped" (a write refused by the destroyed stream says nothing about the archive). */
   const typed = (err: unknown): KheadersError => {
+    if (stopped) return failure ?? stoppedError;
     failure ??= (err as { name?: unknown }).name === 'LZMA_MEMLIMIT_ERROR' ? memoryLimit((err as Error).message) : corrupt((err as Error).message);
     return failure;
   };
-  let stopped = false;
   const done = new Promise<void>((resolve, reject) => {
     decompressor.on('error', (err: Error) => reject(typed(err)));
     decompressor.on('end', resolve);
     // abort() destroys the stream: settle `done` so whoever waits for the decoder is released.
-    decompressor.on('close', () => reject(failure ?? new KheadersError('E_INTERNAL', 'the lzma-native decoder was stopped')));
+    decompressor.on('close', () => reject(failure ?? stoppedError));
   });
   done.catch(() => {}); // observed by the caller later; a rejection before then is not "unhandled"
 
@@ -144,14 +149,14 @@ async function startLzmaNative(input: Buffer): Promise<Decoder> {
   // decodes it only once its reader has taken the output below the stream's buffer size.
   const writeSlice = (slice: Buffer): Promise<void> =>
     new Promise((resolve, reject) => {
-      decompressor.write(slice, (err?: Error | null) => (err ? reject(typed(err)) : resolve()));
+      decompressor.write(slice, (err?: Error | null) => (err ? reject(err) : resolve()));
     });
   void (async () => {
     for (let at = 0; at < input.length && !stopped; at += LZMA_NATIVE_SLICE_BYTES) {
       await writeSlice(input.subarray(at, at + LZMA_NATIVE_SLICE_BYTES));
     }
     if (!stopped) decompressor.end();
-  })().catch(() => {}); // a failed write is the stream's 'error', reported through `done` and `chunks`
+  })().catch(() => {}); // a failed write is also the stream's 'error', reported through `done` and `chunks`
 
   async function* chunks(): AsyncGenerator<Buffer> {
     try {
