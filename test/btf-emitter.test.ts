@@ -616,9 +616,50 @@ test('declares the same named structs, unions, enums, typedefs and enumerators a
 });
 
 interface Probe {
+  /** The struct the probe measures. */
+  structId: number;
   label: string;
   expr: string;
   truth: number;
+}
+
+/**
+ * The structs whose layout depends, by value and transitively, on `__builtin_va_list`.
+ *
+ * libbpf's btf_dump never writes that typedef (it is the compiler's own), so a header for the BPF
+ * target gets clang's BPF va_list (8 bytes) where the kernel's x86-64 one is 24: `struct
+ * warn_args { const char *fmt; va_list args; }` is 16 bytes under any vmlinux.h compiled with
+ * `-target bpf`, bpftool's included, and 32 in the kernel. A limit of the target, not of the
+ * emitter; the test tells such structs apart so that any other difference still fails.
+ */
+function vaListDependent(btf: Btf): Set<number> {
+  const memo = new Map<number, boolean>();
+  const depends = (start: number): boolean => {
+    let id = start;
+    // Typedefs, qualifiers and arrays take their target's layout; a pointer ends the chain.
+    for (;;) {
+      const kind = btf.kind(id);
+      if (kind === BtfKind.TYPEDEF && btf.name(id) === '__builtin_va_list') return true;
+      if (kind === BtfKind.TYPEDEF || kind === BtfKind.CONST || kind === BtfKind.VOLATILE || kind === BtfKind.RESTRICT || kind === BtfKind.TYPE_TAG || kind === BtfKind.ARRAY) {
+        id = btf.ref(id);
+        continue;
+      }
+      if (kind !== BtfKind.STRUCT && kind !== BtfKind.UNION) return false;
+      const known = memo.get(id);
+      if (known !== undefined) return known;
+      memo.set(id, false); // a struct cannot contain itself by value: this only ends cycles early
+      let result = false;
+      for (let i = 0; i < btf.vlen(id) && !result; i++) result = depends(btf.memberType(id, i));
+      memo.set(id, result);
+      return result;
+    }
+  };
+  const out = new Set<number>();
+  for (let id = 1; id < btf.count; id++) {
+    const kind = btf.kind(id);
+    if ((kind === BtfKind.STRUCT || kind === BtfKind.UNION) && depends(id)) out.add(id);
+  }
+  return out;
 }
 
 /**
@@ -646,10 +687,10 @@ function layoutSample(btf: Btf, defined: Set<string>, count: number): Probe[] {
     const t = btf.type(candidates[i]!);
     if (t.kind !== BtfKind.STRUCT) continue;
     structs++;
-    probes.push({ label: `sizeof(struct ${t.name})`, expr: `sizeof(struct ${t.name})`, truth: t.size });
+    probes.push({ structId: t.id, label: `sizeof(struct ${t.name})`, expr: `sizeof(struct ${t.name})`, truth: t.size });
     for (const m of t.members) {
       if (m.name === '' || m.bitfieldSize !== 0) continue;
-      probes.push({ label: `offsetof(${t.name}, ${m.name})`, expr: `__builtin_offsetof(struct ${t.name}, ${m.name})`, truth: m.bitOffset / 8 });
+      probes.push({ structId: t.id, label: `offsetof(${t.name}, ${m.name})`, expr: `__builtin_offsetof(struct ${t.name}, ${m.name})`, truth: m.bitOffset / 8 });
     }
   }
   return probes;
@@ -677,8 +718,15 @@ test('sizeof/offsetof of 200 sampled structs are identical under both headers (a
   assert.equal(structs, 200);
   const ours = clangLayout(path.join(r.dir, 'ours'), probes);
   const theirs = clangLayout(path.join(r.dir, 'bpftool'), probes);
-  const oursWrong = probes.flatMap((p, i) => (ours[i] === p.truth ? [] : [`${p.label}: ${ours[i]} != BTF ${p.truth}`]));
+  const vaList = vaListDependent(r.btf);
+  // A struct holding a va_list by value cannot get the kernel's layout for the BPF target from
+  // any vmlinux.h (see vaListDependent): known, but only where bpftool's header gives the same.
+  const targetLimit = (p: Probe, i: number): boolean => vaList.has(p.structId) && ours[i] === theirs[i];
+  const oursWrong = probes.flatMap((p, i) => (ours[i] === p.truth || targetLimit(p, i) ? [] : [`${p.label}: ${ours[i]} != BTF ${p.truth}`]));
   assert.deepEqual(oursWrong, [], 'our header gives the kernel layout');
+  for (const [i, p] of probes.entries()) {
+    if (ours[i] !== p.truth && targetLimit(p, i)) t.diagnostic(`target difference (va_list is clang's BPF one, as with bpftool's header): ${p.label}: ${ours[i]}, BTF ${p.truth}`);
+  }
   // Identical wherever bpftool's header is right. bpftool v7.1 writes 1-byte enums (enum rw_hint
   // in struct inode, …) without mode(byte), so clang makes them 4 bytes and every struct that
   // embeds one shifts; newer libbpf adds the attribute, and so do we. Any other difference fails.
