@@ -173,13 +173,23 @@ export function buildProgram(): Command {
 
   program
     .command('btf')
-    .description("write vmlinux.h (for libbpf CO-RE programs) generated from the kernel's BTF")
-    .option('--btf <file>', 'the BTF to read', '/sys/kernel/btf/vmlinux')
+    .description("write vmlinux.h (for libbpf CO-RE programs) generated from the kernel's BTF, or a loaded module's header")
+    .option('--btf <file>', 'the BTF to read: raw, or the .BTF section of a vmlinux or .ko (default /sys/kernel/btf/vmlinux)')
+    .option('--module <name>', "a loaded module's header: its BTF (/sys/kernel/btf/NAME) over the kernel's")
+    .option('--base <file>', 'the base BTF of split BTF given with --btf (a module\'s: the kernel\'s BTF or vmlinux)')
     .option('--out <file>', 'write here (atomically) instead of stdout')
-    .action(async (o: { btf: string; out?: string }, cmd: Command) =>
+    .action(async (o: { btf?: string; module?: string; base?: string; out?: string }, cmd: Command) =>
       run(cmd, o.out === undefined, async () => {
         const { runBtfCommand } = await import('./btf/command.js');
-        await runBtfCommand({ btf: o.btf, ...(o.out !== undefined ? { out: o.out } : {}) }, process.stdout);
+        await runBtfCommand(
+          {
+            ...(o.btf !== undefined ? { btf: o.btf } : {}),
+            ...(o.module !== undefined ? { module: o.module } : {}),
+            ...(o.base !== undefined ? { base: o.base } : {}),
+            ...(o.out !== undefined ? { out: o.out } : {}),
+          },
+          process.stdout,
+        );
       }),
     );
 

@@ -14,9 +14,11 @@
  * verifier where the emitter depends on them (valid type ids, valid string offsets, C identifiers
  * for the names that end up in C, no reference loops that C could not express).
  *
- * Split BTF (a module's BTF whose ids continue a base BTF's) is not supported: type ids start at 1
- * and names resolve in this blob only. A module blob fails with E_BTF at its first reference to a
- * base type id or string offset.
+ * Split BTF: a module's BTF (/sys/kernel/btf/<module>, or the .BTF section of a .ko) continues a
+ * base BTF (the kernel's): its first type id is the base's type count, and its string offsets
+ * start at the base's string-section length, so an offset below that names a base string. With
+ * `parseBtf(module, { base })` the result is one Btf over both, ids 1 … count-1, exactly the
+ * type space libbpf's btf__parse_split gives; only the module's own records are checked again.
  */
 import { isAscii } from 'node:buffer';
 import { KheadersError } from '../errors.js';
@@ -366,7 +368,12 @@ interface BtfParts {
   at: Uint32Array;
   kinds: Uint8Array;
   strings: StringTable;
+  /** The base of split BTF, whose ids and strings come first in the arrays above. */
+  base?: Btf;
 }
+
+/** The parts of every Btf, so that a split blob can be parsed on top of a base (kept private to this module). */
+const PARTS = new WeakMap<Btf, BtfParts>();
 
 /**
  * A parsed, validated BTF blob.
@@ -384,6 +391,10 @@ export class Btf {
   readonly count: number;
   /** Target pointer size in bytes, guessed as libbpf does from the `long` integer types (8 if none). */
   readonly pointerSize: 4 | 8;
+  /** For split BTF, the base it continues; undefined for a base (vmlinux) blob. */
+  readonly base: Btf | undefined;
+  /** The first type id this blob defines: 1, or the base's count for split BTF. */
+  readonly firstId: number;
   private readonly w: Uint32Array;
   private readonly at: Uint32Array;
   private readonly kinds: Uint8Array;
@@ -401,7 +412,11 @@ export class Btf {
     this.count = parts.kinds.length;
     this.names = new Array<string | undefined>(this.count);
     this.names[0] = '';
-    this.pointerSize = this.guessPointerSize();
+    this.base = parts.base;
+    this.firstId = parts.base?.count ?? 1;
+    // libbpf takes split BTF's pointer size from its base.
+    this.pointerSize = parts.base?.pointerSize ?? this.guessPointerSize();
+    PARTS.set(this, parts);
   }
 
   kind(id: number): BtfKind {
@@ -638,8 +653,30 @@ const INT_SIZES = [1, 2, 4, 8, 16];
 const FLOAT_SIZES = [2, 4, 8, 12, 16];
 const ENUM_SIZES = [1, 2, 4, 8];
 
+/**
+ * Whether a blob looks like split BTF: its strings do not start with the empty name at offset 0
+ * (they continue a base's), or it has none. Only a hint for messages; parseBtf decides.
+ */
+export function looksSplit(data: Uint8Array): boolean {
+  if (data.byteLength < HEADER_LEN) return false;
+  const dv = new DataView(data.buffer, data.byteOffset, data.byteLength);
+  const le = dv.getUint16(0, true) === BTF_MAGIC;
+  if (!le && dv.getUint16(0, false) !== BTF_MAGIC) return false;
+  const hdrLen = dv.getUint32(4, le);
+  const strOff = dv.getUint32(16, le);
+  const strLen = dv.getUint32(20, le);
+  const first = hdrLen + strOff;
+  return strLen === 0 || (first < data.byteLength && data[first] !== 0);
+}
+
+export interface ParseOptions {
+  /** Parse `data` as split BTF continuing this base (a module's BTF over the kernel's). */
+  base?: Btf;
+}
+
 /** Parse and validate a BTF blob. Throws KheadersError('E_BTF') on any malformed input. */
-export function parseBtf(data: Uint8Array): Btf {
+export function parseBtf(data: Uint8Array, opts: ParseOptions = {}): Btf {
+  const base = opts.base === undefined ? undefined : PARTS.get(opts.base);
   if (data.byteLength < 4) throw bad(`truncated header: ${data.byteLength} bytes, need at least ${HEADER_LEN}`, { size: data.byteLength });
   const dv = new DataView(data.buffer, data.byteOffset, data.byteLength);
   // The magic is written in the producer's byte order: read it both ways.
@@ -691,11 +728,17 @@ export function parseBtf(data: Uint8Array): Btf {
     throw bad('the type and string sections overlap', { ...header });
   }
   const strStart = header.hdrLen + header.strOff;
-  if (header.strLen === 0 || data[strStart] !== 0 || data[strStart + header.strLen - 1] !== 0) {
+  if (base !== undefined) {
+    if (le !== (base.endianness === 'little')) throw bad(`split BTF in ${le ? 'little' : 'big'}-endian order over a ${base.endianness}-endian base`);
+    // Split strings continue the base's (offsets count from the start of the base's section),
+    // so they need not start with the empty name, and may be absent altogether.
+    if (header.strLen > 0 && data[strStart + header.strLen - 1] !== 0) throw bad('the string section must end with a NUL byte', { strLen: header.strLen });
+  } else if (header.strLen === 0 || data[strStart] !== 0 || data[strStart + header.strLen - 1] !== 0) {
     throw bad('the string section must start and end with a NUL byte', { strLen: header.strLen });
   }
   // Copies, so the model does not change if the caller reuses its buffer.
-  const strings = new StringTable(Buffer.from(data.subarray(strStart, strStart + header.strLen)));
+  const ownStrings = data.subarray(strStart, strStart + header.strLen);
+  const strings = new StringTable(base === undefined ? Buffer.from(ownStrings) : Buffer.concat([base.strings.bytes, ownStrings]));
 
   // Every field of the type section is a 32-bit word: copy the section to an aligned buffer and
   // swap it to host order if needed (Buffer.swap32 is native), so reads are plain array loads.
@@ -707,8 +750,11 @@ export function parseBtf(data: Uint8Array): Btf {
   if (le !== HOST_LE) copy.swap32();
 
   // Pass 1: where each record starts, so pass 2 knows the type count and can check every id.
-  let at = new Uint32Array(1024);
-  let count = 1;
+  // Split BTF's ids continue the base's: `at` and `count` start where the base's end.
+  const firstId = base?.kinds.length ?? 1;
+  let at = new Uint32Array(Math.max(1024, firstId * 2));
+  if (base !== undefined) at.set(base.at);
+  let count = firstId;
   for (let p = 0; p < nWords; ) {
     const id = count;
     if (id > MAX_TYPE_ID) throw bad(`more than ${MAX_TYPE_ID} types`, { maxTypes: MAX_TYPE_ID });
@@ -735,8 +781,17 @@ export function parseBtf(data: Uint8Array): Btf {
     p += 3 + extra;
   }
   at = at.slice(0, count);
+  // One word array over base and split: the split's records follow the base's words.
+  let allWords = words;
+  if (base !== undefined) {
+    allWords = new Uint32Array(base.words.length + nWords);
+    allWords.set(base.words);
+    allWords.set(words, base.words.length);
+    for (let id = firstId; id < count; id++) at[id] = at[id]! + base.words.length;
+  }
   const kinds = new Uint8Array(count);
-  for (let id = 1; id < count; id++) kinds[id] = (words[at[id]! + 1]! >>> 24) & 0x1f;
+  if (base !== undefined) kinds.set(base.kinds);
+  for (let id = firstId; id < count; id++) kinds[id] = (allWords[at[id]! + 1]! >>> 24) & 0x1f;
 
   // Pass 2: every type id and string offset in range, names that reach C well-formed.
   const ref = (t: number, id: number, kind: number, part: string, index?: number): void => {
@@ -748,17 +803,18 @@ export function parseBtf(data: Uint8Array): Btf {
       });
     }
   };
-  for (let id = 1; id < count; id++) {
+  const w = allWords;
+  for (let id = firstId; id < count; id++) {
     const a = at[id]!;
-    const nameOff = words[a]!;
-    const vlen = words[a + 1]! & 0xffff;
-    const sizeOrType = words[a + 2]!;
+    const nameOff = w[a]!;
+    const vlen = w[a + 1]! & 0xffff;
+    const sizeOrType = w[a + 2]!;
     const kind = kinds[id]!;
     switch (kind) {
       case BtfKind.INT: {
         strings.check(nameOff, BASE_NAME_OK, true, id, kind);
         checkSize(id, kind, sizeOrType, INT_SIZES);
-        const v = words[a + 3]!;
+        const v = w[a + 3]!;
         const bitsOffset = (v >>> 16) & 0xff;
         const bits = v & 0xff;
         if (bits === 0 || bitsOffset + bits > sizeOrType * 8) {
@@ -792,22 +848,22 @@ export function parseBtf(data: Uint8Array): Btf {
         break;
       case BtfKind.ARRAY:
         strings.check(nameOff, 0, false, id, kind);
-        ref(words[a + 3]!, id, kind, 'element type');
-        ref(words[a + 4]!, id, kind, 'index type');
+        ref(w[a + 3]!, id, kind, 'element type');
+        ref(w[a + 4]!, id, kind, 'index type');
         break;
       case BtfKind.STRUCT:
       case BtfKind.UNION:
         strings.check(nameOff, IDENT_OK, false, id, kind);
         for (let i = 0, p = a + 3; i < vlen; i++, p += 3) {
-          strings.check(words[p]!, IDENT_OK, false, id, kind, 'member', i);
-          ref(words[p + 1]!, id, kind, 'member', i);
+          strings.check(w[p]!, IDENT_OK, false, id, kind, 'member', i);
+          ref(w[p + 1]!, id, kind, 'member', i);
         }
         break;
       case BtfKind.ENUM:
       case BtfKind.ENUM64: {
         strings.check(nameOff, IDENT_OK, false, id, kind);
         const step = kind === BtfKind.ENUM ? 2 : 3;
-        for (let i = 0, p = a + 3; i < vlen; i++, p += step) strings.check(words[p]!, IDENT_OK, true, id, kind, 'enumerator', i);
+        for (let i = 0, p = a + 3; i < vlen; i++, p += step) strings.check(w[p]!, IDENT_OK, true, id, kind, 'enumerator', i);
         checkSize(id, kind, sizeOrType, ENUM_SIZES);
         break;
       }
@@ -823,20 +879,21 @@ export function parseBtf(data: Uint8Array): Btf {
         strings.check(nameOff, 0, false, id, kind);
         ref(sizeOrType, id, kind, 'return type');
         for (let i = 0, p = a + 3; i < vlen; i++, p += 2) {
-          strings.check(words[p]!, IDENT_OK, false, id, kind, 'parameter', i);
-          ref(words[p + 1]!, id, kind, 'parameter', i);
+          strings.check(w[p]!, IDENT_OK, false, id, kind, 'parameter', i);
+          ref(w[p + 1]!, id, kind, 'parameter', i);
         }
         break;
       case BtfKind.DATASEC:
         strings.check(nameOff, 0, false, id, kind);
-        for (let i = 0, p = a + 3; i < vlen; i++, p += 3) ref(words[p]!, id, kind, 'variable', i);
+        for (let i = 0, p = a + 3; i < vlen; i++, p += 3) ref(w[p]!, id, kind, 'variable', i);
         break;
       default:
         throw bad(`${where(id, kind)}: unknown kind`, { typeId: id, kind }); // unreachable: pass 1 checked
     }
   }
-  const btf = new Btf({ endianness: le ? 'little' : 'big', header, words, at, kinds, strings });
-  checkNoLoops(words, at, kinds, strings.bytes, (id) => {
+  const btf = new Btf({ endianness: le ? 'little' : 'big', header, words: allWords, at, kinds, strings, ...(opts.base !== undefined ? { base: opts.base } : {}) });
+  // The base was checked when it was parsed, and it never refers to split ids.
+  checkNoLoops(allWords, at, kinds, strings.bytes, firstId, (id) => {
     const name = btf.name(id);
     throw bad(
       `type [${id}] (${btfKindName(btf.kind(id))}${name ? ` '${name}'` : ''}) refers back to itself without passing through a named struct or union`,
@@ -906,15 +963,16 @@ function edgeLayout(words: Uint32Array, at: Uint32Array, kinds: Uint8Array, strs
  * recurse forever, so it is rejected here. Iterative DFS over the raw words, so a deep chain
  * cannot overflow the stack and the walk stays cheap before the JIT has warmed up.
  */
-function checkNoLoops(words: Uint32Array, at: Uint32Array, kinds: Uint8Array, strs: Uint8Array, onLoop: (id: number) => never): void {
+function checkNoLoops(words: Uint32Array, at: Uint32Array, kinds: Uint8Array, strs: Uint8Array, firstId: number, onLoop: (id: number) => never): void {
   const n = kinds.length;
   const state = new Uint8Array(n); // 0 unvisited, 1 on the current path, 2 done
+  state.fill(2, 0, firstId); // already checked (a split blob's base)
   const stackId = new Int32Array(n);
   const stackNext = new Int32Array(n); // word index of the next edge
   const stackLeft = new Int32Array(n); // edges left
   const stackStride = new Int32Array(n);
   const e = new Int32Array(3);
-  for (let root = 1; root < n; root++) {
+  for (let root = firstId; root < n; root++) {
     if (state[root] !== 0) continue;
     let sp = 0;
     state[root] = 1;

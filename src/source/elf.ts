@@ -15,6 +15,7 @@
  */
 import { crc32 } from 'node:zlib';
 import { KheadersError } from '../errors.js';
+import { parseBuildId } from './notes.js';
 
 export interface EmbeddedArchive {
   /** A subarray of the input: the exact xz stream, no padding before or after. */
@@ -40,6 +41,7 @@ const ET_DYN = 3;
 
 const SHT_SYMTAB = 2;
 const SHT_STRTAB = 3;
+const SHT_NOTE = 7;
 const SHT_NOBITS = 8;
 const SHT_DYNSYM = 11;
 const SHT_SYMTAB_SHNDX = 18;
@@ -535,4 +537,44 @@ export function findEmbeddedArchive(elf: Buffer): EmbeddedArchive {
     `no ${START_SYMBOL}/${END_SYMBOL} symbols and no complete xz stream in the file${orphans}`,
     { orphanXzHeaders: scan.orphanHeaders },
   );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Other facts a kernel ELF carries (for BTF given as a vmlinux or a .ko)
+// ---------------------------------------------------------------------------------------------
+
+/** The bytes of the first section called `name` (a subarray), or undefined when there is none. */
+export function elfSection(elf: Buffer, name: string): Buffer | undefined {
+  const file = parseElf(elf);
+  const section = file.sections.find((s) => s.name === name && s.type !== SHT_NOBITS);
+  return section === undefined ? undefined : sectionData(elf, section, `the ${name} section`);
+}
+
+/** The GNU build id (hex) from the file's note sections, or null when it has none. */
+export function elfBuildId(elf: Buffer): string | null {
+  const file = parseElf(elf);
+  const { littleEndian } = readIdent(elf);
+  for (const section of file.sections) {
+    if (section.type !== SHT_NOTE) continue;
+    const id = parseBuildId(sectionData(elf, section, 'a note section'), littleEndian);
+    if (id !== null) return id;
+  }
+  return null;
+}
+
+/**
+ * The kernel release an ELF names: a module's `vermagic`, or a vmlinux's `linux_banner`
+ * ("Linux version 6.1.192 (builder@host) ..."). Undefined when it names none.
+ */
+export function elfKernelRelease(elf: Buffer): string | undefined {
+  const file = parseElf(elf);
+  const vermagic = modinfoOf(file).get('vermagic');
+  if (vermagic !== undefined) return releaseFromVermagic(vermagic) || undefined;
+  const rodata = file.sections.find((s) => s.name === '.rodata' && s.type !== SHT_NOBITS);
+  if (rodata === undefined) return undefined;
+  const data = sectionData(elf, rodata, 'the .rodata section');
+  const at = data.indexOf('Linux version ');
+  if (at < 0) return undefined;
+  const m = /^Linux version (\S+) /.exec(data.toString('latin1', at, Math.min(data.length, at + 200)));
+  return m && PLAUSIBLE_RELEASE.test(m[1]!) ? m[1] : undefined;
 }

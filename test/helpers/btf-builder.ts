@@ -52,14 +52,41 @@ function info(kind: number, vlen: number, kflag = false): number {
 export class BtfBuilder {
   /** Every record as 32-bit words: the whole type section is words. */
   private readonly records: number[][] = [];
-  private readonly strTab: number[] = [0];
-  private readonly strOffsets = new Map<string, number>([['', 0]]);
+  private readonly strTab: number[];
+  private readonly strOffsets: Map<string, number>;
+
+  /**
+   * A base blob, or (with `base`) split BTF over it, as a module's: ids continue after the
+   * base's types, string offsets after the base's string section, and a name the base already
+   * has is referred to there (as pahole and libbpf do).
+   */
+  constructor(private readonly base?: BtfBuilder) {
+    this.strTab = base ? [] : [0];
+    this.strOffsets = base ? new Map() : new Map([['', 0]]);
+  }
+
+  /** A split-BTF builder over this one (build this one's blob first, or after: it is not changed). */
+  split(): BtfBuilder {
+    return new BtfBuilder(this);
+  }
+
+  private get firstId(): number {
+    return this.base ? this.base.nextId : 1;
+  }
+
+  private get strStart(): number {
+    return this.base ? this.base.strStart + this.base.strTab.length : 0;
+  }
+
+  private knownStr(s: string): number | undefined {
+    return this.strOffsets.get(s) ?? this.base?.knownStr(s);
+  }
 
   /** The offset of `s` in the string section (added once). */
   str(s: string): number {
-    const known = this.strOffsets.get(s);
+    const known = this.knownStr(s);
     if (known !== undefined) return known;
-    const off = this.strTab.length;
+    const off = this.strStart + this.strTab.length;
     for (const b of Buffer.from(s, 'utf8')) this.strTab.push(b);
     this.strTab.push(0);
     this.strOffsets.set(s, off);
@@ -69,12 +96,12 @@ export class BtfBuilder {
   /** Append a raw record (words); returns its type id. */
   raw(words: number[]): number {
     this.records.push(words.map((w) => w >>> 0));
-    return this.records.length;
+    return this.firstId + this.records.length - 1;
   }
 
   /** The id the next added type will get. */
   get nextId(): number {
-    return this.records.length + 1;
+    return this.firstId + this.records.length;
   }
 
   int(name: string, size: number, opts: { signed?: boolean; char?: boolean; bool?: boolean; bits?: number; offset?: number } = {}): number {
