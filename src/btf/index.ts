@@ -7,7 +7,7 @@
  */
 import { readFile } from 'node:fs/promises';
 import { errnoOf, KheadersError } from '../errors.js';
-import { elfBuildId, elfKernelRelease, elfSection, isElf } from '../source/elf.js';
+import { elfKernelRelease, elfSection, isElf, kernelBuildId } from '../source/elf.js';
 import { emitCHeaderBytes, type EmitOptions } from './c-emitter.js';
 import { looksSplit, parseBtf } from './reader.js';
 
@@ -58,7 +58,7 @@ export interface BtfFile {
   bytes: Buffer;
   /** The file was an ELF, so the facts below could be read from it. */
   elf: boolean;
-  /** The GNU build id of that ELF, when it has one. */
+  /** The kernel's GNU build id, when the file is a vmlinux that has one. */
   buildId: string | null;
   /** The kernel release it names (a module's vermagic, a vmlinux's banner), when it names one. */
   release: string | undefined;
@@ -88,7 +88,7 @@ export async function readBtf(path: string = DEFAULT_BTF_PATH): Promise<BtfFile>
   try {
     const section = elfSection(data, '.BTF');
     if (section === undefined) throw new KheadersError('E_BTF', `${path} is an ELF file without a .BTF section (built without CONFIG_DEBUG_INFO_BTF?)`, { path });
-    return { path, bytes: Buffer.from(section), elf: true, buildId: elfBuildId(data), release: elfKernelRelease(data) };
+    return { path, bytes: Buffer.from(section), elf: true, buildId: kernelBuildId(data), release: elfKernelRelease(data) };
   } catch (err) {
     if (err instanceof KheadersError && err.code === 'E_ELF') throw new KheadersError('E_BTF', `cannot read BTF from ${path}: ${err.message}`, { path }, { cause: err });
     throw err;

@@ -550,9 +550,13 @@ export function elfSection(elf: Buffer, name: string): Buffer | undefined {
   return section === undefined ? undefined : sectionData(elf, section, `the ${name} section`);
 }
 
-/** The GNU build id (hex) from the file's note sections, or null when it has none. */
-export function elfBuildId(elf: Buffer): string | null {
+/**
+ * The kernel's GNU build id (hex) from a vmlinux's note sections, or null when it has none. A
+ * module (ET_REL) has a build id of its own, which says nothing about the kernel: null for it.
+ */
+export function kernelBuildId(elf: Buffer): string | null {
   const file = parseElf(elf);
+  if (file.type === ET_REL) return null;
   const { littleEndian } = readIdent(elf);
   for (const section of file.sections) {
     if (section.type !== SHT_NOTE) continue;

@@ -202,7 +202,7 @@ export class CacheStore {
     const pinned = new Set<string>(protect);
     const current = await this.currentId();
     if (current) pinned.add(current);
-    const sizeOf = (m: Manifest): number => m.packBytes + m.archiveBytes + (m.btf?.bytes ?? 0);
+    const sizeOf = (m: Manifest): number => m.packBytes + m.archiveBytes + (m.btf?.bytes ?? 0) + (m.config?.bytes ?? 0);
     // Pinned entries are kept first and use up their share of --keep and --max-cache-bytes.
     let kept = 0;
     let bytes = 0;
@@ -236,7 +236,7 @@ export class CacheStore {
 
   /** Bytes the cache occupies (entries only). */
   async totalBytes(): Promise<number> {
-    return (await this.list()).reduce((sum, m) => sum + m.packBytes + m.archiveBytes + (m.btf?.bytes ?? 0), 0);
+    return (await this.list()).reduce((sum, m) => sum + m.packBytes + m.archiveBytes + (m.btf?.bytes ?? 0) + (m.config?.bytes ?? 0), 0);
   }
 }
 

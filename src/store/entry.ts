@@ -10,6 +10,9 @@ export const MANIFEST_FILE = 'manifest.json';
 export const INDEX_FILE = 'index.json';
 export const PACK_FILE = 'pack.tar';
 export const ARCHIVE_FILE = 'archive.tar.xz';
+/** The kernel configuration: a blob in the entry directory, `.config` in the tree. */
+export const CONFIG_FILE = 'config';
+export const CONFIG_PATH = '.config';
 
 export type EntryKind = 'headers' | 'btf-only';
 
@@ -33,8 +36,17 @@ export interface Manifest {
   bytes: number;
   packBytes: number;
   archiveBytes: number;
-  /** vmlinux.h generated from this kernel's BTF, if any. */
-  btf: { digest: string; bytes: number } | null;
+  /** vmlinux.h generated from this kernel's BTF, if any (`source`: the BTF file, in newer manifests). */
+  btf: { digest: string; bytes: number; source?: string } | null;
+  /** The archive was read from the running kernel itself (absent in older manifests: see kernel-match.ts). */
+  live?: boolean;
+  /** The kernel's configuration, stored as `.config` at the root of the tree, and where it came from. */
+  config?: { source: string; bytes: number; sha256: string } | null;
+  /**
+   * What was checked, refused or could not be checked about files added beside the archive (BTF
+   * or a configuration that may belong to another kernel), in words, as logged at ingest.
+   */
+  notes?: string[];
 }
 
 export interface CacheEntry {

@@ -5,6 +5,7 @@
  *                        ├─ archive.tar.xz (kept for clients that want the whole archive)
  *                        └─ xz decoder ─ pack.tar ─ TarIndexer (checks, limits, offsets) ─ index.json
  *   BTF (if any) ─ worker thread ─ vmlinux.h (in parallel with the above)
+ *   then: vmlinux.h and .config kept only if they belong to this kernel (extras.ts)
  *
  * Everything is built in <cache>/tmp/, fsynced, and renamed into entries/ in one step while the
  * cache lock is held: a crash leaves no entry or a whole one, and a failure of any kind leaves
@@ -24,9 +25,12 @@ import { xzUncompressedSize } from '../source/xz.js';
 import { CacheStore, entryId, fsyncDir, validRelease } from './cache.js';
 import { startDecoder, type Decoder, type DecoderChoice, type DecoderName } from './decompress.js';
 import { PackWriter } from './pack-writer.js';
-import { ARCHIVE_FILE, INDEX_FILE, MANIFEST_FILE, PACK_FILE, type CacheEntry, type Manifest } from './entry.js';
+import { ARCHIVE_FILE, CONFIG_FILE, CONFIG_PATH, INDEX_FILE, MANIFEST_FILE, PACK_FILE, type CacheEntry, type Manifest } from './entry.js';
+import { FACT_FILES, chooseConfig, judgeBtf, type ConfigPaths, type EntryFacts, type Note } from './extras.js';
+import { sha256OfFile, type LiveKernel } from './kernel-match.js';
+import { readLiveBuildId } from '../source/notes.js';
 import { DEFAULT_LIMITS, TarIndexer, type IngestLimits } from './tar-indexer.js';
-import { TreeIndex } from './tree-index.js';
+import { TreeIndex, type IndexRecord } from './tree-index.js';
 import { LIVE_BTF, VMLINUX_H, btfSource, provideVmlinuxH, type BtfSource } from './vmlinux-h.js';
 
 const UTSRELEASE_H = 'include/generated/utsrelease.h';
@@ -68,13 +72,16 @@ export interface IngestOptions {
   lockTimeoutMs?: number;
   log?: Logger;
   onProgress?: (p: IngestProgress) => void;
-  /** For tests: where the live archive and BTF are looked for. */
+  /** For tests: where the live archive, BTF, build id and configuration are looked for. */
   livePaths?: readonly string[];
   liveBtf?: string;
+  notesPath?: string;
+  liveConfig?: string;
+  bootDir?: string;
 }
 
 /** What an ingest was writing when the disk filled up (E_NO_SPACE's details.step). */
-export type IngestStep = 'cache' | 'archive' | 'pack' | 'vmlinux.h' | 'index' | 'manifest' | 'current';
+export type IngestStep = 'cache' | 'archive' | 'pack' | 'vmlinux.h' | 'config' | 'index' | 'manifest' | 'current';
 
 export interface IngestResult {
   entry: CacheEntry;
@@ -107,7 +114,7 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
     const btf = opts.archive === undefined && isKheadersError(err, 'E_ARCHIVE_NOT_FOUND') ? await chooseBtf(opts, true) : undefined;
     if (!btf) throw err;
     opts.log?.warn({ btf: btf.path }, `no header archive for this kernel (CONFIG_IKHEADERS): caching vmlinux.h generated from BTF only. ${(err as Error).message.split('\n')[1] ?? ''}`);
-    return ingestBtfOnly(opts, btf, started);
+    return ingestBtfOnly(opts, btf, await liveKernel(opts, btf, null), started);
   }
 
   const total = xzUncompressedSize(source.bytes);
@@ -121,6 +128,7 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
   const digest = createHash('sha256').update(source.bytes).digest('hex');
   const namedRelease = opts.release ?? source.release;
   const btf = await chooseBtf(opts, source.live || namedRelease === os.release());
+  const live = await liveKernel(opts, btf, source.live ? source.buildId : null);
   const store = await openStore(opts);
 
   return inStep('cache', store.locked(async () => {
@@ -134,7 +142,7 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
       entry = await store.load(existing.id);
       opts.log?.info({ id: existing.id }, 'archive already cached: nothing to do');
     } else {
-      const built = await buildHeadersEntry(store, source, digest, namedRelease, total, limits, btf, opts);
+      const built = await buildHeadersEntry(store, source, digest, namedRelease, total, limits, btf, live, opts);
       entry = built.entry;
       decoder = built.decoder;
     }
@@ -142,6 +150,74 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
     const evicted = await finish(store, entry, makeCurrent, opts);
     return { entry, reused: existing !== undefined, evicted, decoder, durationMs: Math.round(performance.now() - started) };
   }));
+}
+
+/**
+ * What is known about the running kernel, for deciding what belongs to it: its build id (already
+ * read with a live archive) and the digest of its BTF (already computed when that is the BTF chosen).
+ */
+async function liveKernel(opts: IngestOptions, btf: BtfSource | undefined, buildId: string | null): Promise<LiveKernel> {
+  const liveBtf = opts.liveBtf ?? LIVE_BTF;
+  return {
+    release: os.release(),
+    buildId: buildId ?? (await readLiveBuildId(opts.notesPath)),
+    btfDigest: btf?.path === liveBtf ? btf.digest : await sha256OfFile(liveBtf),
+  };
+}
+
+function configPaths(opts: IngestOptions): ConfigPaths {
+  return { ...(opts.liveConfig !== undefined ? { liveConfig: opts.liveConfig } : {}), ...(opts.bootDir !== undefined ? { bootDir: opts.bootDir } : {}) };
+}
+
+/** Whether the BTF was named by hand (--btf FILE), rather than the running kernel's chosen by `auto`. */
+function btfGiven(opts: IngestOptions): boolean {
+  return opts.btf !== undefined && opts.btf !== 'auto' && opts.btf !== 'off';
+}
+
+/**
+ * vmlinux.h and .config for a built entry (in `tmp`), each kept only if it belongs to the entry's
+ * kernel: their index records, the manifest fields, and the notes to log and record.
+ */
+async function addExtras(
+  tmp: string,
+  facts: EntryFacts,
+  btf: BtfSource | undefined,
+  made: { bytes: number; sha256: string } | null,
+  live: LiveKernel,
+  opts: IngestOptions,
+): Promise<{ records: IndexRecord[]; btf: Manifest['btf']; config: NonNullable<Manifest['config']> | null; notes: string[] }> {
+  const now = Math.floor(Date.now() / 1000);
+  const records: IndexRecord[] = [];
+  const notes: Note[] = [];
+  let btfField: Manifest['btf'] = null;
+  if (btf && made) {
+    const verdict = judgeBtf(btf, btfGiven(opts), facts, live);
+    notes.push(...verdict.notes);
+    if (verdict.keep) {
+      records.push({ path: VMLINUX_H, kind: 'file', mode: 0o644, mtime: now, size: made.bytes, blob: VMLINUX_H, sha256: made.sha256 });
+      btfField = { digest: btf.digest, bytes: made.bytes, source: btf.path };
+    } else {
+      await rm(path.join(tmp, VMLINUX_H), { force: true });
+    }
+  }
+  const chosen = await chooseConfig(facts, live, configPaths(opts));
+  notes.push(...chosen.notes);
+  let config: NonNullable<Manifest['config']> | null = null;
+  if (chosen.config) {
+    const text = chosen.config.text;
+    const fh = await open(path.join(tmp, CONFIG_FILE), 'w', 0o644);
+    try {
+      await inStep('config', fh.writeFile(text));
+      await inStep('config', fh.sync());
+    } finally {
+      await fh.close();
+    }
+    const sha256 = createHash('sha256').update(text).digest('hex');
+    records.push({ path: CONFIG_PATH, kind: 'file', mode: 0o644, mtime: now, size: text.length, blob: CONFIG_FILE, sha256 });
+    config = { source: chosen.config.source, bytes: text.length, sha256 };
+  }
+  for (const note of notes) opts.log?.[note.warn ? 'warn' : 'info']({ release: facts.release }, note.text);
+  return { records, btf: btfField, config, notes: notes.map((n) => n.text) };
 }
 
 /** The BTF to use: an explicit file (which must exist), or the live one when `live` allows. */
@@ -176,7 +252,7 @@ async function loadAll(store: CacheStore): Promise<CacheEntry[]> {
   return Promise.all((await store.list()).map((m) => store.load(m.id)));
 }
 
-async function ingestBtfOnly(opts: IngestOptions, btf: BtfSource, started: number): Promise<IngestResult> {
+async function ingestBtfOnly(opts: IngestOptions, btf: BtfSource, live: LiveKernel, started: number): Promise<IngestResult> {
   const release = opts.release ?? os.release();
   if (!validRelease(release)) throw new KheadersError('E_INTERNAL', `the running kernel's release ${JSON.stringify(release)} cannot name a cache entry`);
   const store = await openStore(opts);
@@ -188,10 +264,28 @@ async function ingestBtfOnly(opts: IngestOptions, btf: BtfSource, started: numbe
     if (!entry) {
       const tmp = await mkdtemp(path.join(store.tmpDir, `ingest-${process.pid}-`));
       try {
-        const bytes = await inStep('vmlinux.h', provideVmlinuxH(btf, path.join(tmp, VMLINUX_H), await loadAll(store)));
-        const now = Math.floor(Date.now() / 1000);
-        const index = TreeIndex.fromRecords([{ path: VMLINUX_H, kind: 'file', mode: 0o644, mtime: now, size: bytes, blob: VMLINUX_H }]);
-        const manifest = makeManifest({ id, release, digest: btf.digest, kind: 'btf-only', buildId: null, source: `btf:${btf.path}`, index, packBytes: 0, archiveBytes: 0, btf: { digest: btf.digest, bytes } });
+        const made = await inStep('vmlinux.h', provideVmlinuxH(btf, path.join(tmp, VMLINUX_H), await loadAll(store)));
+        // The running kernel's entry, unless --release names another (then nothing of the
+        // running kernel's goes in but what was given by hand and checked).
+        const facts: EntryFacts = { release, live: release === live.release, buildId: release === live.release ? live.buildId : null, files: new Map() };
+        const extras = await addExtras(tmp, facts, btf, made, live, opts);
+        if (extras.btf === null) throw new KheadersError('E_BTF', `no vmlinux.h for ${release}: ${extras.notes.join('; ')}`, { btf: btf.path });
+        const index = TreeIndex.fromRecords(extras.records);
+        const manifest = makeManifest({
+          id,
+          release,
+          digest: btf.digest,
+          kind: 'btf-only',
+          buildId: facts.buildId,
+          source: `btf:${btf.path}`,
+          index,
+          packBytes: 0,
+          archiveBytes: 0,
+          btf: extras.btf,
+          live: facts.live,
+          config: extras.config,
+          notes: extras.notes,
+        });
         entry = await commitEntry(store, tmp, manifest, index, []);
       } catch (err) {
         await rm(tmp, { recursive: true, force: true }).catch(() => {});
@@ -211,6 +305,7 @@ async function buildHeadersEntry(
   total: number | undefined,
   limits: IngestLimits,
   btf: BtfSource | undefined,
+  live: LiveKernel,
   opts: IngestOptions,
 ): Promise<{ entry: CacheEntry; decoder: DecoderName }> {
   const t0 = performance.now();
@@ -224,7 +319,7 @@ async function buildHeadersEntry(
   const handles: FileHandle[] = [];
   const running: Array<Promise<unknown>> = [];
   let decoder: Decoder | undefined;
-  const indexer = new TarIndexer(limits, new Set([UTSRELEASE_H]));
+  const indexer = new TarIndexer(limits, new Set([UTSRELEASE_H, ...FACT_FILES]));
   const report = (): void => {
     const p: IngestProgress = {
       bytes: indexer.position,
@@ -241,7 +336,7 @@ async function buildHeadersEntry(
     // vmlinux.h, but a full disk fails the ingest (an entry must not lack it for that reason).
     const vmlinux = btf
       ? inStep('vmlinux.h', provideVmlinuxH(btf, path.join(tmp, VMLINUX_H), await loadAll(store))).then(
-          (bytes) => ({ bytes }),
+          (made) => made,
           (err: unknown) => {
             if (isKheadersError(err, 'E_NO_SPACE')) throw err;
             opts.log?.warn({ btf: btf.path }, `no vmlinux.h for this entry: ${(err as Error).message}`);
@@ -279,9 +374,10 @@ async function buildHeadersEntry(
     }
     if (!validRelease(release)) throw new KheadersError('E_ARCHIVE_CORRUPT', `the archive names an invalid release ${JSON.stringify(release)}`);
     const made = await vmlinux;
-    if (made && btf && !records.some((r) => r.path === VMLINUX_H)) {
-      records.push({ path: VMLINUX_H, kind: 'file', mode: 0o644, mtime: Math.floor(Date.now() / 1000), size: made.bytes, blob: VMLINUX_H });
-    }
+    const facts: EntryFacts = { release, live: source.live, buildId: source.buildId, files: indexer.captured };
+    const extras = await addExtras(tmp, facts, btf, made, live, opts);
+    // An archive that carries a file of the same name keeps its own.
+    for (const r of extras.records) if (!records.some((have) => have.path === r.path)) records.push(r);
     const index = TreeIndex.fromRecords(records); // refuses duplicates and escaping symlinks
     const manifest = makeManifest({
       id: entryId(release, digest),
@@ -293,7 +389,10 @@ async function buildHeadersEntry(
       index,
       packBytes: indexer.position,
       archiveBytes: source.bytes.length,
-      btf: made && btf ? { digest: btf.digest, bytes: made.bytes } : null,
+      btf: index.get(VMLINUX_H)?.blob !== undefined ? extras.btf : null,
+      live: source.live,
+      config: index.get(CONFIG_PATH)?.blob !== undefined ? extras.config : null,
+      notes: extras.notes,
     });
     mark('indexed');
     const entry = await commitEntry(store, tmp, manifest, index, handles);
@@ -323,6 +422,9 @@ function makeManifest(m: {
   packBytes: number;
   archiveBytes: number;
   btf: Manifest['btf'];
+  live: boolean;
+  config: Manifest['config'];
+  notes: string[];
 }): Manifest {
   return {
     formatVersion: 1,
@@ -340,6 +442,9 @@ function makeManifest(m: {
     packBytes: m.packBytes,
     archiveBytes: m.archiveBytes,
     btf: m.btf,
+    live: m.live,
+    config: m.config ?? null,
+    notes: m.notes,
   };
 }
 
@@ -462,6 +567,7 @@ const STEP_WHAT: Record<IngestStep, string> = {
   archive: ARCHIVE_FILE,
   pack: PACK_FILE,
   'vmlinux.h': VMLINUX_H,
+  config: CONFIG_FILE,
   index: INDEX_FILE,
   manifest: MANIFEST_FILE,
   current: 'current',

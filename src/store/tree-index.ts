@@ -18,6 +18,7 @@ export interface IndexRecord {
   size: number; // file bytes; symlink target length; 0 for dirs
   offset?: number; // files in the pack: byte offset of the data
   blob?: string; // files stored beside the pack instead (e.g. 'vmlinux.h'): name in the entry dir
+  sha256?: string; // blobs: the sha256 of their bytes, recorded when they were made
   target?: string; // symlinks: the target exactly as archived
 }
 
@@ -231,6 +232,7 @@ export class TreeIndex {
       const rec: IndexRecord = { path: n.path, kind: n.kind, mode: n.mode, mtime: n.mtime, size: n.size };
       if (n.offset !== undefined) rec.offset = n.offset;
       if (n.blob !== undefined) rec.blob = n.blob;
+      if (n.sha256 !== undefined) rec.sha256 = n.sha256;
       if (n.target !== undefined) rec.target = n.target;
       records.push(rec);
     }

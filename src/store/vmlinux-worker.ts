@@ -1,29 +1,39 @@
 /**
- * Worker thread: BTF file in, vmlinux.h file out. Runs off the main thread because the emitter
- * walks every type of the kernel (about a second of CPU), and the daemon's event loop is the
- * one that answers FUSE and HTTP.
+ * Worker thread: BTF in (a file, or bytes already read; over a base file for a module's split
+ * BTF), C header file out. Runs off the main thread because the emitter walks every type of the
+ * kernel (about a second of CPU), and the daemon's event loop is the one that answers FUSE and HTTP.
  */
+import { createHash } from 'node:crypto';
 import { open } from 'node:fs/promises';
 import { parentPort, workerData } from 'node:worker_threads';
-import { generateVmlinuxHeader, readBtfFile } from '../btf/index.js';
+import { generateVmlinuxHeaderBytes, readBtfFile } from '../btf/index.js';
 
-interface Job {
-  btfPath: string;
+export interface HeaderJob {
+  /** The BTF file, or its bytes (a module's, read once by the caller, who hashed exactly those). */
+  btf: string | Uint8Array;
+  /** The base BTF file, for split BTF. */
+  base?: string;
   outFile: string;
 }
 
-const { btfPath, outFile } = workerData as Job;
+export type HeaderJobResult = { ok: true; bytes: number; sha256: string } | { ok: false; code: string; message: string };
+
+const job = workerData as HeaderJob;
 try {
-  const text = generateVmlinuxHeader(await readBtfFile(btfPath));
-  const fh = await open(outFile, 'w', 0o644);
+  const btf = typeof job.btf === 'string' ? await readBtfFile(job.btf) : job.btf;
+  const base = job.base === undefined ? undefined : await readBtfFile(job.base);
+  const header = generateVmlinuxHeaderBytes(btf, base === undefined ? {} : { base });
+  const fh = await open(job.outFile, 'w', 0o644);
   try {
-    await fh.writeFile(text);
+    await fh.writeFile(header);
     await fh.sync();
   } finally {
     await fh.close();
   }
-  parentPort!.postMessage({ ok: true, bytes: Buffer.byteLength(text) });
+  const result: HeaderJobResult = { ok: true, bytes: header.length, sha256: createHash('sha256').update(header).digest('hex') };
+  parentPort!.postMessage(result);
 } catch (err) {
   const e = err as { code?: unknown; message?: unknown };
-  parentPort!.postMessage({ ok: false, code: typeof e.code === 'string' ? e.code : 'E_INTERNAL', message: String(e.message ?? err) });
+  const result: HeaderJobResult = { ok: false, code: typeof e.code === 'string' ? e.code : 'E_INTERNAL', message: String(e.message ?? err) };
+  parentPort!.postMessage(result);
 }

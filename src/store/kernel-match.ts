@@ -1,0 +1,81 @@
+/**
+ * Is this entry the running kernel's? Serving another kernel's headers is the one way this tool
+ * makes a tracer print garbage without an error (a 6.12 tree read by BCC on a 6.18 kernel shows
+ * PID 0 and negative ages), so every front end says so plainly when `current` is not the running
+ * kernel: an --archive/--release override, or an entry left from another boot.
+ *
+ *   yes      the build id recorded at ingest is the running kernel's, or the archive (or, for a
+ *            vmlinux.h-only entry, the BTF) was read from the running kernel itself with nothing
+ *            contradicting it
+ *   no       another release, or another build id
+ *   unknown  the release matches, but nothing recorded tells the build (a file given by hand:
+ *            a kheaders.ko rebuilt with the same release string is another kernel)
+ *
+ * Pure, apart from readLiveKernel.
+ */
+import { createHash } from 'node:crypto';
+import { createReadStream } from 'node:fs';
+import os from 'node:os';
+import { readLiveBuildId } from '../source/notes.js';
+import type { Manifest } from './entry.js';
+
+export interface LiveKernel {
+  release: string;
+  /** NT_GNU_BUILD_ID from /sys/kernel/notes, when readable. */
+  buildId: string | null;
+  /** sha256 of /sys/kernel/btf/vmlinux, when the kernel has BTF. */
+  btfDigest: string | null;
+}
+
+export type RunningMatch = 'yes' | 'no' | 'unknown';
+
+export interface KernelMatch {
+  match: RunningMatch;
+  /** Why not (or why unknown), in words; empty for 'yes'. */
+  why: string;
+}
+
+/** Where the archive of a live source was read: the running kernel's own files. */
+const LIVE_SOURCE_RE = /^\/(?:sys|proc)\/kernel\/kheaders\.tar\.xz|^\/proc\/kheaders\.tar\.xz/;
+
+/** Whether the manifest's archive came from the running kernel itself (older manifests say it only in `source`). */
+export function fromLiveSource(m: Manifest): boolean {
+  return m.live ?? LIVE_SOURCE_RE.test(m.source);
+}
+
+export function matchRunning(m: Manifest, live: LiveKernel): KernelMatch {
+  const describe = `${m.release}${m.buildId ? ` (build id ${m.buildId.slice(0, 12)})` : ''}`;
+  if (m.release !== live.release) return { match: 'no', why: `it is ${describe}; the running kernel is ${live.release}` };
+  if (m.buildId !== null && live.buildId !== null) {
+    return m.buildId === live.buildId
+      ? { match: 'yes', why: '' }
+      : { match: 'no', why: `it is build ${m.buildId.slice(0, 12)} of ${m.release}; the running kernel is build ${live.buildId.slice(0, 12)}` };
+  }
+  if (fromLiveSource(m)) return { match: 'yes', why: '' };
+  if (m.kind === 'btf-only' && live.btfDigest !== null) {
+    return m.digest === live.btfDigest ? { match: 'yes', why: '' } : { match: 'no', why: `its BTF is not the running kernel's (${m.release})` };
+  }
+  return { match: 'unknown', why: `it has the running kernel's release (${m.release}) but came from ${m.source}: nothing recorded tells whether it is the same build` };
+}
+
+export interface LivePaths {
+  notesPath?: string;
+  btfPath?: string;
+}
+
+/** The running kernel's release, build id and BTF digest. */
+export async function readLiveKernel(paths: LivePaths = {}): Promise<LiveKernel> {
+  const [buildId, btfDigest] = await Promise.all([readLiveBuildId(paths.notesPath), sha256OfFile(paths.btfPath ?? '/sys/kernel/btf/vmlinux')]);
+  return { release: os.release(), buildId, btfDigest };
+}
+
+/** sha256 (hex) of a file's bytes, streamed; null when it cannot be read. */
+export async function sha256OfFile(file: string): Promise<string | null> {
+  try {
+    const hash = createHash('sha256');
+    for await (const chunk of createReadStream(file)) hash.update(chunk as Buffer);
+    return hash.digest('hex');
+  } catch {
+    return null;
+  }
+}
