@@ -9,6 +9,7 @@ import path from 'node:path';
 import type { Logger } from '../../src/log.js';
 import { startHttpServer, type HttpLimits, type HttpServerHandle } from '../../src/serve/http/server.js';
 import { DaemonState } from '../../src/serve/state.js';
+import type { ModuleHeaderSource } from '../../src/store/module-btf.js';
 import { CacheStore } from '../../src/store/cache.js';
 import type { CacheEntry } from '../../src/store/entry.js';
 import { ingest } from '../../src/store/ingest.js';
@@ -89,10 +90,22 @@ export interface HttpEnv {
 }
 
 /** A real server on 127.0.0.1:<free port> over the cache in `cacheDir`. */
-export async function startEnv(opts: { work: string; cacheDir: string; token?: string; ready?: boolean; log?: Logger; limits?: Partial<HttpLimits>; fastPath?: boolean }): Promise<HttpEnv> {
+export async function startEnv(opts: {
+  work: string;
+  cacheDir: string;
+  token?: string;
+  ready?: boolean;
+  log?: Logger;
+  limits?: Partial<HttpLimits>;
+  fastPath?: boolean;
+  /** Module headers, shown under the entry `runningId` (the running kernel's). */
+  modules?: ModuleHeaderSource;
+  runningId?: string;
+}): Promise<HttpEnv> {
   const store = await CacheStore.open(opts.cacheDir);
   const state = new DaemonState();
   state.currentId = await store.currentId();
+  state.runningId = opts.runningId ?? null;
   state.ready = opts.ready ?? state.currentId !== null;
   const server = await startHttpServer({
     listen: { host: '127.0.0.1', port: 0 },
@@ -102,6 +115,7 @@ export async function startEnv(opts: { work: string; cacheDir: string; token?: s
     ...(opts.token !== undefined ? { token: opts.token } : {}),
     ...(opts.limits ? { limits: opts.limits } : {}),
     ...(opts.fastPath !== undefined ? { fastPath: opts.fastPath } : {}),
+    ...(opts.modules ? { modules: opts.modules } : {}),
   });
   return { work: opts.work, cacheDir: opts.cacheDir, store, state, server, port: server.port, close: () => server.close() };
 }

@@ -25,11 +25,22 @@ export interface FsAttr {
   size: number;
   nlink: number;
   mtimeMs: number;
+  /**
+   * The node (or, for a directory, the set of its children) can change at any moment without an
+   * invalidation (module headers come and go as modules load): transports must not let the kernel
+   * cache it, its listing, or the absence of a child, for long.
+   */
+  volatile?: boolean;
 }
 
 export interface FsDirent {
   name: string;
   attr: FsAttr;
+  /**
+   * Only the name, type and inode number are known yet (the size is made on LOOKUP): READDIRPLUS
+   * must send the name without attributes, so that the kernel looks it up before using it.
+   */
+  lazy?: boolean;
 }
 
 /** A name whose meaning changed: the transport must drop the kernel's cached dentry for it. */
@@ -61,4 +72,12 @@ export interface FsModel {
   statfs(): FsStat;
   /** Called when `current` or a `<release>` name is re-pointed by a kernel swap. */
   onInvalidate(listener: (inval: FsInvalidation) => void): () => void;
+  /**
+   * Optional, for names whose node is made on request (a module's header): a promise that
+   * settles once lookup(parentIno, name) can answer, or undefined when it can answer now (every
+   * other name: the transport then answers synchronously, as before).
+   */
+  prepareLookup?(parentIno: number, name: string): Promise<void> | undefined;
+  /** The same for resolvePath (path-based transports). */
+  preparePath?(path: string): Promise<void> | undefined;
 }

@@ -5,6 +5,8 @@
  *   /<release>/...         per release: the current entry if it has that release, else the most
  *                          recently ingested one
  *   /by-digest/<digest>/   every entry passed to the last setEntries(), by archive digest
+ *   <running entry>/btf/   headers of the loaded modules, made on request (module-dir.ts), when
+ *                          a ModuleHeaderSource is given and setEntries names the running entry
  *
  * Inode numbers: 1 root, 2 `current`, 3 `by-digest`; every entry, the first time it is seen,
  * gets the block [base, base + nodes) and node `id` is inode `base + id`. Blocks are never reused
@@ -27,8 +29,10 @@ import { constants as fsc } from 'node:fs';
 import { KheadersError, errnoOf } from '../../errors.js';
 import { createLogger, type Logger } from '../../log.js';
 import { dataLocation, type CacheEntry } from '../../store/entry.js';
+import type { ModuleHeaderSource } from '../../store/module-btf.js';
 import type { TreeNode } from '../../store/tree-index.js';
 import { ROOT_INO, type FsAttr, type FsDirent, type FsInvalidation, type FsModel, type FsStat } from './fs-model.js';
+import { BTF_DIR_INO, BTF_DIR_NAME, ModuleDir } from './module-dir.js';
 
 export const CURRENT_INO = 2;
 export const BY_DIGEST_INO = 3;
@@ -86,9 +90,12 @@ export class IndexFsModel implements FsModel {
   /** One FileHandle per data file (pack.tar, blobs), opened on first read and shared by all readers. */
   private readonly handles = new Map<string, Promise<FileHandle>>();
   private closed = false;
+  /** `btf/` under the running kernel's entry, when module headers are served. */
+  private readonly modules: ModuleDir | undefined;
 
-  constructor(opts: { log?: Logger } = {}) {
+  constructor(opts: { log?: Logger; modules?: ModuleHeaderSource } = {}) {
     this.log = opts.log ?? createLogger('silent');
+    if (opts.modules) this.modules = new ModuleDir(opts.modules, () => this.allocIno(), (inval) => this.emit(inval));
   }
 
   // ---- view management ----------------------------------------------------------------------
@@ -98,7 +105,7 @@ export class IndexFsModel implements FsModel {
    * among them). Entries seen before keep their inode block; entries no longer listed disappear
    * from the listings but their inodes stay readable for whoever still holds them.
    */
-  setEntries(entries: readonly CacheEntry[], currentId: string | null): void {
+  setEntries(entries: readonly CacheEntry[], currentId: string | null, runningId: string | null = null): void {
     const before = this.names();
 
     const visible: Slot[] = [];
@@ -127,6 +134,11 @@ export class IndexFsModel implements FsModel {
       else if (this.digests.get(digest) === currentSlot) this.current = { target: `${BY_DIGEST_NAME}/${digest}`, slot: currentSlot };
     }
 
+    // Module headers belong to the running kernel: only its entry shows them (and only when its
+    // archive has no `btf` of its own, which kheaders archives never have).
+    const runningSlot = runningId === null ? undefined : visible.find((s) => s.entry.manifest.id === runningId);
+    this.modules?.attach(runningSlot && !runningSlot.entry.index.root.children?.has(BTF_DIR_NAME) ? runningSlot.base : null);
+
     // The whole view above was rebuilt synchronously, so no request saw half of it; only now
     // are transports told which names changed.
     const after = this.names();
@@ -145,6 +157,7 @@ export class IndexFsModel implements FsModel {
   /** Close the data files. Reads after close() fail. */
   async close(): Promise<void> {
     this.closed = true;
+    this.modules?.close();
     const pending = [...this.handles.values()];
     this.handles.clear();
     await Promise.all(
@@ -178,15 +191,31 @@ export class IndexFsModel implements FsModel {
       const slot = this.digests.get(name);
       return slot ? this.attr(slot, slot.entry.index.root) : undefined;
     }
+    if (parentIno === BTF_DIR_INO) return this.modules?.lookup(name);
     const at = this.locate(parentIno);
     const child = at?.node.children?.get(name);
-    return at && child ? this.attr(at.slot, child) : undefined;
+    if (at && child) return this.attr(at.slot, child);
+    if (name === BTF_DIR_NAME && this.modules && parentIno === this.modules.parent) return this.modules.dirAttr();
+    return undefined;
+  }
+
+  prepareLookup(parentIno: number, name: string): Promise<void> | undefined {
+    if (parentIno === BTF_DIR_INO) return this.modules?.prepare(name);
+    if (name === BTF_DIR_NAME && this.modules && parentIno === this.modules.parent) return this.modules.prepareDir();
+    return undefined;
+  }
+
+  preparePath(p: string): Promise<void> | undefined {
+    const m = this.modulePath(p);
+    if (m === undefined) return undefined;
+    return m.file === undefined ? this.modules?.prepareDir() : this.modules?.prepare(m.file);
   }
 
   getattr(ino: number): FsAttr | undefined {
     if (ino === ROOT_INO) return this.rootAttr();
     if (ino === CURRENT_INO) return this.current ? this.currentAttr(this.current.target) : undefined;
     if (ino === BY_DIGEST_INO) return this.byDigestAttr();
+    if (this.modules?.owns(ino)) return this.modules.getattr(ino);
     const at = this.locate(ino);
     return at ? this.attr(at.slot, at.node) : undefined;
   }
@@ -208,9 +237,16 @@ export class IndexFsModel implements FsModel {
         return { name, attr: this.attr(slot, slot.entry.index.root) };
       });
     }
+    if (ino === BTF_DIR_INO) return this.modules && this.modules.parent !== null ? this.modules.readdir() : undefined;
     const at = this.locate(ino);
     if (!at || at.node.kind !== 'dir') return undefined;
-    return at.slot.entry.index.list(at.node).map((child) => ({ name: child.name, attr: this.attr(at.slot, child) }));
+    const out: FsDirent[] = at.slot.entry.index.list(at.node).map((child) => ({ name: child.name, attr: this.attr(at.slot, child) }));
+    if (this.modules && ino === this.modules.parent) {
+      const pos = out.findIndex((d) => d.name > BTF_DIR_NAME);
+      // Lazy: the kernel then looks `btf` up before listing it, and that lookup lists the modules afresh.
+      out.splice(pos < 0 ? out.length : pos, 0, { name: BTF_DIR_NAME, attr: this.modules.dirAttr(), lazy: true });
+    }
+    return out;
   }
 
   readlink(ino: number): string | undefined {
@@ -222,6 +258,7 @@ export class IndexFsModel implements FsModel {
 
   async read(ino: number, offset: number, length: number): Promise<Buffer> {
     if (this.closed) throw new KheadersError('E_INTERNAL', 'the filesystem model is closed');
+    if (this.modules?.owns(ino)) return this.modules.read(ino, offset, length);
     const at = this.locate(ino);
     if (!at) throw new KheadersError('E_NOT_FOUND', `no inode ${ino}`, { errno: 'ENOENT', ino });
     const { slot, node } = at;
@@ -267,7 +304,20 @@ export class IndexFsModel implements FsModel {
     }
     if (!slot) return undefined;
     const node = slot.entry.index.get(rest.join('/'));
-    return node ? this.attr(slot, node) : undefined;
+    if (node) return this.attr(slot, node);
+    const m = this.modulePath(p);
+    if (m === undefined) return undefined;
+    return m.file === undefined ? this.modules?.dirAttr() : this.modules?.lookup(m.file);
+  }
+
+  /** For a path into `<running entry>/btf`: the file name asked for (undefined for the directory itself). */
+  private modulePath(p: string): { file: string | undefined } | undefined {
+    if (!this.modules || this.modules.parent === null) return undefined;
+    const parts = p.split('/').filter((s) => s !== '');
+    const root = parts[0] === BY_DIGEST_NAME ? this.digests.get(parts[1] ?? '') : this.releases.get(parts[0] ?? '');
+    const rest = parts.slice(parts[0] === BY_DIGEST_NAME ? 2 : 1);
+    if (!root || root.base !== this.modules.parent || rest[0] !== BTF_DIR_NAME || rest.length > 2) return undefined;
+    return { file: rest[1] };
   }
 
   statfs(): FsStat {
@@ -301,6 +351,12 @@ export class IndexFsModel implements FsModel {
     return slot;
   }
 
+  /** One inode number outside every entry's block (module headers), never reused. */
+  private allocIno(): number {
+    if (this.nextBase + 1 > MAX_INO) throw new KheadersError('E_FUSE', 'inode numbers exhausted: restart the daemon', { entries: this.slots.length });
+    return this.nextBase++;
+  }
+
   private locate(ino: number): Located | undefined {
     let lo = 0;
     let hi = this.slots.length - 1;
@@ -323,7 +379,8 @@ export class IndexFsModel implements FsModel {
       kind: node.kind,
       mode: TYPE[node.kind] | PERM[node.kind],
       size: node.kind === 'dir' ? BLOCK_SIZE : node.size,
-      nlink: node.kind === 'dir' ? slot.nlinks[node.id]! : 1,
+      // The running entry's root also holds `btf/`.
+      nlink: node.kind === 'dir' ? slot.nlinks[node.id]! + (node.id === 0 && slot.base === this.modules?.parent ? 1 : 0) : 1,
       mtimeMs: node.mtime * 1000 + (slot.seq % 1000),
     };
   }
@@ -346,6 +403,8 @@ export class IndexFsModel implements FsModel {
     if (this.current) out.set(`/${CURRENT_NAME}`, { parentIno: ROOT_INO, name: CURRENT_NAME, ino: CURRENT_INO, meaning: `-> ${this.current.target}` });
     for (const [name, slot] of this.releases) out.set(`/${name}`, { parentIno: ROOT_INO, name, ino: slot.base, meaning: `ino ${slot.base}` });
     for (const [name, slot] of this.digests) out.set(`${BY_DIGEST_NAME}/${name}`, { parentIno: BY_DIGEST_INO, name, ino: slot.base, meaning: `ino ${slot.base}` });
+    const btfParent = this.modules?.parent ?? null;
+    if (btfParent !== null) out.set(`${btfParent}/${BTF_DIR_NAME}`, { parentIno: btfParent, name: BTF_DIR_NAME, ino: BTF_DIR_INO, meaning: 'modules' });
     return out;
   }
 

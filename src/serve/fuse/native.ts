@@ -293,9 +293,15 @@ function makeOps(model: FsModel, log: Logger, count: (op: string) => void): Nati
     },
     getattr(p, cb) {
       count('getattr');
-      const a = model.resolvePath(p);
-      if (!a) return cb(neg(E.ENOENT));
-      cb(0, toStat(a));
+      const answer = (): void => {
+        const a = model.resolvePath(p);
+        if (!a) return cb(neg(E.ENOENT));
+        cb(0, toStat(a));
+      };
+      // A node made on request (a module's header) is answered once it exists.
+      const wait = model.preparePath?.(p);
+      if (wait === undefined) return answer();
+      wait.then(answer, (err: unknown) => cb(neg(errnoFor(err))));
     },
     readdir(p, cb) {
       count('readdir');

@@ -12,6 +12,7 @@ import { isIP } from 'node:net';
 import { KheadersError, errnoOf } from '../../errors.js';
 import type { Logger } from '../../log.js';
 import type { CacheStore } from '../../store/cache.js';
+import type { ModuleHeaderSource } from '../../store/module-btf.js';
 import type { DaemonState } from '../state.js';
 import { bearerChecker } from './auth.js';
 import { capConnectionsPerClient } from './client-cap.js';
@@ -41,6 +42,8 @@ export interface HttpServerOptions {
   limits?: Partial<HttpLimits>;
   /** Answer small-file GETs below fastify (fast-path.ts); default on. Off only to compare or test. */
   fastPath?: boolean;
+  /** Serve the loaded modules' headers under the running kernel's entry (`files/btf/`). */
+  modules?: ModuleHeaderSource;
 }
 
 export interface HttpServerHandle {
@@ -83,7 +86,7 @@ export async function startHttpServer(opts: HttpServerOptions): Promise<HttpServ
     gzipCacheBytes: limits.gzipCacheBytes,
   });
   const metrics = new HttpMetrics();
-  const ctx: RouteContext = { catalog, metrics, state: opts.state };
+  const ctx: RouteContext = { catalog, metrics, state: opts.state, ...(opts.modules ? { modules: opts.modules } : {}) };
   const authorised = opts.token !== undefined ? bearerChecker(opts.token) : undefined;
   let closing = false;
   const fast: FastPath | undefined = opts.fastPath === false ? undefined : createFastPath({ catalog, metrics, log, authorised, closing: () => closing });

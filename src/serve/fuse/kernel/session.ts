@@ -116,6 +116,8 @@ interface DirRecord {
   attr: FsAttr | undefined;
 }
 
+/** Seconds the kernel may cache a volatile node (FsAttr.volatile): long enough for one compile's lookups. */
+const VOLATILE_TIMEOUT_SEC = 1;
 const O_ACCMODE = 3;
 const W_OK = fs.constants.W_OK;
 const DOT = Buffer.from('.');
@@ -157,6 +159,8 @@ export class FuseSession {
   private readonly entryValid: Timeout;
   private readonly attrValid: Timeout;
   private readonly negativeValid: Timeout;
+  /** Entry and attribute timeout of volatile nodes (see FsAttr.volatile). */
+  private readonly volatileValid: Timeout;
 
   private minor = 0;
   private negotiated: NegotiatedInit | undefined;
@@ -185,6 +189,7 @@ export class FuseSession {
     this.entryValid = timeout(this.options.entryTimeoutSec);
     this.attrValid = timeout(this.options.attrTimeoutSec);
     this.negativeValid = timeout(this.options.negativeTimeoutSec);
+    this.volatileValid = timeout(VOLATILE_TIMEOUT_SEC);
     this.unsubscribe = model.onInvalidate((inval) => this.invalidate(inval));
   }
 
@@ -263,7 +268,7 @@ export class FuseSession {
       case 'getattr': {
         const a = this.model.getattr(req.nodeid);
         if (!a) return this.replyError(req, Errno.ENOENT);
-        return this.replyOk(req, encodeAttrOut(a, this.attrValid, this.minor));
+        return this.replyOk(req, encodeAttrOut(a, a.volatile ? this.volatileValid : this.attrValid, this.minor));
       }
       case 'readlink': {
         const a = this.model.getattr(req.nodeid);
@@ -369,6 +374,7 @@ export class FuseSession {
   // ---- names --------------------------------------------------------------------------------
 
   private entryFor(a: FsAttr): EntryParams {
+    if (a.volatile) return { nodeid: a.ino, generation: 0, entryValid: this.volatileValid, attrValid: this.volatileValid, attr: a };
     return { nodeid: a.ino, generation: 0, entryValid: this.entryValid, attrValid: this.attrValid, attr: a };
   }
 
@@ -379,6 +385,21 @@ export class FuseSession {
 
   private onLookup(req: FuseRequest & { kind: 'lookup' }): void {
     const name = decodeName(req.name);
+    // A node made on request (a module's header) is answered once it exists; every other
+    // lookup is answered here and now.
+    const wait = name === undefined ? undefined : this.model.prepareLookup?.(req.nodeid, name);
+    if (wait === undefined) return this.answerLookup(req, name);
+    wait.then(
+      () => this.answerLookup(req, name),
+      (err: unknown) => {
+        const code = errnoFor(err);
+        if (code !== Errno.ENOENT) this.log.error({ err, parent: req.nodeid, name }, 'FUSE lookup failed');
+        this.replyError(req, code);
+      },
+    );
+  }
+
+  private answerLookup(req: FuseRequest & { kind: 'lookup' }, name: string | undefined): void {
     const a = name === undefined ? undefined : this.model.lookup(req.nodeid, name);
     if (a) {
       this.remember(a, req.nodeid);
@@ -387,6 +408,8 @@ export class FuseSession {
     const parent = this.model.getattr(req.nodeid);
     if (!parent) return this.replyError(req, Errno.ENOENT);
     if (parent.kind !== 'dir') return this.replyError(req, Errno.ENOTDIR);
+    // Under a volatile directory a name may appear at any moment: its absence is not cached.
+    if (parent.volatile) return this.replyError(req, Errno.ENOENT);
     // A negative entry: nodeid 0 with a timeout makes the kernel cache "no such name", so the
     // compiler's probing of every -I directory for every header is answered without us.
     if (this.options.negativeTimeoutSec <= 0 || this.minor < 4) return this.replyError(req, Errno.ENOENT);
@@ -424,7 +447,7 @@ export class FuseSession {
     if (!records) return this.replyError(req, Errno.ENOTDIR);
     const fh = this.nextFh++;
     this.dirHandles.set(fh, { ino: req.nodeid, records });
-    this.replyOk(req, encodeOpenOut(fh, FOPEN.KEEP_CACHE | FOPEN.CACHE_DIR));
+    this.replyOk(req, encodeOpenOut(fh, a.volatile ? 0 : FOPEN.KEEP_CACHE | FOPEN.CACHE_DIR));
   }
 
   private onRead(req: FuseRequest & { kind: 'read' }): void {
@@ -474,7 +497,8 @@ export class FuseSession {
       { ino: this.parents.get(ino) ?? ino, name: DOTDOT, type: 4, attr: undefined },
     ];
     for (const d of children) {
-      records.push({ ino: d.attr.ino, name: Buffer.from(d.name, 'utf8'), type: direntType(d.attr.mode), attr: d.attr });
+      // A lazy child goes without attributes (node id 0): the kernel looks it up before use.
+      records.push({ ino: d.attr.ino, name: Buffer.from(d.name, 'utf8'), type: direntType(d.attr.mode), attr: d.lazy ? undefined : d.attr });
     }
     return records;
   }

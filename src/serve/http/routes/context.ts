@@ -1,5 +1,6 @@
 /** What every route plugin is given: the catalog it reads, the metrics it reports, the daemon's state. */
 import type { FastifyInstance, RouteHandlerMethod } from 'fastify';
+import type { ModuleHeaderSource } from '../../../store/module-btf.js';
 import type { DaemonState } from '../../state.js';
 import type { Catalog } from '../catalog.js';
 import type { HttpMetrics } from '../metrics.js';
@@ -8,6 +9,8 @@ export interface RouteContext {
   catalog: Catalog;
   metrics: HttpMetrics;
   state: DaemonState;
+  /** Loaded modules' headers, under the running kernel's entry (`files/btf/`); absent: none. */
+  modules?: ModuleHeaderSource;
 }
 
 /**
