@@ -45,25 +45,31 @@ const INGEST_KEYS: ConfigKey[] = ['archive', 'release', 'modprobe', 'unloadModul
 async function run(cmd: Command, dataOnStdout: boolean, body: (cfg: Config, io: CommandIO) => Promise<void>): Promise<void> {
   const opts = cmd.optsWithGlobals<GlobalOptions & Partial<Record<ConfigKey, unknown>>>();
   const dataOut = dataOnStdout || opts.json === true;
-  let log: Logger = createLogger('info', dataOut ? process.stderr : process.stdout);
+  const logStream = dataOut ? process.stderr : process.stdout;
+  let log: Logger = createLogger('info', logStream);
   try {
     const configFile = opts.config ?? process.env.KHEADERSD_CONFIG ?? DEFAULT_CONFIG_FILE;
     const file = await readConfigFile(configFile, opts.config !== undefined || process.env.KHEADERSD_CONFIG !== undefined);
     const flags: Partial<Record<ConfigKey, unknown>> = {};
     for (const key of Object.keys(KEYS) as ConfigKey[]) if (opts[key] !== undefined) flags[key] = opts[key];
     const cfg = resolveConfig({ flags, env: process.env, file, fileName: configFile });
-    log = createLogger(cfg.logLevel, dataOut ? process.stderr : process.stdout);
+    log = createLogger(cfg.logLevel, logStream);
     await body(cfg, { stdout: process.stdout, stderr: process.stderr, log });
   } catch (err) {
-    process.exitCode = report(err, log);
+    process.exitCode = report(err, log, logStream.isTTY === true);
   }
 }
 
-function report(err: unknown, log: Logger): number {
+/**
+ * Say what failed: one plain line on stderr, and the same as a structured log line for machines
+ * (the journal, a log file) — but not when the log goes to a terminal, where a person would read
+ * the message twice, once as JSON.
+ */
+function report(err: unknown, log: Logger, logOnTerminal: boolean): number {
   // The reader closed the pipe (`kheadersd cat … | head`): the normal end of a Unix filter.
   if (errnoOf(err) === 'EPIPE') return EXIT.ok;
   if (err instanceof KheadersError) {
-    log.error({ code: err.code, details: err.details }, err.message);
+    if (!logOnTerminal) log.error({ code: err.code, details: err.details }, err.message);
     process.stderr.write(`kheadersd: ${err.message}\n`);
     return err.exitCode;
   }
@@ -80,7 +86,7 @@ export function buildProgram(): Command {
     .showHelpAfterError()
     .addHelpText(
       'after',
-      `\nExit status: 0 ok, ${EXIT.usage} usage or configuration error, ${EXIT.archiveNotFound} no archive found, ${EXIT.badArchive} bad archive,\n${EXIT.environment} environment (cache locked, unsafe or full, no FUSE), ${EXIT.internal} internal error.`,
+      `\nExit status: 0 ok, ${EXIT.usage} usage or configuration error, ${EXIT.archiveNotFound} no archive found, ${EXIT.badArchive} bad archive or BTF,\n${EXIT.environment} environment (cache locked, unsafe or full, no FUSE), ${EXIT.notFound} not found (no such entry, file or module), ${EXIT.internal} internal error.`,
     );
   program.exitOverride((err) => {
     process.exit(err.exitCode === 0 ? 0 : EXIT.usage);

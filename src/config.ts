@@ -8,7 +8,7 @@ import { readFile } from 'node:fs/promises';
 import { KheadersError, errnoOf } from './errors.js';
 import { LOG_LEVELS, type LogLevel } from './log.js';
 import { DEFAULT_HTTP_LIMITS } from './serve/http/limits.js';
-import { defaultCacheDir, isAndroid } from './store/cache.js';
+import { defaultCacheDir, isAndroid, validRelease } from './store/cache.js';
 
 export const DEFAULT_CONFIG_FILE = '/etc/kheadersd/config.json';
 
@@ -73,6 +73,8 @@ export interface Config {
   httpHeadersTimeout: number;
   /** Seconds. */
   httpIdleTimeout: number;
+  /** Where each value that was set came from (`--keep`, `KHEADERSD_KEEP`, `<file>: keep`), for messages about it. */
+  origins: Partial<Record<ConfigKey, string>>;
 }
 
 export function envName(key: ConfigKey): string {
@@ -159,12 +161,21 @@ export interface ConfigSources {
 }
 
 export function resolveConfig({ flags, env, file, fileName }: ConfigSources): Config {
+  const origins: Partial<Record<ConfigKey, string>> = {};
+  const from = (key: ConfigKey, raw: unknown, origin: string): string | number | boolean => {
+    origins[key] = origin;
+    return parseValue(key, raw, origin);
+  };
   const pick = (key: ConfigKey): string | number | boolean | undefined => {
-    if (flags[key] !== undefined) return parseValue(key, flags[key], `--${flagName(key)}`);
+    if (flags[key] !== undefined) return from(key, flags[key], `--${flagName(key)}`);
     const e = env[envName(key)];
-    if (e !== undefined && e !== '') return parseValue(key, e, envName(key));
-    if (file[key] !== undefined) return parseValue(key, file[key], `${fileName}: ${key}`);
+    if (e !== undefined && e !== '') return from(key, e, envName(key));
+    if (file[key] !== undefined) return from(key, file[key], `${fileName}: ${key}`);
     return undefined;
+  };
+  /** A value that parsed but is not acceptable, named by where it came from. */
+  const refuse = (key: ConfigKey, why: string): never => {
+    throw new KheadersError('E_CONFIG', `${origins[key] ?? key}: ${why}`, { key, origin: origins[key] ?? 'default' });
   };
   const str = (key: ConfigKey): string | undefined => pick(key) as string | undefined;
   const num = (key: ConfigKey): number | undefined => pick(key) as number | undefined;
@@ -172,7 +183,7 @@ export function resolveConfig({ flags, env, file, fileName }: ConfigSources): Co
 
   const httpText = str('http') ?? '127.0.0.1:7711';
   const http = parseListen(httpText);
-  if (http === undefined) throw new KheadersError('E_CONFIG', `http: ${JSON.stringify(httpText)} is not HOST:PORT or "off"`);
+  if (http === undefined) refuse('http', `${JSON.stringify(httpText)} is not HOST:PORT or "off" (e.g. 127.0.0.1:7711)`);
   const mount = str('mount') ?? (isAndroid() ? '/data/local/kheadersd/mnt' : '/run/kheaders');
 
   const cfg: Config = {
@@ -190,10 +201,11 @@ export function resolveConfig({ flags, env, file, fileName }: ConfigSources): Co
     mount: mount === 'off' ? null : mount,
     fuseBackend: (str('fuseBackend') as Config['fuseBackend'] | undefined) ?? 'auto',
     linkModules: bool('linkModules', false),
-    http,
+    http: http ?? null,
     httpMaxConnectionsPerClient: num('httpMaxConnectionsPerClient') ?? DEFAULT_HTTP_LIMITS.maxConnectionsPerClient,
     httpHeadersTimeout: num('httpHeadersTimeout') ?? DEFAULT_HTTP_LIMITS.headersTimeoutMs / 1000,
     httpIdleTimeout: num('httpIdleTimeout') ?? DEFAULT_HTTP_LIMITS.idleTimeoutMs / 1000,
+    origins,
   };
   const optional: Array<[keyof Config, ConfigKey]> = [
     ['archive', 'archive'],
@@ -206,8 +218,9 @@ export function resolveConfig({ flags, env, file, fileName }: ConfigSources): Co
   }
   const maxCache = num('maxCacheBytes');
   if (maxCache !== undefined) cfg.maxCacheBytes = maxCache;
-  if (cfg.keep < 1) throw new KheadersError('E_CONFIG', 'keep must be at least 1');
-  if (cfg.httpHeadersTimeout < 1) throw new KheadersError('E_CONFIG', 'httpHeadersTimeout must be at least 1 (seconds)');
-  if (cfg.httpIdleTimeout < 1) throw new KheadersError('E_CONFIG', 'httpIdleTimeout must be at least 1 (seconds)');
+  if (cfg.keep < 1) refuse('keep', 'keep must be at least 1');
+  if (cfg.httpHeadersTimeout < 1) refuse('httpHeadersTimeout', 'httpHeadersTimeout must be at least 1 (seconds)');
+  if (cfg.httpIdleTimeout < 1) refuse('httpIdleTimeout', 'httpIdleTimeout must be at least 1 (seconds)');
+  if (cfg.release !== undefined && !validRelease(cfg.release)) refuse('release', `${JSON.stringify(cfg.release)} is not a valid kernel release (letters, digits, ".", "_", "+", "-")`);
   return cfg;
 }

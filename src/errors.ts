@@ -28,6 +28,7 @@ export const EXIT = {
   archiveNotFound: 3,
   badArchive: 4,
   environment: 5,
+  notFound: 6,
 } as const;
 
 export class KheadersError extends Error {
@@ -55,10 +56,12 @@ export class KheadersError extends Error {
       case 'E_ELF':
       case 'E_BTF':
         return EXIT.badArchive;
+      case 'E_NOT_FOUND':
+        // Nothing wrong with the machine: what was asked for (an entry, a file, a module) is not there.
+        return EXIT.notFound;
       case 'E_NO_SPACE':
       case 'E_LOCKED':
       case 'E_CACHE_UNSAFE':
-      case 'E_NOT_FOUND':
       case 'E_FUSE':
       case 'E_HTTP':
       case 'E_ADB':

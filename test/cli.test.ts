@@ -76,15 +76,20 @@ test('ingest, ls, ls --json, cat and export, end to end', async (t) => {
   const plain = await runCli(['ingest', '--archive', other, '--cache-dir', cacheDir, '--log-level', 'warn', '--btf', 'off']);
   assert.equal(plain.code, 0, plain.stderr);
   assert.equal(plain.stdout, '', 'nothing on stdout at --log-level warn');
-  assert.match(plain.stderr, /^ingested: 6\.99\.9-other \(sha256 [0-9a-f]{12}\), 6 files, [\d.]+ KiB in \d+ ms\n$/);
+  assert.match(plain.stderr, /^ingested: 6\.99\.9-other \(sha256 [0-9a-f]{12}\), 6 files, [\d.]+ KiB in \d+ ms\n/);
+  // Not the running kernel's: said plainly, with how to name it instead of `current`.
+  assert.match(plain.stderr, /\nnote: this is not the running kernel's entry: it is 6\.99\.9-other; the running kernel is .*; `current` still means the running kernel: use `6\.99\.9-other` to name this entry\n$/);
   const reused = await runCli(['ingest', '--archive', other, '--cache-dir', cacheDir, '--log-level', 'warn', '--btf', 'off']);
   assert.match(reused.stderr, /^already cached: 6\.99\.9-other/);
 
   // ls: a table; ls --json: the documented fields.
   const ls = await runCli(['ls', '--cache-dir', cacheDir]);
   assert.equal(ls.code, 0);
-  const lines = ls.stdout.trimEnd().split('\n');
-  assert.match(lines[0]!, /^RELEASE\s+DIGEST\s+FILES\s+SIZE\s+BUILD-ID\s+INGESTED\s+CURRENT\s+SOURCE$/);
+  const [tableText, footer] = ls.stdout.split('\n\n');
+  const lines = tableText!.trimEnd().split('\n');
+  // The current entry has the running kernel's release but came from a file: ls says so plainly.
+  assert.match(footer ?? '', new RegExp(`^current is ${RUNNING.replace(/[.+]/g, '\\$&')} \\(sha256 [0-9a-f]{12}\\), not known to be the running kernel: .* came from file:`));
+  assert.match(lines[0]!, /^RELEASE\s+DIGEST\s+FILES\s+SIZE\s+BUILD-ID\s+INGESTED\s+CURRENT\s+RUNNING\s+EXTRAS\s+SOURCE$/);
   assert.equal(lines.length, 3);
   assert.match(ls.stdout, new RegExp(`^${RUNNING.replace(/[.+]/g, '\\$&')}\\s+${result.digest.slice(0, 12)}\\s+7\\s+.*\\byes\\b`, 'm'));
   const entries = await lsJson(cacheDir);
@@ -120,8 +125,8 @@ test('ingest, ls, ls --json, cat and export, end to end', async (t) => {
   assert.equal(head.code, 0, head.stderr);
 
   // cat failures.
-  assertCleanFailure(await runCli(['cat', 'current', 'include/nope.h', '--cache-dir', cacheDir]), 5, /include\/nope\.h: no such file in /);
-  assertCleanFailure(await runCli(['cat', '9.9.9', 'include/linux/types.h', '--cache-dir', cacheDir]), 5, /no cached entry matches "9\.9\.9"/);
+  assertCleanFailure(await runCli(['cat', 'current', 'include/nope.h', '--cache-dir', cacheDir]), 6, /include\/nope\.h: no such file in /);
+  assertCleanFailure(await runCli(['cat', '9.9.9', 'include/linux/types.h', '--cache-dir', cacheDir]), 6, /no cached entry matches "9\.9\.9"/);
   assertCleanFailure(await runCli(['cat', 'current', 'include/linux', '--cache-dir', cacheDir]), 2, /include\/linux is a directory/);
   const escape = await runCli(['cat', 'current', '../../../../etc/passwd', '--cache-dir', cacheDir]);
   assert.notEqual(escape.code, 0);
@@ -137,7 +142,7 @@ test('ingest, ls, ls --json, cat and export, end to end', async (t) => {
   await mkdir(ref);
   execFileSync('tar', ['-xJf', archive, '-C', ref]);
   assert.deepEqual(await treeContent(out), await treeContent(ref));
-  assertCleanFailure(await runCli(['export', 'nope', path.join(dir, 'x'), '--cache-dir', cacheDir]), 5, /no cached entry matches "nope"/);
+  assertCleanFailure(await runCli(['export', 'nope', path.join(dir, 'x'), '--cache-dir', cacheDir]), 6, /no cached entry matches "nope"/);
 });
 
 test('cat current with no entry for the running kernel says what to do', async (t) => {
@@ -145,8 +150,14 @@ test('cat current with no entry for the running kernel says what to do', async (
   const cacheDir = path.join(dir, 'cache');
   const ing = await runCli(['ingest', '--archive', await archiveOf(dir, 'a.tar.xz', goodTree('6.99.1-notrunning')), '--cache-dir', cacheDir, '--btf', 'off']);
   assert.equal(ing.code, 0, ing.stderr);
-  assertCleanFailure(await runCli(['cat', 'current', 'include/linux/types.h', '--cache-dir', cacheDir]), 5, /no entry for the running kernel is cached yet: run `kheadersd ingest` first/);
-  assertCleanFailure(await runCli(['ls', '--cache-dir', path.join(dir, 'absent')]), 5, /does not exist yet/);
+  // `current` means the running kernel: the message names it, says it is not cached, and which releases are.
+  const running = (await import('node:os')).release().replace(/[.+]/g, '\\$&');
+  assertCleanFailure(
+    await runCli(['cat', 'current', 'include/linux/types.h', '--cache-dir', cacheDir]),
+    6,
+    new RegExp(`"current" is the running kernel, ${running}, and no entry for it is cached \\(cached: 6\\.99\\.1-notrunning: name one of them instead of "current"\\); \`kheadersd ingest\` caches`),
+  );
+  assertCleanFailure(await runCli(['ls', '--cache-dir', path.join(dir, 'absent')]), 6, /does not exist yet/);
 });
 
 test('exit 2 for usage errors', async (t) => {
@@ -159,7 +170,9 @@ test('exit 2 for usage errors', async (t) => {
     [['frobnicate'], /unknown command 'frobnicate'/],
     [['ingest', '--keep', 'many', '--cache-dir', cacheDir], /--keep: "many" is not a whole number/],
     [['ingest', '--max-file-bytes', '12 parsecs', '--cache-dir', cacheDir], /--max-file-bytes: "12 parsecs" is not a size/],
-    [['ingest', '--archive', '/dev/null', '--release', '../etc', '--cache-dir', cacheDir], /--release "\.\.\/etc" is not a valid kernel release/],
+    [['ingest', '--archive', '/dev/null', '--release', '../etc', '--cache-dir', cacheDir], /--release: "\.\.\/etc" is not a valid kernel release/],
+    // Every bad value names where it came from: the flag, the variable, or the file's key.
+    [['serve', '--http', 'nonsense', '--cache-dir', cacheDir], /--http: "nonsense" is not HOST:PORT or "off"/],
   ];
   for (const [args, pattern] of cases) assertCleanFailure(await runCli(args), 2, pattern);
   assert.equal((await runCli(['--version'])).code, 0);

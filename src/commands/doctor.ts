@@ -26,12 +26,15 @@ import type { Logger } from '../log.js';
 import { BTF_PATH, LIVE_ARCHIVE_PATHS } from '../source/locate.js';
 import { isAndroid } from '../store/cache.js';
 import { readTokenFile } from '../token.js';
+import type { Manifest } from '../store/entry.js';
+import { matchRunning, sha256OfFile } from '../store/kernel-match.js';
+import { readLiveBuildId } from '../source/notes.js';
 import { packageRoot } from './install.js';
 
 export type CheckStatus = 'ok' | 'warn' | 'fail';
 
 export interface CheckResult {
-  /** Stable name for machines: kernel, privileges, archive, btf, xz, cache, http, token, fuse-device, fuse-backend, mount-point, link-modules, service. */
+  /** Stable name for machines: kernel, privileges, archive, btf, xz, cache, current, http, token, fuse-device, fuse-backend, mount-point, link-modules, service. */
   id: string;
   status: CheckStatus;
   /** What was found, in words. */
@@ -51,6 +54,8 @@ export interface DoctorEnvironment {
   release: string;
   livePaths: readonly string[];
   btfPath: string;
+  /** /sys/kernel/notes: the running kernel's build id. */
+  notesPath: string;
   /** /lib/modules */
   modulesRoot: string;
   /** /sys/module/kheaders: present when the module is loaded. */
@@ -110,6 +115,7 @@ export async function defaultEnvironment(): Promise<DoctorEnvironment> {
     release: os.release(),
     livePaths: LIVE_ARCHIVE_PATHS,
     btfPath: BTF_PATH,
+    notesPath: '/sys/kernel/notes',
     modulesRoot: '/lib/modules',
     kheadersModuleDir: '/sys/module/kheaders',
     devFuse: '/dev/fuse',
@@ -135,6 +141,7 @@ export async function runDoctor(cfg: Config, overrides: Partial<DoctorEnvironmen
     d.guard('btf', () => d.btf()),
     d.guard('xz', () => d.xz()),
     d.guard('cache', () => d.cache()),
+    d.guard('current', () => d.current()),
     d.guard('http', () => d.http()),
     d.guard('token', () => d.token()),
     d.guard('fuse-device', () => d.fuseDevice()),
@@ -310,6 +317,27 @@ class Doctor {
     const btf = await this.btfInfo();
     if (btf.present) return [{ id: 'btf', status: 'ok', what: `BTF: ${this.env.btfPath} (${mib(btf.bytes)}): each entry gets a vmlinux.h for CO-RE` }];
     return [{ id: 'btf', status: 'warn', what: `no BTF (${this.env.btfPath}): no vmlinux.h in the entries`, fix: 'headers are still served; CO-RE programs need a kernel with CONFIG_DEBUG_INFO_BTF=y' }];
+  }
+
+  /** Whether `current` is the running kernel's entry: serving another kernel's headers is the silent failure. */
+  async current(): Promise<Found> {
+    const dir = this.cfg.cacheDir;
+    const id = (await readFile(path.join(dir, 'current'), 'utf8').catch(() => '')).trim();
+    if (id === '') return [];
+    let manifest: Manifest;
+    try {
+      manifest = JSON.parse(await readFile(path.join(dir, 'entries', id, 'manifest.json'), 'utf8')) as Manifest;
+    } catch {
+      return []; // a missing or broken entry is the cache check's business
+    }
+    const [buildId, btfDigest] = await Promise.all([readLiveBuildId(this.env.notesPath), sha256OfFile(this.env.btfPath)]);
+    const m = matchRunning(manifest, { release: this.env.release, buildId, btfDigest });
+    const what = `current: ${manifest.release} (sha256 ${manifest.digest.slice(0, 12)}, from ${manifest.source})`;
+    if (m.match === 'yes') return [{ id: 'current', status: 'ok', what: `${what}, the running kernel's own` }];
+    const fix =
+      'tools reading `current` on this machine get another kernel\'s headers and misread its structures: remove "archive"/"release" ' +
+      '(--archive, KHEADERSD_ARCHIVE, config.json) and restart serve, or run `kheadersd ingest` on the kernel these headers are for';
+    return [{ id: 'current', status: 'warn', what: `${what} is ${m.match === 'no' ? 'NOT' : 'not known to be'} the running kernel: ${m.why}`, fix }];
   }
 
   async xz(): Promise<Found> {

@@ -1,5 +1,6 @@
 /** Plain-text output helpers shared by the commands. */
 import type { Manifest } from '../store/entry.js';
+import { matchRunning, type LiveKernel, type RunningMatch } from '../store/kernel-match.js';
 
 export function humanBytes(n: number): string {
   const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
@@ -23,10 +24,19 @@ export interface EntrySummary {
   ingestedAt: string;
   current: boolean;
   vmlinuxH: boolean;
+  /** The tree holds the kernel's `.config`. */
+  config: boolean;
+  /** Whether this is the running kernel's entry (see kernel-match.ts), when the running kernel is known. */
+  runningKernel?: RunningMatch;
+  /** Why it is not (or may not be) the running kernel's, in words. */
+  runningKernelNote?: string;
+  /** What ingest checked or left out (vmlinux.h, .config), in words. */
+  notes?: string[];
 }
 
 /** The public shape of an entry (`ls --json`, HTTP `/v1/kernels`). */
-export function summarise(m: Manifest, currentId: string | null): EntrySummary {
+export function summarise(m: Manifest, currentId: string | null, live?: LiveKernel | null): EntrySummary {
+  const match = live ? matchRunning(m, live) : undefined;
   return {
     release: m.release,
     digest: m.digest,
@@ -38,6 +48,10 @@ export function summarise(m: Manifest, currentId: string | null): EntrySummary {
     ingestedAt: m.ingestedAt,
     current: m.id === currentId,
     vmlinuxH: m.btf !== null,
+    config: (m.config ?? null) !== null,
+    ...(match ? { runningKernel: match.match } : {}),
+    ...(match && match.why !== '' ? { runningKernelNote: match.why } : {}),
+    ...(m.notes !== undefined && m.notes.length > 0 ? { notes: m.notes } : {}),
   };
 }
 

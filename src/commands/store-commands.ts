@@ -12,6 +12,7 @@ import { CacheStore } from '../store/cache.js';
 import { dataLocation } from '../store/entry.js';
 import { exportEntry } from '../store/export.js';
 import { ingest, type IngestResult } from '../store/ingest.js';
+import { readLiveKernel } from '../store/kernel-match.js';
 import { normaliseEntryPath } from '../store/tree-index.js';
 import { humanBytes, progressBar, summarise, table } from './format.js';
 
@@ -33,6 +34,11 @@ export async function ingestWithConfig(cfg: Config, io: CommandIO, extra: { setC
     limits: { maxTotalBytes: cfg.maxTotalBytes, maxEntries: cfg.maxEntries, maxFileBytes: cfg.maxFileBytes },
     decoder: cfg.decoder,
     btf: cfg.btf,
+    origins: {
+      ...(cfg.origins.archive !== undefined ? { archive: cfg.origins.archive } : {}),
+      ...(cfg.origins.release !== undefined ? { release: cfg.origins.release } : {}),
+      ...(cfg.origins.btf !== undefined ? { btf: cfg.origins.btf } : {}),
+    },
     keep: cfg.keep,
     ...(cfg.maxCacheBytes !== undefined ? { maxCacheBytes: cfg.maxCacheBytes } : {}),
     lockTimeoutMs: cfg.lockTimeout * 1000,
@@ -52,7 +58,7 @@ export async function ingestWithConfig(cfg: Config, io: CommandIO, extra: { setC
 export async function cmdIngest(cfg: Config, io: CommandIO, json: boolean): Promise<void> {
   const result = await ingestWithConfig(cfg, io);
   const store = await CacheStore.open(cfg.cacheDir);
-  const summary = summarise(result.entry.manifest, await store.currentId());
+  const summary = summarise(result.entry.manifest, await store.currentId(), await readLiveKernel());
   if (json) {
     io.stdout.write(JSON.stringify({ ...summary, reused: result.reused, evicted: result.evicted, durationMs: result.durationMs }) + '\n');
     return;
@@ -65,16 +71,22 @@ export async function cmdIngest(cfg: Config, io: CommandIO, json: boolean): Prom
     );
     return;
   }
+  const extras = [m.btf ? 'vmlinux.h' : '', m.config ? '.config' : ''].filter(Boolean).join(' and ');
   io.stderr.write(
     `${result.reused ? 'already cached' : 'ingested'}: ${m.release} (sha256 ${m.digest.slice(0, 12)}), ${m.files} files, ${humanBytes(m.bytes)}` +
-      `${summary.current ? ', current' : ''} in ${result.durationMs} ms\n`,
+      `${extras ? `, with ${extras}` : ''}${summary.current ? ', current' : ''} in ${result.durationMs} ms\n`,
   );
+  if (summary.runningKernel !== 'yes') {
+    io.stderr.write(`note: this is not${summary.runningKernel === 'unknown' ? ' known to be' : ''} the running kernel's entry: ${summary.runningKernelNote ?? ''}${summary.current ? '' : `; \`current\` still means the running kernel: use \`${m.release}\` to name this entry`}\n`);
+  }
+  for (const note of m.notes ?? []) io.stderr.write(`note: ${note}\n`);
 }
 
 export async function cmdLs(cfg: Config, io: CommandIO, json: boolean): Promise<void> {
   const store = await CacheStore.open(cfg.cacheDir);
   const current = await store.currentId();
-  const entries = (await store.list()).map((m) => summarise(m, current));
+  const live = await readLiveKernel();
+  const entries = (await store.list()).map((m) => summarise(m, current, live));
   if (json) {
     io.stdout.write(JSON.stringify(entries, null, 2) + '\n');
     return;
@@ -83,7 +95,7 @@ export async function cmdLs(cfg: Config, io: CommandIO, json: boolean): Promise<
     io.stdout.write(`no entries in ${store.dir}: run \`kheadersd ingest\`\n`);
     return;
   }
-  const rows = [['RELEASE', 'DIGEST', 'FILES', 'SIZE', 'BUILD-ID', 'INGESTED', 'CURRENT', 'SOURCE']];
+  const rows = [['RELEASE', 'DIGEST', 'FILES', 'SIZE', 'BUILD-ID', 'INGESTED', 'CURRENT', 'RUNNING', 'EXTRAS', 'SOURCE']];
   for (const e of entries) {
     rows.push([
       e.release,
@@ -93,10 +105,21 @@ export async function cmdLs(cfg: Config, io: CommandIO, json: boolean): Promise<
       e.buildId ? e.buildId.slice(0, 12) : '-',
       e.ingestedAt.replace(/\.\d+Z$/, 'Z'),
       e.current ? 'yes' : '',
+      e.runningKernel === 'yes' ? 'yes' : e.runningKernel === 'unknown' ? '?' : 'no',
+      [e.vmlinuxH ? 'vmlinux.h' : '', e.config ? '.config' : ''].filter(Boolean).join(',') || '-',
       e.kind === 'btf-only' ? `${e.source} (vmlinux.h only: no header archive)` : e.source,
     ]);
   }
   io.stdout.write(table(rows));
+  const cur = entries.find((e) => e.current);
+  if (cur && cur.runningKernel !== 'yes') {
+    io.stdout.write(
+      `\ncurrent is ${cur.release} (sha256 ${cur.digest.slice(0, 12)}), ${cur.runningKernel === 'no' ? 'NOT the running kernel' : 'not known to be the running kernel'}: ${cur.runningKernelNote ?? ''}.\n` +
+        `Tools on this machine that read \`current\` get these headers, not the running kernel's (${live.release}).\n`,
+    );
+  } else if (!cur) {
+    io.stdout.write(`\nno entry is current: the running kernel (${live.release}) is not cached\n`);
+  }
 }
 
 export async function cmdCat(cfg: Config, io: CommandIO, ref: string, file: string): Promise<void> {

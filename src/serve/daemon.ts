@@ -19,6 +19,8 @@ import { ingestWithConfig } from '../commands/store-commands.js';
 import { CacheStore } from '../store/cache.js';
 import type { CacheEntry } from '../store/entry.js';
 import { readTokenFile } from '../token.js';
+import { matchRunning, readLiveKernel } from '../store/kernel-match.js';
+import { MODULE_HEADERS_SUBDIR, ModuleHeaders } from '../store/module-btf.js';
 import { DaemonState } from './state.js';
 import type { FuseMount } from './fuse/types.js';
 import type { IndexFsModel } from './fuse/index-model.js';
@@ -46,13 +48,33 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
   let refreshing: Promise<void> = Promise.resolve();
 
   const allEntries = async (): Promise<CacheEntry[]> => Promise.all((await store.list()).map((m) => store.load(m.id)));
+  // What the running kernel is: the entries are told apart from it by release and build id.
+  const live = await readLiveKernel();
+  state.live = live;
+  // Headers of the loaded modules, made on request under the running kernel's entry.
+  const modules = await ModuleHeaders.open({ dir: path.join(store.dir, MODULE_HEADERS_SUBDIR), log });
 
   /** Bring the model and state up to date with the store (after any ingest). */
   const publish = async (): Promise<void> => {
     const current = await store.currentId();
+    const entries = await allEntries();
     state.currentId = current;
     state.ready = current !== null;
-    model?.setEntries(await allEntries(), current);
+    // The running kernel's entry: the current one if it is that, else any cached entry that is.
+    const running = entries.filter((e) => matchRunning(e.manifest, live).match === 'yes');
+    state.runningId = (running.find((e) => e.manifest.id === current) ?? running[0])?.manifest.id ?? null;
+    const currentEntry = entries.find((e) => e.manifest.id === current);
+    if (currentEntry) {
+      const m = matchRunning(currentEntry.manifest, live);
+      if (m.match !== 'yes') {
+        log.warn(
+          { current, runningRelease: live.release, match: m.match },
+          `current is ${currentEntry.manifest.release} from ${currentEntry.manifest.source}, ${m.match === 'no' ? 'NOT the running kernel' : 'not known to be the running kernel'}: ${m.why}. ` +
+            'Tools on this machine reading `current` get these headers, not the running kernel\'s.',
+        );
+      }
+    }
+    model?.setEntries(entries, current, state.runningId);
     if (cfg.linkModules && mount && current) {
       const entry = await store.load(current);
       await links.point(entry.manifest.release, path.join(mount.mountpoint, entry.manifest.release));
@@ -100,14 +122,14 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
 
   if (cfg.mount) {
     const { IndexFsModel } = await import('./fuse/index-model.js');
-    model = new IndexFsModel({ log });
+    model = new IndexFsModel({ log, modules });
   }
   await publish();
 
   if (cfg.http) {
     const { startHttpServer } = await import('./http/server.js');
     const limits = { maxConnectionsPerClient: cfg.httpMaxConnectionsPerClient, headersTimeoutMs: cfg.httpHeadersTimeout * 1000, idleTimeoutMs: cfg.httpIdleTimeout * 1000 };
-    http = await startHttpServer({ listen: cfg.http, store, state, log, limits, ...(token !== undefined ? { token } : {}) });
+    http = await startHttpServer({ listen: cfg.http, store, state, log, limits, modules, ...(token !== undefined ? { token } : {}) });
     log.info({ url: http.url }, 'HTTP listening');
   }
 
@@ -138,6 +160,7 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
       await links.removeAll();
       await mount?.unmount();
       await model?.close();
+      await modules.close();
       log.info('stopped');
     })();
     return stopping;

@@ -3,6 +3,8 @@
  * lifecycle code that ingests on start and on SIGHUP. One small object, written only by the
  * daemon, read by the servers.
  */
+import type { LiveKernel } from '../store/kernel-match.js';
+
 export interface IngestRecord {
   at: string; // ISO time
   durationMs: number;
@@ -21,6 +23,14 @@ export class DaemonState {
   /** The running kernel's entry is cached and being served. */
   ready = false;
   currentId: string | null = null;
+  /**
+   * The entry that is the running kernel's own (see kernel-match.ts), or null when none is
+   * cached: `current` may be another kernel's (--archive/--release), and module headers belong
+   * to the running kernel only.
+   */
+  runningId: string | null = null;
+  /** The running kernel's release, build id and BTF digest, read at start. */
+  live: LiveKernel | null = null;
   lastIngest: IngestRecord | null = null;
   lastIngestError: IngestFailure | null = null;
   /** Where the FUSE tree is mounted, if it is. */

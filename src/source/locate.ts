@@ -31,6 +31,8 @@ export interface ArchiveSource {
 export interface LocateOptions {
   /** A file to use instead of the running kernel's archive. */
   archive?: string;
+  /** Where `archive` was set (`--archive`, `KHEADERSD_ARCHIVE`, a config file's key), for messages. */
+  archiveOrigin?: string;
   /** Try `modprobe kheaders` when no live archive is present. */
   modprobe: boolean;
   /** Unload the module afterwards if this process loaded it (it pins ~4 MiB of kernel memory). */
@@ -45,7 +47,7 @@ export interface LocateOptions {
 }
 
 export async function locateArchive(opts: LocateOptions): Promise<ArchiveSource> {
-  if (opts.archive !== undefined) return readArchiveFile(opts.archive, opts.maxArchiveBytes);
+  if (opts.archive !== undefined) return readArchiveFile(opts.archive, opts.maxArchiveBytes, opts.archiveOrigin ?? '--archive');
 
   const livePaths = opts.livePaths ?? LIVE_ARCHIVE_PATHS;
   const tried: string[] = [];
@@ -102,14 +104,14 @@ export async function locateArchive(opts: LocateOptions): Promise<ArchiveSource>
   );
 }
 
-async function readArchiveFile(file: string, maxBytes: number): Promise<ArchiveSource> {
+async function readArchiveFile(file: string, maxBytes: number, origin: string): Promise<ArchiveSource> {
   let bytes: Buffer;
   try {
     bytes = await readBounded(file, maxBytes);
   } catch (err) {
     const code = errnoOf(err);
     if (code === 'ENOENT' || code === 'EACCES' || code === 'EISDIR') {
-      throw new KheadersError('E_ARCHIVE_NOT_FOUND', `cannot read --archive ${file}: ${code}`, { file });
+      throw new KheadersError('E_ARCHIVE_NOT_FOUND', `cannot read ${origin} ${file}: ${code}`, { file, origin });
     }
     throw err;
   }

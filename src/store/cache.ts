@@ -173,7 +173,15 @@ export class CacheStore {
       if (current && manifests.some((m) => m.id === current)) return this.load(current);
       const running = manifests.find((m) => m.release === os.release());
       if (running) return this.load(running.id);
-      throw new KheadersError('E_NOT_FOUND', 'no entry for the running kernel is cached yet: run `kheadersd ingest` first', { ref });
+      // `current` means the running kernel: say which that is, and what the cache does hold.
+      const cached = [...new Set(manifests.map((m) => m.release))];
+      throw new KheadersError(
+        'E_NOT_FOUND',
+        `"current" is the running kernel, ${os.release()}, and no entry for it is cached` +
+          (cached.length > 0 ? ` (cached: ${cached.join(', ')}: name one of them instead of "current")` : ' (the cache is empty)') +
+          '; `kheadersd ingest` caches the running kernel\'s headers',
+        { ref, running: os.release(), cached },
+      );
     }
     const byId = manifests.find((m) => m.id === ref);
     if (byId) return this.load(byId.id);

@@ -91,7 +91,7 @@ export function judgeBtf(btf: BtfSource, given: boolean, facts: EntryFacts, live
   const asmOffsets = facts.files.get(ASM_OFFSETS_H);
   const bounds = facts.files.get(BOUNDS_H);
   if (asmOffsets === undefined && bounds === undefined) {
-    if (isLiveBtf) return { keep: true, notes: [] }; // a vmlinux.h-only entry of the running kernel
+    if (isLiveBtf && facts.live) return { keep: true, notes: [] }; // a vmlinux.h-only entry of the running kernel
     return { keep: true, notes: [warn(`${what} could not be checked against this entry (no generated headers to compare with): kept, unverified`)] };
   }
   const check = checkBtfAgainstHeaders(parseBtf(btf.bytes), {
@@ -139,8 +139,9 @@ export async function chooseConfig(facts: EntryFacts, live: LiveKernel, paths: C
     });
     if (text === undefined) continue;
     if (autoconf === undefined) {
-      // Nothing to compare with (a vmlinux.h-only entry): only the running kernel's own will do.
-      if (running && file === liveConfig) return { config: { text, source: file }, notes };
+      // Nothing to compare with (a vmlinux.h-only entry): only the running kernel's own, for
+      // an entry that is the running kernel's by construction, will do.
+      if (facts.live && file === liveConfig) return { config: { text, source: file }, notes };
       notes.push(warn(`${file} could not be checked (no autoconf.h in this entry): left out`));
       continue;
     }

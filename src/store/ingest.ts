@@ -64,6 +64,8 @@ export interface IngestOptions {
    * (pull downloads into a temp file that is gone afterwards: the URL is what tells where it came from).
    */
   sourceLabel?: string;
+  /** Where `archive`, `release` and `btf` were set (`--btf`, `KHEADERSD_BTF`, a config file's key), for messages. */
+  origins?: Partial<Record<'archive' | 'release' | 'btf', string>>;
   /** Make this entry `current`. Default: when it is the running kernel's (live, or same release). */
   setCurrent?: boolean;
   /** Eviction after a successful ingest. */
@@ -102,6 +104,7 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
   try {
     source = await locateArchive({
       ...(opts.archive !== undefined ? { archive: opts.archive } : {}),
+      ...(opts.origins?.archive !== undefined ? { archiveOrigin: opts.origins.archive } : {}),
       modprobe: opts.modprobe ?? true,
       unloadModule: opts.unloadModule ?? true,
       maxArchiveBytes: limits.maxTotalBytes,
@@ -226,7 +229,7 @@ async function chooseBtf(opts: IngestOptions, live: boolean): Promise<BtfSource 
   if (choice === 'off') return undefined;
   if (choice !== 'auto') {
     const btf = await btfSource(choice);
-    if (!btf) throw new KheadersError('E_NOT_FOUND', `no BTF file at ${choice} (--btf)`, { btf: choice });
+    if (!btf) throw new KheadersError('E_NOT_FOUND', `${opts.origins?.btf ?? '--btf'}: no BTF file at ${choice}`, { btf: choice });
     return btf;
   }
   return live ? btfSource(opts.liveBtf ?? LIVE_BTF) : undefined;

@@ -9,6 +9,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { summarise } from '../../../commands/format.js';
 import { parseRequestPath, PathError } from '../paths.js';
 import { sendError } from '../respond.js';
+import { isModuleHeaderPath, serveModuleHeaders } from '../module-headers.js';
 import { REVALIDATE, serveArchive, serveTreePath } from '../tree.js';
 import { getAndHead, type RouteContext } from './context.js';
 
@@ -39,7 +40,7 @@ export async function kernelRoutes(app: FastifyInstance, ctx: RouteContext): Pro
     const snap = await catalog.snapshot();
     reply.header('cache-control', REVALIDATE);
     // The same array `kheadersd ls --json` prints.
-    return snap.manifests.map((m) => summarise(m, snap.currentId));
+    return snap.manifests.map((m) => summarise(m, snap.currentId, ctx.state.live));
   });
 
   getAndHead(app, '/v1/kernels/:ref', async (req, reply) => {
@@ -49,7 +50,7 @@ export async function kernelRoutes(app: FastifyInstance, ctx: RouteContext): Pro
     if (!served) return notCached(reply, rest[0] ?? '');
     const snap = await catalog.snapshot();
     reply.header('cache-control', REVALIDATE);
-    return summarise(served.manifest, snap.currentId);
+    return summarise(served.manifest, snap.currentId, ctx.state.live);
   });
 
   getAndHead(app, '/v1/kernels/:ref/archive.tar.xz', async (req, reply) => {
@@ -67,7 +68,9 @@ export async function kernelRoutes(app: FastifyInstance, ctx: RouteContext): Pro
     const ref = rest[0]!;
     const served = await catalog.byRef(ref);
     if (!served) return notCached(reply, ref);
-    return serveTreePath(catalog, req, reply, { served, segments: rest.slice(2), base: `/v1/kernels/${encodeURIComponent(ref)}`, cacheControl: REVALIDATE });
+    const inside = rest.slice(2);
+    if (ctx.modules && isModuleHeaderPath(served, ctx.state.runningId, inside)) return serveModuleHeaders(catalog, ctx.modules, req, reply, served, inside);
+    return serveTreePath(catalog, req, reply, { served, segments: inside, base: `/v1/kernels/${encodeURIComponent(ref)}`, cacheControl: REVALIDATE });
   };
   getAndHead(app, '/v1/kernels/:ref/files', files);
   getAndHead(app, '/v1/kernels/:ref/files/*', files);
