@@ -62,7 +62,7 @@ export class BtfBuilder {
    */
   constructor(private readonly base?: BtfBuilder) {
     this.strTab = base ? [] : [0];
-    this.strOffsets = base ? new Map() : new Map([['', 0]]);
+    this.strOffsets = base ? new Map<string, number>() : new Map([['', 0]]);
   }
 
   /** A split-BTF builder over this one (build this one's blob first, or after: it is not changed). */
