@@ -150,7 +150,7 @@ export function buildProgram(): Command {
 
   program
     .command('pull')
-    .description("on a developer host: fetch a device's current headers over HTTP (or adb) into a directory, and print the export lines")
+    .description("on a developer host: fetch a device's current entry (headers, vmlinux.h, .config) over HTTP (or adb) into a directory, and print the variables to use it")
     .option('--url <url>', 'the daemon to pull from (default http://127.0.0.1:7711)')
     .option('--adb', 'reach the device through a temporary `adb forward` (removed afterwards)')
     .option('--serial <serial>', "adb's -s: which device, when several are attached")

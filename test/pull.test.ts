@@ -5,7 +5,7 @@
  */
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { chmod, readFile, readlink, readdir, writeFile } from 'node:fs/promises';
+import { chmod, open, readFile, readlink, readdir, writeFile } from 'node:fs/promises';
 import http from 'node:http';
 import path from 'node:path';
 import { PassThrough } from 'node:stream';
@@ -14,13 +14,16 @@ import { cmdPull, digestFromHeaders, parseAdbDevices, pull, shellQuote, type Pul
 import type { CommandIO } from '../src/commands/store-commands.js';
 import { isKheadersError } from '../src/errors.js';
 import { CacheStore } from '../src/store/cache.js';
-import type { CacheEntry } from '../src/store/entry.js';
+import { CONFIG_PATH, dataLocation, type CacheEntry } from '../src/store/entry.js';
+import { ingest } from '../src/store/ingest.js';
+import { BtfBuilder } from './helpers/btf-builder.js';
 import {
   FIXTURE,
   SYNTH_RELEASE,
   fixtureSkipReason,
   ingestFixture,
   ingestSynth,
+  makeTarXz,
   quietLog,
   removeDir,
   runOk,
@@ -103,7 +106,7 @@ test('pull --url: downloads, verifies, unpacks into DIR/<release>-<digest12>, pr
   const c = io();
   await cmdPull({ url: `http://127.0.0.1:${env.port}`, ...d }, c);
   const dir = path.join(d.out!, `${SYNTH_RELEASE}-${entry.manifest.digest.slice(0, 12)}`);
-  assert.equal(c.out(), `export BCC_KERNEL_SOURCE=${dir}\nexport BPFTRACE_KERNEL_SOURCE=${dir}\n`);
+  assert.equal(c.out(), `export BCC_KERNEL_SOURCE=${dir}\nexport BPFTRACE_KERNEL_SOURCE=${dir}\nexport KHEADERS_DIR=${dir}\n`);
   assert.match(c.err(), /pulled 6\.6\.0-synth/);
   await assertTree(dir, 'a');
   // Nothing but the tree is left in DIR (the export renamed its temp dir into place).
@@ -139,7 +142,7 @@ test('pull --adb with a stand-in adb on PATH: forward tcp:0, use its port, remov
   const d = dirs();
   const c = io();
   await cmdPull({ adb: true, ...d }, c);
-  assert.match(c.out(), /^export BCC_KERNEL_SOURCE=.*\nexport BPFTRACE_KERNEL_SOURCE=.*\n$/);
+  assert.match(c.out(), /^export BCC_KERNEL_SOURCE=.*\nexport BPFTRACE_KERNEL_SOURCE=.*\nexport KHEADERS_DIR=.*\n$/);
   const calls = (await readFile(stubLog, 'utf8')).trim().split('\n');
   assert.deepEqual(calls, ['devices', '-s emulator-5554 forward tcp:0 tcp:7711', `-s emulator-5554 forward --remove tcp:${env.port}`]);
   await assertTree(path.join(d.out!, `${SYNTH_RELEASE}-${entry.manifest.digest.slice(0, 12)}`), 'a');
@@ -214,6 +217,140 @@ test('an unreachable daemon is a clear E_HTTP', async () => {
   await new Promise<void>((resolve) => probe.close(() => resolve()));
   await assert.rejects(pull({ url: `http://127.0.0.1:${port}`, ...dirs() }, io()), (err: unknown) => isKheadersError(err, 'E_HTTP') && /ECONNREFUSED/.test(err.message));
   await assert.rejects(pull({ url: 'ftp://x', ...dirs() }, io()), (err: unknown) => isKheadersError(err, 'E_USAGE'));
+});
+
+// ---- the whole entry: tree, vmlinux.h, .config -----------------------------------------------------
+
+/** Every file, directory and link under `dir`, with its bytes or target. */
+async function walkTree(dir: string, rel = ''): Promise<Map<string, string>> {
+  const out = new Map<string, string>();
+  for (const e of await readdir(path.join(dir, rel), { withFileTypes: true })) {
+    const p = rel === '' ? e.name : `${rel}/${e.name}`;
+    if (e.isSymbolicLink()) out.set(p, `-> ${await readlink(path.join(dir, p))}`);
+    else if (e.isDirectory()) {
+      out.set(p, 'dir');
+      for (const [k, v] of await walkTree(dir, p)) out.set(k, v);
+    } else out.set(p, createHash('sha256').update(await readFile(path.join(dir, p))).digest('hex'));
+  }
+  return out;
+}
+
+/** The same map for a cache entry, read through its index: what the device serves. */
+async function entryTree(e: CacheEntry): Promise<Map<string, string>> {
+  const out = new Map<string, string>();
+  for (const node of e.index.nodes) {
+    if (node.id === 0) continue;
+    if (node.kind === 'dir') out.set(node.path, 'dir');
+    else if (node.kind === 'symlink') out.set(node.path, `-> ${node.target!}`);
+    else {
+      const loc = dataLocation(e, node);
+      const fh = await open(loc.file, 'r');
+      const buf = Buffer.alloc(node.size);
+      await fh.read(buf, 0, node.size, loc.offset);
+      await fh.close();
+      out.set(node.path, createHash('sha256').update(buf).digest('hex'));
+    }
+  }
+  return out;
+}
+
+/** A device entry with vmlinux.h (from BTF given by hand) and .config (checked against its autoconf.h). */
+async function fullEntry(cacheDir: string, release: string): Promise<CacheEntry> {
+  const tree = [
+    ...synthTree(release, 'full'),
+    { name: './include/generated/autoconf.h', content: '#define CONFIG_HZ 250\n#define CONFIG_BPF_SYSCALL 1\n#define CONFIG_KHEADERS_MODULE 1\n' },
+  ];
+  const archive = await makeTarXz(tree, path.join(work, `full-${release}.tar.xz`));
+  const boot = path.join(work, `boot-${release}`);
+  await runOk('mkdir', ['-p', boot]);
+  await writeFile(path.join(boot, `config-${release}`), '#\n# Linux/x86 Kernel Configuration\n#\nCONFIG_HZ=250\nCONFIG_BPF_SYSCALL=y\nCONFIG_KHEADERS=m\n');
+  const b = new BtfBuilder();
+  b.struct('task_struct', 4, [{ name: 'pid', type: b.int('int', 4, { signed: true }), bitOffset: 0 }]);
+  const btf = path.join(work, `full-${release}.btf`);
+  await writeFile(btf, b.build());
+  const { entry: e } = await ingest({ cacheDir, archive, release, setCurrent: true, keep: 100, btf, bootDir: boot, liveBtf: path.join(work, 'none'), liveConfig: path.join(work, 'none'), log: quietLog() });
+  assert.ok(e.index.get('vmlinux.h') && e.index.get(CONFIG_PATH), `the device entry has vmlinux.h and .config: ${JSON.stringify(e.manifest.notes)}`);
+  return e;
+}
+
+test('pull brings the whole entry (tree, vmlinux.h, .config), file for file, and prints how to use it', async (t) => {
+  const dev = path.join(work, 'full-device');
+  const full = await fullEntry(dev, '6.7.0-full');
+  const server = await startEnv({ work, cacheDir: dev });
+  t.after(() => server.close());
+  const d = dirs();
+  const c = io();
+  await cmdPull({ url: `http://127.0.0.1:${server.port}`, ...d }, c);
+  const dir = path.join(d.out!, `6.7.0-full-${full.manifest.digest.slice(0, 12)}`);
+  assert.deepEqual(await walkTree(dir), await entryTree(full), 'the pulled tree is the entry, file for file');
+  assert.equal(
+    c.out(),
+    [
+      `export BCC_KERNEL_SOURCE=${dir}`,
+      `export BPFTRACE_KERNEL_SOURCE=${dir}`,
+      `export KHEADERS_DIR=${dir}`,
+      `export KHEADERS_VMLINUX_H=${dir}/vmlinux.h`,
+      `export KHEADERS_BPF_CFLAGS='-target bpf -D__TARGET_ARCH_x86 -I${dir}'`,
+      `export KHEADERS_CONFIG=${dir}/.config`,
+      '',
+    ].join('\n'),
+  );
+  assert.match(c.err(), /: headers, \.config, vmlinux\.h\n/);
+  assert.match(c.err(), /clang -O2 -g \$KHEADERS_BPF_CFLAGS -c prog\.bpf\.c/);
+
+  // A tree pulled by an older kheadersd (no vmlinux.h, no .config) is completed, not reused.
+  const d2 = dirs();
+  const stale = path.join(d2.out!, path.basename(dir));
+  await runOk('mkdir', ['-p', d2.out!]);
+  await runOk('cp', ['-a', dir, stale]);
+  await runOk('rm', ['-f', path.join(stale, 'vmlinux.h'), path.join(stale, '.config')]);
+  const again = await pull({ url: `http://127.0.0.1:${server.port}`, ...d2 }, io());
+  assert.equal(again.reused, false);
+  assert.deepEqual(await walkTree(stale), await entryTree(full));
+  assert.deepEqual((await readdir(d2.out!)).sort(), [path.basename(dir)], 'no staging directory left');
+  // Complete now: reused.
+  assert.equal((await pull({ url: `http://127.0.0.1:${server.port}`, ...d2 }, io())).reused, true);
+});
+
+test('pull of an entry with vmlinux.h only (no header archive on the device)', async (t) => {
+  const dev = path.join(work, 'btf-only-device');
+  const b = new BtfBuilder();
+  b.struct('task_struct', 4, [{ name: 'pid', type: b.int('int', 4, { signed: true }), bitOffset: 0 }]);
+  const btf = path.join(work, 'btf-only.btf');
+  await writeFile(btf, b.build());
+  const { entry: e } = await ingest({ cacheDir: dev, livePaths: [path.join(work, 'no-archive')], modprobe: false, btf, release: '6.8.0-gki', liveBtf: path.join(work, 'none'), liveConfig: path.join(work, 'none'), log: quietLog() });
+  assert.equal(e.manifest.kind, 'btf-only');
+  const server = await startEnv({ work, cacheDir: dev });
+  t.after(() => server.close());
+  const c = io();
+  await cmdPull({ url: `http://127.0.0.1:${server.port}`, ...dirs() }, c);
+  const dir = /^export KHEADERS_DIR=(.*)$/m.exec(c.out())?.[1];
+  assert.ok(dir, c.out());
+  assert.deepEqual(await walkTree(dir), await entryTree(e));
+  assert.doesNotMatch(c.out(), /BCC_KERNEL_SOURCE/, 'no headers: no BCC variable');
+  assert.match(c.out(), /KHEADERS_BPF_CFLAGS='-target bpf -I/);
+});
+
+test('pull refuses a vmlinux.h whose bytes do not match the digest the entry lists', async (t) => {
+  const dev = path.join(work, 'liar-device');
+  const full = await fullEntry(dev, '6.7.1-liar');
+  const server = await startEnv({ work, cacheDir: dev });
+  t.after(() => server.close());
+  // A proxy that passes everything through but flips a byte of vmlinux.h.
+  const proxy = http.createServer((req, res) => {
+    void fetch(`http://127.0.0.1:${server.port}${req.url ?? '/'}`, { headers: { 'accept-encoding': 'identity', accept: req.headers.accept ?? '*/*' } }).then(async (r) => {
+      let body = Buffer.from(await r.arrayBuffer());
+      if (req.url?.endsWith('/files/vmlinux.h')) body = Buffer.concat([body.subarray(0, -1), Buffer.from([body.at(-1)! ^ 1])]);
+      res.writeHead(r.status, Object.fromEntries([...r.headers].filter(([k]) => k !== 'content-length' && k !== 'transfer-encoding')));
+      res.end(body);
+    });
+  });
+  await new Promise<void>((resolve) => proxy.listen(0, '127.0.0.1', resolve));
+  t.after(() => proxy.close());
+  const d = dirs();
+  await assert.rejects(pull({ url: `http://127.0.0.1:${(proxy.address() as { port: number }).port}`, ...d }, io()), (err: unknown) => isKheadersError(err, 'E_HTTP') && /vmlinux\.h .* has sha256/.test(err.message));
+  assert.deepEqual(await readdir(d.out!), [], 'nothing left in DIR');
+  void full;
 });
 
 test('helpers: adb devices parsing, digest headers, shell quoting', () => {

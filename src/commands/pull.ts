@@ -7,7 +7,11 @@
  *   DIR/<release>-<digest12>/ exists?      → reuse it, nothing downloaded
  *   GET /v1/blobs/{digest}/archive.tar.xz  → temp file, sha256 checked against the JSON *and*
  *                                            the Repr-Digest/Digest header
- *   ingest (host cache) + exportEntry      → DIR/<release>-<digest12>/, renamed into place
+ *   ingest (host cache) + exportEntry      → the tree, in a staging directory
+ *   GET /v1/blobs/{digest}/files/          → the files made beside the archive on the device
+ *   GET /v1/blobs/{digest}/files/<name>      (vmlinux.h, .config): each checked against the
+ *                                            sha256 the listing and its Repr-Digest state
+ *   rename                                 → DIR/<release>-<digest12>/, complete or absent
  *
  * The archive is unpacked by the project's own ingest and export, not by `tar`: the same
  * traversal, symlink and size checks that guard the device guard the host, and the tree appears
@@ -20,11 +24,12 @@
  */
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { mkdtemp, open, readdir, rm } from 'node:fs/promises';
+import { chmod, mkdir, mkdtemp, open, readdir, rename, rm, stat, utimes } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { KheadersError, errnoOf, isKheadersError } from '../errors.js';
+import { KheadersError, errnoOf } from '../errors.js';
 import { isDigest, validRelease } from '../store/cache.js';
+import { CONFIG_PATH } from '../store/entry.js';
 import { exportEntry } from '../store/export.js';
 import { ingest } from '../store/ingest.js';
 import { readTokenFile } from '../token.js';
@@ -73,18 +78,57 @@ export interface PullResult {
   reused: boolean;
   /** Where the daemon was reached. */
   url: string;
+  /** The entry has the header tree (not only vmlinux.h). */
+  headers: boolean;
+  /** Files beside the tree, at its root: vmlinux.h, .config. */
+  extras: string[];
+  /** The kernel's architecture as the tree names it (arch/<name>), when it has one. */
+  arch: string | undefined;
 }
+
+/** One file at the root of the device's entry, as its listing gives it. */
+interface RootFile {
+  name: string;
+  size: number;
+  sha256: string | undefined;
+  mtime: string | null;
+}
+
+/** A file made beside the archive is a few MiB (vmlinux.h); anything far larger is refused. */
+const MAX_EXTRA_BYTES = 256 * 1024 * 1024;
 
 export function defaultHostCacheDir(env: NodeJS.ProcessEnv = process.env): string {
   const base = env.XDG_CACHE_HOME && path.isAbsolute(env.XDG_CACHE_HOME) ? env.XDG_CACHE_HOME : path.join(os.homedir(), '.cache');
   return path.join(base, 'kheadersd');
 }
 
-/** The CLI entry: pull, then print the two export lines on stdout (and a summary on stderr). */
+/** The CLI entry: pull, then print the variables on stdout (for `eval`) and how to use them on stderr. */
 export async function cmdPull(opts: PullOptions, io: CommandIO): Promise<void> {
   const r = await pull(opts, io);
-  io.stderr.write(`${r.reused ? 'already pulled' : 'pulled'} ${r.release} (sha256 ${r.digest.slice(0, 12)}) from ${r.url} into ${r.dir}\n`);
-  io.stdout.write(`export BCC_KERNEL_SOURCE=${shellQuote(r.dir)}\nexport BPFTRACE_KERNEL_SOURCE=${shellQuote(r.dir)}\n`);
+  const what = [r.headers ? 'headers' : '', ...r.extras].filter(Boolean).join(', ');
+  io.stderr.write(`${r.reused ? 'already pulled' : 'pulled'} ${r.release} (sha256 ${r.digest.slice(0, 12)}) from ${r.url} into ${r.dir}: ${what}\n`);
+  const vars = exportsFor(r);
+  io.stdout.write(vars.map(([name, value]) => `export ${name}=${shellQuote(value)}\n`).join(''));
+  const hints = [
+    ...(r.headers ? ['BCC and bpftrace: the BCC_KERNEL_SOURCE and BPFTRACE_KERNEL_SOURCE above point them at the headers'] : []),
+    ...(r.extras.includes('vmlinux.h') ? ['CO-RE programs (#include "vmlinux.h"): clang -O2 -g $KHEADERS_BPF_CFLAGS -c prog.bpf.c'] : []),
+    ...(r.extras.includes(CONFIG_PATH) ? ["the kernel's configuration: $KHEADERS_CONFIG"] : []),
+  ];
+  for (const h of hints) io.stderr.write(`  ${h}\n`);
+}
+
+/** The variables a pulled tree is used through: the tools' own, and ours for builds. */
+export function exportsFor(r: PullResult): Array<[string, string]> {
+  const vars: Array<[string, string]> = [];
+  if (r.headers) vars.push(['BCC_KERNEL_SOURCE', r.dir], ['BPFTRACE_KERNEL_SOURCE', r.dir]);
+  vars.push(['KHEADERS_DIR', r.dir]);
+  if (r.extras.includes('vmlinux.h')) {
+    vars.push(['KHEADERS_VMLINUX_H', path.join(r.dir, 'vmlinux.h')]);
+    // libbpf's bpf_tracing.h wants the target architecture by its kernel name (x86, arm64, …).
+    vars.push(['KHEADERS_BPF_CFLAGS', ['-target', 'bpf', ...(r.arch !== undefined ? [`-D__TARGET_ARCH_${r.arch}`] : []), `-I${r.dir}`].join(' ')]);
+  }
+  if (r.extras.includes(CONFIG_PATH)) vars.push(['KHEADERS_CONFIG', path.join(r.dir, CONFIG_PATH)]);
+  return vars;
 }
 
 export async function pull(options: PullOptions, io: CommandIO): Promise<PullResult> {
@@ -139,30 +183,91 @@ async function pullFrom(base: URL, opts: PullOptions, io: CommandIO, cacheDir: s
   const res = await request(endpoint(base, `v1/kernels/${encodeURIComponent(ref)}`), headers, AbortSignal.timeout(timeoutMs), where);
   const summary = validSummary(await res.json().catch(() => undefined), where);
   const { release, digest } = summary;
+  const withHeaders = summary.kind !== 'btf-only';
   const dir = path.join(out, `${release}-${digest.slice(0, 12)}`);
+  const root = await rootFiles(base, digest, headers, timeoutMs, where);
+  const result = (reused: boolean, extras: readonly RootFile[], arch: string | undefined): PullResult => ({
+    dir,
+    release,
+    digest,
+    reused,
+    url: where,
+    headers: withHeaders,
+    extras: extras.map((f) => f.name),
+    arch,
+  });
+  // A tree pulled before is reused when it has every file the entry has beside its headers.
   if (await nonEmptyDir(dir)) {
-    io.log.info({ dir }, 'already pulled: reusing it');
-    return { dir, release, digest, reused: true, url: where };
+    const have = await Promise.all(root.map(async (f) => (await stat(path.join(dir, f.name)).catch(() => undefined))?.size === f.size));
+    if (have.every(Boolean)) {
+      io.log.info({ dir }, 'already pulled: reusing it');
+      return result(true, root, await archOf(dir));
+    }
+    io.log.info({ dir }, 'pulled before without every file of the entry: pulling it again');
   }
 
-  const tmp = await mkdtemp(path.join(os.tmpdir(), 'kheadersd-pull-'));
+  await mkdir(out, { recursive: true });
+  const staging = await mkdtemp(path.join(out, `.${path.basename(dir)}.pull-`));
   try {
-    const archive = path.join(tmp, 'archive.tar.xz');
-    const archiveUrl = endpoint(base, `v1/blobs/${digest}/archive.tar.xz`);
-    await download(archiveUrl, { ...headers, accept: 'application/x-xz', 'accept-encoding': 'identity' }, archive, digest, timeoutMs, io, where);
-    const result = await ingest({ cacheDir, archive, sourceLabel: archiveUrl, release, setCurrent: false, keep: opts.keep ?? 3, log: io.log });
-    if (result.entry.manifest.digest !== digest) throw new KheadersError('E_INTERNAL', 'the ingested archive has another digest than the one verified');
+    const tree = path.join(staging, 'tree');
+    let extras = root;
+    if (withHeaders) {
+      const archive = path.join(staging, 'archive.tar.xz');
+      const archiveUrl = endpoint(base, `v1/blobs/${digest}/archive.tar.xz`);
+      await download(archiveUrl, { ...headers, accept: 'application/x-xz', 'accept-encoding': 'identity' }, archive, { sha256: digest, size: undefined, stated: 'required' }, timeoutMs, io, where, 'the archive');
+      const ingested = await ingest({ cacheDir, archive, sourceLabel: archiveUrl, release, setCurrent: false, keep: opts.keep ?? 3, btf: 'off', config: 'off', log: io.log });
+      if (ingested.entry.manifest.digest !== digest) throw new KheadersError('E_INTERNAL', 'the ingested archive has another digest than the one verified');
+      await exportEntry(ingested.entry, tree);
+      // What is at the root of the device's entry but not in the archive was made beside it.
+      extras = root.filter((f) => ingested.entry.index.get(f.name) === undefined);
+    } else {
+      await mkdir(tree, { mode: 0o755 });
+    }
+    for (const f of extras) {
+      const file = path.join(tree, f.name);
+      await download(endpoint(base, `v1/blobs/${digest}/files/${encodeURIComponent(f.name)}`), { ...headers, accept: '*/*', 'accept-encoding': 'identity' }, file, { sha256: f.sha256, size: f.size, stated: 'optional' }, timeoutMs, io, where, f.name);
+      await chmod(file, 0o444);
+      const mtime = f.mtime === null ? NaN : Date.parse(f.mtime) / 1000;
+      if (Number.isFinite(mtime)) await utimes(file, mtime, mtime);
+    }
+    // Into place in one rename; a tree pulled before without the extras is replaced.
+    if (await nonEmptyDir(dir)) await rename(dir, path.join(staging, 'replaced'));
     try {
-      await exportEntry(result.entry, dir);
+      await rename(tree, dir);
     } catch (err) {
       // Another pull of the same tree finished first: its tree is as good as ours.
-      if (isKheadersError(err, 'E_USAGE') && (await nonEmptyDir(dir))) return { dir, release, digest, reused: true, url: where };
+      if ((errnoOf(err) === 'ENOTEMPTY' || errnoOf(err) === 'EEXIST') && (await nonEmptyDir(dir))) return result(true, extras, await archOf(dir));
       throw err;
     }
-    return { dir, release, digest, reused: false, url: where };
+    return result(false, extras, await archOf(dir));
   } finally {
-    await rm(tmp, { recursive: true, force: true });
+    await rm(staging, { recursive: true, force: true });
   }
+}
+
+/** The files at the root of an entry, from its listing (directories and links are the archive's business). */
+async function rootFiles(base: URL, digest: string, headers: Record<string, string>, timeoutMs: number, where: string): Promise<RootFile[]> {
+  const res = await request(endpoint(base, `v1/blobs/${digest}/files/`), { ...headers, accept: 'application/json' }, AbortSignal.timeout(timeoutMs), where);
+  const body = (await res.json().catch(() => undefined)) as { entries?: unknown } | undefined;
+  if (!body || !Array.isArray(body.entries)) throw new KheadersError('E_HTTP', `${where} did not answer the entry's listing with JSON`);
+  const files: RootFile[] = [];
+  for (const raw of body.entries as Array<Record<string, unknown>>) {
+    if (raw.type !== 'file') continue;
+    const name = raw.name;
+    const size = raw.size;
+    // Each becomes a file name on this host: one plain name, nothing else.
+    if (typeof name !== 'string' || !/^[A-Za-z0-9._+-]{1,255}$/.test(name) || name === '.' || name === '..') throw new KheadersError('E_HTTP', `${where} lists an invalid file name ${JSON.stringify(name)}`);
+    if (typeof size !== 'number' || !Number.isSafeInteger(size) || size < 0 || size > MAX_EXTRA_BYTES) throw new KheadersError('E_HTTP', `${where} lists ${name} with an invalid size`);
+    const sha256 = typeof raw.sha256 === 'string' && isDigest(raw.sha256) ? raw.sha256 : undefined;
+    files.push({ name, size, sha256, mtime: typeof raw.mtime === 'string' ? raw.mtime : null });
+  }
+  return files;
+}
+
+/** The architecture a kernel-header tree is for: its one directory under arch/. */
+async function archOf(dir: string): Promise<string | undefined> {
+  const names = await readdir(path.join(dir, 'arch')).catch(() => [] as string[]);
+  return names.length === 1 && /^[a-z0-9]+$/.test(names[0]!) ? names[0] : undefined;
 }
 
 function validSummary(body: unknown, where: string): EntrySummary {
@@ -171,7 +276,7 @@ function validSummary(body: unknown, where: string): EntrySummary {
   // Both become a directory name on this host: check them as strictly as ingest does.
   if (!validRelease(s.release)) throw new KheadersError('E_HTTP', `${where} names an invalid release ${JSON.stringify(s.release)}`);
   if (!isDigest(s.digest)) throw new KheadersError('E_HTTP', `${where} names an invalid digest ${JSON.stringify(s.digest)}`);
-  if (s.kind !== undefined && s.kind !== 'headers') throw new KheadersError('E_HTTP', `${s.release} on ${where} has no header archive (only vmlinux.h from BTF)`);
+  if (s.kind !== undefined && s.kind !== 'headers' && s.kind !== 'btf-only') throw new KheadersError('E_HTTP', `${where} names an unknown kind of entry ${JSON.stringify(s.kind)}`);
   return s as EntrySummary;
 }
 
@@ -202,18 +307,31 @@ export function digestFromHeaders(h: Headers): string | undefined {
   return b64 === undefined ? undefined : Buffer.from(b64, 'base64').toString('hex');
 }
 
-async function download(url: string, headers: Record<string, string>, file: string, digest: string, timeoutMs: number, io: CommandIO, where: string): Promise<void> {
+interface Expect {
+  /** The sha256 the bytes must have (from the entry's summary or listing), when known. */
+  sha256: string | undefined;
+  size: number | undefined;
+  /** 'required': the response must state its digest (Repr-Digest/Digest); 'optional': checked when stated. */
+  stated: 'required' | 'optional';
+}
+
+async function download(url: string, headers: Record<string, string>, file: string, expect: Expect, timeoutMs: number, io: CommandIO, where: string, what: string): Promise<void> {
   const abort = new AbortController();
   let idle = setTimeout(() => abort.abort(), timeoutMs);
   const res = await request(url, headers, abort.signal, where).finally(() => clearTimeout(idle));
   const stated = digestFromHeaders(res.headers);
-  if (stated === undefined) throw new KheadersError('E_HTTP', `${where} sent the archive without a Repr-Digest or Digest header: cannot verify it`, { url });
-  if (stated !== digest) throw new KheadersError('E_HTTP', `${where}: the archive's Digest header (${stated.slice(0, 12)}) is not the digest the entry names (${digest.slice(0, 12)})`, { url });
-  if (res.headers.get('content-encoding') && res.headers.get('content-encoding') !== 'identity') {
-    throw new KheadersError('E_HTTP', `${where} sent the archive with Content-Encoding ${res.headers.get('content-encoding')}: cannot verify it`);
+  if (stated === undefined && expect.stated === 'required') throw new KheadersError('E_HTTP', `${where} sent ${what} without a Repr-Digest or Digest header: cannot verify it`, { url });
+  if (stated !== undefined && expect.sha256 !== undefined && stated !== expect.sha256) {
+    throw new KheadersError('E_HTTP', `${where}: the Digest header of ${what} (${stated.slice(0, 12)}) is not the digest the entry names (${expect.sha256.slice(0, 12)})`, { url });
   }
+  const want = expect.sha256 ?? stated;
+  if (want === undefined) io.log.warn({ url }, `${where} states no digest for ${what}: it is checked by its size only`);
+  if (res.headers.get('content-encoding') && res.headers.get('content-encoding') !== 'identity') {
+    throw new KheadersError('E_HTTP', `${where} sent ${what} with Content-Encoding ${res.headers.get('content-encoding')}: cannot verify it`);
+  }
+  const limit = expect.size ?? MAX_ARCHIVE_BYTES;
   const total = Number(res.headers.get('content-length') ?? NaN);
-  if (total > MAX_ARCHIVE_BYTES) throw new KheadersError('E_LIMIT', `the archive is ${total} bytes, over the limit of ${MAX_ARCHIVE_BYTES}`);
+  if (total > limit) throw new KheadersError('E_LIMIT', `${what} is ${total} bytes, over the limit of ${limit}`);
   const tty = io.stderr.isTTY === true;
   const hash = createHash('sha256');
   const fh = await open(file, 'wx', 0o600);
@@ -223,12 +341,12 @@ async function download(url: string, headers: Record<string, string>, file: stri
     io.stderr.write(progressBar(Number.isFinite(total) && total > 0 ? received / total : undefined, `${humanBytes(received)}${Number.isFinite(total) ? ` of ${humanBytes(total)}` : ''}`));
   };
   try {
-    if (!res.body) throw new KheadersError('E_HTTP', `${where} sent no body for the archive`);
+    if (!res.body) throw new KheadersError('E_HTTP', `${where} sent no body for ${what}`);
     idle = setTimeout(() => abort.abort(), timeoutMs);
     for await (const chunk of res.body as AsyncIterable<Uint8Array>) {
       idle.refresh();
       received += chunk.length;
-      if (received > MAX_ARCHIVE_BYTES) throw new KheadersError('E_LIMIT', `the archive exceeds ${MAX_ARCHIVE_BYTES} bytes`);
+      if (received > limit) throw new KheadersError('E_LIMIT', `${what} exceeds ${limit} bytes`);
       hash.update(chunk);
       await fh.write(chunk);
       if (tty && performance.now() - lastDraw > 100) {
@@ -237,9 +355,9 @@ async function download(url: string, headers: Record<string, string>, file: stri
       }
     }
   } catch (err) {
-    if (abort.signal.aborted) throw new KheadersError('E_HTTP', `the download from ${where} stalled for ${timeoutMs / 1000} s`, { url }, { cause: err });
+    if (abort.signal.aborted) throw new KheadersError('E_HTTP', `the download of ${what} from ${where} stalled for ${timeoutMs / 1000} s`, { url }, { cause: err });
     if (err instanceof KheadersError) throw err;
-    throw new KheadersError('E_HTTP', `the download from ${where} failed: ${err instanceof Error ? err.message : String(err)}`, { url }, { cause: err });
+    throw new KheadersError('E_HTTP', `the download of ${what} from ${where} failed: ${err instanceof Error ? err.message : String(err)}`, { url }, { cause: err });
   } finally {
     clearTimeout(idle);
     await fh.close();
@@ -248,9 +366,10 @@ async function download(url: string, headers: Record<string, string>, file: stri
       io.stderr.write('\n');
     }
   }
-  if (Number.isFinite(total) && received !== total) throw new KheadersError('E_HTTP', `the download from ${where} was cut short (${received} of ${total} bytes)`, { url });
+  if (Number.isFinite(total) && received !== total) throw new KheadersError('E_HTTP', `the download of ${what} from ${where} was cut short (${received} of ${total} bytes)`, { url });
+  if (expect.size !== undefined && received !== expect.size) throw new KheadersError('E_HTTP', `${what} from ${where} is ${received} bytes, not ${expect.size} as listed: refusing it`, { url });
   const got = hash.digest('hex');
-  if (got !== digest) throw new KheadersError('E_HTTP', `the archive from ${where} has sha256 ${got.slice(0, 12)}…, not ${digest.slice(0, 12)}… as announced: refusing it`, { url, expected: digest, got });
+  if (want !== undefined && got !== want) throw new KheadersError('E_HTTP', `${what} from ${where} has sha256 ${got.slice(0, 12)}…, not ${want.slice(0, 12)}… as announced: refusing it`, { url, expected: want, got });
 }
 
 // ---- adb -----------------------------------------------------------------------------------------

@@ -64,6 +64,8 @@ export interface IngestOptions {
    * (pull downloads into a temp file that is gone afterwards: the URL is what tells where it came from).
    */
   sourceLabel?: string;
+  /** 'off': no .config in the entry (pull: the device's comes from the device, not this machine). Default 'auto'. */
+  config?: 'auto' | 'off';
   /** Where `archive`, `release` and `btf` were set (`--btf`, `KHEADERSD_BTF`, a config file's key), for messages. */
   origins?: Partial<Record<'archive' | 'release' | 'btf', string>>;
   /** Make this entry `current`. Default: when it is the running kernel's (live, or same release). */
@@ -203,7 +205,7 @@ async function addExtras(
       await rm(path.join(tmp, VMLINUX_H), { force: true });
     }
   }
-  const chosen = await chooseConfig(facts, live, configPaths(opts));
+  const chosen = opts.config === 'off' ? { config: undefined, notes: [] } : await chooseConfig(facts, live, configPaths(opts));
   notes.push(...chosen.notes);
   let config: NonNullable<Manifest['config']> | null = null;
   if (chosen.config) {

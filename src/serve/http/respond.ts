@@ -89,6 +89,8 @@ export function decide(rep: Representation, h: ConditionalHeaders): Decision {
   if (rep.ranges) headers['accept-ranges'] = 'bytes';
   if (rep.compressible || rep.varyAccept) headers.vary = rep.compressible && rep.varyAccept ? 'Accept-Encoding, Accept' : rep.compressible ? 'Accept-Encoding' : 'Accept';
   if (rep.headers) Object.assign(headers, rep.headers);
+  // A Repr-Digest states the identity bytes: it does not describe a gzip-encoded representation.
+  if (gzip) delete headers['repr-digest'];
 
   // Conditional GET: If-None-Match wins; If-Modified-Since only without it (RFC 9110 §13.2.2).
   const inm = h['if-none-match'];

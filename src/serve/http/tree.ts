@@ -58,6 +58,9 @@ function buildFileRepresentation(served: ServedEntry, node: TreeNode, cacheContr
     cacheControl,
     compressible: ct.text,
     ranges: true,
+    // Files made beside the archive (vmlinux.h, .config) carry the digest recorded when they were
+    // made, so a client (pull) can check what it received, as it does the archive.
+    ...(node.sha256 !== undefined ? { headers: { 'repr-digest': `sha-256=:${Buffer.from(node.sha256, 'hex').toString('base64')}:` } } : {}),
   };
 }
 
@@ -95,6 +98,8 @@ export interface ListingItem {
   /** ISO time; null for a directory the archive only implied (no mtime of its own). */
   mtime: string | null;
   target?: string;
+  /** For files made beside the archive (vmlinux.h, .config): the sha256 of their bytes. */
+  sha256?: string;
 }
 
 export interface Listing {
@@ -115,6 +120,7 @@ function listingOf(served: ServedEntry, dir: TreeNode): Listing {
       size: n.size,
       mtime: n.mtime > 0 ? new Date(n.mtime * 1000).toISOString() : null,
       ...(n.target !== undefined ? { target: n.target } : {}),
+      ...(n.sha256 !== undefined ? { sha256: n.sha256 } : {}),
     })),
   };
 }
