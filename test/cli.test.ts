@@ -250,3 +250,19 @@ test('a bad configuration is exit 2 with a message naming the file or variable',
   assertCleanFailure(await runCli(['ls', '--cache-dir', cacheDir], { env: { KHEADERSD_LOG_LEVEL: 'chatty' } }), 2, /KHEADERSD_LOG_LEVEL: "chatty" is not one of/);
   assertCleanFailure(await runCli(['gc', '--cache-dir', cacheDir], { env: { KHEADERSD_MAX_CACHE_BYTES: 'big' } }), 2, /KHEADERSD_MAX_CACHE_BYTES: "big" is not a size/);
 });
+
+test('on a terminal an error prints once, as a line of text (no JSON log line)', async () => {
+  // script(1) gives the command a terminal for stdin, stdout and stderr, as a person has.
+  const cmd = `"${process.execPath}" "${CLI}" btf --module no_such_module`;
+  const r = await runProcess('script', ['-qec', cmd, '/dev/null']);
+  const lines = r.stdout.split(/\r?\n/).filter((l) => l.trim() !== '');
+  assert.deepEqual(lines.filter((l) => l.includes('no_such_module has no BTF')).length, 1, r.stdout);
+  assert.doesNotMatch(r.stdout, /"level":/, 'no JSON log line on the terminal');
+  // Exit status 6: not found (script -e passes the command's status on).
+  assert.equal(r.code, 6, r.stdout);
+  // Piped (a log collector, a script), the structured line is there for machines, the text line for people.
+  const piped = await runCli(['btf', '--module', 'no_such_module']);
+  assert.equal(piped.code, 6);
+  assert.match(piped.stdout + piped.stderr, /"code":"E_NOT_FOUND"/);
+  assert.match(piped.stderr, /^kheadersd: module no_such_module has no BTF/m);
+});

@@ -183,6 +183,39 @@ describe('doctor checks', () => {
     assert.equal(one(await runDoctor(config(root, { archive: path.join(root, 'missing') }), env), 'archive').status, 'fail');
   });
 
+  it('current: the running kernel\'s entry is ok; another release, or another build, is a warning that says so', async () => {
+    const { root, env } = await machine();
+    const notes = path.join(root, 'notes');
+    // The running kernel's build id, as /sys/kernel/notes holds it (one GNU NT_GNU_BUILD_ID note).
+    const id = Buffer.from('1959b21d7a4018f684478a3b95d70a8643ddac89', 'hex');
+    const note = Buffer.alloc(16 + id.length);
+    note.writeUInt32LE(4, 0);
+    note.writeUInt32LE(id.length, 4);
+    note.writeUInt32LE(3, 8);
+    note.write('GNU\0', 12, 'latin1');
+    id.copy(note, 16);
+    await writeFile(notes, note);
+    const cache = path.join(root, 'cache');
+    const entry = async (release: string, buildId: string | null, source: string): Promise<void> => {
+      const eid = `${release}~${'a'.repeat(64)}`;
+      await mkdir(path.join(cache, 'entries', eid), { recursive: true });
+      await writeFile(path.join(cache, 'entries', eid, 'manifest.json'), JSON.stringify({ formatVersion: 1, id: eid, release, digest: 'a'.repeat(64), kind: 'headers', buildId, source }));
+      await writeFile(path.join(cache, 'current'), `${eid}\n`);
+    };
+    const cfg = config(root);
+    await entry('6.1.0-test', id.toString('hex'), '/sys/kernel/kheaders.tar.xz');
+    assert.equal(one(await runDoctor(cfg, { ...env, notesPath: notes }), 'current').status, 'ok');
+    await entry('6.12.0-other', null, 'file:/tmp/kheaders-6.12.tar.xz');
+    const other = one(await runDoctor(cfg, { ...env, notesPath: notes }), 'current');
+    assert.equal(other.status, 'warn');
+    assert.match(other.what, /current: 6\.12\.0-other .* is NOT the running kernel: it is 6\.12\.0-other; the running kernel is 6\.1\.0-test/);
+    assert.match(other.fix ?? '', /remove "archive"\/"release"/);
+    await entry('6.1.0-test', 'bb'.repeat(20), 'elf:/tmp/kheaders.ko');
+    assert.match(one(await runDoctor(cfg, { ...env, notesPath: notes }), 'current').what, /NOT the running kernel: it is build bbbbbbbbbbbb of 6\.1\.0-test/);
+    await entry('6.1.0-test', null, 'elf:/tmp/kheaders.ko');
+    assert.match(one(await runDoctor(cfg, { ...env, notesPath: notes }), 'current').what, /not known to be the running kernel/);
+  });
+
   it('the cache: refused when others can write it or another user owns it; low space is a warning', async () => {
     const { root, env } = await machine();
     const cache = path.join(root, 'cache');

@@ -203,6 +203,14 @@ test('HTTP: /v1/kernels/current/files/btf/ lists the loaded modules; <module>.h 
   assert.equal(gone.status, 404);
   assert.match(gone.body.toString(), /loaded with BTF: gamma/);
 
+  // /v1/kernels says whether each entry is the running kernel's, with the reason when it is not.
+  srv.state.live = { release: '6.6.0-running', buildId: null, btfDigest: null };
+  const kernels = json<Array<{ release: string; runningKernel?: string; runningKernelNote?: string }>>(await request(srv.port, '/v1/kernels'));
+  assert.deepEqual(kernels.map((k) => [k.release, k.runningKernel]).sort(), [['6.6.0-other', 'no'], ['6.6.0-running', 'unknown']]);
+  const cur = json<{ runningKernel?: string; runningKernelNote?: string }>(await request(srv.port, '/v1/kernels/current'));
+  assert.equal(cur.runningKernel, 'unknown');
+  assert.match(cur.runningKernelNote ?? '', /nothing recorded tells whether it is the same build/);
+
   // Only the running kernel's entry has them.
   assert.equal((await request(srv.port, `/v1/kernels/${other.manifest.release}/files/btf/gamma.h`)).status, 404);
   assert.equal((await request(srv.port, `/v1/blobs/${running.manifest.digest}/files/btf/gamma.h`)).status, 404);
