@@ -244,7 +244,8 @@ describe('configuration example', () => {
     for (const key of Object.keys(json)) assert.ok(key in KEYS, key);
     const fromExample = resolveConfig({ flags: {}, env: {}, file: json, fileName: file });
     const defaults = resolveConfig({ flags: {}, env: {}, file: {}, fileName: 'none' });
-    assert.deepEqual(fromExample, defaults, 'installing the example must change nothing');
+    // The values, that is: where each came from (the file, or the default) differs by design.
+    assert.deepEqual({ ...fromExample, origins: {} }, { ...defaults, origins: {} }, 'installing the example must change nothing');
     // The precedence the unit's comments promise: a variable beats the file.
     const overridden = resolveConfig({ flags: {}, env: { KHEADERSD_MOUNT: 'off' }, file: json, fileName: file });
     assert.equal(overridden.mount, null);

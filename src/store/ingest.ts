@@ -112,6 +112,7 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
       maxArchiveBytes: limits.maxTotalBytes,
       ...(opts.log ? { log: opts.log } : {}),
       ...(opts.livePaths ? { livePaths: opts.livePaths } : {}),
+      ...(opts.notesPath !== undefined ? { notesPath: opts.notesPath } : {}),
     });
     if (opts.sourceLabel !== undefined) source = { ...source, source: opts.sourceLabel };
   } catch (err) {

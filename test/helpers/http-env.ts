@@ -101,6 +101,8 @@ export async function startEnv(opts: {
   /** Module headers, shown under the entry `runningId` (the running kernel's). */
   modules?: ModuleHeaderSource;
   runningId?: string;
+  /** The running kernel's BTF file, for /buildid/<id>/section/.BTF. */
+  liveBtf?: string;
 }): Promise<HttpEnv> {
   const store = await CacheStore.open(opts.cacheDir);
   const state = new DaemonState();
@@ -116,6 +118,7 @@ export async function startEnv(opts: {
     ...(opts.limits ? { limits: opts.limits } : {}),
     ...(opts.fastPath !== undefined ? { fastPath: opts.fastPath } : {}),
     ...(opts.modules ? { modules: opts.modules } : {}),
+    ...(opts.liveBtf !== undefined ? { liveBtf: opts.liveBtf } : {}),
   });
   return { work: opts.work, cacheDir: opts.cacheDir, store, state, server, port: server.port, close: () => server.close() };
 }

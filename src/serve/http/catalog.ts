@@ -181,6 +181,11 @@ export class Catalog {
     return id === undefined ? undefined : this.serve(id);
   }
 
+  /** An entry by its id (`<release>~<digest>`), if it is cached. */
+  async byId(id: string): Promise<ServedEntry | undefined> {
+    return (await this.snapshot()).manifests.some((m) => m.id === id) ? this.serve(id) : undefined;
+  }
+
   /** The entry whose archive has this sha256 (the current one if several releases share it). */
   async byDigest(digest: string): Promise<ServedEntry | undefined> {
     const id = idForDigest(await this.snapshot(), digest);

@@ -23,6 +23,7 @@ import { HttpMetrics } from './metrics.js';
 import { PathError, parseRequestPath } from './paths.js';
 import { BUFFER_MAX_BYTES, sendError } from './respond.js';
 import { blobRoutes } from './routes/blobs.js';
+import { debuginfodRoutes } from './routes/debuginfod.js';
 import type { RouteContext } from './routes/context.js';
 import { healthRoutes } from './routes/health.js';
 import { kernelRoutes } from './routes/kernels.js';
@@ -44,6 +45,8 @@ export interface HttpServerOptions {
   fastPath?: boolean;
   /** Serve the loaded modules' headers under the running kernel's entry (`files/btf/`). */
   modules?: ModuleHeaderSource;
+  /** The running kernel's BTF, for debuginfod's /buildid/<id>/section/.BTF (default /sys/kernel/btf/vmlinux). */
+  liveBtf?: string;
 }
 
 export interface HttpServerHandle {
@@ -166,6 +169,7 @@ export async function startHttpServer(opts: HttpServerOptions): Promise<HttpServ
   await app.register(metricsRoutes, ctx);
   await app.register(kernelRoutes, ctx);
   await app.register(blobRoutes, ctx);
+  await app.register(debuginfodRoutes, { ...ctx, ...(opts.liveBtf !== undefined ? { liveBtf: opts.liveBtf } : {}) });
 
   const { host, port } = opts.listen;
   try {
