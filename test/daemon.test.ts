@@ -109,6 +109,12 @@ test('serve: mount + HTTP, SIGHUP follows a kernel swap, open files keep reading
   const viaHttp = await fetch(`${url}/v1/kernels/current/files/include/generated/utsrelease.h`);
   assert.equal(viaHttp.status, 200);
   assert.match(await viaHttp.text(), /6\.90\.0-old/);
+  // An --archive of another release is served as current, and the log and the API say so plainly.
+  const warned = await d.waitFor((l) => typeof l.msg === 'string' && l.msg.startsWith('current is 6.90.0-old from file:'), 'the not-the-running-kernel warning');
+  assert.match(String(warned.msg), /NOT the running kernel: it is 6\.90\.0-old; the running kernel is /);
+  const summary = (await (await fetch(`${url}/v1/kernels/current`)).json()) as { runningKernel?: string; runningKernelNote?: string };
+  assert.equal(summary.runningKernel, 'no');
+  assert.match(summary.runningKernelNote ?? '', /the running kernel is /);
 
   // Hold a file open on the old tree across the swap.
   const held = await open(uts, 'r');
