@@ -11,21 +11,10 @@ import { test } from 'node:test';
 import { ingest } from '../src/store/ingest.js';
 import { tempDir } from './helpers/archives.js';
 import { BtfBuilder } from './helpers/btf-builder.js';
+import { buildIdNotes } from './helpers/kernels.js';
 import { makeTarXz, quietLog, request, startEnv, synthTree } from './helpers/http-env.js';
 
 const BUILD_ID = '1959b21d7a4018f684478a3b95d70a8643ddac89';
-
-/** /sys/kernel/notes as the kernel writes it: one GNU build-id note. */
-function notes(id: string): Buffer {
-  const desc = Buffer.from(id, 'hex');
-  const note = Buffer.alloc(16 + desc.length);
-  note.writeUInt32LE(4, 0);
-  note.writeUInt32LE(desc.length, 4);
-  note.writeUInt32LE(3, 8);
-  note.write('GNU\0', 12, 'latin1');
-  desc.copy(note, 16);
-  return note;
-}
 
 function find(args: string[], env: NodeJS.ProcessEnv): Promise<{ code: number; stdout: string; stderr: string }> {
   return new Promise((resolve) => {
@@ -41,7 +30,7 @@ test('/buildid/<id>/…: sources, section/.BTF, vmlinux.h by the kernel build id
   // The "running kernel": its archive at the live path, its build id in its notes, its BTF.
   const liveArchive = await makeTarXz(synthTree('6.9.0-live', 'd'), path.join(work, 'kheaders.tar.xz'));
   const notesPath = path.join(work, 'notes');
-  await writeFile(notesPath, notes(BUILD_ID));
+  await writeFile(notesPath, buildIdNotes(BUILD_ID));
   const b = new BtfBuilder();
   b.struct('task_struct', 4, [{ name: 'pid', type: b.int('int', 4, { signed: true }), bitOffset: 0 }]);
   const liveBtf = path.join(work, 'vmlinux.btf');

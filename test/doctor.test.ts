@@ -14,6 +14,7 @@ import path from 'node:path';
 import { Writable } from 'node:stream';
 import { after, before, describe, it } from 'node:test';
 import { fileURLToPath } from 'node:url';
+import { buildIdNotes } from './helpers/kernels.js';
 import { resolveConfig, type Config, type ConfigKey } from '../src/config.js';
 import { cmdDoctor, formatReport, runDoctor, type CheckResult, type DoctorEnvironment, type DoctorReport } from '../src/commands/doctor.js';
 import { createLogger } from '../src/log.js';
@@ -186,15 +187,9 @@ describe('doctor checks', () => {
   it('current: the running kernel\'s entry is ok; another release, or another build, is a warning that says so', async () => {
     const { root, env } = await machine();
     const notes = path.join(root, 'notes');
-    // The running kernel's build id, as /sys/kernel/notes holds it (one GNU NT_GNU_BUILD_ID note).
+    // The running kernel's build id, as /sys/kernel/notes holds it.
     const id = Buffer.from('1959b21d7a4018f684478a3b95d70a8643ddac89', 'hex');
-    const note = Buffer.alloc(16 + id.length);
-    note.writeUInt32LE(4, 0);
-    note.writeUInt32LE(id.length, 4);
-    note.writeUInt32LE(3, 8);
-    note.write('GNU\0', 12, 'latin1');
-    id.copy(note, 16);
-    await writeFile(notes, note);
+    await writeFile(notes, buildIdNotes(id.toString('hex')));
     const cache = path.join(root, 'cache');
     const entry = async (release: string, buildId: string | null, source: string): Promise<void> => {
       const eid = `${release}~${'a'.repeat(64)}`;

@@ -142,7 +142,7 @@ function notXz(file: string, bytes: Buffer): KheadersError {
  * Read a whole file, refusing one over the limit. sysfs reports a binary attribute's size, but
  * procfs files report 0, so read until EOF rather than trusting stat.
  */
-async function readBounded(file: string, maxBytes: number): Promise<Buffer> {
+export async function readBounded(file: string, maxBytes: number): Promise<Buffer> {
   const fh = await open(file, 'r');
   try {
     const chunks: Buffer[] = [];

@@ -14,13 +14,13 @@
  * recorded in the manifest's `notes`. A 6.18 vmlinux.h in a 6.12 tree is how a tracer prints
  * garbage with no error anywhere.
  */
-import { open } from 'node:fs/promises';
 import path from 'node:path';
 import { gunzip } from 'node:zlib';
 import { promisify } from 'node:util';
 import { checkBtfAgainstHeaders } from '../btf/headers-check.js';
 import { parseBtf } from '../btf/reader.js';
 import { errnoOf } from '../errors.js';
+import { readBounded } from '../source/locate.js';
 import { compareConfig, parseAutoconf, parseKconfig } from './kconfig.js';
 import type { LiveKernel } from './kernel-match.js';
 import type { BtfSource } from './vmlinux-h.js';
@@ -157,30 +157,15 @@ export async function chooseConfig(facts: EntryFacts, live: LiveKernel, paths: C
 
 /** A configuration file's text: gunzipped when it is .gz; undefined when it does not exist. */
 async function readConfig(file: string): Promise<Buffer | undefined> {
-  let fh;
+  let raw: Buffer;
   try {
-    fh = await open(file, 'r');
+    // procfs reports size 0: read to the end, within the bound.
+    raw = await readBounded(file, MAX_CONFIG_BYTES);
   } catch (err) {
     if (errnoOf(err) === 'ENOENT' || errnoOf(err) === 'ENOTDIR') return undefined;
     throw err;
   }
-  try {
-    // procfs reports size 0: read to the end, within the bound.
-    const chunks: Buffer[] = [];
-    let total = 0;
-    for (;;) {
-      const buf = Buffer.allocUnsafe(256 * 1024);
-      const { bytesRead } = await fh.read(buf, 0, buf.length, null);
-      if (bytesRead === 0) break;
-      total += bytesRead;
-      if (total > MAX_CONFIG_BYTES) throw new Error(`larger than ${MAX_CONFIG_BYTES} bytes`);
-      chunks.push(buf.subarray(0, bytesRead));
-    }
-    const raw = Buffer.concat(chunks, total);
-    const text = file.endsWith('.gz') ? await gunzipAsync(raw, { maxOutputLength: MAX_CONFIG_BYTES }) : raw;
-    if (!/^CONFIG_[A-Za-z0-9_]+=/m.test(text.toString('latin1', 0, Math.min(text.length, 64 * 1024)))) throw new Error('not a kernel configuration');
-    return text;
-  } finally {
-    await fh.close();
-  }
+  const text = file.endsWith('.gz') ? await gunzipAsync(raw, { maxOutputLength: MAX_CONFIG_BYTES }) : raw;
+  if (!/^CONFIG_[A-Za-z0-9_]+=/m.test(text.toString('latin1', 0, Math.min(text.length, 64 * 1024)))) throw new Error('not a kernel configuration');
+  return text;
 }

@@ -81,3 +81,15 @@ export function moduleBtfOf(kernel: TestKernel, module: string): Buffer {
   if (!btf) throw new Error(`${ko} has no .BTF section`);
   return Buffer.from(btf);
 }
+
+/** /sys/kernel/notes as the kernel writes it (little-endian): one GNU NT_GNU_BUILD_ID note. */
+export function buildIdNotes(buildId: string): Buffer {
+  const desc = Buffer.from(buildId, 'hex');
+  const note = Buffer.alloc(16 + desc.length);
+  note.writeUInt32LE(4, 0);
+  note.writeUInt32LE(desc.length, 4);
+  note.writeUInt32LE(3, 8);
+  note.write('GNU\0', 12, 'latin1');
+  desc.copy(note, 16);
+  return note;
+}
