@@ -13,11 +13,13 @@ export type ErrorCode =
   | 'E_LOCKED' // another process holds the cache lock
   | 'E_CACHE_UNSAFE' // cache dir owned by someone else or writable by others
   | 'E_NOT_FOUND' // no such cache entry or path inside one
+  | 'E_ENTRY_DAMAGED' // a cache entry failed its checks (bad index or manifest, short pack, digest mismatch): moved aside and rebuilt
   | 'E_ELF' // an ELF file we cannot read
   | 'E_BTF' // malformed BTF
   | 'E_FUSE' // the mount could not be made or kept
   | 'E_HTTP' // the HTTP listener could not start or a pull failed
   | 'E_ADB' // adb missing, no device, several devices
+  | 'E_IO' // writing the output failed (stdout of `cat`, an export directory)
   | 'E_INTERNAL';
 
 /** Process exit statuses, one per class of failure (documented in the README). */
@@ -62,9 +64,11 @@ export class KheadersError extends Error {
       case 'E_NO_SPACE':
       case 'E_LOCKED':
       case 'E_CACHE_UNSAFE':
+      case 'E_ENTRY_DAMAGED':
       case 'E_FUSE':
       case 'E_HTTP':
       case 'E_ADB':
+      case 'E_IO':
         return EXIT.environment;
       default:
         return EXIT.internal;

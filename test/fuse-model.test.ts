@@ -60,7 +60,11 @@ describe('IndexFsModel on small archives', () => {
     assert.equal(cur.size, '1.0.0'.length);
     const byDigest = must(m.readdir(BY_DIGEST_INO), 'by-digest listing');
     assert.deepEqual(byDigest.map((d) => d.name), [A.manifest.digest, B.manifest.digest].sort());
-    assert.equal(must(m.lookup(BY_DIGEST_INO, A.manifest.digest), 'by digest').ino, must(m.lookup(ROOT_INO, '1.0.0'), 'release').ino);
+    // A release is a symlink to its tree under by-digest/ (per-build paths: see index-model.ts).
+    const release = must(m.lookup(ROOT_INO, '1.0.0'), 'release');
+    assert.equal(release.mode, fsc.S_IFLNK | 0o777);
+    assert.equal(m.readlink(release.ino), `by-digest/${A.manifest.digest}`);
+    assert.equal(must(m.lookup(BY_DIGEST_INO, A.manifest.digest), 'by digest').kind, 'dir');
     assert.equal(m.getattr(ROOT_INO)?.mode, fsc.S_IFDIR | 0o555);
     assert.equal(m.lookup(ROOT_INO, 'nope'), undefined);
   });
@@ -68,28 +72,32 @@ describe('IndexFsModel on small archives', () => {
   test('files 0444, dirs 0555, symlinks 0777 served as archived, uid-free attrs', () => {
     const m = newModel();
     m.setEntries([A], A.manifest.id);
-    const file = must(m.resolvePath('/1.0.0/include/linux/a.h'), 'a.h');
+    const tree = `/by-digest/${A.manifest.digest}`;
+    const file = must(m.resolvePath(`${tree}/include/linux/a.h`), 'a.h');
     assert.equal(file.kind, 'file');
     assert.equal(file.mode, fsc.S_IFREG | 0o444);
     assert.equal(file.nlink, 1);
     assert.equal(file.size, A.index.get('include/linux/a.h')!.size);
-    const dir = must(m.resolvePath('/1.0.0/include'), 'include');
+    const dir = must(m.resolvePath(`${tree}/include`), 'include');
     assert.equal(dir.mode, fsc.S_IFDIR | 0o555);
     // include/ holds linux, dt, generated: 2 + 3 links.
     assert.equal(dir.nlink, 5);
-    const link = must(m.resolvePath('/1.0.0/include/dt/link.h'), 'link.h');
+    const link = must(m.resolvePath(`${tree}/include/dt/link.h`), 'link.h');
     assert.equal(link.mode & S_IFMT, fsc.S_IFLNK);
     assert.equal(link.mode & 0o7777, 0o777);
     assert.equal(m.readlink(link.ino), '../linux/a.h');
     assert.equal(m.readlink(file.ino), undefined);
     // No symlink is followed by path resolution: the kernel does that itself.
     assert.equal(m.resolvePath('/current/include/linux/a.h'), undefined);
-    assert.equal(m.resolvePath('/1.0.0/include/../include/linux/a.h'), undefined);
-    assert.equal(m.resolvePath('/1.0.0/include/linux/a.h/x'), undefined);
+    assert.equal(m.resolvePath('/1.0.0/include/linux/a.h'), undefined);
+    assert.equal(m.resolvePath(`${tree}/include/../include/linux/a.h`), undefined);
+    assert.equal(m.resolvePath(`${tree}/include/linux/a.h/x`), undefined);
     assert.equal(m.readdir(file.ino), undefined);
     assert.deepEqual(must(m.readdir(dir.ino), 'include listing').map((d) => d.name), ['dt', 'generated', 'linux']);
-    // The by-digest path reaches the same node.
-    assert.equal(m.resolvePath(`/by-digest/${A.manifest.digest}/include/linux/a.h`)?.ino, file.ino);
+    // The release name leads to that same tree.
+    const release = must(m.resolvePath('/1.0.0'), 'release link');
+    assert.equal(release.kind, 'symlink');
+    assert.equal(m.readlink(release.ino), tree.slice(1));
   });
 
   test('mtimes are the archived seconds; the millisecond part tells entries apart', () => {
@@ -108,7 +116,7 @@ describe('IndexFsModel on small archives', () => {
     m.setEntries([A], A.manifest.id);
     const tree = smallTree('1.0.0', 'one');
     const want = Buffer.from(tree.find((f) => f.name.endsWith('big.bin'))!.content as Buffer);
-    const big = must(m.resolvePath('/1.0.0/include/linux/big.bin'), 'big.bin');
+    const big = must(m.resolvePath(`/by-digest/${A.manifest.digest}/include/linux/big.bin`), 'big.bin');
     assert.deepEqual(await m.read(big.ino, 0, big.size), want);
     assert.deepEqual(await m.read(big.ino, 1000, 4096), want.subarray(1000, 5096));
     assert.deepEqual(await m.read(big.ino, big.size - 10, 4096), want.subarray(want.length - 10));
@@ -117,7 +125,7 @@ describe('IndexFsModel on small archives', () => {
     // Many concurrent reads share one FileHandle.
     const parts = await Promise.all(Array.from({ length: 75 }, (_, i) => m.read(big.ino, i * 4096, 4096)));
     assert.deepEqual(Buffer.concat(parts), want);
-    const dir = must(m.resolvePath('/1.0.0/include'), 'include');
+    const dir = must(m.resolvePath(`/by-digest/${A.manifest.digest}/include`), 'include');
     await assert.rejects(m.read(dir.ino, 0, 10), (err: Error & { details?: { errno?: string } }) => err.details?.errno === 'EISDIR');
     await assert.rejects(m.read(999_999, 0, 10), /no inode/);
   });
@@ -127,29 +135,33 @@ describe('IndexFsModel on small archives', () => {
     const seen: FsInvalidation[] = [];
     const off = m.onInvalidate((i) => seen.push(i));
     m.setEntries([A], A.manifest.id);
-    const aFile = must(m.resolvePath('/1.0.0/include/linux/a.h'), 'a.h');
-    const aRoot = must(m.lookup(ROOT_INO, '1.0.0'), '1.0.0');
+    const inTree = (e: CacheEntry, p: string): string => `/by-digest/${e.manifest.digest}/${p}`;
+    const aFile = must(m.resolvePath(inTree(A, 'include/linux/a.h')), 'a.h');
+    const aLink = must(m.lookup(ROOT_INO, '1.0.0'), '1.0.0');
     seen.length = 0;
 
     // A new release: current moves, 2.0.0 appears, A's inodes mean what they meant.
     m.setEntries([A, B], B.manifest.id);
     assert.equal(m.readlink(CURRENT_INO), '2.0.0');
-    assert.deepEqual(m.resolvePath('/1.0.0/include/linux/a.h'), aFile);
-    const bFile = must(m.resolvePath('/2.0.0/include/linux/a.h'), 'B a.h');
+    assert.deepEqual(m.resolvePath(inTree(A, 'include/linux/a.h')), aFile);
+    assert.equal(m.readlink(must(m.lookup(ROOT_INO, '1.0.0'), '1.0.0').ino), `by-digest/${A.manifest.digest}`);
+    const bFile = must(m.resolvePath(inTree(B, 'include/linux/a.h')), 'B a.h');
     assert.notEqual(bFile.ino, aFile.ino);
     const key = (i: FsInvalidation): string => `${i.parentIno}/${i.name}/${i.oldIno ?? '-'}`;
     assert.deepEqual(seen.map(key).sort(), [`${ROOT_INO}/current/${CURRENT_INO}`, `${ROOT_INO}/2.0.0/-`, `${BY_DIGEST_INO}/${B.manifest.digest}/-`].sort());
 
-    // Same release rebuilt: <release> is re-pointed (old inode named), the old inode still reads.
+    // Same release rebuilt: <release> is re-pointed (its link inode named), the old inode still reads.
     seen.length = 0;
     m.setEntries([A, B, A2], A2.manifest.id);
-    const a2Root = must(m.lookup(ROOT_INO, '1.0.0'), 'A2 root');
-    assert.notEqual(a2Root.ino, aRoot.ino);
+    const a2Link = must(m.lookup(ROOT_INO, '1.0.0'), 'A2 link');
+    assert.equal(a2Link.ino, aLink.ino, 'one link inode per release name');
+    assert.equal(m.readlink(a2Link.ino), `by-digest/${A2.manifest.digest}`);
+    assert.notEqual(must(m.lookup(BY_DIGEST_INO, A2.manifest.digest), 'A2 root').ino, must(m.lookup(BY_DIGEST_INO, A.manifest.digest), 'A root').ino);
     assert.equal(m.readlink(CURRENT_INO), '1.0.0');
-    assert.ok(seen.some((i) => i.parentIno === ROOT_INO && i.name === '1.0.0' && i.oldIno === aRoot.ino), JSON.stringify(seen));
+    assert.ok(seen.some((i) => i.parentIno === ROOT_INO && i.name === '1.0.0' && i.oldIno === aLink.ino), JSON.stringify(seen));
     assert.ok(seen.some((i) => i.name === 'current'), 'current changed target');
     const oldBytes = (await m.read(aFile.ino, 0, aFile.size)).toString();
-    const newFile = must(m.resolvePath('/1.0.0/include/linux/a.h'), 'A2 a.h');
+    const newFile = must(m.resolvePath(inTree(A2, 'include/linux/a.h')), 'A2 a.h');
     assert.match(oldBytes, /"one"/);
     assert.match((await m.read(newFile.ino, 0, newFile.size)).toString(), /"two"/);
 
@@ -175,11 +187,12 @@ describe('IndexFsModel on small archives', () => {
     const m = newModel();
     const older = A.manifest.ingestedAt < A2.manifest.ingestedAt ? A : A2;
     const newer = older === A ? A2 : A;
+    const target = (): string | undefined => m.readlink(must(m.lookup(ROOT_INO, '1.0.0'), '1.0.0').ino);
     m.setEntries([newer, older], null);
-    assert.equal(m.lookup(ROOT_INO, 'current'), undefined, 'no current without a current id');
-    assert.equal(m.lookup(ROOT_INO, '1.0.0')?.ino, m.lookup(BY_DIGEST_INO, newer.manifest.digest)?.ino);
+    assert.equal(m.lookup(ROOT_INO, 'current'), undefined, 'no current without a current id (and no entry of the running release)');
+    assert.equal(target(), `by-digest/${newer.manifest.digest}`);
     m.setEntries([newer, older], older.manifest.id);
-    assert.equal(m.lookup(ROOT_INO, '1.0.0')?.ino, m.lookup(BY_DIGEST_INO, older.manifest.digest)?.ino);
+    assert.equal(target(), `by-digest/${older.manifest.digest}`);
     // An unknown current id shows no current rather than a dangling link.
     m.setEntries([newer], 'no-such-id');
     assert.equal(m.lookup(ROOT_INO, 'current'), undefined);
@@ -190,9 +203,9 @@ describe('IndexFsModel on small archives', () => {
     const m = newModel();
     m.setEntries([A, B], A.manifest.id);
     const s = m.statfs();
-    assert.equal(s.files, 3 + A.index.nodes.length + B.index.nodes.length);
+    assert.equal(s.files, 3 + 2 /* the two release links */ + A.index.nodes.length + B.index.nodes.length);
     assert.equal(s.blocks, Math.ceil((A.index.totalBytes + B.index.totalBytes) / s.blockSize));
-    const f = must(m.resolvePath('/1.0.0/include/linux/a.h'), 'a.h');
+    const f = must(m.resolvePath(`/by-digest/${A.manifest.digest}/include/linux/a.h`), 'a.h');
     await m.read(f.ino, 0, 10);
     await m.close();
     await assert.rejects(m.read(f.ino, 0, 10), /closed/);
@@ -241,7 +254,8 @@ describe('IndexFsModel on the real fixture', () => {
         }
       }
     };
-    await walk(must(m.lookup(ROOT_INO, FIXTURE_RELEASE), 'release dir'), '');
+    assert.equal(m.readlink(must(m.lookup(ROOT_INO, FIXTURE_RELEASE), 'release link').ino), `by-digest/${entry!.manifest.digest}`);
+    await walk(must(m.lookup(BY_DIGEST_INO, entry!.manifest.digest), 'the tree'), '');
     assert.deepEqual(counts, { file: FIXTURE_COUNTS.files, dir: FIXTURE_COUNTS.dirs, symlink: FIXTURE_COUNTS.symlinks });
   });
 });

@@ -122,7 +122,7 @@ test("BTF against the headers' layout facts: the kernel's own match, another ker
 test('whether an entry is the running kernel: build id, live source, release', () => {
   const live: LiveKernel = { release: '6.1.192', buildId: 'aa'.repeat(20), btfDigest: 'b'.repeat(64) };
   const base: Manifest = {
-    formatVersion: 1,
+    formatVersion: 2,
     id: 'x',
     release: '6.1.192',
     digest: 'c'.repeat(64),

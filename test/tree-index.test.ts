@@ -5,7 +5,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { KheadersError } from '../src/errors.js';
-import { TreeIndex, normaliseEntryPath, symlinkTargetPath, type IndexFile, type IndexRecord } from '../src/store/tree-index.js';
+import { TreeIndex, normaliseEntryPath, symlinkTargetPath, type IndexRecord } from '../src/store/tree-index.js';
 
 const file = (path: string, size = 1, offset = 512): IndexRecord => ({ path, kind: 'file', mode: 0o644, mtime: 1_700_000_000, size, offset });
 const dir = (path: string, mtime = 1_700_000_000): IndexRecord => ({ path, kind: 'dir', mode: 0o755, mtime, size: 0 });
@@ -69,8 +69,8 @@ test('fromRecords creates implicit parents and takes a later explicit header for
   // Every node's parent lists it, ids are dense, the root is 0.
   assert.equal(idx.root.id, 0);
   for (const n of idx.nodes) {
-    assert.equal(idx.node(n.id), n);
-    if (n.id !== 0) assert.equal(idx.node(n.parent)?.children?.get(n.name), n);
+    assert.deepEqual(idx.node(n.id), n);
+    if (n.id !== 0) assert.deepEqual(idx.child(n.parent, n.name), n);
   }
 });
 
@@ -110,17 +110,20 @@ test('fromRecords refuses a symlink that escapes through another symlink', () =>
   );
 });
 
-test('list sorts children by name; toJSON/fromJSON round-trips', () => {
+test('list sorts children by name; encode/decode round-trips', () => {
   const records = [dir('d'), file('d/b.h', 3, 1024), file('d/a.h', 2, 512), link('d/c', 'a.h'), { path: 'vmlinux.h', kind: 'file' as const, mode: 0o644, mtime: 1, size: 10, blob: 'vmlinux.h' }];
   const idx = TreeIndex.fromRecords(records);
   assert.deepEqual(idx.list(idx.get('d')!).map((n) => n.name), ['a.h', 'b.h', 'c']);
   assert.deepEqual(idx.list(idx.get('d/a.h')!), []);
-  const again = TreeIndex.fromJSON(JSON.parse(JSON.stringify(idx.toJSON())) as IndexFile);
-  assert.deepEqual(again.toJSON(), idx.toJSON());
+  const again = TreeIndex.decode(Buffer.from(idx.encode()), { packBytes: idx.packBytes });
+  assert.deepEqual(again.nodes, idx.nodes);
+  assert.ok(again.encode().equals(idx.encode()));
   assert.equal(again.get('d/b.h')?.offset, 1024);
   assert.equal(again.get('vmlinux.h')?.blob, 'vmlinux.h');
   assert.equal(again.get('d/c')?.target, 'a.h');
-  assert.throws(() => TreeIndex.fromJSON({ version: 2 as unknown as 1, records: [] }), /not understood/);
+  const future = Buffer.from(idx.encode());
+  future.writeUInt32LE(3, 8); // the format version
+  assert.throws(() => TreeIndex.decode(future, { packBytes: idx.packBytes }), /format 3 is not understood/);
 });
 
 test('resolve follows symlinks in every component and the last one', () => {

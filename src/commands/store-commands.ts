@@ -3,17 +3,17 @@
  * resolved configuration and where to write, and returns nothing but effects; errors are
  * KheadersErrors that cli.ts turns into a message and an exit status.
  */
-import { createReadStream } from 'node:fs';
-import { once } from 'node:events';
 import type { Config } from '../config.js';
-import { KheadersError } from '../errors.js';
+import { KheadersError, errnoOf } from '../errors.js';
 import type { Logger } from '../log.js';
 import { CacheStore } from '../store/cache.js';
-import { dataLocation } from '../store/entry.js';
+import { isDamage } from '../store/entry-load.js';
+import type { CacheEntry } from '../store/entry.js';
 import { exportEntry } from '../store/export.js';
-import { ingest, type IngestResult } from '../store/ingest.js';
+import { describeHeal, healCache, type HealReport, type KnownDamage } from '../store/heal.js';
+import { ingest, type IngestOptions, type IngestResult } from '../store/ingest.js';
 import { readLiveKernel } from '../store/kernel-match.js';
-import { normaliseEntryPath } from '../store/tree-index.js';
+import { IndexFormatError, normaliseEntryPath } from '../store/tree-index.js';
 import { humanBytes, progressBar, summarise, table } from './format.js';
 
 export interface CommandIO {
@@ -22,10 +22,34 @@ export interface CommandIO {
   log: Logger;
 }
 
+/** Ingest options from the configuration (no progress output). */
+function ingestOptions(cfg: Config, io: CommandIO): IngestOptions {
+  return {
+    cacheDir: cfg.cacheDir,
+    limits: { maxTotalBytes: cfg.maxTotalBytes, maxEntries: cfg.maxEntries, maxFileBytes: cfg.maxFileBytes },
+    decoder: cfg.decoder,
+    btf: cfg.btf,
+    lockTimeoutMs: cfg.lockTimeout * 1000,
+    log: io.log,
+  };
+}
+
+/**
+ * Check every cached entry and repair the damaged (quarantine, rebuild from their own archive):
+ * what every writer does before it ingests, so nothing on disk can make it fail.
+ */
+export async function healWithConfig(cfg: Config, io: CommandIO, known: readonly KnownDamage[] = []): Promise<HealReport> {
+  const report = await healCache({ ...ingestOptions(cfg, io), known });
+  const summary = describeHeal(report);
+  if (summary !== undefined) io.log.warn({ quarantined: report.quarantined.map((q) => q.id), rebuilt: report.rebuilt, unrepaired: report.unrepaired }, `cache repaired: ${summary}`);
+  return report;
+}
+
 /** Ingest the configured archive (or the running kernel's), with eviction afterwards. */
-export async function ingestWithConfig(cfg: Config, io: CommandIO, extra: { setCurrent?: boolean } = {}): Promise<IngestResult> {
+export async function ingestWithConfig(cfg: Config, io: CommandIO, extra: { setCurrent?: boolean } = {}): Promise<IngestResult & { healed: HealReport }> {
   const tty = io.stderr.isTTY === true;
-  return ingest({
+  const healed = await healWithConfig(cfg, io);
+  const result = await ingest({
     cacheDir: cfg.cacheDir,
     ...(cfg.archive !== undefined ? { archive: cfg.archive } : {}),
     ...(cfg.release !== undefined ? { release: cfg.release } : {}),
@@ -53,6 +77,7 @@ export async function ingestWithConfig(cfg: Config, io: CommandIO, extra: { setC
   }).finally(() => {
     if (tty) io.stderr.write('\n');
   });
+  return { ...result, healed };
 }
 
 export async function cmdIngest(cfg: Config, io: CommandIO, json: boolean): Promise<void> {
@@ -84,55 +109,139 @@ export async function cmdIngest(cfg: Config, io: CommandIO, json: boolean): Prom
 
 export async function cmdLs(cfg: Config, io: CommandIO, json: boolean): Promise<void> {
   const store = await CacheStore.open(cfg.cacheDir);
-  const current = await store.currentId();
+  const current = (await store.snapshot()).currentId;
   const live = await readLiveKernel();
-  const entries = (await store.list()).map((m) => summarise(m, current, live));
+  const { entries: manifests, damaged } = await store.scan();
+  const entries = manifests.map((m) => summarise(m, current, live));
   if (json) {
+    // The same array HTTP /v1/kernels gives (the entries that are served); doctor --json lists the rest.
     io.stdout.write(JSON.stringify(entries, null, 2) + '\n');
     return;
   }
-  if (entries.length === 0) {
-    io.stdout.write(`no entries in ${store.dir}: run \`kheadersd ingest\`\n`);
-    return;
+  const quarantined = await store.quarantined();
+  if (entries.length === 0) io.stdout.write(`no entries in ${store.dir}: run \`kheadersd ingest\`\n`);
+  else {
+    const rows = [['RELEASE', 'DIGEST', 'FILES', 'SIZE', 'BUILD-ID', 'INGESTED', 'CURRENT', 'RUNNING', 'EXTRAS', 'SOURCE']];
+    for (const e of entries) {
+      rows.push([
+        e.release,
+        e.digest.slice(0, 12),
+        String(e.files),
+        humanBytes(e.bytes),
+        e.buildId ? e.buildId.slice(0, 12) : '-',
+        e.ingestedAt.replace(/\.\d+Z$/, 'Z'),
+        e.current ? 'yes' : '',
+        e.runningKernel === 'yes' ? 'yes' : e.runningKernel === 'unknown' ? '?' : 'no',
+        [e.vmlinuxH ? 'vmlinux.h' : '', e.config ? '.config' : ''].filter(Boolean).join(',') || '-',
+        e.kind === 'btf-only' ? `${e.source} (vmlinux.h only: no header archive)` : e.source,
+      ]);
+    }
+    io.stdout.write(table(rows));
+    const cur = entries.find((e) => e.current);
+    if (cur && cur.runningKernel !== 'yes') {
+      io.stdout.write(
+        `\ncurrent is ${cur.release} (sha256 ${cur.digest.slice(0, 12)}), ${cur.runningKernel === 'no' ? 'NOT the running kernel' : 'not known to be the running kernel'}: ${cur.runningKernelNote ?? ''}.\n` +
+          `Tools on this machine that read \`current\` get these headers, not the running kernel's (${live.release}).\n`,
+      );
+    } else if (!cur) {
+      io.stdout.write(`\nno entry is current: the running kernel (${live.release}) is not cached\n`);
+    }
   }
-  const rows = [['RELEASE', 'DIGEST', 'FILES', 'SIZE', 'BUILD-ID', 'INGESTED', 'CURRENT', 'RUNNING', 'EXTRAS', 'SOURCE']];
-  for (const e of entries) {
-    rows.push([
-      e.release,
-      e.digest.slice(0, 12),
-      String(e.files),
-      humanBytes(e.bytes),
-      e.buildId ? e.buildId.slice(0, 12) : '-',
-      e.ingestedAt.replace(/\.\d+Z$/, 'Z'),
-      e.current ? 'yes' : '',
-      e.runningKernel === 'yes' ? 'yes' : e.runningKernel === 'unknown' ? '?' : 'no',
-      [e.vmlinuxH ? 'vmlinux.h' : '', e.config ? '.config' : ''].filter(Boolean).join(',') || '-',
-      e.kind === 'btf-only' ? `${e.source} (vmlinux.h only: no header archive)` : e.source,
-    ]);
+  if (damaged.length > 0) {
+    io.stdout.write(`\ndamaged (not served; \`kheadersd ingest\` or a serve start moves them to quarantine and rebuilds them):\n`);
+    for (const d of damaged) io.stdout.write(`  ${d.id}: ${String(d.error.details['reason'] ?? d.error.message)}\n`);
   }
-  io.stdout.write(table(rows));
-  const cur = entries.find((e) => e.current);
-  if (cur && cur.runningKernel !== 'yes') {
-    io.stdout.write(
-      `\ncurrent is ${cur.release} (sha256 ${cur.digest.slice(0, 12)}), ${cur.runningKernel === 'no' ? 'NOT the running kernel' : 'not known to be the running kernel'}: ${cur.runningKernelNote ?? ''}.\n` +
-        `Tools on this machine that read \`current\` get these headers, not the running kernel's (${live.release}).\n`,
-    );
-  } else if (!cur) {
-    io.stdout.write(`\nno entry is current: the running kernel (${live.release}) is not cached\n`);
+  if (quarantined.length > 0) {
+    const rebuilt = new Set(manifests.map((m) => m.id));
+    io.stdout.write(`\nquarantined (in ${store.dir}/quarantine, newest first):\n`);
+    for (const q of quarantined) {
+      io.stdout.write(`  ${q.at.replace(/\.\d+Z$/, 'Z')}  ${q.id}: ${q.reason}${rebuilt.has(q.id) ? ' (rebuilt since)' : ''}\n`);
+    }
   }
 }
 
+/**
+ * A read found an entry damaged: repair it now if this process may write the cache (the error
+ * then says so), else say who can. The read still fails: what was asked was not delivered.
+ */
+async function failDamaged(cfg: Config, io: CommandIO, err: KheadersError, entry: CacheEntry | undefined): Promise<never> {
+  const known: KnownDamage[] = [];
+  if (entry) {
+    const file = err.details['file'];
+    known.push({ id: entry.manifest.id, ingestedAt: entry.manifest.ingestedAt, reason: String(err.details['reason'] ?? err.message), ...(typeof file === 'string' ? { file } : {}) });
+  }
+  let outcome: string;
+  try {
+    await entry?.reader.close();
+    const report = await healWithConfig(cfg, io, known);
+    const id = String(err.details['id'] ?? entry?.manifest.id ?? '');
+    const unrepaired = report.unrepaired.find((u) => u.id === id);
+    outcome = report.rebuilt.includes(id)
+      ? 'it was moved to quarantine and rebuilt from its own archive: run the command again'
+      : unrepaired
+        ? `it was moved to quarantine; it could not be rebuilt from its own archive (${unrepaired.why}): \`kheadersd ingest\` builds the running kernel's again`
+        : 'it was moved to quarantine';
+  } catch (healErr) {
+    outcome = `it could not be repaired by this process (${healErr instanceof Error ? healErr.message : String(healErr)}): a serve start or \`sudo kheadersd ingest\` repairs it`;
+  }
+  throw new KheadersError('E_ENTRY_DAMAGED', `${err.message}; ${outcome}`, err.details, { cause: err });
+}
+
+/** Write all of `buf`, or fail: `cat` must not end with success after a short write. */
+function writeAll(out: NodeJS.WritableStream, buf: Buffer): Promise<void> {
+  return new Promise((resolve, reject) => {
+    out.write(buf, (err) => (err ? reject(err) : resolve()));
+  });
+}
+
+/** A write to stdout failed: EPIPE stays itself (a reader that stopped early); anything else is E_IO. */
+function outputFailure(err: unknown): unknown {
+  const code = errnoOf(err);
+  if (code === 'EPIPE' || code === undefined) return err;
+  return new KheadersError('E_IO', `could not write the whole file to the output (${code})`, { errno: code }, { cause: err });
+}
+
+const CAT_PIECE_BYTES = 1024 * 1024;
+
 export async function cmdCat(cfg: Config, io: CommandIO, ref: string, file: string): Promise<void> {
   const store = await CacheStore.open(cfg.cacheDir);
-  const entry = await store.resolve(ref);
-  const node = entry.index.resolve(userPath(file));
-  if (!node) throw new KheadersError('E_NOT_FOUND', `${file}: no such file in ${entry.manifest.release} (${entry.manifest.digest.slice(0, 12)})`, { path: file });
-  if (node.kind !== 'file') throw new KheadersError('E_USAGE', `${file} is a directory`, { path: file });
-  if (node.size === 0) return;
-  const { file: dataFile, offset } = dataLocation(entry, node);
-  const stream = createReadStream(dataFile, { start: offset, end: offset + node.size - 1 });
-  for await (const chunk of stream) {
-    if (!io.stdout.write(chunk as Buffer)) await once(io.stdout, 'drain');
+  const manifest = (await store.snapshot()).resolve(ref);
+  const rel = userPath(file);
+  let opened: Awaited<ReturnType<CacheStore['lazy']>> | undefined;
+  // stdout errors arrive as events too (a file on a full disk): without a listener they would crash.
+  let outputError: unknown;
+  const onError = (err: unknown): void => {
+    outputError ??= err;
+  };
+  io.stdout.on('error', onError);
+  try {
+    // Only the records on this path are read from the index (a 200,000-entry index stays on disk).
+    opened = await store.lazy(manifest.id);
+    const { entry } = opened;
+    const id = entry.index.resolveId(rel);
+    const where = `${manifest.release} (${manifest.digest.slice(0, 12)})`;
+    if (id < 0) throw new KheadersError('E_NOT_FOUND', `${file}: no such file in ${where}`, { path: file });
+    if (entry.index.kindOf(id) !== 'file') throw new KheadersError('E_USAGE', `${file.replace(/\/+$/, '')} is a directory`, { path: file });
+    // Like the kernel: a trailing slash asks for a directory, and a file is not one.
+    if (file.endsWith('/')) throw new KheadersError('E_NOT_FOUND', `${file}: not a directory (${rel} is a file in ${where})`, { path: file });
+    const size = entry.index.sizeOf(id);
+    for (let at = 0; at < size; at += CAT_PIECE_BYTES) {
+      const piece = await entry.reader.read(id, at, CAT_PIECE_BYTES);
+      await writeAll(io.stdout, piece).catch((err: unknown) => {
+        throw outputFailure(err);
+      });
+    }
+    if (outputError !== undefined) throw outputFailure(outputError);
+  } catch (err) {
+    if (err instanceof IndexFormatError || err instanceof RangeError) {
+      const reason = `index.bin: ${err.message}`;
+      return failDamaged(cfg, io, new KheadersError('E_ENTRY_DAMAGED', `cache entry ${manifest.id} is damaged: ${reason}`, { id: manifest.id, reason, file: 'index.bin' }), opened?.entry);
+    }
+    if (isDamage(err)) return failDamaged(cfg, io, err, opened?.entry);
+    throw err;
+  } finally {
+    io.stdout.off('error', onError);
+    await opened?.close();
   }
 }
 
@@ -147,18 +256,31 @@ function userPath(file: string): string {
 
 export async function cmdExport(cfg: Config, io: CommandIO, ref: string, dir: string): Promise<void> {
   const store = await CacheStore.open(cfg.cacheDir);
-  const entry = await store.resolve(ref);
-  const result = await exportEntry(entry, dir);
+  const manifest = (await store.snapshot()).resolve(ref);
+  let entry: CacheEntry | undefined;
+  let result;
+  try {
+    entry = await store.load(manifest.id);
+    result = await exportEntry(entry, dir);
+  } catch (err) {
+    if (isDamage(err)) return failDamaged(cfg, io, err, entry);
+    throw err;
+  } finally {
+    await entry?.reader.close();
+  }
   io.stderr.write(`exported ${entry.manifest.release}: ${result.files} files, ${result.dirs} directories, ${result.symlinks} symlinks to ${result.dir}\n`);
   io.stderr.write(`use it with: export BCC_KERNEL_SOURCE=${result.dir} BPFTRACE_KERNEL_SOURCE=${result.dir}\n`);
 }
 
 export async function cmdGc(cfg: Config, io: CommandIO, json: boolean): Promise<void> {
   const store = await CacheStore.open(cfg.cacheDir, { write: true, lockTimeoutMs: cfg.lockTimeout * 1000 });
-  const { swept, evicted } = await store.locked(async () => ({
-    swept: await store.sweepTmp(),
-    evicted: await store.gc({ keep: cfg.keep, ...(cfg.maxCacheBytes !== undefined ? { maxBytes: cfg.maxCacheBytes } : {}) }),
-  }));
+  const { swept, evicted } = await store.locked(async () => {
+    await store.pruneQuarantine();
+    return {
+      swept: await store.sweepTmp(),
+      evicted: await store.gc({ keep: cfg.keep, ...(cfg.maxCacheBytes !== undefined ? { maxBytes: cfg.maxCacheBytes } : {}) }),
+    };
+  });
   if (json) io.stdout.write(JSON.stringify({ evicted, swept }) + '\n');
   else io.stderr.write(evicted.length ? `evicted ${evicted.length}: ${evicted.join(', ')}\n` : 'nothing to evict\n');
 }

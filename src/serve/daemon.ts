@@ -3,9 +3,14 @@
  * FUSE mount until told to stop. Lifecycle only: what is served is the store's business, how it
  * is served belongs to serve/http and serve/fuse.
  *
- *   start ─ ingest (or reuse) ─ HTTP up ─ mount ─ ready (sd_notify)
+ *   start ─ repair damaged entries ─ ingest (or reuse) ─ HTTP up ─ mount ─ ready (sd_notify)
  *   SIGHUP ─ re-read the live kernel's release and archive digest; if new, ingest and flip `current`
+ *   a read finds an entry's bytes wrong ─ that read fails (EIO / 500); the entry is moved to
+ *     quarantine and rebuilt (from its archive, else the live source), then served again
  *   SIGTERM/SIGINT ─ stop accepting, finish in-flight responses, unmount, exit 0
+ *
+ * Nothing on disk stops it from starting: damaged entries are quarantined and rebuilt before
+ * the first ingest, and what is intact is served.
  *
  * A mount that cannot be made is logged and reported by /readyz and `doctor`; HTTP keeps
  * working without it.
@@ -15,9 +20,11 @@ import path from 'node:path';
 import type { Config } from '../config.js';
 import { KheadersError, errnoOf, isKheadersError } from '../errors.js';
 import type { CommandIO } from '../commands/store-commands.js';
-import { ingestWithConfig } from '../commands/store-commands.js';
+import { healWithConfig, ingestWithConfig } from '../commands/store-commands.js';
 import { CacheStore } from '../store/cache.js';
 import type { CacheEntry } from '../store/entry.js';
+import type { HealReport, KnownDamage } from '../store/heal.js';
+import { Resolver } from '../store/resolve.js';
 import { readTokenFile } from '../token.js';
 import { matchRunning, readLiveKernel } from '../store/kernel-match.js';
 import { MODULE_HEADERS_SUBDIR, ModuleHeaders } from '../store/module-btf.js';
@@ -47,17 +54,40 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
   const links = new ModuleLinks(log);
   let refreshing: Promise<void> = Promise.resolve();
 
-  const allEntries = async (): Promise<CacheEntry[]> => Promise.all((await store.list()).map((m) => store.load(m.id)));
   // What the running kernel is: the entries are told apart from it by release and build id.
   const live = await readLiveKernel();
   state.live = live;
   // Headers of the loaded modules, made on request under the running kernel's entry.
   const modules = await ModuleHeaders.open({ dir: path.join(store.dir, MODULE_HEADERS_SUBDIR), log });
 
-  /** Bring the model and state up to date with the store (after any ingest). */
+  /** Count what a repair did, for /metrics. */
+  const counted = (report: HealReport): void => {
+    state.quarantined += report.quarantined.length;
+    state.rebuilt += report.rebuilt.length;
+  };
+
+  /** The entries that load; a damaged one is left out (and repaired: see repair()). */
+  const intactEntries = async (): Promise<CacheEntry[]> => {
+    const { entries, damaged } = await store.scan();
+    for (const d of damaged) log.warn({ id: d.id }, `not serving ${d.error.message}`);
+    if (damaged.length > 0) repair([]);
+    const out: CacheEntry[] = [];
+    for (const m of entries) {
+      const entry = await store.load(m.id).catch(() => undefined);
+      if (entry) out.push(entry);
+    }
+    return out;
+  };
+
+  /** Bring the model and state up to date with the store (after any ingest or repair). */
   const publish = async (): Promise<void> => {
-    const current = await store.currentId();
-    const entries = await allEntries();
+    const entries = await intactEntries();
+    const pointer = await store.currentId();
+    // The same resolver decides `current` for FUSE (setEntries) and HTTP (state.currentId).
+    const current = new Resolver(
+      entries.map((e) => e.manifest),
+      pointer,
+    ).currentId;
     state.currentId = current;
     state.ready = current !== null;
     // The running kernel's entry: the current one if it is that, else any cached entry that is.
@@ -74,7 +104,7 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
         );
       }
     }
-    model?.setEntries(entries, current, state.runningId);
+    model?.setEntries(entries, pointer, state.runningId);
     if (cfg.linkModules && mount && current) {
       const entry = await store.load(current);
       await links.point(entry.manifest.release, path.join(mount.mountpoint, entry.manifest.release));
@@ -87,6 +117,7 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
     const started = new Date().toISOString();
     try {
       const result = await ingestWithConfig(cfg, io, { setCurrent: true });
+      counted(result.healed);
       state.lastIngest = { at: started, durationMs: result.durationMs, id: result.entry.manifest.id, reused: result.reused };
       state.lastIngestError = null;
       log.info({ reason, id: result.entry.manifest.id, reused: result.reused }, result.reused ? 'kernel unchanged' : 'kernel headers ingested');
@@ -109,6 +140,40 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
     });
     return refreshing;
   };
+
+  /**
+   * Repair entries readers found damaged (and any that no longer load): quarantine, rebuild from
+   * their own archive, then ingest the live kernel again (which rebuilds its entry from the live
+   * source if its archive was no good), and serve the result. Queued with the refreshes.
+   */
+  const pendingDamage: KnownDamage[] = [];
+  let repairQueued = false;
+  const repair = (known: readonly KnownDamage[]): void => {
+    pendingDamage.push(...known);
+    if (repairQueued) return;
+    repairQueued = true;
+    refreshing = refreshing.then(async () => {
+      repairQueued = false;
+      const batch = pendingDamage.splice(0);
+      try {
+        counted(await healWithConfig(cfg, io, batch));
+      } catch (err) {
+        log.error({ code: isKheadersError(err) ? err.code : 'E_INTERNAL' }, `repairing the cache failed: ${(err as Error).message}`);
+      }
+      try {
+        await ingestNow('repair');
+      } catch (err) {
+        log.error({ code: isKheadersError(err) ? err.code : 'E_INTERNAL' }, `ingest after a repair failed, still serving what is intact: ${(err as Error).message}`);
+      }
+      await publish();
+    });
+  };
+  store.onDamage((err, manifest) => {
+    state.damageReports++;
+    log.error({ id: manifest.id, file: err.details['file'] }, `${err.message}: the read failed; repairing the entry`);
+    const file = err.details['file'];
+    repair([{ id: manifest.id, ingestedAt: manifest.ingestedAt, reason: String(err.details['reason'] ?? err.message), ...(typeof file === 'string' ? { file } : {}) }]);
+  });
 
   // The first ingest decides whether there is anything to serve at all.
   try {

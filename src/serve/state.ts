@@ -37,6 +37,12 @@ export class DaemonState {
   mountpoint: string | null = null;
   /** Why there is no mount, when there is none. */
   mountError: string | null = null;
+  /** Entries this daemon moved to quarantine (damaged on disk, or bytes found wrong when read). */
+  quarantined = 0;
+  /** Entries it then rebuilt from their own archive. */
+  rebuilt = 0;
+  /** Damage reports from readers (each failed a read: EIO on FUSE, 500 on HTTP). */
+  damageReports = 0;
   readonly startedAt = new Date().toISOString();
   private readonly listeners = new Set<() => void>();
 

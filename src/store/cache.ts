@@ -2,22 +2,28 @@
  * The cache directory: entries by release and archive digest, the `current` pointer, the lock,
  * and a tmp/ area for half-built entries.
  *
- *   <cache>/entries/<release>~<sha256>/{manifest.json,index.json,pack.tar,archive.tar.xz}
+ *   <cache>/entries/<release>~<sha256>/{manifest.json,index.bin,pack.tar,archive.tar.xz}  (entry.ts)
  *   <cache>/current        the id of the running kernel's entry (replaced atomically)
  *   <cache>/tmp/           builds in progress; swept under the lock
  *   <cache>/lock
+ *   <cache>/quarantine/    damaged entries moved aside, with why (quarantine.ts)
  *
  * Entries are immutable: they appear by one rename and disappear by one rename, so a reader
  * sees a whole entry or none. The directory must be ours and not writable by anyone else: a
  * cache another user can write is how the /tmp/kheaders-* tools were exploited (CVE-2024-2313).
  */
 import { mkdir, open, readdir, readFile, rename, rm, stat, chmod } from 'node:fs/promises';
-import os from 'node:os';
 import path from 'node:path';
 import { KheadersError, errnoOf } from '../errors.js';
-import { INDEX_FILE, MANIFEST_FILE, type CacheEntry, type Manifest } from './entry.js';
+import { isDamage, loadEntry, loadManifest, openEntryLazily } from './entry-load.js';
+import { parseEntryId, type CacheEntry, type Manifest } from './entry.js';
 import { withLock } from './lock.js';
-import { TreeIndex, type IndexFile } from './tree-index.js';
+import { listQuarantine, pruneQuarantine, quarantineEntry, type QuarantineRecord } from './quarantine.js';
+import { makeEntry } from './reader.js';
+import { Resolver, newestFirst } from './resolve.js';
+import type { TreeIndex } from './tree-index.js';
+
+export { entryId, isDigest, validRelease } from './entry.js';
 
 export const DEFAULT_CACHE_DIR = '/var/cache/kheadersd';
 export const ANDROID_CACHE_DIR = '/data/local/kheadersd';
@@ -29,17 +35,6 @@ export function isAndroid(): boolean {
 /** --cache-dir, then KHEADERSD_CACHE_DIR, then the platform default. */
 export function defaultCacheDir(env: NodeJS.ProcessEnv = process.env): string {
   return env.KHEADERSD_CACHE_DIR || (isAndroid() ? ANDROID_CACHE_DIR : DEFAULT_CACHE_DIR);
-}
-
-const RELEASE_RE = /^[A-Za-z0-9][A-Za-z0-9._+~-]{0,127}$/;
-const DIGEST_RE = /^[0-9a-f]{64}$/;
-
-export function validRelease(release: string): boolean {
-  return RELEASE_RE.test(release) && !release.includes('~');
-}
-
-export function entryId(release: string, digest: string): string {
-  return `${release}~${digest}`;
 }
 
 export interface OpenOptions {
@@ -55,10 +50,19 @@ export interface GcOptions {
   protect?: readonly string[];
 }
 
+/** An entry directory that failed its checks, and the error saying why. */
+export interface DamagedEntry {
+  id: string;
+  error: KheadersError;
+  /** A well-formed entry of an older format: rebuilt, not kept as evidence. */
+  outdated: boolean;
+}
+
 export class CacheStore {
   readonly entriesDir: string;
   readonly tmpDir: string;
   private readonly loaded = new Map<string, CacheEntry>();
+  private readonly damageListeners = new Set<(err: KheadersError, manifest: Manifest) => void>();
 
   private constructor(
     readonly dir: string,
@@ -87,7 +91,7 @@ export class CacheStore {
     return new CacheStore(abs, options.lockTimeoutMs ?? 30_000);
   }
 
-  /** Run fn holding the cache's cross-process lock; E_LOCKED after the timeout. */
+/** Run fn holding the cache's cross-process lock; E_LOCKED after the timeout. */
   locked<T>(fn: () => Promise<T>, timeoutMs = this.lockTimeoutMs): Promise<T> {
     return withLock(path.join(this.dir, 'lock'), { timeoutMs }, fn);
   }
@@ -99,59 +103,133 @@ export class CacheStore {
     return names;
   }
 
-  async list(): Promise<Manifest[]> {
-    let names: string[];
+  /** Names under entries/ that are entry ids (`<release>~<digest>`); anything else is not ours. */
+  async entryIds(): Promise<string[]> {
     try {
-      names = await readdir(this.entriesDir);
+      return (await readdir(this.entriesDir)).filter((n) => parseEntryId(n) !== undefined);
     } catch (err) {
       if (errnoOf(err) === 'ENOENT') return [];
       throw err;
     }
+  }
+
+  /** The manifests that read back and check out, newest first (damaged entries are in scan()). */
+  async list(): Promise<Manifest[]> {
     const manifests: Manifest[] = [];
-    for (const name of names) {
-      const m = await this.readManifest(name).catch(() => undefined); // a foreign file is not an entry
+    for (const id of await this.entryIds()) {
+      const m = await loadManifest(this.entriesDir, id).catch(() => undefined);
+      this.dropIfReplaced(id, m);
       if (m) manifests.push(m);
     }
-    return manifests.sort((a, b) => (a.ingestedAt < b.ingestedAt ? 1 : a.ingestedAt > b.ingestedAt ? -1 : 0));
+    return newestFirst(manifests);
   }
 
-  private async readManifest(id: string): Promise<Manifest> {
-    const m = JSON.parse(await readFile(path.join(this.entriesDir, id, MANIFEST_FILE), 'utf8')) as Manifest;
-    if (m.formatVersion !== 1 || m.id !== id) throw new Error('not a kheadersd entry');
-    return m;
+  /**
+   * Another process (an ingest, a repair) may have replaced entries/<id> since it was loaded: a
+   * rebuilt entry has another ingestedAt. Forget the old copy so the next load reads the new one.
+   */
+  private dropIfReplaced(id: string, onDisk: Manifest | undefined): void {
+    const held = this.loaded.get(id);
+    if (held && held.manifest.ingestedAt !== onDisk?.ingestedAt) this.loaded.delete(id);
   }
 
-  /** The full entry (manifest + index); memoised, since entries never change. */
+  /** Every entry fully checked (manifest, index, file sizes): the good ones, newest first, and the damaged. */
+  async scan(): Promise<{ entries: Manifest[]; damaged: DamagedEntry[] }> {
+    const entries: Manifest[] = [];
+    const damaged: DamagedEntry[] = [];
+    for (const id of await this.entryIds()) {
+      try {
+        this.dropIfReplaced(id, await loadManifest(this.entriesDir, id).catch(() => undefined));
+        entries.push((await this.load(id)).manifest);
+      } catch (err) {
+        if (isKheadersNotFound(err)) continue; // removed meanwhile
+        if (!isDamage(err)) throw err;
+        damaged.push({ id, error: err, outdated: err.details['outdated'] === true });
+      }
+    }
+    return { entries: newestFirst(entries), damaged };
+  }
+
+  /** The full entry, checked (see entry-load.ts); memoised, since entries never change. */
   async load(id: string): Promise<CacheEntry> {
     const hit = this.loaded.get(id);
     if (hit) return hit;
-    const dir = path.join(this.entriesDir, id);
-    let manifest: Manifest;
-    let indexFile: IndexFile;
-    try {
-      manifest = await this.readManifest(id);
-      indexFile = JSON.parse(await readFile(path.join(dir, INDEX_FILE), 'utf8')) as IndexFile;
-    } catch (err) {
-      if (errnoOf(err) === 'ENOENT') throw new KheadersError('E_NOT_FOUND', `no cache entry ${id}`, { id });
-      throw err;
-    }
-    const entry: CacheEntry = { manifest, dir, index: TreeIndex.fromJSON(indexFile) };
-    this.loaded.set(id, entry);
+    const entry = await loadEntry(this.entriesDir, id, (err, m) => this.emitDamage(err, m));
+    this.loaded.set(id, this.loaded.get(id) ?? entry);
+    return this.loaded.get(id)!;
+  }
+
+  /** The entry with its index read on demand, for one lookup (`cat`). Close it when done. */
+  lazy(id: string): ReturnType<typeof openEntryLazily> {
+    return openEntryLazily(this.entriesDir, id, (err, m) => this.emitDamage(err, m));
+  }
+
+  /** An entry ingest has just renamed into place: kept in memory, so its index is not read back. */
+  adopt(manifest: Manifest, dir: string, index: TreeIndex): CacheEntry {
+    const entry = makeEntry(manifest, dir, index, (err, m) => this.emitDamage(err, m));
+    this.loaded.set(manifest.id, entry);
     return entry;
   }
 
-  /** Keep an entry just built in memory, so its index is not parsed back from disk. */
-  remember(entry: CacheEntry): CacheEntry {
-    this.loaded.set(entry.manifest.id, entry);
-    return entry;
+  /** Hear about entries found damaged while being read (the daemon repairs them). */
+  onDamage(listener: (err: KheadersError, manifest: Manifest) => void): () => void {
+    this.damageListeners.add(listener);
+    return () => this.damageListeners.delete(listener);
+  }
+
+  private emitDamage(err: KheadersError, manifest: Manifest): void {
+    for (const l of this.damageListeners) l(err, manifest);
+  }
+
+  /** Which entry each name means, as of now (see resolve.ts). `pointer` overrides the `current` file. */
+  async snapshot(pointer?: string | null): Promise<Resolver> {
+    const manifests = await this.list();
+    return new Resolver(manifests, pointer === undefined ? await this.currentId() : pointer);
+  }
+
+  /** The entry `ref` names (current, a release, a digest or prefix, an id). */
+  async resolve(ref: string): Promise<CacheEntry> {
+    return this.load((await this.snapshot()).resolve(ref).id);
+  }
+
+  findByDigest(manifests: readonly Manifest[], digest: string, release?: string): Manifest | undefined {
+    return manifests.find((m) => m.digest === digest && (release === undefined || m.release === release));
+  }
+
+  /**
+   * Move a damaged entry out of entries/ into quarantine/ (see quarantine.ts). Readers of the
+   * instance in memory fail from now on. Call while holding the lock.
+   */
+  async quarantine(id: string, why: { reason: string; file?: string }): Promise<QuarantineRecord> {
+    const entry = this.loaded.get(id);
+    this.loaded.delete(id);
+    const record = await quarantineEntry(this.dir, this.entriesDir, id, why);
+    await entry?.reader.kill(new KheadersError('E_ENTRY_DAMAGED', `cache entry ${id} was moved to quarantine: ${why.reason}`, { id, reason: why.reason, errno: 'EIO' }));
+    return record;
+  }
+
+  /** An old-format entry rebuilt from its archive: the old one is not evidence of anything. */
+  async discard(id: string): Promise<void> {
+    await this.remove(id);
+  }
+
+  /** Quarantined entries, newest first. */
+  quarantined(): Promise<QuarantineRecord[]> {
+    return listQuarantine(this.dir);
+  }
+
+  /** Keep only the newest quarantined copies (gc does this too). */
+  pruneQuarantine(): Promise<string[]> {
+    return pruneQuarantine(this.dir);
   }
 
   async currentId(): Promise<string | null> {
     try {
       const id = (await readFile(path.join(this.dir, 'current'), 'utf8')).trim();
-      return id === '' ? null : id;
+      return id === '' || id.length > 512 ? null : id;
     } catch (err) {
-      if (errnoOf(err) === 'ENOENT') return null;
+      // Missing, or not a file: no pointer (the resolver falls back to the running release).
+      if (errnoOf(err) === 'ENOENT' || errnoOf(err) === 'EISDIR') return null;
       throw err;
     }
   }
@@ -159,46 +237,6 @@ export class CacheStore {
   /** Point `current` at an entry: write a temp file, fsync, rename (never a torn pointer). */
   async setCurrent(id: string): Promise<void> {
     await writeFileDurably(path.join(this.dir, 'current'), `${id}\n`, this.tmpDir);
-  }
-
-  /**
-   * Find an entry by `current`, a release, a digest (or an unambiguous prefix of at least 8 hex
-   * digits), or its full id. A release with several builds names the current one if it is among
-   * them, else the most recently ingested.
-   */
-  async resolve(ref: string): Promise<CacheEntry> {
-    const manifests = await this.list();
-    const current = await this.currentId();
-    if (ref === 'current') {
-      if (current && manifests.some((m) => m.id === current)) return this.load(current);
-      const running = manifests.find((m) => m.release === os.release());
-      if (running) return this.load(running.id);
-      // `current` means the running kernel: say which that is, and what the cache does hold.
-      const cached = [...new Set(manifests.map((m) => m.release))];
-      throw new KheadersError(
-        'E_NOT_FOUND',
-        `"current" is the running kernel, ${os.release()}, and no entry for it is cached` +
-          (cached.length > 0 ? ` (cached: ${cached.join(', ')}: name one of them instead of "current")` : ' (the cache is empty)') +
-          '; `kheadersd ingest` caches the running kernel\'s headers',
-        { ref, running: os.release(), cached },
-      );
-    }
-    const byId = manifests.find((m) => m.id === ref);
-    if (byId) return this.load(byId.id);
-    const byRelease = manifests.filter((m) => m.release === ref);
-    if (byRelease.length > 0) return this.load((byRelease.find((m) => m.id === current) ?? byRelease[0]!).id);
-    if (/^[0-9a-f]{8,64}$/.test(ref)) {
-      const byDigest = manifests.filter((m) => m.digest.startsWith(ref));
-      // One archive ingested under two release names is two entries with one digest: any will do.
-      const digests = new Set(byDigest.map((m) => m.digest));
-      if (digests.size === 1) return this.load((byDigest.find((m) => m.id === current) ?? byDigest[0]!).id);
-      if (digests.size > 1) throw new KheadersError('E_USAGE', `digest prefix ${ref} is ambiguous (${digests.size} entries); give more digits`, { ref });
-    }
-    throw new KheadersError('E_NOT_FOUND', `no cached entry matches ${JSON.stringify(ref)} (a release, a digest, or "current"); see \`kheadersd ls\``, { ref });
-  }
-
-  findByDigest(manifests: readonly Manifest[], digest: string, release?: string): Manifest | undefined {
-    return manifests.find((m) => m.digest === digest && (release === undefined || m.release === release));
   }
 
   /**
@@ -242,14 +280,19 @@ export class CacheStore {
     await rm(doomed, { recursive: true, force: true });
   }
 
+  /** Drop the in-memory copy of an entry (it was replaced on disk). */
+  forget(id: string): void {
+    this.loaded.delete(id);
+  }
+
   /** Bytes the cache occupies (entries only). */
   async totalBytes(): Promise<number> {
     return (await this.list()).reduce((sum, m) => sum + m.packBytes + m.archiveBytes + (m.btf?.bytes ?? 0) + (m.config?.bytes ?? 0), 0);
   }
 }
 
-export function isDigest(s: string): boolean {
-  return DIGEST_RE.test(s);
+function isKheadersNotFound(err: unknown): boolean {
+  return err instanceof KheadersError && err.code === 'E_NOT_FOUND';
 }
 
 async function createPrivateDir(dir: string): Promise<void> {

@@ -1,13 +1,14 @@
 /**
  * Materialise an entry as a plain directory tree, for systems without FUSE and for tools that
  * want a path (`BCC_KERNEL_SOURCE=<dir>`). Built beside the destination and renamed into place,
- * so the destination is either absent or complete. Paths come from the index (already checked
- * at ingest); nothing is ever written outside the destination.
+ * so the destination is either absent or complete. Paths come from the index (checked when it
+ * was loaded); nothing is ever written outside the destination. Bytes come through the entry's
+ * reader: a file that does not prove against its digest fails the export (nothing is left behind).
  */
-import { chmod, mkdir, mkdtemp, open, readdir, rename, rm, rmdir, symlink, utimes, writeFile, type FileHandle } from 'node:fs/promises';
+import { chmod, mkdir, mkdtemp, readdir, rename, rm, rmdir, symlink, utimes, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { KheadersError, errnoOf } from '../errors.js';
-import { dataLocation, type CacheEntry } from './entry.js';
+import type { CacheEntry } from './entry.js';
 import type { TreeNode } from './tree-index.js';
 
 const PARALLEL_WRITES = 16;
@@ -26,15 +27,12 @@ export async function exportEntry(entry: CacheEntry, dest: string): Promise<Expo
   }
   await mkdir(path.dirname(target), { recursive: true });
   const tmp = await mkdtemp(path.join(path.dirname(target), `.${path.basename(target)}.kheadersd-`));
-  // One handle per data file, shared by the parallel copies: the map holds the open *promise*,
-  // so 16 copies starting at once do not each open (and leak) their own.
-  const handles = new Map<string, Promise<FileHandle>>();
   try {
     const nodes = entry.index.nodes;
     for (const n of nodes) if (n.kind === 'dir' && n.id !== 0) await mkdir(path.join(tmp, n.path), { mode: 0o755 });
     const files = nodes.filter((n) => n.kind === 'file');
     for (let i = 0; i < files.length; i += PARALLEL_WRITES) {
-      await Promise.all(files.slice(i, i + PARALLEL_WRITES).map((n) => copyOut(entry, n, tmp, handles)));
+      await Promise.all(files.slice(i, i + PARALLEL_WRITES).map((n) => copyOut(entry, n, tmp)));
     }
     for (const n of nodes) if (n.kind === 'symlink') await symlink(n.target!, path.join(tmp, n.path));
     // Directory times last: creating their children changed them.
@@ -47,22 +45,11 @@ export async function exportEntry(entry: CacheEntry, dest: string): Promise<Expo
     await rm(tmp, { recursive: true, force: true }).catch(() => {});
     if (errnoOf(err) === 'ENOSPC') throw new KheadersError('E_NO_SPACE', `no space left while exporting to ${target}; nothing was left behind`, { dest: target });
     throw err;
-  } finally {
-    await Promise.all([...handles.values()].map(async (h) => (await h).close()));
   }
 }
 
-async function copyOut(entry: CacheEntry, node: TreeNode, root: string, handles: Map<string, Promise<FileHandle>>): Promise<void> {
-  const { file, offset } = dataLocation(entry, node);
-  let opening = handles.get(file);
-  if (!opening) {
-    opening = open(file, 'r');
-    handles.set(file, opening);
-  }
-  const fh = await opening;
-  const buf = Buffer.allocUnsafe(node.size);
-  const { bytesRead } = node.size > 0 ? await fh.read(buf, 0, node.size, offset) : { bytesRead: 0 };
-  if (bytesRead !== node.size) throw new KheadersError('E_INTERNAL', `the pack is shorter than its index says (at ${node.path})`);
+async function copyOut(entry: CacheEntry, node: TreeNode, root: string): Promise<void> {
+  const buf = await entry.reader.readWhole(node.id);
   const out = path.join(root, node.path);
   await writeFile(out, buf, { mode: (node.mode & 0o755) | 0o444 });
   if (node.mtime > 0) await utimes(out, node.mtime, node.mtime);

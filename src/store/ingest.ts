@@ -3,7 +3,7 @@
  *
  *   archive (in memory) ─┬─ sha256 ─ already cached? → done, no work
  *                        ├─ archive.tar.xz (kept for clients that want the whole archive)
- *                        └─ xz decoder ─ pack.tar ─ TarIndexer (checks, limits, offsets) ─ index.json
+ *                        └─ xz decoder ─ pack.tar ─ TarIndexer (checks, limits, offsets, chunk sha256) ─ index.bin
  *   BTF (if any) ─ worker thread ─ vmlinux.h (in parallel with the above)
  *   then: vmlinux.h and .config kept only if they belong to this kernel (extras.ts)
  *
@@ -15,7 +15,7 @@
  * entry holding only vmlinux.h.
  */
 import { createHash } from 'node:crypto';
-import { chmod, mkdtemp, open, readdir, rename, rm, type FileHandle } from 'node:fs/promises';
+import { chmod, lstat, mkdtemp, open, readdir, rename, rm, type FileHandle } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { KheadersError, errnoOf, isKheadersError } from '../errors.js';
@@ -25,7 +25,8 @@ import { xzUncompressedSize } from '../source/xz.js';
 import { CacheStore, entryId, fsyncDir, validRelease } from './cache.js';
 import { startDecoder, type Decoder, type DecoderChoice, type DecoderName } from './decompress.js';
 import { PackWriter } from './pack-writer.js';
-import { ARCHIVE_FILE, CONFIG_FILE, CONFIG_PATH, INDEX_FILE, MANIFEST_FILE, PACK_FILE, type CacheEntry, type Manifest } from './entry.js';
+import { ARCHIVE_FILE, CONFIG_FILE, CONFIG_PATH, ENTRY_FORMAT, INDEX_FILE, MANIFEST_FILE, PACK_FILE, type CacheEntry, type Manifest } from './entry.js';
+import { isDamage } from './entry-load.js';
 import { FACT_FILES, chooseConfig, judgeBtf, type ConfigPaths, type EntryFacts, type Note } from './extras.js';
 import { sha256OfFile, type LiveKernel } from './kernel-match.js';
 import { readLiveBuildId } from '../source/notes.js';
@@ -140,13 +141,14 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
   return inStep('cache', store.locked(async () => {
     await sweep(store, opts.log);
     const manifests = await store.list();
-    const existing = store.findByDigest(manifests, digest, namedRelease);
+    const found = store.findByDigest(manifests, digest, namedRelease);
+    const existing = found && (await usableEntry(store, found.id, opts.log));
     opts.log?.debug({ locatedMs: located, lockedMs: Math.round(performance.now() - started) }, 'archive read, hashed, cache locked');
     let entry: CacheEntry;
     let decoder: DecoderName | null = null;
     if (existing) {
-      entry = await store.load(existing.id);
-      opts.log?.info({ id: existing.id }, 'archive already cached: nothing to do');
+      entry = existing;
+      opts.log?.info({ id: existing.manifest.id }, 'archive already cached: nothing to do');
     } else {
       const built = await buildHeadersEntry(store, source, digest, namedRelease, total, limits, btf, live, opts);
       entry = built.entry;
@@ -226,6 +228,30 @@ async function addExtras(
   return { records, btf: btfField, config, notes: notes.map((n) => n.text) };
 }
 
+/** What a damaged entry kept that lets it be built again. */
+export interface RebuildSource {
+  /** The entry's archive.tar.xz, already checked against `digest`. */
+  archive: Buffer;
+  release: string;
+  digest: string;
+  /** The original manifest's source and build id, when it could still be read. */
+  source: string;
+  buildId: string | null;
+}
+
+/**
+ * Build an entry again from its own archive (heal.ts): the same decode, checks and digests as a
+ * first ingest. vmlinux.h comes back for the running kernel's release (from its live BTF);
+ * another release's is not rebuilt (its BTF is not at hand). Call while holding the lock.
+ */
+export async function rebuildEntry(store: CacheStore, from: RebuildSource, opts: IngestOptions): Promise<CacheEntry> {
+  const limits: IngestLimits = { ...DEFAULT_LIMITS, ...opts.limits };
+  const source: ArchiveSource = { bytes: from.archive, source: from.source, live: false, release: from.release, buildId: from.buildId };
+  const btf = await chooseBtf({ ...opts, btf: opts.btf === 'off' ? 'off' : 'auto' }, from.release === os.release()).catch(() => undefined);
+  const built = await buildHeadersEntry(store, source, from.digest, from.release, xzUncompressedSize(from.archive), limits, btf, await liveKernel(opts, btf, null), opts);
+  return built.entry;
+}
+
 /** The BTF to use: an explicit file (which must exist), or the live one when `live` allows. */
 async function chooseBtf(opts: IngestOptions, live: boolean): Promise<BtfSource | undefined> {
   const choice = opts.btf ?? 'auto';
@@ -254,8 +280,32 @@ async function finish(store: CacheStore, entry: CacheEntry, makeCurrent: boolean
   return evicted;
 }
 
+/** Every entry that loads (vmlinux.h donors); a damaged one is skipped here, healed elsewhere. */
 async function loadAll(store: CacheStore): Promise<CacheEntry[]> {
-  return Promise.all((await store.list()).map((m) => store.load(m.id)));
+  const out: CacheEntry[] = [];
+  for (const m of await store.list()) {
+    const entry = await store.load(m.id).catch((err: unknown) => {
+      if (isDamage(err)) return undefined;
+      throw err;
+    });
+    if (entry) out.push(entry);
+  }
+  return out;
+}
+
+/**
+ * The cached entry `id` if it passes its checks; a damaged one is quarantined (the caller then
+ * builds it afresh). Called under the lock.
+ */
+async function usableEntry(store: CacheStore, id: string, log: Logger | undefined): Promise<CacheEntry | undefined> {
+  try {
+    return await store.load(id);
+  } catch (err) {
+    if (!isDamage(err)) throw err;
+    log?.warn({ id, reason: err.details['reason'] }, `${err.message}: moving it to quarantine and ingesting it again`);
+    await store.quarantine(id, { reason: String(err.details['reason'] ?? err.message), ...(typeof err.details['file'] === 'string' ? { file: err.details['file'] } : {}) });
+    return undefined;
+  }
 }
 
 async function ingestBtfOnly(opts: IngestOptions, btf: BtfSource, live: LiveKernel, started: number): Promise<IngestResult> {
@@ -265,7 +315,7 @@ async function ingestBtfOnly(opts: IngestOptions, btf: BtfSource, live: LiveKern
   return inStep('cache', store.locked(async () => {
     await sweep(store, opts.log);
     const id = entryId(release, btf.digest);
-    let entry = (await store.list()).some((m) => m.id === id) ? await store.load(id) : undefined;
+    let entry = (await store.list()).some((m) => m.id === id) ? await usableEntry(store, id, opts.log) : undefined;
     const reused = entry !== undefined;
     if (!entry) {
       const tmp = await mkdtemp(path.join(store.tmpDir, `ingest-${process.pid}-`));
@@ -384,7 +434,8 @@ async function buildHeadersEntry(
     const extras = await addExtras(tmp, facts, btf, made, live, opts);
     // An archive that carries a file of the same name keeps its own.
     for (const r of extras.records) if (!records.some((have) => have.path === r.path)) records.push(r);
-    const index = TreeIndex.fromRecords(records); // refuses duplicates and escaping symlinks
+    // Refuses duplicates and escaping symlinks; carries the digests readers prove bytes with.
+    const index = TreeIndex.fromRecords(records, { pack: indexer.packDigests() });
     const manifest = makeManifest({
       id: entryId(release, digest),
       release,
@@ -433,7 +484,7 @@ function makeManifest(m: {
   notes: string[];
 }): Manifest {
   return {
-    formatVersion: 1,
+    formatVersion: ENTRY_FORMAT,
     id: m.id,
     release: m.release,
     digest: m.digest,
@@ -462,7 +513,7 @@ function makeManifest(m: {
 async function commitEntry(store: CacheStore, tmp: string, manifest: Manifest, index: TreeIndex, files: readonly FileHandle[]): Promise<CacheEntry> {
   const all = [...files];
   const metadata = [
-    ['index', INDEX_FILE, JSON.stringify(index.toJSON())],
+    ['index', INDEX_FILE, index.encode()],
     ['manifest', MANIFEST_FILE, JSON.stringify(manifest, null, 2) + '\n'],
   ] as const;
   try {
@@ -482,9 +533,10 @@ async function commitEntry(store: CacheStore, tmp: string, manifest: Manifest, i
   await chmod(tmp, 0o755); // mkdtemp made it 0700; entries are world-readable like the headers
   await fsyncDir(tmp);
   const finalDir = path.join(store.entriesDir, manifest.id);
+  await moveAsideUnusable(store, manifest.id);
   await rename(tmp, finalDir);
   await fsyncDir(store.entriesDir);
-  return store.remember({ manifest, dir: finalDir, index });
+  return store.adopt(manifest, finalDir, index);
 }
 
 /**
@@ -546,6 +598,24 @@ async function decodeInto(decoder: Decoder, indexer: TarIndexer, writer: PackWri
 
 function releaseFromUtsrelease(content: Buffer | undefined): string | undefined {
   return content?.toString('utf8').match(/#define\s+UTS_RELEASE\s+"([^"]+)"/)?.[1];
+}
+
+/**
+ * An entry directory of this id that was not found as a cached entry is one that does not load
+ * (a truncated manifest, say): quarantine it, or the rename onto it would fail (ENOTEMPTY) on
+ * every ingest, forever. Called under the lock.
+ */
+async function moveAsideUnusable(store: CacheStore, id: string): Promise<void> {
+  const exists = await lstat(path.join(store.entriesDir, id)).then(
+    () => true,
+    () => false,
+  );
+  if (!exists) return;
+  const why = await store.load(id).then(
+    () => undefined,
+    (err: unknown) => (err instanceof Error ? err.message : String(err)),
+  );
+  await store.quarantine(id, { reason: why ?? 'replaced by a new ingest of the same archive' });
 }
 
 /**

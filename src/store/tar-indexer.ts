@@ -5,9 +5,11 @@
  * memory but the records. Every safety rule and xz-bomb limit is applied here, as bytes arrive,
  * so a hostile archive is stopped before it is fully decoded.
  */
+import { createHash, type Hash } from 'node:crypto';
 import { KheadersError } from '../errors.js';
+import { DEFAULT_CHUNK_BYTES, DIGEST_BYTES } from './index-format.js';
 import { BLOCK, TarHeaderError, decodeHeader, decodeLongName, decodePax, isZeroBlock, paddedSize, type TarHeader } from './tar-header.js';
-import { normaliseEntryPath, type IndexRecord } from './tree-index.js';
+import { normaliseEntryPath, type IndexRecord, type PackDigests } from './tree-index.js';
 
 export interface IngestLimits {
   /** Uncompressed bytes of the whole tar stream. */
@@ -48,6 +50,7 @@ export class TarIndexer {
   private longName: string | undefined;
   private longLink: string | undefined;
   private pax: Map<string, string> | undefined;
+  private readonly chunks = new ChunkDigester();
 
   constructor(
     private readonly limits: IngestLimits = DEFAULT_LIMITS,
@@ -66,6 +69,7 @@ export class TarIndexer {
         value: this.limits.maxTotalBytes,
       });
     }
+    this.chunks.push(chunk);
     let i = 0;
     while (i < chunk.length) {
       const state = this.state;
@@ -116,6 +120,11 @@ export class TarIndexer {
     if (this.state.kind === 'header' && this.headerFill === 0) return this.records; // tolerated: no end marker
     if (this.state.kind === 'end') return this.records;
     throw corrupt(`tar stream ends in the middle of a member (at offset ${this.position})`);
+  }
+
+  /** The sha256 of every chunk of the stream seen so far: what readers prove the pack against. */
+  packDigests(): PackDigests {
+    return this.chunks.finish(this.position);
   }
 
   private onHeader(headerOffset: number): void {
@@ -227,6 +236,45 @@ export class TarIndexer {
       return;
     }
     this.state = { kind: 'collect', member: header, body: Buffer.alloc(header.size), filled: 0, padding: paddedSize(header.size) - header.size, onDone };
+  }
+}
+
+/**
+ * sha256 of each DEFAULT_CHUNK_BYTES piece of a stream, as it goes by: the pack is hashed while
+ * it is indexed, so proving it later costs no second pass over it here.
+ */
+class ChunkDigester {
+  private digests = Buffer.alloc(64 * DIGEST_BYTES);
+  private count = 0;
+  private hash: Hash | undefined;
+  private filled = 0;
+
+  push(chunk: Buffer): void {
+    for (let i = 0; i < chunk.length; ) {
+      const n = Math.min(DEFAULT_CHUNK_BYTES - this.filled, chunk.length - i);
+      (this.hash ??= createHash('sha256')).update(chunk.subarray(i, i + n));
+      this.filled += n;
+      i += n;
+      if (this.filled === DEFAULT_CHUNK_BYTES) this.close();
+    }
+  }
+
+  private close(): void {
+    if (!this.hash) return;
+    if ((this.count + 1) * DIGEST_BYTES > this.digests.length) {
+      const bigger = Buffer.alloc(this.digests.length * 2);
+      this.digests.copy(bigger);
+      this.digests = bigger;
+    }
+    this.hash.digest().copy(this.digests, this.count * DIGEST_BYTES);
+    this.count++;
+    this.hash = undefined;
+    this.filled = 0;
+  }
+
+  finish(packBytes: number): PackDigests {
+    this.close();
+    return { packBytes, chunkBytes: DEFAULT_CHUNK_BYTES, digests: Buffer.from(this.digests.subarray(0, this.count * DIGEST_BYTES)) };
   }
 }
 

@@ -1,15 +1,44 @@
 /**
- * The index of one cached header tree: every path, what it is, and where its bytes live.
+ * The index of one cached header tree: every path, what it is, where its bytes live, and the
+ * digests that prove those bytes.
  *
- * It is the sandbox for every reader: FUSE and HTTP look names up here and read bytes at the
- * recorded offset of the pack file; nothing ever joins a user-supplied path onto the filesystem.
- * Pure data, no I/O: built once by ingest, stored as index.json, loaded by readers.
+ * It is the sandbox for every reader: FUSE, HTTP, `cat` and `export` look names up here and read
+ * bytes at the recorded offset of the pack file; nothing ever joins a user-supplied path onto the
+ * filesystem. Pure data, no I/O: built once by ingest and encoded to `index.bin` (layout in
+ * index-format.ts), then used in place by readers: decoded whole and fully validated (the
+ * daemon, export), or opened lazily through a file view, each record checked as it is touched
+ * (`cat`, which must not load a 200,000-entry index to print one file).
+ *
+ * Node ids are dense, 0 is the root, and they are stable for the life of the entry (FUSE builds
+ * inode numbers on them).
  */
 import { KheadersError } from '../errors.js';
+import {
+  B,
+  BLOB_BYTES,
+  DEFAULT_CHUNK_BYTES,
+  DIGEST_BYTES,
+  H,
+  HEADER_BYTES,
+  INDEX_MAGIC,
+  INDEX_VERSION,
+  KIND_DIR,
+  KIND_FILE,
+  KIND_SYMLINK,
+  MemoryView,
+  N,
+  NODE_BYTES,
+  chunkCountFor,
+  sections,
+  validBlobName,
+  type ByteView,
+  type Layout,
+} from './index-format.js';
+import { createHash } from 'node:crypto';
 
 export type NodeKind = 'file' | 'dir' | 'symlink';
 
-/** One line of index.json. Offsets and sizes are in bytes of the pack (the decompressed tar). */
+/** One member of the tree as ingest describes it. Offsets and sizes are in bytes of the pack. */
 export interface IndexRecord {
   path: string; // normalised, relative, no leading './', '' is the root
   kind: NodeKind;
@@ -22,20 +51,46 @@ export interface IndexRecord {
   target?: string; // symlinks: the target exactly as archived
 }
 
-export interface TreeNode extends IndexRecord {
-  /** Dense id, 0 is the root; stable for the life of the entry (FUSE builds inode numbers on it). */
-  readonly id: number;
-  readonly name: string;
-  readonly parent: number;
-  readonly children?: Map<string, TreeNode>;
+/** A file stored beside the pack, and the digest that proves it. */
+export interface BlobInfo {
+  name: string;
+  size: number;
+  sha256: Buffer;
 }
 
-export interface IndexFile {
-  version: 1;
-  records: IndexRecord[];
+/** The pack's size and the sha256 of each of its chunks, as ingest saw the bytes go by. */
+export interface PackDigests {
+  packBytes: number;
+  chunkBytes: number;
+  /** chunkCount * 32 bytes. */
+  digests: Buffer;
+}
+
+/** One node, materialised (a small object made on request; the index itself holds none). */
+export interface TreeNode {
+  readonly id: number;
+  readonly path: string;
+  readonly name: string;
+  readonly parent: number;
+  readonly kind: NodeKind;
+  readonly mode: number;
+  readonly mtime: number;
+  readonly size: number;
+  readonly offset?: number;
+  readonly blob?: string;
+  /** Files kept beside the pack: the sha256 (hex) they are proven against. */
+  readonly sha256?: string;
+  readonly target?: string;
+}
+
+/** The index bytes are not a well-formed index: the message says what is wrong. */
+export class IndexFormatError extends Error {
+  override readonly name = 'IndexFormatError';
 }
 
 const MAX_SYMLINK_HOPS = 40; // the kernel's own MAXSYMLINKS
+const KIND_NAMES = ['', 'dir', 'file', 'symlink'] as const;
+const SLASH = 0x2f;
 
 /**
  * Normalise an archive member name to the index's form, or say why it is unsafe.
@@ -71,110 +126,112 @@ export function symlinkTargetPath(linkPath: string, target: string): string | un
   return parts.join('/');
 }
 
-const ESCAPES = Symbol('escapes the tree');
-const STOPS = Symbol('does not resolve'); // ENOENT, ENOTDIR or ELOOP: nothing is reached
-
-/** The directory chain from the root to node `id` (inclusive). */
-function chainTo(nodes: readonly TreeNode[], id: number): TreeNode[] {
-  const chain: TreeNode[] = [];
-  for (let n = nodes[id]!; ; n = nodes[n.parent]!) {
-    chain.unshift(n);
-    if (n.id === 0) return chain;
-  }
-}
-
-/**
- * Path resolution as the kernel does it: components are taken one at a time from the current
- * directory chain; `..` pops the chain (so it climbs from where a symlink led, not from the text
- * of the path); a symlink's target is spliced in front of what remains, relative to the link's
- * own directory; at most MAX_SYMLINK_HOPS links. One walker for ingest's escape check and for
- * every reader's lookups, so `cat`, HTTP, export and FUSE agree on where a path leads.
- */
-function walk(chain: readonly TreeNode[], components: readonly string[]): TreeNode | typeof ESCAPES | typeof STOPS {
-  const dirs = [...chain];
-  const pending = [...components];
-  let hops = 0;
-  while (pending.length > 0) {
-    const name = pending.shift()!;
-    if (name === '' || name === '.') continue;
-    if (name === '..') {
-      if (dirs.length === 1) return ESCAPES;
-      dirs.pop();
-      continue;
-    }
-    const cur = dirs[dirs.length - 1]!;
-    if (cur.kind !== 'dir') return STOPS;
-    const next = cur.children?.get(name);
-    if (!next) return STOPS;
-    if (next.kind === 'symlink') {
-      if (++hops > MAX_SYMLINK_HOPS) return STOPS;
-      if (next.target!.startsWith('/')) return ESCAPES;
-      pending.unshift(...next.target!.split('/'));
-      continue;
-    }
-    dirs.push(next);
-  }
-  return dirs[dirs.length - 1]!;
-}
+const ESCAPES = -2; // the walk left the tree
+const STOPS = -1; // ENOENT, ENOTDIR or ELOOP: nothing is reached
 
 function unsafe(entry: string, why: string): KheadersError {
   return new KheadersError('E_UNSAFE_ENTRY', `unsafe archive entry ${JSON.stringify(entry)}: ${why}`, { entry, reason: why });
 }
 
-export class TreeIndex {
-  readonly nodes: readonly TreeNode[];
-  readonly fileCount: number;
-  readonly dirCount: number;
-  readonly symlinkCount: number;
-  /** Sum of file sizes. */
-  readonly totalBytes: number;
-  private readonly byPath: Map<string, TreeNode>;
+/**
+ * UTF-8 byte order of two strings without encoding them (UTF-8 bytes sort as code points do;
+ * UTF-16 code units do too, except that surrogates must sort above U+E000..U+FFFF).
+ */
+function compareUtf8(a: string, b: string): number {
+  const n = Math.min(a.length, b.length);
+  for (let i = 0; i < n; i++) {
+    let ca = a.charCodeAt(i);
+    let cb = b.charCodeAt(i);
+    if (ca === cb) continue;
+    if (ca >= 0xd800) ca = ca <= 0xdfff ? ca + 0x2000 : ca - 0x800;
+    if (cb >= 0xd800) cb = cb <= 0xdfff ? cb + 0x2000 : cb - 0x800;
+    return ca - cb;
+  }
+  return a.length - b.length;
+}
 
-  private constructor(nodes: TreeNode[], byPath: Map<string, TreeNode>) {
-    this.nodes = nodes;
-    this.byPath = byPath;
-    let files = 0;
-    let dirs = 0;
-    let links = 0;
-    let bytes = 0;
-    for (const n of nodes) {
-      if (n.kind === 'file') {
-        files++;
-        bytes += n.size;
-      } else if (n.kind === 'dir') dirs++;
-      else links++;
-    }
-    this.fileCount = files;
-    this.dirCount = dirs;
-    this.symlinkCount = links;
-    this.totalBytes = bytes;
+/** A scratch buffer for encoding looked-up names (lookups are synchronous: one is enough). */
+let scratch = Buffer.alloc(1024);
+function encodeName(name: string): Buffer {
+  if (name.length * 3 > scratch.length) scratch = Buffer.alloc(name.length * 3);
+  const n = scratch.write(name, 'utf8');
+  return scratch.subarray(0, n);
+}
+
+// ---- building -----------------------------------------------------------------------------------
+
+interface Draft {
+  kind: NodeKind;
+  mode: number;
+  mtime: number;
+  size: number;
+  offset: number;
+  blob: number; // 0 = pack, k = blobs[k-1]
+  target: string | undefined;
+  name: string;
+  parent: Draft | undefined;
+  children: Draft[] | undefined;
+  implicit: boolean;
+  id: number;
+}
+
+function draftDir(name: string, parent: Draft | undefined, implicit: boolean): Draft {
+  return { kind: 'dir', mode: 0o755, mtime: 0, size: 0, offset: 0, blob: 0, target: undefined, name, parent, children: [], implicit, id: -1 };
+}
+
+export class TreeIndex {
+  readonly nodeCount: number;
+  readonly blobCount: number;
+  readonly chunkBytes: number;
+  readonly chunkCount: number;
+  readonly packBytes: number;
+  private readonly at: ReturnType<typeof sections>;
+  /** Lazily opened indexes check each node the first time it is touched. */
+  private readonly checked: Set<number> | undefined;
+  private stats: { files: number; dirs: number; symlinks: number; bytes: number } | undefined;
+
+  private constructor(
+    private readonly v: ByteView,
+    layout: Layout,
+    lazy: boolean,
+  ) {
+    this.nodeCount = layout.nodeCount;
+    this.blobCount = layout.blobCount;
+    this.chunkBytes = layout.chunkBytes;
+    this.chunkCount = layout.chunkCount;
+    this.packBytes = layout.packBytes;
+    this.at = sections(layout);
+    this.checked = lazy ? new Set() : undefined;
   }
 
   /**
    * Build from records in any order. Parent directories an archive leaves implicit are created
-   * (mode 0755, parent's mtime 0). Duplicates and paths under a non-directory are refused.
-   * Symlinks that leave the tree are refused.
+   * (mode 0755, mtime 0). Duplicates and paths under a non-directory are refused. Symlinks that
+   * leave the tree (as the kernel would follow them) are refused.
+   *
+   * `pack` carries the chunk digests ingest computed; `blobs` the files stored beside the pack.
+   * Without them (tests of the tree alone) the digests are zeros, which no read would accept.
    */
-  static fromRecords(records: readonly IndexRecord[]): TreeIndex {
-    const root: TreeNode = { id: 0, path: '', name: '', parent: 0, kind: 'dir', mode: 0o755, mtime: 0, size: 0, children: new Map() };
-    const nodes: TreeNode[] = [root];
-    const byPath = new Map<string, TreeNode>([['', root]]);
+  static fromRecords(records: readonly IndexRecord[], content: { pack?: PackDigests; blobs?: readonly BlobInfo[] } = {}): TreeIndex {
+    const root = draftDir('', undefined, false);
+    const byPath = new Map<string, Draft>([['', root]]);
+    const blobs: BlobInfo[] = [...(content.blobs ?? [])];
 
-    const ensureDir = (path: string): TreeNode => {
-      const existing = byPath.get(path);
+    const ensureDir = (p: string): Draft => {
+      const existing = byPath.get(p);
       if (existing) {
-        if (existing.kind !== 'dir') throw unsafe(path, 'is used both as a directory and as a ' + existing.kind);
+        if (existing.kind !== 'dir') throw unsafe(p, 'is used both as a directory and as a ' + existing.kind);
         return existing;
       }
-      const slash = path.lastIndexOf('/');
-      const parent = ensureDir(slash < 0 ? '' : path.slice(0, slash));
-      const node: TreeNode = { id: nodes.length, path, name: path.slice(slash + 1), parent: parent.id, kind: 'dir', mode: 0o755, mtime: 0, size: 0, children: new Map() };
-      nodes.push(node);
-      byPath.set(path, node);
-      parent.children!.set(node.name, node);
+      const slash = p.lastIndexOf('/');
+      const parent = ensureDir(slash < 0 ? '' : p.slice(0, slash));
+      const node = draftDir(p.slice(slash + 1), parent, true);
+      byPath.set(p, node);
+      parent.children!.push(node);
       return node;
     };
 
+    let packEnd = 0;
     for (const rec of records) {
       if (rec.path === '') {
         if (rec.kind !== 'dir') throw unsafe('.', 'the root is not a directory');
@@ -185,9 +242,10 @@ export class TreeIndex {
       const existing = byPath.get(rec.path);
       if (existing) {
         // A directory may be named implicitly (by a child) before its own header arrives.
-        if (existing.kind === 'dir' && rec.kind === 'dir' && existing.mtime === 0 && existing.id !== 0) {
+        if (existing.kind === 'dir' && rec.kind === 'dir' && existing.implicit) {
           existing.mode = rec.mode;
           existing.mtime = rec.mtime;
+          existing.implicit = false;
           continue;
         }
         throw unsafe(rec.path, 'appears twice in the archive');
@@ -197,74 +255,552 @@ export class TreeIndex {
       }
       const slash = rec.path.lastIndexOf('/');
       const parent = ensureDir(slash < 0 ? '' : rec.path.slice(0, slash));
-      const node: TreeNode = {
-        ...rec,
-        id: nodes.length,
+      const node: Draft = {
+        kind: rec.kind,
+        mode: rec.mode,
+        mtime: rec.mtime,
+        size: rec.size,
+        offset: 0,
+        blob: 0,
+        target: rec.kind === 'symlink' ? rec.target : undefined,
         name: rec.path.slice(slash + 1),
-        parent: parent.id,
-        ...(rec.kind === 'dir' ? { children: new Map<string, TreeNode>() } : {}),
+        parent,
+        children: rec.kind === 'dir' ? [] : undefined,
+        implicit: false,
+        id: -1,
       };
-      nodes.push(node);
+      if (rec.kind === 'symlink') node.size = Buffer.byteLength(rec.target ?? '');
+      if (rec.kind === 'dir') node.size = 0;
+      if (rec.kind === 'file') {
+        if (rec.blob !== undefined) {
+          if (!validBlobName(rec.blob)) throw new KheadersError('E_INTERNAL', `${JSON.stringify(rec.blob)} cannot name a file beside the pack`);
+          let k = blobs.findIndex((b) => b.name === rec.blob);
+          if (rec.sha256 !== undefined && !/^[0-9a-f]{64}$/.test(rec.sha256)) throw new KheadersError('E_INTERNAL', `${rec.path}: ${JSON.stringify(rec.sha256)} is not a sha256`);
+          const sha256 = rec.sha256 !== undefined ? Buffer.from(rec.sha256, 'hex') : Buffer.alloc(DIGEST_BYTES);
+          if (k < 0) k = blobs.push({ name: rec.blob, size: rec.size, sha256 }) - 1;
+          if (blobs[k]!.size !== rec.size) throw new KheadersError('E_INTERNAL', `${rec.path} is ${rec.size} bytes but its blob ${rec.blob} is ${blobs[k]!.size}`);
+          node.blob = k + 1;
+        } else {
+          node.offset = rec.offset ?? 0;
+          packEnd = Math.max(packEnd, node.offset + rec.size);
+        }
+      }
       byPath.set(rec.path, node);
-      parent.children!.set(node.name, node);
+      parent.children!.push(node);
     }
+    byPath.clear();
+
+    // Breadth-first ids: each directory's children consecutive, sorted by name bytes.
+    const order: Draft[] = [root];
+    root.id = 0;
+    for (let i = 0; i < order.length; i++) {
+      const d = order[i]!;
+      if (!d.children) continue;
+      d.children.sort((a, b) => compareUtf8(a.name, b.name));
+      for (const c of d.children) {
+        c.id = order.length;
+        order.push(c);
+      }
+    }
+
+    const pack = content.pack ?? { packBytes: packEnd, chunkBytes: DEFAULT_CHUNK_BYTES, digests: Buffer.alloc(chunkCountFor(packEnd, DEFAULT_CHUNK_BYTES) * DIGEST_BYTES) };
+    if (packEnd > pack.packBytes) throw new KheadersError('E_INTERNAL', `a file ends at ${packEnd}, past the pack's ${pack.packBytes} bytes`);
+    const layout: Layout = {
+      nodeCount: order.length,
+      blobCount: blobs.length,
+      chunkBytes: pack.chunkBytes,
+      chunkCount: chunkCountFor(pack.packBytes, pack.chunkBytes),
+      stringsBytes: 0,
+      packBytes: pack.packBytes,
+    };
+    if (pack.digests.length !== layout.chunkCount * DIGEST_BYTES) throw new KheadersError('E_INTERNAL', `${pack.digests.length / DIGEST_BYTES} chunk digests for a pack of ${layout.chunkCount} chunks`);
+    for (const d of order) {
+      layout.stringsBytes += Buffer.byteLength(d.name);
+      if (d.target !== undefined) layout.stringsBytes += Buffer.byteLength(d.target);
+    }
+    for (const b of blobs) layout.stringsBytes += Buffer.byteLength(b.name);
+
+    const at = sections(layout);
+    const out = Buffer.alloc(at.total);
+    INDEX_MAGIC.copy(out, H.magic);
+    out.writeUInt32LE(INDEX_VERSION, H.version);
+    out.writeUInt32LE(layout.nodeCount, H.nodeCount);
+    out.writeUInt32LE(layout.blobCount, H.blobCount);
+    out.writeUInt32LE(layout.chunkBytes, H.chunkBytes);
+    out.writeUInt32LE(layout.chunkCount, H.chunkCount);
+    out.writeUInt32LE(layout.stringsBytes, H.stringsBytes);
+    out.writeDoubleLE(layout.packBytes, H.packBytes);
+
+    let str = at.strings;
+    const putString = (s: string): [number, number] => {
+      const len = out.write(s, str, 'utf8');
+      const off = str - at.strings;
+      str += len;
+      return [off, len];
+    };
+    for (const d of order) {
+      const r = at.nodes + d.id * NODE_BYTES;
+      const [nameOff, nameLen] = putString(d.name);
+      out.writeUInt8(d.kind === 'dir' ? KIND_DIR : d.kind === 'file' ? KIND_FILE : KIND_SYMLINK, r + N.kind);
+      out.writeUInt8(d.blob, r + N.source);
+      out.writeUInt16LE(d.mode & 0o7777, r + N.mode);
+      out.writeUInt32LE(d.parent?.id ?? 0, r + N.parent);
+      out.writeUInt32LE(nameOff, r + N.nameOff);
+      out.writeUInt32LE(nameLen, r + N.nameLen);
+      out.writeDoubleLE(d.mtime, r + N.mtime);
+      out.writeDoubleLE(d.size, r + N.size);
+      out.writeDoubleLE(d.offset, r + N.offset);
+      if (d.children && d.children.length > 0) {
+        out.writeUInt32LE(d.children[0]!.id, r + N.first);
+        out.writeUInt32LE(d.children.length, r + N.count);
+      } else if (d.target !== undefined) {
+        const [off, len] = putString(d.target);
+        out.writeUInt32LE(off, r + N.first);
+        out.writeUInt32LE(len, r + N.count);
+      }
+    }
+    blobs.forEach((b, k) => {
+      const r = at.blobs + k * BLOB_BYTES;
+      const [off, len] = putString(b.name);
+      out.writeUInt32LE(off, r + B.nameOff);
+      out.writeUInt32LE(len, r + B.nameLen);
+      out.writeDoubleLE(b.size, r + B.size);
+      b.sha256.copy(out, r + B.sha256, 0, DIGEST_BYTES);
+    });
+    pack.digests.copy(out, at.chunks);
+    createHash('sha256').update(out.subarray(HEADER_BYTES)).digest().copy(out, H.checksum);
+
+    const index = new TreeIndex(new MemoryView(out), layout, false);
     // Text alone cannot tell where a link leads: the kernel (a FUSE mount, an exported tree)
     // expands each symlink where it stands, so `up/../x` with `up -> ../..` climbs from where
     // `up` leads, not from `up`'s directory. Follow every link as the kernel will.
-    for (const n of nodes) {
-      if (n.kind === 'symlink' && walk(chainTo(nodes, n.parent), n.target!.split('/')) === ESCAPES) {
-        throw unsafe(n.path, `is a symlink to ${JSON.stringify(n.target)}, which leaves the tree through another symlink`);
+    const escaping = index.escapingSymlink();
+    if (escaping !== undefined) {
+      const n = index.node(escaping)!;
+      throw unsafe(n.path, `is a symlink to ${JSON.stringify(n.target)}, which leaves the tree through another symlink`);
+    }
+    return index;
+  }
+
+  /**
+   * An index read back from its bytes, every record and the tree's shape validated: bounds of
+   * every offset and size (files inside a pack of `packBytes`), names that cannot leave their
+   * directory, children sorted, symlinks that stay inside the tree, blob names the format allows,
+   * and (unless `checksum` is false) the sha256 over the body. Throws IndexFormatError.
+   */
+  static decode(buf: Buffer, expect: { packBytes: number; checksum?: boolean }): TreeIndex {
+    const v = new MemoryView(buf);
+    const layout = readLayout(v, expect.packBytes);
+    if (expect.checksum !== false) {
+      const sum = createHash('sha256').update(buf.subarray(HEADER_BYTES)).digest();
+      if (!sum.equals(buf.subarray(H.checksum, H.checksum + DIGEST_BYTES))) throw new IndexFormatError('its checksum does not match its content');
+    }
+    const index = new TreeIndex(v, layout, false);
+    index.validateAll();
+    return index;
+  }
+
+  /**
+   * An index used in place through `view` (e.g. a FileView over index.bin), loading only the
+   * records a lookup touches; each is validated when first touched. The checksum is the
+   * caller's to verify (streaming, see verifyIndexChecksum in the loader).
+   */
+  static open(view: ByteView, expect: { packBytes: number }): TreeIndex {
+    return new TreeIndex(view, readLayout(view, expect.packBytes), true);
+  }
+
+  /** The encoded bytes (only for an index held in memory). */
+  encode(): Buffer {
+    if (!(this.v instanceof MemoryView)) throw new Error('encode() of a lazily opened index');
+    return this.v.buffer;
+  }
+
+  /** Bytes the index occupies in memory. */
+  get byteLength(): number {
+    return this.v instanceof MemoryView ? this.v.length : 0;
+  }
+
+  // ---- whole-tree figures ----------------------------------------------------------------------
+
+  private counts(): { files: number; dirs: number; symlinks: number; bytes: number } {
+    if (!this.stats) {
+      const s = { files: 0, dirs: 0, symlinks: 0, bytes: 0 };
+      for (let id = 0; id < this.nodeCount; id++) {
+        const k = this.kindCode(id);
+        if (k === KIND_FILE) {
+          s.files++;
+          s.bytes += this.sizeOf(id);
+        } else if (k === KIND_DIR) s.dirs++;
+        else s.symlinks++;
       }
+      this.stats = s;
     }
-    return new TreeIndex(nodes, byPath);
+    return this.stats;
   }
 
-  static fromJSON(file: IndexFile): TreeIndex {
-    if (file.version !== 1 || !Array.isArray(file.records)) {
-      throw new KheadersError('E_INTERNAL', `index format ${String(file.version)} is not understood`);
-    }
-    return TreeIndex.fromRecords(file.records);
+  get fileCount(): number {
+    return this.counts().files;
   }
 
-  toJSON(): IndexFile {
-    const records: IndexRecord[] = [];
-    for (const n of this.nodes) {
-      const rec: IndexRecord = { path: n.path, kind: n.kind, mode: n.mode, mtime: n.mtime, size: n.size };
-      if (n.offset !== undefined) rec.offset = n.offset;
-      if (n.blob !== undefined) rec.blob = n.blob;
-      if (n.sha256 !== undefined) rec.sha256 = n.sha256;
-      if (n.target !== undefined) rec.target = n.target;
-      records.push(rec);
-    }
-    return { version: 1, records };
+  get dirCount(): number {
+    return this.counts().dirs;
   }
+
+  get symlinkCount(): number {
+    return this.counts().symlinks;
+  }
+
+  /** Sum of file sizes. */
+  get totalBytes(): number {
+    return this.counts().bytes;
+  }
+
+  // ---- one node's fields (no allocation: the hot paths use these) ------------------------------
+
+  private rec(id: number): number {
+    if (!Number.isInteger(id) || id < 0 || id >= this.nodeCount) throw new RangeError(`no node ${id}`);
+    if (this.checked && !this.checked.has(id)) {
+      this.checkNode(id);
+      this.checked.add(id);
+    }
+    return this.at.nodes + id * NODE_BYTES;
+  }
+
+  private kindCode(id: number): number {
+    return this.v.u8(this.rec(id) + N.kind);
+  }
+
+  has(id: number): boolean {
+    return Number.isInteger(id) && id >= 0 && id < this.nodeCount;
+  }
+
+  kindOf(id: number): NodeKind {
+    return KIND_NAMES[this.kindCode(id)] as NodeKind;
+  }
+
+  modeOf(id: number): number {
+    return this.v.u16(this.rec(id) + N.mode);
+  }
+
+  parentOf(id: number): number {
+    return this.v.u32(this.rec(id) + N.parent);
+  }
+
+  mtimeOf(id: number): number {
+    return this.v.f64(this.rec(id) + N.mtime);
+  }
+
+  sizeOf(id: number): number {
+    return this.v.f64(this.rec(id) + N.size);
+  }
+
+  nameOf(id: number): string {
+    const r = this.rec(id);
+    return this.v.bytes(this.at.strings + this.v.u32(r + N.nameOff), this.v.u32(r + N.nameLen)).toString('utf8');
+  }
+
+  /** A symlink's target exactly as archived; undefined for other kinds. */
+  targetOf(id: number): string | undefined {
+    const r = this.rec(id);
+    if (this.v.u8(r + N.kind) !== KIND_SYMLINK) return undefined;
+    return this.v.bytes(this.at.strings + this.v.u32(r + N.first), this.v.u32(r + N.count)).toString('utf8');
+  }
+
+  /** Where a file's bytes are: at `offset` in the pack, or the whole of blob `blob`. */
+  dataOf(id: number): { blob: number | undefined; offset: number; size: number } {
+    const r = this.rec(id);
+    const source = this.v.u8(r + N.source);
+    return { blob: source === 0 ? undefined : source - 1, offset: this.v.f64(r + N.offset), size: this.v.f64(r + N.size) };
+  }
+
+  /** Children of a directory: ids [first, first + count). */
+  childRange(id: number): { first: number; count: number } {
+    const r = this.rec(id);
+    if (this.v.u8(r + N.kind) !== KIND_DIR) return { first: 0, count: 0 };
+    return { first: this.v.u32(r + N.first), count: this.v.u32(r + N.count) };
+  }
+
+  /** The child of directory `dir` called `name` (binary search), or -1. */
+  childId(dir: number, name: string): number {
+    const { first, count } = this.childRange(dir);
+    if (count === 0) return -1;
+    const q = encodeName(name);
+    let lo = first;
+    let hi = first + count - 1;
+    while (lo <= hi) {
+      const mid = (lo + hi) >>> 1;
+      const r = this.rec(mid);
+      const c = this.v.compare(q, this.at.strings + this.v.u32(r + N.nameOff), this.v.u32(r + N.nameLen));
+      if (c === 0) {
+        if (this.checked && this.v.u32(r + N.parent) !== dir) throw new IndexFormatError(`node ${mid} is listed under ${dir} but names another parent`);
+        return mid;
+      }
+      if (c < 0) hi = mid - 1;
+      else lo = mid + 1;
+    }
+    return -1;
+  }
+
+  // ---- blobs and chunk digests -----------------------------------------------------------------
+
+  blob(k: number): BlobInfo {
+    if (!Number.isInteger(k) || k < 0 || k >= this.blobCount) throw new RangeError(`no blob ${k}`);
+    const r = this.at.blobs + k * BLOB_BYTES;
+    const name = this.v.bytes(this.at.strings + this.v.u32(r + B.nameOff), this.v.u32(r + B.nameLen)).toString('utf8');
+    if (this.checked && !validBlobName(name)) throw new IndexFormatError(`blob ${k} has the name ${JSON.stringify(name)}, which the format does not allow`);
+    return { name, size: this.v.f64(r + B.size), sha256: Buffer.from(this.v.bytes(r + B.sha256, DIGEST_BYTES)) };
+  }
+
+  /** Does `digest` equal the recorded sha256 of pack chunk `i`? */
+  chunkMatches(i: number, digest: Buffer): boolean {
+    if (!Number.isInteger(i) || i < 0 || i >= this.chunkCount) return false;
+    return this.v.compare(digest, this.at.chunks + i * DIGEST_BYTES, DIGEST_BYTES) === 0;
+  }
+
+  // ---- nodes as objects --------------------------------------------------------------------------
 
   get root(): TreeNode {
-    return this.nodes[0]!;
+    return this.node(0)!;
+  }
+
+  /** The path of node `id` (its ancestors' names joined). */
+  pathOf(id: number): string {
+    const names: string[] = [];
+    for (let n = id, guard = 0; n !== 0; n = this.parentOf(n)) {
+      if (++guard > this.nodeCount) throw new IndexFormatError(`node ${id} has a cycle of parents`);
+      names.push(this.nameOf(n));
+    }
+    return names.reverse().join('/');
+  }
+
+  node(id: number): TreeNode | undefined {
+    if (!this.has(id)) return undefined;
+    const kind = this.kindOf(id);
+    const base = { id, path: this.pathOf(id), name: this.nameOf(id), parent: this.parentOf(id), kind, mode: this.modeOf(id), mtime: this.mtimeOf(id), size: this.sizeOf(id) };
+    if (kind === 'symlink') return { ...base, target: this.targetOf(id)! };
+    if (kind === 'file') {
+      const d = this.dataOf(id);
+      if (d.blob === undefined) return { ...base, offset: d.offset };
+      const b = this.blob(d.blob);
+      return { ...base, blob: b.name, sha256: b.sha256.toString('hex') };
+    }
+    return base;
+  }
+
+  /** Every node, materialised (for tests and whole-tree walks such as export; not for hot paths). */
+  get nodes(): TreeNode[] {
+    const out: TreeNode[] = [];
+    for (let id = 0; id < this.nodeCount; id++) out.push(this.node(id)!);
+    return out;
+  }
+
+  /** Children in name order (readdir order is stable across calls). */
+  list(dir: TreeNode | number): TreeNode[] {
+    const { first, count } = this.childRange(typeof dir === 'number' ? dir : dir.id);
+    const out: TreeNode[] = [];
+    for (let id = first; id < first + count; id++) out.push(this.node(id)!);
+    return out;
+  }
+
+  /** The child of `dir` named `name`, symlinks not followed. */
+  child(dir: TreeNode | number, name: string): TreeNode | undefined {
+    const id = this.childId(typeof dir === 'number' ? dir : dir.id, name);
+    return id < 0 ? undefined : this.node(id);
+  }
+
+  /** The id at exactly this normalised path, symlinks not followed, or -1. */
+  idOf(path: string): number {
+    if (path === '') return 0;
+    let id = 0;
+    for (const name of path.split('/')) {
+      id = this.childId(id, name);
+      if (id < 0) return -1;
+    }
+    return id;
   }
 
   /** The node at exactly this normalised path, symlinks not followed. */
   get(path: string): TreeNode | undefined {
-    return this.byPath.get(path);
-  }
-
-  node(id: number): TreeNode | undefined {
-    return this.nodes[id];
-  }
-
-  /** Children sorted by name (readdir order is stable across calls). */
-  list(dir: TreeNode): TreeNode[] {
-    if (!dir.children) return [];
-    return [...dir.children.values()].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+    const id = this.idOf(path);
+    return id < 0 ? undefined : this.node(id);
   }
 
   /**
    * Resolve a path, following symlinks in every component (and the last one) exactly as the
-   * kernel does, never leaving the tree. Undefined when missing, looping, or escaping. Input
-   * must already be normalised.
+   * kernel does, never leaving the tree. -1 when missing, looping, or escaping. Input must
+   * already be normalised.
    */
-  resolve(path: string): TreeNode | undefined {
-    const result = walk([this.root], path === '' ? [] : path.split('/'));
-    return typeof result === 'symbol' ? undefined : result;
+  resolveId(path: string): number {
+    const id = this.walk([0], path === '' ? [] : path.split('/'));
+    return id < 0 ? -1 : id;
   }
+
+  resolve(path: string): TreeNode | undefined {
+    const id = this.resolveId(path);
+    return id < 0 ? undefined : this.node(id);
+  }
+
+  // ---- the walk --------------------------------------------------------------------------------
+
+  /** The directory chain from the root to node `id` (inclusive). */
+  private chainTo(id: number): number[] {
+    const chain: number[] = [];
+    for (let n = id, guard = 0; ; n = this.parentOf(n)) {
+      chain.unshift(n);
+      if (n === 0) return chain;
+      if (++guard > this.nodeCount) throw new IndexFormatError(`node ${id} has a cycle of parents`);
+    }
+  }
+
+  /**
+   * Path resolution as the kernel does it: components are taken one at a time from the current
+   * directory chain; `..` pops the chain (so it climbs from where a symlink led, not from the text
+   * of the path); a symlink's target is spliced in front of what remains, relative to the link's
+   * own directory; at most MAX_SYMLINK_HOPS links. One walker for ingest's escape check and for
+   * every reader's lookups, so `cat`, HTTP, export and FUSE agree on where a path leads.
+   */
+  private walk(chain: readonly number[], components: readonly string[]): number {
+    const dirs = [...chain];
+    const pending = [...components];
+    let hops = 0;
+    while (pending.length > 0) {
+      const name = pending.shift()!;
+      if (name === '' || name === '.') continue;
+      if (name === '..') {
+        if (dirs.length === 1) return ESCAPES;
+        dirs.pop();
+        continue;
+      }
+      const cur = dirs[dirs.length - 1]!;
+      if (this.kindCode(cur) !== KIND_DIR) return STOPS;
+      const next = this.childId(cur, name);
+      if (next < 0) return STOPS;
+      if (this.kindCode(next) === KIND_SYMLINK) {
+        if (++hops > MAX_SYMLINK_HOPS) return STOPS;
+        const target = this.targetOf(next)!;
+        if (target.startsWith('/')) return ESCAPES;
+        pending.unshift(...target.split('/'));
+        continue;
+      }
+      dirs.push(next);
+    }
+    return dirs[dirs.length - 1]!;
+  }
+
+  /** The first symlink that, followed as the kernel would, leads out of the tree. */
+  private escapingSymlink(): number | undefined {
+    for (let id = 0; id < this.nodeCount; id++) {
+      if (this.kindCode(id) !== KIND_SYMLINK) continue;
+      if (this.walk(this.chainTo(this.parentOf(id)), this.targetOf(id)!.split('/')) === ESCAPES) return id;
+    }
+    return undefined;
+  }
+
+  // ---- validation ------------------------------------------------------------------------------
+
+  /** One record on its own: every field in range, its name a single path component. */
+  private checkNode(id: number): void {
+    const v = this.v;
+    const r = this.at.nodes + id * NODE_BYTES;
+    const bad = (why: string): IndexFormatError => new IndexFormatError(`node ${id}: ${why}`);
+    const kind = v.u8(r + N.kind);
+    if (kind !== KIND_DIR && kind !== KIND_FILE && kind !== KIND_SYMLINK) throw bad(`unknown kind ${kind}`);
+    if (v.u16(r + N.mode) > 0o7777) throw bad('mode out of range');
+    const parent = v.u32(r + N.parent);
+    const nameLen = v.u32(r + N.nameLen);
+    const stringsEnd = this.at.total - this.at.strings;
+    const inStrings = (off: number, len: number): boolean => off <= stringsEnd && len <= stringsEnd - off;
+    if (!inStrings(v.u32(r + N.nameOff), nameLen)) throw bad('name outside the string table');
+    if (id === 0) {
+      if (kind !== KIND_DIR || parent !== 0 || nameLen !== 0) throw bad('the root must be an unnamed directory');
+    } else {
+      if (parent >= id) throw bad(`parent ${parent} does not come before it`);
+      const name = v.bytes(this.at.strings + v.u32(r + N.nameOff), nameLen);
+      if (nameLen === 0 || name.includes(SLASH) || name.includes(0) || (nameLen <= 2 && (name.equals(DOT) || name.equals(DOTDOT)))) {
+        throw bad(`name ${JSON.stringify(name.toString('utf8'))} is not one path component`);
+      }
+    }
+    if (!Number.isFinite(v.f64(r + N.mtime))) throw bad('mtime is not a number');
+    const size = v.f64(r + N.size);
+    if (!Number.isSafeInteger(size) || size < 0) throw bad('size out of range');
+    const source = v.u8(r + N.source);
+    const offset = v.f64(r + N.offset);
+    if (kind === KIND_FILE) {
+      if (source > this.blobCount) throw bad(`names blob ${source - 1} of ${this.blobCount}`);
+      if (source === 0) {
+        if (!Number.isSafeInteger(offset) || offset < 0 || offset + size > this.packBytes) throw bad(`bytes ${offset}+${size} are not inside the pack (${this.packBytes} bytes)`);
+      } else {
+        const blob = this.blob(source - 1);
+        if (offset !== 0 || size !== blob.size) throw bad(`size ${size} differs from its blob's ${blob.size}`);
+      }
+    } else if (source !== 0 || offset !== 0) throw bad('a directory or symlink with data');
+    if (kind === KIND_DIR) {
+      if (size !== 0) throw bad('a directory with a size');
+      const first = v.u32(r + N.first);
+      const count = v.u32(r + N.count);
+      if (count > 0 && (first <= id || first + count > this.nodeCount)) throw bad(`children ${first}+${count} out of range`);
+    }
+    if (kind === KIND_SYMLINK) {
+      const off = v.u32(r + N.first);
+      const len = v.u32(r + N.count);
+      if (!inStrings(off, len) || len === 0 || len !== size) throw bad('target outside the string table');
+      const target = v.bytes(this.at.strings + off, len);
+      if (target.includes(0) || target[0] === SLASH) throw bad('target is absolute or has a NUL byte');
+    }
+  }
+
+  /** Every record, the tree's shape (each node in its parent's range, siblings sorted) and the symlinks. */
+  private validateAll(): void {
+    for (let k = 0; k < this.blobCount; k++) {
+      const b = this.blob(k);
+      if (!validBlobName(b.name)) throw new IndexFormatError(`blob ${k} has the name ${JSON.stringify(b.name)}, which the format does not allow`);
+      if (!Number.isSafeInteger(b.size) || b.size < 0) throw new IndexFormatError(`blob ${b.name} has a size out of range`);
+    }
+    for (let id = 0; id < this.nodeCount; id++) this.checkNode(id);
+    let listed = 0;
+    for (let id = 0; id < this.nodeCount; id++) {
+      const { first, count } = this.childRange(id);
+      listed += count;
+      for (let c = first; c < first + count; c++) {
+        if (this.parentOf(c) !== id) throw new IndexFormatError(`node ${c} is listed under ${id} but names parent ${this.parentOf(c)}`);
+        if (c > first && Buffer.compare(this.nameBytes(c - 1), this.nameBytes(c)) >= 0) throw new IndexFormatError(`the children of node ${id} are not sorted (at ${c})`);
+      }
+    }
+    // Each node but the root lies in exactly its parent's range: nothing is orphaned.
+    if (listed !== this.nodeCount - 1) throw new IndexFormatError(`${listed} nodes are listed in directories, not ${this.nodeCount - 1}`);
+    const escaping = this.escapingSymlink();
+    if (escaping !== undefined) throw new IndexFormatError(`the symlink ${this.pathOf(escaping)} leads out of the tree`);
+  }
+
+  private nameBytes(id: number): Buffer {
+    const r = this.rec(id);
+    return this.v.bytes(this.at.strings + this.v.u32(r + N.nameOff), this.v.u32(r + N.nameLen));
+  }
+}
+
+const DOT = Buffer.from('.');
+const DOTDOT = Buffer.from('..');
+
+/** The header's layout, checked against itself, the view's length and the pack's size. */
+function readLayout(v: ByteView, packBytes: number): Layout {
+  if (v.length < HEADER_BYTES) throw new IndexFormatError(`it is ${v.length} bytes, shorter than its header`);
+  if (Buffer.compare(v.bytes(H.magic, INDEX_MAGIC.length), INDEX_MAGIC) !== 0) throw new IndexFormatError('it does not start with the index magic');
+  const version = v.u32(H.version);
+  if (version !== INDEX_VERSION) throw new IndexFormatError(`format ${version} is not understood (this is format ${INDEX_VERSION})`);
+  const layout: Layout = {
+    nodeCount: v.u32(H.nodeCount),
+    blobCount: v.u32(H.blobCount),
+    chunkBytes: v.u32(H.chunkBytes),
+    chunkCount: v.u32(H.chunkCount),
+    stringsBytes: v.u32(H.stringsBytes),
+    packBytes: v.f64(H.packBytes),
+  };
+  if (layout.nodeCount < 1) throw new IndexFormatError('it has no root');
+  if (layout.blobCount > 254) throw new IndexFormatError(`${layout.blobCount} blobs is more than the format holds`);
+  if (layout.chunkBytes < 512 || layout.chunkBytes > 1 << 24 || (layout.chunkBytes & (layout.chunkBytes - 1)) !== 0) throw new IndexFormatError(`chunk size ${layout.chunkBytes} is not allowed`);
+  if (layout.packBytes !== packBytes) throw new IndexFormatError(`it describes a pack of ${layout.packBytes} bytes, not ${packBytes}`);
+  if (layout.chunkCount !== chunkCountFor(packBytes, layout.chunkBytes)) throw new IndexFormatError(`${layout.chunkCount} chunk digests for ${packBytes} bytes`);
+  const { total } = sections(layout);
+  if (total !== v.length) throw new IndexFormatError(`it is ${v.length} bytes, but its header describes ${total}`);
+  return layout;
 }

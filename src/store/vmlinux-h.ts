@@ -3,8 +3,7 @@
  * the entry like any other content (a blob file named in the index).
  */
 import { createHash } from 'node:crypto';
-import { access, copyFile, readFile } from 'node:fs/promises';
-import path from 'node:path';
+import { access, writeFile } from 'node:fs/promises';
 import { Worker } from 'node:worker_threads';
 import { readBtf } from '../btf/index.js';
 import { KheadersError, type ErrorCode } from '../errors.js';
@@ -37,14 +36,19 @@ export async function btfSource(file: string): Promise<BtfSource | undefined> {
 
 /**
  * Put vmlinux.h for `btf` at `outFile`: copied from an entry that already has it for the same
- * BTF digest, else generated in a worker thread. Returns its size and sha256.
+ * BTF digest (read through its reader, so a damaged copy is never passed on), else generated in
+ * a worker thread. Returns its size and sha256.
  */
 export async function provideVmlinuxH(btf: BtfSource, outFile: string, existing: readonly CacheEntry[]): Promise<{ bytes: number; sha256: string }> {
-  const donor = existing.find((e) => e.manifest.btf?.digest === btf.digest && e.index.get(VMLINUX_H)?.blob !== undefined);
-  if (donor) {
-    const record = donor.index.get(VMLINUX_H)!;
-    await copyFile(path.join(donor.dir, record.blob!), outFile);
-    return { bytes: donor.manifest.btf!.bytes, sha256: record.sha256 ?? createHash('sha256').update(await readFile(outFile)).digest('hex') };
+  for (const donor of existing) {
+    if (donor.manifest.btf?.digest !== btf.digest) continue;
+    const id = donor.index.idOf(VMLINUX_H);
+    const blob = id < 0 ? undefined : donor.index.dataOf(id).blob;
+    if (blob === undefined) continue;
+    const bytes = await donor.reader.readWhole(id).catch(() => undefined);
+    if (!bytes) continue;
+    await writeFile(outFile, bytes);
+    return { bytes: bytes.length, sha256: donor.index.blob(blob).sha256.toString('hex') };
   }
   return generateHeaderInWorker({ btf: btf.path, outFile }, `vmlinux.h from ${btf.path}`);
 }

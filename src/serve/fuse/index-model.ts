@@ -2,35 +2,45 @@
  * The FsModel over the cache's entries: what both FUSE backends show.
  *
  *   /current               symlink -> <release> of the current entry
- *   /<release>/...         per release: the current entry if it has that release, else the most
- *                          recently ingested one
+ *   /<release>             symlink -> by-digest/<digest> of the entry the release means
  *   /by-digest/<digest>/   every entry passed to the last setEntries(), by archive digest
  *   <running entry>/btf/   headers of the loaded modules, made on request (module-dir.ts), when
  *                          a ModuleHeaderSource is given and setEntries names the running entry
  *
+ * Which entry `current`, a release and a digest mean is decided by the store's Resolver, the
+ * same one `cat` and HTTP use. The trees themselves live only under by-digest/: a path inside a
+ * tree names one build's file for as long as that build is cached, and only the two kinds of
+ * symlink change on a kernel swap. That matters for fuse-native, whose libfuse2 path API gives
+ * the kernel one inode per *path*: were `<release>/include/x.h` a directory path, a same-release
+ * swap would leave the kernel an inode with the old size and page cache for the new bytes
+ * (measured: new bytes cut to the old size, and ESTALE on open). With per-build paths each build
+ * has its own inodes on both backends.
+ *
  * Inode numbers: 1 root, 2 `current`, 3 `by-digest`; every entry, the first time it is seen,
- * gets the block [base, base + nodes) and node `id` is inode `base + id`. Blocks are never reused
- * or forgotten, so an inode keeps its meaning for the life of the process: a transport that holds
- * an inode (an open file, a cached dentry) after a swap still reaches the old entry's bytes.
+ * gets the block [base, base + nodes) and node `id` is inode `base + id`; every release name
+ * gets one inode for its symlink. Blocks are never reused or forgotten, so an inode keeps its
+ * meaning for the life of the process: a transport that holds an inode (an open file, a cached
+ * dentry) after a swap still reaches the old entry's bytes.
  *
  * mtimes: seconds as archived, plus the entry's sequence number (mod 1000) as milliseconds.
  * Archive mtimes have one-second resolution, and two builds of one release made with
  * KBUILD_BUILD_TIMESTAMP stamp every file alike: a header whose bytes changed but whose length did
- * not (`#define CONFIG_HZ 250` → `300`) would look unchanged to every mtime+size cache (libfuse's
- * auto_cache, the kernel's attribute checks, make, clang's module cache). The sub-second part
- * tells the two trees apart without moving any mtime by a whole second.
+ * not (`#define CONFIG_HZ 250` → `300`) would look unchanged to every mtime+size cache (make,
+ * clang's module cache). The sub-second part tells the two trees apart without moving any mtime
+ * by a whole second.
  *
- * All lookups are pure in-memory work on the TreeIndex; the only I/O is read(), which preads the
- * pack through a shared fs.promises FileHandle (never sync I/O: the FUSE callbacks run on the JS
- * thread, and blocking it stalls every process reading the mount).
+ * All lookups are pure in-memory work on the TreeIndex; the only I/O is read(), which goes through
+ * the entry's EntryReader (async preads, bytes proven before they are first served; never sync
+ * I/O: the FUSE callbacks run on the JS thread, and blocking it stalls every process reading the
+ * mount).
  */
-import { open, type FileHandle } from 'node:fs/promises';
 import { constants as fsc } from 'node:fs';
-import { KheadersError, errnoOf } from '../../errors.js';
+import { KheadersError } from '../../errors.js';
 import { createLogger, type Logger } from '../../log.js';
-import { dataLocation, type CacheEntry } from '../../store/entry.js';
+import type { CacheEntry } from '../../store/entry.js';
 import type { ModuleHeaderSource } from '../../store/module-btf.js';
-import type { TreeNode } from '../../store/tree-index.js';
+import { Resolver } from '../../store/resolve.js';
+import type { NodeKind } from '../../store/tree-index.js';
 import { ROOT_INO, type FsAttr, type FsDirent, type FsInvalidation, type FsModel, type FsStat } from './fs-model.js';
 import { BTF_DIR_INO, BTF_DIR_NAME, ModuleDir } from './module-dir.js';
 
@@ -65,7 +75,7 @@ interface Slot {
 
 interface Located {
   slot: Slot;
-  node: TreeNode;
+  node: number;
 }
 
 /** What a root or by-digest name meant, to tell which names a swap changed. */
@@ -75,8 +85,12 @@ export class IndexFsModel implements FsModel {
   private readonly log: Logger;
   /** Every entry ever seen, in increasing `base` order (binary-searched by inode). */
   private readonly slots: Slot[] = [];
-  private readonly slotById = new Map<string, Slot>();
+  /** By entry instance: a rebuilt entry (same id, new files) is a new instance and a new slot. */
+  private readonly slotByEntry = new Map<CacheEntry, Slot>();
   private nextBase = FIRST_BLOCK_INO;
+  /** One symlink inode per release name, for the life of the process. */
+  private readonly releaseIno = new Map<string, number>();
+  private readonly releaseByIno = new Map<number, string>();
 
   /** The view built by the last setEntries(). */
   private visible: Slot[] = [];
@@ -87,8 +101,6 @@ export class IndexFsModel implements FsModel {
   private stampMs = Date.now();
 
   private readonly listeners = new Set<(inval: FsInvalidation) => void>();
-  /** One FileHandle per data file (pack.tar, blobs), opened on first read and shared by all readers. */
-  private readonly handles = new Map<string, Promise<FileHandle>>();
   private closed = false;
   /** `btf/` under the running kernel's entry, when module headers are served. */
   private readonly modules: ModuleDir | undefined;
@@ -101,43 +113,56 @@ export class IndexFsModel implements FsModel {
   // ---- view management ----------------------------------------------------------------------
 
   /**
-   * Show exactly `entries`, with `current` pointing at `currentId` (no `current` when null or not
-   * among them). Entries seen before keep their inode block; entries no longer listed disappear
-   * from the listings but their inodes stay readable for whoever still holds them.
+   * Show exactly `entries`, with `current` as the store's Resolver decides it from `pointer` (the
+   * cache's `current` id): that entry, else the newest of the running kernel's release, else none.
+   * Entries seen before keep their inode block; entries no longer listed disappear from the
+   * listings but their inodes stay readable for whoever still holds them. `runningId` is the
+   * running kernel's own entry: only it shows the loaded modules' headers.
    */
-  setEntries(entries: readonly CacheEntry[], currentId: string | null, runningId: string | null = null): void {
+  setEntries(entries: readonly CacheEntry[], pointer: string | null, runningId: string | null = null): void {
     const before = this.names();
 
     const visible: Slot[] = [];
+    const byId = new Map<string, Slot>();
     for (const entry of entries) {
-      const slot = this.slotById.get(entry.manifest.id) ?? this.addSlot(entry);
-      if (!visible.includes(slot)) visible.push(slot);
+      const slot = this.slotByEntry.get(entry) ?? this.addSlot(entry);
+      if (visible.includes(slot)) continue;
+      visible.push(slot);
+      byId.set(entry.manifest.id, slot);
     }
-    const currentSlot = currentId === null ? undefined : visible.find((s) => s.entry.manifest.id === currentId);
-    if (currentId !== null && !currentSlot) this.log.warn({ currentId }, 'current entry is not among the cache entries; no /current');
+    const resolver = new Resolver(
+      entries.map((e) => e.manifest),
+      pointer,
+    );
+    if (pointer !== null && resolver.byId(pointer) === undefined) this.log.warn({ currentId: pointer }, 'current entry is not among the cache entries');
+    const slotOf = (id: string | undefined): Slot | undefined => (id === undefined ? undefined : byId.get(id));
+    const currentSlot = slotOf(resolver.current?.id);
 
-    this.releases.clear();
     this.digests.clear();
+    this.releases.clear();
     for (const slot of visible) {
       const { release, digest } = slot.entry.manifest;
-      if (validName(release)) pick(this.releases, release, slot, currentSlot);
+      const forDigest = slotOf(resolver.byDigest(digest)?.id);
+      if (forDigest && validName(digest)) this.digests.set(digest, forDigest);
+      const forRelease = slotOf(resolver.byRelease(release)?.id);
+      if (!forRelease) continue;
+      if (validName(release)) this.releases.set(release, forRelease);
       else this.log.warn({ release, id: slot.entry.manifest.id }, 'release is not usable as a file name; shown only under by-digest');
-      if (validName(digest)) pick(this.digests, digest, slot, currentSlot);
-      else this.log.warn({ digest, id: slot.entry.manifest.id }, 'digest is not usable as a file name');
     }
+    for (const release of this.releases.keys()) this.linkIno(release);
     this.visible = visible;
 
     this.current = null;
     if (currentSlot) {
       const { release, digest } = currentSlot.entry.manifest;
       if (this.releases.get(release) === currentSlot) this.current = { target: release, slot: currentSlot };
-      else if (this.digests.get(digest) === currentSlot) this.current = { target: `${BY_DIGEST_NAME}/${digest}`, slot: currentSlot };
+      else this.current = { target: `${BY_DIGEST_NAME}/${digest}`, slot: currentSlot };
     }
 
     // Module headers belong to the running kernel: only its entry shows them (and only when its
     // archive has no `btf` of its own, which kheaders archives never have).
-    const runningSlot = runningId === null ? undefined : visible.find((s) => s.entry.manifest.id === runningId);
-    this.modules?.attach(runningSlot && !runningSlot.entry.index.root.children?.has(BTF_DIR_NAME) ? runningSlot.base : null);
+    const runningSlot = slotOf(runningId ?? undefined);
+    this.modules?.attach(runningSlot && runningSlot.entry.index.childId(0, BTF_DIR_NAME) < 0 ? runningSlot.base : null);
 
     // The whole view above was rebuilt synchronously, so no request saw half of it; only now
     // are transports told which names changed.
@@ -154,21 +179,13 @@ export class IndexFsModel implements FsModel {
     for (const inval of changed) this.emit(inval);
   }
 
-  /** Close the data files. Reads after close() fail. */
+  /** Stop reading: the model's entries are released (their files close once nobody else reads them). */
   async close(): Promise<void> {
+    if (this.closed) return;
     this.closed = true;
     this.modules?.close();
-    const pending = [...this.handles.values()];
-    this.handles.clear();
-    await Promise.all(
-      pending.map(async (p) => {
-        try {
-          await (await p).close();
-        } catch {
-          // An open that failed has nothing to close.
-        }
-      }),
-    );
+    for (const slot of this.slots) slot.entry.reader.release();
+    await Promise.all(this.slots.map((slot) => slot.entry.reader.close()));
   }
 
   onInvalidate(listener: (inval: FsInvalidation) => void): () => void {
@@ -184,17 +201,17 @@ export class IndexFsModel implements FsModel {
     if (parentIno === ROOT_INO) {
       if (name === CURRENT_NAME) return this.current ? this.currentAttr(this.current.target) : undefined;
       if (name === BY_DIGEST_NAME) return this.byDigestAttr();
-      const slot = this.releases.get(name);
-      return slot ? this.attr(slot, slot.entry.index.root) : undefined;
+      return this.releases.has(name) ? this.releaseAttr(name) : undefined;
     }
     if (parentIno === BY_DIGEST_INO) {
       const slot = this.digests.get(name);
-      return slot ? this.attr(slot, slot.entry.index.root) : undefined;
+      return slot ? this.attr(slot, 0) : undefined;
     }
     if (parentIno === BTF_DIR_INO) return this.modules?.lookup(name);
     const at = this.locate(parentIno);
-    const child = at?.node.children?.get(name);
-    if (at && child) return this.attr(at.slot, child);
+    if (!at) return undefined;
+    const child = at.slot.entry.index.childId(at.node, name);
+    if (child >= 0) return this.attr(at.slot, child);
     if (name === BTF_DIR_NAME && this.modules && parentIno === this.modules.parent) return this.modules.dirAttr();
     return undefined;
   }
@@ -215,6 +232,8 @@ export class IndexFsModel implements FsModel {
     if (ino === ROOT_INO) return this.rootAttr();
     if (ino === CURRENT_INO) return this.current ? this.currentAttr(this.current.target) : undefined;
     if (ino === BY_DIGEST_INO) return this.byDigestAttr();
+    const release = this.releaseByIno.get(ino);
+    if (release !== undefined) return this.releases.has(release) ? this.releaseAttr(release) : undefined;
     if (this.modules?.owns(ino)) return this.modules.getattr(ino);
     const at = this.locate(ino);
     return at ? this.attr(at.slot, at.node) : undefined;
@@ -225,22 +244,19 @@ export class IndexFsModel implements FsModel {
       const out: FsDirent[] = [];
       if (this.current) out.push({ name: CURRENT_NAME, attr: this.currentAttr(this.current.target) });
       out.push({ name: BY_DIGEST_NAME, attr: this.byDigestAttr() });
-      for (const name of [...this.releases.keys()].sort()) {
-        const slot = this.releases.get(name)!;
-        out.push({ name, attr: this.attr(slot, slot.entry.index.root) });
-      }
+      for (const name of [...this.releases.keys()].sort()) out.push({ name, attr: this.releaseAttr(name) });
       return out;
     }
     if (ino === BY_DIGEST_INO) {
-      return [...this.digests.keys()].sort().map((name) => {
-        const slot = this.digests.get(name)!;
-        return { name, attr: this.attr(slot, slot.entry.index.root) };
-      });
+      return [...this.digests.keys()].sort().map((name) => ({ name, attr: this.attr(this.digests.get(name)!, 0) }));
     }
     if (ino === BTF_DIR_INO) return this.modules && this.modules.parent !== null ? this.modules.readdir() : undefined;
     const at = this.locate(ino);
-    if (!at || at.node.kind !== 'dir') return undefined;
-    const out: FsDirent[] = at.slot.entry.index.list(at.node).map((child) => ({ name: child.name, attr: this.attr(at.slot, child) }));
+    if (!at || at.slot.entry.index.kindOf(at.node) !== 'dir') return undefined;
+    const index = at.slot.entry.index;
+    const { first, count } = index.childRange(at.node);
+    const out: FsDirent[] = [];
+    for (let id = first; id < first + count; id++) out.push({ name: index.nameOf(id), attr: this.attr(at.slot, id) });
     if (this.modules && ino === this.modules.parent) {
       const pos = out.findIndex((d) => d.name > BTF_DIR_NAME);
       // Lazy: the kernel then looks `btf` up before listing it, and that lookup lists the modules afresh.
@@ -251,9 +267,11 @@ export class IndexFsModel implements FsModel {
 
   readlink(ino: number): string | undefined {
     if (ino === CURRENT_INO) return this.current?.target;
+    const release = this.releaseByIno.get(ino);
+    if (release !== undefined) return this.releaseTarget(release);
     const at = this.locate(ino);
     // Served exactly as archived: the index refused targets that leave the tree at ingest.
-    return at?.node.kind === 'symlink' ? at.node.target : undefined;
+    return at ? at.slot.entry.index.targetOf(at.node) : undefined;
   }
 
   async read(ino: number, offset: number, length: number): Promise<Buffer> {
@@ -261,68 +279,41 @@ export class IndexFsModel implements FsModel {
     if (this.modules?.owns(ino)) return this.modules.read(ino, offset, length);
     const at = this.locate(ino);
     if (!at) throw new KheadersError('E_NOT_FOUND', `no inode ${ino}`, { errno: 'ENOENT', ino });
-    const { slot, node } = at;
-    if (node.kind !== 'file') throw new KheadersError('E_NOT_FOUND', `${node.path} is not a regular file`, { errno: node.kind === 'dir' ? 'EISDIR' : 'EINVAL', ino });
-    if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isSafeInteger(length) || length < 0) {
-      throw new KheadersError('E_INTERNAL', `bad read range ${offset}+${length}`, { errno: 'EINVAL' });
-    }
-    if (offset >= node.size || length === 0) return Buffer.alloc(0);
-    const want = Math.min(length, node.size - offset);
-    const loc = dataLocation(slot.entry, node);
-    const fh = await this.handle(loc.file);
-    const buf = Buffer.allocUnsafe(want);
-    let got = 0;
-    while (got < want) {
-      const { bytesRead } = await fh.read(buf, got, want - got, loc.offset + offset + got);
-      if (bytesRead === 0) break;
-      got += bytesRead;
-    }
-    if (got < want) {
-      // Never hand a compiler a silently truncated header: the pack no longer matches its index.
-      throw new KheadersError('E_INTERNAL', `${loc.file} ends before ${node.path} does (entry ${slot.entry.manifest.id})`, { errno: 'EIO', file: loc.file });
-    }
-    return buf;
+    // The entry's one reader: exact bytes, proven before first served, EIO on damage.
+    return at.slot.entry.reader.read(at.node, offset, length);
   }
 
   resolvePath(p: string): FsAttr | undefined {
     const parts = p.split('/').filter((s) => s !== '');
     if (parts.length === 0) return this.rootAttr();
     if (parts.some((s) => s === '.' || s === '..')) return undefined;
-    // Fast path: everything below an entry root is one map lookup in its index (which never
-    // follows symlinks: a path through a symlink is simply not a key).
-    let slot: Slot | undefined;
-    let rest: string[];
-    if (parts[0] === BY_DIGEST_NAME) {
-      if (parts.length === 1) return this.byDigestAttr();
-      slot = this.digests.get(parts[1]!);
-      rest = parts.slice(2);
-    } else if (parts[0] === CURRENT_NAME) {
-      return parts.length === 1 && this.current ? this.currentAttr(this.current.target) : undefined;
-    } else {
-      slot = this.releases.get(parts[0]!);
-      rest = parts.slice(1);
-    }
+    const [top, second] = parts;
+    if (top === CURRENT_NAME) return parts.length === 1 && this.current ? this.currentAttr(this.current.target) : undefined;
+    if (top !== BY_DIGEST_NAME) return parts.length === 1 && this.releases.has(top!) ? this.releaseAttr(top!) : undefined;
+    if (second === undefined) return this.byDigestAttr();
+    const slot = this.digests.get(second);
     if (!slot) return undefined;
-    const node = slot.entry.index.get(rest.join('/'));
-    if (node) return this.attr(slot, node);
+    // Inside a tree: one binary search per component (the kernel resolved every symlink itself).
+    const id = slot.entry.index.idOf(parts.slice(2).join('/'));
+    if (id >= 0) return this.attr(slot, id);
     const m = this.modulePath(p);
     if (m === undefined) return undefined;
     return m.file === undefined ? this.modules?.dirAttr() : this.modules?.lookup(m.file);
   }
 
-  /** For a path into `<running entry>/btf`: the file name asked for (undefined for the directory itself). */
+  /** For a path into `by-digest/<running entry>/btf`: the file name asked for (undefined for the directory itself). */
   private modulePath(p: string): { file: string | undefined } | undefined {
     if (!this.modules || this.modules.parent === null) return undefined;
     const parts = p.split('/').filter((s) => s !== '');
-    const root = parts[0] === BY_DIGEST_NAME ? this.digests.get(parts[1] ?? '') : this.releases.get(parts[0] ?? '');
-    const rest = parts.slice(parts[0] === BY_DIGEST_NAME ? 2 : 1);
+    const root = parts[0] === BY_DIGEST_NAME ? this.digests.get(parts[1] ?? '') : undefined;
+    const rest = parts.slice(2);
     if (!root || root.base !== this.modules.parent || rest[0] !== BTF_DIR_NAME || rest.length > 2) return undefined;
     return { file: rest[1] };
   }
 
   statfs(): FsStat {
     let bytes = 0;
-    let files = 3;
+    let files = 3 + this.releases.size;
     for (const slot of this.visible) {
       bytes += slot.entry.index.totalBytes;
       files += slot.count;
@@ -333,28 +324,45 @@ export class IndexFsModel implements FsModel {
   // ---- internals -------------------------------------------------------------------------------
 
   private addSlot(entry: CacheEntry): Slot {
-    const count = entry.index.nodes.length;
+    const index = entry.index;
+    const count = index.nodeCount;
     if (this.nextBase + count > MAX_INO) {
       throw new KheadersError('E_FUSE', 'inode numbers exhausted: restart the daemon', { entries: this.slots.length });
     }
     const nlinks = new Uint32Array(count);
-    for (const node of entry.index.nodes) {
-      if (node.kind !== 'dir') continue;
-      nlinks[node.id]! += 2;
-      if (node.id !== 0) nlinks[node.parent]! += 1;
+    for (let id = 0; id < count; id++) {
+      if (index.kindOf(id) !== 'dir') continue;
+      nlinks[id]! += 2;
+      if (id !== 0) nlinks[index.parentOf(id)]! += 1;
     }
     const slot: Slot = { entry, seq: this.slots.length, base: this.nextBase, count, nlinks };
     this.nextBase += count;
     this.slots.push(slot);
-    this.slotById.set(entry.manifest.id, slot);
+    this.slotByEntry.set(entry, slot);
+    entry.reader.retain();
     this.log.debug({ id: entry.manifest.id, base: slot.base, nodes: count }, 'entry added to the mount');
     return slot;
   }
 
-  /** One inode number outside every entry's block (module headers), never reused. */
+  /** One inode number outside every entry's block (release links, module headers), never reused. */
   private allocIno(): number {
     if (this.nextBase + 1 > MAX_INO) throw new KheadersError('E_FUSE', 'inode numbers exhausted: restart the daemon', { entries: this.slots.length });
     return this.nextBase++;
+  }
+
+  private linkIno(release: string): number {
+    let ino = this.releaseIno.get(release);
+    if (ino === undefined) {
+      ino = this.allocIno();
+      this.releaseIno.set(release, ino);
+      this.releaseByIno.set(ino, release);
+    }
+    return ino;
+  }
+
+  private releaseTarget(release: string): string | undefined {
+    const slot = this.releases.get(release);
+    return slot ? `${BY_DIGEST_NAME}/${slot.entry.manifest.digest}` : undefined;
   }
 
   private locate(ino: number): Located | undefined {
@@ -365,28 +373,27 @@ export class IndexFsModel implements FsModel {
       const slot = this.slots[mid]!;
       if (ino < slot.base) hi = mid - 1;
       else if (ino >= slot.base + slot.count) lo = mid + 1;
-      else {
-        const node = slot.entry.index.node(ino - slot.base);
-        return node ? { slot, node } : undefined;
-      }
+      else return { slot, node: ino - slot.base };
     }
     return undefined;
   }
 
-  private attr(slot: Slot, node: TreeNode): FsAttr {
+  private attr(slot: Slot, node: number): FsAttr {
+    const index = slot.entry.index;
+    const kind: NodeKind = index.kindOf(node);
     return {
-      ino: slot.base + node.id,
-      kind: node.kind,
-      mode: TYPE[node.kind] | PERM[node.kind],
-      size: node.kind === 'dir' ? BLOCK_SIZE : node.size,
+      ino: slot.base + node,
+      kind,
+      mode: TYPE[kind] | PERM[kind],
+      size: kind === 'dir' ? BLOCK_SIZE : index.sizeOf(node),
       // The running entry's root also holds `btf/`.
-      nlink: node.kind === 'dir' ? slot.nlinks[node.id]! + (node.id === 0 && slot.base === this.modules?.parent ? 1 : 0) : 1,
-      mtimeMs: node.mtime * 1000 + (slot.seq % 1000),
+      nlink: kind === 'dir' ? slot.nlinks[node]! + (node === 0 && slot.base === this.modules?.parent ? 1 : 0) : 1,
+      mtimeMs: index.mtimeOf(node) * 1000 + (slot.seq % 1000),
     };
   }
 
   private rootAttr(): FsAttr {
-    return { ino: ROOT_INO, kind: 'dir', mode: TYPE.dir | PERM.dir, size: BLOCK_SIZE, nlink: 3 + this.releases.size, mtimeMs: this.stampMs };
+    return { ino: ROOT_INO, kind: 'dir', mode: TYPE.dir | PERM.dir, size: BLOCK_SIZE, nlink: 3, mtimeMs: this.stampMs };
   }
 
   private byDigestAttr(): FsAttr {
@@ -397,11 +404,16 @@ export class IndexFsModel implements FsModel {
     return { ino: CURRENT_INO, kind: 'symlink', mode: TYPE.symlink | PERM.symlink, size: Buffer.byteLength(target), nlink: 1, mtimeMs: this.stampMs };
   }
 
+  private releaseAttr(release: string): FsAttr {
+    const target = this.releaseTarget(release) ?? '';
+    return { ino: this.linkIno(release), kind: 'symlink', mode: TYPE.symlink | PERM.symlink, size: Buffer.byteLength(target), nlink: 1, mtimeMs: this.stampMs };
+  }
+
   /** Every name whose meaning a swap can change, with what it means now. */
   private names(): NameMap {
     const out: NameMap = new Map();
     if (this.current) out.set(`/${CURRENT_NAME}`, { parentIno: ROOT_INO, name: CURRENT_NAME, ino: CURRENT_INO, meaning: `-> ${this.current.target}` });
-    for (const [name, slot] of this.releases) out.set(`/${name}`, { parentIno: ROOT_INO, name, ino: slot.base, meaning: `ino ${slot.base}` });
+    for (const name of this.releases.keys()) out.set(`/${name}`, { parentIno: ROOT_INO, name, ino: this.linkIno(name), meaning: `-> ${this.releaseTarget(name)}` });
     for (const [name, slot] of this.digests) out.set(`${BY_DIGEST_NAME}/${name}`, { parentIno: BY_DIGEST_INO, name, ino: slot.base, meaning: `ino ${slot.base}` });
     const btfParent = this.modules?.parent ?? null;
     if (btfParent !== null) out.set(`${btfParent}/${BTF_DIR_NAME}`, { parentIno: btfParent, name: BTF_DIR_NAME, ino: BTF_DIR_INO, meaning: 'modules' });
@@ -417,20 +429,6 @@ export class IndexFsModel implements FsModel {
       }
     }
   }
-
-  private handle(file: string): Promise<FileHandle> {
-    let p = this.handles.get(file);
-    if (!p) {
-      p = open(file, 'r');
-      this.handles.set(file, p);
-      // A failed open is not cached: the next read tries again (and reports its own error).
-      p.catch((err: unknown) => {
-        if (this.handles.get(file) === p) this.handles.delete(file);
-        this.log.error({ file, errno: errnoOf(err) }, 'cannot open a cache data file');
-      });
-    }
-    return p;
-  }
 }
 
 /** Usable as one path component of the mount, and not one of the reserved root names. */
@@ -445,20 +443,4 @@ function validName(name: string): boolean {
     !name.includes('\0') &&
     Buffer.byteLength(name) <= NAME_MAX
   );
-}
-
-/** Keep the preferred slot under `name`: the current entry, else the most recently ingested. */
-function pick(map: Map<string, Slot>, name: string, slot: Slot, currentSlot: Slot | undefined): void {
-  const have = map.get(name);
-  if (!have || slot === currentSlot) {
-    map.set(name, slot);
-    return;
-  }
-  if (have === currentSlot) return;
-  if (ingestedMs(slot) >= ingestedMs(have)) map.set(name, slot);
-}
-
-function ingestedMs(slot: Slot): number {
-  const ms = Date.parse(slot.entry.manifest.ingestedAt);
-  return Number.isNaN(ms) ? 0 : ms;
 }

@@ -3,15 +3,14 @@
  *
  * Every request arrives as a path; the answer comes from `model.resolvePath`, which never
  * follows symlinks (the kernel resolves them itself and only hands us resolved paths). `open`
- * returns the inode the path meant at that moment as the handle, so reads on a descriptor
- * opened before a kernel swap keep reading the old entry's bytes.
+ * returns the inode the path meant as the handle, so reads on a descriptor reach that inode's bytes.
  *
- * Limit of a path-based API: the kernel has one inode (one page cache, one size) per path, not
- * per tree. A descriptor opened before a same-release swap reads the old bytes whenever its
- * reads reach us, but once a descriptor opened after the swap has filled that path's page cache
- * with the new bytes, the old descriptor's cached reads return those. Compilers read a header
- * whole right after opening it, so this does not bite them; the kernel-protocol backend, which
- * gives the kernel one inode per tree, has no such limit.
+ * The path API gives the kernel one inode (one page cache, one size) per path. That is why the
+ * model serves every tree under `by-digest/<digest>/` and makes `current` and `<release>`
+ * symlinks: a path inside a tree always names one build's file, so a kernel swap never leaves
+ * the kernel an inode whose cached size and pages belong to another build. Only the symlinks
+ * change meaning, and libfuse2 never lets the kernel cache a symlink's target (no
+ * FUSE_CACHE_SYMLINKS), so every walk through `current` asks us for it afresh.
  *
  * Facts about fuse-native 2.2.6 and libfuse2 that shape this file (measured here):
  * - every callback runs on the JS thread; nothing here may block it (no sync I/O);
@@ -100,20 +99,13 @@ interface NativeFuseClass {
  * Kernel caching for this backend.
  *
  * autoCache, not kernelCache: with kernel_cache libfuse tells the kernel on every open to keep
- * the file's page cache, forever. A same-release rebuild swaps the bytes under
- * `<release>/include/...` while the path, and therefore libfuse's node and the kernel's inode,
- * stay the same; kernel_cache would keep serving the old build's pages to new opens. auto_cache
- * keeps the pages only while the file's mtime and size are those libfuse last saw, so warm
- * compiles still read every header from the page cache (zero read callbacks) and a swap is
- * noticed at the next open. Three things make that check sound across a same-release swap:
- *  1. the model's mtimes differ per entry in their millisecond part (index-model.ts), so two
- *     builds' files never look alike, even when KBUILD_BUILD_TIMESTAMP gave them equal mtimes
- *     and a changed value kept a header's length;
- *  2. FUSE_NOTIFY_INVAL_ENTRY for the re-pointed root names (DeviceNotifier) makes the kernel
- *     look paths up again, so fresh attributes reach both the kernel and libfuse;
- *  3. an open whose path changed meaning answers ESTALE once (makeOps), which revalidates the
- *     dentries (2) cannot drop because a process holds them.
- * Measured: without 1 or without 3, new opens after a same-release swap read the old build.
+ * the file's page cache, forever. Paths inside a tree never change meaning (the model puts trees
+ * under by-digest/), but an entry rebuilt after damage has the same digest and so the same paths;
+ * auto_cache keeps the pages only while the file's mtime and size are those libfuse last saw (the
+ * model's mtimes differ per entry instance in their millisecond part), so warm compiles still
+ * read every header from the page cache (zero read callbacks) and a rebuilt entry is noticed at
+ * the next open. FUSE_NOTIFY_INVAL_ENTRY for re-pointed root names (DeviceNotifier) drops the
+ * kernel's dentries for `current`, `<release>` and `by-digest` at once instead of at expiry.
  *
  * Long attr/entry/negative timeouts (3600 s): a compiler's include search is mostly lookups of
  * names that exist in one -I directory and not in the others; with these cached a warm compile
@@ -278,15 +270,6 @@ async function unmountFuse(fuse: NativeFuse, mountpoint: string, log: Logger): P
 // ---- operations -----------------------------------------------------------------------------------
 
 function makeOps(model: FsModel, log: Logger, count: (op: string) => void): NativeOps {
-  /**
-   * The inode each path meant at its last open. libfuse's node, and so the kernel's inode, its
-   * attributes and its page cache, belong to the path, not to our inode: after a same-release
-   * swap, a dentry some process kept in use (an open file) survives our invalidation and still
-   * carries the old tree's size. An open that finds its path re-pointed answers ESTALE once; the
-   * VFS retries the open with LOOKUP_REVAL, which looks every component up afresh (new size and
-   * mtime, so the kernel and auto_cache drop the old pages), and the retry succeeds.
-   */
-  const openedAs = new Map<string, number>();
   const ops: NativeOps = {
     init(cb) {
       cb(0);
@@ -332,14 +315,8 @@ function makeOps(model: FsModel, log: Logger, count: (op: string) => void): Nati
       const a = model.resolvePath(p);
       if (!a) return cb(neg(E.ENOENT));
       if (a.kind === 'dir') return cb(neg(E.EISDIR));
-      const before = openedAs.get(p);
-      openedAs.set(p, a.ino);
-      if (before !== undefined && before !== a.ino) {
-        count('open-estale');
-        return cb(neg(E.ESTALE));
-      }
       // The handle is the inode itself: reads on this descriptor reach this inode's bytes even
-      // after a swap re-points the path, and there is no table to clean up, so `release` needs
+      // if the entry is rebuilt meanwhile, and there is no table to clean up, so `release` needs
       // no callback (half the warm compile's requests were releases).
       cb(0, a.ino);
     },

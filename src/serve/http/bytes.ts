@@ -1,5 +1,6 @@
 /**
- * Where response bytes come from: shared open files, async preads, and two bounded LRU caches.
+ * Where response bytes come from: the entries' readers (store/reader.ts: exact preads, proven
+ * against the index's digests before first served) and two bounded LRU caches.
  *
  * Measured with wrk on 200 real headers: one async pread per request held the daemon at ~7k
  * req/s, the same bodies from memory gave ~11k, because the libuv threadpool hand-off (main
@@ -11,96 +12,46 @@
  *
  * Never synchronous I/O: FUSE callbacks run on the same thread.
  */
-import { open, type FileHandle } from 'node:fs/promises';
 import { Readable } from 'node:stream';
 import { promisify } from 'node:util';
 import zlib from 'node:zlib';
-import { KheadersError, errnoOf } from '../../errors.js';
+import { open, type FileHandle } from 'node:fs/promises';
+import { KheadersError } from '../../errors.js';
+import { PreadStream, preadAll, type EntryReader } from '../../store/reader.js';
 
-const STREAM_CHUNK_BYTES = 64 * 1024;
 const gzipAsync = promisify(zlib.gzip);
 export const GZIP_OPTIONS: zlib.ZlibOptions = { level: 6 };
 
 export type Body =
   | { kind: 'buffer'; data: Buffer }
-  /** `key` names these bytes in the caches (computed once per file, not per request). */
-  | { kind: 'file'; file: string; offset: number; size: number; key: string };
+  /** A file outside the entries (a module header made on request): read as it is, short reads refused. */
+  | { kind: 'file'; file: string; offset: number; size: number; key: string }
+  /** A file of an entry's tree; `key` names these bytes in the caches (computed once per file). */
+  | { kind: 'node'; reader: EntryReader; node: number; size: number; key: string }
+  /** An entry's original archive. */
+  | { kind: 'archive'; reader: EntryReader; size: number; key: string };
+
+export function entryBody(reader: EntryReader, node: number, size: number, keyPrefix: string): Body {
+  return { kind: 'node', reader, node, size, key: `${keyPrefix}${node}` };
+}
 
 export function fileBody(file: string, offset: number, size: number): Body {
   return { kind: 'file', file, offset, size, key: `${file}\0${offset}\0${size}` };
 }
 
+export function archiveBody(reader: EntryReader, size: number, keyPrefix: string): Body {
+  return { kind: 'archive', reader, size, key: `${keyPrefix}archive` };
+}
+
+/** Exactly `length` bytes of a file outside the entries, or an error (it changed under us). */
+async function readFileExactly(fh: FileHandle, file: string, position: number, length: number): Promise<Buffer> {
+  const { buf, got } = await preadAll(fh, position, length);
+  if (got < length) throw new KheadersError('E_INTERNAL', `${file} ends at byte ${position + got}, before the ${length} bytes at ${position} it should hold`, { file });
+  return buf;
+}
+
 export function bodySize(body: Body): number {
   return body.kind === 'buffer' ? body.data.length : body.size;
-}
-
-/** A FileHandle borrowed from the pool; give it back exactly once. */
-export interface Lease {
-  readonly fh: FileHandle;
-  release(): void;
-}
-
-interface Slot {
-  fh: Promise<FileHandle>;
-  leases: number;
-  retired: boolean;
-}
-
-/**
- * Open files shared by all requests. A file whose entry disappeared (gc, eviction) is retired:
- * closed once the last request reading it is done, so a long download finishes and the disk
- * space is then released.
- */
-export class HandlePool {
-  private readonly slots = new Map<string, Slot>();
-
-  async acquire(file: string): Promise<Lease> {
-    let slot = this.slots.get(file);
-    if (!slot || slot.retired) {
-      const fresh: Slot = { fh: open(file, 'r'), leases: 0, retired: false };
-      slot = fresh;
-      this.slots.set(file, fresh);
-      fresh.fh.catch(() => {
-        if (this.slots.get(file) === fresh) this.slots.delete(file); // let the next request retry
-      });
-    }
-    const s = slot;
-    s.leases++;
-    let fh: FileHandle;
-    try {
-      fh = await s.fh;
-    } catch (err) {
-      s.leases--;
-      if (errnoOf(err) === 'ENOENT') throw new KheadersError('E_NOT_FOUND', 'the entry was removed from the cache', {});
-      throw err;
-    }
-    let released = false;
-    return {
-      fh,
-      release: () => {
-        if (released) return;
-        released = true;
-        s.leases--;
-        if (s.retired && s.leases === 0) void fh.close().catch(() => {});
-      },
-    };
-  }
-
-  /** Close the files whose path starts with `prefix` (an entry directory) when they are free. */
-  retire(prefix: string): void {
-    for (const [file, slot] of this.slots) {
-      if (!file.startsWith(prefix)) continue;
-      this.slots.delete(file);
-      slot.retired = true;
-      if (slot.leases === 0) void slot.fh.then((fh) => fh.close()).catch(() => {});
-    }
-  }
-
-  async closeAll(): Promise<void> {
-    const slots = [...this.slots.values()];
-    this.slots.clear();
-    await Promise.all(slots.map((s) => s.fh.then((fh) => fh.close()).catch(() => {})));
-  }
 }
 
 /**
@@ -152,45 +103,6 @@ export class ByteLru {
   }
 }
 
-/** Reads [start, end) of a leased file in chunks of preads; releases the lease when done. */
-class PreadStream extends Readable {
-  private pos: number;
-
-  constructor(
-    private readonly lease: Lease,
-    start: number,
-    private readonly end: number,
-  ) {
-    super({ highWaterMark: STREAM_CHUNK_BYTES });
-    this.pos = start;
-  }
-
-  override _read(): void {
-    const n = Math.min(STREAM_CHUNK_BYTES, this.end - this.pos);
-    if (n <= 0) {
-      this.push(null);
-      return;
-    }
-    const buf = Buffer.allocUnsafe(n);
-    this.lease.fh.read(buf, 0, n, this.pos).then(
-      ({ bytesRead }) => {
-        if (bytesRead === 0) {
-          this.destroy(new KheadersError('E_INTERNAL', 'the pack is shorter than its index says'));
-          return;
-        }
-        this.pos += bytesRead;
-        this.push(bytesRead === n ? buf : buf.subarray(0, bytesRead));
-      },
-      (err: unknown) => this.destroy(err as Error),
-    );
-  }
-
-  override _destroy(err: Error | null, cb: (error?: Error | null) => void): void {
-    this.lease.release();
-    cb(err);
-  }
-}
-
 export interface ByteSourceOptions {
   /** Total bytes of hot file bodies kept in memory (0 disables the cache). */
   bodyCacheBytes: number;
@@ -201,7 +113,6 @@ export interface ByteSourceOptions {
 }
 
 export class ByteSource {
-  readonly handles = new HandlePool();
   private readonly bodies: ByteLru;
   private readonly zipped: ByteLru;
   private readonly inflight = new Map<string, Promise<Buffer>>();
@@ -221,15 +132,18 @@ export class ByteSource {
     if (body.kind === 'buffer') return body.data;
     if (body.size === 0) return Buffer.alloc(0);
     const cacheable = body.size <= this.bodies.maxItemBytes && this.bodies.maxBytes > 0;
-    if (!cacheable) return this.pread(body.file, body.offset, body.size);
+    if (!cacheable) return this.read(body, 0, body.size);
     const key = body.key;
     const hit = this.bodies.get(key);
     if (hit) return hit;
     let pending = this.inflight.get(key);
     if (!pending) {
-      pending = this.pread(body.file, body.offset, body.size).finally(() => this.inflight.delete(key));
+      pending = this.read(body, 0, body.size).finally(() => this.inflight.delete(key));
       this.inflight.set(key, pending);
-      pending.then((buf) => this.bodies.set(key, buf), () => {});
+      pending.then(
+        (buf) => this.bodies.set(key, buf),
+        () => {},
+      );
     }
     return pending;
   }
@@ -257,14 +171,19 @@ export class ByteSource {
     if (start === 0 && end === body.size) return this.whole(body);
     const cached = this.bodies.get(body.key);
     if (cached) return cached.subarray(start, end);
-    return this.pread(body.file, body.offset + start, end - start);
+    return this.read(body, start, end - start);
   }
 
-  /** Bytes [start, end) of the body as a stream of preads (large bodies). */
+  /** Bytes [start, end) of the body as a stream of preads (large bodies), proven first. */
   async stream(body: Body, start: number, end: number): Promise<Readable> {
     if (body.kind === 'buffer') return Readable.from([body.data.subarray(start, end)]);
-    const lease = await this.handles.acquire(body.file);
-    return new PreadStream(lease, body.offset + start, body.offset + end);
+    if (body.kind === 'archive') return body.reader.streamArchive(start, end);
+    if (body.kind === 'file') {
+      const { file } = body;
+      const fh = await open(file, 'r');
+      return new PreadStream((pos, n) => readFileExactly(fh, file, pos, n), body.offset + start, body.offset + end, () => void fh.close().catch(() => {}));
+    }
+    return body.reader.stream(body.node, start, end);
   }
 
   /** The gzip encoding of a small body, compressed once per ETag. */
@@ -276,30 +195,26 @@ export class ByteSource {
     return z;
   }
 
-  /** Forget an entry's files: close them when free, drop their cached bodies. */
-  retire(dir: string): void {
-    this.handles.retire(dir);
-    this.bodies.deletePrefix(dir);
+  /** Forget an entry's cached bodies (keys start with the served entry's cache key). */
+  retire(keyPrefix: string): void {
+    this.bodies.deletePrefix(keyPrefix);
     // Compressed bodies are keyed by ETag (digest-derived): they age out of the LRU.
   }
 
-  async close(): Promise<void> {
-    await this.handles.closeAll();
-  }
-
-  private async pread(file: string, position: number, length: number): Promise<Buffer> {
-    const lease = await this.handles.acquire(file);
-    try {
-      const buf = Buffer.allocUnsafe(length);
-      let done = 0;
-      while (done < length) {
-        const { bytesRead } = await lease.fh.read(buf, done, length - done, position + done);
-        if (bytesRead === 0) throw new KheadersError('E_INTERNAL', 'the pack is shorter than its index says', { file });
-        done += bytesRead;
+  private async read(body: Exclude<Body, { kind: 'buffer' }>, position: number, length: number): Promise<Buffer> {
+    switch (body.kind) {
+      case 'archive':
+        return body.reader.readArchive(position, length);
+      case 'node':
+        return body.reader.read(body.node, position, length);
+      case 'file': {
+        const fh = await open(body.file, 'r');
+        try {
+          return await readFileExactly(fh, body.file, body.offset + position, length);
+        } finally {
+          await fh.close();
+        }
       }
-      return buf;
-    } finally {
-      lease.release();
     }
   }
 }

@@ -1,56 +1,60 @@
 /**
  * What the HTTP server knows about the cache, kept off the request path's I/O.
  *
- * `CacheStore.list()` reads every manifest from disk; doing that per request would cost more
- * than serving the file. The catalog keeps a snapshot of the manifests and the current id,
- * refreshed at most once a second (another process may ingest or gc while the daemon runs) and
- * at once when the daemon says something changed (DaemonState.onChange). Concurrent requests
- * share one refresh.
+ * Reading every manifest per request would cost more than serving the file. The catalog keeps a
+ * snapshot (the store's Resolver: which entry `current`, a release or a digest means, decided
+ * exactly as `cat` and the FUSE mount decide it), refreshed at most once a second (another
+ * process may ingest or gc while the daemon runs) and at once when the daemon says something
+ * changed (DaemonState.onChange). Concurrent requests share one refresh.
  *
- * It also owns the ByteSource (open files, hot bodies; see bytes.ts) and per-node ETag /
- * Last-Modified strings, computed once.
+ * It also owns the ByteSource (hot bodies; see bytes.ts) and per-node ETag / Last-Modified
+ * strings, computed once. Bytes come from each entry's EntryReader, shared with FUSE.
  */
 import { createHash } from 'node:crypto';
-import os from 'node:os';
 import { KheadersError } from '../../errors.js';
 import type { Logger } from '../../log.js';
 import type { CacheStore } from '../../store/cache.js';
-import { validRelease } from '../../store/cache.js';
 import type { CacheEntry, Manifest } from '../../store/entry.js';
-import type { TreeNode } from '../../store/tree-index.js';
+import type { QuarantineRecord } from '../../store/quarantine.js';
+import type { Resolver } from '../../store/resolve.js';
 import type { DaemonState } from '../state.js';
-import { ByteSource, type ByteSourceOptions } from './bytes.js';
+import { ByteSource, entryBody, type Body, type ByteSourceOptions } from './bytes.js';
 import type { Representation } from './respond.js';
 
 const SNAPSHOT_TTL_MS = 1000;
 
 export interface Snapshot {
-  /** Newest first, as CacheStore.list() returns them. */
-  manifests: readonly Manifest[];
-  /** The entry `current` names for this daemon (see effectiveCurrent). */
-  currentId: string | null;
+  readonly resolver: Resolver;
+  /** Newest first. */
+  readonly manifests: readonly Manifest[];
+  /** The entry `current` names (see resolve.ts). */
+  readonly currentId: string | null;
   takenAt: number;
 }
 
+let nextInstance = 0;
+
 /** One entry as the server serves it: the entry plus strings derived from it once. */
 export class ServedEntry {
-  private readonly etags: (string | undefined)[];
-  private readonly modified: (string | undefined)[];
+  private readonly etags = new Map<number, string>();
+  private readonly modified = new Map<number, string>();
+  private readonly reps = new Map<string, Map<number, Representation>>();
   /** Newest mtime in the tree: the archive's Last-Modified (stable across re-ingests, unlike ingestedAt). */
   readonly treeMtime: number;
   readonly archiveEtag: string;
   /** sha256 of the archive, base64, for the Digest / Repr-Digest headers. */
   readonly digestBase64: string;
+  /** Names this instance's bodies in the byte caches (a rebuilt entry is another instance). */
+  readonly cacheKey: string;
 
   constructor(readonly entry: CacheEntry) {
-    const n = entry.index.nodes.length;
-    this.etags = new Array<string | undefined>(n);
-    this.modified = new Array<string | undefined>(n);
+    const index = entry.index;
     let newest = 0;
-    for (const node of entry.index.nodes) if (node.mtime > newest) newest = node.mtime;
+    for (let id = 0; id < index.nodeCount; id++) newest = Math.max(newest, index.mtimeOf(id));
     this.treeMtime = newest;
     this.archiveEtag = `"sha256-${entry.manifest.digest}"`;
     this.digestBase64 = Buffer.from(entry.manifest.digest, 'hex').toString('base64');
+    this.cacheKey = `${entry.manifest.id}#${nextInstance++}\0`;
   }
 
   get manifest(): Manifest {
@@ -58,24 +62,34 @@ export class ServedEntry {
   }
 
   /**
-   * The node a validated tree path names, symlinks followed. Most paths name a file through real
-   * directories: one Map lookup answers those; only the rest pay for a symlink-following walk.
+   * The node a validated tree path names, symlinks followed, or -1. Most paths name a file
+   * through real directories: one binary search per component answers those; only the rest pay
+   * for a symlink-following walk.
    */
-  lookup(path: string): TreeNode | undefined {
-    const exact = this.entry.index.get(path);
-    return exact && exact.kind !== 'symlink' ? exact : this.entry.index.resolve(path);
+  lookup(path: string): number {
+    const index = this.entry.index;
+    const exact = index.idOf(path);
+    return exact >= 0 && index.kindOf(exact) !== 'symlink' ? exact : index.resolveId(path);
   }
 
-  private readonly reps = new Map<string, (Representation | undefined)[]>();
-
   /** A file's representation, built once per node and Cache-Control (they are immutable). */
-  representation(node: TreeNode, cacheControl: string, make: () => Representation): Representation {
+  representation(node: number, cacheControl: string, make: () => Representation): Representation {
     let byId = this.reps.get(cacheControl);
     if (!byId) {
-      byId = new Array<Representation | undefined>(this.entry.index.nodes.length);
+      byId = new Map();
       this.reps.set(cacheControl, byId);
     }
-    return (byId[node.id] ??= make());
+    let rep = byId.get(node);
+    if (!rep) {
+      rep = make();
+      byId.set(node, rep);
+    }
+    return rep;
+  }
+
+  /** The bytes of a file node. */
+  body(node: number): Body {
+    return entryBody(this.entry.reader, node, this.entry.index.sizeOf(node), this.cacheKey);
   }
 
   /**
@@ -84,21 +98,21 @@ export class ServedEntry {
    * tags, because its digest differs. A path reached through a symlink uses the target's node,
    * so both URLs share one tag (they are the same bytes).
    */
-  etag(node: TreeNode): string {
-    let tag = this.etags[node.id];
+  etag(node: number): string {
+    let tag = this.etags.get(node);
     if (tag === undefined) {
-      const h = createHash('sha256').update(this.entry.manifest.digest).update('\0').update(node.path).digest('base64url');
+      const h = createHash('sha256').update(this.entry.manifest.digest).update('\0').update(this.entry.index.pathOf(node)).digest('base64url');
       tag = `"${h.slice(0, 27)}"`;
-      this.etags[node.id] = tag;
+      this.etags.set(node, tag);
     }
     return tag;
   }
 
-  lastModified(node: TreeNode): string {
-    let s = this.modified[node.id];
+  lastModified(node: number): string {
+    let s = this.modified.get(node);
     if (s === undefined) {
-      s = httpDate(node.mtime);
-      this.modified[node.id] = s;
+      s = httpDate(this.entry.index.mtimeOf(node));
+      this.modified.set(node, s);
     }
     return s;
   }
@@ -144,40 +158,56 @@ export class Catalog {
     return this.refreshing;
   }
 
+  /** Quarantined entries (for /metrics). */
+  quarantined(): Promise<QuarantineRecord[]> {
+    return this.store.quarantined();
+  }
+
   private async load(): Promise<Snapshot> {
-    const manifests = await this.store.list();
-    const stored = await this.store.currentId();
-    const currentId = effectiveCurrent(manifests, this.state.currentId, stored);
-    const live = new Set(manifests.map((m) => m.id));
+    // The daemon's own idea of `current` wins over the file: FUSE shows the same.
+    const resolver = await this.store.snapshot(this.state.currentId ?? undefined);
     for (const [id, served] of this.served) {
-      if (live.has(id)) continue;
-      this.served.delete(id);
-      this.bytes.retire(served.entry.dir + '/');
-      this.log.debug({ id }, 'entry left the cache: no longer served');
+      // Gone from the cache, or replaced by a rebuilt instance: stop serving this one.
+      const now = resolver.byId(id) ? await this.store.load(id).catch(() => undefined) : undefined;
+      if (now === served.entry) continue;
+      this.drop(id, served);
+      this.log.debug({ id }, now ? 'entry rebuilt: serving the new copy' : 'entry left the cache: no longer served');
     }
-    const snap: Snapshot = { manifests, currentId, takenAt: performance.now() };
+    const snap: Snapshot = { resolver, manifests: resolver.manifests, currentId: resolver.currentId, takenAt: performance.now() };
     this.snap = snap;
     return snap;
   }
 
+  private drop(id: string, served: ServedEntry): void {
+    this.served.delete(id);
+    this.bytes.retire(served.cacheKey);
+    served.entry.reader.release();
+  }
+
   private async serve(id: string): Promise<ServedEntry | undefined> {
-    const hit = this.served.get(id);
-    if (hit) return hit;
     let entry: CacheEntry;
     try {
       entry = await this.store.load(id);
     } catch (err) {
-      if (err instanceof KheadersError && err.code === 'E_NOT_FOUND') return undefined;
+      // Gone, or damaged (the daemon hears of it through the store and repairs it): not served.
+      if (err instanceof KheadersError && (err.code === 'E_NOT_FOUND' || err.code === 'E_ENTRY_DAMAGED')) {
+        if (err.code === 'E_ENTRY_DAMAGED') this.log.warn({ id }, err.message);
+        return undefined;
+      }
       throw err;
     }
-    const served = this.served.get(id) ?? new ServedEntry(entry);
+    const hit = this.served.get(id);
+    if (hit?.entry === entry) return hit;
+    if (hit) this.drop(id, hit);
+    const served = new ServedEntry(entry);
+    entry.reader.retain();
     this.served.set(id, served);
     return served;
   }
 
-  /** `current`, or a release (the current build of it if it is one, else the newest). */
+  /** `current`, a release, an id or a digest (prefix), as the resolver decides; undefined if none. */
   async byRef(ref: string): Promise<ServedEntry | undefined> {
-    const id = idForRef(await this.snapshot(), ref);
+    const id = findId((await this.snapshot()).resolver, ref);
     return id === undefined ? undefined : this.serve(id);
   }
 
@@ -188,55 +218,33 @@ export class Catalog {
 
   /** The entry whose archive has this sha256 (the current one if several releases share it). */
   async byDigest(digest: string): Promise<ServedEntry | undefined> {
-    const id = idForDigest(await this.snapshot(), digest);
+    const id = (await this.snapshot()).resolver.byDigest(digest)?.id;
     return id === undefined ? undefined : this.serve(id);
   }
 
   /**
    * byRef / byDigest without waiting: the entry if the snapshot is fresh and the entry already
-   * loaded, else undefined (the caller then takes the ordinary, asynchronous route).
+   * served, else undefined (the caller then takes the ordinary, asynchronous route).
    */
   peek(kind: 'ref' | 'digest', name: string): ServedEntry | undefined {
     const s = this.snap;
     if (!s || performance.now() - s.takenAt >= SNAPSHOT_TTL_MS) return undefined;
-    const id = kind === 'ref' ? idForRef(s, name) : idForDigest(s, name);
+    const id = kind === 'ref' ? findId(s.resolver, name) : s.resolver.byDigest(name)?.id;
     return id === undefined ? undefined : this.served.get(id);
   }
 
   async close(): Promise<void> {
     this.unsubscribe();
-    await this.bytes.close();
+    for (const [id, served] of [...this.served]) this.drop(id, served);
   }
 }
 
-function idForRef(snap: Snapshot, ref: string): string | undefined {
-  if (ref === 'current') return snap.currentId ?? undefined;
-  if (!validRelease(ref)) return undefined;
-  let newest: string | undefined;
-  for (const m of snap.manifests) {
-    if (m.release !== ref) continue;
-    if (m.id === snap.currentId) return m.id;
-    newest ??= m.id; // manifests are newest first
+/** The resolver's answer, with an ambiguous digest prefix meaning "no such entry" here. */
+function findId(resolver: Resolver, ref: string): string | undefined {
+  try {
+    return resolver.find(ref)?.id;
+  } catch (err) {
+    if (err instanceof KheadersError && err.code === 'E_USAGE') return undefined;
+    throw err;
   }
-  return newest;
-}
-
-function idForDigest(snap: Snapshot, digest: string): string | undefined {
-  let first: string | undefined;
-  for (const m of snap.manifests) {
-    if (m.digest !== digest) continue;
-    if (m.id === snap.currentId) return m.id;
-    first ??= m.id;
-  }
-  return first;
-}
-
-/**
- * Which entry `current` means for the HTTP API: the one this daemon says it serves, else the
- * cache's `current` pointer, else an entry for `uname -r` (CacheStore.resolve's rules).
- */
-export function effectiveCurrent(manifests: readonly Manifest[], fromState: string | null, stored: string | null): string | null {
-  if (fromState && manifests.some((m) => m.id === fromState)) return fromState;
-  if (stored && manifests.some((m) => m.id === stored)) return stored;
-  return manifests.find((m) => m.release === os.release())?.id ?? null;
 }

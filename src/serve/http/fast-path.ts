@@ -20,7 +20,7 @@ import { isDigest } from '../../store/cache.js';
 import type { Catalog } from './catalog.js';
 import type { HttpMetrics } from './metrics.js';
 import { parseRequestPath } from './paths.js';
-import { BUFFER_MAX_BYTES, bodyFor, bodyForSync, decide } from './respond.js';
+import { BUFFER_MAX_BYTES, bodyFor, bodyForSync, decide, errorAnswer } from './respond.js';
 import { IMMUTABLE, REVALIDATE, fileRepresentation } from './tree.js';
 
 export const KERNEL_FILES_ROUTE = '/v1/kernels/:ref/files/*';
@@ -50,7 +50,9 @@ export function createFastPath(ctx: FastPathContext): FastPath {
     if (ctx.authorised && !ctx.authorised(req.headers.authorization)) return false;
     let segments: string[];
     try {
-      segments = parseRequestPath(url).segments;
+      const parsed = parseRequestPath(url);
+      if (parsed.trailingSlash) return false; // a directory listing, or a 404 for a file
+      segments = parsed.segments;
     } catch {
       return false; // fastify answers 400 with the parser's reason
     }
@@ -60,7 +62,8 @@ export function createFastPath(ctx: FastPathContext): FastPath {
     const served = catalog.peek(kernels ? 'ref' : 'digest', name);
     if (!served) return false;
     const node = served.lookup(segments.slice(4).join('/'));
-    if (!node || node.kind !== 'file' || node.size > BUFFER_MAX_BYTES) return false;
+    const index = served.entry.index;
+    if (node < 0 || index.kindOf(node) !== 'file' || index.sizeOf(node) > BUFFER_MAX_BYTES) return false;
 
     const started = performance.now();
     const rep = fileRepresentation(served, node, kernels ? REVALIDATE : IMMUTABLE);
@@ -92,10 +95,10 @@ export function createFastPath(ctx: FastPathContext): FastPath {
       (body) => finish(Buffer.isBuffer(body) ? body : null),
       (err: unknown) => {
         ctx.log.error({ err, url }, 'request failed');
-        const status = err instanceof Error && 'code' in err && err.code === 'E_NOT_FOUND' ? 404 : 500;
+        const { status, error } = errorAnswer(err);
         if (!res.headersSent) {
           res.writeHead(status, { 'content-type': 'application/json; charset=utf-8', 'cache-control': 'no-store', 'x-content-type-options': 'nosniff' });
-          res.end(JSON.stringify({ error: status === 404 ? { code: 'E_NOT_FOUND', message: 'the entry was removed from the cache' } : { code: 'E_INTERNAL', message: 'internal error (the daemon log has the details)' } }));
+          res.end(JSON.stringify({ error }));
         } else res.destroy();
         metrics.observe(route, status, (performance.now() - started) / 1000, 0);
       },

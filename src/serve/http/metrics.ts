@@ -47,7 +47,7 @@ export class HttpMetrics {
     hist.count++;
   }
 
-  render(manifests: readonly Manifest[], state: DaemonState, memoryCacheBytes = 0): string {
+  render(manifests: readonly Manifest[], state: DaemonState, memoryCacheBytes = 0, quarantineEntries = 0): string {
     const out: string[] = [];
     const family = (name: string, type: string, help: string): void => {
       out.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
@@ -80,6 +80,15 @@ export class HttpMetrics {
     out.push(`kheadersd_cache_entries ${manifests.length}`);
     family('kheadersd_cache_bytes', 'gauge', 'Bytes the cache entries occupy (pack, archive, vmlinux.h).');
     out.push(`kheadersd_cache_bytes ${manifests.reduce((s, m) => s + m.packBytes + m.archiveBytes + (m.btf?.bytes ?? 0), 0)}`);
+
+    family('kheadersd_entries_quarantined_total', 'counter', 'Damaged cache entries this daemon moved to quarantine/.');
+    out.push(`kheadersd_entries_quarantined_total ${state.quarantined}`);
+    family('kheadersd_entries_rebuilt_total', 'counter', 'Quarantined entries this daemon rebuilt from their own archive.');
+    out.push(`kheadersd_entries_rebuilt_total ${state.rebuilt}`);
+    family('kheadersd_entry_damage_reports_total', 'counter', "Reads refused because an entry's bytes did not match their digests (or its files were short).");
+    out.push(`kheadersd_entry_damage_reports_total ${state.damageReports}`);
+    family('kheadersd_quarantine_entries', 'gauge', 'Quarantined entries kept in the cache (the newest few).');
+    out.push(`kheadersd_quarantine_entries ${quarantineEntries}`);
 
     family('kheadersd_http_memory_cache_bytes', 'gauge', 'Bytes of hot file bodies and compressed bodies the HTTP server keeps in memory.');
     out.push(`kheadersd_http_memory_cache_bytes ${memoryCacheBytes}`);

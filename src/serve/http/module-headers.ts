@@ -14,7 +14,7 @@ import { REVALIDATE } from './tree.js';
 
 /** Whether `segments` (the path inside the entry) is for module headers of this entry. */
 export function isModuleHeaderPath(served: ServedEntry, runningId: string | null, segments: readonly string[]): boolean {
-  return segments[0] === MODULE_HEADERS_DIR && served.manifest.id === runningId && served.lookup(MODULE_HEADERS_DIR) === undefined;
+  return segments[0] === MODULE_HEADERS_DIR && served.manifest.id === runningId && served.lookup(MODULE_HEADERS_DIR) < 0;
 }
 
 export async function serveModuleHeaders(

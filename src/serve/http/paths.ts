@@ -130,3 +130,10 @@ export function parseRequestPath(rawUrl: string): ParsedPath {
 export function encodeTreePath(treePath: string): string {
   return treePath === '' ? '' : treePath.split('/').map(encodeURIComponent).join('/');
 }
+
+/** Whether the path part of a raw request target ends with '/' (a directory URL). */
+export function endsWithSlash(rawUrl: string | undefined): boolean {
+  const url = rawUrl ?? '/';
+  const q = url.indexOf('?');
+  return (q < 0 ? url : url.slice(0, q)).endsWith('/');
+}

@@ -14,6 +14,7 @@
 import { Transform, pipeline, type Readable, type TransformCallback } from 'node:stream';
 import zlib from 'node:zlib';
 import type { FastifyReply, FastifyRequest } from 'fastify';
+import { KheadersError } from '../../errors.js';
 import { GZIP_OPTIONS, bodySize, type Body, type ByteSource } from './bytes.js';
 import { acceptsGzip, ifRangeHolds, noneMatch, notModifiedSince, parseRange } from './conditional.js';
 import './types.js';
@@ -185,6 +186,16 @@ export async function sendRepresentation(req: FastifyRequest, reply: FastifyRepl
   }
   req.bytesOut = d.end - d.start;
   return reply.send(body);
+}
+
+/**
+ * What a failed read answers: 404 when the entry left the cache, 500 naming the entry and the
+ * file when its bytes did not prove (they are never sent), else a bare 500.
+ */
+export function errorAnswer(err: unknown): { status: number; error: { code: string; message: string } } {
+  if (err instanceof KheadersError && err.code === 'E_NOT_FOUND') return { status: 404, error: { code: 'E_NOT_FOUND', message: 'the entry was removed from the cache' } };
+  if (err instanceof KheadersError && err.code === 'E_ENTRY_DAMAGED') return { status: 500, error: { code: 'E_ENTRY_DAMAGED', message: `${err.message} (it is being repaired)` } };
+  return { status: 500, error: { code: 'E_INTERNAL', message: 'internal error (the daemon log has the details)' } };
 }
 
 /** The public error shape: `{ "error": { "code", "message" } }`, never cached. */

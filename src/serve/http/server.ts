@@ -21,7 +21,7 @@ import { createFastPath, type FastPath } from './fast-path.js';
 import { DEFAULT_HTTP_LIMITS, type HttpLimits } from './limits.js';
 import { HttpMetrics } from './metrics.js';
 import { PathError, parseRequestPath } from './paths.js';
-import { BUFFER_MAX_BYTES, sendError } from './respond.js';
+import { BUFFER_MAX_BYTES, errorAnswer, sendError } from './respond.js';
 import { blobRoutes } from './routes/blobs.js';
 import { debuginfodRoutes } from './routes/debuginfod.js';
 import type { RouteContext } from './routes/context.js';
@@ -162,7 +162,9 @@ export async function startHttpServer(opts: HttpServerOptions): Promise<HttpServ
     const status = 'statusCode' in err && typeof err.statusCode === 'number' ? err.statusCode : 500;
     if (status >= 400 && status < 500) return sendError(reply, status, 'E_BAD_REQUEST', err.message);
     req.log.error({ err, url: req.raw.url }, 'request failed');
-    return sendError(reply, 500, 'E_INTERNAL', 'internal error (the daemon log has the details)');
+    // A damaged entry's bytes are never sent: the answer names the entry and the file instead.
+    const answer = errorAnswer(err);
+    return sendError(reply, answer.status, answer.error.code, answer.error.message);
   });
 
   await app.register(healthRoutes, ctx);

@@ -5,9 +5,8 @@
  */
 import { createHash } from 'node:crypto';
 import type { FastifyReply, FastifyRequest } from 'fastify';
-import { dataLocation, archivePath } from '../../store/entry.js';
 import type { TreeNode } from '../../store/tree-index.js';
-import { fileBody } from './bytes.js';
+import { archiveBody } from './bytes.js';
 import type { Catalog, ServedEntry } from './catalog.js';
 import { httpDate } from './catalog.js';
 import { prefersHtml } from './conditional.js';
@@ -26,6 +25,8 @@ export interface TreeRequest {
   /** URL of the entry, e.g. `/v1/kernels/current` (for links in listings). */
   base: string;
   cacheControl: string;
+  /** The URL ended with '/': only a directory may answer it. */
+  trailingSlash: boolean;
 }
 
 export async function serveTreePath(catalog: Catalog, req: FastifyRequest, reply: FastifyReply, t: TreeRequest): Promise<FastifyReply> {
@@ -33,46 +34,47 @@ export async function serveTreePath(catalog: Catalog, req: FastifyRequest, reply
   const wanted = t.segments.join('/');
   // The index is the sandbox: a name that is not in it does not exist, whatever it looks like.
   const node = served.lookup(wanted);
-  if (!node) {
-    const m = served.manifest;
-    return sendError(reply, 404, 'E_NOT_FOUND', `${wanted || '/'}: no such file in ${m.release} (${m.digest.slice(0, 12)})`);
-  }
-  if (node.kind === 'dir') return sendListing(catalog, req, reply, t, node);
+  const m = served.manifest;
+  if (node < 0) return sendError(reply, 404, 'E_NOT_FOUND', `${wanted || '/'}: no such file in ${m.release} (${m.digest.slice(0, 12)})`);
+  const index = served.entry.index;
+  if (index.kindOf(node) === 'dir') return sendListing(catalog, req, reply, t, index.node(node)!);
+  // As the kernel answers `cat file/`: a file is not a directory.
+  if (t.trailingSlash) return sendError(reply, 404, 'E_NOT_FOUND', `${wanted}/: not a directory (${wanted} is a file in ${m.release})`);
   return sendRepresentation(req, reply, fileRepresentation(served, node, t.cacheControl), catalog.bytes);
 }
 
 /** A file node as a representation (shared with the fast path). */
-export function fileRepresentation(served: ServedEntry, node: TreeNode, cacheControl: string): Representation {
+export function fileRepresentation(served: ServedEntry, node: number, cacheControl: string): Representation {
   return served.representation(node, cacheControl, () => buildFileRepresentation(served, node, cacheControl));
 }
 
-function buildFileRepresentation(served: ServedEntry, node: TreeNode, cacheControl: string): Representation {
-  const loc = dataLocation(served.entry, node);
-  const ct = contentTypeFor(node.name);
+function buildFileRepresentation(served: ServedEntry, node: number, cacheControl: string): Representation {
+  const index = served.entry.index;
+  const ct = contentTypeFor(index.nameOf(node));
+  const blob = index.dataOf(node).blob;
   return {
-    body: fileBody(loc.file, loc.offset, node.size),
+    body: served.body(node),
     etag: served.etag(node),
     lastModified: served.lastModified(node),
-    mtime: node.mtime,
+    mtime: index.mtimeOf(node),
     contentType: ct.type,
     cacheControl,
     compressible: ct.text,
     ranges: true,
     // Files made beside the archive (vmlinux.h, .config) carry the digest recorded when they were
     // made, so a client (pull) can check what it received, as it does the archive.
-    ...(node.sha256 !== undefined ? { headers: { 'repr-digest': `sha-256=:${Buffer.from(node.sha256, 'hex').toString('base64')}:` } } : {}),
+    ...(blob !== undefined ? { headers: { 'repr-digest': `sha-256=:${index.blob(blob).sha256.toString('base64')}:` } } : {}),
   };
 }
 
 export async function serveArchive(catalog: Catalog, req: FastifyRequest, reply: FastifyReply, served: ServedEntry, cacheControl: string): Promise<FastifyReply> {
-  const file = archivePath(served.entry);
   const m = served.manifest;
-  if (file === null) return sendError(reply, 404, 'E_NOT_FOUND', `${m.release} has no header archive (only vmlinux.h from BTF)`);
+  if (m.kind !== 'headers') return sendError(reply, 404, 'E_NOT_FOUND', `${m.release} has no header archive (only vmlinux.h from BTF)`);
   return sendRepresentation(
     req,
     reply,
     {
-      body: fileBody(file, 0, m.archiveBytes),
+      body: archiveBody(served.entry.reader, m.archiveBytes, served.cacheKey),
       etag: served.archiveEtag,
       lastModified: httpDate(served.treeMtime),
       mtime: served.treeMtime,

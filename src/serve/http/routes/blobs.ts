@@ -5,6 +5,7 @@
  */
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { isDigest } from '../../../store/cache.js';
+import { endsWithSlash } from '../paths.js';
 import { sendError } from '../respond.js';
 import { IMMUTABLE, serveArchive, serveTreePath } from '../tree.js';
 import { getAndHead, type RouteContext } from './context.js';
@@ -40,7 +41,7 @@ export async function blobRoutes(app: FastifyInstance, ctx: RouteContext): Promi
     if (rest[1] !== 'files') return sendError(reply, 404, 'E_NOT_FOUND', 'no such route');
     const served = await lookup(reply, rest[0]!);
     if (!served) return reply;
-    return serveTreePath(catalog, req, reply, { served, segments: rest.slice(2), base: `/v1/blobs/${served.manifest.digest}`, cacheControl: IMMUTABLE });
+    return serveTreePath(catalog, req, reply, { served, segments: rest.slice(2), base: `/v1/blobs/${served.manifest.digest}`, cacheControl: IMMUTABLE, trailingSlash: endsWithSlash(req.raw.url) });
   };
   getAndHead(app, '/v1/blobs/:digest/files', files);
   getAndHead(app, '/v1/blobs/:digest/files/*', files);

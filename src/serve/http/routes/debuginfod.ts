@@ -80,21 +80,21 @@ export async function debuginfodRoutes(app: FastifyInstance, ctx: RouteContext &
 
     const served = await entryFor(buildId);
     if (!served) return sendError(reply, 404, 'E_NOT_FOUND', `no cached entry is for the kernel with build id ${buildId}`);
-    let node;
+    let node: number;
     if (kind === 'source') node = sourceNode(served, rest.slice(2));
     else if ((kind === 'vmlinux.h' || kind === '.config') && rest.length === 2) node = served.lookup(kind);
     else return sendError(reply, 404, 'E_NOT_FOUND', `${kind}: not held here (sources, section/.BTF, vmlinux.h and .config are)`);
-    if (!node || node.kind !== 'file') return sendError(reply, 404, 'E_NOT_FOUND', `${rest.slice(1).join('/')}: not in ${served.manifest.release}'s files`);
+    if (node < 0 || served.entry.index.kindOf(node) !== 'file') return sendError(reply, 404, 'E_NOT_FOUND', `${rest.slice(1).join('/')}: not in ${served.manifest.release}'s files`);
     return sendRepresentation(req, reply, fileRepresentation(served, node, REVALIDATE), catalog.bytes);
   });
 }
 
-/** The file of the tree a source path names: its tail from the first `include` or `arch` on. */
-function sourceNode(served: ServedEntry, segments: readonly string[]): ReturnType<ServedEntry['lookup']> {
+/** The file of the tree a source path names: its tail from the first `include` or `arch` on (-1: none). */
+function sourceNode(served: ServedEntry, segments: readonly string[]): number {
   for (let i = 0; i < segments.length; i++) {
     if (!TREE_ROOTS.has(segments[i]!)) continue;
     const node = served.lookup(segments.slice(i).join('/'));
-    if (node?.kind === 'file') return node;
+    if (node >= 0 && served.entry.index.kindOf(node) === 'file') return node;
   }
-  return undefined;
+  return -1;
 }

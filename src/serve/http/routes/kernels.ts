@@ -7,7 +7,7 @@
  */
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { summarise } from '../../../commands/format.js';
-import { parseRequestPath, PathError } from '../paths.js';
+import { endsWithSlash, parseRequestPath, PathError } from '../paths.js';
 import { sendError } from '../respond.js';
 import { isModuleHeaderPath, serveModuleHeaders } from '../module-headers.js';
 import { REVALIDATE, serveArchive, serveTreePath } from '../tree.js';
@@ -70,7 +70,7 @@ export async function kernelRoutes(app: FastifyInstance, ctx: RouteContext): Pro
     if (!served) return notCached(reply, ref);
     const inside = rest.slice(2);
     if (ctx.modules && isModuleHeaderPath(served, ctx.state.runningId, inside)) return serveModuleHeaders(catalog, ctx.modules, req, reply, served, inside);
-    return serveTreePath(catalog, req, reply, { served, segments: inside, base: `/v1/kernels/${encodeURIComponent(ref)}`, cacheControl: REVALIDATE });
+    return serveTreePath(catalog, req, reply, { served, segments: inside, base: `/v1/kernels/${encodeURIComponent(ref)}`, cacheControl: REVALIDATE, trailingSlash: endsWithSlash(req.raw.url) });
   };
   getAndHead(app, '/v1/kernels/:ref/files', files);
   getAndHead(app, '/v1/kernels/:ref/files/*', files);

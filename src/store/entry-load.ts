@@ -1,0 +1,185 @@
+/**
+ * Loading an entry from disk, checked before anything of it is served: the manifest's schema,
+ * the index (format, checksum, every offset and size inside the pack, every name one path
+ * component, blob names the format allows, symlinks confined), the counts agreeing with the
+ * manifest, and the pack, archive and blobs being regular files of the expected sizes.
+ *
+ * Anything wrong is E_ENTRY_DAMAGED naming the entry and what is wrong (never a SyntaxError, a
+ * RangeError or "internal error"): the caller moves the entry aside and rebuilds it. A
+ * well-formed entry of an older format is E_ENTRY_DAMAGED with `outdated: true`: rebuilt too.
+ */
+import { createHash } from 'node:crypto';
+import { constants as fsc } from 'node:fs';
+import { lstat, open, type FileHandle } from 'node:fs/promises';
+import path from 'node:path';
+import { KheadersError, errnoOf } from '../errors.js';
+import { ARCHIVE_FILE, INDEX_FILE, MANIFEST_FILE, ManifestProblem, PACK_FILE, entryFile, parseManifest, type CacheEntry, type Manifest } from './entry.js';
+import { DIGEST_BYTES, FileView, H, HEADER_BYTES } from './index-format.js';
+import { makeEntry, readVerificationEnabled, type DamageHandler } from './reader.js';
+import { IndexFormatError, TreeIndex } from './tree-index.js';
+
+/** No manifest is this large; a bigger file is damage, not something to read into memory. */
+const MAX_MANIFEST_BYTES = 1024 * 1024;
+/** 200,000 nodes take ~10 MiB; this bounds what a corrupt size could make us allocate. */
+const MAX_INDEX_BYTES = 512 * 1024 * 1024;
+
+export function damaged(id: string, reason: string, extra: { outdated?: boolean; file?: string } = {}): KheadersError {
+  return new KheadersError('E_ENTRY_DAMAGED', `cache entry ${id} is damaged: ${reason}`, { id, reason, errno: 'EIO', ...extra });
+}
+
+/** Is this error an entry found damaged (or outdated) on disk? */
+export function isDamage(err: unknown): err is KheadersError {
+  return err instanceof KheadersError && err.code === 'E_ENTRY_DAMAGED';
+}
+
+/** The entry directory `entries/<id>`, which must be a real directory. */
+async function entryDir(entriesDir: string, id: string): Promise<string> {
+  const dir = path.join(entriesDir, id);
+  let st;
+  try {
+    st = await lstat(dir);
+  } catch (err) {
+    if (errnoOf(err) === 'ENOENT') throw new KheadersError('E_NOT_FOUND', `no cache entry ${id}`, { id });
+    throw err;
+  }
+  if (!st.isDirectory()) throw damaged(id, 'it is not a directory');
+  return dir;
+}
+
+/** Open a file of the entry for reading, refusing symlinks; ENOENT is "missing" damage. */
+async function openEntryFile(id: string, dir: string, name: string): Promise<FileHandle> {
+  try {
+    return await open(entryFile(dir, name), fsc.O_RDONLY | fsc.O_NOFOLLOW);
+  } catch (err) {
+    const code = errnoOf(err);
+    if (code === 'ENOENT') throw damaged(id, `${name} is missing`, { file: name });
+    if (code === 'ELOOP') throw damaged(id, `${name} is a symbolic link`, { file: name });
+    if (code === 'EIO') throw damaged(id, `${name} cannot be read (EIO)`, { file: name });
+    throw err;
+  }
+}
+
+async function readSmall(fh: FileHandle, id: string, name: string, max: number): Promise<Buffer> {
+  const st = await fh.stat();
+  if (!st.isFile()) throw damaged(id, `${name} is not a regular file`, { file: name });
+  if (st.size > max) throw damaged(id, `${name} is ${st.size} bytes, more than any entry has`, { file: name });
+  const buf = Buffer.alloc(st.size);
+  let got = 0;
+  while (got < buf.length) {
+    const { bytesRead } = await fh.read(buf, got, buf.length - got, got);
+    if (bytesRead === 0) throw damaged(id, `${name} shrank while it was read`, { file: name });
+    got += bytesRead;
+  }
+  return buf;
+}
+
+/** Read and check manifest.json. */
+export async function loadManifest(entriesDir: string, id: string): Promise<Manifest> {
+  const dir = await entryDir(entriesDir, id);
+  const fh = await openEntryFile(id, dir, MANIFEST_FILE);
+  try {
+    return parseManifest((await readSmall(fh, id, MANIFEST_FILE, MAX_MANIFEST_BYTES)).toString('utf8'), id);
+  } catch (err) {
+    if (err instanceof ManifestProblem) throw damaged(id, err.message, { outdated: err.outdated, file: MANIFEST_FILE });
+    throw err;
+  } finally {
+    await fh.close();
+  }
+}
+
+/** A regular file of exactly `size` bytes, or damage. */
+async function expectFile(id: string, dir: string, name: string, size: number): Promise<void> {
+  let st;
+  try {
+    st = await lstat(entryFile(dir, name));
+  } catch (err) {
+    if (errnoOf(err) === 'ENOENT') throw damaged(id, `${name} is missing`, { file: name });
+    throw err;
+  }
+  if (!st.isFile()) throw damaged(id, `${name} is not a regular file`, { file: name });
+  if (st.size !== size) throw damaged(id, `${name} is ${st.size} bytes, not the ${size} it was written with`, { file: name });
+}
+
+function indexDamage(id: string, err: unknown): unknown {
+  if (err instanceof IndexFormatError || err instanceof RangeError) return damaged(id, `${INDEX_FILE}: ${err.message}`, { file: INDEX_FILE });
+  return err;
+}
+
+/** The files beside the index: the pack and archive (headers entries) and every blob. */
+async function checkDataFiles(id: string, dir: string, manifest: Manifest, index: TreeIndex): Promise<void> {
+  if (manifest.kind === 'headers') {
+    await expectFile(id, dir, PACK_FILE, manifest.packBytes);
+    await expectFile(id, dir, ARCHIVE_FILE, manifest.archiveBytes);
+  }
+  for (let k = 0; k < index.blobCount; k++) {
+    const b = index.blob(k);
+    await expectFile(id, dir, b.name, b.size);
+  }
+}
+
+/** The whole entry, every check passed. Throws E_ENTRY_DAMAGED, or E_NOT_FOUND when absent. */
+export async function loadEntry(entriesDir: string, id: string, onDamage?: DamageHandler): Promise<CacheEntry> {
+  const manifest = await loadManifest(entriesDir, id);
+  const dir = path.join(entriesDir, id);
+  const fh = await openEntryFile(id, dir, INDEX_FILE);
+  let index: TreeIndex;
+  try {
+    const buf = await readSmall(fh, id, INDEX_FILE, MAX_INDEX_BYTES);
+    index = TreeIndex.decode(buf, { packBytes: manifest.packBytes, checksum: readVerificationEnabled() });
+  } catch (err) {
+    throw indexDamage(id, err);
+  } finally {
+    await fh.close();
+  }
+  const counts = { files: index.fileCount, dirs: index.dirCount, symlinks: index.symlinkCount, bytes: index.totalBytes };
+  for (const [k, v] of Object.entries(counts)) {
+    if (manifest[k as keyof typeof counts] !== v) throw damaged(id, `the manifest says ${manifest[k as keyof typeof counts]} ${k} but the index has ${v}`);
+  }
+  await checkDataFiles(id, dir, manifest, index);
+  return makeEntry(manifest, dir, index, onDamage);
+}
+
+/**
+ * The entry with its index used in place (4 KiB pages read on demand): for a one-shot lookup
+ * such as `cat`, which then loads only the records on its path. The index checksum is verified
+ * by streaming the file (nothing of it is kept). Close it when done.
+ */
+export async function openEntryLazily(entriesDir: string, id: string, onDamage?: DamageHandler): Promise<{ entry: CacheEntry; close(): Promise<void> }> {
+  const manifest = await loadManifest(entriesDir, id);
+  const dir = path.join(entriesDir, id);
+  const fh = await openEntryFile(id, dir, INDEX_FILE);
+  try {
+    const st = await fh.stat();
+    if (!st.isFile() || st.size > MAX_INDEX_BYTES) throw damaged(id, `${INDEX_FILE} is not a regular file of a sane size`, { file: INDEX_FILE });
+    if (readVerificationEnabled()) await verifyChecksum(fh, st.size, id);
+    const index = TreeIndex.open(new FileView(fh.fd, st.size), { packBytes: manifest.packBytes });
+    await checkDataFiles(id, dir, manifest, index);
+    const entry = makeEntry(manifest, dir, index, onDamage);
+    return {
+      entry,
+      close: async () => {
+        await entry.reader.close();
+        await fh.close();
+      },
+    };
+  } catch (err) {
+    await fh.close();
+    throw indexDamage(id, err);
+  }
+}
+
+/** sha256 of the index body against its header, read in 64 KiB pieces. */
+async function verifyChecksum(fh: FileHandle, size: number, id: string): Promise<void> {
+  if (size < HEADER_BYTES) throw damaged(id, `${INDEX_FILE}: it is ${size} bytes, shorter than its header`, { file: INDEX_FILE });
+  const header = Buffer.alloc(HEADER_BYTES);
+  await fh.read(header, 0, HEADER_BYTES, 0);
+  const hash = createHash('sha256');
+  const piece = Buffer.alloc(64 * 1024);
+  for (let at = HEADER_BYTES; at < size; ) {
+    const { bytesRead } = await fh.read(piece, 0, Math.min(piece.length, size - at), at);
+    if (bytesRead === 0) throw damaged(id, `${INDEX_FILE} shrank while it was read`, { file: INDEX_FILE });
+    hash.update(piece.subarray(0, bytesRead));
+    at += bytesRead;
+  }
+  if (!hash.digest().equals(header.subarray(H.checksum, H.checksum + DIGEST_BYTES))) throw damaged(id, `${INDEX_FILE}: its checksum does not match its content`, { file: INDEX_FILE });
+}

@@ -1,0 +1,122 @@
+/**
+ * Self-healing: every entry that fails its checks (entry-load.ts), or whose bytes a reader found
+ * wrong (reader.ts), is moved aside into quarantine/ with its reason (quarantine.ts), then built
+ * again from its own archive.tar.xz when that archive still has the entry's digest. What cannot
+ * be rebuilt that way stays quarantined; the live ingest that follows in `serve` (and on SIGHUP)
+ * builds the running kernel's entry again from the live source.
+ *
+ * An entry of an older format is not damage: it is moved aside the same way, rebuilt, and its
+ * old copy deleted once the rebuild worked (it is not evidence of anything).
+ */
+import { createHash } from 'node:crypto';
+import { readFile, rm } from 'node:fs/promises';
+import path from 'node:path';
+import { KheadersError, errnoOf } from '../errors.js';
+import { CacheStore, type DamagedEntry } from './cache.js';
+import { ARCHIVE_FILE, MANIFEST_FILE, parseEntryId } from './entry.js';
+import { rebuildEntry, type IngestOptions } from './ingest.js';
+import { QUARANTINE_DIR, type QuarantineRecord } from './quarantine.js';
+
+/** A damaged entry a reader found (its structure may load fine: its bytes did not prove). */
+export interface KnownDamage {
+  id: string;
+  /** The instance that was read (a later rebuild of the same id has another ingestedAt). */
+  ingestedAt: string;
+  reason: string;
+  file?: string;
+}
+
+export interface HealReport {
+  quarantined: QuarantineRecord[];
+  /** Ids built again from their own archive. */
+  rebuilt: string[];
+  /** Ids moved aside and not rebuilt, with why. */
+  unrepaired: Array<{ id: string; why: string }>;
+}
+
+export interface HealOptions extends IngestOptions {
+  /** Damage readers reported, to repair even if the entry's structure checks out. */
+  known?: readonly KnownDamage[];
+}
+
+/** Check the cache and repair what is damaged. Takes the cache lock. */
+export async function healCache(opts: HealOptions): Promise<HealReport> {
+  const store = await CacheStore.open(opts.cacheDir, { write: true, ...(opts.lockTimeoutMs !== undefined ? { lockTimeoutMs: opts.lockTimeoutMs } : {}) });
+  return store.locked(() => healLocked(store, opts));
+}
+
+/** healCache for a store whose lock the caller holds. */
+export async function healLocked(store: CacheStore, opts: HealOptions): Promise<HealReport> {
+  const report: HealReport = { quarantined: [], rebuilt: [], unrepaired: [] };
+  const { damaged } = await store.scan();
+  const todo: DamagedEntry[] = [...damaged];
+  for (const k of opts.known ?? []) {
+    if (todo.some((d) => d.id === k.id)) continue;
+    // Only the instance that failed: another process may have rebuilt it meanwhile.
+    const now = await store.load(k.id).catch(() => undefined);
+    if (!now || now.manifest.ingestedAt !== k.ingestedAt) continue;
+    const error = new KheadersError('E_ENTRY_DAMAGED', `cache entry ${k.id} is damaged: ${k.reason}`, { id: k.id, reason: k.reason, ...(k.file !== undefined ? { file: k.file } : {}) });
+    todo.push({ id: k.id, error, outdated: false });
+  }
+  for (const d of todo) await healOne(store, d, opts, report);
+  return report;
+}
+
+async function healOne(store: CacheStore, d: DamagedEntry, opts: HealOptions, report: HealReport): Promise<void> {
+  const log = opts.log;
+  const reason = typeof d.error.details['reason'] === 'string' ? d.error.details['reason'] : d.error.message;
+  const file = typeof d.error.details['file'] === 'string' ? d.error.details['file'] : undefined;
+  const record = await store.quarantine(d.id, { reason: d.outdated ? `outdated: ${reason}` : reason, ...(file !== undefined ? { file } : {}) });
+  const qdir = path.join(store.dir, QUARANTINE_DIR, record.name);
+  if (!d.outdated) report.quarantined.push(record);
+  log?.warn({ id: d.id, reason, file, quarantine: qdir }, d.outdated ? `cache entry ${d.id} is in an older format: rebuilding it` : `${d.error.message}: moved to quarantine`);
+
+  const why = await rebuildFromQuarantine(store, d.id, qdir, opts).catch((err: unknown) => (err instanceof Error ? err.message : String(err)));
+  if (why === undefined) {
+    report.rebuilt.push(d.id);
+    log?.info({ id: d.id }, 'cache entry rebuilt from its own archive');
+    if (d.outdated) await rm(qdir, { recursive: true, force: true });
+    return;
+  }
+  report.unrepaired.push({ id: d.id, why });
+  log?.warn({ id: d.id, why }, `cache entry ${d.id} cannot be rebuilt from its own archive (${why}); it stays in quarantine, and the running kernel's entry is built again from the live source`);
+}
+
+/** Build `id` again from the archive in its quarantined copy; undefined on success, else why not. */
+async function rebuildFromQuarantine(store: CacheStore, id: string, qdir: string, opts: HealOptions): Promise<string | undefined> {
+  const parsed = parseEntryId(id);
+  if (!parsed) return 'its name is not an entry id';
+  let archive: Buffer;
+  try {
+    archive = await readFile(path.join(qdir, ARCHIVE_FILE));
+  } catch (err) {
+    return errnoOf(err) === 'ENOENT' ? 'it has no archive.tar.xz (a vmlinux.h-only entry, or the archive is gone)' : `its archive cannot be read (${errnoOf(err) ?? String(err)})`;
+  }
+  if (createHash('sha256').update(archive).digest('hex') !== parsed.digest) return "its archive.tar.xz no longer has the entry's digest";
+  const old = await oldManifest(qdir);
+  await rebuildEntry(store, { archive, release: parsed.release, digest: parsed.digest, source: old.source ?? 'rebuilt from its cached archive', buildId: old.buildId }, opts);
+  return undefined;
+}
+
+/** What the damaged entry's manifest still says, read loosely (it may be the damaged part). */
+async function oldManifest(dir: string): Promise<{ source: string | undefined; buildId: string | null }> {
+  try {
+    const m = JSON.parse(await readFile(path.join(dir, MANIFEST_FILE), 'utf8')) as Record<string, unknown>;
+    return {
+      source: typeof m['source'] === 'string' ? m['source'] : undefined,
+      buildId: typeof m['buildId'] === 'string' && /^[0-9a-f]+$/.test(m['buildId']) ? m['buildId'] : null,
+    };
+  } catch {
+    return { source: undefined, buildId: null };
+  }
+}
+
+/** A one-line summary for logs and commands. */
+export function describeHeal(r: HealReport): string | undefined {
+  if (r.quarantined.length === 0 && r.rebuilt.length === 0 && r.unrepaired.length === 0) return undefined;
+  const parts: string[] = [];
+  if (r.quarantined.length > 0) parts.push(`${r.quarantined.length} damaged entr${r.quarantined.length === 1 ? 'y' : 'ies'} moved to quarantine (${r.quarantined.map((q) => `${q.id}: ${q.reason}`).join('; ')})`);
+  if (r.rebuilt.length > 0) parts.push(`rebuilt from their archives: ${r.rebuilt.join(', ')}`);
+  if (r.unrepaired.length > 0) parts.push(`not rebuilt: ${r.unrepaired.map((u) => `${u.id} (${u.why})`).join('; ')}`);
+  return parts.join('; ');
+}
