@@ -386,7 +386,7 @@ describe('kernel FUSE backend: swap, concurrency, lifecycle', () => {
   test('one slow read stalls no other request', { skip }, async (t) => {
     const index = new IndexFsModel({ log });
     index.setEntries([s.entry], s.entry.manifest.id);
-    const slowPath = `${FIXTURE_RELEASE}/include/linux/sched.h`;
+    const slowPath = `by-digest/${s.entry.manifest.digest}/include/linux/sched.h`;
     const slow = slowFor(index, () => index.resolvePath(`/${slowPath}`)?.ino, 1500);
     const dir = path.join(s.tmp, 'mnt-slow');
     const m = await mountKernel({ mountpoint: dir, model: slow, log });

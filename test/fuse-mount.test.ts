@@ -90,7 +90,9 @@ describe('fuse-native: the real fixture through the mount', () => {
     assert.equal(f.mode & 0o7777, 0o444);
     assert.equal(f.uid, 0);
     assert.equal(f.gid, 0);
-    assert.equal(f.ino, model!.resolvePath(`/${FIXTURE_RELEASE}/include/linux/sched.h`)!.ino, 'st_ino is the model inode');
+    assert.equal(f.ino, model!.resolvePath(`/by-digest/${entry!.manifest.digest}/include/linux/sched.h`)!.ino, 'st_ino is the model inode');
+    // The release is a link to its tree under by-digest/: per-build paths (see index-model.ts).
+    assert.equal(await readlink(path.join(mount!.mountpoint, FIXTURE_RELEASE)), `by-digest/${entry!.manifest.digest}`);
     assert.equal((await stat(path.join(cur, 'include'))).mode & 0o7777, 0o555);
     assert.equal((await lstat(path.join(cur, 'include/dt-bindings/input/linux-event-codes.h'))).mode & 0o7777, 0o777);
     const m = await mountAt(mount!.mountpoint);
