@@ -5,7 +5,9 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { KheadersError } from '../src/errors.js';
-import { TreeIndex, normaliseEntryPath, symlinkTargetPath, type IndexRecord } from '../src/store/tree-index.js';
+import { HEADER_BYTES, MemoryView, N, NODE_BYTES, sections, validBlobName, type ByteView } from '../src/store/index-format.js';
+import { IndexFormatError, TreeIndex, normaliseEntryPath, symlinkTargetPath, type IndexRecord } from '../src/store/tree-index.js';
+import { reseal, withBlobName } from './helpers/index-patch.js';
 
 const file = (path: string, size = 1, offset = 512): IndexRecord => ({ path, kind: 'file', mode: 0o644, mtime: 1_700_000_000, size, offset });
 const dir = (path: string, mtime = 1_700_000_000): IndexRecord => ({ path, kind: 'dir', mode: 0o755, mtime, size: 0 });
@@ -161,4 +163,117 @@ test('resolve gives up on loops and dangling links', () => {
   const chain = (n: number): IndexRecord[] => [file('end'), ...Array.from({ length: n }, (_, i) => link(`l${i}`, i === n - 1 ? 'end' : `l${i + 1}`))];
   assert.equal(TreeIndex.fromRecords(chain(40)).resolve('l0')?.path, 'end');
   assert.equal(TreeIndex.fromRecords(chain(41)).resolve('l0'), undefined);
+});
+
+// ---- the encoded form: every field is checked on load ----------------------------------------
+
+function expectDamage(buf: Buffer, packBytes: number, why: RegExp, checksum = true): void {
+  assert.throws(() => TreeIndex.decode(buf, { packBytes, checksum }), (err: unknown) => {
+    assert.ok(err instanceof IndexFormatError, String(err));
+    assert.match(err.message, why);
+    return true;
+  });
+}
+
+test('decode refuses a truncated, padded, tampered or mis-sized index, and says why', () => {
+  const idx = TreeIndex.fromRecords([dir('d'), file('d/a.h', 3, 512), file('d/b.h', 2, 1024), link('d/l', 'a.h')]);
+  const good = (): Buffer => Buffer.from(idx.encode());
+  const pack = idx.packBytes;
+  assert.equal(TreeIndex.decode(good(), { packBytes: pack }).nodeCount, idx.nodeCount);
+  expectDamage(good().subarray(0, 50), pack, /shorter than its header/);
+  expectDamage(good().subarray(0, good().length - 1), pack, /but its header describes/);
+  expectDamage(Buffer.concat([good(), Buffer.alloc(1)]), pack, /but its header describes/);
+  expectDamage(Buffer.from('{"version":1,"records":[]}'.padEnd(200)), pack, /does not start with the index magic/);
+  expectDamage(good(), pack + 1, /describes a pack of \d+ bytes, not/);
+  const flipped = good();
+  flipped[flipped.length - 1]! ^= 0x20; // a name's last byte
+  expectDamage(flipped, pack, /checksum does not match/);
+});
+
+test('decode refuses records that point outside the pack or out of the tree, even with a valid checksum', () => {
+  const idx = TreeIndex.fromRecords([dir('d'), file('d/a.h', 3, 512), file('d/b.h', 2, 1024), link('d/l', 'a.h')]);
+  const pack = idx.packBytes;
+  const rec = (id: number): number => HEADER_BYTES + id * NODE_BYTES;
+  const a = idx.idOf('d/a.h');
+  const b = idx.idOf('d/b.h');
+  const l = idx.idOf('d/l');
+  const patched = (patch: (buf: Buffer) => void): Buffer => {
+    const buf = Buffer.from(idx.encode());
+    patch(buf);
+    return reseal(buf);
+  };
+  expectDamage(patched((buf) => buf.writeDoubleLE(pack, rec(a) + N.offset)), pack, /are not inside the pack/);
+  expectDamage(patched((buf) => buf.writeDoubleLE(-1, rec(a) + N.offset)), pack, /are not inside the pack/);
+  expectDamage(patched((buf) => buf.writeDoubleLE(2 ** 60, rec(a) + N.size)), pack, /size out of range/);
+  expectDamage(patched((buf) => buf.writeUInt8(9, rec(a) + N.kind)), pack, /unknown kind/);
+  expectDamage(patched((buf) => buf.writeUInt8(1, rec(a) + N.source)), pack, /names blob 0 of 0/);
+  // A name that is not one component ('..', or containing '/') could walk out of its directory.
+  const nameAt = (id: number, buf: Buffer): number => sections({ nodeCount: idx.nodeCount, blobCount: 0, chunkBytes: idx.chunkBytes, chunkCount: idx.chunkCount, stringsBytes: 0, packBytes: pack }).strings + buf.readUInt32LE(rec(id) + N.nameOff);
+  expectDamage(
+    patched((buf) => {
+      buf.writeUInt32LE(2, rec(b) + N.nameLen);
+      buf.write('..', nameAt(b, buf));
+    }),
+    pack,
+    /name "\.\." is not one path component/,
+  );
+  expectDamage(patched((buf) => buf.write('/', nameAt(a, buf) + 1)), pack, /is not one path component/);
+  expectDamage(patched((buf) => buf.writeUInt32LE(0, rec(a) + N.parent)), pack, /listed under \d+ but names parent 0/);
+  // Siblings out of order: a binary search would miss names.
+  expectDamage(patched((buf) => buf.write('z', nameAt(a, buf))), pack, /not sorted/);
+  // A symlink whose target is made absolute, or made to climb out of the tree.
+  const targetAt = (buf: Buffer): number => nameAt(0, buf) - buf.readUInt32LE(rec(0) + N.nameOff) + buf.readUInt32LE(rec(l) + N.first);
+  expectDamage(patched((buf) => buf.write('/', targetAt(buf))), pack, /target is absolute/);
+  const climbing = TreeIndex.fromRecords([dir('d'), file('d/a.h', 3, 512), link('d/l', 'xx/../a.h')]);
+  const cl = climbing.idOf('d/l');
+  const esc = Buffer.from(climbing.encode());
+  const layout = { nodeCount: climbing.nodeCount, blobCount: 0, chunkBytes: climbing.chunkBytes, chunkCount: climbing.chunkCount, stringsBytes: 0, packBytes: climbing.packBytes };
+  esc.write('../..', sections(layout).strings + esc.readUInt32LE(HEADER_BYTES + cl * NODE_BYTES + N.first));
+  expectDamage(reseal(esc), climbing.packBytes, /the symlink d\/l leads out of the tree/);
+});
+
+test('a blob name outside the entry directory cannot be written or read back', () => {
+  assert.throws(() => TreeIndex.fromRecords([{ path: 'vmlinux.h', kind: 'file', mode: 0o644, mtime: 1, size: 5, blob: '../../../etc/hostname' }]), /cannot name a file beside the pack/);
+  for (const bad of ['../../../etc/hostname', '/etc/hostname', 'a/b', '.hidden', 'pack.tar', 'index.bin', 'manifest.json', 'archive.tar.xz', '', 'x'.repeat(200)]) assert.equal(validBlobName(bad), false, bad);
+  for (const good of ['vmlinux.h', 'config', 'btf-nf_tables.h']) assert.equal(validBlobName(good), true, good);
+  // An index whose blob table names ../../../etc/hostname (re-sealed, so only the name check stands).
+  const idx = TreeIndex.fromRecords([{ path: 'vmlinux.h', kind: 'file', mode: 0o644, mtime: 1, size: 5, blob: 'vmlinux.h' }]);
+  const evil = withBlobName(Buffer.from(idx.encode()), '../../../etc/hostname');
+  expectDamage(evil, 0, /blob 0 has the name "\.\.\/\.\.\/\.\.\/etc\/hostname", which the format does not allow/);
+  // Opened lazily (cat), the same name is refused when the blob is first touched.
+  const lazy = TreeIndex.open(new MemoryView(evil), { packBytes: 0 });
+  assert.throws(() => lazy.blob(0), /which the format does not allow/);
+  assert.throws(() => lazy.node(lazy.idOf('vmlinux.h')), /which the format does not allow/);
+});
+
+test('a lazily opened index (cat) reads only what a lookup touches and checks it', () => {
+  const records: IndexRecord[] = [];
+  for (let d = 0; d < 50; d++) for (let f = 0; f < 100; f++) records.push(file(`include/d${d}/f${f}.h`, 1, 512 * (d * 100 + f + 1)));
+  const idx = TreeIndex.fromRecords(records);
+  const buf = Buffer.from(idx.encode());
+  let touched = 0;
+  const counting: ByteView = new (class extends MemoryView {
+    override bytes(off: number, len: number): Buffer {
+      touched += len;
+      return super.bytes(off, len);
+    }
+    override u8(off: number): number {
+      touched += 1;
+      return super.u8(off);
+    }
+    override u32(off: number): number {
+      touched += 4;
+      return super.u32(off);
+    }
+    override f64(off: number): number {
+      touched += 8;
+      return super.f64(off);
+    }
+  })(buf);
+  const lazy = TreeIndex.open(counting, { packBytes: idx.packBytes });
+  const touchedBefore = touched;
+  assert.equal(lazy.resolve('include/d42/f77.h')?.offset, 512 * (42 * 100 + 77 + 1));
+  assert.equal(lazy.resolveId('include/d42/nope.h'), -1);
+  const read = touched - touchedBefore;
+  assert.ok(read < buf.length / 20, `a lookup read ${read} of the index's ${buf.length} bytes`);
 });

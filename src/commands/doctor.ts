@@ -24,7 +24,7 @@ import type { Config } from '../config.js';
 import { EXIT, errnoOf, isKheadersError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { BTF_PATH, LIVE_ARCHIVE_PATHS } from '../source/locate.js';
-import { isAndroid } from '../store/cache.js';
+import { CacheStore, isAndroid } from '../store/cache.js';
 import { readTokenFile } from '../token.js';
 import type { Manifest } from '../store/entry.js';
 import { matchRunning, sha256OfFile } from '../store/kernel-match.js';
@@ -34,7 +34,7 @@ import { packageRoot } from './install.js';
 export type CheckStatus = 'ok' | 'warn' | 'fail';
 
 export interface CheckResult {
-  /** Stable name for machines: kernel, privileges, archive, btf, xz, cache, current, http, token, fuse-device, fuse-backend, mount-point, link-modules, service. */
+  /** Stable name for machines: kernel, privileges, archive, btf, xz, cache, cache-entries, current, http, token, fuse-device, fuse-backend, mount-point, link-modules, service. */
   id: string;
   status: CheckStatus;
   /** What was found, in words. */
@@ -141,6 +141,7 @@ export async function runDoctor(cfg: Config, overrides: Partial<DoctorEnvironmen
     d.guard('btf', () => d.btf()),
     d.guard('xz', () => d.xz()),
     d.guard('cache', () => d.cache()),
+    d.guard('cache-entries', () => d.cacheEntries()),
     d.guard('current', () => d.current()),
     d.guard('http', () => d.http()),
     d.guard('token', () => d.token()),
@@ -260,6 +261,33 @@ class Doctor {
       };
     })();
     return this.cacheFact;
+  }
+
+  /** Every entry checked as serve would load it; what is damaged, and what was quarantined and why. */
+  async cacheEntries(): Promise<Found> {
+    let store: CacheStore;
+    try {
+      store = await CacheStore.open(this.cfg.cacheDir);
+    } catch {
+      return []; // no cache yet, or one the cache check already refuses
+    }
+    const { entries, damaged } = await store.scan();
+    const quarantined = await store.quarantined();
+    const out: Found = [];
+    for (const d of damaged) {
+      out.push({ id: 'cache-entries', status: 'warn', what: `${d.error.message}: not served`, fix: 'a serve start or `kheadersd ingest` moves it to quarantine and rebuilds it' });
+    }
+    const live = new Set(entries.map((m) => m.id));
+    for (const q of quarantined) {
+      out.push({
+        id: 'cache-entries',
+        status: 'warn',
+        what: `quarantined ${q.at}: ${q.id}: ${q.reason}${live.has(q.id) ? ' (rebuilt since)' : ' (not rebuilt)'}`,
+        fix: `see ${path.join(store.dir, 'quarantine', q.name)}; entries damaged again and again point at the disk (dmesg, smartctl)`,
+      });
+    }
+    if (out.length === 0) out.push({ id: 'cache-entries', status: 'ok', what: `${entries.length} cache entr${entries.length === 1 ? 'y' : 'ies'} intact, none quarantined` });
+    return out;
   }
 
   async archive(): Promise<Found> {
