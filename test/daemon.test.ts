@@ -4,86 +4,13 @@
  * SIGTERM must unmount and exit 0. Every access to the mount is async (the daemon is another
  * process, but a hung mount must fail the test, not hang it).
  */
-import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { open, readFile, readlink, rename, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { test, type TestContext } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { CLI, goodArchive, tempDir } from './helpers/archives.js';
+import { goodArchive, tempDir } from './helpers/archives.js';
 import { fuseDeviceSkipReason } from './helpers/fuse-env.js';
-
-interface Daemon {
-  child: ChildProcessWithoutNullStreams;
-  logs: Array<Record<string, unknown>>;
-  waitFor(pred: (line: Record<string, unknown>) => boolean, what: string, timeoutMs?: number): Promise<Record<string, unknown>>;
-  exited: Promise<number | null>;
-}
-
-function startServe(t: TestContext, args: string[]): Daemon {
-  const child = spawn(process.execPath, [CLI, 'serve', ...args], { stdio: ['pipe', 'pipe', 'pipe'] });
-  const logs: Array<Record<string, unknown>> = [];
-  const waiters = new Set<() => void>();
-  let buffered = '';
-  child.stdout.setEncoding('utf8');
-  child.stdout.on('data', (s: string) => {
-    buffered += s;
-    let nl;
-    while ((nl = buffered.indexOf('\n')) >= 0) {
-      const line = buffered.slice(0, nl);
-      buffered = buffered.slice(nl + 1);
-      try {
-        logs.push(JSON.parse(line) as Record<string, unknown>);
-      } catch {
-        logs.push({ msg: line });
-      }
-      for (const w of waiters) w();
-    }
-  });
-  let stderr = '';
-  child.stderr.setEncoding('utf8');
-  child.stderr.on('data', (s: string) => (stderr += s));
-  const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
-  t.after(async () => {
-    if (child.exitCode === null && child.signalCode === null) {
-      child.kill('SIGTERM');
-      await Promise.race([exited, new Promise((r) => setTimeout(r, 10_000))]);
-      if (child.exitCode === null) child.kill('SIGKILL');
-    }
-  });
-  return {
-    child,
-    logs,
-    exited,
-    waitFor(pred, what, timeoutMs = 60_000) {
-      return new Promise((resolve, reject) => {
-        const check = (): void => {
-          const hit = logs.find(pred);
-          if (hit) {
-            waiters.delete(check);
-            clearTimeout(timer);
-            resolve(hit);
-          }
-        };
-        const timer = setTimeout(() => {
-          waiters.delete(check);
-          reject(new Error(`timed out waiting for ${what}; stderr: ${stderr}; logs: ${JSON.stringify(logs.slice(-5))}`));
-        }, timeoutMs);
-        waiters.add(check);
-        check();
-      });
-    },
-  };
-}
-
-async function pollUntil<T>(fn: () => Promise<T | undefined>, what: string, timeoutMs = 30_000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await fn().catch(() => undefined);
-    if (v !== undefined) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
+import { pollUntil, startServe } from './helpers/serve-child.js';
 
 test('serve: mount + HTTP, SIGHUP follows a kernel swap, open files keep reading, SIGTERM unmounts', async (t) => {
   // serve's default backend as root is the kernel one: /dev/fuse and root, no libfuse.

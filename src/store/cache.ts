@@ -208,9 +208,17 @@ export class CacheStore {
     return record;
   }
 
-  /** An old-format entry rebuilt from its archive: the old one is not evidence of anything. */
-  async discard(id: string): Promise<void> {
-    await this.remove(id);
+  /** Move an entry out of entries/ into tmp/ (to rebuild it from there). Call while holding the lock. */
+  async setAside(id: string): Promise<string> {
+    const aside = path.join(this.tmpDir, `aside-${process.pid}-${Date.now()}-${id}`);
+    await rename(path.join(this.entriesDir, id), aside);
+    this.loaded.delete(id);
+    return aside;
+  }
+
+  /** Quarantine an entry already set aside (see setAside). Call while holding the lock. */
+  quarantineFrom(aside: string, id: string, why: { reason: string; file?: string }): Promise<QuarantineRecord> {
+    return quarantineEntry(this.dir, path.dirname(aside), path.basename(aside), why, id);
   }
 
   /** Quarantined entries, newest first. */

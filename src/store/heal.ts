@@ -66,48 +66,74 @@ async function healOne(store: CacheStore, d: DamagedEntry, opts: HealOptions, re
   const log = opts.log;
   const reason = typeof d.error.details['reason'] === 'string' ? d.error.details['reason'] : d.error.message;
   const file = typeof d.error.details['file'] === 'string' ? d.error.details['file'] : undefined;
-  const record = await store.quarantine(d.id, { reason: d.outdated ? `outdated: ${reason}` : reason, ...(file !== undefined ? { file } : {}) });
+  if (d.outdated) {
+    // Not damage: rebuilt from a copy set aside in tmp/, which goes once the rebuild worked.
+    log?.info({ id: d.id }, `cache entry ${d.id} is in an older format: rebuilding it`);
+    const aside = await store.setAside(d.id);
+    const why = await rebuildFrom(store, d.id, aside, opts);
+    if (why === undefined) {
+      report.rebuilt.push(d.id);
+      await rm(aside, { recursive: true, force: true });
+      return;
+    }
+    // It cannot be rebuilt: keep it as evidence, like a damaged one.
+    report.quarantined.push(await store.quarantineFrom(aside, d.id, { reason: `${reason}; it cannot be rebuilt: ${why}` }));
+    report.unrepaired.push({ id: d.id, why });
+    log?.warn({ id: d.id, why }, `cache entry ${d.id} is in an older format and cannot be rebuilt (${why}): moved to quarantine`);
+    return;
+  }
+  const record = await store.quarantine(d.id, { reason, ...(file !== undefined ? { file } : {}) });
   const qdir = path.join(store.dir, QUARANTINE_DIR, record.name);
-  if (!d.outdated) report.quarantined.push(record);
-  log?.warn({ id: d.id, reason, file, quarantine: qdir }, d.outdated ? `cache entry ${d.id} is in an older format: rebuilding it` : `${d.error.message}: moved to quarantine`);
+  report.quarantined.push(record);
+  log?.warn({ id: d.id, reason, file, quarantine: qdir }, `${d.error.message}: moved to quarantine`);
 
-  const why = await rebuildFromQuarantine(store, d.id, qdir, opts).catch((err: unknown) => (err instanceof Error ? err.message : String(err)));
+  const why = await rebuildFrom(store, d.id, qdir, opts);
   if (why === undefined) {
     report.rebuilt.push(d.id);
     log?.info({ id: d.id }, 'cache entry rebuilt from its own archive');
-    if (d.outdated) await rm(qdir, { recursive: true, force: true });
     return;
   }
   report.unrepaired.push({ id: d.id, why });
   log?.warn({ id: d.id, why }, `cache entry ${d.id} cannot be rebuilt from its own archive (${why}); it stays in quarantine, and the running kernel's entry is built again from the live source`);
 }
 
-/** Build `id` again from the archive in its quarantined copy; undefined on success, else why not. */
-async function rebuildFromQuarantine(store: CacheStore, id: string, qdir: string, opts: HealOptions): Promise<string | undefined> {
+/** Build `id` again from the archive in the directory it was moved to; undefined on success, else why not. */
+async function rebuildFrom(store: CacheStore, id: string, dir: string, opts: HealOptions): Promise<string | undefined> {
   const parsed = parseEntryId(id);
   if (!parsed) return 'its name is not an entry id';
   let archive: Buffer;
   try {
-    archive = await readFile(path.join(qdir, ARCHIVE_FILE));
+    archive = await readFile(path.join(dir, ARCHIVE_FILE));
   } catch (err) {
     return errnoOf(err) === 'ENOENT' ? 'it has no archive.tar.xz (a vmlinux.h-only entry, or the archive is gone)' : `its archive cannot be read (${errnoOf(err) ?? String(err)})`;
   }
   if (createHash('sha256').update(archive).digest('hex') !== parsed.digest) return "its archive.tar.xz no longer has the entry's digest";
-  const old = await oldManifest(qdir);
-  await rebuildEntry(store, { archive, release: parsed.release, digest: parsed.digest, source: old.source ?? 'rebuilt from its cached archive', buildId: old.buildId }, opts);
+  const old = await oldManifest(dir);
+  try {
+    await rebuildEntry(
+      store,
+      { archive, release: parsed.release, digest: parsed.digest, source: old.source ?? 'rebuilt from its cached archive', buildId: old.buildId, btfDigest: old.btfDigest, ...(old.btfSource !== undefined ? { btfSource: old.btfSource } : {}) },
+      opts,
+    );
+  } catch (err) {
+    return `rebuilding failed: ${err instanceof Error ? err.message : String(err)}`;
+  }
   return undefined;
 }
 
 /** What the damaged entry's manifest still says, read loosely (it may be the damaged part). */
-async function oldManifest(dir: string): Promise<{ source: string | undefined; buildId: string | null }> {
+async function oldManifest(dir: string): Promise<{ source: string | undefined; buildId: string | null; btfDigest: string | null | undefined; btfSource: string | undefined }> {
   try {
     const m = JSON.parse(await readFile(path.join(dir, MANIFEST_FILE), 'utf8')) as Record<string, unknown>;
+    const btf = m['btf'] as { digest?: unknown; source?: unknown } | null | undefined;
     return {
       source: typeof m['source'] === 'string' ? m['source'] : undefined,
       buildId: typeof m['buildId'] === 'string' && /^[0-9a-f]+$/.test(m['buildId']) ? m['buildId'] : null,
+      btfDigest: btf === null ? null : typeof btf?.digest === 'string' ? btf.digest : undefined,
+      btfSource: typeof btf?.source === 'string' ? btf.source : undefined,
     };
   } catch {
-    return { source: undefined, buildId: null };
+    return { source: undefined, buildId: null, btfDigest: undefined, btfSource: undefined };
   }
 }
 

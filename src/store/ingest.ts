@@ -237,19 +237,37 @@ export interface RebuildSource {
   /** The original manifest's source and build id, when it could still be read. */
   source: string;
   buildId: string | null;
+  /** The BTF digest its vmlinux.h was made from: null if it had none, undefined if unknown. */
+  btfDigest: string | null | undefined;
+  /** The BTF file it was made from, when the manifest recorded it. */
+  btfSource?: string;
 }
 
 /**
  * Build an entry again from its own archive (heal.ts): the same decode, checks and digests as a
- * first ingest. vmlinux.h comes back for the running kernel's release (from its live BTF);
- * another release's is not rebuilt (its BTF is not at hand). Call while holding the lock.
+ * first ingest. vmlinux.h comes back when a BTF with the digest the entry recorded is at hand
+ * (the file it was made from, --btf, or the running kernel's own), and passes the same checks
+ * as at ingest; when that digest is unknown, as a fresh ingest with this configuration would
+ * choose. Call while holding the lock.
  */
 export async function rebuildEntry(store: CacheStore, from: RebuildSource, opts: IngestOptions): Promise<CacheEntry> {
   const limits: IngestLimits = { ...DEFAULT_LIMITS, ...opts.limits };
   const source: ArchiveSource = { bytes: from.archive, source: from.source, live: false, release: from.release, buildId: from.buildId };
-  const btf = await chooseBtf({ ...opts, btf: opts.btf === 'off' ? 'off' : 'auto' }, from.release === os.release()).catch(() => undefined);
+  const btf = await rebuildBtf(opts, from);
   const built = await buildHeadersEntry(store, source, from.digest, from.release, xzUncompressedSize(from.archive), limits, btf, await liveKernel(opts, btf, null), opts);
   return built.entry;
+}
+
+async function rebuildBtf(opts: IngestOptions, from: RebuildSource): Promise<BtfSource | undefined> {
+  const choice = opts.btf ?? 'auto';
+  if (from.btfDigest === undefined) return chooseBtf(opts, from.release === os.release()).catch(() => undefined);
+  if (from.btfDigest === null || choice === 'off') return undefined;
+  const candidates = [...(from.btfSource !== undefined ? [from.btfSource] : []), ...(choice !== 'auto' ? [choice] : []), ...(from.release === os.release() ? [opts.liveBtf ?? LIVE_BTF] : [])];
+  for (const file of candidates) {
+    const btf = await btfSource(file).catch(() => undefined);
+    if (btf?.digest === from.btfDigest) return btf;
+  }
+  return undefined;
 }
 
 /** The BTF to use: an explicit file (which must exist), or the live one when `live` allows. */

@@ -29,17 +29,20 @@ export interface QuarantineRecord {
   name: string;
 }
 
-/** Move `entriesDir/id` into quarantine with its reason; prune to QUARANTINE_KEEP. Caller holds the cache lock. */
-export async function quarantineEntry(cacheDir: string, entriesDir: string, id: string, why: { reason: string; file?: string }): Promise<QuarantineRecord> {
+/**
+ * Move `fromDir/name` (an entry directory) into quarantine as entry `id`, with its reason; prune
+ * to QUARANTINE_KEEP. Caller holds the cache lock.
+ */
+export async function quarantineEntry(cacheDir: string, fromDir: string, name: string, why: { reason: string; file?: string }, id = name): Promise<QuarantineRecord> {
   const qdir = path.join(cacheDir, QUARANTINE_DIR);
   await mkdir(qdir, { recursive: true, mode: 0o755 });
   await chmod(qdir, 0o755); // the umask must not decide who can read it
   const at = new Date().toISOString();
   // Sortable by time; unique even if one entry is quarantined twice in a millisecond.
-  const name = `${at.replace(/[:.]/g, '-')}~${process.pid}~${id}`;
-  const dest = path.join(qdir, name);
-  await rename(path.join(entriesDir, id), dest);
-  const record: QuarantineRecord = { id, reason: why.reason, ...(why.file !== undefined ? { file: why.file } : {}), at, name };
+  const qname = `${at.replace(/[:.]/g, '-')}~${process.pid}~${id}`;
+  const dest = path.join(qdir, qname);
+  await rename(path.join(fromDir, name), dest);
+  const record: QuarantineRecord = { id, reason: why.reason, ...(why.file !== undefined ? { file: why.file } : {}), at, name: qname };
   await writeFile(path.join(dest, REASON_FILE), JSON.stringify(record, null, 2) + '\n', { mode: 0o644 }).catch(() => {
     // A full disk must not stop the entry from leaving entries/: the move is what matters.
   });

@@ -234,7 +234,7 @@ export class EntryReader {
       if (this.chunkOk[i] === 1) continue;
       const piece = buf.subarray(at, Math.min(at + C, buf.length));
       if (!index.chunkMatches(i, createHash('sha256').update(piece).digest())) {
-        throw this.damage(`its bytes do not match the digest recorded at ingest (pack.tar bytes ${from + at}-${from + at + piece.length - 1})`, node);
+        throw this.damage(`pack.tar bytes ${from + at}-${from + at + piece.length - 1}, which hold it, do not match the digest recorded at ingest`, node);
       }
       this.chunkOk[i] = 1;
     }
