@@ -133,23 +133,6 @@ function unsafe(entry: string, why: string): KheadersError {
   return new KheadersError('E_UNSAFE_ENTRY', `unsafe archive entry ${JSON.stringify(entry)}: ${why}`, { entry, reason: why });
 }
 
-/**
- * UTF-8 byte order of two strings without encoding them (UTF-8 bytes sort as code points do;
- * UTF-16 code units do too, except that surrogates must sort above U+E000..U+FFFF).
- */
-function compareUtf8(a: string, b: string): number {
-  const n = Math.min(a.length, b.length);
-  for (let i = 0; i < n; i++) {
-    let ca = a.charCodeAt(i);
-    let cb = b.charCodeAt(i);
-    if (ca === cb) continue;
-    if (ca >= 0xd800) ca = ca <= 0xdfff ? ca + 0x2000 : ca - 0x800;
-    if (cb >= 0xd800) cb = cb <= 0xdfff ? cb + 0x2000 : cb - 0x800;
-    return ca - cb;
-  }
-  return a.length - b.length;
-}
-
 /** A scratch buffer for encoding looked-up names (lookups are synchronous: one is enough). */
 let scratch = Buffer.alloc(1024);
 function encodeName(name: string): Buffer {
@@ -160,23 +143,41 @@ function encodeName(name: string): Buffer {
 
 // ---- building -----------------------------------------------------------------------------------
 
-interface Draft {
-  kind: NodeKind;
+/**
+ * A directory being built. Files and symlinks stay as their records (their index in `records`):
+ * at 200,000 entries an object per node would cost more than the finished index.
+ */
+interface DirDraft {
+  name: string;
+  path: string;
   mode: number;
   mtime: number;
-  size: number;
-  offset: number;
-  blob: number; // 0 = pack, k = blobs[k-1]
-  target: string | undefined;
-  name: string;
-  parent: Draft | undefined;
-  children: Draft[] | undefined;
+  /** Made because a path went through it, not (yet) by its own record. */
   implicit: boolean;
-  id: number;
+  /** Record order of what made it: which of two clashing names came first. */
+  seq: number;
+  children: Array<DirDraft | number>;
+  /** Id of its first child, once ids are given. */
+  first: number;
 }
 
-function draftDir(name: string, parent: Draft | undefined, implicit: boolean): Draft {
-  return { kind: 'dir', mode: 0o755, mtime: 0, size: 0, offset: 0, blob: 0, target: undefined, name, parent, children: [], implicit, id: -1 };
+/**
+ * UTF-8 byte order of a[aStart..] and b[bStart..] without encoding them (UTF-8 bytes sort as code
+ * points do; UTF-16 code units do too, except that surrogates must sort above U+E000..U+FFFF).
+ */
+function compareUtf8(a: string, aStart: number, b: string, bStart: number): number {
+  const al = a.length - aStart;
+  const bl = b.length - bStart;
+  const n = Math.min(al, bl);
+  for (let i = 0; i < n; i++) {
+    let ca = a.charCodeAt(aStart + i);
+    let cb = b.charCodeAt(bStart + i);
+    if (ca === cb) continue;
+    if (ca >= 0xd800) ca = ca <= 0xdfff ? ca + 0x2000 : ca - 0x800;
+    if (cb >= 0xd800) cb = cb <= 0xdfff ? cb + 0x2000 : cb - 0x800;
+    return ca - cb;
+  }
+  return al - bl;
 }
 
 export class TreeIndex {
@@ -213,64 +214,54 @@ export class TreeIndex {
    * Without them (tests of the tree alone) the digests are zeros, which no read would accept.
    */
   static fromRecords(records: readonly IndexRecord[], content: { pack?: PackDigests; blobs?: readonly BlobInfo[] } = {}): TreeIndex {
-    const root = draftDir('', undefined, false);
-    const byPath = new Map<string, Draft>([['', root]]);
+    const root: DirDraft = { name: '', path: '', mode: 0o755, mtime: 0, implicit: false, seq: -1, children: [], first: 0 };
+    const dirs = new Map<string, DirDraft>([['', root]]);
     const blobs: BlobInfo[] = [...(content.blobs ?? [])];
+    /** Where each record's own name starts in its path. */
+    const nameStart = new Int32Array(records.length);
+    /** Files: 0 = the pack, k = blobs[k-1]. */
+    const source = new Uint8Array(records.length);
 
-    const ensureDir = (p: string): Draft => {
-      const existing = byPath.get(p);
-      if (existing) {
-        if (existing.kind !== 'dir') throw unsafe(p, 'is used both as a directory and as a ' + existing.kind);
-        return existing;
-      }
+    const ensureDir = (p: string, seq: number): DirDraft => {
+      const existing = dirs.get(p);
+      if (existing) return existing;
       const slash = p.lastIndexOf('/');
-      const parent = ensureDir(slash < 0 ? '' : p.slice(0, slash));
-      const node = draftDir(p.slice(slash + 1), parent, true);
-      byPath.set(p, node);
-      parent.children!.push(node);
-      return node;
+      const parent = ensureDir(slash < 0 ? '' : p.slice(0, slash), seq);
+      const dir: DirDraft = { name: p.slice(slash + 1), path: p, mode: 0o755, mtime: 0, implicit: true, seq, children: [], first: 0 };
+      dirs.set(p, dir);
+      parent.children.push(dir);
+      return dir;
     };
 
     let packEnd = 0;
-    for (const rec of records) {
+    records.forEach((rec, i) => {
       if (rec.path === '') {
         if (rec.kind !== 'dir') throw unsafe('.', 'the root is not a directory');
         root.mode = rec.mode;
         root.mtime = rec.mtime;
-        continue;
-      }
-      const existing = byPath.get(rec.path);
-      if (existing) {
-        // A directory may be named implicitly (by a child) before its own header arrives.
-        if (existing.kind === 'dir' && rec.kind === 'dir' && existing.implicit) {
-          existing.mode = rec.mode;
-          existing.mtime = rec.mtime;
-          existing.implicit = false;
-          continue;
-        }
-        throw unsafe(rec.path, 'appears twice in the archive');
+        return;
       }
       if (rec.kind === 'symlink' && (rec.target === undefined || symlinkTargetPath(rec.path, rec.target) === undefined)) {
         throw unsafe(rec.path, `is a symlink to ${JSON.stringify(rec.target ?? '')}, which leaves the tree`);
       }
       const slash = rec.path.lastIndexOf('/');
-      const parent = ensureDir(slash < 0 ? '' : rec.path.slice(0, slash));
-      const node: Draft = {
-        kind: rec.kind,
-        mode: rec.mode,
-        mtime: rec.mtime,
-        size: rec.size,
-        offset: 0,
-        blob: 0,
-        target: rec.kind === 'symlink' ? rec.target : undefined,
-        name: rec.path.slice(slash + 1),
-        parent,
-        children: rec.kind === 'dir' ? [] : undefined,
-        implicit: false,
-        id: -1,
-      };
-      if (rec.kind === 'symlink') node.size = Buffer.byteLength(rec.target ?? '');
-      if (rec.kind === 'dir') node.size = 0;
+      nameStart[i] = slash + 1;
+      const parent = ensureDir(slash < 0 ? '' : rec.path.slice(0, slash), i);
+      if (rec.kind === 'dir') {
+        const existing = dirs.get(rec.path);
+        // A directory may be named implicitly (by a child) before its own header arrives.
+        if (existing && !existing.implicit) throw unsafe(rec.path, 'appears twice in the archive');
+        if (existing) {
+          existing.mode = rec.mode;
+          existing.mtime = rec.mtime;
+          existing.implicit = false;
+          return;
+        }
+        const dir: DirDraft = { name: rec.path.slice(slash + 1), path: rec.path, mode: rec.mode, mtime: rec.mtime, implicit: false, seq: i, children: [], first: 0 };
+        dirs.set(rec.path, dir);
+        parent.children.push(dir);
+        return;
+      }
       if (rec.kind === 'file') {
         if (rec.blob !== undefined) {
           if (!validBlobName(rec.blob)) throw new KheadersError('E_INTERNAL', `${JSON.stringify(rec.blob)} cannot name a file beside the pack`);
@@ -279,27 +270,40 @@ export class TreeIndex {
           const sha256 = rec.sha256 !== undefined ? Buffer.from(rec.sha256, 'hex') : Buffer.alloc(DIGEST_BYTES);
           if (k < 0) k = blobs.push({ name: rec.blob, size: rec.size, sha256 }) - 1;
           if (blobs[k]!.size !== rec.size) throw new KheadersError('E_INTERNAL', `${rec.path} is ${rec.size} bytes but its blob ${rec.blob} is ${blobs[k]!.size}`);
-          node.blob = k + 1;
-        } else {
-          node.offset = rec.offset ?? 0;
-          packEnd = Math.max(packEnd, node.offset + rec.size);
-        }
+          source[i] = k + 1;
+        } else packEnd = Math.max(packEnd, (rec.offset ?? 0) + rec.size);
       }
-      byPath.set(rec.path, node);
-      parent.children!.push(node);
-    }
-    byPath.clear();
+      parent.children.push(i);
+    });
+    dirs.clear();
 
-    // Breadth-first ids: each directory's children consecutive, sorted by name bytes.
-    const order: Draft[] = [root];
-    root.id = 0;
+    // A child's name is the tail of its record's path (no string made for it while sorting).
+    const text = (c: DirDraft | number): string => (typeof c === 'number' ? records[c]!.path : c.name);
+    const from = (c: DirDraft | number): number => (typeof c === 'number' ? nameStart[c]! : 0);
+    const compareNames = (a: DirDraft | number, b: DirDraft | number): number => compareUtf8(text(a), from(a), text(b), from(b));
+    const nameOfChild = (c: DirDraft | number): string => (typeof c === 'number' ? records[c]!.path.slice(nameStart[c]!) : c.name);
+    const seqOf = (c: DirDraft | number): number => (typeof c === 'number' ? c : c.seq);
+    const kindOfChild = (c: DirDraft | number): NodeKind => (typeof c === 'number' ? records[c]!.kind : 'dir');
+
+    // Breadth-first ids: each directory's children consecutive, sorted by name bytes. Two
+    // children of one name are the archive naming a path twice (or as a file and a directory).
+    const order: Array<DirDraft | number> = [root];
+    const parentOf: number[] = [0];
     for (let i = 0; i < order.length; i++) {
       const d = order[i]!;
-      if (!d.children) continue;
-      d.children.sort((a, b) => compareUtf8(a.name, b.name));
+      if (typeof d === 'number') continue;
+      d.children.sort(compareNames);
+      for (let c = 1; c < d.children.length; c++) {
+        if (compareNames(d.children[c - 1]!, d.children[c]!) !== 0) continue;
+        const [earlier, later] = seqOf(d.children[c - 1]!) < seqOf(d.children[c]!) ? [d.children[c - 1]!, d.children[c]!] : [d.children[c]!, d.children[c - 1]!];
+        const clash = d.path === '' ? nameOfChild(later) : `${d.path}/${nameOfChild(later)}`;
+        if (typeof later !== 'number' && later.implicit && typeof earlier === 'number') throw unsafe(clash, `is used both as a directory and as a ${kindOfChild(earlier)}`);
+        throw unsafe(clash, 'appears twice in the archive');
+      }
+      d.first = order.length;
       for (const c of d.children) {
-        c.id = order.length;
         order.push(c);
+        parentOf.push(i);
       }
     }
 
@@ -315,8 +319,8 @@ export class TreeIndex {
     };
     if (pack.digests.length !== layout.chunkCount * DIGEST_BYTES) throw new KheadersError('E_INTERNAL', `${pack.digests.length / DIGEST_BYTES} chunk digests for a pack of ${layout.chunkCount} chunks`);
     for (const d of order) {
-      layout.stringsBytes += Buffer.byteLength(d.name);
-      if (d.target !== undefined) layout.stringsBytes += Buffer.byteLength(d.target);
+      layout.stringsBytes += Buffer.byteLength(nameOfChild(d));
+      if (typeof d === 'number' && records[d]!.kind === 'symlink') layout.stringsBytes += Buffer.byteLength(records[d]!.target!);
     }
     for (const b of blobs) layout.stringsBytes += Buffer.byteLength(b.name);
 
@@ -338,27 +342,37 @@ export class TreeIndex {
       str += len;
       return [off, len];
     };
-    for (const d of order) {
-      const r = at.nodes + d.id * NODE_BYTES;
-      const [nameOff, nameLen] = putString(d.name);
-      out.writeUInt8(d.kind === 'dir' ? KIND_DIR : d.kind === 'file' ? KIND_FILE : KIND_SYMLINK, r + N.kind);
-      out.writeUInt8(d.blob, r + N.source);
-      out.writeUInt16LE(d.mode & 0o7777, r + N.mode);
-      out.writeUInt32LE(d.parent?.id ?? 0, r + N.parent);
+    order.forEach((d, id) => {
+      const r = at.nodes + id * NODE_BYTES;
+      const [nameOff, nameLen] = putString(nameOfChild(d));
+      out.writeUInt32LE(parentOf[id]!, r + N.parent);
       out.writeUInt32LE(nameOff, r + N.nameOff);
       out.writeUInt32LE(nameLen, r + N.nameLen);
-      out.writeDoubleLE(d.mtime, r + N.mtime);
-      out.writeDoubleLE(d.size, r + N.size);
-      out.writeDoubleLE(d.offset, r + N.offset);
-      if (d.children && d.children.length > 0) {
-        out.writeUInt32LE(d.children[0]!.id, r + N.first);
-        out.writeUInt32LE(d.children.length, r + N.count);
-      } else if (d.target !== undefined) {
-        const [off, len] = putString(d.target);
+      if (typeof d !== 'number') {
+        out.writeUInt8(KIND_DIR, r + N.kind);
+        out.writeUInt16LE(d.mode & 0o7777, r + N.mode);
+        out.writeDoubleLE(d.mtime, r + N.mtime);
+        if (d.children.length > 0) {
+          out.writeUInt32LE(d.first, r + N.first);
+          out.writeUInt32LE(d.children.length, r + N.count);
+        }
+        return;
+      }
+      const rec = records[d]!;
+      out.writeUInt8(rec.kind === 'file' ? KIND_FILE : KIND_SYMLINK, r + N.kind);
+      out.writeUInt16LE(rec.mode & 0o7777, r + N.mode);
+      out.writeDoubleLE(rec.mtime, r + N.mtime);
+      if (rec.kind === 'file') {
+        out.writeUInt8(source[d]!, r + N.source);
+        out.writeDoubleLE(rec.size, r + N.size);
+        if (source[d] === 0) out.writeDoubleLE(rec.offset ?? 0, r + N.offset);
+      } else {
+        const [off, len] = putString(rec.target!);
+        out.writeDoubleLE(len, r + N.size);
         out.writeUInt32LE(off, r + N.first);
         out.writeUInt32LE(len, r + N.count);
       }
-    }
+    });
     blobs.forEach((b, k) => {
       const r = at.blobs + k * BLOB_BYTES;
       const [off, len] = putString(b.name);
