@@ -7,7 +7,12 @@
  *             interleaved round by round so background load hits every side alike);
  *   find      `find ROOT/ | wc -l` over the whole tree, cold and warm;
  *   read all  `find ROOT/ -type f -exec cat {} +`, cold and warm;
- *   requests  FUSE requests that reached the daemon per compile.
+ *   requests  FUSE requests that reached the daemon per compile;
+ *   start     the server process from fork to a mounted tree (loading and checking the entry).
+ *
+ * Verification (bytes proven against the index's chunk digests before first served, the index
+ * checksum on load) is measured side by side: each backend also runs as `<backend>-unverified`
+ * with it turned off (setReadVerification(false)), in the same rounds.
  *
  * Each mount is served by its own child process (this file with --serve), as the daemon serves
  * it: clang never shares a process, a threadpool or an inherited descriptor with the server.
@@ -16,7 +21,7 @@
  *
  * Reproduce (root: it mounts and drops caches):
  *   sudo sh -c 'npx tsc -p . && node dist/bench/fuse.js'        (from the checkout)
- * Options: --runs N (warm rounds, default 7), --cold N (default 3), --no-native, --no-write.
+ * Options: --runs N (warm rounds, default 7), --cold N (default 3), --no-native, --no-unverified, --no-write.
  */
 import { fork, type ChildProcess } from 'node:child_process';
 import { access, readFile, writeFile } from 'node:fs/promises';
@@ -27,6 +32,7 @@ import { IndexFsModel } from '../src/serve/fuse/index-model.js';
 import { mountKernel, type SessionOptions } from '../src/serve/fuse/kernel/index.js';
 import type { FuseMount, FuseOpCounts } from '../src/serve/fuse/types.js';
 import { CacheStore } from '../src/store/cache.js';
+import { setReadVerification } from '../src/store/reader.js';
 import {
   BPF_PROGRAM,
   bpfCompile,
@@ -43,12 +49,14 @@ import {
 } from '../test/helpers/fuse-env.js';
 import { machineLine, median, writeSection } from './report.js';
 
-type Backend = 'kernel' | 'kernel-classic-open' | 'kernel-thread' | 'native';
+type Backend = 'kernel' | 'kernel-classic-open' | 'kernel-thread' | 'native' | 'kernel-unverified' | 'native-unverified';
 const LABEL: Record<Backend, string> = {
   kernel: 'kernel (default)',
   'kernel-classic-open': 'kernel, OPEN per open(2)',
   'kernel-thread': 'kernel, reader thread',
   native: 'fuse-native',
+  'kernel-unverified': 'kernel, verification off',
+  'native-unverified': 'fuse-native, verification off',
 };
 
 type ServerMsg = { type: 'ready'; mountpoint: string } | { type: 'counts'; counts: FuseOpCounts } | { type: 'rss'; rssKiB: number; hwmKiB: number } | { type: 'error'; message: string };
@@ -57,12 +65,14 @@ type ServerMsg = { type: 'ready'; mountpoint: string } | { type: 'counts'; count
 
 async function serve(backend: Backend, cacheDir: string, id: string, mountpoint: string): Promise<void> {
   const log = createLogger('warn', process.stderr);
+  // Internal switch: only benchmarks turn verification off, to measure what it costs.
+  setReadVerification(!backend.endsWith('-unverified'));
   const store = await CacheStore.open(cacheDir);
   const entry = await store.load(id);
   const model = new IndexFsModel({ log });
   model.setEntries([entry], id);
   let mount: FuseMount;
-  if (backend === 'native') {
+  if (backend === 'native' || backend === 'native-unverified') {
     const { mountNative } = await import('../src/serve/fuse/native.js');
     mount = await mountNative({ mountpoint, model, log });
   } else {
@@ -98,16 +108,19 @@ class Server {
   private constructor(
     private readonly child: ChildProcess,
     readonly mountpoint: string,
+    /** From fork to mounted: node's start, loading and checking the entry, the mount. */
+    readonly startMs: number,
   ) {}
 
   static async start(backend: Backend, cacheDir: string, id: string, mountpoint: string): Promise<Server> {
+    const t0 = performance.now();
     const child = fork(fileURLToPath(import.meta.url), ['--serve', backend, cacheDir, id, mountpoint], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
     const ready = await new Promise<ServerMsg>((resolve, reject) => {
       child.once('message', (m: ServerMsg) => resolve(m));
       child.once('exit', (code) => reject(new Error(`${backend} server exited ${code} before mounting`)));
     });
     if (ready.type !== 'ready') throw new Error(`${backend} server: ${JSON.stringify(ready)}`);
-    return new Server(child, ready.mountpoint);
+    return new Server(child, ready.mountpoint, performance.now() - t0);
   }
 
   private ask<T extends ServerMsg['type']>(msg: string, want: T): Promise<Extract<ServerMsg, { type: T }>> {
@@ -148,6 +161,22 @@ const fmtCounts = (c: Record<string, number>): string => {
     .map(([k, v]) => `${k} ${v}`);
   return parts.length ? `${total(c)} (${parts.join(', ')})` : '0';
 };
+
+/** Verified vs unverified, per transport: median ratios of warm compile, cold compile and start. */
+function verificationLine(backends: readonly Backend[], data: { warm: Record<string, number[]>; cold: Record<string, number[]>; start: Record<string, number[]> }): string {
+  const parts: string[] = [];
+  for (const base of ['kernel', 'native'] as const) {
+    const off = `${base}-unverified` as const;
+    if (!backends.includes(base) || !backends.includes(off)) continue;
+    const ratio = (k: keyof typeof data): string => {
+      const on = data[k][base]!;
+      const unv = data[k][off]!;
+      return median(on.map((x, i) => x / unv[Math.min(i, unv.length - 1)]!)).toFixed(2);
+    };
+    parts.push(`${LABEL[base]}: warm compile ${ratio('warm')}×, cold compile ${ratio('cold')}×, start ${ratio('start')}× of the same with verification off`);
+  }
+  return parts.length > 0 ? parts.join('; ') : 'not measured (--no-unverified)';
+}
 
 async function dropCaches(): Promise<void> {
   await runOk('sync', []);
@@ -194,7 +223,15 @@ async function main(): Promise<void> {
     }
   }
   const noNative = args.includes('--no-native') ? '--no-native given' : await nativeAvailable();
-  const backends: Backend[] = ['kernel', 'kernel-classic-open', 'kernel-thread', ...(noNative ? [] : (['native'] as const))];
+  const unverified = !args.includes('--no-unverified');
+  const backends: Backend[] = [
+    'kernel',
+    ...(unverified ? (['kernel-unverified'] as const) : []),
+    'kernel-classic-open',
+    'kernel-thread',
+    ...(noNative ? [] : (['native'] as const)),
+    ...(noNative || !unverified ? [] : (['native-unverified'] as const)),
+  ];
 
   const cacheDir = await tempDir('fbench-cache');
   const work = await tempDir('fbench-work');
@@ -223,11 +260,16 @@ async function main(): Promise<void> {
 
     // Cold compile: a fresh mount (the kernel has nothing cached for it) and an empty page cache.
     const cold = series();
+    const startTimes = series();
     const coldCounts: Record<string, Record<string, number>> = {};
     for (let i = 0; i < coldRuns; i++) {
       for (const side of sides) {
         let before: FuseOpCounts = {};
-        if (side !== 'plain') before = await (await start(side)).counts();
+        if (side !== 'plain') {
+          const server = await start(side);
+          startTimes[side]!.push(server.startMs);
+          before = await server.counts();
+        }
         await dropCaches();
         cold[side]!.push(await compile(side));
         if (side !== 'plain') coldCounts[side] = diff(await servers.get(side)!.counts(), before);
@@ -296,6 +338,7 @@ ${row('find over the tree, warm (median of 3)', findWarm)}
 ${row('find over the tree, after drop_caches', findCold)}
 ${row('read every file, warm (median of 3)', readWarm)}
 ${row('read every file, after drop_caches', readCold)}
+| server start to mounted (median of ${coldRuns}) | | ${backends.map((b) => ms(median(startTimes[b]!))).join(' | ')} |
 
 FUSE requests per compile (reaching the daemon):
 
@@ -303,6 +346,7 @@ FUSE requests per compile (reaching the daemon):
 | --- | --- | --- |
 ${backends.map((b) => `| ${LABEL[b]} | ${fmtCounts(warmCounts[b] ?? {})} | ${fmtCounts(coldCounts[b] ?? {})} |`).join('\n')}
 
+- Verification (bytes proven against chunk digests before first served; index checksum at load), on / off: ${verificationLine(backends, { warm, cold, start: startTimes })}.
 - Requests to read every file after drop_caches: ${backends.map((b) => `${LABEL[b]} ${fmtCounts(readCounts[b] ?? {})}`).join('; ')}.
 - Server RSS at the end (peak): ${backends.map((b) => `${LABEL[b]} ${(rss[b]!.rssKiB / 1024).toFixed(0)} MiB (${(rss[b]!.hwmKiB / 1024).toFixed(0)} MiB)`).join(', ')}.
 - Targets: the default backend's warm compile within 1.05× of the plain directory; fuse-native's warm compile within 1.15× and cold within 2×.${noNative ? ` fuse-native not measured: ${noNative}.` : ''}

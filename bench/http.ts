@@ -12,6 +12,12 @@
  *
  * The daemon is a child process (this file with --serve) so its RSS is the server's alone.
  *
+ * Verification side by side: a second daemon child serves the same cache with verification off
+ * (bytes not proven against the index's chunk digests, no index checksum at load; an internal
+ * switch only benchmarks use). Each round runs both; the report gives requests/s of each, and
+ * their cold start: fork to listening, then the first pass over the paths (every chunk proven
+ * then) against a second pass.
+ *
  * Reproduce, from the checkout: npx tsc -p . && node dist/bench/http.js
  *   [--duration 10] [--connections 32] [--rounds 2] [--no-write]
  */
@@ -26,6 +32,7 @@ import { createLogger } from '../src/log.js';
 import { startHttpServer } from '../src/serve/http/server.js';
 import { DaemonState } from '../src/serve/state.js';
 import { CacheStore } from '../src/store/cache.js';
+import { setReadVerification } from '../src/store/reader.js';
 import { FIXTURE, fixtureSkipReason, ingestFixture, removeDir, run, runOk, tempDir } from '../test/helpers/http-env.js';
 import { machineLine, median, writeSection } from './report.js';
 
@@ -61,7 +68,8 @@ function parseArgs(argv: readonly string[]): Args {
 
 // ---- child: the daemon's half ---------------------------------------------------------------------
 
-async function serve(cacheDir: string): Promise<void> {
+async function serve(cacheDir: string, verify: boolean): Promise<void> {
+  setReadVerification(verify);
   const log = createLogger('warn', process.stderr);
   const store = await CacheStore.open(cacheDir);
   const state = new DaemonState();
@@ -246,16 +254,30 @@ async function main(): Promise<void> {
     await writeFile(daemonScript, luaScript('/v1/kernels/current/files/', paths));
     await writeFile(nginxScript, luaScript('/', paths));
 
-    const child = async (mode: string): Promise<{ proc: ChildProcess; port: number }> => {
+    const child = async (mode: string): Promise<{ proc: ChildProcess; port: number; startMs: number }> => {
+      const t0 = performance.now();
       const proc = fork(fileURLToPath(import.meta.url), [mode, cacheDir], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
       children.push(proc);
       const port = await new Promise<number>((resolve, reject) => {
         proc.once('message', (m: { type: string; port: number }) => (m.type === 'ready' ? resolve(m.port) : reject(new Error(`${mode} failed`))));
         proc.once('exit', (code) => reject(new Error(`${mode} exited ${code}`)));
       });
-      return { proc, port };
+      return { proc, port, startMs: performance.now() - t0 };
+    };
+    /** Fetch every path once, in order: the first pass after start proves every chunk it reads. */
+    const pass = async (port: number): Promise<number> => {
+      const t0 = performance.now();
+      for (const p of paths) {
+        const r = await fetch(`http://127.0.0.1:${port}/v1/kernels/current/files/${p}`);
+        if (r.status !== 200) throw new Error(`${p}: ${r.status}`);
+        await r.arrayBuffer();
+      }
+      return performance.now() - t0;
     };
     const daemon = await child('--serve');
+    const coldVerified = { start: daemon.startMs, first: await pass(daemon.port), second: await pass(daemon.port) };
+    const unverified = await child('--serve-unverified');
+    const coldUnverified = { start: unverified.startMs, first: await pass(unverified.port), second: await pass(unverified.port) };
     const bare = await child('--serve-bare');
     const nginxPort = await freePort();
     nginx = await startNginx(path.join(work, 'nginx'), tree, nginxPort);
@@ -270,11 +292,12 @@ async function main(): Promise<void> {
     if (!bodies.every((b) => b.equals(bodies[0]!))) throw new Error(`the servers disagree on ${probe}`);
     const rssIdle = await rssKiB(daemon.proc.pid!);
     await wrk(daemon.port, daemonScript, 2, args.connections);
+    await wrk(unverified.port, daemonScript, 2, args.connections);
     await wrk(nginxPort, nginxScript, 2, args.connections);
     await wrk(bare.port, nginxScript, 2, args.connections);
 
     const loadBefore = os.loadavg()[0]!;
-    const runs = { daemon: [] as WrkResult[], nginx: [] as WrkResult[], bare: [] as WrkResult[] };
+    const runs = { daemon: [] as WrkResult[], unverified: [] as WrkResult[], nginx: [] as WrkResult[], bare: [] as WrkResult[] };
     const ratios: number[] = [];
     let rssPeak = 0;
     for (let round = 0; round < args.rounds; round++) {
@@ -287,21 +310,24 @@ async function main(): Promise<void> {
       } finally {
         clearInterval(sampler);
       }
+      runs.unverified.push(await wrk(unverified.port, daemonScript, args.duration, args.connections));
       runs.nginx.push(await wrk(nginxPort, nginxScript, args.duration, args.connections));
       runs.bare.push(await wrk(bare.port, nginxScript, args.duration, args.connections));
       ratios.push(runs.daemon.at(-1)!.rps / runs.nginx.at(-1)!.rps);
-      console.log(`round ${round + 1}: daemon ${Math.round(runs.daemon.at(-1)!.rps)} req/s, nginx ${Math.round(runs.nginx.at(-1)!.rps)}, bare node:http ${Math.round(runs.bare.at(-1)!.rps)}`);
+      console.log(`round ${round + 1}: daemon ${Math.round(runs.daemon.at(-1)!.rps)} req/s (verification off: ${Math.round(runs.unverified.at(-1)!.rps)}), nginx ${Math.round(runs.nginx.at(-1)!.rps)}, bare node:http ${Math.round(runs.bare.at(-1)!.rps)}`);
     }
     const rssAfter = await rssKiB(daemon.proc.pid!);
 
     const sum = (rs: WrkResult[]) => ({ rps: median(rs.map((r) => r.rps)), p50: median(rs.map((r) => r.p50Us)), p99: median(rs.map((r) => r.p99Us)), errors: rs.reduce((s, r) => s + r.errors + r.non2xx, 0) });
     const d = sum(runs.daemon);
+    const u = sum(runs.unverified);
+    const verifiedRatio = median(runs.daemon.map((r, i) => r.rps / runs.unverified[i]!.rps));
     const n = sum(runs.nginx);
     const b = sum(runs.bare);
     const ratio = median(ratios);
     const bareRatio = median(runs.bare.map((r, i) => r.rps / runs.nginx[i]!.rps));
     const ofBare = median(runs.daemon.map((r, i) => r.rps / runs.bare[i]!.rps));
-    const errors = d.errors + n.errors + b.errors;
+    const errors = d.errors + u.errors + n.errors + b.errors;
     const row = (name: string, x: ReturnType<typeof sum>): string => `| ${name} | ${Math.round(x.rps)} | ${fmtMs(x.p50)} | ${fmtMs(x.p99)} | ${x.errors} |`;
     const md = `## HTTP: daemon vs nginx on the same tree
 
@@ -310,8 +336,11 @@ ${machineLine()}. Fixture 6.1.192; ${paths.length} header paths cycled by a wrk 
 | target | requests/s | p50 ms | p99 ms | errors |
 | --- | ---: | ---: | ---: | ---: |
 ${row('kheadersd (`/v1/kernels/current/files/…`)', d)}
+${row('kheadersd, verification off', u)}
 ${row('nginx (`/…`)', n)}
 ${row('bare node:http (`/…`)', b)}
+
+Verification (bytes proven against the index's chunk digests before first served): requests/s with it on are **${verifiedRatio.toFixed(2)}×** those with it off (median of per-round ratios). Cold start, on / off: fork to listening ${coldVerified.start.toFixed(0)} / ${coldUnverified.start.toFixed(0)} ms; first pass over the ${paths.length} paths (every chunk read is proven) ${coldVerified.first.toFixed(0)} / ${coldUnverified.first.toFixed(0)} ms; second pass ${coldVerified.second.toFixed(0)} / ${coldUnverified.second.toFixed(0)} ms.
 
 **Ratio daemon/nginx: ${ratio.toFixed(2)}** (median of per-round ratios ${ratios.map((r) => r.toFixed(2)).join(', ')}; target ≥ 0.6). Bare node:http/nginx: ${bareRatio.toFixed(2)}; daemon/bare node:http: ${ofBare.toFixed(2)}. Daemon RSS: ${Math.round(rssIdle / 1024)} MiB idle, ${Math.round(rssPeak / 1024)} MiB peak under load, ${Math.round(rssAfter / 1024)} MiB after. ${errors === 0 ? 'No errors or non-2xx answers.' : `${errors} errors/non-2xx answers.`}
 
@@ -335,6 +364,7 @@ Reproduce, from the checkout: \`npx tsc -p . && node dist/bench/http.js\` (optio
   }
 }
 
-if (process.argv[2] === '--serve') await serve(process.argv[3]!);
+if (process.argv[2] === '--serve') await serve(process.argv[3]!, true);
+else if (process.argv[2] === '--serve-unverified') await serve(process.argv[3]!, false);
 else if (process.argv[2] === '--serve-bare') await serveBare(process.argv[3]!);
 else await main();

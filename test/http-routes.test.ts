@@ -427,3 +427,20 @@ test('close() lets an in-flight response finish', async (t) => {
   assert.deepEqual(body, whole);
   await assert.rejects(request(own.port, '/healthz'), /ECONNREFUSED/);
 });
+
+for (const [label, getEnv] of [
+  ['fast path', fastEnv],
+  ['fastify only', (): HttpEnv => slow],
+] as const) {
+  test(`a file asked for with a trailing slash is 404, as the kernel says ENOTDIR (${label})`, async () => {
+    const port = getEnv().port;
+    for (const p of [`${F}/include/linux/sched.h/`, `${F}/include/dt-bindings/sched-link.h/`, `/v1/blobs/${entry.manifest.digest}/files/include/linux/types.h/`]) {
+      const res = await request(port, p);
+      assert.equal(res.status, 404, p);
+      assert.match(json<{ error: { message: string } }>(res).error.message, /not a directory/, p);
+    }
+    // A directory with its slash is still a listing, and the file without one is the file.
+    assert.equal((await request(port, `${F}/include/linux/`)).status, 200);
+    assert.ok((await request(port, `${F}/include/linux/sched.h`)).body.equals(content('include/linux/sched.h')));
+  });
+}

@@ -22,6 +22,8 @@ import { ByteSource, entryBody, type Body, type ByteSourceOptions } from './byte
 import type { Representation } from './respond.js';
 
 const SNAPSHOT_TTL_MS = 1000;
+/** Paths whose lookup a served entry remembers (see ServedEntry.lookup). */
+const LOOKUPS_KEPT = 4096;
 
 export interface Snapshot {
   readonly resolver: Resolver;
@@ -39,6 +41,7 @@ export class ServedEntry {
   private readonly etags = new Map<number, string>();
   private readonly modified = new Map<number, string>();
   private readonly reps = new Map<string, Map<number, Representation>>();
+  private readonly found = new Map<string, number>();
   /** Newest mtime in the tree: the archive's Last-Modified (stable across re-ingests, unlike ingestedAt). */
   readonly treeMtime: number;
   readonly archiveEtag: string;
@@ -67,9 +70,16 @@ export class ServedEntry {
    * for a symlink-following walk.
    */
   lookup(path: string): number {
+    // Hot paths repeat (a fleet asks for the same few hundred headers): remember the answers,
+    // a few thousand at most, so a request costs one Map lookup instead of a walk.
+    const hit = this.found.get(path);
+    if (hit !== undefined) return hit;
     const index = this.entry.index;
     const exact = index.idOf(path);
-    return exact >= 0 && index.kindOf(exact) !== 'symlink' ? exact : index.resolveId(path);
+    const id = exact >= 0 && index.kindOf(exact) !== 'symlink' ? exact : index.resolveId(path);
+    if (this.found.size >= LOOKUPS_KEPT) this.found.clear();
+    this.found.set(path, id);
+    return id;
   }
 
   /** A file's representation, built once per node and Cache-Control (they are immutable). */
