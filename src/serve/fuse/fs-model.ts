@@ -6,12 +6,13 @@
  * kernel-swap behaviour are identical whichever backend runs. Layout:
  *
  *   /current              symlink -> <release> of the running kernel (or --release)
- *   /<release>/...        the chosen entry of that release: the tree exactly as archived
- *   /by-digest/<sha256>/  every cached entry, by the archive's content digest
+ *   /<release>            symlink -> by-digest/<sha256> of the chosen entry of that release
+ *   /by-digest/<sha256>/  every cached entry, by the archive's content digest: the tree exactly
+ *                         as archived (the only place trees are, so a path names one build)
  *
  * Inode numbers: 1 is the root. Every cache entry gets its own block of inode numbers when it is
  * added, so a node id never changes meaning: a kernel swap adds new ids and re-points `current`
- * (and `<release>`), and files opened on the old tree keep reading the old bytes.
+ * (and the `<release>` link), and files opened on the old tree keep reading the old bytes.
  */
 import type { NodeKind } from '../../store/tree-index.js';
 
