@@ -329,7 +329,7 @@ export class EntryReader {
       p = opening;
       this.handles.set(name, p);
       // A failed open is not kept: the next read tries again (and reports its own error).
-      opening.catch(() => {
+      void opening.catch(() => {
         if (this.handles.get(name) === opening) this.handles.delete(name);
       });
     }
@@ -392,7 +392,7 @@ export class PreadStream extends Readable {
       this.push(null);
       return;
     }
-    this.readAt(this.pos, n).then(
+    void this.readAt(this.pos, n).then(
       (buf) => {
         this.pos += n;
         this.push(buf);

@@ -140,7 +140,7 @@ export class ByteSource {
     if (!pending) {
       pending = this.read(body, 0, body.size).finally(() => this.inflight.delete(key));
       this.inflight.set(key, pending);
-      pending.then(
+      void pending.then(
         (buf) => this.bodies.set(key, buf),
         () => {},
       );
