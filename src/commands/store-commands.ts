@@ -48,7 +48,12 @@ export async function healWithConfig(cfg: Config, io: CommandIO, known: readonly
 /** Ingest the configured archive (or the running kernel's), with eviction afterwards. */
 export async function ingestWithConfig(cfg: Config, io: CommandIO, extra: { setCurrent?: boolean } = {}): Promise<IngestResult & { healed: HealReport }> {
   const tty = io.stderr.isTTY === true;
-  const healed = await healWithConfig(cfg, io);
+  // A repair that fails must not stop the ingest (nor serve's start): what is intact is still
+  // served, and the ingest reports lock or ownership problems itself.
+  const healed = await healWithConfig(cfg, io).catch((err: unknown): HealReport => {
+    io.log.error({ code: err instanceof KheadersError ? err.code : 'E_INTERNAL' }, `checking the cache's entries failed: ${err instanceof Error ? err.message : String(err)}`);
+    return { quarantined: [], rebuilt: [], unrepaired: [] };
+  });
   const result = await ingest({
     cacheDir: cfg.cacheDir,
     ...(cfg.archive !== undefined ? { archive: cfg.archive } : {}),
