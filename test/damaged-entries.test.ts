@@ -71,6 +71,10 @@ function assertNamesTheDamage(r: RunResult, c: Cached, file: RegExp, what: strin
   assert.equal(hasStackTrace(r.stderr), false, `${what}: no stack trace`);
 }
 
+async function reasonOf(cacheDir: string, quarantined: string): Promise<{ id: string; reason: string; file?: string }> {
+  return JSON.parse(await readFile(path.join(cacheDir, 'quarantine', quarantined, 'reason.json'), 'utf8')) as { id: string; reason: string; file?: string };
+}
+
 async function quarantineNames(cacheDir: string): Promise<string[]> {
   return readdir(path.join(cacheDir, 'quarantine')).catch(() => [] as string[]);
 }
@@ -87,7 +91,7 @@ test('a flipped byte in pack.tar: cat and export fail naming the entry and the f
   assert.match(cat.stderr, /moved to quarantine and rebuilt from its own archive: run the command again/);
   const [q] = await quarantineNames(c.cacheDir);
   assert.ok(q?.endsWith(c.id), `quarantined: ${q}`);
-  const reason = JSON.parse(await readFile(path.join(c.cacheDir, 'quarantine', q!, 'reason.json'), 'utf8')) as { id: string; reason: string; file: string };
+  const reason = await reasonOf(c.cacheDir, q!);
   assert.equal(reason.id, c.id);
   assert.equal(reason.file, SCHED);
   assert.match(reason.reason, /do not match the digest recorded at ingest/);
@@ -166,7 +170,7 @@ test('manifest.json truncated: ls shows it damaged, and ingesting the archive ag
   const cat = await runCli(['cat', c.release, SCHED, '--cache-dir', c.cacheDir]);
   assert.equal(cat.stdout, SCHED_BYTES.toString());
   const [q] = await quarantineNames(c.cacheDir);
-  assert.match(JSON.parse(await readFile(path.join(c.cacheDir, 'quarantine', q!, 'reason.json'), 'utf8')).reason as string, /manifest\.json is not valid JSON/);
+  assert.match((await reasonOf(c.cacheDir, q!)).reason, /manifest\.json is not valid JSON/);
 });
 
 // ---- serve starts whatever is on disk ----------------------------------------------------------
@@ -256,7 +260,7 @@ test('a blob field set to ../../../etc/hostname is served by nothing: cat refuse
   assert.equal(res.status, 200, body);
   assert.match(body, /#ifndef __VMLINUX_H__/, 'the rebuilt entry has its own vmlinux.h');
   const [q] = await quarantineNames(s.cacheDir);
-  assert.match(JSON.parse(await readFile(path.join(s.cacheDir, 'quarantine', q!, 'reason.json'), 'utf8')).reason as string, /etc\/hostname", which the format does not allow/);
+  assert.match((await reasonOf(s.cacheDir, q!)).reason, /etc\/hostname", which the format does not allow/);
   d.child.kill('SIGTERM');
   assert.equal(await d.exited, 0);
 });

@@ -7,7 +7,7 @@ import type { Config } from '../config.js';
 import { KheadersError, errnoOf } from '../errors.js';
 import type { Logger } from '../log.js';
 import { CacheStore } from '../store/cache.js';
-import { isDamage } from '../store/entry-load.js';
+import { damageOf, isDamage } from '../store/entry-load.js';
 import type { CacheEntry } from '../store/entry.js';
 import { exportEntry } from '../store/export.js';
 import { describeHeal, healCache, type HealReport, type KnownDamage } from '../store/heal.js';
@@ -154,7 +154,7 @@ export async function cmdLs(cfg: Config, io: CommandIO, json: boolean): Promise<
   }
   if (damaged.length > 0) {
     io.stdout.write(`\ndamaged (not served; \`kheadersd ingest\` or a serve start moves them to quarantine and rebuilds them):\n`);
-    for (const d of damaged) io.stdout.write(`  ${d.id}: ${String(d.error.details['reason'] ?? d.error.message)}\n`);
+    for (const d of damaged) io.stdout.write(`  ${d.id}: ${damageOf(d.error).reason}\n`);
   }
   if (quarantined.length > 0) {
     const rebuilt = new Set(manifests.map((m) => m.id));
@@ -171,15 +171,12 @@ export async function cmdLs(cfg: Config, io: CommandIO, json: boolean): Promise<
  */
 async function failDamaged(cfg: Config, io: CommandIO, err: KheadersError, entry: CacheEntry | undefined): Promise<never> {
   const known: KnownDamage[] = [];
-  if (entry) {
-    const file = err.details['file'];
-    known.push({ id: entry.manifest.id, ingestedAt: entry.manifest.ingestedAt, reason: String(err.details['reason'] ?? err.message), ...(typeof file === 'string' ? { file } : {}) });
-  }
+  if (entry) known.push({ id: entry.manifest.id, ingestedAt: entry.manifest.ingestedAt, ...damageOf(err) });
   let outcome: string;
   try {
     await entry?.reader.close();
     const report = await healWithConfig(cfg, io, known);
-    const id = String(err.details['id'] ?? entry?.manifest.id ?? '');
+    const id = typeof err.details['id'] === 'string' ? err.details['id'] : (entry?.manifest.id ?? '');
     const unrepaired = report.unrepaired.find((u) => u.id === id);
     outcome = report.rebuilt.includes(id)
       ? 'it was moved to quarantine and rebuilt from its own archive: run the command again'

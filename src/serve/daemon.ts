@@ -22,6 +22,7 @@ import { KheadersError, errnoOf, isKheadersError } from '../errors.js';
 import type { CommandIO } from '../commands/store-commands.js';
 import { healWithConfig, ingestWithConfig } from '../commands/store-commands.js';
 import { CacheStore } from '../store/cache.js';
+import { damageOf } from '../store/entry-load.js';
 import type { CacheEntry } from '../store/entry.js';
 import type { HealReport, KnownDamage } from '../store/heal.js';
 import { Resolver } from '../store/resolve.js';
@@ -170,9 +171,9 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
   };
   store.onDamage((err, manifest) => {
     state.damageReports++;
-    log.error({ id: manifest.id, file: err.details['file'] }, `${err.message}: the read failed; repairing the entry`);
-    const file = err.details['file'];
-    repair([{ id: manifest.id, ingestedAt: manifest.ingestedAt, reason: String(err.details['reason'] ?? err.message), ...(typeof file === 'string' ? { file } : {}) }]);
+    const what = damageOf(err);
+    log.error({ id: manifest.id, file: what.file }, `${err.message}: the read failed; repairing the entry`);
+    repair([{ id: manifest.id, ingestedAt: manifest.ingestedAt, ...what }]);
   });
 
   // The first ingest decides whether there is anything to serve at all.

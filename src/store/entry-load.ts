@@ -27,6 +27,13 @@ export function damaged(id: string, reason: string, extra: { outdated?: boolean;
   return new KheadersError('E_ENTRY_DAMAGED', `cache entry ${id} is damaged: ${reason}`, { id, reason, errno: 'EIO', ...extra });
 }
 
+/** What a damage error says is wrong, and with which file (when one). */
+export function damageOf(err: KheadersError): { reason: string; file?: string } {
+  const reason = err.details['reason'];
+  const file = err.details['file'];
+  return { reason: typeof reason === 'string' ? reason : err.message, ...(typeof file === 'string' ? { file } : {}) };
+}
+
 /** Is this error an entry found damaged (or outdated) on disk? */
 export function isDamage(err: unknown): err is KheadersError {
   return err instanceof KheadersError && err.code === 'E_ENTRY_DAMAGED';

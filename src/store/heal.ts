@@ -13,6 +13,7 @@ import { readFile, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { KheadersError, errnoOf } from '../errors.js';
 import { CacheStore, type DamagedEntry } from './cache.js';
+import { damageOf } from './entry-load.js';
 import { ARCHIVE_FILE, MANIFEST_FILE, parseEntryId } from './entry.js';
 import { rebuildEntry, type IngestOptions } from './ingest.js';
 import { QUARANTINE_DIR, type QuarantineRecord } from './quarantine.js';
@@ -64,8 +65,7 @@ export async function healLocked(store: CacheStore, opts: HealOptions): Promise<
 
 async function healOne(store: CacheStore, d: DamagedEntry, opts: HealOptions, report: HealReport): Promise<void> {
   const log = opts.log;
-  const reason = typeof d.error.details['reason'] === 'string' ? d.error.details['reason'] : d.error.message;
-  const file = typeof d.error.details['file'] === 'string' ? d.error.details['file'] : undefined;
+  const { reason, file } = damageOf(d.error);
   if (d.outdated) {
     // Not damage: rebuilt from a copy set aside in tmp/, which goes once the rebuild worked.
     log?.info({ id: d.id }, `cache entry ${d.id} is in an older format: rebuilding it`);

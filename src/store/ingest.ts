@@ -26,7 +26,7 @@ import { CacheStore, entryId, fsyncDir, validRelease } from './cache.js';
 import { startDecoder, type Decoder, type DecoderChoice, type DecoderName } from './decompress.js';
 import { PackWriter } from './pack-writer.js';
 import { ARCHIVE_FILE, CONFIG_FILE, CONFIG_PATH, ENTRY_FORMAT, INDEX_FILE, MANIFEST_FILE, PACK_FILE, type CacheEntry, type Manifest } from './entry.js';
-import { isDamage } from './entry-load.js';
+import { damageOf, isDamage } from './entry-load.js';
 import { FACT_FILES, chooseConfig, judgeBtf, type ConfigPaths, type EntryFacts, type Note } from './extras.js';
 import { sha256OfFile, type LiveKernel } from './kernel-match.js';
 import { readLiveBuildId } from '../source/notes.js';
@@ -320,8 +320,9 @@ async function usableEntry(store: CacheStore, id: string, log: Logger | undefine
     return await store.load(id);
   } catch (err) {
     if (!isDamage(err)) throw err;
-    log?.warn({ id, reason: err.details['reason'] }, `${err.message}: moving it to quarantine and ingesting it again`);
-    await store.quarantine(id, { reason: String(err.details['reason'] ?? err.message), ...(typeof err.details['file'] === 'string' ? { file: err.details['file'] } : {}) });
+    const what = damageOf(err);
+    log?.warn({ id, reason: what.reason }, `${err.message}: moving it to quarantine and ingesting it again`);
+    await store.quarantine(id, what);
     return undefined;
   }
 }

@@ -281,7 +281,7 @@ export class TreeIndex {
     const text = (c: DirDraft | number): string => (typeof c === 'number' ? records[c]!.path : c.name);
     const from = (c: DirDraft | number): number => (typeof c === 'number' ? nameStart[c]! : 0);
     const compareNames = (a: DirDraft | number, b: DirDraft | number): number => compareUtf8(text(a), from(a), text(b), from(b));
-    const nameOfChild = (c: DirDraft | number): string => (typeof c === 'number' ? records[c]!.path.slice(nameStart[c]!) : c.name);
+    const nameOfChild = (c: DirDraft | number): string => (typeof c === 'number' ? records[c]!.path.slice(nameStart[c]) : c.name);
     const seqOf = (c: DirDraft | number): number => (typeof c === 'number' ? c : c.seq);
     const kindOfChild = (c: DirDraft | number): NodeKind => (typeof c === 'number' ? records[c]!.kind : 'dir');
 
