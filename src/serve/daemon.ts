@@ -80,6 +80,9 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
     return out;
   };
 
+  /** What the last publish served, by id (to retire instances a repair replaced). */
+  const published = new Map<string, CacheEntry>();
+
   /** Bring the model and state up to date with the store (after any ingest or repair). */
   const publish = async (): Promise<void> => {
     const entries = await intactEntries();
@@ -106,6 +109,16 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
       }
     }
     model?.setEntries(entries, pointer, state.runningId);
+    // An id served by a new instance was rebuilt after damage: the old one's files now sit in
+    // quarantine (soon deleted), so stop reading them; an open file on it gets EIO, not old bytes
+    // that were never proven. (An entry gc removed keeps its reader: open files finish reading.)
+    for (const entry of entries) {
+      const before = published.get(entry.manifest.id);
+      published.set(entry.manifest.id, entry);
+      if (before && before !== entry) {
+        void before.reader.kill(new KheadersError('E_ENTRY_DAMAGED', `cache entry ${entry.manifest.id} was rebuilt after damage; this copy is no longer read`, { id: entry.manifest.id, errno: 'EIO' }));
+      }
+    }
     if (cfg.linkModules && mount && current) {
       const entry = await store.load(current);
       await links.point(entry.manifest.release, path.join(mount.mountpoint, entry.manifest.release));
