@@ -25,7 +25,7 @@ function addKeys(cmd: Command, keys: readonly ConfigKey[]): Command {
       cmd.addOption(new Option(`--${flag}`, `${spec.help} [env ${envName(key)}=true|false]`));
       cmd.addOption(new Option(`--no-${flag}`, `turn --${flag} off`));
     } else {
-      const opt = new Option(`--${flag} <${spec.kind === 'bytes' ? 'size' : spec.kind === 'integer' ? 'n' : 'value'}>`, `${spec.help} [env ${envName(key)}]`);
+      const opt = new Option(`--${flag} <${spec.kind === 'bytes' ? 'size' : spec.kind === 'integer' ? 'n' : spec.kind === 'dirs' ? 'dirs' : 'value'}>`, `${spec.help} [env ${envName(key)}]`);
       cmd.addOption('values' in spec ? opt.choices(spec.values) : opt);
     }
   }
@@ -35,7 +35,7 @@ function addKeys(cmd: Command, keys: readonly ConfigKey[]): Command {
 const COMMON: ConfigKey[] = ['cacheDir', 'logLevel', 'lockTimeout'];
 /** serve's own keys (doctor takes them too, to check what serve would do). */
 const SERVE_KEYS: ConfigKey[] = ['mount', 'fuseBackend', 'linkModules', 'http', 'tokenFile', 'httpMaxConnectionsPerClient', 'httpHeadersTimeout', 'httpIdleTimeout'];
-const INGEST_KEYS: ConfigKey[] = ['archive', 'release', 'modprobe', 'unloadModule', 'keep', 'maxCacheBytes', 'maxTotalBytes', 'maxEntries', 'maxFileBytes', 'decoder', 'btf'];
+const INGEST_KEYS: ConfigKey[] = ['archive', 'release', 'moduleDirs', 'modprobe', 'unloadModule', 'keep', 'maxCacheBytes', 'maxTotalBytes', 'maxEntries', 'maxFileBytes', 'decoder', 'btf'];
 
 /**
  * Run one command: load configuration, build the logger, map errors to an exit status. Logs go

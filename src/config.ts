@@ -8,11 +8,12 @@ import { readFile } from 'node:fs/promises';
 import { KheadersError, errnoOf } from './errors.js';
 import { LOG_LEVELS, type LogLevel } from './log.js';
 import { DEFAULT_HTTP_LIMITS } from './serve/http/limits.js';
+import { moduleDirsProblem } from './source/modules.js';
 import { defaultCacheDir, isAndroid, validRelease } from './store/cache.js';
 
 export const DEFAULT_CONFIG_FILE = '/etc/kheadersd/config.json';
 
-type Kind = 'string' | 'boolean' | 'integer' | 'bytes' | 'enum';
+type Kind = 'string' | 'boolean' | 'integer' | 'bytes' | 'enum' | 'dirs';
 
 interface KeySpec {
   kind: Kind;
@@ -27,6 +28,10 @@ export const KEYS = {
   release: { kind: 'string', help: 'kernel release of an archive that names none' },
   modprobe: { kind: 'boolean', help: 'run `modprobe kheaders` when no archive is exposed (default on)' },
   unloadModule: { kind: 'boolean', help: 'unload the kheaders module afterwards if we loaded it (default on)' },
+  moduleDirs: {
+    kind: 'dirs',
+    help: 'where to look for kheaders.ko: directories separated by ":" ({release} = uname -r), "default" = /lib/modules/<release> and Android\'s /system_dlkm, /vendor_dlkm, /vendor, /odm (default: default)',
+  },
   keep: { kind: 'integer', help: 'keep at most N cache entries (default 3; the running kernel\'s is never evicted)' },
   maxCacheBytes: { kind: 'bytes', help: 'evict old entries beyond this many bytes (e.g. 512M)' },
   maxTotalBytes: { kind: 'bytes', help: 'refuse archives that expand beyond this (default 1G)' },
@@ -54,6 +59,8 @@ export interface Config {
   release?: string;
   modprobe: boolean;
   unloadModule: boolean;
+  /** Absolute directories ({release} allowed) and "default"; see src/source/modules.ts. */
+  moduleDirs: readonly string[];
   keep: number;
   maxCacheBytes?: number;
   maxTotalBytes: number;
@@ -105,7 +112,7 @@ export function parseListen(text: string): { host: string; port: number } | null
 }
 
 /** Parse one raw value (a flag or variable string, or a JSON value from the file). */
-function parseValue(key: ConfigKey, raw: unknown, origin: string): string | number | boolean {
+function parseValue(key: ConfigKey, raw: unknown, origin: string): string | number | boolean | string[] {
   const spec: KeySpec = KEYS[key];
   const bad = (expected: string): never => {
     throw new KheadersError('E_CONFIG', `${origin}: ${JSON.stringify(raw)} is not ${expected}`, { key, origin });
@@ -128,6 +135,13 @@ function parseValue(key: ConfigKey, raw: unknown, origin: string): string | numb
     }
     case 'enum':
       return typeof raw === 'string' && spec.values!.includes(raw) ? raw : bad(`one of ${spec.values!.join(', ')}`);
+    case 'dirs': {
+      // "a:b" from a flag or variable (like PATH); a JSON array of strings, or the same string, from the file.
+      const list = typeof raw === 'string' ? raw.split(':') : Array.isArray(raw) && raw.every((e) => typeof e === 'string') ? (raw as string[]) : undefined;
+      if (list === undefined) return bad(`a list of directories ("DIR:DIR" or a JSON array of strings)`);
+      const problem = moduleDirsProblem(list);
+      return problem === undefined ? list : bad(`a list of absolute directories and "default": ${problem}`);
+    }
   }
 }
 
@@ -162,11 +176,11 @@ export interface ConfigSources {
 
 export function resolveConfig({ flags, env, file, fileName }: ConfigSources): Config {
   const origins: Partial<Record<ConfigKey, string>> = {};
-  const from = (key: ConfigKey, raw: unknown, origin: string): string | number | boolean => {
+  const from = (key: ConfigKey, raw: unknown, origin: string): string | number | boolean | string[] => {
     origins[key] = origin;
     return parseValue(key, raw, origin);
   };
-  const pick = (key: ConfigKey): string | number | boolean | undefined => {
+  const pick = (key: ConfigKey): string | number | boolean | string[] | undefined => {
     if (flags[key] !== undefined) return from(key, flags[key], `--${flagName(key)}`);
     const e = env[envName(key)];
     if (e !== undefined && e !== '') return from(key, e, envName(key));
@@ -190,6 +204,7 @@ export function resolveConfig({ flags, env, file, fileName }: ConfigSources): Co
     cacheDir: str('cacheDir') ?? defaultCacheDir({}),
     modprobe: bool('modprobe', true),
     unloadModule: bool('unloadModule', true),
+    moduleDirs: (pick('moduleDirs') as string[] | undefined) ?? ['default'],
     keep: num('keep') ?? 3,
     maxTotalBytes: num('maxTotalBytes') ?? 1024 ** 3,
     maxEntries: num('maxEntries') ?? 200_000,

@@ -6,22 +6,26 @@
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { once } from 'node:events';
-import { chmod, chown, mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { chmod, chown, mkdir, mkdtemp, rm, utimes, writeFile } from 'node:fs/promises';
 import http from 'node:http';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { Writable } from 'node:stream';
+import zlib from 'node:zlib';
 import { after, before, describe, it } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { buildIdNotes } from './helpers/kernels.js';
 import { resolveConfig, type Config, type ConfigKey } from '../src/config.js';
 import { cmdDoctor, formatReport, runDoctor, type CheckResult, type DoctorEnvironment, type DoctorReport } from '../src/commands/doctor.js';
 import { createLogger } from '../src/log.js';
+import { xz } from './helpers/archives.js';
+import { buildKernelModule } from './helpers/elf-builder.js';
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
 const LINE = /^(ok {2}|warn|FAIL) {2}\S/;
 const ALL_CAPS = (1n << 41n) - 1n;
+const BOOT = new Date('2025-01-01T00:00:00Z');
 
 let dir: string;
 let n = 0;
@@ -51,6 +55,8 @@ async function machine(opts: { archive?: boolean; btf?: boolean } = {}): Promise
       livePaths: [live, path.join(root, 'proc-kheaders.tar.xz')],
       btfPath: btf,
       modulesRoot: path.join(root, 'lib-modules'),
+      moduleRoot: root,
+      bootTime: BOOT,
       kheadersModuleDir: path.join(root, 'sys-module-kheaders'),
       devFuse: '/dev/null', // any character device we can read and write
       mountinfo: path.join(root, 'mountinfo'),
@@ -144,24 +150,52 @@ describe('doctor checks', () => {
     for (const l of out.trimEnd().split('\n').slice(0, -2)) assert.match(l, LINE);
   });
 
-  it('no archive: modprobe can load kheaders.ko; or BTF only (warn); or nothing at all (FAIL, exit 5)', async () => {
+  it('no archive: kheaders.ko read from an Android partition; one changed after the boot is flagged; another release is not used', async () => {
     const { root, env } = await machine({ archive: false });
-    await mkdir(path.join(root, 'lib-modules', '6.1.0-test'), { recursive: true });
-    await writeFile(path.join(root, 'lib-modules', '6.1.0-test', 'modules.dep'), 'kernel/fs/fuse/fuse.ko.xz:\nkernel/kernel/kheaders.ko.xz:\n');
+    const dir = path.join(root, 'system_dlkm', 'lib', 'modules');
+    await mkdir(dir, { recursive: true });
+    const ko = path.join(dir, 'kheaders.ko');
+    await writeFile(ko, buildKernelModule({ archive: xz(Buffer.from('headers')), vermagic: '6.1.0-test' }));
+    const before = new Date(BOOT.getTime() - 3600_000);
+    await utimes(ko, before, before);
     let report = await runDoctor(config(root), env);
+    assert.deepEqual(only(report, 'archive').map((c) => c.status), ['ok']);
+    assert.match(one(report, 'archive').what, /serve reads it out of \/system_dlkm\/lib\/modules\/kheaders\.ko \(vermagic 6\.1\.0-test\) without loading the module/);
+
+    const after_ = new Date(BOOT.getTime() + 3600_000);
+    await utimes(ko, after_, after_);
+    report = await runDoctor(config(root), env);
+    assert.deepEqual(only(report, 'archive').map((c) => c.status), ['ok', 'warn']);
+    assert.match(only(report, 'archive')[1]!.what, /kheaders\.ko changed at 2025-01-01T01:00:00\.000Z, after this kernel booted \(2025-01-01T00:00:00\.000Z\)/);
+
+    await writeFile(ko, buildKernelModule({ archive: xz(Buffer.from('headers')), vermagic: '6.1.0-other' }));
+    report = await runDoctor(config(root), env);
+    assert.equal(one(report, 'archive').status, 'warn');
+    assert.match(one(report, 'archive').what, /not used: \/system_dlkm\/lib\/modules\/kheaders\.ko: its vermagic names 6\.1\.0-other, not the running 6\.1\.0-test/);
+    assert.match(one(report, 'archive').fix ?? '', /kheaders\.ko built for 6\.1\.0-test/);
+  });
+
+  it('no archive: a module that cannot be read here is loaded (modprobe, insmod) unless loading is off or not allowed', async (t) => {
+    if ((zlib as { zstdDecompress?: unknown }).zstdDecompress !== undefined) return t.skip('this Node decodes zstd itself: no module here is unreadable to root');
+    const { root, env } = await machine({ archive: false });
+    await mkdir(path.join(root, 'lib', 'modules', '6.1.0-test', 'kernel', 'kernel'), { recursive: true });
+    await writeFile(path.join(root, 'lib', 'modules', '6.1.0-test', 'kernel', 'kernel', 'kheaders.ko.zst'), Buffer.from([0x28, 0xb5, 0x2f, 0xfd, 0, 0, 0]));
+    let report = await runDoctor(config(root), env); // env.path has no zstd binary
     assert.equal(one(report, 'archive').status, 'ok');
-    assert.match(one(report, 'archive').what, /modprobe kheaders.*kheaders\.ko\.xz/);
+    assert.match(one(report, 'archive').what, /cannot read \/lib\/modules\/6\.1\.0-test\/kernel\/kernel\/kheaders\.ko\.zst here, so it loads it/);
 
     report = await runDoctor(config(root, { modprobe: false }), env);
     assert.equal(one(report, 'archive').status, 'warn');
-    assert.match(one(report, 'archive').what, /modprobe is off/);
+    assert.match(one(report, 'archive').what, /loading is off/);
 
     report = await runDoctor(config(root), { ...env, uid: 1000, capEff: 0n });
     assert.match(one(report, 'archive').what, /needs root/);
     assert.equal(one(report, 'privileges').status, 'warn');
+  });
 
+  it('no archive and no module: BTF only (warn), or nothing at all (FAIL, exit 5)', async () => {
     const bare = await machine({ archive: false });
-    report = await runDoctor(config(bare.root), bare.env);
+    let report = await runDoctor(config(bare.root), bare.env);
     assert.equal(one(report, 'archive').status, 'warn');
     assert.match(one(report, 'archive').what, /vmlinux\.h made from BTF/);
 
@@ -235,6 +269,24 @@ describe('doctor checks', () => {
 
     await writeFile(path.join(root, 'not-a-dir'), '');
     assert.equal(one(await runDoctor(config(root, { cacheDir: path.join(root, 'not-a-dir') }), env), 'cache').status, 'fail');
+  });
+
+  it('the cache: a current entry read from a module file changed after this boot is flagged', async () => {
+    const { root, env } = await machine();
+    const id = '6.1.0-test~' + 'a'.repeat(64);
+    await mkdir(path.join(root, 'cache', 'entries', id), { recursive: true, mode: 0o755 });
+    await chmod(path.join(root, 'cache'), 0o755);
+    await writeFile(path.join(root, 'cache', 'current'), id);
+    const manifest = (mtime: Date): string =>
+      JSON.stringify({ id, release: '6.1.0-test', kind: 'headers', obtained: 'module-file', module: { file: '/system_dlkm/lib/modules/kheaders.ko', mtime: mtime.toISOString(), bootTime: BOOT.toISOString() } });
+    await writeFile(path.join(root, 'cache', 'entries', id, 'manifest.json'), manifest(new Date(BOOT.getTime() - 1000)));
+    assert.deepEqual(only(await runDoctor(config(root), env), 'cache').map((c) => c.status), ['ok']);
+    await writeFile(path.join(root, 'cache', 'entries', id, 'manifest.json'), manifest(new Date(BOOT.getTime() + 1000)));
+    const checks = only(await runDoctor(config(root), env), 'cache');
+    assert.deepEqual(checks.map((c) => c.status), ['ok', 'warn']);
+    assert.match(checks[1]!.what, /the current entry was read from \/system_dlkm\/lib\/modules\/kheaders\.ko changed at .* after this kernel booted/);
+    // After a reboot (a later boot time) the same module is older than the boot: no warning.
+    assert.deepEqual(only(await runDoctor(config(root), { ...env, bootTime: new Date(BOOT.getTime() + 60_000) }), 'cache').map((c) => c.status), ['ok']);
   });
 
   it('HTTP: a free port, one taken by another program, one taken by a running kheadersd, and off', async () => {

@@ -23,7 +23,9 @@ import path from 'node:path';
 import type { Config } from '../config.js';
 import { EXIT, errnoOf, isKheadersError } from '../errors.js';
 import type { Logger } from '../log.js';
-import { BTF_PATH, LIVE_ARCHIVE_PATHS } from '../source/locate.js';
+import { BTF_PATH, LIVE_ARCHIVE_PATHS, type ModuleFileInfo } from '../source/locate.js';
+import { findModuleFiles, readBootTime, readModuleFile, type FoundModule } from '../source/module-files.js';
+import { moduleSearchDirs } from '../source/modules.js';
 import { CacheStore, isAndroid } from '../store/cache.js';
 import { readTokenFile } from '../token.js';
 import type { Manifest } from '../store/entry.js';
@@ -56,8 +58,12 @@ export interface DoctorEnvironment {
   btfPath: string;
   /** /sys/kernel/notes: the running kernel's build id. */
   notesPath: string;
-  /** /lib/modules */
+  /** /lib/modules (where --link-modules makes <release>/build) */
   modulesRoot: string;
+  /** The directory standing for / when looking for kheaders.ko in the module directories. */
+  moduleRoot: string;
+  /** When the running kernel booted: a module file changed after it may not be this kernel's. */
+  bootTime: Date;
   /** /sys/module/kheaders: present when the module is loaded. */
   kheadersModuleDir: string;
   devFuse: string;
@@ -117,6 +123,8 @@ export async function defaultEnvironment(): Promise<DoctorEnvironment> {
     btfPath: BTF_PATH,
     notesPath: '/sys/kernel/notes',
     modulesRoot: '/lib/modules',
+    moduleRoot: '/',
+    bootTime: await readBootTime(),
     kheadersModuleDir: '/sys/module/kheaders',
     devFuse: '/dev/fuse',
     mountinfo: '/proc/self/mountinfo',
@@ -162,7 +170,7 @@ type Found = CheckResult[];
 class Doctor {
   /** Facts two checks share, computed once. */
   private btfFact: Promise<{ present: boolean; bytes: number }> | undefined;
-  private cacheFact: Promise<{ currentRelease: string | null; currentKind: string | null; releaseEntries: number }> | undefined;
+  private cacheFact: Promise<CacheFacts> | undefined;
 
   constructor(
     private readonly cfg: Config,
@@ -237,17 +245,19 @@ class Doctor {
     return this.btfFact;
   }
 
-  private cacheInfo(): Promise<{ currentRelease: string | null; currentKind: string | null; releaseEntries: number }> {
+  private cacheInfo(): Promise<CacheFacts> {
     this.cacheFact ??= (async () => {
       const dir = this.cfg.cacheDir;
       const current = (await readFile(path.join(dir, 'current'), 'utf8').catch(() => '')).trim();
       let currentKind: string | null = null;
+      let currentModule: ModuleFileInfo | null = null;
       if (current !== '') {
         const manifest = await readFile(path.join(dir, 'entries', current, 'manifest.json'), 'utf8').catch(() => null);
         if (manifest !== null) {
           try {
-            const kind: unknown = (JSON.parse(manifest) as { kind?: unknown }).kind;
-            currentKind = typeof kind === 'string' ? kind : null;
+            const m = JSON.parse(manifest) as { kind?: unknown; module?: unknown };
+            currentKind = typeof m.kind === 'string' ? m.kind : null;
+            currentModule = isModuleFileInfo(m.module) ? m.module : null;
           } catch {
             // a broken manifest is the cache check's business
           }
@@ -257,6 +267,7 @@ class Doctor {
       return {
         currentRelease: current === '' ? null : (current.split('~')[0] ?? null),
         currentKind,
+        currentModule,
         releaseEntries: names.filter((n) => n.startsWith(`${this.env.release}~`)).length,
       };
     })();
@@ -313,25 +324,41 @@ class Doctor {
       return [{ id: 'archive', status: 'ok', what: `header archive: ${p}${size > 0 ? ` (${mib(size)})` : ''}` }];
     }
 
-    // Not exposed now: can modprobe make it appear?
+    // Not exposed now: is the module on disk, to be read (or, failing that, loaded)?
     const tried = this.env.livePaths.join(' or ');
-    const moduleFile = await findKheadersModule(path.join(this.env.modulesRoot, this.env.release));
+    const dirs = moduleSearchDirs(this.cfg.moduleDirs, this.env.release);
+    const search = await findModuleFiles(dirs, this.env.moduleRoot);
+    const loadable: FoundModule[] = [];
+    const rejected: string[] = [];
+    for (const module of search.found) {
+      const read = await readModuleFile(module, { release: this.env.release, maxBytes: this.cfg.maxTotalBytes, searchPath: this.env.path });
+      if (read.outcome === 'archive') {
+        const out: Found = [{ id: 'archive', status: 'ok', what: `header archive: not exposed (${tried}); serve reads it out of ${module.file} (vermagic ${this.env.release}) without loading the module` }];
+        const late = this.moduleNewerThanBoot({ file: module.file, mtime: read.mtime.toISOString(), bootTime: this.env.bootTime.toISOString() });
+        return late ? [...out, late] : out;
+      }
+      if (read.outcome === 'rejected') rejected.push(`${module.file}: ${read.reason}`);
+      else loadable.push(module);
+    }
+    const notUsed = rejected.length > 0 ? `; not used: ${rejected.join('; ')}` : '';
     const loaded = await exists(this.env.kheadersModuleDir);
-    if (moduleFile !== null && !loaded) {
-      const modprobe = await this.which('modprobe');
+    if (loadable.length > 0 && !loaded) {
+      const tools = (await Promise.all(['modprobe', 'insmod'].map((t) => this.which(t)))).filter((t) => t !== undefined);
       const blockers = [
-        ...(this.cfg.modprobe ? [] : ['modprobe is off in the configuration (modprobe: false)']),
-        ...(modprobe ? [] : ['no modprobe binary (install kmod)']),
+        ...(this.cfg.modprobe ? [] : ['loading is off in the configuration (modprobe: false)']),
+        ...(tools.length > 0 ? [] : ['there is no modprobe or insmod (install kmod)']),
         ...(this.hasCap(CAP_SYS_MODULE) ? [] : ['loading a module needs root']),
       ];
+      const files = loadable.map((m) => m.file).join(', ');
       if (blockers.length === 0) {
-        return [{ id: 'archive', status: 'ok', what: `header archive: not exposed yet; serve runs \`modprobe kheaders\` (${moduleFile}) and unloads it afterwards` }];
+        return [{ id: 'archive', status: 'ok', what: `header archive: not exposed yet; serve cannot read ${files} here, so it loads it (modprobe, insmod) and unloads it afterwards${notUsed}` }];
       }
-      return [{ id: 'archive', status: 'warn', what: `header archive: not exposed (${tried}); the module ${moduleFile} is installed but ${blockers.join(', ')}`, fix: 'run serve as root with modprobe on, or load it yourself: sudo modprobe kheaders' }];
+      return [{ id: 'archive', status: 'warn', what: `header archive: not exposed (${tried}); ${files} cannot be read here and cannot be loaded: ${blockers.join(', ')}${notUsed}`, fix: 'run serve as root with modprobe on, or load it yourself: sudo modprobe kheaders (Android: insmod FILE)' }];
     }
     const [btf, cache] = await Promise.all([this.btfInfo(), this.cacheInfo().catch(() => null)]);
-    const base = `no header archive for ${this.env.release} (no ${tried}; ${loaded ? 'the kheaders module is loaded but exposes none' : `no kheaders module in ${path.join(this.env.modulesRoot, this.env.release)}`})`;
-    const howToFix = 'build the kernel with CONFIG_IKHEADERS=y (or =m and install kheaders.ko), or set "archive" (--archive FILE --release R)';
+    const nowhere = `no kheaders module for it in ${dirs.join(', ')}`;
+    const base = `no header archive for ${this.env.release} (no ${tried}; ${loaded ? 'the kheaders module is loaded but exposes none' : nowhere}${notUsed})`;
+    const howToFix = `build the kernel with CONFIG_IKHEADERS=y (or =m and install kheaders.ko${rejected.length > 0 ? ` built for ${this.env.release}` : ''}; moduleDirs names other places), or set "archive" (--archive FILE --release R)`;
     if (cache !== null && cache.currentRelease === this.env.release && cache.currentKind === 'headers') {
       return [{ id: 'archive', status: 'warn', what: `${base}; the cache already holds this kernel's headers, which serve will use`, fix: howToFix + ' to refresh them' }];
     }
@@ -339,6 +366,21 @@ class Doctor {
       return [{ id: 'archive', status: 'warn', what: `${base}; serve caches only a vmlinux.h made from BTF: enough for CO-RE, not for BCC or #include <linux/...>`, fix: howToFix }];
     }
     return [{ id: 'archive', status: 'fail', what: `${base}, and no BTF either: nothing to serve`, fix: howToFix }];
+  }
+
+  /**
+   * A module file changed after this boot may have been installed for the next kernel build with
+   * the same release: reading it (or loading it) would give that build's headers, not these.
+   */
+  private moduleNewerThanBoot(module: ModuleFileInfo): CheckResult | undefined {
+    const mtime = Date.parse(module.mtime);
+    if (!(mtime > this.env.bootTime.getTime())) return undefined;
+    return {
+      id: 'archive',
+      status: 'warn',
+      what: `${module.file} changed at ${module.mtime}, after this kernel booted (${this.env.bootTime.toISOString()}): it may be a module installed for the next build with the same release, whose headers do not match the running kernel`,
+      fix: 'reboot into the kernel it was installed with (serve re-reads it at start), or check that it is the module this kernel was built with',
+    };
   }
 
   async btf(): Promise<Found> {
@@ -411,6 +453,8 @@ class Doctor {
       const info = await this.cacheInfo();
       const entry = info.currentRelease === null ? 'no current entry yet' : `current entry: ${info.currentRelease}${info.currentKind ? ` (${info.currentKind})` : ''}`;
       out.push({ id: 'cache', status: 'ok', what: `cache ${dir}: owned by uid ${st.uid}, mode ${mode.toString(8)}; ${entry}` });
+      const late = info.currentModule && info.currentRelease === this.env.release ? this.moduleNewerThanBoot(info.currentModule) : undefined;
+      if (late) out.push({ ...late, id: 'cache', what: `the current entry was read from ${late.what}` });
     }
     const fs = await statfs(dir).catch(() => null);
     if (fs !== null) {
@@ -619,20 +663,18 @@ async function nearestExisting(dir: string): Promise<string> {
   return d;
 }
 
-/**
- * kheaders.ko (possibly compressed) for this release, from modules.dep or, failing that, the
- * usual place in the tree; a built-in module is listed in modules.builtin.
- */
-async function findKheadersModule(moduleDir: string): Promise<string | null> {
-  const re = /^(\S*\/kheaders\.ko(?:\.[a-z0-9]+)?):/m;
-  const dep = await readFile(path.join(moduleDir, 'modules.dep'), 'utf8').catch(() => null);
-  const m = dep === null ? null : re.exec(dep);
-  if (m) return path.join(moduleDir, m[1]!);
-  for (const ext of ['', '.xz', '.zst', '.gz']) {
-    const f = path.join(moduleDir, 'kernel', 'kernel', `kheaders.ko${ext}`);
-    if (await exists(f)) return f;
-  }
-  return null;
+interface CacheFacts {
+  currentRelease: string | null;
+  currentKind: string | null;
+  /** The module file the current entry was read from or loaded from, if any. */
+  currentModule: ModuleFileInfo | null;
+  releaseEntries: number;
+}
+
+function isModuleFileInfo(v: unknown): v is ModuleFileInfo {
+  if (typeof v !== 'object' || v === null) return false;
+  const m = v as Record<string, unknown>;
+  return typeof m.file === 'string' && typeof m.mtime === 'string' && typeof m.bootTime === 'string';
 }
 
 interface MountLine {

@@ -21,6 +21,10 @@ export interface EntrySummary {
   bytes: number;
   buildId: string | null;
   source: string;
+  /** How the archive was obtained (null for entries made before this was recorded). */
+  obtained: NonNullable<Manifest['obtained']> | null;
+  /** The module file it was read from or loaded from, with its mtime and the boot time. */
+  module: NonNullable<Manifest['module']> | null;
   ingestedAt: string;
   current: boolean;
   vmlinuxH: boolean;
@@ -45,6 +49,8 @@ export function summarise(m: Manifest, currentId: string | null, live?: LiveKern
     bytes: m.bytes,
     buildId: m.buildId,
     source: m.source,
+    obtained: m.obtained ?? null,
+    module: m.module ?? null,
     ingestedAt: m.ingestedAt,
     current: m.id === currentId,
     vmlinuxH: m.btf !== null,

@@ -60,6 +60,7 @@ export async function ingestWithConfig(cfg: Config, io: CommandIO, extra: { setC
     ...(cfg.release !== undefined ? { release: cfg.release } : {}),
     modprobe: cfg.modprobe,
     unloadModule: cfg.unloadModule,
+    moduleDirs: cfg.moduleDirs,
     limits: { maxTotalBytes: cfg.maxTotalBytes, maxEntries: cfg.maxEntries, maxFileBytes: cfg.maxFileBytes },
     decoder: cfg.decoder,
     btf: cfg.btf,

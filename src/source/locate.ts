@@ -1,26 +1,57 @@
 /**
- * Where the header archive comes from: the running kernel (sysfs, the legacy proc path, or after
- * `modprobe kheaders`), or a file the user names — an .tar.xz, or an ELF (kheaders.ko, vmlinux,
- * kheaders.o) that embeds one. Returns the xz bytes in memory: the compressed archive is a few
- * MiB, and holding it lets ingest hash it before deciding whether to decode at all.
+ * Where the header archive comes from: the running kernel (sysfs or the legacy proc path), the
+ * kheaders module file on disk (read, not loaded), the module loaded for a moment, or a file the
+ * user names (an .tar.xz, or an ELF — kheaders.ko, vmlinux, kheaders.o — that embeds one).
+ * Returns the xz bytes in memory: the compressed archive is a few MiB, and holding it lets
+ * ingest hash it before deciding whether to decode at all.
+ *
+ * The order, when no file is named:
+ *   1. the archive the kernel exposes (/sys/kernel/kheaders.tar.xz);
+ *   2. kheaders.ko (.xz/.zst/.gz) in the module directories (modules.ts: /lib/modules/<release>
+ *      and Android's partitions), whose vermagic names the running release: the archive inside
+ *      the file is the bytes the loaded module would expose, with no CAP_SYS_MODULE, no signature
+ *      question and nothing pinned in kernel memory;
+ *   3. only when no module file could be read: `modprobe kheaders`, then `insmod` of each module
+ *      file found but not readable here (the kernel checks its vermagic), unloaded afterwards.
+ * A module whose vermagic names another release is never used or loaded.
  */
 import { execFile } from 'node:child_process';
-import { access, open } from 'node:fs/promises';
+import { access, open, stat } from 'node:fs/promises';
 import os from 'node:os';
 import { KheadersError, errnoOf } from '../errors.js';
 import type { Logger } from '../log.js';
 import { findEmbeddedArchive, isElf } from './elf.js';
+import { findModuleFiles, readBootTime, readModuleFile, type FoundModule } from './module-files.js';
+import { DEFAULT_PLACES, moduleSearchDirs } from './modules.js';
 import { readLiveBuildId } from './notes.js';
 import { isXz } from './xz.js';
 
 export const LIVE_ARCHIVE_PATHS = ['/sys/kernel/kheaders.tar.xz', '/proc/kheaders.tar.xz'] as const;
 export const BTF_PATH = '/sys/kernel/btf/vmlinux';
 
+/**
+ * How the archive was obtained: the kernel exposed it; it was read out of the module file; the
+ * module was loaded to expose it (and unloaded); or it was a file given by the user.
+ */
+export type ArchiveOrigin = 'exposed' | 'module-file' | 'module-loaded' | 'file';
+
+/** The module file an archive came from, and when it changed relative to the boot. */
+export interface ModuleFileInfo {
+  file: string;
+  /** The file's mtime (ISO 8601). */
+  mtime: string;
+  /** When the running kernel booted (ISO 8601): a module changed after it may be for the next kernel. */
+  bootTime: string;
+}
+
 export interface ArchiveSource {
   /** The exact xz stream. */
   bytes: Buffer;
-  /** Human-readable origin for the manifest: a path, 'modprobe kheaders', 'elf:/x.ko'. */
+  /** Human-readable origin for the manifest: a path, 'module:/x.ko', 'file:/x', 'elf:/x.ko'. */
   source: string;
+  obtained: ArchiveOrigin;
+  /** For module-file and module-loaded (when the file is known). */
+  module?: ModuleFileInfo;
   /** True when it is the running kernel's own archive. */
   live: boolean;
   /** The release the source itself names (uname -r for live, vermagic for a .ko). */
@@ -28,27 +59,58 @@ export interface ArchiveSource {
   buildId: string | null;
 }
 
+/** The module tools, by name on PATH (toybox provides insmod and rmmod on Android). */
+export interface ModuleCommands {
+  modprobe: string;
+  insmod: string;
+  rmmod: string;
+}
+
 export interface LocateOptions {
   /** A file to use instead of the running kernel's archive. */
   archive?: string;
   /** Where `archive` was set (`--archive`, `KHEADERSD_ARCHIVE`, a config file's key), for messages. */
   archiveOrigin?: string;
-  /** Try `modprobe kheaders` when no live archive is present. */
+  /** Load the module (modprobe, insmod) when neither the kernel nor a module file gives the archive. */
   modprobe: boolean;
   /** Unload the module afterwards if this process loaded it (it pins ~4 MiB of kernel memory). */
   unloadModule: boolean;
   /** Upper bound on the compressed size read into memory. */
   maxArchiveBytes: number;
+  /** Where to look for kheaders.ko: absolute directories ({release} allowed) and "default". */
+  moduleDirs?: readonly string[];
   log?: Logger;
   /** For tests: where to look for the live archive, and the module's sysfs directory. */
   livePaths?: readonly string[];
   moduleDir?: string;
   notesPath?: string;
+  /** For tests: a directory standing for / under which the module directories are searched. */
+  root?: string;
+  /** For tests: the running release (default uname -r). */
+  release?: string;
+  /**
+   * Read a matching module file (default true). false loads it instead: how the VM test drives
+   * the loading path on a real kernel whose module is perfectly readable.
+   */
+  readModuleFiles?: boolean;
+  /** For tests: the module tools to run, and where the xz and zstd binaries are looked for. */
+  commands?: Partial<ModuleCommands>;
+  searchPath?: string;
+  procStat?: string;
+}
+
+interface LoadAttempt {
+  label: string;
+  load: [string, string[]];
+  unload: [string, string[]];
+  /** The file it loads, when known. */
+  module?: FoundModule;
 }
 
 export async function locateArchive(opts: LocateOptions): Promise<ArchiveSource> {
   if (opts.archive !== undefined) return readArchiveFile(opts.archive, opts.maxArchiveBytes, opts.archiveOrigin ?? '--archive');
 
+  const release = opts.release ?? os.release();
   const livePaths = opts.livePaths ?? LIVE_ARCHIVE_PATHS;
   const tried: string[] = [];
   const buildId = await readLiveBuildId(opts.notesPath);
@@ -60,7 +122,7 @@ export async function locateArchive(opts: LocateOptions): Promise<ArchiveSource>
       }
       const bytes = await readBounded(p, opts.maxArchiveBytes);
       if (!isXz(bytes)) throw notXz(p, bytes);
-      return { bytes, source: p, live: true, release: os.release(), buildId };
+      return { bytes, source: p, obtained: 'exposed', live: true, release, buildId };
     }
     return undefined;
   };
@@ -68,40 +130,119 @@ export async function locateArchive(opts: LocateOptions): Promise<ArchiveSource>
   const found = await fromLive();
   if (found) return found;
 
-  if (opts.modprobe) {
-    const moduleDir = opts.moduleDir ?? '/sys/module/kheaders';
-    const loadedBefore = await exists(moduleDir);
-    const result = await run('modprobe', ['kheaders']);
-    opts.log?.info({ modprobe: result }, 'ran modprobe kheaders');
-    tried.push(`modprobe kheaders (${result.ok ? 'loaded' : result.message})`);
-    if (result.ok) {
-      try {
-        const afterLoad = await fromLive();
-        if (afterLoad) return { ...afterLoad, source: `${afterLoad.source} (after modprobe kheaders)` };
-      } finally {
-        if (!loadedBefore && opts.unloadModule) {
-          const unload = await run('modprobe', ['-r', 'kheaders']);
-          opts.log?.info({ unload }, 'unloaded the kheaders module we loaded');
+  // The module file on disk.
+  const dirs = moduleSearchDirs(opts.moduleDirs ?? [DEFAULT_PLACES], release);
+  const distroDir = `/lib/modules/${release}`;
+  const search = await findModuleFiles(dirs, opts.root);
+  tried.push(...search.misses);
+  const loadable: FoundModule[] = [];
+  let distroModuleRejected = false;
+  const bootTime = readBootTime(opts.procStat);
+  for (const module of search.found) {
+    const read = await readModuleFile(module, { release, maxBytes: opts.maxArchiveBytes, ...(opts.searchPath !== undefined ? { searchPath: opts.searchPath } : {}) });
+    switch (read.outcome) {
+      case 'archive':
+        if (opts.readModuleFiles === false) {
+          tried.push(`${module.file} (the running kernel's; loading it instead of reading it)`);
+          loadable.push(module);
+          continue;
         }
-      }
+        opts.log?.info({ module: module.file, compression: read.compression, method: read.archive.method }, 'read the header archive out of the kheaders module file (not loaded)');
+        return {
+          bytes: read.archive.data,
+          source: `module:${module.file}`,
+          obtained: 'module-file',
+          module: { file: module.file, mtime: read.mtime.toISOString(), bootTime: (await bootTime).toISOString() },
+          live: true,
+          release,
+          buildId,
+        };
+      case 'rejected':
+        opts.log?.warn({ module: module.file, reason: read.reason }, `kheaders module ${module.file} not used: ${read.reason}`);
+        tried.push(`${module.file} (${read.reason}: not used)`);
+        if (module.dir === distroDir) distroModuleRejected = true;
+        continue;
+      case 'unread':
+        opts.log?.info({ module: module.file, reason: read.reason }, `kheaders module ${module.file} not read: ${read.reason}; loading it may still work`);
+        tried.push(`${module.file} (${read.reason})`);
+        loadable.push(module);
+        continue;
     }
+  }
+
+  // Loading: only what could not be read, and never a module known to be for another release.
+  if (!opts.modprobe) {
+    tried.push('loading kheaders (not tried: --no-modprobe)');
   } else {
-    tried.push('modprobe kheaders (not tried: --no-modprobe)');
+    const cmd: ModuleCommands = { modprobe: 'modprobe', insmod: 'insmod', rmmod: 'rmmod', ...opts.commands };
+    const attempts: LoadAttempt[] = [];
+    // modprobe looks in /lib/modules/<release>; if what it would load there names another release, skip it.
+    if (distroModuleRejected) tried.push(`modprobe kheaders (not tried: the module in ${distroDir} is for another release)`);
+    else {
+      const distroModule = loadable.find((m) => m.dir === distroDir);
+      attempts.push({ label: 'modprobe kheaders', load: [cmd.modprobe, ['kheaders']], unload: [cmd.modprobe, ['-r', 'kheaders']], ...(distroModule ? { module: distroModule } : {}) });
+    }
+    for (const module of loadable) {
+      attempts.push({ label: `insmod ${module.file}`, load: [cmd.insmod, [module.location]], unload: [cmd.rmmod, ['kheaders']], module });
+    }
+    const loaded = await loadAndRead(attempts, fromLive, opts, tried);
+    if (loaded) {
+      const info = loaded.module ? await moduleInfo(loaded.module, bootTime) : undefined;
+      return { ...loaded.source, obtained: 'module-loaded', ...(info ? { module: info } : {}) };
+    }
   }
 
   const hasBtf = await exists(BTF_PATH);
+  const otherRelease = tried.some((t) => t.includes('its vermagic names'));
   throw new KheadersError(
     'E_ARCHIVE_NOT_FOUND',
     [
-      'no kernel header archive found for the running kernel ' + os.release() + '.',
+      'no kernel header archive found for the running kernel ' + release + '.',
       'Tried: ' + tried.join('; ') + '.',
-      'The kernel was built without CONFIG_IKHEADERS (or its kheaders module is not installed).',
-      'To fix: build the kernel with CONFIG_IKHEADERS=y (or =m and install the module), or pass',
-      '--archive FILE (a kheaders.tar.xz, kheaders.ko or vmlinux) together with --release R.',
+      otherRelease
+        ? `A kheaders module was found, but built for another release: install the one built for ${release}.`
+        : 'The kernel was built without CONFIG_IKHEADERS (or its kheaders module is not installed).',
+      'To fix: build the kernel with CONFIG_IKHEADERS=y (or =m and install kheaders.ko; --module-dirs names',
+      'where to look), or pass --archive FILE (a kheaders.tar.xz, kheaders.ko or vmlinux) together with --release R.',
       ...(hasBtf ? [`This kernel has BTF (${BTF_PATH}): \`kheadersd btf\` makes a vmlinux.h for CO-RE programs.`] : []),
     ].join('\n'),
     { tried, btf: hasBtf },
   );
+}
+
+/**
+ * Run each load attempt until one makes the archive appear; unload what we loaded once the bytes
+ * are in memory (unless the module was loaded before or unloading is off).
+ */
+async function loadAndRead(
+  attempts: readonly LoadAttempt[],
+  fromLive: () => Promise<ArchiveSource | undefined>,
+  opts: LocateOptions,
+  tried: string[],
+): Promise<{ source: ArchiveSource; module?: FoundModule } | undefined> {
+  const sysfsDir = opts.moduleDir ?? '/sys/module/kheaders';
+  const loadedBefore = await exists(sysfsDir);
+  for (const attempt of attempts) {
+    const result = await run(...attempt.load);
+    opts.log?.info({ command: attempt.label, result }, `ran ${attempt.label}`);
+    tried.push(`${attempt.label} (${result.ok ? 'loaded' : result.message})`);
+    if (!result.ok) continue;
+    try {
+      const afterLoad = await fromLive();
+      if (afterLoad) return { source: { ...afterLoad, source: `${afterLoad.source} (after ${attempt.label})` }, ...(attempt.module ? { module: attempt.module } : {}) };
+    } finally {
+      if (!loadedBefore && opts.unloadModule) {
+        const unload = await run(...attempt.unload);
+        opts.log?.info({ unload }, 'unloaded the kheaders module we loaded');
+      }
+    }
+  }
+  return undefined;
+}
+
+async function moduleInfo(module: FoundModule, bootTime: Promise<Date>): Promise<ModuleFileInfo | undefined> {
+  const st = await stat(module.location).catch(() => undefined);
+  return st ? { file: module.file, mtime: st.mtime.toISOString(), bootTime: (await bootTime).toISOString() } : undefined;
 }
 
 async function readArchiveFile(file: string, maxBytes: number, origin: string): Promise<ArchiveSource> {
@@ -115,12 +256,13 @@ async function readArchiveFile(file: string, maxBytes: number, origin: string): 
     }
     throw err;
   }
-  if (isXz(bytes)) return { bytes, source: `file:${file}`, live: false, buildId: null };
+  if (isXz(bytes)) return { bytes, source: `file:${file}`, obtained: 'file', live: false, buildId: null };
   if (isElf(bytes)) {
     const embedded = findEmbeddedArchive(bytes);
     return {
       bytes: embedded.data,
       source: `elf:${file}`,
+      obtained: 'file',
       live: false,
       ...(embedded.release !== undefined ? { release: embedded.release } : {}),
       buildId: null,

@@ -11,6 +11,7 @@
  *           <blob>           files stored beside the pack (vmlinux.h), named by the index's blob table
  */
 import path from 'node:path';
+import type { ArchiveOrigin, ModuleFileInfo } from '../source/locate.js';
 import { validBlobName } from './index-format.js';
 import type { EntryReader } from './reader.js';
 import type { TreeIndex, TreeNode } from './tree-index.js';
@@ -37,8 +38,16 @@ export interface Manifest {
   kind: EntryKind;
   /** NT_GNU_BUILD_ID of the kernel it came from (hex), when known. */
   buildId: string | null;
-  /** Where the archive came from: '/sys/kernel/kheaders.tar.xz', 'modprobe kheaders', 'file:/x', 'elf:/x.ko'. */
+  /** Where the archive came from: '/sys/kernel/kheaders.tar.xz', 'module:/x.ko', 'file:/x', 'elf:/x.ko'. */
   source: string;
+  /**
+   * How it was obtained (absent in entries made before this was recorded): exposed by the kernel,
+   * read out of the kheaders module file, by loading the module, or from a file given; 'btf' for
+   * an entry holding only vmlinux.h.
+   */
+  obtained?: ArchiveOrigin | 'btf';
+  /** The module file read or loaded, its mtime and the boot time: a module newer than the boot may be for another build. */
+  module?: ModuleFileInfo;
   ingestedAt: string; // ISO 8601
   files: number;
   dirs: number;

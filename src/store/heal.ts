@@ -12,6 +12,7 @@ import { createHash } from 'node:crypto';
 import { readFile, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { KheadersError, errnoOf } from '../errors.js';
+import type { ArchiveOrigin, ModuleFileInfo } from '../source/locate.js';
 import { CacheStore, type DamagedEntry } from './cache.js';
 import { damageOf } from './entry-load.js';
 import { ARCHIVE_FILE, MANIFEST_FILE, parseEntryId } from './entry.js';
@@ -112,7 +113,7 @@ async function rebuildFrom(store: CacheStore, id: string, dir: string, opts: Hea
   try {
     await rebuildEntry(
       store,
-      { archive, release: parsed.release, digest: parsed.digest, source: old.source ?? 'rebuilt from its cached archive', buildId: old.buildId, btfDigest: old.btfDigest, ...(old.btfSource !== undefined ? { btfSource: old.btfSource } : {}) },
+      { archive, release: parsed.release, digest: parsed.digest, source: old.source ?? 'rebuilt from its cached archive', buildId: old.buildId, btfDigest: old.btfDigest, ...(old.btfSource !== undefined ? { btfSource: old.btfSource } : {}), ...(old.obtained ? { obtained: old.obtained } : {}), ...(old.module ? { module: old.module } : {}) },
       opts,
     );
   } catch (err) {
@@ -122,7 +123,7 @@ async function rebuildFrom(store: CacheStore, id: string, dir: string, opts: Hea
 }
 
 /** What the damaged entry's manifest still says, read loosely (it may be the damaged part). */
-async function oldManifest(dir: string): Promise<{ source: string | undefined; buildId: string | null; btfDigest: string | null | undefined; btfSource: string | undefined }> {
+async function oldManifest(dir: string): Promise<{ source: string | undefined; buildId: string | null; btfDigest: string | null | undefined; btfSource: string | undefined; obtained?: ArchiveOrigin; module?: ModuleFileInfo }> {
   try {
     const m = JSON.parse(await readFile(path.join(dir, MANIFEST_FILE), 'utf8')) as Record<string, unknown>;
     const btf = m['btf'] as { digest?: unknown; source?: unknown } | null | undefined;
@@ -131,10 +132,20 @@ async function oldManifest(dir: string): Promise<{ source: string | undefined; b
       buildId: typeof m['buildId'] === 'string' && /^[0-9a-f]+$/.test(m['buildId']) ? m['buildId'] : null,
       btfDigest: btf === null ? null : typeof btf?.digest === 'string' ? btf.digest : undefined,
       btfSource: typeof btf?.source === 'string' ? btf.source : undefined,
+      ...(ARCHIVE_ORIGINS.find((o) => o === m['obtained']) ? { obtained: m['obtained'] as ArchiveOrigin } : {}),
+      ...(isModuleFileInfo(m['module']) ? { module: m['module'] } : {}),
     };
   } catch {
     return { source: undefined, buildId: null, btfDigest: undefined, btfSource: undefined };
   }
+}
+
+const ARCHIVE_ORIGINS: readonly ArchiveOrigin[] = ['exposed', 'module-file', 'module-loaded', 'file'];
+
+function isModuleFileInfo(v: unknown): v is ModuleFileInfo {
+  if (typeof v !== 'object' || v === null) return false;
+  const o = v as Record<string, unknown>;
+  return typeof o['file'] === 'string' && typeof o['mtime'] === 'string' && typeof o['bootTime'] === 'string';
 }
 
 /** A one-line summary for logs and commands. */

@@ -20,7 +20,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { KheadersError, errnoOf, isKheadersError } from '../errors.js';
 import type { Logger } from '../log.js';
-import { locateArchive, type ArchiveSource } from '../source/locate.js';
+import { locateArchive, type ArchiveOrigin, type ArchiveSource, type ModuleFileInfo } from '../source/locate.js';
 import { xzUncompressedSize } from '../source/xz.js';
 import { CacheStore, entryId, fsyncDir, validRelease } from './cache.js';
 import { startDecoder, type Decoder, type DecoderChoice, type DecoderName } from './decompress.js';
@@ -53,6 +53,8 @@ export interface IngestOptions {
   release?: string;
   modprobe?: boolean;
   unloadModule?: boolean;
+  /** Where to look for kheaders.ko (the moduleDirs setting; default: the built-in places). */
+  moduleDirs?: readonly string[];
   limits?: Partial<IngestLimits>;
   decoder?: DecoderChoice;
   /**
@@ -111,6 +113,7 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
       modprobe: opts.modprobe ?? true,
       unloadModule: opts.unloadModule ?? true,
       maxArchiveBytes: limits.maxTotalBytes,
+      ...(opts.moduleDirs ? { moduleDirs: opts.moduleDirs } : {}),
       ...(opts.log ? { log: opts.log } : {}),
       ...(opts.livePaths ? { livePaths: opts.livePaths } : {}),
       ...(opts.notesPath !== undefined ? { notesPath: opts.notesPath } : {}),
@@ -241,6 +244,9 @@ export interface RebuildSource {
   btfDigest: string | null | undefined;
   /** The BTF file it was made from, when the manifest recorded it. */
   btfSource?: string;
+  /** How the archive was first obtained and from which module file, when the manifest recorded it. */
+  obtained?: ArchiveOrigin;
+  module?: ModuleFileInfo;
 }
 
 /**
@@ -252,7 +258,8 @@ export interface RebuildSource {
  */
 export async function rebuildEntry(store: CacheStore, from: RebuildSource, opts: IngestOptions): Promise<CacheEntry> {
   const limits: IngestLimits = { ...DEFAULT_LIMITS, ...opts.limits };
-  const source: ArchiveSource = { bytes: from.archive, source: from.source, live: false, release: from.release, buildId: from.buildId };
+  // What the first ingest recorded of the archive's origin stays true of the same bytes; unknown reads as a file.
+  const source: ArchiveSource = { bytes: from.archive, source: from.source, obtained: from.obtained ?? 'file', ...(from.module ? { module: from.module } : {}), live: false, release: from.release, buildId: from.buildId };
   const btf = await rebuildBtf(opts, from);
   const built = await buildHeadersEntry(store, source, from.digest, from.release, xzUncompressedSize(from.archive), limits, btf, await liveKernel(opts, btf, null), opts);
   return built.entry;
@@ -353,6 +360,7 @@ async function ingestBtfOnly(opts: IngestOptions, btf: BtfSource, live: LiveKern
           kind: 'btf-only',
           buildId: facts.buildId,
           source: `btf:${btf.path}`,
+          obtained: 'btf',
           index,
           packBytes: 0,
           archiveBytes: 0,
@@ -462,6 +470,8 @@ async function buildHeadersEntry(
       kind: 'headers',
       buildId: source.buildId,
       source: source.source,
+      obtained: source.obtained,
+      ...(source.module ? { module: source.module } : {}),
       index,
       packBytes: indexer.position,
       archiveBytes: source.bytes.length,
@@ -494,6 +504,8 @@ function makeManifest(m: {
   kind: Manifest['kind'];
   buildId: string | null;
   source: string;
+  obtained: NonNullable<Manifest['obtained']>;
+  module?: Manifest['module'];
   index: TreeIndex;
   packBytes: number;
   archiveBytes: number;
@@ -510,6 +522,8 @@ function makeManifest(m: {
     kind: m.kind,
     buildId: m.buildId,
     source: m.source,
+    obtained: m.obtained,
+    ...(m.module ? { module: m.module } : {}),
     ingestedAt: new Date().toISOString(),
     files: m.index.fileCount,
     dirs: m.index.dirCount,

@@ -217,3 +217,27 @@ export function sectionHeaderOffset(elf: BuiltElf, name: string): number {
   if (index === undefined) throw new Error(`elf-builder: no section ${name}`);
   return elf.shoff + index * elf.shentsize;
 }
+
+/**
+ * A kheaders.ko-like relocatable file: the archive in .rodata between kernel_headers_data and
+ * kernel_headers_data_end, and a .modinfo with the module strings modpost writes (vermagic last
+ * but one, as in a real module). `vermagic: null` leaves it out.
+ */
+export function buildKernelModule(opts: { archive: Buffer; vermagic: string | null; name?: string }): Buffer {
+  const info = ['license=GPL v2', 'description=Kernel headers archive', 'depends=', `name=${opts.name ?? 'kheaders'}`];
+  if (opts.vermagic !== null) info.splice(3, 0, `vermagic=${opts.vermagic} SMP preempt mod_unload aarch64`);
+  return buildElf({
+    bits: 64,
+    endian: 'le',
+    type: ET_REL,
+    sections: [
+      { name: '.text', data: Buffer.alloc(16, 0xcc) },
+      { name: '.rodata', data: Buffer.concat([Buffer.alloc(8), opts.archive, Buffer.alloc(8)]) },
+      { name: '.modinfo', data: Buffer.from(info.join('\0') + '\0', 'latin1') },
+    ],
+    symbols: [
+      { name: 'kernel_headers_data', value: 8n, section: '.rodata' },
+      { name: 'kernel_headers_data_end', value: BigInt(8 + opts.archive.length), section: '.rodata' },
+    ],
+  }).buf;
+}
