@@ -74,15 +74,11 @@ write_default_config() {
   port=$1
   # fuseBackend kernel: fuse-native has no Android build; the kernel backend speaks /dev/fuse
   # itself. If the mount fails (no FUSE, SELinux), serve keeps serving HTTP.
-  cat > "$CONF.tmp" <<EOF
-{
-  "cacheDir": "$BASE",
-  "mount": "$BASE/mnt",
-  "http": "127.0.0.1:$port",
-  "fuseBackend": "kernel",
-  "logLevel": "info"
-}
-EOF
+  # printf, not a here-document: a shell keeps here-documents in a temp file ($TMPDIR or /tmp),
+  # and where it has none (Android has no /tmp; a mksh built without Android's default TMPDIR)
+  # the file would be written empty without a word.
+  printf '{\n  "cacheDir": "%s",\n  "mount": "%s",\n  "http": "127.0.0.1:%s",\n  "fuseBackend": "kernel",\n  "logLevel": "info"\n}\n' \
+    "$BASE" "$BASE/mnt" "$port" > "$CONF.tmp" || return 1
   chmod 0644 "$CONF.tmp" && mv -f "$CONF.tmp" "$CONF"
 }
 
@@ -137,12 +133,10 @@ cmd_install_boot() {
       ;;
     service.d)
       [ -d "$SERVICE_D" ] || die "$SERVICE_D does not exist (it is Magisk's and KernelSU's boot-script directory)"
-      cat > "$SERVICE_D/kheadersd.sh" <<EOF
-#!/system/bin/sh
-# kheadersd: started at boot by Magisk/KernelSU (late_start service). Written by kheadersd-ctl.
-until [ "\$(getprop sys.boot_completed)" = 1 ]; do sleep 2; done
-exec /system/bin/sh $APP/bin/kheadersd-ctl start
-EOF
+      # printf, not a here-document (see write_default_config). The boot script expands $(getprop).
+      # shellcheck disable=SC2016
+      printf '#!/system/bin/sh\n# kheadersd: started at boot by Magisk/KernelSU (late_start service). Written by kheadersd-ctl.\nuntil [ "$(getprop sys.boot_completed)" = 1 ]; do sleep 2; done\nexec /system/bin/sh %s/bin/kheadersd-ctl start\n' \
+        "$APP" > "$SERVICE_D/kheadersd.sh" || die "cannot write $SERVICE_D/kheadersd.sh"
       chmod 0755 "$SERVICE_D/kheadersd.sh" || die "cannot make $SERVICE_D/kheadersd.sh executable"
       say "installed $SERVICE_D/kheadersd.sh: kheadersd starts at every boot"
       ;;
