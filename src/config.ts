@@ -137,7 +137,7 @@ function parseValue(key: ConfigKey, raw: unknown, origin: string): string | numb
       return typeof raw === 'string' && spec.values!.includes(raw) ? raw : bad(`one of ${spec.values!.join(', ')}`);
     case 'dirs': {
       // "a:b" from a flag or variable (like PATH); a JSON array of strings, or the same string, from the file.
-      const list = typeof raw === 'string' ? raw.split(':') : Array.isArray(raw) && raw.every((e) => typeof e === 'string') ? (raw as string[]) : undefined;
+      const list = typeof raw === 'string' ? raw.split(':') : Array.isArray(raw) && raw.every((e) => typeof e === 'string') ? raw : undefined;
       if (list === undefined) return bad(`a list of directories ("DIR:DIR" or a JSON array of strings)`);
       const problem = moduleDirsProblem(list);
       return problem === undefined ? list : bad(`a list of absolute directories and "default": ${problem}`);

@@ -333,11 +333,13 @@ describe('readModuleFile limits', () => {
     const m = await machine(t);
     const big = await m.put('/system_dlkm/lib/modules/kheaders.ko.gz', gzipSync(Buffer.alloc(4 * 1024 * 1024)));
     const { found } = await findModuleFiles(['/system_dlkm/lib/modules'], m.root);
-    assert.equal(found[0]?.location, big);
-    const over = await readModuleFile(found[0]!, { release: RELEASE, maxBytes: 1024 * 1024 });
+    const first = found[0];
+    assert.ok(first);
+    assert.equal(first.location, big);
+    const over = await readModuleFile(first, { release: RELEASE, maxBytes: 1024 * 1024 });
     assert.equal(over.outcome, 'rejected');
     assert.match(over.outcome === 'rejected' ? over.reason : '', /decompresses to more than 1048576 bytes/);
-    const tooBig = await readModuleFile(found[0]!, { release: RELEASE, maxBytes: 100 });
+    const tooBig = await readModuleFile(first, { release: RELEASE, maxBytes: 100 });
     assert.match(tooBig.outcome === 'rejected' ? tooBig.reason : '', /over the limit of 100/);
   });
 });

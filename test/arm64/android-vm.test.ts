@@ -193,7 +193,7 @@ test('arm64, Android-shaped: kheaders.ko read from /system_dlkm, the real archiv
 
   // While the daemon serves: the host pulls through the forwarded port, as over adb forward.
   const pulled = path.join(work, 'pulled');
-  let pullError: unknown = null;
+  let pullError: Error | null = null;
   try {
     await vm.waitFor((e) => e.tag === 'serving' || e.tag === 'kh-fail', 'the daemon serving', 30 * 60_000);
     if (!vm.events.some((e) => e.tag === 'serving')) throw new Error('the scenario failed before serving');
@@ -204,7 +204,7 @@ test('arm64, Android-shaped: kheaders.ko read from /system_dlkm, the real archiv
       if (r.code !== 0) throw new Error(`pull --url exited ${r.code}: ${r.stderr}`);
     });
   } catch (err) {
-    pullError = err;
+    pullError = err instanceof Error ? err : new Error(String(err));
   } finally {
     vm.send('pulled');
   }
@@ -260,7 +260,7 @@ test('arm64, Android-shaped: kheaders.ko read from /system_dlkm, the real archiv
 
   await t.test('kheadersd pull --url through the forwarded port: byte-identical to the archive', async () => {
     const [tree] = await readdir(pulled);
-    assert.ok(tree?.startsWith(`6.1.192-${expected.slice(0, 12)}`), tree);
+    assert.ok(tree !== undefined && tree.startsWith(`6.1.192-${expected.slice(0, 12)}`), tree);
     const diff = await run('diff', ['-r', '--no-dereference', reference, path.join(pulled, tree)]);
     assert.equal(diff.code, 0, diff.stdout.slice(0, 3000));
   });
