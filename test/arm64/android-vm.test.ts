@@ -79,6 +79,7 @@ sleep 10
 cat /proc/$IDLE/smaps_rollup >"$O/smaps-node-idle"
 kill $IDLE
 
+kh_emit step install
 # 1. Installed as android/install.sh installs it on a device (its step 8), started as a user does.
 /system/bin/sh $STAGING/bin/kheadersd-ctl install $STAGING $NODE 7711 >"$O/install.out" 2>&1 || exit 10
 /system/bin/sh $CTL install-boot none >>"$O/install.out" 2>&1 || exit 11
@@ -98,7 +99,8 @@ lsmod >"$O/lsmod-serving"
 grep " $BASE/mnt " /proc/mounts >"$O/mounts"
 /system/bin/sh $CTL ls --json >"$O/ls.json" 2>"$O/ls.err" || exit 15
 cp $BASE/mnt/current/vmlinux.h "$O/vmlinux.h" || exit 16
-(cd $BASE/mnt/current && find . -type f | LC_ALL=C sort | xargs sha256sum) >"$O/mount-sums" || exit 17
+kh_emit step "checksums through the mount"
+(cd $BASE/mnt/current && find . -type f ! -path ./vmlinux.h | LC_ALL=C sort | xargs sha256sum) >"$O/mount-sums" || exit 17
 (cd $BASE/mnt/current && find . -type l | LC_ALL=C sort | while read -r l; do echo "$l -> $(readlink "$l")"; done) >"$O/mount-links"
 /system/bin/sh $CTL status >"$O/status.out" 2>&1
 kh_emit serving
@@ -111,10 +113,12 @@ cp $LOG "$O/daemon-cold.log"
 # the daemon busy on the emulated CPU, its probes of the port and the mount time out).
 /system/bin/sh $CTL doctor --json --fuse-backend auto >"$O/doctor.json" 2>"$O/doctor.err"
 
+kh_emit step "xz -dc"
 # 2. References: xz -dc of the archive the daemon cached, with the xz it decoded it with.
 cp $BASE/entries/*/archive.tar.xz $SCRATCH/archive.tar.xz || exit 20
 for i in 1 2 3; do timed xz-dc $(dirname $NODE)/xz -dc $SCRATCH/archive.tar.xz || exit 21; done
 
+kh_emit step ingest
 # 3. The ingest alone, as the first start ran it (with vmlinux.h from BTF), and without vmlinux.h.
 timed ingest /system/bin/sh $CTL ingest --cache-dir $SCRATCH/cache-1 --json || exit 22
 cp $SCRATCH/ingest.stdout "$O/ingest.json"
@@ -122,6 +126,7 @@ timed ingest-no-btf /system/bin/sh $CTL ingest --cache-dir $SCRATCH/cache-2 --bt
 cp $SCRATCH/ingest-no-btf.stdout "$O/ingest-no-btf.json"
 rm -rf $SCRATCH/cache-1 $SCRATCH/cache-2
 
+kh_emit step "warm start"
 # 4. A second start: the cache already holds this kernel.
 t0=$(up)
 /system/bin/sh $CTL start >"$O/start-warm.out" 2>&1 || exit 24
@@ -133,6 +138,7 @@ cat /proc/$PID/smaps_rollup >"$O/smaps-idle-warm"
 /system/bin/sh $CTL stop >>"$O/stop.out" 2>&1 || exit 26
 cp $LOG "$O/daemon-warm.log"
 
+kh_emit step fuse-native
 # 5. fuse-native on arm64: refused with a message; the daemon keeps serving HTTP.
 mkdir -p $SCRATCH/mnt-native
 env $DENV $NODE $CLI serve --fuse-backend native --mount $SCRATCH/mnt-native --http 127.0.0.1:7712 >"$O/native.log" 2>&1 &
@@ -143,6 +149,7 @@ kill -TERM $NATIVE
 wait $NATIVE
 echo $? >"$O/native.status"
 
+kh_emit step loading
 # 6. The loading path on this kernel: toybox's insmod of the file found, read from sysfs, rmmod.
 env $DENV $NODE --input-type=module -e "
   const { locateArchive } = await import('$BASE/app/dist/src/source/locate.js');
@@ -210,6 +217,8 @@ test('arm64, Android-shaped: kheaders.ko read from /system_dlkm, the real archiv
   }
   const r = await vm.result;
   t.diagnostic(`VM: booted in ${((r.bootMs ?? 0) / 1000).toFixed(1)} s, ran ${(r.durationMs / 1000).toFixed(0)} s`);
+  const steps = r.events.filter((e) => e.tag === 'step' || e.tag === 'serving' || e.tag === 'kh-exit');
+  t.diagnostic(`steps (s since qemu started): ${steps.map((e) => `${e.tag === 'step' ? e.text : e.tag} ${(e.atMs / 1000).toFixed(0)}`).join(', ')}`);
   assert.equal(r.status, 0, `the scenario failed (status ${String(r.status)})${context(r)}`);
   if (pullError) throw pullError;
   const out = (name: string): Promise<string> => readFile(path.join(r.outDir, name), 'utf8');
@@ -313,7 +322,7 @@ test('arm64, Android-shaped: kheaders.ko read from /system_dlkm, the real archiv
     const nodeIdle = await out('smaps-node-idle');
     const hwm = Number(/VmHWM:\s+(\d+) kB/.exec(await out('status-after-ingest'))?.[1] ?? NaN);
     const memory = (label: string, text: string): string =>
-      `${label}: RSS ${mib(kib('Rss', text))} MiB (${(kib('Rss', text) / kib('Rss', nodeIdle)).toFixed(1)}x an idle node), anonymous ${mib(kib('Anonymous', text))} MiB (${(kib('Anonymous', text) / kib('Anonymous', nodeIdle)).toFixed(1)}x)`;
+      `${label}: RSS ${mib(kib('Rss', text))} MiB (${(kib('Rss', text) / kib('Rss', nodeIdle)).toFixed(1)}x an idle node), anonymous ${mib(kib('Anonymous', text))} MiB (${(kib('Anonymous', text) / kib('Anonymous', nodeIdle)).toFixed(1)}x; ${mib(kib('AnonHugePages', text))} MiB of it in transparent huge pages)`;
     const lines = [
       `references on the VM: xz -dc of the archive ${xzS.toFixed(2)} s (max RSS ${mib(median('xz-dc', 1))} MiB); node -e 0 ${nodeS.toFixed(2)} s; an idle node: RSS ${mib(kib('Rss', nodeIdle))} MiB, anonymous ${mib(kib('Anonymous', nodeIdle))} MiB`,
       `ingest (kheadersd ingest, whole process), with vmlinux.h from BTF: ${ingestS.toFixed(1)} s = ${(ingestS / xzS).toFixed(2)}x xz -dc = ${(ingestS / nodeS).toFixed(1)}x node -e 0; max RSS ${mib(median('ingest', 1))} MiB`,
