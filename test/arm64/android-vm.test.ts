@@ -149,6 +149,9 @@ kill -TERM $NATIVE
 wait $NATIVE
 echo $? >"$O/native.status"
 
+# lzma-native ships a linux-arm64 prebuild: does it load here? (xz above is what decodes.)
+(cd $BASE/app && $NODE -e "require('lzma-native')") >"$O/lzma-native.out" 2>&1
+echo $? >"$O/lzma-native.status"
 kh_emit step loading
 # 6. The loading path on this kernel: toybox's insmod of the file found, read from sysfs, rmmod.
 env $DENV $NODE --input-type=module -e "
@@ -286,6 +289,15 @@ test('arm64, Android-shaped: kheaders.ko read from /system_dlkm, the real archiv
     assert.ok(fuse.some((c) => c.status === 'warn' && /fuse-native does not load/.test(c.what) && /no prebuild for arm64/.test(c.fix ?? '')), JSON.stringify(fuse));
     const archiveCheck = doctor.checks.find((c) => c.id === 'archive');
     assert.match(archiveCheck?.what ?? '', /serve reads it out of \/system_dlkm\/lib\/modules\/kheaders\.ko \(vermagic 6\.1\.192\) without loading the module/);
+  });
+
+  await t.test('lzma-native\'s linux-arm64 prebuild does not load on arm64 (it is an x86-64 file): xz decodes', async () => {
+    assert.notEqual((await out('lzma-native.status')).trim(), '0', await out('lzma-native.out'));
+    assert.match(await out('lzma-native.out'), /ELF|wrong|cannot open|No native build/i);
+    const ingested = JSON.parse(await out('ingest.json')) as { digest: string };
+    assert.equal(ingested.digest, expected);
+    const decoded = jsonLines(await out('daemon-cold.log')).find((l) => l['msg'] === 'ingested');
+    assert.equal(decoded?.['decoder'], 'xz');
   });
 
   await t.test('the loading path on the real kernel: toybox insmod of the file found, then rmmod', async () => {
