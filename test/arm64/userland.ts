@@ -123,7 +123,7 @@ export async function packageVersions(): Promise<Record<string, { version: strin
   }
   const missing = DEBIAN_PACKAGES.filter((p) => found[p] === undefined);
   if (missing.length > 0) {
-    throw new Error(`apt knows no arm64 ${missing.join(', ')}: run \`dpkg --add-architecture arm64 && apt-get update\` (.ci/run does)`);
+    throw new Error(`apt knows no arm64 ${missing.join(', ')}: run \`dpkg --add-architecture arm64 && apt-get update\` as root`);
   }
   return found;
 }
