@@ -239,6 +239,42 @@ test('--max-cache-bytes evicts the oldest beyond the budget', async (t) => {
   assert.ok((await store.totalBytes()) <= budget);
 });
 
+// ---------------------------------------------------------------------------------------------
+// `current` across reboots
+
+test('`current` belongs to the boot that chose it: after a reboot it names nothing until this boot chooses', async (t) => {
+  const dir = await tempDir(t);
+  const cacheDir = path.join(dir, 'cache');
+  const a = (await run({ cacheDir, archive: await archiveFile(dir, '6.99.0-boot'), setCurrent: true })).entry.manifest;
+  const thisBoot = await CacheStore.open(cacheDir);
+  assert.equal(await thisBoot.currentId(), a.id);
+  assert.match(await readFile(path.join(cacheDir, 'current'), 'utf8'), /^6\.99\.0-boot~[0-9a-f]{64}\nboot=\S+\n$/);
+
+  // The next boot (another kernel, or another build of this release) finds the last one's pointer.
+  const nextBoot = await CacheStore.open(cacheDir, { write: true, bootId: 'the-next-boot' });
+  assert.equal(await nextBoot.currentId(), null, "the last boot's choice is not this boot's");
+  await assert.rejects(nextBoot.resolve('current'), expectCode('E_NOT_FOUND'), 'an entry of another release is never `current`');
+  assert.deepEqual((await nextBoot.gc({ keep: 0 })).length, 1, 'and it is no longer protected from eviction');
+
+  const b = (await run({ cacheDir, archive: await archiveFile(dir, '6.99.1-boot') })).entry.manifest;
+  await nextBoot.setCurrent(b.id);
+  assert.equal(await nextBoot.currentId(), b.id);
+  assert.equal(await thisBoot.currentId(), null, 'seen from another boot, that pointer is stale in turn');
+});
+
+test('a reboot into the same kernel: ingest reuses the entry and points `current` at it for this boot', async (t) => {
+  const dir = await tempDir(t);
+  const cacheDir = path.join(dir, 'cache');
+  const archive = await archiveFile(dir, '6.99.2-same');
+  const first = (await run({ cacheDir, archive, setCurrent: true })).entry.manifest;
+  await writeFile(path.join(cacheDir, 'current'), `${first.id}\nboot=an-earlier-boot\n`);
+  const store = await CacheStore.open(cacheDir);
+  assert.equal(await store.currentId(), null);
+  const again = await run({ cacheDir, archive, setCurrent: true });
+  assert.equal(again.reused, true);
+  assert.equal(await store.currentId(), first.id, 'the pointer now names this boot');
+});
+
 test('an ingest never evicts the entry it has just made', async (t) => {
   const dir = await tempDir(t);
   const cacheDir = path.join(dir, 'cache');

@@ -26,7 +26,7 @@ import type { Logger } from '../log.js';
 import { BTF_PATH, LIVE_ARCHIVE_PATHS, type ModuleFileInfo } from '../source/locate.js';
 import { findModuleFiles, readBootTime, readModuleFile, type FoundModule } from '../source/module-files.js';
 import { moduleSearchDirs } from '../source/modules.js';
-import { CacheStore, isAndroid } from '../store/cache.js';
+import { CacheStore, isAndroid, parseCurrentPointer } from '../store/cache.js';
 import { readTokenFile } from '../token.js';
 import type { Manifest } from '../store/entry.js';
 import { matchRunning, sha256OfFile } from '../store/kernel-match.js';
@@ -248,7 +248,7 @@ class Doctor {
   private cacheInfo(): Promise<CacheFacts> {
     this.cacheFact ??= (async () => {
       const dir = this.cfg.cacheDir;
-      const current = (await readFile(path.join(dir, 'current'), 'utf8').catch(() => '')).trim();
+      const current = parseCurrentPointer(await readFile(path.join(dir, 'current'), 'utf8').catch(() => ''))?.id ?? '';
       let currentKind: string | null = null;
       let currentModule: ModuleFileInfo | null = null;
       if (current !== '') {
@@ -392,7 +392,7 @@ class Doctor {
   /** Whether `current` is the running kernel's entry: serving another kernel's headers is the silent failure. */
   async current(): Promise<Found> {
     const dir = this.cfg.cacheDir;
-    const id = (await readFile(path.join(dir, 'current'), 'utf8').catch(() => '')).trim();
+    const id = parseCurrentPointer(await readFile(path.join(dir, 'current'), 'utf8').catch(() => ''))?.id ?? '';
     if (id === '') return [];
     let manifest: Manifest;
     try {

@@ -91,6 +91,8 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
     const current = new Resolver(
       entries.map((e) => e.manifest),
       pointer,
+      live.release,
+      live.buildId,
     ).currentId;
     state.currentId = current;
     state.ready = current !== null;
@@ -108,7 +110,9 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
         );
       }
     }
-    model?.setEntries(entries, pointer, state.runningId);
+    if (pointer !== null && pointer !== current) log.warn({ currentId: pointer }, 'the current pointer names no intact cache entry');
+    // FUSE gets the resolved id, so its `current` is HTTP's even where the pointer names nothing.
+    model?.setEntries(entries, current, state.runningId);
     // An id served by a new instance was rebuilt after damage: the old one's files now sit in
     // quarantine (soon deleted), so stop reading them; an open file on it gets EIO, not old bytes
     // that were never proven. (An entry gc removed keeps its reader: open files finish reading.)

@@ -3,7 +3,7 @@
  * and a tmp/ area for half-built entries.
  *
  *   <cache>/entries/<release>~<sha256>/{manifest.json,index.bin,pack.tar,archive.tar.xz}  (entry.ts)
- *   <cache>/current        the id of the running kernel's entry (replaced atomically)
+ *   <cache>/current        the id of the running kernel's entry and the boot that chose it (replaced atomically)
  *   <cache>/tmp/           builds in progress; swept under the lock
  *   <cache>/lock
  *   <cache>/quarantine/    damaged entries moved aside, with why (quarantine.ts)
@@ -13,8 +13,11 @@
  * cache another user can write is how the /tmp/kheaders-* tools were exploited (CVE-2024-2313).
  */
 import { mkdir, open, readdir, readFile, rename, rm, stat, chmod } from 'node:fs/promises';
+import os from 'node:os';
 import path from 'node:path';
 import { KheadersError, errnoOf } from '../errors.js';
+import { readBootId } from '../source/boot.js';
+import { readLiveBuildId } from '../source/notes.js';
 import { isDamage, loadEntry, loadManifest, openEntryLazily } from './entry-load.js';
 import { parseEntryId, type CacheEntry, type Manifest } from './entry.js';
 import { withLock } from './lock.js';
@@ -41,6 +44,25 @@ export interface OpenOptions {
   /** Create the directory if missing and insist that we own it (every writing command). */
   write: boolean;
   lockTimeoutMs?: number;
+  /** The boot `current` belongs to (default: the running one's id; tests simulate a reboot). */
+  bootId?: string | null;
+}
+
+/** What `<cache>/current` says: an entry id and the boot that chose it. Lines: the id, then `boot=<id>`. */
+export interface CurrentPointer {
+  id: string;
+  bootId: string | null;
+}
+
+export function parseCurrentPointer(text: string): CurrentPointer | null {
+  const [id = '', ...rest] = text.split('\n').map((l) => l.trim());
+  if (id === '') return null;
+  const field = (key: string): string | undefined => rest.find((l) => l.startsWith(`${key}=`))?.slice(key.length + 1);
+  return { id, bootId: field('boot') ?? null };
+}
+
+export function formatCurrentPointer(p: CurrentPointer): string {
+  return `${p.id}\n${p.bootId !== null ? `boot=${p.bootId}\n` : ''}`;
 }
 
 export interface GcOptions {
@@ -67,6 +89,7 @@ export class CacheStore {
   private constructor(
     readonly dir: string,
     private readonly lockTimeoutMs: number,
+    private readonly bootId: string | null,
   ) {
     this.entriesDir = path.join(dir, 'entries');
     this.tmpDir = path.join(dir, 'tmp');
@@ -88,7 +111,7 @@ export class CacheStore {
         if (!(err instanceof KheadersError && err.code === 'E_NOT_FOUND')) throw err;
       });
     }
-    return new CacheStore(abs, options.lockTimeoutMs ?? 30_000);
+    return new CacheStore(abs, options.lockTimeoutMs ?? 30_000, options.bootId !== undefined ? options.bootId : await readBootId());
   }
 
 /** Run fn holding the cache's cross-process lock; E_LOCKED after the timeout. */
@@ -184,7 +207,7 @@ export class CacheStore {
   /** Which entry each name means, as of now (see resolve.ts). `pointer` overrides the `current` file. */
   async snapshot(pointer?: string | null): Promise<Resolver> {
     const manifests = await this.list();
-    return new Resolver(manifests, pointer === undefined ? await this.currentId() : pointer);
+    return new Resolver(manifests, pointer === undefined ? await this.currentId() : pointer, os.release(), await readLiveBuildId());
   }
 
   /** The entry `ref` names (current, a release, a digest or prefix, an id). */
@@ -231,20 +254,33 @@ export class CacheStore {
     return pruneQuarantine(this.dir);
   }
 
+  /**
+   * The running kernel's entry, as chosen during this boot; null before anything chose one. A
+   * pointer left by an earlier boot names what ran then (maybe another kernel, or another build
+   * of this release): it is never taken for this boot's.
+   */
   async currentId(): Promise<string | null> {
+    return (await this.currentPointer())?.id ?? null;
+  }
+
+  /** The `current` pointer if this boot wrote it, else null. */
+  async currentPointer(): Promise<CurrentPointer | null> {
+    let text: string;
     try {
-      const id = (await readFile(path.join(this.dir, 'current'), 'utf8')).trim();
-      return id === '' || id.length > 512 ? null : id;
+      text = await readFile(path.join(this.dir, 'current'), 'utf8');
     } catch (err) {
       // Missing, or not a file: no pointer (the resolver falls back to the running release).
       if (errnoOf(err) === 'ENOENT' || errnoOf(err) === 'EISDIR') return null;
       throw err;
     }
+    const pointer = text.length > 1024 ? null : parseCurrentPointer(text);
+    return pointer !== null && pointer.bootId === this.bootId ? pointer : null;
   }
 
-  /** Point `current` at an entry: write a temp file, fsync, rename (never a torn pointer). */
+  /** Point `current` at an entry, for this boot: write a temp file, fsync, rename (never a torn pointer). */
   async setCurrent(id: string): Promise<void> {
-    await writeFileDurably(path.join(this.dir, 'current'), `${id}\n`, this.tmpDir);
+    const content = formatCurrentPointer({ id, bootId: this.bootId });
+    await writeFileDurably(path.join(this.dir, 'current'), content, this.tmpDir);
   }
 
   /**

@@ -2,8 +2,9 @@
  * Which entry a name means: the one place that decides it, for the cache commands (`cat`,
  * `export`), the HTTP catalog and the FUSE model alike, so they can never disagree.
  *
- *   current        the entry the `current` pointer names; with no usable pointer, the newest
- *                  entry of the running kernel's release (`uname -r`); else none
+ *   current        the entry the `current` pointer names (written in this boot); with no usable
+ *                  pointer, the newest entry of the running kernel's release (`uname -r`) that is
+ *                  not of another build (its build id is the running one's, or unknown); else none
  *   <id>           `<release>~<digest>` exactly
  *   <release>      the current entry if it has that release, else the newest of that release
  *   <digest>       64 hex digits; or a prefix of at least 8 that only one digest starts with.
@@ -23,6 +24,16 @@ export function newestFirst(manifests: readonly Manifest[]): Manifest[] {
   return [...manifests].sort((a, b) => (a.ingestedAt < b.ingestedAt ? 1 : a.ingestedAt > b.ingestedAt ? -1 : 0));
 }
 
+/**
+ * The entries that may be the running kernel's, best first: its release, and never the build id
+ * of another build (a rebuild that kept the release string). Entries with its very build id
+ * come first, then those whose build id is unknown (made from a file); each in the given order.
+ */
+export function ofRunningKernel(manifests: readonly Manifest[], release: string, buildId: string | null): Manifest[] {
+  const same = manifests.filter((m) => m.release === release && (buildId === null || m.buildId === null || m.buildId === buildId));
+  return [...same.filter((m) => m.buildId !== null), ...same.filter((m) => m.buildId === null)];
+}
+
 export class Resolver {
   /** The entries, newest first. */
   readonly manifests: readonly Manifest[];
@@ -34,11 +45,12 @@ export class Resolver {
     manifests: readonly Manifest[],
     pointer: string | null,
     private readonly runningRelease: string = os.release(),
+    runningBuildId: string | null = null,
   ) {
     this.manifests = newestFirst(manifests);
     this.byIdMap = new Map(this.manifests.map((m) => [m.id, m]));
     const pointed = pointer === null ? undefined : this.byIdMap.get(pointer);
-    this.currentId = pointed?.id ?? this.manifests.find((m) => m.release === runningRelease)?.id ?? null;
+    this.currentId = pointed?.id ?? ofRunningKernel(this.manifests, runningRelease, runningBuildId)[0]?.id ?? null;
   }
 
   get current(): Manifest | undefined {

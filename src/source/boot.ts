@@ -1,0 +1,19 @@
+/**
+ * Which boot of the machine this is. The kernel draws a random id at every boot; the cache's
+ * `current` pointer records it, so that after a reboot (possibly into another kernel) nothing
+ * takes the last boot's choice for this one's.
+ */
+import { readFile } from 'node:fs/promises';
+
+export const BOOT_ID_PATH = '/proc/sys/kernel/random/boot_id';
+
+let cached: Promise<string | null> | undefined;
+
+/** The running boot's id, or null where the kernel does not say (not Linux, /proc hidden). */
+export function readBootId(): Promise<string | null> {
+  cached ??= readFile(BOOT_ID_PATH, 'utf8').then(
+    (s) => s.trim() || null,
+    () => null,
+  );
+  return cached;
+}
