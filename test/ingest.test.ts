@@ -9,12 +9,14 @@ import { execFileSync } from 'node:child_process';
 import { mkdtemp, open, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
+import { Writable } from 'node:stream';
 import { KheadersError } from '../src/errors.js';
 import { createLogger } from '../src/log.js';
 import { CacheStore } from '../src/store/cache.js';
 import { ARCHIVE_FILE, PACK_FILE, dataLocation, type CacheEntry } from '../src/store/entry.js';
 import { ingest, type IngestOptions } from '../src/store/ingest.js';
 import type { DecoderName } from '../src/store/decompress.js';
+import { BtfBuilder } from './helpers/btf-builder.js';
 import {
   END_OF_ARCHIVE,
   FIXTURE_ARCHIVE,
@@ -370,6 +372,47 @@ test('re-ingesting the same archive is "reused" and touches nothing', async (t) 
   assert.deepEqual(await snapshot(first.entry.dir), before, 'every file keeps its inode, mtime and bytes');
   const store = await CacheStore.open(cacheDir);
   assert.equal((await store.list()).length, 1);
+});
+
+test('no archive now (module gone), but this kernel\'s headers cached on an earlier boot: reused, not a vmlinux.h-only entry', async (t) => {
+  const dir = await tempDir(t);
+  const cacheDir = path.join(dir, 'cache');
+  const live = await writeArchive(dir, 'live.tar.xz', xz(await makeTar(goodTree(os.release(), 'live'))));
+  const btf = path.join(dir, 'btf');
+  const b = new BtfBuilder();
+  b.int('int', 4, { signed: true });
+  await writeFile(btf, b.build());
+  const common = { cacheDir, modprobe: false, liveBtf: btf, btf: 'auto' } as const;
+  // An earlier boot: the running kernel's archive was there (the live path), and was cached.
+  const first = await ingest({ ...common, livePaths: [live], log: silent });
+  assert.equal(first.entry.manifest.kind, 'headers');
+  assert.equal(first.entry.manifest.release, os.release());
+  await writeFile(path.join(cacheDir, 'current'), `${first.entry.manifest.id}\nboot=an-earlier-boot\n`);
+
+  // This boot: no archive at all (modprobe off, the live path absent).
+  const logged: Array<Record<string, unknown>> = [];
+  const sink = new Writable({
+    write(chunk: Buffer, _encoding, done) {
+      logged.push(JSON.parse(chunk.toString()) as Record<string, unknown>);
+      done();
+    },
+  });
+  const log = createLogger('warn', sink);
+  const again = await ingest({ ...common, livePaths: [path.join(dir, 'absent.tar.xz')], log });
+  assert.equal(again.reused, true);
+  assert.equal(again.decoder, null);
+  assert.equal(again.entry.manifest.id, first.entry.manifest.id, 'the cached headers, not a vmlinux.h-only entry');
+  const store = await CacheStore.open(cacheDir);
+  assert.equal(await store.currentId(), first.entry.manifest.id);
+  assert.deepEqual((await store.list()).map((m) => m.kind), ['headers']);
+  assert.ok(logged.some((l) => /no header archive for the running kernel now/.test(String(l['msg']))), JSON.stringify(logged));
+
+  // Another kernel's entry is never taken for this one's: with only it cached, the BTF-only entry is made.
+  const other = path.join(dir, 'other-cache');
+  await ingest({ cacheDir: other, archive: await writeArchive(dir, 'other.tar.xz', xz(await makeTar(goodTree('6.99.9-other')))), btf: 'off', log: silent });
+  const btfOnly = await ingest({ cacheDir: other, modprobe: false, livePaths: [path.join(dir, 'absent.tar.xz')], liveBtf: btf, btf: 'auto', log: silent });
+  assert.equal(btfOnly.entry.manifest.kind, 'btf-only');
+  assert.equal(btfOnly.reused, false);
 });
 
 test('kheadersd export writes the same tree tar -xJf does', async (t) => {

@@ -31,6 +31,7 @@ import { FACT_FILES, chooseConfig, judgeBtf, type ConfigPaths, type EntryFacts, 
 import { sha256OfFile, type LiveKernel } from './kernel-match.js';
 import { readLiveBuildId } from '../source/notes.js';
 import { DEFAULT_LIMITS, TarIndexer, type IngestLimits } from './tar-indexer.js';
+import { ofRunningKernel } from './resolve.js';
 import { TreeIndex, type IndexRecord } from './tree-index.js';
 import { LIVE_BTF, VMLINUX_H, btfSource, provideVmlinuxH, type BtfSource } from './vmlinux-h.js';
 
@@ -120,8 +121,13 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
     });
     if (opts.sourceLabel !== undefined) source = { ...source, source: opts.sourceLabel };
   } catch (err) {
+    const noLiveArchive = opts.archive === undefined && isKheadersError(err, 'E_ARCHIVE_NOT_FOUND');
+    // No header archive now (the module is gone, or cannot be loaded), but this kernel's headers
+    // were cached on an earlier boot: they are still its headers.
+    const cached = noLiveArchive ? await reuseRunningKernelEntry(opts, err, started) : undefined;
+    if (cached) return cached;
     // No header archive, but the kernel has BTF: an entry with vmlinux.h alone is still useful.
-    const btf = opts.archive === undefined && isKheadersError(err, 'E_ARCHIVE_NOT_FOUND') ? await chooseBtf(opts, true) : undefined;
+    const btf = noLiveArchive ? await chooseBtf(opts, true) : undefined;
     if (!btf) throw err;
     opts.log?.warn({ btf: btf.path }, `no header archive for this kernel (CONFIG_IKHEADERS): caching vmlinux.h generated from BTF only. ${(err as Error).message.split('\n')[1] ?? ''}`);
     return ingestBtfOnly(opts, btf, await liveKernel(opts, btf, null), started);
@@ -332,6 +338,35 @@ async function usableEntry(store: CacheStore, id: string, log: Logger | undefine
     await store.quarantine(id, what);
     return undefined;
   }
+}
+
+/**
+ * The running kernel's headers entry, cached before (same release; its build id, or an unknown
+ * one), made current again; undefined when there is none, or when --release names another kernel.
+ */
+async function reuseRunningKernelEntry(opts: IngestOptions, notFound: KheadersError, started: number): Promise<IngestResult | undefined> {
+  const release = os.release();
+  if (opts.release !== undefined && opts.release !== release) return undefined;
+  const buildId = await readLiveBuildId(opts.notesPath);
+  // Look before taking the lock: without a cache (or an entry) there is nothing to reuse, and the
+  // caller's "no archive" error is the one to report, not a cache directory that cannot be made.
+  const isCached = async (store: CacheStore): Promise<boolean> => ofRunningKernel(await store.list(), release, buildId).some((m) => m.kind === 'headers');
+  const cachedBefore = await CacheStore.open(opts.cacheDir).then(isCached, () => false);
+  if (!cachedBefore) return undefined;
+  const store = await openStore(opts);
+  return store.locked(async () => {
+    const cached = ofRunningKernel(await store.list(), release, buildId).find((m) => m.kind === 'headers');
+    if (!cached) return undefined;
+    await sweep(store, opts.log);
+    const entry = await usableEntry(store, cached.id, opts.log);
+    if (!entry) return undefined; // damaged: quarantined, and there is nothing else to build it from
+    opts.log?.warn(
+      { id: cached.id, ingestedAt: cached.ingestedAt, source: cached.source, tried: notFound.details['tried'] },
+      'no header archive for the running kernel now: serving its headers cached before (reused, nothing decoded)',
+    );
+    const evicted = await finish(store, entry, opts.setCurrent ?? true, opts);
+    return { entry, reused: true, evicted, decoder: null, durationMs: Math.round(performance.now() - started) };
+  });
 }
 
 async function ingestBtfOnly(opts: IngestOptions, btf: BtfSource, live: LiveKernel, started: number): Promise<IngestResult> {
