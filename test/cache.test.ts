@@ -262,17 +262,31 @@ test('`current` belongs to the boot that chose it: after a reboot it names nothi
   assert.equal(await thisBoot.currentId(), null, 'seen from another boot, that pointer is stale in turn');
 });
 
-test('a reboot into the same kernel: ingest reuses the entry and points `current` at it for this boot', async (t) => {
+test('a reboot into the same kernel: ingest reuses the entry, points `current` at it for this boot, and `ls` says reused', async (t) => {
   const dir = await tempDir(t);
   const cacheDir = path.join(dir, 'cache');
   const archive = await archiveFile(dir, '6.99.2-same');
   const first = (await run({ cacheDir, archive, setCurrent: true })).entry.manifest;
+  const ls = async (): Promise<{ text: string; json: Array<{ current: boolean; reused?: boolean }> }> => {
+    const text = await runCli(['ls', '--cache-dir', cacheDir]);
+    const json = await runCli(['ls', '--json', '--cache-dir', cacheDir]);
+    assert.equal(text.code, 0, text.stderr);
+    return { text: text.stdout, json: JSON.parse(json.stdout) as Array<{ current: boolean; reused?: boolean }> };
+  };
+  const decoded = await ls();
+  assert.match(decoded.text, /\byes\s+file:/, 'decoded in this boot: current, not reused');
+  assert.equal(decoded.json[0]!.reused, false);
+
   await writeFile(path.join(cacheDir, 'current'), `${first.id}\nboot=an-earlier-boot\n`);
   const store = await CacheStore.open(cacheDir);
   assert.equal(await store.currentId(), null);
+  assert.equal((await ls()).json[0]!.current, false, 'before this boot chose, nothing is current');
   const again = await run({ cacheDir, archive, setCurrent: true });
   assert.equal(again.reused, true);
   assert.equal(await store.currentId(), first.id, 'the pointer now names this boot');
+  const reused = await ls();
+  assert.match(reused.text, /\byes \(reused\)\s+file:/);
+  assert.deepEqual([reused.json[0]!.current, reused.json[0]!.reused], [true, true]);
 });
 
 test('an ingest never evicts the entry it has just made', async (t) => {

@@ -14,7 +14,7 @@ import { describeHeal, healCache, type HealReport, type KnownDamage } from '../s
 import { ingest, type IngestOptions, type IngestResult } from '../store/ingest.js';
 import { readLiveKernel } from '../store/kernel-match.js';
 import { IndexFormatError, normaliseEntryPath } from '../store/tree-index.js';
-import { humanBytes, progressBar, summarise, table } from './format.js';
+import { humanBytes, progressBar, summarise, table, type EntrySummary } from './format.js';
 
 export interface CommandIO {
   stdout: NodeJS.WritableStream;
@@ -116,9 +116,14 @@ export async function cmdIngest(cfg: Config, io: CommandIO, json: boolean): Prom
 export async function cmdLs(cfg: Config, io: CommandIO, json: boolean): Promise<void> {
   const store = await CacheStore.open(cfg.cacheDir);
   const current = (await store.snapshot()).currentId;
+  const pointer = await store.currentPointer();
   const live = await readLiveKernel();
   const { entries: manifests, damaged } = await store.scan();
-  const entries = manifests.map((m) => summarise(m, current, live));
+  // The current entry also says whether this boot found it cached (reused) or decoded it.
+  const entries: Array<EntrySummary & { reused?: boolean }> = manifests.map((m) => {
+    const summary = summarise(m, current, live);
+    return pointer !== null && m.id === pointer.id ? { ...summary, reused: pointer.reused } : summary;
+  });
   if (json) {
     // The same array HTTP /v1/kernels gives (the entries that are served); doctor --json lists the rest.
     io.stdout.write(JSON.stringify(entries, null, 2) + '\n');
@@ -136,7 +141,7 @@ export async function cmdLs(cfg: Config, io: CommandIO, json: boolean): Promise<
         humanBytes(e.bytes),
         e.buildId ? e.buildId.slice(0, 12) : '-',
         e.ingestedAt.replace(/\.\d+Z$/, 'Z'),
-        e.current ? 'yes' : '',
+        e.current ? (e.reused ? 'yes (reused)' : 'yes') : '',
         e.runningKernel === 'yes' ? 'yes' : e.runningKernel === 'unknown' ? '?' : 'no',
         [e.vmlinuxH ? 'vmlinux.h' : '', e.config ? '.config' : ''].filter(Boolean).join(',') || '-',
         e.kind === 'btf-only' ? `${e.source} (vmlinux.h only: no header archive)` : e.source,

@@ -48,21 +48,25 @@ export interface OpenOptions {
   bootId?: string | null;
 }
 
-/** What `<cache>/current` says: an entry id and the boot that chose it. Lines: the id, then `boot=<id>`. */
+/**
+ * What `<cache>/current` says: an entry id, the boot that chose it, and whether that boot found
+ * the entry cached already (reused: nothing decoded). Lines: the id, then `boot=<id>`, `reused=1`.
+ */
 export interface CurrentPointer {
   id: string;
   bootId: string | null;
+  reused: boolean;
 }
 
 export function parseCurrentPointer(text: string): CurrentPointer | null {
   const [id = '', ...rest] = text.split('\n').map((l) => l.trim());
   if (id === '') return null;
   const field = (key: string): string | undefined => rest.find((l) => l.startsWith(`${key}=`))?.slice(key.length + 1);
-  return { id, bootId: field('boot') ?? null };
+  return { id, bootId: field('boot') ?? null, reused: field('reused') === '1' };
 }
 
 export function formatCurrentPointer(p: CurrentPointer): string {
-  return `${p.id}\n${p.bootId !== null ? `boot=${p.bootId}\n` : ''}`;
+  return `${p.id}\n${p.bootId !== null ? `boot=${p.bootId}\n` : ''}${p.reused ? 'reused=1\n' : ''}`;
 }
 
 export interface GcOptions {
@@ -278,8 +282,8 @@ export class CacheStore {
   }
 
   /** Point `current` at an entry, for this boot: write a temp file, fsync, rename (never a torn pointer). */
-  async setCurrent(id: string): Promise<void> {
-    const content = formatCurrentPointer({ id, bootId: this.bootId });
+  async setCurrent(id: string, opts: { reused?: boolean } = {}): Promise<void> {
+    const content = formatCurrentPointer({ id, bootId: this.bootId, reused: opts.reused === true });
     await writeFileDurably(path.join(this.dir, 'current'), content, this.tmpDir);
   }
 

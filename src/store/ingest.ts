@@ -164,7 +164,7 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
       decoder = built.decoder;
     }
     const makeCurrent = opts.setCurrent ?? (source.live || entry.manifest.release === os.release());
-    const evicted = await finish(store, entry, makeCurrent, opts);
+    const evicted = await finish(store, entry, makeCurrent, existing !== undefined, opts);
     return { entry, reused: existing !== undefined, evicted, decoder, durationMs: Math.round(performance.now() - started) };
   }));
 }
@@ -304,8 +304,9 @@ async function sweep(store: CacheStore, log: Logger | undefined): Promise<void> 
   if (swept.length > 0) log?.warn({ swept }, 'removed leftovers of an interrupted ingest');
 }
 
-async function finish(store: CacheStore, entry: CacheEntry, makeCurrent: boolean, opts: IngestOptions): Promise<string[]> {
-  if (makeCurrent && (await store.currentId()) !== entry.manifest.id) await inStep('current', store.setCurrent(entry.manifest.id), entry.manifest.id);
+/** `reused`: the entry was cached already (recorded in `current`, for `ls`). */
+async function finish(store: CacheStore, entry: CacheEntry, makeCurrent: boolean, reused: boolean, opts: IngestOptions): Promise<string[]> {
+  if (makeCurrent && (await store.currentId()) !== entry.manifest.id) await inStep('current', store.setCurrent(entry.manifest.id, { reused }), entry.manifest.id);
   const evicted = await store.gc({ keep: opts.keep ?? 3, protect: [entry.manifest.id], ...(opts.maxCacheBytes !== undefined ? { maxBytes: opts.maxCacheBytes } : {}) });
   if (evicted.length > 0) opts.log?.info({ evicted }, 'evicted old entries');
   return evicted;
@@ -364,7 +365,7 @@ async function reuseRunningKernelEntry(opts: IngestOptions, notFound: KheadersEr
       { id: cached.id, ingestedAt: cached.ingestedAt, source: cached.source, tried: notFound.details['tried'] },
       'no header archive for the running kernel now: serving its headers cached before (reused, nothing decoded)',
     );
-    const evicted = await finish(store, entry, opts.setCurrent ?? true, opts);
+    const evicted = await finish(store, entry, opts.setCurrent ?? true, true, opts);
     return { entry, reused: true, evicted, decoder: null, durationMs: Math.round(performance.now() - started) };
   });
 }
@@ -410,7 +411,7 @@ async function ingestBtfOnly(opts: IngestOptions, btf: BtfSource, live: LiveKern
         throw err;
       }
     }
-    const evicted = await finish(store, entry, opts.setCurrent ?? true, opts);
+    const evicted = await finish(store, entry, opts.setCurrent ?? true, reused, opts);
     return { entry, reused, evicted, decoder: null, durationMs: Math.round(performance.now() - started) };
   }));
 }
