@@ -17,7 +17,7 @@ import { after, before, describe, it } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { buildIdNotes } from './helpers/kernels.js';
 import { resolveConfig, type Config, type ConfigKey } from '../src/config.js';
-import { cmdDoctor, formatReport, runDoctor, type CheckResult, type DoctorEnvironment, type DoctorReport } from '../src/commands/doctor.js';
+import { cmdDoctor, formatReport, runDoctor, statInChild, type CheckResult, type DoctorEnvironment, type DoctorReport } from '../src/commands/doctor.js';
 import { createLogger } from '../src/log.js';
 import { xz } from './helpers/archives.js';
 import { buildKernelModule } from './helpers/elf-builder.js';
@@ -400,6 +400,21 @@ describe('doctor checks', () => {
     assert.equal(warn.status, 'warn');
     assert.match(warn.fix ?? '', /xz-utils/);
     assert.equal(one(await runDoctor(config(root, { decoder: 'xz' }), { ...env, path: empty }), 'xz').status, 'fail');
+  });
+
+  it('the mount probe: a child slow to start is not a hung mount; a stat that does not return is', async () => {
+    const { root } = await machine();
+    // A node that takes 1.5 s to start, like node on a slow or emulated machine.
+    const slowNode = path.join(root, 'slow-node');
+    await writeFile(slowNode, `#!/bin/sh\nsleep 1.5\nexec ${JSON.stringify(process.execPath)} "$@"\n`, { mode: 0o755 });
+    assert.equal(await statInChild(root, { hangMs: 500, limitMs: 10_000 }, slowNode), 'ok');
+    assert.equal(await statInChild(path.join(root, 'absent'), { hangMs: 500, limitMs: 10_000 }, slowNode), 'ENOENT');
+    // One that is ready and then never answers, like a stat on a mount whose daemon hangs.
+    const stuck = path.join(root, 'stuck-node');
+    await writeFile(stuck, '#!/bin/sh\nprintf R\nexec sleep 30\n', { mode: 0o755 });
+    const t0 = performance.now();
+    assert.equal(await statInChild(root, { hangMs: 500, limitMs: 10_000 }, stuck), 'ETIMEDOUT');
+    assert.ok(performance.now() - t0 < 5000, 'given up after the hang budget, not the whole deadline');
   });
 
   it('--json prints the same report as one object', async () => {

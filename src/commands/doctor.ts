@@ -14,7 +14,7 @@
  * child process that is SIGKILLed at the deadline: a stat stuck in this process would leave a
  * libuv thread that never returns and keep doctor from exiting.
  */
-import { execFile } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import { constants } from 'node:fs';
 import { access, lstat, open, readFile, readdir, readlink, stat, statfs } from 'node:fs/promises';
 import net from 'node:net';
@@ -77,7 +77,11 @@ export interface DoctorEnvironment {
   packageRoot: string;
   /** Look at the systemd service (skipped when systemd is not PID 1). */
   systemd: boolean;
-  /** Deadline for one check. */
+  /**
+   * Deadline for one check. Generous: on a slow device (or a loaded one, or an emulated one) the
+   * node children some checks start take seconds before they do anything, and a deadline that
+   * is too short reports a healthy system as broken. Hangs are caught by narrower timers.
+   */
   timeoutMs: number;
 }
 
@@ -134,7 +138,7 @@ export async function defaultEnvironment(): Promise<DoctorEnvironment> {
     capEff: cap ? BigInt('0x' + cap[1]) : null,
     packageRoot: packageRoot(),
     systemd: await exists('/run/systemd/system'),
-    timeoutMs: 5000,
+    timeoutMs: 15_000,
   };
 }
 
@@ -569,7 +573,7 @@ class Doctor {
     }
     if (isFuse) {
       // Only a FUSE mount can block a stat forever: probe it in a child we can kill.
-      const probe = await statInChild(abs, Math.min(3000, this.env.timeoutMs));
+      const probe = await statInChild(abs, { hangMs: 3000, limitMs: this.env.timeoutMs });
       if (probe === 'ok') return [{ id: 'mount-point', status: 'ok', what: `mount point ${abs}: mounted (${here.fsType} ${here.source}) and answering: kheadersd is serving it` }];
       if (probe === 'ENOTCONN' || probe === 'ECONNABORTED') {
         return [{ id: 'mount-point', status: 'warn', what: `mount point ${abs}: a dead FUSE mount (${probe}) left by a daemon that crashed or was killed`, fix: `serve clears it at start; or now: sudo umount -l ${abs}` }];
@@ -730,12 +734,37 @@ async function ldconfigHas(lib: string, searchPath: string, timeoutMs: number): 
   return r.stdout.split('\n').some((l) => l.trim().startsWith(lib + ' '));
 }
 
-/** stat() in a child process: 'ok', an errno, or 'ETIMEDOUT' when it hangs (the child is killed). */
-async function statInChild(p: string, timeoutMs: number): Promise<string> {
-  const script = `require('fs').stat(${JSON.stringify(p)}, (e) => process.stdout.write(e ? String(e.code) : 'ok'))`;
-  const r = await runChild(process.execPath, ['-e', script], timeoutMs);
-  if (r.ok) return r.stdout.trim() || 'EIO';
-  return r.message.startsWith('no answer') ? 'ETIMEDOUT' : 'EIO';
+/**
+ * stat() in a child process: 'ok', an errno, or 'ETIMEDOUT' when it hangs (the child is killed).
+ * The hang budget starts when the child is ready to stat, not when it is spawned: starting node
+ * can take seconds on a slow machine, which says nothing about the mount.
+ */
+export function statInChild(p: string, budget: { hangMs: number; limitMs: number }, node: string = process.execPath): Promise<string> {
+  const script = `process.stdout.write('R'); require('fs').stat(${JSON.stringify(p)}, (e) => process.stdout.write(e ? ' ' + e.code : ' ok'))`;
+  return new Promise((resolve) => {
+    const child = spawn(node, ['-e', script], { stdio: ['ignore', 'pipe', 'ignore'] });
+    let out = '';
+    let hangTimer: NodeJS.Timeout | undefined;
+    const giveUp = (): void => {
+      child.kill('SIGKILL');
+      finish('ETIMEDOUT');
+    };
+    const limitTimer = setTimeout(giveUp, budget.limitMs);
+    let done = false;
+    const finish = (result: string): void => {
+      if (done) return;
+      done = true;
+      clearTimeout(limitTimer);
+      clearTimeout(hangTimer);
+      resolve(result);
+    };
+    child.stdout.setEncoding('utf8').on('data', (s: string) => {
+      if (out === '' && s.startsWith('R')) hangTimer = setTimeout(giveUp, budget.hangMs);
+      out += s;
+    });
+    child.on('error', () => finish('EIO'));
+    child.on('close', () => finish(/^R (\S+)$/.exec(out)?.[1] ?? 'EIO'));
+  });
 }
 
 /** null when HOST:PORT could be listened on (and was closed again), else the errno. */
@@ -752,7 +781,7 @@ function tryListen(host: string, port: number): Promise<string | null> {
 async function probeHealthz(where: string, timeoutMs: number): Promise<string | null> {
   const host = where.startsWith('0.0.0.0:') ? where.replace('0.0.0.0', '127.0.0.1') : where.startsWith('[::]:') ? where.replace('[::]', '[::1]') : where;
   try {
-    const res = await fetch(`http://${host}/healthz`, { signal: AbortSignal.timeout(Math.min(3000, timeoutMs)) });
+    const res = await fetch(`http://${host}/healthz`, { signal: AbortSignal.timeout(timeoutMs) });
     await res.body?.cancel();
     // Any 2xx: kheadersd answers /healthz while alive; another server would say 404.
     return res.ok ? `HTTP ${res.status}` : null;
