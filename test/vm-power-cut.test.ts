@@ -1,0 +1,185 @@
+/**
+ * Power cuts during ingest, on a real kernel: the cache is an ext4 disk image on virtio-blk, and
+ * qemu is SIGKILLed at a different moment of `kheadersd serve`'s first ingest each time (picked
+ * from the progress the daemon logs, which the guest forwards to the host as it happens, or at
+ * a timed offset after the archive was located). After each cut the host replays the journal on
+ * a copy of the image, as the next mount would, and checks: e2fsck -fn finds nothing, `ls` lists
+ * only whole entries (pack, archive and index intact), the half-built entry is a leftover in tmp/.
+ * Each next boot starts where the last cut left the disk. At the end a boot of another kernel
+ * ingests afresh on the same disk, serves every entry correctly over HTTP, and the leftovers are
+ * gone; the image, cleanly unmounted, is clean.
+ *
+ * Why cache=writethrough models a power cut: see diskArgs in test/vm/vm.ts.
+ */
+import { mkdir, readdir, readFile } from 'node:fs/promises';
+import path from 'node:path';
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { loadKernel, X86_KERNELS, type TestKernel } from './vm/kernels.js';
+import { context, elapsed, hostCli, referenceTree, sha256, tool, vmSkipReason } from './vm/support.js';
+import { fsck, makeExt4Image, startVm, type VmEvent } from './vm/vm.js';
+import { removeDir, tempDir } from './helpers/fuse-env.js';
+
+/** Serve as shipped until the host cuts the power (or, on the last boot, says it is done). */
+const SCENARIO = String.raw`
+if [ -n "$CONFIG_JSON" ]; then mkdir -p /etc/kheadersd && printf '%s\n' "$CONFIG_JSON" >/etc/kheadersd/config.json; fi
+ls -A /var/cache/kheadersd/tmp >"$KH_OUT/tmp-at-boot" 2>/dev/null
+kh_start serve serve
+kh_wait_log serve '"msg":"mounted"' 600 || exit 11
+kh_emit ready
+kh_wait_host host-done || exit 12
+kh_stop serve >"$KH_OUT/serve.status" || exit 13
+`;
+
+interface Cut {
+  kernel: 'a' | 'b';
+  /** The moment, in words (for the report). */
+  moment: string;
+  when: (e: VmEvent) => boolean;
+  delayMs?: number;
+}
+
+const daemon = (msg: string) => (e: VmEvent) => e.tag === 'serve' && e.json?.['msg'] === msg;
+const percent = (e: VmEvent): number => Number((e.json?.['progress'] as { percent?: number } | undefined)?.percent ?? -1);
+const progressAtLeast = (p: number) => (e: VmEvent) => daemon('ingesting')(e) && percent(e) >= p;
+
+/**
+ * Ten cuts, spread over the ingest: before the cache is locked, while xz decodes (by the progress
+ * the daemon reports), at timed offsets that fall wherever this machine's speed puts them, after
+ * the entry was committed but before `current` moved, and during a second kernel's ingest with a
+ * whole entry already on the disk. Entries only appear at the ninth: until then every boot
+ * decodes afresh.
+ */
+const CUTS: readonly Cut[] = [
+  { kernel: 'a', moment: 'archive read (after modprobe), before the cache lock', when: daemon('ran modprobe kheaders') },
+  { kernel: 'a', moment: 'first progress report (decoding started)', when: progressAtLeast(0) },
+  { kernel: 'a', moment: 'decoding, >= 25%', when: progressAtLeast(25) },
+  { kernel: 'a', moment: 'decoding, >= 50%', when: progressAtLeast(50) },
+  { kernel: 'a', moment: 'decoding, >= 75%', when: progressAtLeast(75) },
+  { kernel: 'a', moment: 'decoding, >= 95% (index, vmlinux.h, fsync next)', when: progressAtLeast(95) },
+  { kernel: 'a', moment: '300 ms after the archive was read', when: daemon('ran modprobe kheaders'), delayMs: 300 },
+  { kernel: 'a', moment: '1500 ms after the archive was read', when: daemon('ran modprobe kheaders'), delayMs: 1500 },
+  { kernel: 'a', moment: 'entry committed (renamed, fsynced), before `current` moves', when: daemon('ingested') },
+  { kernel: 'b', moment: 'second kernel decoding, >= 40%, a whole entry on disk', when: progressAtLeast(40) },
+];
+
+interface Listed {
+  release: string;
+  digest: string;
+}
+
+test('real kernel: power cuts at ten moments of an ingest never leave a partial entry; fsck clean; a fresh ingest works', async (t) => {
+  const skip = await vmSkipReason([X86_KERNELS.a, X86_KERNELS.b]);
+  if (skip) return t.skip(skip);
+  const started = performance.now();
+  const work = await tempDir('vm-power');
+  t.after(() => removeDir(work));
+  const image = path.join(work, 'cache.img');
+  await makeExt4Image(image, 192);
+  const kernels: Record<'a' | 'b', TestKernel> = { a: await loadKernel(X86_KERNELS.a), b: await loadKernel(X86_KERNELS.b) };
+  // What a whole entry holds: the archive itself, and its decompressed tar as the pack.
+  const refs = await Promise.all(
+    (['a', 'b'] as const).map(async (k) => {
+      const ref = await referenceTree(kernels[k], work);
+      const packSha256 = (await tool('sh', ['-c', 'xz -dc "$1" | sha256sum', 'sh', ref.archive])).split(' ')[0]!;
+      return [kernels[k].archiveSha256, { ...ref, packSha256 }] as const;
+    }),
+  );
+  const wholeEntries = new Map(refs);
+
+  /** The disk as the next boot will find it (journal replayed on a copy): fsck, then what is listed. */
+  const inspect = async (label: string, replay: boolean): Promise<{ listed: Listed[]; tmp: string[] }> => {
+    const copy = path.join(work, `inspect-${label}.img`);
+    const files = path.join(work, `inspect-${label}`);
+    try {
+      await tool('cp', ['--sparse=always', image, copy]);
+      if (replay) await tool('e2fsck', ['-E', 'journal_only', '-y', copy], { okStatus: [0, 1] });
+      const check = await fsck(copy);
+      assert.equal(check.status, 0, `${label}: e2fsck -fn after the journal replay is not clean:\n${check.output}`);
+      await mkdir(files);
+      await tool('debugfs', ['-R', `rdump /entries /tmp ${files}`, copy]);
+      await tool('debugfs', ['-R', `dump /current ${path.join(files, 'current')}`, copy]).catch(() => '');
+      const listed = JSON.parse(await hostCli(['ls', '--json', '--cache-dir', files])) as Listed[];
+      for (const e of listed) {
+        const whole = wholeEntries.get(e.digest);
+        assert.ok(whole, `${label}: ls lists an entry of an unknown archive ${e.digest}`);
+        const dir = path.join(files, 'entries', `${e.release}~${e.digest}`);
+        assert.equal(sha256(await readFile(path.join(dir, 'archive.tar.xz'))), e.digest, `${label}: ${e.release} is listed with a damaged archive`);
+        assert.equal(sha256(await readFile(path.join(dir, 'pack.tar'))), whole.packSha256, `${label}: ${e.release} is listed with a partial or damaged pack`);
+        const uts = await hostCli(['cat', '--cache-dir', files, e.digest, 'include/generated/utsrelease.h']);
+        assert.ok(uts.includes(`"${e.release}"`), `${label}: ${e.release}'s index does not lead to its utsrelease.h (${uts})`);
+      }
+      return { listed, tmp: await readdir(path.join(files, 'tmp')).catch(() => []) };
+    } finally {
+      await removeDir(files);
+      await removeDir(copy);
+    }
+  };
+
+  const report: string[] = [];
+  for (const [i, cut] of CUTS.entries()) {
+    await t.test(`cut ${i + 1}: ${cut.moment}`, async () => {
+      const t0 = performance.now();
+      const vm = await startVm({ kernel: kernels[cut.kernel], cache: { kind: 'disk', image }, scenario: SCENARIO, env: { CONFIG_JSON: '' }, timeoutMs: 600_000 });
+      t.after(() => vm.dispose());
+      const trigger = await vm.waitFor((e) => cut.when(e) || e.tag === 'ready' || e.tag === 'kh-exit', `the moment "${cut.moment}"`, 600_000);
+      if (cut.delayMs !== undefined) await new Promise((r) => setTimeout(r, cut.delayMs));
+      const result = await vm.kill();
+      const daemonEvents = result.events.filter((e) => e.tag === 'serve' && e.json !== undefined);
+      const last = daemonEvents.at(-1);
+      const lastProgress = daemonEvents.filter(daemon('ingesting')).at(-1);
+      const at = `${String(last?.json?.['msg'] ?? 'nothing logged')}${lastProgress ? `, last progress ${percent(lastProgress)}%` : ''}`;
+      assert.ok(trigger.tag !== 'kh-exit', `the scenario ended before the cut${context(result)}`);
+      assert.ok(trigger.tag !== 'ready' || cut.when(trigger), `the ingest finished before "${cut.moment}" came: the cut fell after it${context(result)}`);
+      const state = await inspect(`cut-${i + 1}`, true);
+      report.push(`cut ${i + 1} (${cut.kernel}) at "${cut.moment}": last log "${at}"; listed [${state.listed.map((e) => e.release).join(', ')}]; tmp leftovers [${state.tmp.join(', ')}]; ${elapsed(t0)}`);
+      const expectA = i >= 8;
+      assert.deepEqual(
+        state.listed.map((e) => e.digest),
+        expectA ? [kernels.a.archiveSha256] : [],
+        `after cut ${i + 1} the cache lists ${JSON.stringify(state.listed)}`,
+      );
+      // Whatever an earlier cut left in tmp/ was swept by this boot's ingest (when it got that far).
+      const swept = daemonEvents.filter(daemon('removed leftovers of an interrupted ingest'));
+      for (const s of swept) for (const name of s.json?.['swept'] as string[]) assert.doesNotMatch(name, /~/, `the sweep removed ${name}, which looks like an entry`);
+    });
+  }
+
+  await t.test('after the cuts: kernel B ingests afresh on the same disk, every entry is served whole, leftovers are gone, fsck clean', async () => {
+    const t0 = performance.now();
+    const b = kernels.b;
+    const vm = await startVm({ kernel: b, cache: { kind: 'disk', image }, scenario: SCENARIO, env: { CONFIG_JSON: JSON.stringify({ http: '0.0.0.0:7711' }) }, forwardHttp: true, timeoutMs: 600_000 });
+    t.after(() => vm.dispose());
+    try {
+      await vm.waitFor((e) => e.tag === 'ready', 'the daemon to serve', 600_000);
+      const base = `http://127.0.0.1:${vm.httpPort}`;
+      const list = (await (await fetch(`${base}/v1/kernels`)).json()) as Array<Listed & { current: boolean }>;
+      assert.deepEqual(new Set(list.map((e) => e.digest)), new Set([kernels.a.archiveSha256, b.archiveSha256]), 'both whole entries are served');
+      assert.equal(list.find((e) => e.current)?.digest, b.archiveSha256);
+      for (const e of list) {
+        const archive = Buffer.from(await (await fetch(`${base}/v1/blobs/${e.digest}/archive.tar.xz`)).arrayBuffer());
+        assert.equal(sha256(archive), e.digest, `the archive of ${e.release} served whole`);
+        const ref = wholeEntries.get(e.digest)!;
+        for (const file of ['include/generated/utsrelease.h', 'include/linux/sched.h', 'arch/x86/include/asm/ptrace.h']) {
+          const served = Buffer.from(await (await fetch(`${base}/v1/blobs/${e.digest}/files/${file}`)).arrayBuffer());
+          assert.ok(served.equals(await readFile(path.join(ref.dir, file))), `${e.release}: ${file} served as archived`);
+        }
+      }
+    } finally {
+      vm.send('host-done');
+    }
+    const result = await vm.result;
+    assert.equal(result.status, 0, `the last boot failed${context(result)}`);
+    assert.equal(result.poweredOff, true);
+    const log = result.events.filter((e) => e.tag === 'serve' && e.json !== undefined);
+    assert.ok(log.some((e) => e.json?.['msg'] === 'kernel headers ingested' && e.json['reused'] === false), 'B was decoded afresh');
+    const state = await inspect('final', false);
+    assert.deepEqual(state.tmp, [], 'no leftovers after a start');
+    const check = await fsck(image);
+    assert.equal(check.status, 0, `e2fsck -fn of the cleanly unmounted image:\n${check.output}`);
+    report.push(`final (b): listed [${state.listed.map((e) => e.release).join(', ')}]; ${elapsed(t0)}`);
+  });
+
+  for (const line of report) t.diagnostic(line);
+  t.diagnostic(`power-cut test took ${elapsed(started)}`);
+});
