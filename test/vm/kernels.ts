@@ -3,7 +3,7 @@
  * holds the image, lib/modules/<release>/ with kheaders.ko, `build-id` (what /sys/kernel/notes
  * holds) and `kheaders.sha256` (the digest of the archive kheaders.ko exposes).
  */
-import { access, readdir, readFile } from 'node:fs/promises';
+import { access, readdir, readFile, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { findEmbeddedArchive } from '../../src/source/elf.js';
 import { REPO_ROOT, X86_64, type VmArch, type VmKernel } from './vm.js';
@@ -27,7 +27,7 @@ export const X86_KERNELS = { a: 'x86_64-6.1.192', rebuilt: 'x86_64-6.1.192-rebui
 
 export async function loadKernel(name: string, arch: VmArch = X86_64, kernelsDir: string = KERNELS_DIR): Promise<TestKernel> {
   const dir = path.join(kernelsDir, name);
-  const image = path.join(dir, arch.name === 'x86_64' ? 'bzImage' : 'Image.gz');
+  const image = await followLinkFile(path.join(dir, arch.name === 'x86_64' ? 'bzImage' : 'Image.gz'));
   const releases = await readdir(path.join(dir, 'lib/modules'));
   const release = releases[0];
   if (releases.length !== 1 || release === undefined) throw new Error(`${dir}/lib/modules holds ${releases.length} releases, expected one`);
@@ -35,6 +35,17 @@ export async function loadKernel(name: string, arch: VmArch = X86_64, kernelsDir
   const buildId = (await readFile(path.join(dir, 'build-id'), 'utf8')).trim();
   const archiveSha256 = (await readFile(path.join(dir, 'kheaders.sha256'), 'utf8')).trim().split(/\s+/)[0] ?? '';
   return { name, arch, image, release, buildId, archiveSha256, modulesDir, kheadersKo: path.join(modulesDir, 'kernel/kernel/kheaders.ko') };
+}
+
+/**
+ * A kernel folder that shares another's image holds a small text file naming it (e.g. the
+ * rebuilt kernel's bzImage says ../x86_64-6.1.192/bzImage): the image is the file named.
+ */
+async function followLinkFile(file: string): Promise<string> {
+  if ((await stat(file)).size > 4096) return file;
+  const target = path.resolve(path.dirname(file), (await readFile(file, 'utf8')).trim());
+  await access(target);
+  return target;
 }
 
 /** Why the named kernels cannot be booted here (absent), or undefined. */
