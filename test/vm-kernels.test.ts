@@ -149,7 +149,8 @@ test('real kernels: discovery as shipped, pull through a forwarded port, swaps a
     await poller;
     assert.equal(result.status, 0, `the scenario failed (status ${result.status})${context(result)}`);
     const entries = JSON.parse(await readOut(result, 'ls.json')) as Summary[];
-    t.diagnostic(`${plan.kernel.name}: booted in ${result.bootMs} ms, whole boot ${result.durationMs} ms`);
+    const ready = result.events.find((e) => e.tag === 'ready')?.atMs;
+    t.diagnostic(`${plan.kernel.name}: scenario started at ${result.bootMs} ms, daemon serving at ${ready} ms, powered off at ${result.durationMs} ms; qemu used ${(result.cpuMs / 1000).toFixed(1)} s of CPU`);
     return { ...result, httpDigests, entries };
   };
 

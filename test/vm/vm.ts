@@ -28,7 +28,7 @@
  * must speak the same protocol as init.sh: the khshare share, the kh.events port, power off.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -127,6 +127,11 @@ export interface VmResult {
   /** qemu start to the scenario starting (kernel boot + init), and to the end. */
   bootMs: number | null;
   durationMs: number;
+  /**
+   * CPU time qemu used (user + system), sampled every half second: unlike the wall time, it
+   * hardly depends on what else loads the machine, so it tells what a quiet one would take.
+   */
+  cpuMs: number;
 }
 
 export interface VmSession {
@@ -183,7 +188,6 @@ export async function fsck(image: string): Promise<{ status: number; output: str
 export async function startVm(opts: VmOptions): Promise<VmSession> {
   const arch = opts.kernel.arch;
   const root: VmRoot = opts.root ?? { kind: 'host' };
-  const cache: VmCache = opts.cache ?? { kind: 'tmpfs' };
   if (root.kind === 'host' && !arch.hostRoot) throw new Error(`${arch.name} cannot boot this host's / as its root: give an initrd`);
   // Short path: the events socket's name must fit in sun_path (108 bytes).
   const work = await mkdtemp(path.join(os.tmpdir(), 'khvm-'));
@@ -230,13 +234,25 @@ export async function startVm(opts: VmOptions): Promise<VmSession> {
   });
 
   const httpPort = opts.forwardHttp ? await freePort() : null;
-  const args = qemuArgs({ opts, arch, root, cache, share, socketPath, httpPort });
+  const args = qemuArgs(opts, { share, socket: socketPath, httpPort });
   const child: ChildProcess = spawn(arch.qemu, args, { stdio: opts.interactive ? 'inherit' : ['ignore', 'pipe', 'pipe'] });
   const onConsole = (s: string): void => {
     consoleText += s;
     opts.consoleTo?.write(s);
   };
   for (const stream of [child.stdout, child.stderr]) stream?.setEncoding('utf8').on('data', onConsole);
+
+  let cpuMs = 0;
+  const cpuSampler = setInterval(() => {
+    void readFile(`/proc/${child.pid}/stat`, 'utf8').then(
+      (stat) => {
+        // Fields after the command name (which may hold spaces): utime and stime are the 12th and 13th.
+        const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+        cpuMs = (Number(f[11]) + Number(f[12])) * 10; // USER_HZ is 100 on Linux
+      },
+      () => undefined,
+    );
+  }, 500);
 
   let killed = false;
   let timedOut = false;
@@ -246,9 +262,15 @@ export async function startVm(opts: VmOptions): Promise<VmSession> {
   }, opts.timeoutMs ?? 300_000);
 
   const result = new Promise<VmResult>((resolve, reject) => {
-    child.on('error', reject);
+    child.on('error', (err) => {
+      clearTimeout(timer);
+      clearInterval(cpuSampler);
+      server.close();
+      reject(err);
+    });
     child.on('close', (code, signal) => {
       clearTimeout(timer);
+      clearInterval(cpuSampler);
       ended = true;
       server.close();
       for (const w of [...waiters]) w();
@@ -264,6 +286,7 @@ export async function startVm(opts: VmOptions): Promise<VmSession> {
         outDir,
         bootMs: booted?.atMs ?? null,
         durationMs: sinceStart(),
+        cpuMs,
       });
     });
   });
@@ -323,8 +346,11 @@ export async function runVm(opts: VmOptions): Promise<VmResult & { dispose(): Pr
   return { ...result, dispose: () => vm.dispose() };
 }
 
-function qemuArgs(p: { opts: VmOptions; arch: VmArch; root: VmRoot; cache: VmCache; share: string; socketPath: string; httpPort: number | null }): string[] {
-  const { opts, arch, root, cache } = p;
+/** qemu's command line for `opts`, given where the share and the events socket are on the host. */
+export function qemuArgs(opts: VmOptions, p: { share: string; socket: string; httpPort: number | null }): string[] {
+  const arch = opts.kernel.arch;
+  const root: VmRoot = opts.root ?? { kind: 'host' };
+  const cache: VmCache = opts.cache ?? { kind: 'tmpfs' };
   const ninep = (id: string, dir: string, tag: string, extra: string): string[] => [
     '-fsdev',
     `local,id=${id},path=${dir},${extra}`,
@@ -364,7 +390,7 @@ function qemuArgs(p: { opts: VmOptions; arch: VmArch; root: VmRoot; cache: VmCac
       break;
   }
   args.push(...ninep('khshare', p.share, 'khshare', 'security_model=none'));
-  args.push('-device', 'virtio-serial-pci', '-chardev', `socket,id=khev,path=${p.socketPath}`, '-device', 'virtserialport,chardev=khev,name=kh.events');
+  args.push('-device', 'virtio-serial-pci', '-chardev', `socket,id=khev,path=${p.socket}`, '-device', 'virtserialport,chardev=khev,name=kh.events');
   switch (cache.kind) {
     case 'tmpfs':
       append.push('kh_cache=none');
@@ -386,7 +412,8 @@ function qemuArgs(p: { opts: VmOptions; arch: VmArch; root: VmRoot; cache: VmCac
   return args;
 }
 
-function parseEvent(line: string, atMs: number): VmEvent {
+/** One line of the events port: "TAG TEXT", TEXT parsed when it is a JSON object. */
+export function parseEvent(line: string, atMs: number): VmEvent {
   const sp = line.indexOf(' ');
   const tag = sp < 0 ? line : line.slice(0, sp);
   const text = sp < 0 ? '' : line.slice(sp + 1);
