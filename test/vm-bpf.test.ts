@@ -88,14 +88,15 @@ until grep -q PCOMM "$KH_OUT/exitsnoop.out"; do
   i=$((i + 1)); [ "$i" -lt 6000 ] || exit 13
   sleep 0.1
 done
-echo "exitsnoop ready after $(echo "$(cut -d' ' -f1 /proc/uptime) - $t0" | bc) s" >"$KH_OUT/timing"
+since() { awk -v now="$(cut -d' ' -f1 /proc/uptime)" -v t0="$t0" 'BEGIN { printf "%.1f", now - t0 }'; }
+echo "exitsnoop ready after $(since) s" >"$KH_OUT/timing"
 for n in 1 2 3; do
   sh -c 'sleep 0.3; exit 7' &
   echo "$! $$" >>"$KH_OUT/triggers"
 done
 wait $program
 echo $? >"$KH_OUT/program.status"
-echo "program done after $(echo "$(cut -d' ' -f1 /proc/uptime) - $t0" | bc) s" >>"$KH_OUT/timing"
+echo "program done after $(since) s" >>"$KH_OUT/timing"
 sleep 1
 kill -INT $tool
 wait $tool
