@@ -19,7 +19,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { loadKernel, X86_KERNELS } from './vm/kernels.js';
-import { context, elapsed, readOut, vmSkipReason } from './vm/support.js';
+import { context, elapsed, readOut, vmSkipReason, VM_TEST_TIMEOUT_MS } from './vm/support.js';
 import { startVm } from './vm/vm.js';
 
 const PROGRAM = String.raw`
@@ -116,7 +116,7 @@ interface Sample {
   task_comm: string;
 }
 
-test('real kernel: a BCC-built kprobe program and exitsnoop-bpfcc, compiled from the mount, read the right task_struct fields', async (t) => {
+test('real kernel: a BCC-built kprobe program and exitsnoop-bpfcc, compiled from the mount, read the right task_struct fields', { timeout: VM_TEST_TIMEOUT_MS }, async (t) => {
   const skip = await vmSkipReason([X86_KERNELS.a]);
   if (skip) return t.skip(skip);
   const started = performance.now();

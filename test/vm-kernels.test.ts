@@ -15,7 +15,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { parseBuildId } from '../src/source/notes.js';
 import { loadKernel, X86_KERNELS, type TestKernel } from './vm/kernels.js';
-import { context, elapsed, hostCli, readLog, readOut, referenceTree, sha256, treeDifferences, vmSkipReason } from './vm/support.js';
+import { context, elapsed, hostCli, readLog, readOut, referenceTree, sha256, treeDifferences, vmSkipReason, VM_TEST_TIMEOUT_MS } from './vm/support.js';
 import { startVm, type VmResult } from './vm/vm.js';
 import { removeDir, tempDir } from './helpers/fuse-env.js';
 
@@ -89,7 +89,7 @@ interface Summary {
 
 const hasModule = (lsmod: string): boolean => /^kheaders\s/m.test(lsmod);
 
-test('real kernels: discovery as shipped, pull through a forwarded port, swaps across reboots with one cache', async (t) => {
+test('real kernels: discovery as shipped, pull through a forwarded port, swaps across reboots with one cache', { timeout: VM_TEST_TIMEOUT_MS }, async (t) => {
   const skip = await vmSkipReason(Object.values(X86_KERNELS), { root: true });
   if (skip) return t.skip(skip);
   const started = performance.now();

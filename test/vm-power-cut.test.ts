@@ -17,7 +17,7 @@ import path from 'node:path';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { loadKernel, X86_KERNELS, type TestKernel } from './vm/kernels.js';
-import { context, elapsed, hostCli, referenceTree, sha256, tool, vmSkipReason } from './vm/support.js';
+import { context, elapsed, hostCli, referenceTree, sha256, tool, vmSkipReason, VM_TEST_TIMEOUT_MS } from './vm/support.js';
 import { fsck, makeExt4Image, startVm, type VmEvent } from './vm/vm.js';
 import { removeDir, tempDir } from './helpers/fuse-env.js';
 
@@ -69,7 +69,7 @@ interface Listed {
   digest: string;
 }
 
-test('real kernel: power cuts at ten moments of an ingest never leave a partial entry; fsck clean; a fresh ingest works', async (t) => {
+test('real kernel: power cuts at ten moments of an ingest never leave a partial entry; fsck clean; a fresh ingest works', { timeout: VM_TEST_TIMEOUT_MS }, async (t) => {
   const skip = await vmSkipReason(Object.values(X86_KERNELS));
   if (skip) return t.skip(skip);
   const started = performance.now();

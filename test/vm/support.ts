@@ -13,6 +13,12 @@ import { KHEADERSD_CLI, qemuSkipReason, X86_64, type VmResult } from './vm.js';
 
 export const sha256 = (b: Buffer | string): string => createHash('sha256').update(b).digest('hex');
 
+/**
+ * A VM test's own deadline, over the suite's 15 minutes: under TCG on a machine other work loads,
+ * one boot can take minutes. A hang still fails sooner: every VM has its own timeout.
+ */
+export const VM_TEST_TIMEOUT_MS = 90 * 60_000;
+
 /** One reason for all the VM tests of a file, or undefined when they can run. */
 export async function vmSkipReason(kernels: readonly string[], opts: { root?: boolean } = {}): Promise<string | undefined> {
   if (process.platform !== 'linux') return `VM tests need Linux (this is ${process.platform})`;
