@@ -77,7 +77,9 @@ kh_start serve serve
 kh_wait_log serve '"msg":"mounted"' 600 || exit 11
 export BCC_KERNEL_SOURCE=/run/kheaders/current PYTHONUNBUFFERED=1
 t0=$(cut -d' ' -f1 /proc/uptime)
-/usr/sbin/exitsnoop-bpfcc >"$KH_OUT/exitsnoop.out" 2>"$KH_OUT/exitsnoop.err" 3>&- &
+# A background job of a non-interactive shell starts with SIGINT ignored, and Python then never
+# turns it into KeyboardInterrupt: give the tool the default back, so Ctrl-C (kill -INT) stops it.
+env --default-signal=INT /usr/sbin/exitsnoop-bpfcc >"$KH_OUT/exitsnoop.out" 2>"$KH_OUT/exitsnoop.err" 3>&- &
 tool=$!
 python3 "$KH_FILES/program.py" >"$KH_OUT/program.out" 2>"$KH_OUT/program.err" 3>&- &
 program=$!
@@ -92,7 +94,8 @@ since() { awk -v now="$(cut -d' ' -f1 /proc/uptime)" -v t0="$t0" 'BEGIN { printf
 echo "exitsnoop ready after $(since) s" >"$KH_OUT/timing"
 for n in 1 2 3; do
   sh -c 'sleep 0.3; exit 7' &
-  echo "$! $$" >>"$KH_OUT/triggers"
+  # Its parent as procfs tells it ($$ would name the outer shell, not this subshell).
+  echo "$! $(cut -d' ' -f4 "/proc/$!/stat")" >>"$KH_OUT/triggers"
 done
 wait $program
 echo $? >"$KH_OUT/program.status"
