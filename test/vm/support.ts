@@ -22,6 +22,11 @@ export const VM_TEST_TIMEOUT_MS = 90 * 60_000;
 /** One reason for all the VM tests of a file, or undefined when they can run. */
 export async function vmSkipReason(kernels: readonly string[], opts: { root?: boolean } = {}): Promise<string | undefined> {
   if (process.platform !== 'linux') return `VM tests need Linux (this is ${process.platform})`;
+  if (process.env['KHEADERSD_VM'] === 'off') return 'KHEADERSD_VM=off (CI runs the VM tests once, under the first Node: they take minutes)';
+  // The VM's root is this machine's /, but its /tmp is its own (as on a device): what it runs must live elsewhere.
+  for (const [what, file] of [['node', process.execPath], ['the checkout', KHEADERSD_CLI]] as const) {
+    if (file.startsWith('/tmp/')) return `${what} is under /tmp (${file}), which the VM hides behind its own /tmp`;
+  }
   if (opts.root && process.getuid?.() !== 0) return 'this VM test shares a host directory with the guest\'s root ownership kept (9p passthrough): run it as root';
   try {
     await access(KHEADERSD_CLI);

@@ -42,8 +42,6 @@ export const VM_SCRIPTS = path.join(REPO_ROOT, 'test/vm');
 export const KHEADERSD_CLI = path.join(REPO_ROOT, 'dist/src/cli.js');
 /** The port the daemon's HTTP listens on inside the VM (its default). */
 export const GUEST_HTTP_PORT = 7711;
-/** slirp's fixed address for the guest (init.sh sets it when forwarding). */
-export const GUEST_ADDRESS = '10.0.2.15';
 
 export interface VmArch {
   name: string;
@@ -94,6 +92,8 @@ export interface VmOptions {
   forwardHttp?: boolean;
   memoryMiB?: number;
   cpus?: number;
+  /** More kernel command-line arguments. */
+  kernelArgs?: readonly string[];
   /** qemu is killed (and the result says timedOut) after this long. Default 5 minutes. */
   timeoutMs?: number;
   /** Called for every event as it arrives (e.g. to log progress). */
@@ -408,7 +408,7 @@ export function qemuArgs(opts: VmOptions, p: { share: string; socket: string; ht
     args.push('-nic', `user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:${p.httpPort}-:${GUEST_HTTP_PORT}`);
     append.push('kh_net=1');
   }
-  args.push('-append', append.join(' '));
+  args.push('-append', [...append, ...(opts.kernelArgs ?? [])].join(' '));
   return args;
 }
 
