@@ -9,6 +9,7 @@
  * of /run/kheaders/current saw from boot until the end (a sampler), `ls --json`, and more; the
  * host polls /v1/kernels/current through the forwarded port meanwhile. The checks are here.
  */
+import { spawnSync } from 'node:child_process';
 import { chmod, mkdir, readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { test } from 'node:test';
@@ -38,6 +39,16 @@ kh ls --json >"$KH_OUT/ls.json" || exit 12
 kh ls >"$KH_OUT/ls.txt" || exit 13
 if [ -n "$DOCTOR" ]; then kh doctor --json >"$KH_OUT/doctor.json"; echo $? >"$KH_OUT/doctor.status"; fi
 if [ -n "$BTF" ]; then cp /sys/kernel/btf/vmlinux "$KH_OUT/btf" && cp /run/kheaders/current/vmlinux.h "$KH_OUT/vmlinux.h" || exit 14; fi
+if [ -n "$MODULE_BTF" ]; then
+  # A module loaded while the daemon serves: its header appears under btf/, made from its split BTF.
+  modprobe "$MODULE_BTF" || exit 21
+  cp "/sys/kernel/btf/$MODULE_BTF" "$KH_OUT/module.btf" || exit 22
+  cat "/run/kheaders/current/btf/$MODULE_BTF.h" >"$KH_OUT/module-served.h" || exit 23
+  kh btf --module "$MODULE_BTF" --out "$KH_OUT/module-cli.h" || exit 24
+  zcat /proc/config.gz >"$KH_OUT/config-kernel" || exit 25
+  cat /run/kheaders/current/.config >"$KH_OUT/config-served" || exit 26
+  modprobe -r "$MODULE_BTF" || :
+fi
 if [ -n "$WAIT_HOST" ]; then kh_wait_host "$WAIT_HOST" || exit 15; fi
 kh_sampler_stop
 kh_stop serve >"$KH_OUT/serve.status" || exit 16
@@ -62,6 +73,8 @@ interface BootPlan {
   lsBefore?: boolean;
   doctor?: boolean;
   btf?: boolean;
+  /** Load this module while the daemon serves and read its header from the mount. */
+  moduleBtf?: string;
   /** Forward HTTP and poll /v1/kernels/current from the host while the VM runs. */
   http?: boolean;
   /** Host work to do while the daemon serves (the VM waits for it). */
@@ -115,6 +128,7 @@ test('real kernels: discovery as shipped, pull through a forwarded port, swaps a
         LS_BEFORE: plan.lsBefore ? '1' : '',
         DOCTOR: plan.doctor ? '1' : '',
         BTF: plan.btf ? '1' : '',
+        MODULE_BTF: plan.moduleBtf ?? '',
         WAIT_HOST: plan.whileServing ? 'host-done' : '',
         THEN_MISSING: plan.thenMissing ? '1' : '',
       },
@@ -202,17 +216,30 @@ test('real kernels: discovery as shipped, pull through a forwarded port, swaps a
     });
   };
 
-  await step('boot 1, kernel A, as shipped: modprobe, ingest, unload; build id, digest, vmlinux.h from BTF; doctor all ok', async () => {
-    const r = await boot({ kernel: a, doctor: true, btf: true });
+  await step('boot 1, kernel A, as shipped: the archive read out of kheaders.ko, never loaded; build id, digest, vmlinux.h and a module\'s header from BTF, .config; doctor all ok', async () => {
+    const r = await boot({ kernel: a, doctor: true, btf: true, moduleBtf: 'xt_mark' });
     await checkCurrent(r, a);
     assert.ok(!hasModule(await readOut(r, 'lsmod-before')), 'kheaders is not loaded at boot');
-    assert.ok(!hasModule(await readOut(r, 'lsmod-serving')), 'the daemon unloaded the kheaders module it loaded');
+    assert.ok(!hasModule(await readOut(r, 'lsmod-serving')), 'kheaders was never loaded');
     const log = await readLog(r, 'serve');
-    assert.ok(log.some((l) => l['msg'] === 'ran modprobe kheaders' && (l['modprobe'] as { ok?: boolean } | undefined)?.ok === true), 'a real modprobe kheaders ran');
+    assert.ok(!log.some((l) => l['msg'] === 'ran modprobe kheaders'), 'no modprobe: the module file on disk was enough');
+    assert.ok(log.some((l) => l['msg'] === 'read the header archive out of the kheaders module file (not loaded)'), 'the archive was read out of the module file');
     assert.ok(log.some((l) => l['msg'] === 'kernel headers ingested' && l['reused'] === false), 'the archive was decoded');
     assert.deepEqual(r.entries.map((e) => e.digest), [a.archiveSha256]);
     const [entry] = r.entries;
-    assert.match(entry!.source, /^\/sys\/kernel\/kheaders\.tar\.xz \(after modprobe kheaders\)$/);
+    assert.equal(entry!.source, `module:/lib/modules/${a.release}/kernel/kernel/kheaders.ko`);
+    const obtained = JSON.parse(await readFile(path.join(cache, 'entries', idOf(a), 'manifest.json'), 'utf8')) as { obtained?: string };
+    assert.equal(obtained.obtained, 'module-file', 'the manifest says how the archive was obtained');
+    // A loaded module's header, made by the daemon from its split BTF over the kernel's: bpftool's text.
+    const served = await readOut(r, 'module-served.h');
+    assert.equal(served, await readOut(r, 'module-cli.h'), '`kheadersd btf --module` and the mount give the same header');
+    const bpftool = spawnSync('bpftool', ['-B', path.join(r.outDir, 'btf'), 'btf', 'dump', 'file', path.join(r.outDir, 'module.btf'), 'format', 'c'], { encoding: 'utf8' });
+    if (bpftool.status === 0) {
+      // The one deliberate difference from bpftool v7.1: mode() attributes (see btf-emitter.test.ts).
+      assert.equal(served.replace(/ __attribute__\(\(mode\((byte|word)\)\)\)/g, ''), bpftool.stdout, 'the served module header is bpftool\'s');
+    } else t.diagnostic(`bpftool did not run (${bpftool.error?.message ?? bpftool.stderr}): module header compared with the CLI's only`);
+    assert.match(served, /struct xt_mark_mtinfo1 \{/, 'the module\'s own types are in its header');
+    assert.equal(await readOut(r, 'config-served'), await readOut(r, 'config-kernel'), '.config is the running kernel\'s /proc/config.gz');
     // vmlinux.h: generated from this kernel's BTF (the same bytes `kheadersd btf` makes of it on the host).
     assert.equal(entry!.vmlinuxH, true);
     const manifest = JSON.parse(await readFile(path.join(cache, 'entries', idOf(a), 'manifest.json'), 'utf8')) as { btf: { digest: string } | null };
@@ -228,9 +255,15 @@ test('real kernels: discovery as shipped, pull through a forwarded port, swaps a
     assert.ok(!hasModule(await readOut(r, 'lsmod-after')));
   });
 
-  await step('boot 2, A rebuilt (same release, new archive): a new entry, decoded; current never the old build', async () => {
-    const r = await boot({ kernel: rebuilt, lsBefore: true, http: true, config: { http: '0.0.0.0:7711' } });
+  await step('boot 2, A rebuilt (same release, new archive), no module files to read: a real modprobe, ingest, unload; current never the old build', async () => {
+    // moduleDirs naming nowhere: the daemon cannot read kheaders.ko, so it loads it as before.
+    const r = await boot({ kernel: rebuilt, lsBefore: true, http: true, config: { http: '0.0.0.0:7711', moduleDirs: ['/nowhere/{release}'] } });
     await checkCurrent(r, rebuilt);
+    const modprobeLog = await readLog(r, 'serve');
+    assert.ok(modprobeLog.some((l) => l['msg'] === 'ran modprobe kheaders' && (l['modprobe'] as { ok?: boolean } | undefined)?.ok === true), 'a real modprobe kheaders ran');
+    assert.ok(!hasModule(await readOut(r, 'lsmod-before')), 'kheaders is not loaded at boot');
+    assert.ok(!hasModule(await readOut(r, 'lsmod-serving')), 'the daemon unloaded the kheaders module it loaded');
+    assert.match(r.entries.find((e) => e.current)!.source, /^\/sys\/kernel\/kheaders\.tar\.xz \(after modprobe kheaders\)$/);
     assert.ok(r.httpDigests.length > 0, 'the host reached /v1/kernels/current through the forwarded port');
     const log = await readLog(r, 'serve');
     assert.ok(log.some((l) => l['msg'] === 'kernel headers ingested' && l['reused'] === false), 'the new build was decoded, not taken for the old one');
