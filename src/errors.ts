@@ -1,26 +1,9 @@
 /**
  * Every failure a user can cause or meet is a KheadersError with a stable code, so the CLI can
- * choose an exit status and a message without parsing text, and HTTP can map it to a status.
+ * choose an exit status and a message without parsing text, and HTTP can choose a status. The
+ * one table below says, for each code, what it means, how the process exits and what HTTP
+ * answers; nothing else maps codes (a code added here is handled everywhere at once).
  */
-export type ErrorCode =
-  | 'E_USAGE' // bad flags or arguments
-  | 'E_CONFIG' // a bad configuration file or variable
-  | 'E_ARCHIVE_NOT_FOUND' // no header archive anywhere we looked
-  | 'E_ARCHIVE_CORRUPT' // not xz, truncated, CRC mismatch, trailing garbage, bad tar
-  | 'E_UNSAFE_ENTRY' // traversal, absolute name, hard link, device, escaping symlink, duplicate
-  | 'E_LIMIT' // an xz-bomb guard tripped (total bytes, entry count, file size)
-  | 'E_NO_SPACE' // the cache filesystem is full
-  | 'E_LOCKED' // another process holds the cache lock
-  | 'E_CACHE_UNSAFE' // cache dir owned by someone else or writable by others
-  | 'E_NOT_FOUND' // no such cache entry or path inside one
-  | 'E_ENTRY_DAMAGED' // a cache entry failed its checks (bad index or manifest, short pack, digest mismatch): moved aside and rebuilt
-  | 'E_ELF' // an ELF file we cannot read
-  | 'E_BTF' // malformed BTF
-  | 'E_FUSE' // the mount could not be made or kept
-  | 'E_HTTP' // the HTTP listener could not start or a pull failed
-  | 'E_ADB' // adb missing, no device, several devices
-  | 'E_IO' // writing the output failed (stdout of `cat`, an export directory)
-  | 'E_INTERNAL';
 
 /** Process exit statuses, one per class of failure (documented in the README). */
 export const EXIT = {
@@ -33,9 +16,69 @@ export const EXIT = {
   notFound: 6,
 } as const;
 
+export type ExitStatus = (typeof EXIT)[keyof typeof EXIT];
+
+interface ErrorKind {
+  /** What the code means (the README's table says the same). */
+  readonly what: string;
+  readonly exit: ExitStatus;
+  /** The HTTP status when this error ends a request. */
+  readonly http: number;
+  /**
+   * Whether an HTTP client is told the message. Only messages about what the client asked for
+   * are: the rest name paths and details of the host, which stay in the daemon's log.
+   */
+  readonly public: boolean;
+}
+
+export const ERRORS = {
+  E_USAGE: { what: 'bad flags or arguments', exit: EXIT.usage, http: 400, public: true },
+  E_CONFIG: { what: 'a bad configuration file or variable', exit: EXIT.usage, http: 500, public: false },
+  E_ARCHIVE_NOT_FOUND: { what: 'no header archive anywhere we looked', exit: EXIT.archiveNotFound, http: 500, public: false },
+  E_ARCHIVE_CORRUPT: { what: 'not xz, truncated, CRC mismatch, trailing garbage, bad tar', exit: EXIT.badArchive, http: 500, public: false },
+  E_UNSAFE_ENTRY: { what: 'traversal, absolute name, hard link, device, escaping symlink, duplicate', exit: EXIT.badArchive, http: 500, public: false },
+  E_LIMIT: { what: 'an xz-bomb guard tripped (total bytes, entry count, file size)', exit: EXIT.badArchive, http: 500, public: false },
+  E_ELF: { what: 'an ELF file we cannot read', exit: EXIT.badArchive, http: 500, public: false },
+  E_BTF: { what: 'malformed BTF', exit: EXIT.badArchive, http: 500, public: false },
+  E_NO_SPACE: { what: 'the filesystem being written is full', exit: EXIT.environment, http: 507, public: false },
+  E_LOCKED: { what: 'another process holds the cache lock', exit: EXIT.environment, http: 503, public: false },
+  E_CACHE_UNSAFE: { what: 'cache dir owned by someone else or writable by others', exit: EXIT.environment, http: 500, public: false },
+  E_ENTRY_DAMAGED: {
+    what: 'a cache entry failed its checks (bad index or manifest, short pack, digest mismatch): moved aside and rebuilt',
+    exit: EXIT.environment,
+    http: 500,
+    // Says which entry and file did not prove, so a client knows its bytes were withheld, not lost.
+    public: true,
+  },
+  E_FUSE: { what: 'the mount could not be made or kept', exit: EXIT.environment, http: 500, public: false },
+  E_HTTP: { what: 'the HTTP listener could not start or a pull failed', exit: EXIT.environment, http: 500, public: false },
+  E_ADB: { what: 'adb missing, no device, several devices', exit: EXIT.environment, http: 500, public: false },
+  E_IO: { what: 'reading or writing outside the cache failed (stdout of `cat`, an export directory)', exit: EXIT.environment, http: 500, public: false },
+  E_NOT_FOUND: {
+    what: 'no such cache entry, file in one, module or route',
+    // Nothing wrong with the machine: what was asked for is not there.
+    exit: EXIT.notFound,
+    http: 404,
+    public: true,
+  },
+  // The wire codes: what the HTTP server answers about a request (a pull client meets them as
+  // a response's `error.code`; the exit status is the one `pull` exits with).
+  E_BAD_PATH: { what: 'a request path with a dot-segment, encoded slash, NUL or other trick', exit: EXIT.usage, http: 400, public: true },
+  E_BAD_REQUEST: { what: 'a request HTTP itself rejects (bad header, body too large)', exit: EXIT.usage, http: 400, public: true },
+  E_UNAUTHORIZED: { what: 'no or the wrong bearer token', exit: EXIT.usage, http: 401, public: true },
+  E_RANGE: { what: 'a Range outside the representation', exit: EXIT.usage, http: 416, public: true },
+  E_INTERNAL: { what: 'a bug: the log has the details', exit: EXIT.internal, http: 500, public: false },
+} as const satisfies Record<string, ErrorKind>;
+
+export type ErrorCode = keyof typeof ERRORS;
+
+export function isErrorCode(code: unknown): code is ErrorCode {
+  return typeof code === 'string' && Object.hasOwn(ERRORS, code);
+}
+
 export class KheadersError extends Error {
   readonly code: ErrorCode;
-  /** Machine-readable context: the offending entry, the paths tried, the limit hit. */
+  /** Machine-readable context: the offending entry, the paths tried, the limit hit, the errno. */
   readonly details: Record<string, unknown>;
 
   constructor(code: ErrorCode, message: string, details: Record<string, unknown> = {}, options?: { cause?: unknown }) {
@@ -45,34 +88,8 @@ export class KheadersError extends Error {
     this.details = details;
   }
 
-  get exitCode(): number {
-    switch (this.code) {
-      case 'E_USAGE':
-      case 'E_CONFIG':
-        return EXIT.usage;
-      case 'E_ARCHIVE_NOT_FOUND':
-        return EXIT.archiveNotFound;
-      case 'E_ARCHIVE_CORRUPT':
-      case 'E_UNSAFE_ENTRY':
-      case 'E_LIMIT':
-      case 'E_ELF':
-      case 'E_BTF':
-        return EXIT.badArchive;
-      case 'E_NOT_FOUND':
-        // Nothing wrong with the machine: what was asked for (an entry, a file, a module) is not there.
-        return EXIT.notFound;
-      case 'E_NO_SPACE':
-      case 'E_LOCKED':
-      case 'E_CACHE_UNSAFE':
-      case 'E_ENTRY_DAMAGED':
-      case 'E_FUSE':
-      case 'E_HTTP':
-      case 'E_ADB':
-      case 'E_IO':
-        return EXIT.environment;
-      default:
-        return EXIT.internal;
-    }
+  get exitCode(): ExitStatus {
+    return ERRORS[this.code].exit;
   }
 }
 
@@ -80,7 +97,42 @@ export function isKheadersError(err: unknown, code?: ErrorCode): err is Kheaders
   return err instanceof KheadersError && (code === undefined || err.code === code);
 }
 
-/** The errno of a Node system error, if it is one. */
+/** The errno of a Node system error, if it is one (a KheadersError's code is not an errno). */
 export function errnoOf(err: unknown): string | undefined {
+  if (err instanceof KheadersError) return undefined;
   return typeof err === 'object' && err !== null && 'code' in err && typeof err.code === 'string' ? err.code : undefined;
+}
+
+/** The errnos that mean the filesystem being written is full (a quota counts). */
+const DISK_FULL = new Set(['ENOSPC', 'EDQUOT']);
+
+/**
+ * The disk-full errno behind `err`: a system error's own, or the one an E_NO_SPACE carries in
+ * its details (from a worker thread, or a step that already named it). Undefined otherwise.
+ */
+export function diskFullErrno(err: unknown): string | undefined {
+  if (err instanceof KheadersError) return err.code === 'E_NO_SPACE' && typeof err.details.errno === 'string' ? err.details.errno : undefined;
+  const errno = errnoOf(err);
+  return errno !== undefined && DISK_FULL.has(errno) ? errno : undefined;
+}
+
+/**
+ * The code for a bare errno from a system call that read or wrote outside what the code knows
+ * (a worker's file, an output path): a full disk is E_NO_SPACE (the environment, exit 5), a
+ * missing file E_NOT_FOUND, anything else E_IO. The errno stays in details.errno.
+ */
+export function codeForErrno(errno: string): ErrorCode {
+  if (DISK_FULL.has(errno)) return 'E_NO_SPACE';
+  if (errno === 'ENOENT') return 'E_NOT_FOUND';
+  return 'E_IO';
+}
+
+/** What HTTP answers for an error that ended a request: its status, and a code and message fit to send. */
+export function httpAnswer(err: unknown): { status: number; error: { code: ErrorCode; message: string } } {
+  if (err instanceof KheadersError) {
+    const kind: ErrorKind = ERRORS[err.code];
+    if (kind.public) return { status: kind.http, error: { code: err.code, message: err.message } };
+    return { status: kind.http, error: { code: err.code, message: `${kind.what} (the daemon log has the details)` } };
+  }
+  return { status: 500, error: { code: 'E_INTERNAL', message: 'internal error (the daemon log has the details)' } };
 }

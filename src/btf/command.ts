@@ -9,7 +9,7 @@
 import { randomBytes } from 'node:crypto';
 import { open, readdir, rename, unlink } from 'node:fs/promises';
 import path from 'node:path';
-import { errnoOf, KheadersError } from '../errors.js';
+import { diskFullErrno, errnoOf, KheadersError } from '../errors.js';
 import { DEFAULT_BTF_PATH, SYSFS_BTF_DIR, generateVmlinuxHeaderBytes, readBtf } from './index.js';
 
 export interface BtfCommandOptions {
@@ -92,7 +92,7 @@ async function writeFileAtomic(target: string, data: Uint8Array): Promise<void> 
   } catch (err) {
     await unlink(tmp).catch(() => undefined);
     const errno = errnoOf(err);
-    if (errno === 'ENOSPC' || errno === 'EDQUOT') {
+    if (diskFullErrno(err) !== undefined) {
       throw new KheadersError('E_NO_SPACE', `no space left to write ${target}`, { path: target }, { cause: err });
     }
     if (errno !== undefined) {

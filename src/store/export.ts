@@ -7,7 +7,7 @@
  */
 import { chmod, mkdir, mkdtemp, readdir, rename, rm, rmdir, symlink, utimes, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { KheadersError, errnoOf } from '../errors.js';
+import { KheadersError, diskFullErrno, errnoOf } from '../errors.js';
 import type { CacheEntry } from './entry.js';
 import type { TreeNode } from './tree-index.js';
 
@@ -43,7 +43,7 @@ export async function exportEntry(entry: CacheEntry, dest: string): Promise<Expo
     return { dir: target, files: files.length, dirs: entry.index.dirCount, symlinks: entry.index.symlinkCount };
   } catch (err) {
     await rm(tmp, { recursive: true, force: true }).catch(() => {});
-    if (errnoOf(err) === 'ENOSPC') throw new KheadersError('E_NO_SPACE', `no space left while exporting to ${target}; nothing was left behind`, { dest: target });
+    if (diskFullErrno(err) !== undefined) throw new KheadersError('E_NO_SPACE', `no space left while exporting to ${target}; nothing was left behind`, { dest: target });
     throw err;
   }
 }

@@ -18,7 +18,7 @@ import { createHash } from 'node:crypto';
 import { chmod, lstat, mkdtemp, open, readdir, rename, rm, type FileHandle } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { KheadersError, errnoOf, isKheadersError } from '../errors.js';
+import { KheadersError, diskFullErrno, isKheadersError } from '../errors.js';
 import type { Logger } from '../log.js';
 import { locateArchive, type ArchiveOrigin, type ArchiveSource, type ModuleFileInfo } from '../source/locate.js';
 import { xzUncompressedSize } from '../source/xz.js';
@@ -696,8 +696,9 @@ async function inStep<T>(step: IngestStep, work: Promise<T>, entryId?: string): 
   try {
     return await work;
   } catch (err) {
-    const code = errnoOf(err);
-    if (code !== 'ENOSPC' && code !== 'EDQUOT') throw err;
+    const code = diskFullErrno(err);
+    // Not a full disk, or one an inner step already named.
+    if (code === undefined || (isKheadersError(err) && err.details.step !== undefined)) throw err;
     const fix = 'Free space, or lower --keep / --max-cache-bytes and run `kheadersd gc`';
     const message =
       step === 'current'

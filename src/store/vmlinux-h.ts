@@ -6,7 +6,7 @@ import { createHash } from 'node:crypto';
 import { access, writeFile } from 'node:fs/promises';
 import { Worker } from 'node:worker_threads';
 import { readBtf } from '../btf/index.js';
-import { KheadersError, type ErrorCode } from '../errors.js';
+import { KheadersError, codeForErrno, isErrorCode } from '../errors.js';
 import type { CacheEntry } from './entry.js';
 import type { HeaderJob, HeaderJobResult } from './vmlinux-worker.js';
 
@@ -61,9 +61,10 @@ export function generateHeaderInWorker(job: HeaderJob, what: string): Promise<{ 
     worker.once('message', (msg: HeaderJobResult) => {
       settled = true;
       if (msg.ok) resolve({ bytes: msg.bytes, sha256: msg.sha256 });
-      // An errno (ENOSPC writing the file) stays one, so the caller can tell a full disk from bad BTF.
-      else if (!msg.code.startsWith('E_')) reject(Object.assign(new Error(`cannot write ${job.outFile}: ${msg.message}`), { code: msg.code }));
-      else reject(new KheadersError(msg.code as ErrorCode, `cannot make ${what}: ${msg.message}`, { what }));
+      else if (isErrorCode(msg.code)) reject(new KheadersError(msg.code, `cannot make ${what}: ${msg.message}`, { what }));
+      // Any other code is the errno of a system call (ENOSPC writing the file): mapped, keeping
+      // the errno, so a full disk is told from bad BTF and exits as the environment's fault.
+      else reject(new KheadersError(codeForErrno(msg.code), `cannot write ${job.outFile}: ${msg.message}`, { what, errno: msg.code }));
     });
     worker.once('error', (err) => {
       settled = true;

@@ -15,12 +15,13 @@
  * — returns false *before writing anything*, and fastify answers it as usual.
  */
 import type { IncomingMessage, ServerResponse } from 'node:http';
+import { httpAnswer } from '../../errors.js';
 import type { Logger } from '../../log.js';
 import { isDigest } from '../../store/cache.js';
 import type { Catalog } from './catalog.js';
 import type { HttpMetrics } from './metrics.js';
 import { parseRequestPath } from './paths.js';
-import { BUFFER_MAX_BYTES, bodyFor, bodyForSync, decide, errorAnswer } from './respond.js';
+import { BUFFER_MAX_BYTES, bodyFor, bodyForSync, decide } from './respond.js';
 import { IMMUTABLE, REVALIDATE, fileRepresentation } from './tree.js';
 
 export const KERNEL_FILES_ROUTE = '/v1/kernels/:ref/files/*';
@@ -95,7 +96,7 @@ export function createFastPath(ctx: FastPathContext): FastPath {
       (body) => finish(Buffer.isBuffer(body) ? body : null),
       (err: unknown) => {
         ctx.log.error({ err, url }, 'request failed');
-        const { status, error } = errorAnswer(err);
+        const { status, error } = httpAnswer(err);
         if (!res.headersSent) {
           res.writeHead(status, { 'content-type': 'application/json; charset=utf-8', 'cache-control': 'no-store', 'x-content-type-options': 'nosniff' });
           res.end(JSON.stringify({ error }));

@@ -42,10 +42,7 @@ export async function serveModuleHeaders(
   const header = module === undefined ? undefined : await source.header(module);
   if (!header) {
     const loaded = (await source.modules()).map((mod) => mod.name);
-    return sendError(
-      reply,
-      404,
-      'E_NOT_FOUND',
+    return sendError(reply, 'E_NOT_FOUND',
       `${segments.join('/')}: no such module header in ${m.release}: a module's header exists while it is loaded and has BTF (loaded with BTF: ${loaded.length > 0 ? loaded.join(', ') : 'none'})`,
     );
   }

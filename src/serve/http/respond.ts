@@ -14,7 +14,7 @@
 import { Transform, pipeline, type Readable, type TransformCallback } from 'node:stream';
 import zlib from 'node:zlib';
 import type { FastifyReply, FastifyRequest } from 'fastify';
-import { KheadersError } from '../../errors.js';
+import { ERRORS, type ErrorCode } from '../../errors.js';
 import { GZIP_OPTIONS, bodySize, type Body, type ByteSource } from './bytes.js';
 import { acceptsGzip, ifRangeHolds, noneMatch, notModifiedSince, parseRange } from './conditional.js';
 import './types.js';
@@ -157,7 +157,8 @@ export function bodyForSync(d: Extract<Decision, { kind: 'body' }>, rep: Represe
 }
 
 function unsatisfiable(size: number): string {
-  return JSON.stringify({ error: { code: 'E_RANGE', message: `the range is outside the ${size} bytes of this representation` } });
+  const code: ErrorCode = 'E_RANGE';
+  return JSON.stringify({ error: { code, message: `the range is outside the ${size} bytes of this representation` } });
 }
 
 /** Answer a fastify request with `rep`. */
@@ -169,7 +170,7 @@ export async function sendRepresentation(req: FastifyRequest, reply: FastifyRepl
     reply.header('content-range', `bytes */${d.size}`);
     reply.header('content-type', 'application/json; charset=utf-8');
     reply.header('cache-control', 'no-store');
-    return reply.code(416).send(unsatisfiable(d.size));
+    return reply.code(ERRORS.E_RANGE.http).send(unsatisfiable(d.size));
   }
   const body = await bodyFor(d, rep, bytes, req.method === 'HEAD');
   reply.code(d.status).headers(d.headers);
@@ -188,18 +189,8 @@ export async function sendRepresentation(req: FastifyRequest, reply: FastifyRepl
   return reply.send(body);
 }
 
-/**
- * What a failed read answers: 404 when the entry left the cache, 500 naming the entry and the
- * file when its bytes did not prove (they are never sent), else a bare 500.
- */
-export function errorAnswer(err: unknown): { status: number; error: { code: string; message: string } } {
-  if (err instanceof KheadersError && err.code === 'E_NOT_FOUND') return { status: 404, error: { code: 'E_NOT_FOUND', message: 'the entry was removed from the cache' } };
-  if (err instanceof KheadersError && err.code === 'E_ENTRY_DAMAGED') return { status: 500, error: { code: 'E_ENTRY_DAMAGED', message: `${err.message} (it is being repaired)` } };
-  return { status: 500, error: { code: 'E_INTERNAL', message: 'internal error (the daemon log has the details)' } };
-}
-
 /** The public error shape: `{ "error": { "code", "message" } }`, never cached. */
-export function sendError(reply: FastifyReply, status: number, code: string, message: string): FastifyReply {
+export function sendError(reply: FastifyReply, code: ErrorCode, message: string, status: number = ERRORS[code].http): FastifyReply {
   reply.header('cache-control', 'no-store');
   return reply.code(status).type('application/json; charset=utf-8').send({ error: { code, message } });
 }

@@ -9,7 +9,7 @@
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import http, { type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { isIP } from 'node:net';
-import { KheadersError, errnoOf } from '../../errors.js';
+import { KheadersError, errnoOf, httpAnswer } from '../../errors.js';
 import type { Logger } from '../../log.js';
 import type { CacheStore } from '../../store/cache.js';
 import type { ModuleHeaderSource } from '../../store/module-btf.js';
@@ -21,7 +21,7 @@ import { createFastPath, type FastPath } from './fast-path.js';
 import { DEFAULT_HTTP_LIMITS, type HttpLimits } from './limits.js';
 import { HttpMetrics } from './metrics.js';
 import { PathError, parseRequestPath } from './paths.js';
-import { BUFFER_MAX_BYTES, errorAnswer, sendError } from './respond.js';
+import { BUFFER_MAX_BYTES, sendError } from './respond.js';
 import { blobRoutes } from './routes/blobs.js';
 import { debuginfodRoutes } from './routes/debuginfod.js';
 import type { RouteContext } from './routes/context.js';
@@ -134,7 +134,7 @@ export async function startHttpServer(opts: HttpServerOptions): Promise<HttpServ
       } catch (pathErr) {
         if (pathErr instanceof PathError) message = pathErr.message;
       }
-      sendError(reply, 400, 'E_BAD_PATH', message);
+      sendError(reply, 'E_BAD_PATH', message);
     },
   }) as unknown as FastifyInstance;
 
@@ -144,7 +144,7 @@ export async function startHttpServer(opts: HttpServerOptions): Promise<HttpServ
     reply.header('x-content-type-options', 'nosniff');
     if (authorised && req.routeOptions.url !== '/healthz' && !authorised(req.headers.authorization)) {
       reply.header('www-authenticate', 'Bearer realm="kheadersd"');
-      return sendError(reply, 401, 'E_UNAUTHORIZED', 'this daemon requires `Authorization: Bearer <token>` (the token in its --token-file)');
+      return sendError(reply, 'E_UNAUTHORIZED', 'this daemon requires `Authorization: Bearer <token>` (the token in its --token-file)');
     }
     return undefined;
   });
@@ -155,16 +155,18 @@ export async function startHttpServer(opts: HttpServerOptions): Promise<HttpServ
     metrics.observe(req.routeOptions.url ?? 'unmatched', reply.statusCode, reply.elapsedTime / 1000, bytes);
   });
 
-  app.setNotFoundHandler((_req, reply) => sendError(reply, 404, 'E_NOT_FOUND', 'no such route (see /v1/kernels)'));
+  app.setNotFoundHandler((_req, reply) => sendError(reply, 'E_NOT_FOUND', 'no such route (see /v1/kernels)'));
 
   app.setErrorHandler((err: FastifyError | KheadersError, req, reply) => {
-    if (err instanceof KheadersError && err.code === 'E_NOT_FOUND') return sendError(reply, 404, 'E_NOT_FOUND', err.message);
-    const status = 'statusCode' in err && typeof err.statusCode === 'number' ? err.statusCode : 500;
-    if (status >= 400 && status < 500) return sendError(reply, status, 'E_BAD_REQUEST', err.message);
-    req.log.error({ err, url: req.raw.url }, 'request failed');
-    // A damaged entry's bytes are never sent: the answer names the entry and the file instead.
-    const answer = errorAnswer(err);
-    return sendError(reply, answer.status, answer.error.code, answer.error.message);
+    // fastify's own rejections of a malformed request keep their status (413, 415, ...).
+    if (!(err instanceof KheadersError) && typeof err.statusCode === 'number' && err.statusCode >= 400 && err.statusCode < 500) {
+      return sendError(reply, 'E_BAD_REQUEST', err.message, err.statusCode);
+    }
+    // The error table decides the status and whether the message may be sent; a damaged
+    // entry's bytes are never sent, its answer names the entry and the file instead.
+    const answer = httpAnswer(err);
+    if (answer.status >= 500) req.log.error({ err, url: req.raw.url }, 'request failed');
+    return sendError(reply, answer.error.code, answer.error.message, answer.status);
   });
 
   await app.register(healthRoutes, ctx);

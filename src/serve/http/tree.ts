@@ -35,11 +35,11 @@ export async function serveTreePath(catalog: Catalog, req: FastifyRequest, reply
   // The index is the sandbox: a name that is not in it does not exist, whatever it looks like.
   const node = served.lookup(wanted);
   const m = served.manifest;
-  if (node < 0) return sendError(reply, 404, 'E_NOT_FOUND', `${wanted || '/'}: no such file in ${m.release} (${m.digest.slice(0, 12)})`);
+  if (node < 0) return sendError(reply, 'E_NOT_FOUND', `${wanted || '/'}: no such file in ${m.release} (${m.digest.slice(0, 12)})`);
   const index = served.entry.index;
   if (index.kindOf(node) === 'dir') return sendListing(catalog, req, reply, t, index.node(node)!);
   // As the kernel answers `cat file/`: a file is not a directory.
-  if (t.trailingSlash) return sendError(reply, 404, 'E_NOT_FOUND', `${wanted}/: not a directory (${wanted} is a file in ${m.release})`);
+  if (t.trailingSlash) return sendError(reply, 'E_NOT_FOUND', `${wanted}/: not a directory (${wanted} is a file in ${m.release})`);
   return sendRepresentation(req, reply, fileRepresentation(served, node, t.cacheControl), catalog.bytes);
 }
 
@@ -69,7 +69,7 @@ function buildFileRepresentation(served: ServedEntry, node: number, cacheControl
 
 export async function serveArchive(catalog: Catalog, req: FastifyRequest, reply: FastifyReply, served: ServedEntry, cacheControl: string): Promise<FastifyReply> {
   const m = served.manifest;
-  if (m.kind !== 'headers') return sendError(reply, 404, 'E_NOT_FOUND', `${m.release} has no header archive (only vmlinux.h from BTF)`);
+  if (m.kind !== 'headers') return sendError(reply, 'E_NOT_FOUND', `${m.release} has no header archive (only vmlinux.h from BTF)`);
   return sendRepresentation(
     req,
     reply,

@@ -18,18 +18,18 @@ export async function blobRoutes(app: FastifyInstance, ctx: RouteContext): Promi
 
   const lookup = async (reply: FastifyReply, digest: string) => {
     if (!isDigest(digest)) {
-      sendError(reply, 404, 'E_NOT_FOUND', 'a blob is named by the 64 lowercase hex digits of its archive sha256');
+      sendError(reply, 'E_NOT_FOUND', 'a blob is named by the 64 lowercase hex digits of its archive sha256');
       return undefined;
     }
     const served = await catalog.byDigest(digest);
-    if (!served) sendError(reply, 404, 'E_NOT_FOUND', `no cached entry has archive sha256 ${digest}`);
+    if (!served) sendError(reply, 'E_NOT_FOUND', `no cached entry has archive sha256 ${digest}`);
     return served;
   };
 
   getAndHead(app, '/v1/blobs/:digest/archive.tar.xz', async (req, reply) => {
     const rest = segmentsAfter(req, reply, PREFIX);
     if (!Array.isArray(rest)) return rest;
-    if (rest.length !== 2 || rest[1] !== 'archive.tar.xz') return sendError(reply, 404, 'E_NOT_FOUND', 'no such route');
+    if (rest.length !== 2 || rest[1] !== 'archive.tar.xz') return sendError(reply, 'E_NOT_FOUND', 'no such route');
     const served = await lookup(reply, rest[0]!);
     if (!served) return reply;
     return serveArchive(catalog, req, reply, served, IMMUTABLE);
@@ -38,7 +38,7 @@ export async function blobRoutes(app: FastifyInstance, ctx: RouteContext): Promi
   const files = async (req: FastifyRequest, reply: FastifyReply): Promise<FastifyReply> => {
     const rest = segmentsAfter(req, reply, PREFIX);
     if (!Array.isArray(rest)) return rest;
-    if (rest[1] !== 'files') return sendError(reply, 404, 'E_NOT_FOUND', 'no such route');
+    if (rest[1] !== 'files') return sendError(reply, 'E_NOT_FOUND', 'no such route');
     const served = await lookup(reply, rest[0]!);
     if (!served) return reply;
     return serveTreePath(catalog, req, reply, { served, segments: rest.slice(2), base: `/v1/blobs/${served.manifest.digest}`, cacheControl: IMMUTABLE, trailingSlash: endsWithSlash(req.raw.url) });

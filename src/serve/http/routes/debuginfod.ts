@@ -53,13 +53,13 @@ export async function debuginfodRoutes(app: FastifyInstance, ctx: RouteContext &
     if (!Array.isArray(rest)) return rest;
     const buildId = (rest[0] ?? '').toLowerCase();
     const kind = rest[1];
-    if (!BUILD_ID_RE.test(buildId) || kind === undefined) return sendError(reply, 404, 'E_NOT_FOUND', 'debuginfod paths are /buildid/<hex build id>/<artifact>');
+    if (!BUILD_ID_RE.test(buildId) || kind === undefined) return sendError(reply, 'E_NOT_FOUND', 'debuginfod paths are /buildid/<hex build id>/<artifact>');
 
     if (kind === 'section') {
-      if (rest.length !== 3 || rest[2] !== '.BTF') return sendError(reply, 404, 'E_NOT_FOUND', 'the only section held is .BTF');
-      if (state.live?.buildId !== buildId) return sendError(reply, 404, 'E_NOT_FOUND', `${buildId} is not the running kernel: its BTF is not held`);
+      if (rest.length !== 3 || rest[2] !== '.BTF') return sendError(reply, 'E_NOT_FOUND', 'the only section held is .BTF');
+      if (state.live?.buildId !== buildId) return sendError(reply, 'E_NOT_FOUND', `${buildId} is not the running kernel: its BTF is not held`);
       const st = await stat(liveBtf).catch(() => undefined);
-      if (!st) return sendError(reply, 404, 'E_NOT_FOUND', 'the running kernel has no BTF');
+      if (!st) return sendError(reply, 'E_NOT_FOUND', 'the running kernel has no BTF');
       const seconds = Math.floor(st.mtimeMs / 1000);
       return sendRepresentation(
         req,
@@ -79,12 +79,12 @@ export async function debuginfodRoutes(app: FastifyInstance, ctx: RouteContext &
     }
 
     const served = await entryFor(buildId);
-    if (!served) return sendError(reply, 404, 'E_NOT_FOUND', `no cached entry is for the kernel with build id ${buildId}`);
+    if (!served) return sendError(reply, 'E_NOT_FOUND', `no cached entry is for the kernel with build id ${buildId}`);
     let node: number;
     if (kind === 'source') node = sourceNode(served, rest.slice(2));
     else if ((kind === 'vmlinux.h' || kind === '.config') && rest.length === 2) node = served.lookup(kind);
-    else return sendError(reply, 404, 'E_NOT_FOUND', `${kind}: not held here (sources, section/.BTF, vmlinux.h and .config are)`);
-    if (node < 0 || served.entry.index.kindOf(node) !== 'file') return sendError(reply, 404, 'E_NOT_FOUND', `${rest.slice(1).join('/')}: not in ${served.manifest.release}'s files`);
+    else return sendError(reply, 'E_NOT_FOUND', `${kind}: not held here (sources, section/.BTF, vmlinux.h and .config are)`);
+    if (node < 0 || served.entry.index.kindOf(node) !== 'file') return sendError(reply, 'E_NOT_FOUND', `${rest.slice(1).join('/')}: not in ${served.manifest.release}'s files`);
     return sendRepresentation(req, reply, fileRepresentation(served, node, REVALIDATE), catalog.bytes);
   });
 }

@@ -21,11 +21,11 @@ export function segmentsAfter(req: FastifyRequest, reply: FastifyReply, prefix: 
   try {
     segments = parseRequestPath(req.raw.url ?? '/').segments;
   } catch (err) {
-    if (err instanceof PathError) return sendError(reply, 400, 'E_BAD_PATH', err.message);
+    if (err instanceof PathError) return sendError(reply, 'E_BAD_PATH', err.message);
     throw err;
   }
   for (let i = 0; i < prefix.length; i++) {
-    if (segments[i] !== prefix[i]) return sendError(reply, 404, 'E_NOT_FOUND', 'no such route');
+    if (segments[i] !== prefix[i]) return sendError(reply, 'E_NOT_FOUND', 'no such route');
   }
   return segments.slice(prefix.length);
 }
@@ -34,7 +34,7 @@ export async function kernelRoutes(app: FastifyInstance, ctx: RouteContext): Pro
   const { catalog } = ctx;
 
   const notCached = (reply: FastifyReply, ref: string): FastifyReply =>
-    sendError(reply, 404, 'E_NOT_FOUND', ref === 'current' ? "the running kernel's entry is not cached yet" : `no cached entry for release ${JSON.stringify(ref)}`);
+    sendError(reply, 'E_NOT_FOUND', ref === 'current' ? "the running kernel's entry is not cached yet" : `no cached entry for release ${JSON.stringify(ref)}`);
 
   getAndHead(app, '/v1/kernels', async (_req, reply) => {
     const snap = await catalog.snapshot();
@@ -64,7 +64,7 @@ export async function kernelRoutes(app: FastifyInstance, ctx: RouteContext): Pro
   const files = async (req: FastifyRequest, reply: FastifyReply): Promise<FastifyReply> => {
     const rest = segmentsAfter(req, reply, PREFIX);
     if (!Array.isArray(rest)) return rest;
-    if (rest[1] !== 'files') return sendError(reply, 404, 'E_NOT_FOUND', 'no such route');
+    if (rest[1] !== 'files') return sendError(reply, 'E_NOT_FOUND', 'no such route');
     const ref = rest[0]!;
     const served = await catalog.byRef(ref);
     if (!served) return notCached(reply, ref);
