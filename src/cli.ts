@@ -141,7 +141,7 @@ export function buildProgram(): Command {
     [...INGEST_KEYS, ...SERVE_KEYS, ...COMMON],
   ).action(async (_o, cmd: Command) =>
     run(cmd, false, async (cfg, io) => {
-      const { startDaemon, installSignalHandlers } = await import('./serve/daemon.js');
+      const { startDaemon, installSignalHandlers } = await import('./commands/serve.js');
       const starting = startDaemon(cfg, io);
       installSignalHandlers(starting, io);
       await starting;

@@ -9,7 +9,8 @@ import { KheadersError, errnoOf } from './errors.js';
 import { LOG_LEVELS, type LogLevel } from './log.js';
 import { DEFAULT_HTTP_LIMITS } from './serve/http/limits.js';
 import { moduleDirsProblem } from './source/modules.js';
-import { defaultCacheDir, isAndroid, validRelease } from './store/cache.js';
+import { defaultCacheDir, defaultMount } from './platform.js';
+import { validRelease } from './store/cache.js';
 
 export const DEFAULT_CONFIG_FILE = '/etc/kheadersd/config.json';
 
@@ -198,7 +199,7 @@ export function resolveConfig({ flags, env, file, fileName }: ConfigSources): Co
   const httpText = str('http') ?? '127.0.0.1:7711';
   const http = parseListen(httpText);
   if (http === undefined) refuse('http', `${JSON.stringify(httpText)} is not HOST:PORT or "off" (e.g. 127.0.0.1:7711)`);
-  const mount = str('mount') ?? (isAndroid() ? '/data/local/kheadersd/mnt' : '/run/kheaders');
+  const mount = str('mount') ?? defaultMount();
 
   const cfg: Config = {
     cacheDir: str('cacheDir') ?? defaultCacheDir({}),

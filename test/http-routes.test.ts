@@ -10,7 +10,7 @@ import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
 import zlib from 'node:zlib';
-import type { EntrySummary } from '../src/commands/format.js';
+import type { EntrySummary } from '../src/store/summary.js';
 import { isKheadersError } from '../src/errors.js';
 import { startHttpServer } from '../src/serve/http/server.js';
 import { archivePath, type CacheEntry } from '../src/store/entry.js';

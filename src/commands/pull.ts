@@ -34,7 +34,8 @@ import { exportEntry } from '../store/export.js';
 import { ingest } from '../store/ingest.js';
 import { readTokenFile } from '../token.js';
 import type { CommandIO } from './store-commands.js';
-import { humanBytes, progressBar, type EntrySummary } from './format.js';
+import type { EntrySummary } from '../store/summary.js';
+import { humanBytes, progressBar } from './format.js';
 
 export const DEFAULT_DEVICE_PORT = 7711;
 export const DEFAULT_PULL_URL = `http://127.0.0.1:${DEFAULT_DEVICE_PORT}`;

@@ -14,7 +14,8 @@ import { describeHeal, healCache, type HealReport, type KnownDamage } from '../s
 import { ingest, type IngestOptions, type IngestResult } from '../store/ingest.js';
 import { readLiveKernel } from '../store/kernel-match.js';
 import { IndexFormatError, normaliseEntryPath } from '../store/tree-index.js';
-import { humanBytes, progressBar, summarise, table, type EntrySummary } from './format.js';
+import { summarise, type EntrySummary } from '../store/summary.js';
+import { humanBytes, progressBar, table } from './format.js';
 
 export interface CommandIO {
   stdout: NodeJS.WritableStream;

@@ -28,18 +28,6 @@ import type { TreeIndex } from './tree-index.js';
 
 export { entryId, isDigest, validRelease } from './entry.js';
 
-export const DEFAULT_CACHE_DIR = '/var/cache/kheadersd';
-export const ANDROID_CACHE_DIR = '/data/local/kheadersd';
-
-export function isAndroid(): boolean {
-  return process.platform === 'android' || process.env.ANDROID_ROOT !== undefined;
-}
-
-/** --cache-dir, then KHEADERSD_CACHE_DIR, then the platform default. */
-export function defaultCacheDir(env: NodeJS.ProcessEnv = process.env): string {
-  return env.KHEADERSD_CACHE_DIR || (isAndroid() ? ANDROID_CACHE_DIR : DEFAULT_CACHE_DIR);
-}
-
 export interface OpenOptions {
   /** Create the directory if missing and insist that we own it (every writing command). */
   write: boolean;

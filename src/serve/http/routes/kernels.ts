@@ -6,7 +6,7 @@
  * parseRequestPath (see paths.ts), never taken from the router's decoded parameters.
  */
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
-import { summarise } from '../../../commands/format.js';
+import { summarise } from '../../../store/summary.js';
 import { endsWithSlash, parseRequestPath, PathError } from '../paths.js';
 import { sendError } from '../respond.js';
 import { isModuleHeaderPath, serveModuleHeaders } from '../module-headers.js';

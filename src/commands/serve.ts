@@ -19,8 +19,6 @@ import { lstat, mkdir, readlink, rmdir, symlink, unlink } from 'node:fs/promises
 import path from 'node:path';
 import type { Config } from '../config.js';
 import { KheadersError, errnoOf, isKheadersError } from '../errors.js';
-import type { CommandIO } from '../commands/store-commands.js';
-import { healWithConfig, ingestWithConfig } from '../commands/store-commands.js';
 import { CacheStore } from '../store/cache.js';
 import { damageOf } from '../store/entry-load.js';
 import type { CacheEntry } from '../store/entry.js';
@@ -29,9 +27,10 @@ import { Resolver } from '../store/resolve.js';
 import { readTokenFile } from '../token.js';
 import { matchRunning, readLiveKernel } from '../store/kernel-match.js';
 import { MODULE_HEADERS_SUBDIR, ModuleHeaders } from '../store/module-btf.js';
-import { DaemonState } from './state.js';
-import type { FuseMount } from './fuse/types.js';
-import type { IndexFsModel } from './fuse/index-model.js';
+import { DaemonState } from '../serve/state.js';
+import { healWithConfig, ingestWithConfig, type CommandIO } from './store-commands.js';
+import type { FuseMount } from '../serve/fuse/types.js';
+import type { IndexFsModel } from '../serve/fuse/index-model.js';
 
 export interface RunningDaemon {
   state: DaemonState;
@@ -204,13 +203,13 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
   }
 
   if (cfg.mount) {
-    const { IndexFsModel } = await import('./fuse/index-model.js');
+    const { IndexFsModel } = await import('../serve/fuse/index-model.js');
     model = new IndexFsModel({ log, modules });
   }
   await publish();
 
   if (cfg.http) {
-    const { startHttpServer } = await import('./http/server.js');
+    const { startHttpServer } = await import('../serve/http/server.js');
     const limits = { maxConnectionsPerClient: cfg.httpMaxConnectionsPerClient, headersTimeoutMs: cfg.httpHeadersTimeout * 1000, idleTimeoutMs: cfg.httpIdleTimeout * 1000 };
     http = await startHttpServer({ listen: cfg.http, store, state, log, limits, modules, ...(token !== undefined ? { token } : {}) });
     log.info({ url: http.url }, 'HTTP listening');
@@ -218,7 +217,7 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
 
   if (cfg.mount && model) {
     try {
-      const { mountFuse } = await import('./fuse/index.js');
+      const { mountFuse } = await import('../serve/fuse/index.js');
       mount = await mountFuse({ mountpoint: cfg.mount, model, log, allowOther: true, backend: cfg.fuseBackend });
       state.mountpoint = mount.mountpoint;
       state.mountError = null;
@@ -231,7 +230,7 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
     }
   }
 
-  const { notifyReady, notifyStopping } = await import('./sd-notify.js');
+  const { notifyReady, notifyStopping } = await import('../serve/sd-notify.js');
   await notifyReady(log);
 
   let stopping: Promise<void> | null = null;
