@@ -27,11 +27,15 @@ import { BTF_PATH, LIVE_ARCHIVE_PATHS, type ModuleFileInfo } from '../source/loc
 import { findModuleFiles, readBootTime, readModuleFile, type FoundModule } from '../source/module-files.js';
 import { moduleSearchDirs } from '../source/modules.js';
 import { isAndroid } from '../platform.js';
-import { CacheStore, parseCurrentPointer } from '../store/cache.js';
+import { CacheStore, cacheDirProblem, parseCurrentPointer } from '../store/cache.js';
 import { readTokenFile } from '../token.js';
 import type { Manifest } from '../store/entry.js';
 import { matchRunning, sha256OfFile } from '../store/kernel-match.js';
 import { readLiveBuildId } from '../source/notes.js';
+import { isElf } from '../source/elf.js';
+import { isXz } from '../source/xz.js';
+import { findXzBinary } from '../store/decompress.js';
+import { isFuse, mountAt } from '../serve/fuse/mountpoint.js';
 import { packageRoot } from './install.js';
 
 export type CheckStatus = 'ok' | 'warn' | 'fail';
@@ -94,8 +98,6 @@ export interface DoctorIO {
 
 const CAP_SYS_MODULE = 16n;
 const CAP_SYS_ADMIN = 21n;
-const XZ_MAGIC = Buffer.from([0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00]);
-const ELF_MAGIC = Buffer.from([0x7f, 0x45, 0x4c, 0x46]);
 /** Below this the next ingest (~30 MiB pack, the archive, the index) may not fit. */
 const LOW_SPACE_BYTES = 128 * 1024 * 1024;
 
@@ -313,7 +315,7 @@ class Doctor {
       if (typeof head === 'string') {
         return [{ id: 'archive', status: 'fail', what: `archive ${file} (from the configuration): cannot read it (${head})`, fix: 'fix the path in --archive / KHEADERSD_ARCHIVE / config.json "archive"' }];
       }
-      const kind = head.subarray(0, 6).equals(XZ_MAGIC) ? 'an xz archive' : head.subarray(0, 4).equals(ELF_MAGIC) ? 'an ELF file (kheaders.ko/vmlinux)' : null;
+      const kind = isXz(head) ? 'an xz archive' : isElf(head) ? 'an ELF file (kheaders.ko/vmlinux)' : null;
       if (kind === null) return [{ id: 'archive', status: 'fail', what: `archive ${file} is neither xz nor ELF (starts ${head.toString('hex') || 'empty'})`, fix: 'pass a kheaders.tar.xz, kheaders.ko or vmlinux' }];
       return [{ id: 'archive', status: 'ok', what: `archive ${file}: ${kind} (configured instead of the running kernel's)` }];
     }
@@ -324,7 +326,7 @@ class Doctor {
         if (head === 'ENOENT') continue;
         return [{ id: 'archive', status: 'fail', what: `header archive ${p} exists but cannot be read (${head})`, fix: 'run as root' }];
       }
-      if (!head.equals(XZ_MAGIC)) return [{ id: 'archive', status: 'fail', what: `header archive ${p} is not xz (starts ${head.toString('hex')})`, fix: 'this kernel exposes something unexpected there; pass --archive FILE' }];
+      if (!isXz(head)) return [{ id: 'archive', status: 'fail', what: `header archive ${p} is not xz (starts ${head.toString('hex')})`, fix: 'this kernel exposes something unexpected there; pass --archive FILE' }];
       const size = await stat(p).then((s) => s.size, () => 0);
       return [{ id: 'archive', status: 'ok', what: `header archive: ${p}${size > 0 ? ` (${mib(size)})` : ''}` }];
     }
@@ -416,10 +418,9 @@ class Doctor {
   }
 
   async xz(): Promise<Found> {
-    for (const name of ['xz', 'xzcat']) {
-      const file = await this.which(name);
-      if (file) return [{ id: 'xz', status: 'ok', what: `xz decoder: ${file}` }];
-    }
+    // Found the way ingest finds it.
+    const binary = await findXzBinary(this.env.path);
+    if (binary) return [{ id: 'xz', status: 'ok', what: `xz decoder: ${binary.file}` }];
     if (this.cfg.decoder === 'xz') return [{ id: 'xz', status: 'fail', what: 'no xz or xzcat binary, and the configuration asks for it (decoder: xz)', fix: 'install xz-utils, or set decoder to auto' }];
     const lzma = await loadInChild('lzma-native', this.env.packageRoot, this.env.timeoutMs);
     if (lzma.ok) return [{ id: 'xz', status: 'warn', what: 'no xz binary: ingest decodes with lzma-native, about 2x slower', fix: 'install xz-utils (apt install xz-utils)' }];
@@ -441,19 +442,22 @@ class Doctor {
       if (!writable) return [{ id: 'cache', status: 'fail', what: `cache ${dir} does not exist and ${parent} is not writable by uid ${this.env.uid}`, fix: 'run as root, or choose a cache you can create with --cache-dir' }];
       return [{ id: 'cache', status: 'ok', what: `cache ${dir}: absent; the first ingest creates it (0755, owned by uid ${this.env.uid})` }];
     }
-    if (!st.isDirectory()) return [{ id: 'cache', status: 'fail', what: `cache ${dir} is not a directory`, fix: 'remove it or choose another with --cache-dir' }];
     const out: Found = [];
     const mode = st.mode & 0o7777;
-    if ((mode & 0o022) !== 0) {
-      out.push({ id: 'cache', status: 'fail', what: `cache ${dir} is writable by ${mode & 0o002 ? 'everyone' : 'its group'} (mode ${mode.toString(8)}): refused, anyone could plant headers`, fix: `chmod 755 ${dir}` });
-    } else if (st.uid !== this.env.uid) {
-      const status: CheckStatus = st.uid === 0 ? 'warn' : 'fail';
-      out.push({
-        id: 'cache',
-        status,
-        what: `cache ${dir} is owned by uid ${st.uid}, not by you (uid ${this.env.uid}): ingest and serve as you would be refused`,
-        fix: st.uid === 0 ? 'fine for the root service; run commands that write (ingest, gc, serve) with sudo' : `chown -R ${this.env.uid} ${dir}, or use your own --cache-dir`,
-      });
+    // The very rule ingest and serve apply (they write, so the owner must be this user); one
+    // that only readers accept (owned by root) is a warning: the root service is fine with it.
+    const problem = cacheDirProblem(dir, st, this.env.uid, true);
+    if (problem) {
+      if (problem.kind === 'owner' && cacheDirProblem(dir, st, this.env.uid, false) === undefined) {
+        out.push({
+          id: 'cache',
+          status: 'warn',
+          what: `cache ${dir} is owned by uid ${st.uid}, not by you (uid ${this.env.uid}): ingest and serve as you would be refused`,
+          fix: 'fine for the root service; run commands that write (ingest, gc, serve) with sudo',
+        });
+      } else {
+        out.push({ id: 'cache', status: 'fail', what: problem.what, fix: problem.fix });
+      }
     } else {
       const info = await this.cacheInfo();
       const entry = info.currentRelease === null ? 'no current entry yet' : `current entry: ${info.currentRelease}${info.currentKind ? ` (${info.currentKind})` : ''}`;
@@ -566,13 +570,13 @@ class Doctor {
     const dir = this.cfg.mount;
     if (dir === null) return [];
     const abs = path.resolve(dir);
-    const mounts = await readMountinfo(this.env.mountinfo).catch(() => [] as MountLine[]);
-    const here = mounts.filter((m) => m.mountPoint === abs).pop();
-    const isFuse = here !== undefined && (here.fsType === 'fuse' || here.fsType.startsWith('fuse.') || here.fsType === 'fuseblk');
-    if (here !== undefined && !isFuse) {
+    // What serve sees there, by serve's own reading of mountinfo.
+    const here = await mountAt(abs, this.env.mountinfo).catch(() => undefined);
+    const fuse = here !== undefined && isFuse(here);
+    if (here !== undefined && !fuse) {
       return [{ id: 'mount-point', status: 'fail', what: `mount point ${abs} already has a ${here.fsType} filesystem (${here.source}) mounted`, fix: 'choose another --mount, or unmount it' }];
     }
-    if (isFuse) {
+    if (fuse) {
       // Only a FUSE mount can block a stat forever: probe it in a child we can kill.
       const probe = await statInChild(abs, { hangMs: 3000, limitMs: this.env.timeoutMs });
       if (probe === 'ok') return [{ id: 'mount-point', status: 'ok', what: `mount point ${abs}: mounted (${here.fsType} ${here.source}) and answering: kheadersd is serving it` }];
@@ -680,28 +684,6 @@ function isModuleFileInfo(v: unknown): v is ModuleFileInfo {
   if (typeof v !== 'object' || v === null) return false;
   const m = v as Record<string, unknown>;
   return typeof m.file === 'string' && typeof m.mtime === 'string' && typeof m.bootTime === 'string';
-}
-
-interface MountLine {
-  mountPoint: string;
-  fsType: string;
-  source: string;
-}
-
-/**
- * /proc/self/mountinfo, read asynchronously. (src/serve/fuse/mountpoint.ts has a fuller reader;
- * doctor keeps its own few lines so it works, and loads fast, whatever state the FUSE code is in.)
- */
-async function readMountinfo(file: string): Promise<MountLine[]> {
-  const unescape = (s: string): string => s.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
-  const out: MountLine[] = [];
-  for (const line of (await readFile(file, 'utf8')).split('\n')) {
-    const f = line.split(' ');
-    const sep = f.indexOf('-', 6);
-    if (sep < 0 || f.length < sep + 3) continue;
-    out.push({ mountPoint: unescape(f[4]!), fsType: f[sep + 1]!, source: unescape(f[sep + 2]!) });
-  }
-  return out;
 }
 
 interface ChildResult {

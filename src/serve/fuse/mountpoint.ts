@@ -30,9 +30,15 @@ const STALE_ERRNOS = new Set(['ENOTCONN', 'ECONNABORTED']);
 const PROBE_TIMEOUT_MS = 3000;
 const CHILD_TIMEOUT_MS = 15_000;
 
-/** /proc/self/mountinfo, parsed (read asynchronously: see the file comment). */
-export async function readMountInfo(): Promise<MountInfo[]> {
-  const text = await readFile('/proc/self/mountinfo', 'utf8');
+const MOUNTINFO = '/proc/self/mountinfo';
+
+/** A mountinfo file (this process's by default), parsed; read asynchronously (see the file comment). */
+export async function readMountInfo(file: string = MOUNTINFO): Promise<MountInfo[]> {
+  return parseMountInfo(await readFile(file, 'utf8'));
+}
+
+/** The lines of a mountinfo file; a line that is not one is skipped. */
+export function parseMountInfo(text: string): MountInfo[] {
   const out: MountInfo[] = [];
   for (const line of text.split('\n')) {
     if (line === '') continue;
@@ -69,9 +75,9 @@ export async function canonicalMountpoint(dir: string): Promise<string> {
 }
 
 /** The mount whose mount point is exactly `dir` (the topmost, if stacked), or undefined. */
-export async function mountAt(dir: string): Promise<MountInfo | undefined> {
+export async function mountAt(dir: string, mountinfo: string = MOUNTINFO): Promise<MountInfo | undefined> {
   const want = await canonicalMountpoint(dir);
-  const all = await readMountInfo();
+  const all = await readMountInfo(mountinfo);
   for (let i = all.length - 1; i >= 0; i--) if (all[i]!.mountPoint === want) return all[i];
   return undefined;
 }
@@ -80,7 +86,7 @@ export async function isMounted(dir: string): Promise<boolean> {
   return (await mountAt(dir)) !== undefined;
 }
 
-function isFuse(m: MountInfo): boolean {
+export function isFuse(m: MountInfo): boolean {
   return m.fsType === 'fuse' || m.fsType.startsWith('fuse.') || m.fsType === 'fuseblk';
 }
 
