@@ -29,7 +29,7 @@ import { moduleSearchDirs } from '../source/modules.js';
 import { isAndroid } from '../platform.js';
 import { CacheStore, cacheDirProblem, parseCurrentPointer } from '../store/cache.js';
 import { readTokenFile } from '../token.js';
-import type { Manifest } from '../store/entry.js';
+import { parseEntryId, type Manifest } from '../store/entry.js';
 import { matchRunning, sha256OfFile } from '../store/kernel-match.js';
 import { readLiveBuildId } from '../source/notes.js';
 import { isElf } from '../source/elf.js';
@@ -177,7 +177,7 @@ type Found = CheckResult[];
 class Doctor {
   /** Facts two checks share, computed once. */
   private btfFact: Promise<{ present: boolean; bytes: number }> | undefined;
-  private cacheFact: Promise<CacheFacts> | undefined;
+  private currentFact: Promise<{ id: string; manifest: unknown } | null> | undefined;
 
   constructor(
     private readonly cfg: Config,
@@ -252,33 +252,36 @@ class Doctor {
     return this.btfFact;
   }
 
-  private cacheInfo(): Promise<CacheFacts> {
-    this.cacheFact ??= (async () => {
+  /**
+   * The entry the `current` pointer names and its manifest as JSON (null when unreadable), read
+   * once for the cache and current checks. Read leniently, without the store's checks: a
+   * damaged entry is the cache-entries check's business, and this one still says what it names.
+   */
+  private currentFile(): Promise<{ id: string; manifest: unknown } | null> {
+    this.currentFact ??= (async () => {
       const dir = this.cfg.cacheDir;
-      const current = parseCurrentPointer(await readFile(path.join(dir, 'current'), 'utf8').catch(() => ''))?.id ?? '';
-      let currentKind: string | null = null;
-      let currentModule: ModuleFileInfo | null = null;
-      if (current !== '') {
-        const manifest = await readFile(path.join(dir, 'entries', current, 'manifest.json'), 'utf8').catch(() => null);
-        if (manifest !== null) {
-          try {
-            const m = JSON.parse(manifest) as { kind?: unknown; module?: unknown };
-            currentKind = typeof m.kind === 'string' ? m.kind : null;
-            currentModule = isModuleFileInfo(m.module) ? m.module : null;
-          } catch {
-            // a broken manifest is the cache check's business
-          }
-        }
+      const id = parseCurrentPointer(await readFile(path.join(dir, 'current'), 'utf8').catch(() => ''))?.id;
+      if (id === undefined) return null;
+      const text = await readFile(path.join(dir, 'entries', id, 'manifest.json'), 'utf8').catch(() => null);
+      let manifest: unknown = null;
+      try {
+        manifest = text === null ? null : JSON.parse(text);
+      } catch {
+        // unreadable: the cache-entries check reports it
       }
-      const names = await readdir(path.join(dir, 'entries')).catch(() => [] as string[]);
-      return {
-        currentRelease: current === '' ? null : (current.split('~')[0] ?? null),
-        currentKind,
-        currentModule,
-        releaseEntries: names.filter((n) => n.startsWith(`${this.env.release}~`)).length,
-      };
+      return { id, manifest };
     })();
-    return this.cacheFact;
+    return this.currentFact;
+  }
+
+  private async cacheInfo(): Promise<CacheFacts> {
+    const current = await this.currentFile();
+    const m = (typeof current?.manifest === 'object' && current.manifest !== null ? current.manifest : {}) as { kind?: unknown; module?: unknown };
+    return {
+      currentRelease: current === null ? null : (parseEntryId(current.id)?.release ?? null),
+      currentKind: typeof m.kind === 'string' ? m.kind : null,
+      currentModule: isModuleFileInfo(m.module) ? m.module : null,
+    };
   }
 
   /** Every entry checked as serve would load it; what is damaged, and what was quarantined and why. */
@@ -398,15 +401,9 @@ class Doctor {
 
   /** Whether `current` is the running kernel's entry: serving another kernel's headers is the silent failure. */
   async current(): Promise<Found> {
-    const dir = this.cfg.cacheDir;
-    const id = parseCurrentPointer(await readFile(path.join(dir, 'current'), 'utf8').catch(() => ''))?.id ?? '';
-    if (id === '') return [];
-    let manifest: Manifest;
-    try {
-      manifest = JSON.parse(await readFile(path.join(dir, 'entries', id, 'manifest.json'), 'utf8')) as Manifest;
-    } catch {
-      return []; // a missing or broken entry is the cache check's business
-    }
+    const current = await this.currentFile();
+    if (current === null || typeof current.manifest !== 'object' || current.manifest === null) return []; // the cache check's business
+    const manifest = current.manifest as Manifest;
     const [buildId, btfDigest] = await Promise.all([readLiveBuildId(this.env.notesPath), sha256OfFile(this.env.btfPath)]);
     const m = matchRunning(manifest, { release: this.env.release, buildId, btfDigest });
     const what = `current: ${manifest.release} (sha256 ${manifest.digest.slice(0, 12)}, from ${manifest.source})`;
@@ -677,7 +674,6 @@ interface CacheFacts {
   currentKind: string | null;
   /** The module file the current entry was read from or loaded from, if any. */
   currentModule: ModuleFileInfo | null;
-  releaseEntries: number;
 }
 
 function isModuleFileInfo(v: unknown): v is ModuleFileInfo {
