@@ -8,6 +8,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, test } from 'node:test';
 import { ERRORS, EXIT, KheadersError, diskFullErrno, errnoOf, httpAnswer, isErrorCode, type ErrorCode } from '../src/errors.js';
+import { errnoFor } from '../src/serve/fuse/errno.js';
+import { within } from '../src/serve/fuse/within.js';
 import { generateHeaderInWorker } from '../src/store/vmlinux-h.js';
 import { BtfBuilder } from './helpers/btf-builder.js';
 
@@ -99,4 +101,20 @@ test('the vmlinux.h worker: bad BTF stays E_BTF, a missing directory is an errno
     generateHeaderInWorker({ btf: smallBtf(), outFile: path.join(tmp, 'no-such-dir', 'out.h') }, 'nowhere'),
     (e: unknown) => e instanceof KheadersError && isErrorCode(e.code) && e.details.errno === 'ENOENT',
   );
+});
+
+test('errnoFor: what a failure reaches a reader of either FUSE backend as', () => {
+  const E = os.constants.errno;
+  assert.equal(errnoFor(new KheadersError('E_NOT_FOUND', 'x', { errno: 'EISDIR' })), E.EISDIR);
+  assert.equal(errnoFor(new KheadersError('E_NOT_FOUND', 'x')), E.ENOENT);
+  assert.equal(errnoFor(new KheadersError('E_ENTRY_DAMAGED', 'x')), E.EIO);
+  assert.equal(errnoFor(new KheadersError('E_NO_SPACE', 'x', { errno: 'ENOSPC' })), E.ENOSPC);
+  assert.equal(errnoFor(new KheadersError('E_IO', 'x', { errno: 'ENOTANERRNO' })), E.EIO);
+  assert.equal(errnoFor(Object.assign(new Error('x'), { code: 'EACCES' })), E.EACCES);
+  assert.equal(errnoFor(new TypeError('a bug')), E.EIO);
+});
+
+test('within: the value in time, else a rejection naming what did not happen; no timer left behind', async () => {
+  assert.equal(await within(Promise.resolve(7), 1000, 'seven'), 7);
+  await assert.rejects(within(new Promise(() => {}), 20, 'the kernel did not start the FUSE session'), /the kernel did not start the FUSE session within 20 ms/);
 });

@@ -31,10 +31,13 @@ import { access, constants as fsConstants, readFile, readdir, readlink } from 'n
 import { write as fsWrite } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { KheadersError, errnoOf, isKheadersError } from '../../errors.js';
+import { KheadersError, errnoOf } from '../../errors.js';
 import type { Logger } from '../../log.js';
 import { ROOT_INO, type FsAttr, type FsInvalidation, type FsModel } from './fs-model.js';
+import { errnoFor } from './errno.js';
+import { FUSE_ROOT_ID, encodeNotifyInvalEntry } from './kernel/protocol.js';
 import { detachMount, isMounted, prepareMountpoint } from './mountpoint.js';
+import { within } from './within.js';
 import type { FuseMount, FuseOpCounts, MountOptions } from './types.js';
 
 // ---- the slice of fuse-native's (untyped) API we use ---------------------------------------------
@@ -236,7 +239,7 @@ async function mountOnce(
   const before = notify ? await fuseDeviceFds() : [];
   const fuse = new Fuse(mountpoint, ops, fuseOpts);
   try {
-    await withTimeout(
+    await within(
       new Promise<void>((resolve, reject) => fuse.mount((err) => (err ? reject(err) : resolve()))),
       MOUNT_TIMEOUT_MS,
       'the kernel did not start the FUSE session',
@@ -373,17 +376,6 @@ function toStat(a: FsAttr): NativeStat {
   };
 }
 
-/** The positive errno a model failure should reach the reader as. */
-function errnoFor(err: unknown): number {
-  if (isKheadersError(err)) {
-    const named = err.details['errno'];
-    if (typeof named === 'string' && named in E) return E[named as keyof typeof E];
-    return err.code === 'E_NOT_FOUND' ? E.ENOENT : E.EIO;
-  }
-  const named = errnoOf(err);
-  return named && named in E ? E[named as keyof typeof E] : E.EIO;
-}
-
 /**
  * The name directly under the mount root an invalidation falls under. libfuse's node ids are its
  * own (only the root's, 1, is known), so a name deeper down is invalidated through its top-level
@@ -395,10 +387,6 @@ function rootNameFor(model: FsModel, inval: FsInvalidation): string | undefined 
 }
 
 // ---- pushing invalidations to the kernel -----------------------------------------------------------
-
-/** The kernel's FUSE_NOTIFY_INVAL_ENTRY (include/uapi/linux/fuse.h). */
-const FUSE_NOTIFY_INVAL_ENTRY = 3;
-const FUSE_ROOT_ID = 1n;
 
 /**
  * Writes FUSE_NOTIFY_INVAL_ENTRY for names under the mount root to this mount's /dev/fuse
@@ -447,19 +435,11 @@ class DeviceNotifier {
   }
 
   private invalEntry(name: string): Promise<void> {
-    const nameBytes = Buffer.from(name);
-    const len = 16 + 16 + nameBytes.length + 1;
-    const msg = Buffer.alloc(len);
-    msg.writeUInt32LE(len, 0); // fuse_out_header.len
-    msg.writeInt32LE(FUSE_NOTIFY_INVAL_ENTRY, 4); // .error carries the notify code
-    msg.writeBigUInt64LE(0n, 8); // .unique 0: a notification, not a reply
-    msg.writeBigUInt64LE(FUSE_ROOT_ID, 16); // fuse_notify_inval_entry_out.parent
-    msg.writeUInt32LE(nameBytes.length, 24); // .namelen
-    msg.writeUInt32LE(0, 28); // .flags
-    nameBytes.copy(msg, 32); // name, NUL-terminated (already zero)
+    // The kernel backend's own encoder: the message is the same whoever owns the descriptor.
+    const msg = encodeNotifyInvalEntry(FUSE_ROOT_ID, Buffer.from(name));
     return new Promise((resolve) => {
       if (this.stopped) return resolve();
-      fsWrite(this.fd, msg, 0, len, null, (err) => {
+      fsWrite(this.fd, msg, 0, msg.length, null, (err) => {
         // ENOENT: the kernel had no dentry for it, which is just as good.
         if (err && errnoOf(err) !== 'ENOENT') this.log.warn({ name, errno: errnoOf(err) }, 'FUSE invalidation failed');
         else this.log.debug({ name }, 'FUSE entry invalidated');
@@ -543,18 +523,4 @@ function describeMountFailure(err: unknown, allowOther: boolean): string {
     return `libfuse could not mount (not permitted for ${who}${allowOther ? ', or allow_other refused' : ''}; libfuse's own message is on stderr)`;
   }
   return msg;
-}
-
-async function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  try {
-    return await Promise.race([
-      p,
-      new Promise<never>((_, reject) => {
-        timer = setTimeout(() => reject(new Error(`${what} within ${ms} ms`)), ms);
-      }),
-    ]);
-  } finally {
-    clearTimeout(timer);
-  }
 }

@@ -11,6 +11,7 @@ import { access, constants as fsConstants } from 'node:fs/promises';
 import { KheadersError, errnoOf } from '../../../errors.js';
 import { isMounted, prepareMountpoint } from '../mountpoint.js';
 import type { FuseMount, FuseOpCounts, MountOptions } from '../types.js';
+import { within } from '../within.js';
 import { DevFuse, loopReaderAvailable, type DeviceEnd, type ReaderKind } from './device.js';
 import { mountFd, unmountPath, type MountFlavor } from './mount.js';
 import { FUSE_MIN_READ_BUFFER } from './protocol.js';
@@ -65,16 +66,6 @@ async function checkEnvironment(devicePath: string): Promise<void> {
     if (errno === 'ENOENT') throw fuseError(`no ${devicePath}: load the fuse module (modprobe fuse), or in a container pass --device /dev/fuse`, { device: devicePath }, err);
     throw fuseError(`${devicePath} is not usable: ${errno ?? String(err)}`, { device: devicePath, errno }, err);
   }
-}
-
-function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  return Promise.race([
-    p,
-    new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new Error(`${what} after ${ms} ms`)), ms);
-    }),
-  ]).finally(() => clearTimeout(timer));
 }
 
 export async function mountKernel(opts: KernelMountOptions): Promise<KernelFuseMount> {

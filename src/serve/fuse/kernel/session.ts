@@ -18,9 +18,8 @@
  *   ACCESS requests.
  */
 import fs from 'node:fs';
-import os from 'node:os';
-import { isKheadersError, errnoOf } from '../../../errors.js';
 import type { Logger } from '../../../log.js';
+import { errnoFor } from '../errno.js';
 import { ROOT_INO, type FsAttr, type FsInvalidation, type FsModel } from '../fs-model.js';
 import type { FuseOpCounts } from '../types.js';
 import type { FuseChannel } from './device.js';
@@ -123,18 +122,6 @@ const W_OK = fs.constants.W_OK;
 const DOT = Buffer.from('.');
 const DOTDOT = Buffer.from('..');
 const strictUtf8 = new TextDecoder('utf-8', { fatal: true });
-
-/** Errno (positive) a model or I/O failure is reported as. */
-export function errnoFor(err: unknown): number {
-  const table = os.constants.errno as Record<string, number | undefined>;
-  if (isKheadersError(err)) {
-    const named = err.details['errno'];
-    if (typeof named === 'string' && table[named] !== undefined) return table[named];
-    return err.code === 'E_NOT_FOUND' ? Errno.ENOENT : Errno.EIO;
-  }
-  const named = errnoOf(err);
-  return (named && table[named]) || Errno.EIO;
-}
 
 /** A name from the kernel as the model's string, or undefined if it is not valid UTF-8 (then no
  * archived name can equal it). */
