@@ -27,6 +27,7 @@ import path from 'node:path';
 import { KheadersError, errnoOf } from '../errors.js';
 import { createLogger, type Logger } from '../log.js';
 import { sha256OfFile } from './kernel-match.js';
+import { preadAll } from './reader.js';
 import { generateHeaderInWorker } from './vmlinux-h.js';
 
 /** Bump when the emitter's output changes, so headers cached by an older version are not served. */
@@ -172,14 +173,7 @@ export class ModuleHeaders implements ModuleHeaderSource {
   async read(header: ModuleHeader, offset: number, length: number): Promise<Buffer> {
     if (offset >= header.size || length <= 0) return Buffer.alloc(0);
     const want = Math.min(length, header.size - offset);
-    const fh = await this.handle(header);
-    const buf = Buffer.allocUnsafe(want);
-    let got = 0;
-    while (got < want) {
-      const { bytesRead } = await fh.read(buf, got, want - got, offset + got);
-      if (bytesRead === 0) break;
-      got += bytesRead;
-    }
+    const { buf, got } = await preadAll(await this.handle(header), offset, want);
     if (got < want) throw new KheadersError('E_INTERNAL', `${header.file} ends before the ${header.size} bytes of ${header.module}'s header`, { errno: 'EIO', file: header.file });
     if (this.cached.has(header.key)) this.touch(header.key);
     return buf;
