@@ -61,8 +61,9 @@ export const ERRORS = {
     http: 404,
     public: true,
   },
-  // The wire codes: what the HTTP server answers about a request (a pull client meets them as
-  // a response's `error.code`; the exit status is the one `pull` exits with).
+  // The wire codes: what the HTTP server answers about a request. No command raises them (pull
+  // reports a refused request as E_HTTP or E_NOT_FOUND); their exit status, usage, says whose
+  // fault it is.
   E_BAD_PATH: { what: 'a request path with a dot-segment, encoded slash, NUL or other trick', exit: EXIT.usage, http: 400, public: true },
   E_BAD_REQUEST: { what: 'a request HTTP itself rejects (bad header, body too large)', exit: EXIT.usage, http: 400, public: true },
   E_UNAUTHORIZED: { what: 'no or the wrong bearer token', exit: EXIT.usage, http: 401, public: true },
