@@ -4,6 +4,7 @@
  * module. Heavy modules (fastify, fuse-native, the BTF emitter) are imported inside the action
  * that needs them, so `kheadersd ingest` starts as fast as node itself.
  */
+import './v8-flags.js'; // first: V8's heap settings before anything else is loaded
 import { Command, Option } from 'commander';
 import { DEFAULT_CONFIG_FILE, KEYS, envName, flagName, readConfigFile, resolveConfig, type Config, type ConfigKey } from './config.js';
 import { EXIT, KheadersError, errnoOf } from './errors.js';
