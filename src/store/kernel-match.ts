@@ -14,7 +14,7 @@
  * Pure, apart from readLiveKernel.
  */
 import { createHash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
+import { open } from 'node:fs/promises';
 import os from 'node:os';
 import { readLiveBuildId } from '../source/notes.js';
 import type { Manifest } from './entry.js';
@@ -69,13 +69,27 @@ export async function readLiveKernel(paths: LivePaths = {}): Promise<LiveKernel>
   return { release: os.release(), buildId, btfDigest };
 }
 
-/** sha256 (hex) of a file's bytes, streamed; null when it cannot be read. */
+/**
+ * sha256 (hex) of a file's bytes, read through one reused buffer; null when it cannot be read.
+ * Not a read stream: sysfs hands out BTF 4 KiB per read(2), and a stream allocates a fresh
+ * 64 KiB buffer for each, so hashing the kernel's 5 MiB BTF that way churned ~85 MiB through
+ * malloc at every start and left the daemon's heap fragmented (and took 5x the CPU).
+ */
 export async function sha256OfFile(file: string): Promise<string | null> {
+  let fh;
   try {
+    fh = await open(file, 'r');
     const hash = createHash('sha256');
-    for await (const chunk of createReadStream(file)) hash.update(chunk as Buffer);
+    const buf = Buffer.allocUnsafe(64 * 1024);
+    for (;;) {
+      const { bytesRead } = await fh.read(buf, 0, buf.length, null);
+      if (bytesRead === 0) break;
+      hash.update(buf.subarray(0, bytesRead));
+    }
     return hash.digest('hex');
   } catch {
     return null;
+  } finally {
+    await fh?.close().catch(() => {});
   }
 }
