@@ -1,7 +1,7 @@
 /**
  * Run every benchmark in turn, each in its own process (so one's memory and mounts cannot skew
  * the next), and let each write its own section of BENCHMARKS.md.
- * Run: npm run bench          (or one: node dist/bench/<name>.js)
+ * Run: npm run bench          (some: npm run bench -- footprint http; or node dist/bench/<name>.js)
  */
 import { spawn } from 'node:child_process';
 import { access } from 'node:fs/promises';
@@ -9,7 +9,11 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
-const BENCHES = ['ingest', 'tar-parse', 'fuse', 'http', 'btf'];
+const ALL = ['ingest', 'tar-parse', 'fuse', 'http', 'btf', 'footprint'];
+const asked = process.argv.slice(2);
+const unknown = asked.filter((name) => !ALL.includes(name));
+if (unknown.length > 0) throw new Error(`no bench ${unknown.join(', ')}; the benches are ${ALL.join(', ')}`);
+const BENCHES = asked.length > 0 ? asked : ALL;
 
 let failed = 0;
 for (const name of BENCHES) {
