@@ -132,9 +132,13 @@ export class DevFuse implements FuseChannel {
     return this.ended;
   }
 
-  /** The notifier thread: start it before anything can ask for a notification. */
-  startNotifier(): void {
-    if (this.notifier) return;
+  /**
+   * The notifier thread, started by the first notification (a kernel swap), not at mount: a
+   * worker is a whole V8 isolate (~5 MiB of a phone's memory, and its start-up), and most
+   * boots never swap kernels.
+   */
+  private startNotifier(): Worker {
+    if (this.notifier) return this.notifier;
     const data: NotifierData = { role: 'notifier', fd: this.fd };
     // execArgv: [] — workers inherit the parent's flags by default, and some (--test ones) are
     // refused per thread.
@@ -146,6 +150,7 @@ export class DevFuse implements FuseChannel {
     });
     this.notifier.on('error', (err) => this.log.error({ err }, 'fuse notifier thread failed'));
     this.notifier.unref();
+    return this.notifier;
   }
 
   /**
@@ -253,11 +258,12 @@ export class DevFuse implements FuseChannel {
   }
 
   notify(buf: Buffer): Promise<string | undefined> {
-    if (this.closed || !this.notifier) return Promise.resolve('EBADF');
+    if (this.closed) return Promise.resolve('EBADF');
+    const notifier = this.startNotifier();
     const id = this.nextJob++;
     return new Promise((resolve) => {
       this.jobs.set(id, resolve);
-      this.notifier!.postMessage({ id, buf } satisfies NotifyJob);
+      notifier.postMessage({ id, buf } satisfies NotifyJob);
     });
   }
 

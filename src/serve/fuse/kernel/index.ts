@@ -104,7 +104,6 @@ export async function mountKernel(opts: KernelMountOptions): Promise<KernelFuseM
   let init: NegotiatedInit;
   let mounted = false;
   try {
-    dev.startNotifier();
     // A reader thread waits for the mount by itself; the event-loop reader must not read an
     // unattached descriptor (EPERM would end it), so it starts once mount(2) is done. The
     // kernel queues INIT at mount time and `mount` does not wait for it, so nothing is lost.
