@@ -161,7 +161,8 @@ cmd_run() {
   daemon_env "$node"
   echo "$$" > "$PIDF"
   logcat "starting: $node $APP/dist/src/cli.js serve (log: $LOG)"
-  exec "$node" "$APP/dist/src/cli.js" serve >> "$LOG" 2>&1
+  # V8's memory flags for an all-day daemon: the same as systemd/kheadersd.service's NODE_OPTIONS.
+  exec "$node" --max-semi-space-size=1 --v8-pool-size=1 "$APP/dist/src/cli.js" serve >> "$LOG" 2>&1
 }
 
 # Any other kheadersd command with the daemon's configuration: doctor, ls, export, gc, cat.

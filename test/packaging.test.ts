@@ -144,6 +144,19 @@ describe('systemd unit', () => {
     assert.equal(keys.has('RuntimeDirectory'), false, 'systemd would chown/remove the mount point, which fails on a dead FUSE mount');
   });
 
+  it("sets V8's memory flags, the same as the Android service and the image, and node accepts them in NODE_OPTIONS", async () => {
+    const env = unitKeys(await readFile(UNIT, 'utf8')).get('Environment') ?? [];
+    const flags = /^"NODE_OPTIONS=([^"]+)"$/.exec(env.find((e) => e.includes('NODE_OPTIONS')) ?? '')?.[1];
+    assert.ok(flags, `no Environment="NODE_OPTIONS=..." in the unit: ${env.join(', ')}`);
+    const ctl = await readFile(path.join(ROOT, 'android', 'kheadersd-ctl.sh'), 'utf8');
+    assert.ok(ctl.includes(`exec "$node" ${flags} "$APP/dist/src/cli.js" serve`), 'android/kheadersd-ctl.sh runs serve with other flags');
+    const dockerfile = await readFile(path.join(ROOT, 'Dockerfile'), 'utf8');
+    assert.ok(dockerfile.includes(`NODE_OPTIONS="${flags}"`), 'the Dockerfile sets other NODE_OPTIONS');
+    // A flag node does not allow in NODE_OPTIONS makes every start fail (exit 9).
+    const r = spawnSync(process.execPath, ['-e', '0'], { env: { ...process.env, NODE_OPTIONS: flags }, encoding: 'utf8' });
+    assert.equal(r.status, 0, r.stderr);
+  });
+
   it('the http-only drop-in turns the mount off and takes the sandbox', async () => {
     const keys = unitKeys(await readFile(DROPIN, 'utf8'));
     assert.deepEqual(keys.get('Environment'), ['KHEADERSD_MOUNT=off']);
