@@ -65,9 +65,16 @@ export interface LivePaths {
 
 /** The running kernel's release, build id and BTF digest. */
 export async function readLiveKernel(paths: LivePaths = {}): Promise<LiveKernel> {
-  const [buildId, btfDigest] = await Promise.all([readLiveBuildId(paths.notesPath), sha256OfFile(paths.btfPath ?? '/sys/kernel/btf/vmlinux')]);
+  const [buildId, btfDigest] = await Promise.all([readLiveBuildId(paths.notesPath), sha256OfFile(paths.btfPath ?? RUNNING_KERNEL_BTF)]);
   return { release: os.release(), buildId, btfDigest };
 }
+
+const RUNNING_KERNEL_BTF = '/sys/kernel/btf/vmlinux';
+/**
+ * The running kernel's own BTF is part of its image: it cannot change while this process lives,
+ * so its digest is computed once (serve's start asked for it twice: ~5 MiB read 4 KiB at a time).
+ */
+let runningKernelBtfDigest: Promise<string | null> | undefined;
 
 /**
  * sha256 (hex) of a file's bytes, read through one reused buffer; null when it cannot be read.
@@ -75,7 +82,13 @@ export async function readLiveKernel(paths: LivePaths = {}): Promise<LiveKernel>
  * 64 KiB buffer for each, so hashing the kernel's 5 MiB BTF that way churned ~85 MiB through
  * malloc at every start and left the daemon's heap fragmented (and took 5x the CPU).
  */
-export async function sha256OfFile(file: string): Promise<string | null> {
+export function sha256OfFile(file: string): Promise<string | null> {
+  if (file !== RUNNING_KERNEL_BTF) return hashFile(file);
+  runningKernelBtfDigest ??= hashFile(file);
+  return runningKernelBtfDigest;
+}
+
+async function hashFile(file: string): Promise<string | null> {
   let fh;
   try {
     fh = await open(file, 'r');
