@@ -42,6 +42,15 @@ const RUNS = Math.max(1, opt('--runs') ?? 5);
 const SETTLE_MS = Math.max(1, opt('--settle') ?? 5) * 1000;
 const WRITE = !args.includes('--no-write');
 const UNIT = path.join(REPO, 'systemd/kheadersd.service');
+const FLOOR_SCRIPT = [
+  "const { createRequire } = await import('node:module');",
+  "const app = createRequire(process.cwd() + '/package.json')('fastify')();",
+  "app.get('/', async () => 'x');",
+  "await app.listen({ port: 0, host: '127.0.0.1' });",
+  "for (const m of ['cli.js', 'serve/daemon.js', 'serve/http/server.js', 'serve/fuse/index.js', 'serve/fuse/index-model.js', 'serve/fuse/kernel/index.js', 'commands/store-commands.js']) await import(process.cwd() + '/dist/src/' + m);",
+  "process.stdout.write('up\\n');",
+  'setTimeout(() => {}, 1e9);',
+].join('\n');
 const TICK_MS = 1000 / 100; // USER_HZ: /proc/PID/stat counts CPU time in 1/100 s on Linux
 
 interface Mem {
@@ -200,6 +209,7 @@ async function main(): Promise<void> {
 
     const idle: Mem[] = [];
     const idlePlain: Mem[] = [];
+    const floor: Mem[] = [];
     const nodeIdle: Mem[] = [];
     const warm: Timed[] = [];
     const first: Timed[] = [];
@@ -223,6 +233,13 @@ async function main(): Promise<void> {
       }
       if (keep) nodeIdle.push(await memoryOf(idleNode.pid!));
       await stopChild(idleNode);
+      // The floor: node with the shipped flags, fastify listening and the daemon's modules
+      // loaded, serving nothing: what any daemon built from these parts costs before its data.
+      const floorProc = spawn(process.execPath, ['--input-type=module', '-e', FLOOR_SCRIPT], { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, NODE_OPTIONS: shipped }, cwd: REPO });
+      await new Promise((r) => floorProc.stdout.once('data', r));
+      await new Promise((r) => setTimeout(r, SETTLE_MS));
+      if (keep) floor.push(await memoryOf(floorProc.pid!));
+      await stopChild(floorProc);
 
       // References, then first boot and ingest on empty caches.
       const n = await timed([process.execPath, '-e', '0']);
@@ -249,6 +266,8 @@ async function main(): Promise<void> {
     const hwm = med(idle.map((m) => m.hwmKiB));
     const pdPlain = med(idlePlain.map((m) => m.privateDirtyKiB));
     const rssPlain = med(idlePlain.map((m) => m.rssKiB));
+    const pdFloor = med(floor.map((m) => m.privateDirtyKiB));
+    const rssFloor = med(floor.map((m) => m.rssKiB));
     const pdNode = med(nodeIdle.map((m) => m.privateDirtyKiB));
     const rssNode = med(nodeIdle.map((m) => m.rssKiB));
     const wall = (t: readonly Timed[]): number => med(t.map((s) => s.wallMs));
@@ -270,6 +289,7 @@ async function main(): Promise<void> {
       `| idle \`serve\`, Private_Dirty (anonymous memory) after ${SETTLE_MS / 1000} s | ${mib(pd)} | idle \`node -e\`: ${mib(pdNode)} | ${x(pd, pdNode)} | ≤ 20 MiB: ${verdict(pd <= 20 * 1024)} |`,
       `| idle \`serve\`, RSS (VmHWM: peak) | ${mib(rss)} (${mib(hwm)}) | idle \`node -e\`: ${mib(rssNode)} | ${x(rss, rssNode)} | ≤ 64 MiB: ${verdict(rss <= 64 * 1024)} |`,
       `| the same without the unit's NODE_OPTIONS: Private_Dirty, RSS | ${mib(pdPlain)}, ${mib(rssPlain)} | idle \`node -e\`: ${mib(pdNode)}, ${mib(rssNode)} | ${x(pdPlain, pdNode)}, ${x(rssPlain, rssNode)} | |`,
+      `| the floor: node with the same flags, fastify listening, the daemon's modules loaded, nothing served: Private_Dirty, RSS | ${mib(pdFloor)}, ${mib(rssFloor)} | idle \`node -e\`: ${mib(pdNode)}, ${mib(rssNode)} | ${x(pdFloor, pdNode)}, ${x(rssFloor, rssNode)} | |`,
       `| \`serve\` start → /readyz 200, entry cached: wall | ${ms(wall(warm))} | \`node -e 0\`: ${ms(nodeW)} | ${x(wall(warm), nodeW)} (per round: ${warmRatios.map((r) => r.toFixed(1)).join(', ')}) | ≤ 2.5×: ${verdict(med(warmRatios) <= 2.5)} |`,
       `| the same, CPU user+sys | ${ms(cpu(warm))} | \`node -e 0\`: ${ms(nodeC)} | ${x(cpu(warm), nodeC)} | |`,
       `| \`serve\` start → /readyz 200, first boot (ingest): wall | ${ms(wall(first))} | \`node -e 0\` + \`xz -dc\`: ${ms(nodeW + xzW)} | ${x(wall(first), nodeW + xzW)} | ≤ node + 1.3 × xz = ${ms(nodeW + 1.3 * xzW)}: ${verdict(wall(first) <= nodeW + 1.3 * xzW)} |`,
