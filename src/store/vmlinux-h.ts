@@ -5,7 +5,6 @@
 import { createHash } from 'node:crypto';
 import { access, writeFile } from 'node:fs/promises';
 import { Worker } from 'node:worker_threads';
-import { readBtf } from '../btf/index.js';
 import { KheadersError, codeForErrno, isErrorCode } from '../errors.js';
 import type { CacheEntry } from './entry.js';
 import type { HeaderJob, HeaderJobResult } from './vmlinux-worker.js';
@@ -30,6 +29,8 @@ export async function btfSource(file: string): Promise<BtfSource | undefined> {
   } catch {
     return undefined;
   }
+  // The BTF code is loaded only when a BTF is read (not at every serve start).
+  const { readBtf } = await import('../btf/index.js');
   const btf = await readBtf(file);
   return { path: file, digest: createHash('sha256').update(btf.bytes).digest('hex'), bytes: btf.bytes, buildId: btf.buildId, release: btf.release };
 }
