@@ -222,13 +222,13 @@ async function main(): Promise<void> {
       const keep = round >= 0;
       // Idle memory, the daemon and node side by side, settled for the same time.
       const idleNode = spawn(process.execPath, ['-e', 'setTimeout(()=>{},1e9)'], { stdio: 'ignore' });
-      for (const nodeOptions of [shipped, '']) {
-        const served = await startServe(serveArgs(cache, fuseOk), nodeOptions);
-        if (keep && nodeOptions === shipped) warm.push(served.ready);
+      for (const asShipped of [true, false]) {
+        const served = await startServe(serveArgs(cache, fuseOk), asShipped ? shipped : '');
+        if (keep && asShipped) warm.push(served.ready);
         if (fuseOk) mountedOk = await mounted(served);
         await new Promise((r) => setTimeout(r, SETTLE_MS));
         const mServe = await memoryOf(served.child.pid!);
-        if (keep) (nodeOptions === shipped ? idle : idlePlain).push(mServe);
+        if (keep) (asShipped ? idle : idlePlain).push(mServe);
         await stopChild(served.child);
       }
       if (keep) nodeIdle.push(await memoryOf(idleNode.pid!));
