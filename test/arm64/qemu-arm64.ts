@@ -13,6 +13,7 @@ import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+import { killWithThisProcess } from '../vm/vm.js';
 
 /**
  * A Cortex-A76: a phone core (ARMv8.2, LSE atomics), and what V8 runs correctly under qemu 7.2's
@@ -119,6 +120,7 @@ export async function startArm64Vm(opts: Arm64VmOptions): Promise<VmSession> {
     ...['-append', append.join(' ')],
   ];
   const child = spawn('qemu-system-aarch64', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  killWithThisProcess(child);
   const onConsole = (s: string): void => {
     consoleText += s;
     opts.consoleTo?.write(s);

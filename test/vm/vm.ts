@@ -236,6 +236,7 @@ export async function startVm(opts: VmOptions): Promise<VmSession> {
   const httpPort = opts.forwardHttp ? await freePort() : null;
   const args = qemuArgs(opts, { share, socket: socketPath, httpPort });
   const child: ChildProcess = spawn(arch.qemu, args, { stdio: opts.interactive ? 'inherit' : ['ignore', 'pipe', 'pipe'] });
+  killWithThisProcess(child);
   const onConsole = (s: string): void => {
     consoleText += s;
     opts.consoleTo?.write(s);
@@ -347,6 +348,33 @@ export async function runVm(opts: VmOptions): Promise<VmResult & { dispose(): Pr
 }
 
 /** qemu's command line for `opts`, given where the share and the events socket are on the host. */
+const liveQemus = new Set<ChildProcess>();
+let killHooked = false;
+
+/**
+ * qemu outlives a test process that is killed (the runner's timeout, ^C): a VM left running
+ * holds a core and its files for as long as its scenario waits. Kill every live qemu when this
+ * process exits or is told to stop.
+ */
+export function killWithThisProcess(child: ChildProcess): void {
+  if (!killHooked) {
+    killHooked = true;
+    process.once('exit', killAllQemus);
+    for (const signal of ['SIGTERM', 'SIGINT', 'SIGHUP'] as const) {
+      process.once(signal, () => {
+        killAllQemus();
+        process.kill(process.pid, signal);
+      });
+    }
+  }
+  liveQemus.add(child);
+  child.once('exit', () => liveQemus.delete(child));
+}
+
+function killAllQemus(): void {
+  for (const child of liveQemus) child.kill('SIGKILL');
+}
+
 export function qemuArgs(opts: VmOptions, p: { share: string; socket: string; httpPort: number | null }): string[] {
   const arch = opts.kernel.arch;
   const root: VmRoot = opts.root ?? { kind: 'host' };
