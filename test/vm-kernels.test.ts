@@ -37,7 +37,7 @@ cp /sys/kernel/notes "$KH_OUT/notes"
 kh_digest_inodes
 kh ls --json >"$KH_OUT/ls.json" || exit 12
 kh ls >"$KH_OUT/ls.txt" || exit 13
-if [ -n "$DOCTOR" ]; then kh doctor --json >"$KH_OUT/doctor.json"; echo $? >"$KH_OUT/doctor.status"; fi
+if [ -n "$DOCTOR" ]; then KHEADERSD_DOCTOR_TIMEOUT=180 kh doctor --json >"$KH_OUT/doctor.json"; echo $? >"$KH_OUT/doctor.status"; fi
 if [ -n "$BTF" ]; then cp /sys/kernel/btf/vmlinux "$KH_OUT/btf" && cp /run/kheaders/current/vmlinux.h "$KH_OUT/vmlinux.h" || exit 14; fi
 if [ -n "$MODULE_BTF" ]; then
   # A module loaded while the daemon serves: its header appears under btf/, made from its split BTF.

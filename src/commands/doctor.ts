@@ -141,8 +141,18 @@ export async function defaultEnvironment(): Promise<DoctorEnvironment> {
     capEff: cap ? BigInt('0x' + cap[1]) : null,
     packageRoot: packageRoot(),
     systemd: await exists('/run/systemd/system'),
-    timeoutMs: 15_000,
+    timeoutMs: doctorTimeoutMs(process.env['KHEADERSD_DOCTOR_TIMEOUT']),
   };
+}
+
+/**
+ * One check's deadline: 15 s, or KHEADERSD_DOCTOR_TIMEOUT seconds (an emulated or very slow
+ * device, where starting node alone takes seconds). A value that is not a positive number is
+ * ignored rather than failing the very command meant to diagnose things.
+ */
+export function doctorTimeoutMs(value: string | undefined): number {
+  const seconds = Number(value);
+  return value !== undefined && Number.isFinite(seconds) && seconds > 0 ? Math.round(seconds * 1000) : 15_000;
 }
 
 export async function runDoctor(cfg: Config, overrides: Partial<DoctorEnvironment> = {}): Promise<DoctorReport> {

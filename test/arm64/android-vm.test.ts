@@ -100,7 +100,10 @@ grep " $BASE/mnt " /proc/mounts >"$O/mounts"
 /system/bin/sh $CTL ls --json >"$O/ls.json" 2>"$O/ls.err" || exit 15
 cp $BASE/mnt/current/vmlinux.h "$O/vmlinux.h" || exit 16
 kh_emit step "checksums through the mount"
-(cd $BASE/mnt/current && find . -type f ! -path ./vmlinux.h | LC_ALL=C sort | xargs sha256sum) >"$O/mount-sums" || exit 17
+cp $BASE/mnt/current/.config "$O/config-served" || exit 16
+$NODE -e 'process.stdout.write(require("zlib").gunzipSync(require("fs").readFileSync("/proc/config.gz")))' >"$O/config-kernel" || exit 16
+# The archive's files: vmlinux.h and .config are made beside it (checked on their own).
+(cd $BASE/mnt/current && find . -type f ! -path ./vmlinux.h ! -path ./.config | LC_ALL=C sort | xargs sha256sum) >"$O/mount-sums" || exit 17
 (cd $BASE/mnt/current && find . -type l | LC_ALL=C sort | while read -r l; do echo "$l -> $(readlink "$l")"; done) >"$O/mount-links"
 /system/bin/sh $CTL status >"$O/status.out" 2>&1
 kh_emit serving
@@ -268,13 +271,17 @@ test('arm64, Android-shaped: kheaders.ko read from /system_dlkm, the real archiv
     const links = (await run('sh', ['-c', 'find . -type l | LC_ALL=C sort | while read -r l; do echo "$l -> $(readlink "$l")"; done'], { cwd: reference })).stdout;
     assert.equal(await out('mount-links'), links);
     assert.equal((await out('mounts-after-stop')).trim(), '', 'kheadersd-ctl stop unmounted it');
+    assert.equal(await out('config-served'), await out('config-kernel'), '.config on the mount is the kernel\'s /proc/config.gz');
   });
 
   await t.test('kheadersd pull --url through the forwarded port: byte-identical to the archive', async () => {
     const [tree] = await readdir(pulled);
     assert.ok(tree !== undefined && tree.startsWith(`6.1.192-${expected.slice(0, 12)}`), tree);
-    const diff = await run('diff', ['-r', '--no-dereference', reference, path.join(pulled, tree)]);
+    // The whole entry: the archive's tree, and vmlinux.h and .config beside it, as the device serves them.
+    const diff = await run('diff', ['-r', '--no-dereference', '-x', 'vmlinux.h', '-x', '.config', reference, path.join(pulled, tree)]);
     assert.equal(diff.code, 0, diff.stdout.slice(0, 3000));
+    assert.ok((await readFile(path.join(pulled, tree, 'vmlinux.h'))).equals(await readFile(path.join(r.outDir, 'vmlinux.h'))), 'the pulled vmlinux.h is the one the device serves');
+    assert.equal(await readFile(path.join(pulled, tree, '.config'), 'utf8'), await out('config-kernel'), 'the pulled .config is the device kernel\'s /proc/config.gz');
   });
 
   await t.test('fuse-native has no arm64 build: refused with a message, HTTP still served; doctor says so', async () => {
