@@ -216,11 +216,15 @@ describe('kernel FUSE backend: invalidations, concurrency, the session\'s end, E
   });
 
   test('E_FUSE when not root', { skip: deviceSkip }, async (t) => {
+    // Never created: the root check comes before the mount point is looked at.
+    const tmp = await tempDir('kfuse-notroot');
+    t.after(() => removeDir(tmp));
+    const never = path.join(tmp, 'mnt-never');
     const script = `
       import { mountKernel } from ${JSON.stringify(new URL('../src/serve/fuse/kernel/index.js', import.meta.url).href)};
       import { IndexFsModel } from ${JSON.stringify(new URL('../src/serve/fuse/index-model.js', import.meta.url).href)};
       import { createLogger } from ${JSON.stringify(new URL('../src/log.js', import.meta.url).href)};
-      try { await mountKernel({ mountpoint: '/tmp/kheadersd-never', model: new IndexFsModel(), log: createLogger('silent') }); }
+      try { await mountKernel({ mountpoint: ${JSON.stringify(never)}, model: new IndexFsModel(), log: createLogger('silent') }); }
       catch (err) { process.stdout.write(JSON.stringify({ code: err.code, message: err.message })); }
     `;
     const { stdout } = await new Promise<{ stdout: string }>((resolve, reject) => {
