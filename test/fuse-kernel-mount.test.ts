@@ -23,7 +23,7 @@ import { FUSE_SOURCE } from '../src/serve/fuse/kernel/mount.js';
 import { loopReaderAvailable, mountKernel, type KernelFuseMount, type ReaderKind } from '../src/serve/fuse/kernel/index.js';
 import type { CacheEntry } from '../src/store/entry.js';
 import { FIXTURE_RELEASE, fixtureSkipReason, fuseDeviceSkipReason, ingestTree, quietLog, removeDir, run, smallTree, tempDir } from './helpers/fuse-env.js';
-import { fixtureMountSuite, fixtureOnce, mountLifeSuite, totalRequests, type FuseTestBackend } from './helpers/fuse-suite.js';
+import { fixtureMountSuite, fixtureOnce, mountLifeSuite, totalRequests, waitFor, type FuseTestBackend } from './helpers/fuse-suite.js';
 
 // Per test, not per suite: a skipped describe() hides its tests from the count.
 const deviceSkip = await fuseDeviceSkipReason();
@@ -131,12 +131,7 @@ describe('kernel FUSE backend: invalidations, concurrency, the session\'s end, E
     assert.equal(await readlink(path.join(dir, 'current')), FIXTURE_RELEASE);
     const before = m.opCounts()['notify'] ?? 0;
     model.setEntries([entry, next], next.manifest.id);
-    let target = '';
-    for (let i = 0; i < 250 && target !== '6.2.0-notify'; i++) {
-      target = await readlink(path.join(dir, 'current'));
-      if (target !== '6.2.0-notify') await new Promise((r) => setTimeout(r, 20));
-    }
-    assert.equal(target, '6.2.0-notify');
+    await waitFor(() => readlink(path.join(dir, 'current')), '6.2.0-notify', 'current follows the swap');
     assert.ok((m.opCounts()['notify'] ?? 0) > before, 'the swap was pushed to the kernel, not left to time out');
   });
 

@@ -111,7 +111,7 @@ async function readVia(fh: FileHandle, n: number): Promise<Buffer> {
  * Poll `read` until it gives `want`: a swap reaches the kernel as invalidations, which a backend
  * may write from another thread a moment later. Fails (with the last value) after 5 s.
  */
-async function waitFor<T>(read: () => Promise<T>, want: T, what: string): Promise<void> {
+export async function waitFor<T>(read: () => Promise<T>, want: T, what: string): Promise<void> {
   let got: T | undefined;
   for (let i = 0; i < 250; i++) {
     got = await read();
@@ -178,7 +178,7 @@ export function fixtureMountSuite<M extends FuseMount>(backend: FuseTestBackend<
       await removeDir(ctx.work);
     });
 
-    test('layout: current -> release -> by-digest/<digest>, mounted read-only as kheaders', { skip }, async () => {
+    test('layout: current -> release -> by-digest/<digest>, mounted read-only under the backend\'s source name', { skip }, async () => {
       const { mount, entry } = c();
       assert.deepEqual((await readdir(mount.mountpoint)).sort(), [FIXTURE_RELEASE, 'by-digest', 'current']);
       assert.equal(await readlink(cur), FIXTURE_RELEASE);
