@@ -42,8 +42,8 @@ const kernelBackend = (reader: ReaderKind | 'auto'): FuseTestBackend<KernelFuseM
 });
 
 for (const reader of readers) {
-  fixtureMountSuite(kernelBackend(reader), (c) => {
-    test('INIT negotiated the flags a read-only tree wants', { skip }, () => {
+  fixtureMountSuite(kernelBackend(reader), (c, suiteSkip) => {
+    test('INIT negotiated the flags a read-only tree wants', { skip: suiteSkip }, () => {
       const { mount: m } = c();
       assert.equal(m.backend, 'kernel');
       assert.equal(m.reader, reader);
@@ -53,7 +53,7 @@ for (const reader of readers) {
       for (const bit of [0, 18, 23, 13, 14]) assert.ok(m.init.flags & (1 << bit), `flag bit ${bit}`);
     });
 
-    test('missing names are cached as negative entries (include-path probing)', { skip }, async () => {
+    test('missing names are cached as negative entries (include-path probing)', { skip: suiteSkip }, async () => {
       const { mount: m } = c();
       const before = m.opCounts()['lookup'] ?? 0;
       const missing = path.join(m.mountpoint, 'current', 'include', 'linux', `no-such-${reader}.h`);
@@ -62,13 +62,13 @@ for (const reader of readers) {
       assert.equal(after - before, 1, 'one LOOKUP for 50 stats');
     });
 
-    test('a warm clang compile barely reaches the backend (the kernel keeps pages, attributes, entries and opens)', { skip }, (t) => {
+    test('a warm clang compile barely reaches the backend (the kernel keeps pages, attributes, entries and opens)', { skip: suiteSkip }, (t) => {
       const { clangWarm } = c().requests;
       if (!clangWarm) return t.skip('the shared clang test did not measure (skipped or failed above)');
       assert.ok(totalRequests(clangWarm) < 50, `warm compile cost ${totalRequests(clangWarm)} FUSE requests: ${JSON.stringify(clangWarm)}`);
     });
 
-    test('statfs reports a read-only filesystem of the right size', { skip }, async () => {
+    test('statfs reports a read-only filesystem of the right size', { skip: suiteSkip }, async () => {
       const { mount: m, entry } = c();
       const { stdout } = await run('stat', ['-f', '-c', '%b %S %l %c', m.mountpoint]);
       const [blocks, bsize, namemax, files] = stdout.trim().split(' ').map(Number);

@@ -150,7 +150,8 @@ after(async () => {
 
 // ---- the real fixture through the mount ---------------------------------------------------------
 
-export function fixtureMountSuite<M extends FuseMount>(backend: FuseTestBackend<M>, extra?: (ctx: () => FixtureMountContext<M>) => void): void {
+export function fixtureMountSuite<M extends FuseMount>(backend: FuseTestBackend<M>, extra?: (ctx: () => FixtureMountContext<M>, skip: string | undefined) => void,
+): void {
   describe(`${backend.name}: the real fixture through the mount`, () => {
     const skip = backend.skip ?? fixtureSkip;
     let ctx: FixtureMountContext<M> | undefined;
@@ -445,7 +446,8 @@ b.cleanup()
       }
     });
 
-    extra?.(c);
+    // The backend's own tests on this mount, skipped for the same reason as the ones above.
+    extra?.(c, skip);
   });
 }
 
