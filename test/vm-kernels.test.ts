@@ -267,7 +267,7 @@ test('real kernels: discovery as shipped, pull through a forwarded port, swaps a
     const r = await boot({ kernel: rebuilt, lsBefore: true, http: true, config: { http: '0.0.0.0:7711', moduleDirs: ['/nowhere/{release}'] } });
     await checkCurrent(r, rebuilt);
     const modprobeLog = await readLog(r, 'serve');
-    assert.ok(modprobeLog.some((l) => l['msg'] === 'ran modprobe kheaders' && (l['modprobe'] as { ok?: boolean } | undefined)?.ok === true), 'a real modprobe kheaders ran');
+    assert.ok(modprobeLog.some((l) => l['msg'] === 'ran modprobe kheaders' && (l['result'] as { ok?: boolean } | undefined)?.ok === true), 'a real modprobe kheaders ran');
     assert.ok(!hasModule(await readOut(r, 'lsmod-before')), 'kheaders is not loaded at boot');
     assert.ok(!hasModule(await readOut(r, 'lsmod-serving')), 'the daemon unloaded the kheaders module it loaded');
     assert.match(r.entries.find((e) => e.current)!.source, /^\/sys\/kernel\/kheaders\.tar\.xz \(after modprobe kheaders\)$/);
@@ -317,7 +317,7 @@ test('real kernels: discovery as shipped, pull through a forwarded port, swaps a
     assert.ok(log.some((l) => l['msg'] === 'evicted old entries'), 'the eviction is logged');
     // The same kernel without its module: no archive, modprobe fails; its cached headers are served.
     const missing = await readLog(r, 'missing');
-    assert.ok(missing.some((l) => l['msg'] === 'ran modprobe kheaders' && (l['modprobe'] as { ok?: boolean } | undefined)?.ok === false), 'modprobe kheaders failed: the module is gone');
+    assert.ok(missing.some((l) => l['msg'] === 'ran modprobe kheaders' && (l['result'] as { ok?: boolean } | undefined)?.ok === false), 'modprobe kheaders failed: the module is gone');
     assert.ok(missing.some((l) => l['msg'] === 'kernel unchanged' && l['reused'] === true), 'the cached entry of this kernel was reused');
     const afterMissing = JSON.parse(await readOut(r, 'ls-missing.json')) as Summary[];
     const cur = afterMissing.find((e) => e.current);
