@@ -13,7 +13,7 @@ import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { killWithThisProcess } from '../vm/vm.js';
+import { freePort, killWithThisProcess } from '../vm/vm.js';
 
 /**
  * A Cortex-A76: a phone core (ARMv8.2, LSE atomics), and what V8 runs correctly under qemu 7.2's
@@ -188,16 +188,4 @@ export async function startArm64Vm(opts: Arm64VmOptions): Promise<VmSession> {
       await rm(work, { recursive: true, force: true });
     },
   };
-}
-
-async function freePort(): Promise<number> {
-  const srv = net.createServer();
-  await new Promise<void>((resolve, reject) => {
-    srv.once('error', reject);
-    srv.listen(0, '127.0.0.1', resolve);
-  });
-  const addr = srv.address();
-  await new Promise((resolve) => srv.close(resolve));
-  if (addr === null || typeof addr === 'string') throw new Error('no TCP port');
-  return addr.port;
 }

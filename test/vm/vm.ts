@@ -465,7 +465,8 @@ function tail(s: string, n = 3000): string {
   return s.length > n ? `…${s.slice(-n)}` : s;
 }
 
-async function freePort(): Promise<number> {
+/** A TCP port free on the loopback now (for qemu's hostfwd). */
+export async function freePort(): Promise<number> {
   const srv = net.createServer();
   await new Promise<void>((resolve, reject) => {
     srv.once('error', reject);
