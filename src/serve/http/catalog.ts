@@ -138,6 +138,7 @@ export class Catalog {
   private refreshing: Promise<Snapshot> | null = null;
   private readonly served = new Map<string, ServedEntry>();
   private readonly unsubscribe: () => void;
+  private changes = 0;
 
   constructor(
     private readonly store: CacheStore,
@@ -150,6 +151,20 @@ export class Catalog {
       // stale: the next request refreshes (-Infinity, not 0: performance.now() starts at 0 too)
       if (this.snap) this.snap.takenAt = Number.NEGATIVE_INFINITY;
     });
+  }
+
+  /**
+   * Bumped whenever what a name resolves to may have changed (a new snapshot, an entry served
+   * or dropped): what the fast path remembers per URL is valid only for the epoch it was made in.
+   */
+  get epoch(): number {
+    return this.changes;
+  }
+
+  /** Whether the snapshot is recent enough to answer from without reading the store (`now`: performance.now()). */
+  fresh(now: number): boolean {
+    const s = this.snap;
+    return s !== null && now - s.takenAt < SNAPSHOT_TTL_MS;
   }
 
   /** The current snapshot, refreshed if older than a second. */
@@ -185,10 +200,12 @@ export class Catalog {
     }
     const snap: Snapshot = { resolver, manifests: resolver.manifests, currentId: resolver.currentId, takenAt: performance.now() };
     this.snap = snap;
+    this.changes++;
     return snap;
   }
 
   private drop(id: string, served: ServedEntry): void {
+    this.changes++;
     this.served.delete(id);
     this.bytes.retire(served.cacheKey);
     served.entry.reader.release();
@@ -212,6 +229,7 @@ export class Catalog {
     const served = new ServedEntry(entry);
     entry.reader.retain();
     this.served.set(id, served);
+    this.changes++;
     return served;
   }
 
@@ -238,7 +256,7 @@ export class Catalog {
    */
   peek(kind: 'ref' | 'digest', name: string): ServedEntry | undefined {
     const s = this.snap;
-    if (!s || performance.now() - s.takenAt >= SNAPSHOT_TTL_MS) return undefined;
+    if (!s || !this.fresh(performance.now())) return undefined;
     const id = kind === 'ref' ? findId(s.resolver, name) : s.resolver.byDigest(name)?.id;
     return id === undefined ? undefined : this.served.get(id);
   }

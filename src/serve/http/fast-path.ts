@@ -1,109 +1,281 @@
 /**
- * The hot path, below fastify: GET/HEAD of one small file of a tree, answered straight on
- * node's request/response.
+ * The requests the daemon answers without fastify, straight on node's request/response:
  *
- * Why: a BPF compile or a fleet cache asks for hundreds of small headers, and for those the
- * framework is most of the cost: on this project's 2-core box a minimal fastify route served
- * ~9.7k req/s where bare node:http served ~12.5k, and the bench (BENCHMARKS.md, "http") puts
- * bare node:http itself at ~0.6 of nginx. Answering synchronously when the body is in memory
- * matters too (a response written from a later microtask cost ~10 µs more CPU per request).
+ *   GET/HEAD /healthz, /readyz, /metrics, /v1/kernels, /v1/kernels/:ref
+ *   GET/HEAD /v1/kernels/:ref/files/<file>, /v1/blobs/:digest/files/<file>  (up to
+ *            BUFFER_MAX_BYTES: nearly every header; 200, 206, 304, HEAD, gzip), and the 404s for
+ *            a name not in the tree or a file asked for as a directory
+ *   the 401 of any of these when a token is configured and not given
+ *
+ * Why: these are what a device is asked for all day (a BPF toolchain or fleet cache pulling
+ * headers, a supervisor probing health, Prometheus scraping), and for them the framework is most
+ * of the cost, and loading it at all costs memory and start-up (see lazy-app.ts). Answering
+ * synchronously when the body is in memory matters too (a response written from a later
+ * microtask cost ~10 µs more CPU per request).
  *
  * It decides nothing on its own. The path goes through the same parser (paths.ts), the entry is
- * the catalog's, the answer comes from the same decide()/bodyFor() as the fastify route, and the
- * same metrics are recorded under the same route label. Anything it does not handle exactly —
- * a bad path, a missing token, an entry not yet loaded, a directory, a big file, a 416, an error
- * — returns false *before writing anything*, and fastify answers it as usual.
+ * the catalog's, a file's answer comes from the same decide()/bodyFor() as the fastify route,
+ * JSON answers are written as fastify writes them (raw-reply.ts), and the same metrics are
+ * recorded under the same route label. Anything else — a bad path, a directory listing, a big
+ * file, a 416, an unknown entry, an error — is declined (false, or a promise of false) *before
+ * anything is written*, and fastify answers it as usual. test/http-parity.test.ts asks both the
+ * same requests and compares the answers.
  */
-import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { IncomingMessage, OutgoingHttpHeaders, ServerResponse } from 'node:http';
 import { httpAnswer } from '../../errors.js';
 import type { Logger } from '../../log.js';
 import { isDigest } from '../../store/cache.js';
-import type { Catalog } from './catalog.js';
+import type { ModuleHeaderSource } from '../../store/module-btf.js';
+import { summarise } from '../../store/summary.js';
+import type { DaemonState } from '../state.js';
+import type { Catalog, ServedEntry, Snapshot } from './catalog.js';
+import { acceptsGzip } from './conditional.js';
 import type { HttpMetrics } from './metrics.js';
-import { parseRequestPath } from './paths.js';
-import { BUFFER_MAX_BYTES, bodyFor, bodyForSync, decide } from './respond.js';
+import { isModuleHeaderPath } from './module-headers.js';
+import { PathError, parseRequestPath } from './paths.js';
+import { sendJson, sendText } from './raw-reply.js';
+import { BUFFER_MAX_BYTES, GZIP_MIN_BYTES, bodyFor, bodyForSync, decide, type Representation } from './respond.js';
 import { IMMUTABLE, REVALIDATE, fileRepresentation } from './tree.js';
 
 export const KERNEL_FILES_ROUTE = '/v1/kernels/:ref/files/*';
 export const BLOB_FILES_ROUTE = '/v1/blobs/:digest/files/*';
+const KERNEL_ROUTE = '/v1/kernels/:ref';
+
+/** URLs whose file the fast path remembers (a fleet asks for the same few hundred headers). */
+const KNOWN_URLS_KEPT = 4096;
+/** Longer raw URLs are left to fastify, whose router limits a parameter to 512 characters. */
+const MAX_URL = 512;
 
 export interface FastPathContext {
   catalog: Catalog;
   metrics: HttpMetrics;
+  state: DaemonState;
   log: Logger;
   /** The token check, when a token is configured. */
   authorised: ((authorization: string | undefined) => boolean) | undefined;
-  /** True once close() began: fastify then answers 503 for new requests. */
-  closing: () => boolean;
+  modules?: ModuleHeaderSource;
 }
 
-export type FastPath = (req: IncomingMessage, res: ServerResponse) => boolean;
+/** true: answered (or being answered); false: not touched, fastify's to answer. */
+export type FastPath = (req: IncomingMessage, res: ServerResponse) => boolean | Promise<boolean>;
+
+/** A file URL resolved once: its representation and the headers of its plain 200. */
+interface KnownFile {
+  epoch: number;
+  served: ServedEntry;
+  rep: Representation;
+  route: string;
+  size: number;
+  /** Whether Accept-Encoding can change the answer (text big enough to compress). */
+  gzippable: boolean;
+  /** The 200 identity answer's headers, as decide() makes them with nosniff first: made once, sent as they are. */
+  plain: OutgoingHttpHeaders;
+}
+
+/** The request as far as the fast path is concerned. */
+type Claim =
+  | { kind: 'health' | 'ready' | 'metrics' | 'list'; route: string }
+  | { kind: 'kernel'; route: string; ref: string }
+  | { kind: 'file'; route: string; kernels: boolean; name: string; inside: string[]; trailingSlash: boolean };
+
+const UNAUTHORISED_MESSAGE = 'this daemon requires `Authorization: Bearer <token>` (the token in its --token-file)';
+const WWW_AUTHENTICATE = { 'www-authenticate': 'Bearer realm="kheadersd"' };
 
 export function createFastPath(ctx: FastPathContext): FastPath {
-  const { catalog, metrics } = ctx;
-  return (req, res) => {
-    const method = req.method;
-    if (method !== 'GET' && method !== 'HEAD') return false;
-    const url = req.url ?? '';
-    const kernels = url.startsWith('/v1/kernels/');
-    if (!kernels && !url.startsWith('/v1/blobs/')) return false;
-    if (ctx.closing()) return false;
-    if (ctx.authorised && !ctx.authorised(req.headers.authorization)) return false;
-    let segments: string[];
-    try {
-      const parsed = parseRequestPath(url);
-      if (parsed.trailingSlash) return false; // a directory listing, or a 404 for a file
-      segments = parsed.segments;
-    } catch {
-      return false; // fastify answers 400 with the parser's reason
+  const { catalog, metrics, state } = ctx;
+  const known = new Map<string, KnownFile>();
+
+  const elapsed = (started: number): number => (performance.now() - started) / 1000;
+
+  const sendFile = (k: KnownFile, req: IncomingMessage, res: ServerResponse, started: number): boolean | Promise<boolean> => {
+    const h = req.headers;
+    const head = req.method === 'HEAD';
+    const { rep, route } = k;
+    // The common case, no conditions and no encoding to choose: the answer made once.
+    if (h.range === undefined && h['if-none-match'] === undefined && h['if-modified-since'] === undefined && !(k.gzippable && acceptsGzip(h['accept-encoding']))) {
+      const body = head ? null : catalog.bytes.peek(rep.body, 0, k.size);
+      if (body !== undefined) {
+        res.writeHead(200, k.plain);
+        if (body === null) res.end();
+        else res.end(body);
+        metrics.observe(route, 200, elapsed(started), body === null ? 0 : body.length);
+        return true;
+      }
     }
-    if (segments.length < 5 || segments[3] !== 'files') return false;
-    const name = segments[2]!;
-    if (!kernels && !isDigest(name)) return false;
-    const served = catalog.peek(kernels ? 'ref' : 'digest', name);
-    if (!served) return false;
-    const node = served.lookup(segments.slice(4).join('/'));
-    const index = served.entry.index;
-    if (node < 0 || index.kindOf(node) !== 'file' || index.sizeOf(node) > BUFFER_MAX_BYTES) return false;
-
-    const started = performance.now();
-    const rep = fileRepresentation(served, node, kernels ? REVALIDATE : IMMUTABLE);
-    const d = decide(rep, req.headers);
+    const d = decide(rep, h);
     if (d.kind === 'unsatisfiable') return false;
-    const route = kernels ? KERNEL_FILES_ROUTE : BLOB_FILES_ROUTE;
-    d.headers['x-content-type-options'] = 'nosniff';
-
+    const headers: Record<string, string> = { 'x-content-type-options': 'nosniff', ...d.headers };
     if (d.kind === 'not-modified') {
-      res.writeHead(304, d.headers);
+      res.writeHead(304, headers);
       res.end();
-      metrics.observe(route, 304, (performance.now() - started) / 1000, 0);
+      metrics.observe(route, 304, elapsed(started), 0);
       return true;
     }
     const finish = (buf: Buffer | null): void => {
-      res.writeHead(d.status, d.headers);
+      // content-length of a compressed body is set on d.headers once known.
+      if (d.headers['content-length'] !== undefined) headers['content-length'] = d.headers['content-length'];
+      res.writeHead(d.status, headers);
       if (buf) res.end(buf);
       else res.end();
-      metrics.observe(route, d.status, (performance.now() - started) / 1000, buf ? buf.length : 0);
+      metrics.observe(route, d.status, elapsed(started), buf ? buf.length : 0);
     };
     // In memory already (the common case for hot headers): answer before returning.
-    const ready = bodyForSync(d, rep, catalog.bytes, method === 'HEAD');
+    const ready = bodyForSync(d, rep, catalog.bytes, head);
     if (ready !== undefined) {
       finish(ready);
       return true;
     }
-    bodyFor(d, rep, catalog.bytes, method === 'HEAD').then(
+    return bodyFor(d, rep, catalog.bytes, head).then(
       // Small bodies only, so never a stream here.
-      (body) => finish(Buffer.isBuffer(body) ? body : null),
+      (body) => {
+        finish(Buffer.isBuffer(body) ? body : null);
+        return true;
+      },
       (err: unknown) => {
-        ctx.log.error({ err, url }, 'request failed');
+        // As fastify's error handler answers a route's error.
         const { status, error } = httpAnswer(err);
-        if (!res.headersSent) {
-          res.writeHead(status, { 'content-type': 'application/json; charset=utf-8', 'cache-control': 'no-store', 'x-content-type-options': 'nosniff' });
-          res.end(JSON.stringify({ error }));
-        } else res.destroy();
-        metrics.observe(route, status, (performance.now() - started) / 1000, 0);
+        if (status >= 500) ctx.log.error({ err, url: req.url }, 'request failed');
+        metrics.observe(route, status, elapsed(started), sendJson(res, status, 'no-store', { error }));
+        return true;
       },
     );
+  };
+
+  /** A file claim with its entry in hand: answer, or decline. */
+  const answerFile = (c: Extract<Claim, { kind: 'file' }>, served: ServedEntry, url: string, req: IncomingMessage, res: ServerResponse, started: number): boolean | Promise<boolean> => {
+    if (c.kernels && ctx.modules && isModuleHeaderPath(served, state.runningId, c.inside)) return false;
+    const wanted = c.inside.join('/');
+    const node = served.lookup(wanted);
+    const m = served.manifest;
+    if (node < 0) return notFound(res, c.route, started, `${wanted}: no such file in ${m.release} (${m.digest.slice(0, 12)})`);
+    const index = served.entry.index;
+    if (index.kindOf(node) !== 'file') return false; // a listing
+    if (c.trailingSlash) return notFound(res, c.route, started, `${wanted}/: not a directory (${wanted} is a file in ${m.release})`);
+    const size = index.sizeOf(node);
+    if (size > BUFFER_MAX_BYTES) return false; // streamed by fastify
+    const rep = fileRepresentation(served, node, c.kernels ? REVALIDATE : IMMUTABLE);
+    const plain = decide(rep, {});
+    const k: KnownFile = {
+      epoch: catalog.epoch,
+      served,
+      rep,
+      route: c.route,
+      size,
+      gzippable: rep.compressible && size >= GZIP_MIN_BYTES,
+      plain: { 'x-content-type-options': 'nosniff', ...plain.headers },
+    };
+    if (known.size >= KNOWN_URLS_KEPT) known.clear();
+    known.set(url, k);
+    return sendFile(k, req, res, started);
+  };
+
+  const notFound = (res: ServerResponse, route: string, started: number, message: string): true => {
+    metrics.observe(route, 404, elapsed(started), sendJson(res, 404, 'no-store', { error: { code: 'E_NOT_FOUND', message } }));
     return true;
   };
+
+  /** What needs the catalog's snapshot, once there is a fresh one. */
+  const withSnapshot = (c: Claim, url: string, req: IncomingMessage, res: ServerResponse, started: number, snap: Snapshot): boolean | Promise<boolean> => {
+    if (c.kind === 'list') {
+      metrics.observe(c.route, 200, elapsed(started), sendJson(res, 200, REVALIDATE, snap.manifests.map((m) => summarise(m, snap.currentId, state.live))));
+      return true;
+    }
+    if (c.kind === 'metrics') {
+      return catalog
+        .quarantined()
+        .catch(() => [])
+        .then((quarantine) => {
+          const text = metrics.render(snap.manifests, state, catalog.bytes.cachedBytes, quarantine.length);
+          metrics.observe(c.route, 200, elapsed(started), sendText(res, 200, 'no-store', 'text/plain; version=0.0.4; charset=utf-8', text));
+          return true;
+        });
+    }
+    if (c.kind !== 'kernel' && c.kind !== 'file') return false;
+    const byDigest = c.kind === 'file' && !c.kernels;
+    const name = c.kind === 'kernel' ? c.ref : c.name;
+    const answer = (served: ServedEntry | undefined): boolean | Promise<boolean> => {
+      if (!served) return false; // fastify's 404 names what is missing
+      if (c.kind === 'file') return answerFile(c, served, url, req, res, started);
+      metrics.observe(c.route, 200, elapsed(started), sendJson(res, 200, REVALIDATE, summarise(served.manifest, snap.currentId, state.live)));
+      return true;
+    };
+    const served = catalog.peek(byDigest ? 'digest' : 'ref', name);
+    if (served) return answer(served);
+    // Not loaded yet (the first request for this entry): load it, then answer.
+    return (byDigest ? catalog.byDigest(name) : catalog.byRef(name)).then(answer);
+  };
+
+  const claimed = (c: Claim, url: string, req: IncomingMessage, res: ServerResponse, started: number): boolean | Promise<boolean> => {
+    if (ctx.authorised && c.kind !== 'health' && !ctx.authorised(req.headers.authorization)) {
+      if (url.length > MAX_URL) return false;
+      metrics.observe(c.route, 401, elapsed(started), sendJson(res, 401, 'no-store', { error: { code: 'E_UNAUTHORIZED', message: UNAUTHORISED_MESSAGE } }, WWW_AUTHENTICATE));
+      return true;
+    }
+    if (c.kind === 'health') {
+      metrics.observe(c.route, 200, elapsed(started), sendJson(res, 200, 'no-store', { status: 'ok', startedAt: state.startedAt, uptimeSeconds: Math.round(process.uptime()) }));
+      return true;
+    }
+    if (c.kind === 'ready') {
+      let status = 200;
+      let body: object = { ready: true, current: state.currentId };
+      if (!state.ready) {
+        const e = state.lastIngestError;
+        const reason = e ? `ingest failed (${e.code}): ${e.message}` : "the running kernel's headers are not cached yet (ingest in progress)";
+        status = 503;
+        body = { ready: false, reason, ...(e ? { error: e } : {}) };
+      }
+      metrics.observe(c.route, status, elapsed(started), sendJson(res, status, 'no-store', body));
+      return true;
+    }
+    const snap = catalog.snapshot();
+    if (snap instanceof Promise) return snap.then((s) => withSnapshot(c, url, req, res, started, s));
+    return withSnapshot(c, url, req, res, started, snap);
+  };
+
+  return (req, res) => {
+    const method = req.method;
+    if (method !== 'GET' && method !== 'HEAD') return false;
+    const url = req.url ?? '';
+    const started = performance.now();
+    const k = known.get(url);
+    if (k !== undefined && k.epoch === catalog.epoch && catalog.fresh(started) && (!ctx.authorised || ctx.authorised(req.headers.authorization))) {
+      return sendFile(k, req, res, started);
+    }
+    const c = claim(url);
+    if (!c) return false;
+    const answer = claimed(c, url, req, res, started);
+    // An error before anything was written (the store unreadable, say): fastify's to answer.
+    return answer instanceof Promise ? answer.catch(() => res.headersSent) : answer;
+  };
+}
+
+/** Which fast-path route a raw request target is, if any. */
+function claim(url: string): Claim | undefined {
+  const q = url.indexOf('?');
+  const path = q < 0 ? url : url.slice(0, q);
+  switch (path) {
+    case '/healthz':
+      return { kind: 'health', route: path };
+    case '/readyz':
+      return { kind: 'ready', route: path };
+    case '/metrics':
+      return { kind: 'metrics', route: path };
+    case '/v1/kernels':
+      return { kind: 'list', route: path };
+  }
+  const kernels = path.startsWith('/v1/kernels/');
+  if (!kernels && !path.startsWith('/v1/blobs/')) return undefined;
+  let segments: string[];
+  let trailingSlash: boolean;
+  try {
+    ({ segments, trailingSlash } = parseRequestPath(path));
+  } catch (err) {
+    if (err instanceof PathError) return undefined; // fastify answers 400 with the parser's reason
+    throw err;
+  }
+  if (kernels && segments.length === 3 && !trailingSlash) return { kind: 'kernel', route: KERNEL_ROUTE, ref: segments[2]! };
+  if (segments.length < 5 || segments[3] !== 'files') return undefined;
+  const name = segments[2]!;
+  if (!kernels && !isDigest(name)) return undefined;
+  return { kind: 'file', route: kernels ? KERNEL_FILES_ROUTE : BLOB_FILES_ROUTE, kernels, name, inside: segments.slice(4), trailingSlash };
 }

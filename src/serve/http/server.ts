@@ -2,14 +2,15 @@
  * The HTTP server of `kheadersd serve --http HOST:PORT`: the cached header trees and archives
  * for hosts and fleets (see the README's HTTP section for the API).
  *
- * fastify is imported inside startHttpServer, so only `serve` pays for loading it. The routes
- * are small plugins (health, metrics, kernels, blobs); the hooks that must see every request
- * (token, metrics, security headers) are registered at the root.
+ * A node:http server of our own listens from the start and answers what it can itself
+ * (fast-path.ts: health, readiness, metrics, entry metadata, small files). fastify, with every
+ * route, is loaded only for the first request the fast path declines (lazy-app.ts), and is handed
+ * that request and every one after that the fast path declines. Timeouts, limits and the
+ * per-client cap are the server's, so they hold whichever answers.
  */
-import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
-import http, { type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import http, { type IncomingMessage, type ServerResponse } from 'node:http';
 import { isIP } from 'node:net';
-import { KheadersError, errnoOf, httpAnswer } from '../../errors.js';
+import { KheadersError, errnoOf } from '../../errors.js';
 import type { Logger } from '../../log.js';
 import type { CacheStore } from '../../store/cache.js';
 import type { ModuleHeaderSource } from '../../store/module-btf.js';
@@ -18,17 +19,12 @@ import { bearerChecker } from './auth.js';
 import { capConnectionsPerClient } from './client-cap.js';
 import { Catalog } from './catalog.js';
 import { createFastPath, type FastPath } from './fast-path.js';
+import { LazyApp } from './lazy-app.js';
 import { DEFAULT_HTTP_LIMITS, type HttpLimits } from './limits.js';
 import { HttpMetrics } from './metrics.js';
-import { PathError, parseRequestPath } from './paths.js';
-import { BUFFER_MAX_BYTES, sendError } from './respond.js';
-import { blobRoutes } from './routes/blobs.js';
-import { debuginfodRoutes } from './routes/debuginfod.js';
+import { answerClientError, serviceUnavailable } from './raw-reply.js';
+import { BUFFER_MAX_BYTES } from './respond.js';
 import type { RouteContext } from './routes/context.js';
-import { healthRoutes } from './routes/health.js';
-import { kernelRoutes } from './routes/kernels.js';
-import { metricsRoutes } from './routes/metrics.js';
-import './types.js';
 
 export { readTokenFile } from '../../token.js';
 export { DEFAULT_HTTP_LIMITS, type HttpLimits } from './limits.js';
@@ -41,7 +37,7 @@ export interface HttpServerOptions {
   /** When set, every route but /healthz needs `Authorization: Bearer <token>`. */
   token?: string;
   limits?: Partial<HttpLimits>;
-  /** Answer small-file GETs below fastify (fast-path.ts); default on. Off only to compare or test. */
+  /** Answer what fast-path.ts can without fastify; default on. Off only to compare or test (fastify then answers everything). */
   fastPath?: boolean;
   /** Serve the loaded modules' headers under the running kernel's entry (`files/btf/`). */
   modules?: ModuleHeaderSource;
@@ -55,6 +51,8 @@ export interface HttpServerHandle {
   port: number;
   /** Graceful: stops accepting, lets in-flight responses finish (up to shutdownGraceMs), closes files. */
   close(): Promise<void>;
+  /** Whether fastify has been loaded (it is on the first request the fast path declines). */
+  readonly fastifyLoaded: boolean;
 }
 
 /** Whether `host` only accepts connections from this machine. */
@@ -81,7 +79,6 @@ function formatUrl(host: string, port: number): string {
 export async function startHttpServer(opts: HttpServerOptions): Promise<HttpServerHandle> {
   const limits: HttpLimits = { ...DEFAULT_HTTP_LIMITS, ...opts.limits };
   const log = opts.log.child({ component: 'http' });
-  const { default: fastify, LogController } = await import('fastify');
 
   const catalog = new Catalog(opts.store, opts.state, log, {
     bodyCacheBytes: limits.bodyCacheBytes,
@@ -92,94 +89,64 @@ export async function startHttpServer(opts: HttpServerOptions): Promise<HttpServ
   const ctx: RouteContext = { catalog, metrics, state: opts.state, ...(opts.modules ? { modules: opts.modules } : {}) };
   const authorised = opts.token !== undefined ? bearerChecker(opts.token) : undefined;
   let closing = false;
-  const fast: FastPath | undefined = opts.fastPath === false ? undefined : createFastPath({ catalog, metrics, log, authorised, closing: () => closing });
+  const fast: FastPath | undefined =
+    opts.fastPath === false ? undefined : createFastPath({ catalog, metrics, state: opts.state, log, authorised, ...(opts.modules ? { modules: opts.modules } : {}) });
 
-  // Our own node server, so the fast path sees requests before fastify does; with a
-  // serverFactory fastify leaves the timeouts to us, so they are all set here.
-  const serverFactory = (handler: (req: IncomingMessage, res: ServerResponse) => void): Server => {
-    const server = http.createServer(
-      {
-        maxHeaderSize: limits.maxHeaderBytes,
-        headersTimeout: limits.headersTimeoutMs,
-        requestTimeout: Math.max(limits.requestTimeoutMs, limits.headersTimeoutMs),
-        connectionsCheckingInterval: limits.timeoutCheckIntervalMs,
-      },
-      (req, res) => {
-        if (!fast?.(req, res)) handler(req, res);
+  const server = http.createServer(
+    {
+      maxHeaderSize: limits.maxHeaderBytes,
+      headersTimeout: limits.headersTimeoutMs,
+      requestTimeout: Math.max(limits.requestTimeoutMs, limits.headersTimeoutMs),
+      connectionsCheckingInterval: limits.timeoutCheckIntervalMs,
+    },
+    (req, res) => onRequest(req, res),
+  );
+  server.keepAliveTimeout = limits.keepAliveTimeoutMs;
+  server.setTimeout(limits.idleTimeoutMs);
+  server.maxConnections = limits.maxConnections;
+  server.on('clientError', answerClientError);
+  capConnectionsPerClient(server, limits.maxConnectionsPerClient, log);
+
+  const app = new LazyApp(async () => {
+    const { buildApp } = await import('./fastify-app.js');
+    return buildApp({ server, log, ctx, authorised, ...(opts.liveBtf !== undefined ? { liveBtf: opts.liveBtf } : {}) });
+  }, log);
+
+  function onRequest(req: IncomingMessage, res: ServerResponse): void {
+    if (closing) {
+      serviceUnavailable(res);
+      return;
+    }
+    let answered: boolean | Promise<boolean> = false;
+    try {
+      answered = fast ? fast(req, res) : false;
+    } catch (err) {
+      // A bug in the fast path must not take the daemon down: fastify answers (or says 500).
+      log.error({ err, url: req.url }, 'fast path failed');
+      if (res.headersSent) return void res.destroy();
+    }
+    if (answered === true) return;
+    if (answered === false) return app.handle(req, res);
+    answered.then(
+      (done) => done || app.handle(req, res),
+      (err: unknown) => {
+        log.error({ err, url: req.url }, 'fast path failed');
+        if (res.headersSent) res.destroy();
+        else app.handle(req, res);
       },
     );
-    server.keepAliveTimeout = limits.keepAliveTimeoutMs;
-    server.setTimeout(limits.idleTimeoutMs);
-    server.maxConnections = limits.maxConnections;
-    capConnectionsPerClient(server, limits.maxConnectionsPerClient, log);
-    return server;
-  };
-
-  const app = fastify({
-    loggerInstance: log,
-    // Access logs per request would cost more than the request; errors are still logged.
-    logController: new LogController({ disableRequestLogging: true }),
-    serverFactory,
-    forceCloseConnections: 'idle',
-    return503OnClosing: true,
-    bodyLimit: 1024, // every route is GET/HEAD: no request has a body worth reading
-    exposeHeadRoutes: false, // routes declare HEAD themselves (see getAndHead)
-    routerOptions: { maxParamLength: 512 },
-    // The router refuses some URLs (invalid UTF-8 escapes) before any route: answer those with
-    // our own error shape and reason, from the same parser the routes use.
-    frameworkErrors: (err, req, reply) => {
-      let message = err.message;
-      try {
-        parseRequestPath(req.raw.url ?? '/');
-      } catch (pathErr) {
-        if (pathErr instanceof PathError) message = pathErr.message;
-      }
-      sendError(reply, 'E_BAD_PATH', message);
-    },
-  }) as unknown as FastifyInstance;
-
-  app.decorateRequest('bytesOut', 0);
-
-  app.addHook('onRequest', async (req: FastifyRequest, reply: FastifyReply) => {
-    reply.header('x-content-type-options', 'nosniff');
-    if (authorised && req.routeOptions.url !== '/healthz' && !authorised(req.headers.authorization)) {
-      reply.header('www-authenticate', 'Bearer realm="kheadersd"');
-      return sendError(reply, 'E_UNAUTHORIZED', 'this daemon requires `Authorization: Bearer <token>` (the token in its --token-file)');
-    }
-    return undefined;
-  });
-
-  app.addHook('onResponse', async (req: FastifyRequest, reply: FastifyReply) => {
-    let bytes = req.bytesOut;
-    if (bytes === 0 && req.method !== 'HEAD' && reply.statusCode !== 304) bytes = Number(reply.getHeader('content-length') ?? 0) || 0;
-    metrics.observe(req.routeOptions.url ?? 'unmatched', reply.statusCode, reply.elapsedTime / 1000, bytes);
-  });
-
-  app.setNotFoundHandler((_req, reply) => sendError(reply, 'E_NOT_FOUND', 'no such route (see /v1/kernels)'));
-
-  app.setErrorHandler((err: FastifyError | KheadersError, req, reply) => {
-    // fastify's own rejections of a malformed request keep their status (413, 415, ...).
-    if (!(err instanceof KheadersError) && typeof err.statusCode === 'number' && err.statusCode >= 400 && err.statusCode < 500) {
-      return sendError(reply, 'E_BAD_REQUEST', err.message, err.statusCode);
-    }
-    // The error table decides the status and whether the message may be sent; a damaged
-    // entry's bytes are never sent, its answer names the entry and the file instead.
-    const answer = httpAnswer(err);
-    if (answer.status >= 500) req.log.error({ err, url: req.raw.url }, 'request failed');
-    return sendError(reply, answer.error.code, answer.error.message, answer.status);
-  });
-
-  await app.register(healthRoutes, ctx);
-  await app.register(metricsRoutes, ctx);
-  await app.register(kernelRoutes, ctx);
-  await app.register(blobRoutes, ctx);
-  await app.register(debuginfodRoutes, { ...ctx, ...(opts.liveBtf !== undefined ? { liveBtf: opts.liveBtf } : {}) });
+  }
 
   const { host, port } = opts.listen;
   try {
-    await app.listen({ host, port });
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen({ host, port }, () => {
+        server.off('error', reject);
+        resolve();
+      });
+    });
   } catch (err) {
-    await app.close().catch(() => {});
     await catalog.close();
     const code = errnoOf(err);
     const why =
@@ -192,7 +159,7 @@ export async function startHttpServer(opts: HttpServerOptions): Promise<HttpServ
             : (code ?? String(err));
     throw new KheadersError('E_HTTP', `cannot listen on ${formatUrl(host, port)}: ${why}`, { host, port }, { cause: err });
   }
-  const address = app.server.address();
+  const address = server.address();
   const realPort = typeof address === 'object' && address !== null ? address.port : port;
   const url = formatUrl(host, realPort);
 
@@ -207,17 +174,27 @@ export async function startHttpServer(opts: HttpServerOptions): Promise<HttpServ
   return {
     url,
     port: realPort,
+    get fastifyLoaded() {
+      return app.loaded;
+    },
     close: () => {
       closing = true;
       closingPromise ??= (async () => {
+        // No new connections; idle keep-alive ones are cut now, busy ones once their response
+        // is done (checked often: node only closes idle connections when asked).
+        const drained = new Promise<void>((resolve) => server.close(() => resolve()));
+        server.closeIdleConnections();
+        const reaper = setInterval(() => server.closeIdleConnections(), 50);
         const deadline = setTimeout(() => {
           log.warn({ graceMs: limits.shutdownGraceMs }, 'in-flight HTTP responses did not finish in time: cutting them');
-          app.server.closeAllConnections();
+          server.closeAllConnections();
         }, limits.shutdownGraceMs);
         deadline.unref();
         try {
           await app.close();
+          await drained;
         } finally {
+          clearInterval(reaper);
           clearTimeout(deadline);
           await catalog.close();
         }
