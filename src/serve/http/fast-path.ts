@@ -4,7 +4,7 @@
  *   GET/HEAD /healthz, /readyz, /metrics, /v1/kernels, /v1/kernels/:ref
  *   GET/HEAD /v1/kernels/:ref/files/<file>, /v1/blobs/:digest/files/<file>  (up to
  *            BUFFER_MAX_BYTES: nearly every header; 200, 206, 304, HEAD, gzip), and the 404s for
- *            a name not in the tree or a file asked for as a directory
+ *            a name not in the tree or a file asked for as a directory, the 416 of a range past the end
  *   the 401 of any of these when a token is configured and not given
  *
  * Why: these are what a device is asked for all day (a BPF toolchain or fleet cache pulling
@@ -17,7 +17,7 @@
  * the catalog's, a file's answer comes from the same decide()/bodyFor() as the fastify route,
  * JSON answers are written as fastify writes them (raw-reply.ts), and the same metrics are
  * recorded under the same route label. Anything else — a bad path, a directory listing, a big
- * file, a 416, an unknown entry, an error — is declined (false, or a promise of false) *before
+ * file, an unknown entry, an error — is declined (false, or a promise of false) *before
  * anything is written*, and fastify answers it as usual. test/http-parity.test.ts asks both the
  * same requests and compares the answers.
  */
@@ -34,7 +34,7 @@ import type { HttpMetrics } from './metrics.js';
 import { isModuleHeaderPath } from './module-headers.js';
 import { PathError, parseRequestPath } from './paths.js';
 import { sendJson, sendText } from './raw-reply.js';
-import { BUFFER_MAX_BYTES, GZIP_MIN_BYTES, bodyFor, bodyForSync, decide, type Representation } from './respond.js';
+import { BUFFER_MAX_BYTES, GZIP_MIN_BYTES, bodyFor, bodyForSync, decide, unsatisfiableBody, type Representation } from './respond.js';
 import { IMMUTABLE, REVALIDATE, fileRepresentation } from './tree.js';
 
 export const KERNEL_FILES_ROUTE = '/v1/kernels/:ref/files/*';
@@ -103,8 +103,19 @@ export function createFastPath(ctx: FastPathContext): FastPath {
       }
     }
     const d = decide(rep, h);
-    if (d.kind === 'unsatisfiable') return false;
     const headers: Record<string, string> = { 'x-content-type-options': 'nosniff', ...d.headers };
+    if (d.kind === 'unsatisfiable') {
+      // As sendRepresentation answers it: the representation's headers, then the error's.
+      const body = unsatisfiableBody(d.size);
+      headers['content-range'] = `bytes */${d.size}`;
+      headers['content-type'] = 'application/json; charset=utf-8';
+      headers['cache-control'] = 'no-store';
+      headers['content-length'] = String(body.length);
+      res.writeHead(416, headers);
+      res.end(body);
+      metrics.observe(route, 416, elapsed(started), head ? 0 : body.length);
+      return true;
+    }
     if (d.kind === 'not-modified') {
       res.writeHead(304, headers);
       res.end();

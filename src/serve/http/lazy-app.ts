@@ -12,6 +12,8 @@ import type { Logger } from '../../log.js';
 import type { App } from './fastify-app.js';
 import { sendJson, serviceUnavailable } from './raw-reply.js';
 
+export type FastifyState = 'not loaded' | 'loading' | 'loaded';
+
 export class LazyApp {
   private app: App | undefined;
   private loading: Promise<void> | undefined;
@@ -23,9 +25,9 @@ export class LazyApp {
     private readonly log: Logger,
   ) {}
 
-  /** Whether fastify has been loaded (for tests and the debug log). */
-  get loaded(): boolean {
-    return this.app !== undefined;
+  /** Where fastify is: not loaded, being loaded (requests queued), or answering. */
+  get state(): FastifyState {
+    return this.app ? 'loaded' : this.loading ? 'loading' : 'not loaded';
   }
 
   handle(req: IncomingMessage, res: ServerResponse): void {

@@ -156,7 +156,8 @@ export function bodyForSync(d: Extract<Decision, { kind: 'body' }>, rep: Represe
   return head ? null : zipped;
 }
 
-function unsatisfiable(size: number): string {
+/** The 416 body for a representation of `size` bytes. */
+export function unsatisfiableBody(size: number): string {
   const code: ErrorCode = 'E_RANGE';
   return JSON.stringify({ error: { code, message: `the range is outside the ${size} bytes of this representation` } });
 }
@@ -170,7 +171,7 @@ export async function sendRepresentation(req: FastifyRequest, reply: FastifyRepl
     reply.header('content-range', `bytes */${d.size}`);
     reply.header('content-type', 'application/json; charset=utf-8');
     reply.header('cache-control', 'no-store');
-    return reply.code(ERRORS.E_RANGE.http).send(unsatisfiable(d.size));
+    return reply.code(ERRORS.E_RANGE.http).send(unsatisfiableBody(d.size));
   }
   const body = await bodyFor(d, rep, bytes, req.method === 'HEAD');
   reply.code(d.status).headers(d.headers);

@@ -19,7 +19,7 @@ import { bearerChecker } from './auth.js';
 import { capConnectionsPerClient } from './client-cap.js';
 import { Catalog } from './catalog.js';
 import { createFastPath, type FastPath } from './fast-path.js';
-import { LazyApp } from './lazy-app.js';
+import { LazyApp, type FastifyState } from './lazy-app.js';
 import { DEFAULT_HTTP_LIMITS, type HttpLimits } from './limits.js';
 import { HttpMetrics } from './metrics.js';
 import { answerClientError, serviceUnavailable } from './raw-reply.js';
@@ -51,8 +51,8 @@ export interface HttpServerHandle {
   port: number;
   /** Graceful: stops accepting, lets in-flight responses finish (up to shutdownGraceMs), closes files. */
   close(): Promise<void>;
-  /** Whether fastify has been loaded (it is on the first request the fast path declines). */
-  readonly fastifyLoaded: boolean;
+  /** fastify is loaded on the first request the fast path declines: for tests. */
+  readonly fastify: FastifyState;
 }
 
 /** Whether `host` only accepts connections from this machine. */
@@ -174,8 +174,8 @@ export async function startHttpServer(opts: HttpServerOptions): Promise<HttpServ
   return {
     url,
     port: realPort,
-    get fastifyLoaded() {
-      return app.loaded;
+    get fastify() {
+      return app.state;
     },
     close: () => {
       closing = true;
