@@ -43,6 +43,8 @@ export interface HttpServerOptions {
   modules?: ModuleHeaderSource;
   /** The running kernel's BTF, for debuginfod's /buildid/<id>/section/.BTF (default /sys/kernel/btf/vmlinux). */
   liveBtf?: string;
+  /** Awaited before fastify is loaded: tests hold the load open to have requests queue behind it. */
+  beforeFastify?: () => Promise<void>;
 }
 
 export interface HttpServerHandle {
@@ -108,6 +110,7 @@ export async function startHttpServer(opts: HttpServerOptions): Promise<HttpServ
   capConnectionsPerClient(server, limits.maxConnectionsPerClient, log);
 
   const app = new LazyApp(async () => {
+    await opts.beforeFastify?.();
     const { buildApp } = await import('./fastify-app.js');
     return buildApp({ server, log, ctx, authorised, ...(opts.liveBtf !== undefined ? { liveBtf: opts.liveBtf } : {}) });
   }, log);
