@@ -164,6 +164,13 @@ function freePort(): Promise<number> {
   });
 }
 
+/** CPU time (user + system) a process has used, in µs (clock ticks of 10 ms). */
+async function cpuUs(pid: number): Promise<number> {
+  const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return (Number(fields[11]) + Number(fields[12])) * 10_000;
+}
+
 async function rssKiB(pid: number): Promise<number> {
   const status = await readFile(`/proc/${pid}/status`, 'utf8');
   return Number(/^VmRSS:\s+(\d+)/m.exec(status)?.[1] ?? 0);
@@ -299,6 +306,8 @@ async function main(): Promise<void> {
     const loadBefore = os.loadavg()[0]!;
     const runs = { daemon: [] as WrkResult[], unverified: [] as WrkResult[], nginx: [] as WrkResult[], bare: [] as WrkResult[] };
     const ratios: number[] = [];
+    /** CPU µs the server process spent per request: less swayed by the machine's other load than requests/s. */
+    const cpuPerRequest = { daemon: [] as number[], bare: [] as number[] };
     let rssPeak = 0;
     for (let round = 0; round < args.rounds; round++) {
       // Back to back, so both sides of a ratio saw the same machine (other load comes and goes).
@@ -306,13 +315,17 @@ async function main(): Promise<void> {
         void rssKiB(daemon.proc.pid!).then((kib) => (rssPeak = Math.max(rssPeak, kib)), () => {});
       }, 200);
       try {
+        const cpu0 = await cpuUs(daemon.proc.pid!);
         runs.daemon.push(await wrk(daemon.port, daemonScript, args.duration, args.connections));
+        cpuPerRequest.daemon.push(((await cpuUs(daemon.proc.pid!)) - cpu0) / runs.daemon.at(-1)!.requests);
       } finally {
         clearInterval(sampler);
       }
       runs.unverified.push(await wrk(unverified.port, daemonScript, args.duration, args.connections));
       runs.nginx.push(await wrk(nginxPort, nginxScript, args.duration, args.connections));
+      const cpu0 = await cpuUs(bare.proc.pid!);
       runs.bare.push(await wrk(bare.port, nginxScript, args.duration, args.connections));
+      cpuPerRequest.bare.push(((await cpuUs(bare.proc.pid!)) - cpu0) / runs.bare.at(-1)!.requests);
       ratios.push(runs.daemon.at(-1)!.rps / runs.nginx.at(-1)!.rps);
       console.log(`round ${round + 1}: daemon ${Math.round(runs.daemon.at(-1)!.rps)} req/s (verification off: ${Math.round(runs.unverified.at(-1)!.rps)}), nginx ${Math.round(runs.nginx.at(-1)!.rps)}, bare node:http ${Math.round(runs.bare.at(-1)!.rps)}`);
     }
@@ -342,7 +355,7 @@ ${row('bare node:http (`/…`)', b)}
 
 Verification (bytes proven against the index's chunk digests before first served): requests/s with it on are **${verifiedRatio.toFixed(2)}×** those with it off (median of per-round ratios). Cold start, on / off: fork to listening ${coldVerified.start.toFixed(0)} / ${coldUnverified.start.toFixed(0)} ms; first pass over the ${paths.length} paths (every chunk read is proven) ${coldVerified.first.toFixed(0)} / ${coldUnverified.first.toFixed(0)} ms; second pass ${coldVerified.second.toFixed(0)} / ${coldUnverified.second.toFixed(0)} ms.
 
-**Ratio daemon/nginx: ${ratio.toFixed(2)}** (median of per-round ratios ${ratios.map((r) => r.toFixed(2)).join(', ')}; target ≥ 0.6). Bare node:http/nginx: ${bareRatio.toFixed(2)}; daemon/bare node:http: ${ofBare.toFixed(2)}. Daemon RSS: ${Math.round(rssIdle / 1024)} MiB idle, ${Math.round(rssPeak / 1024)} MiB peak under load, ${Math.round(rssAfter / 1024)} MiB after. ${errors === 0 ? 'No errors or non-2xx answers.' : `${errors} errors/non-2xx answers.`}
+**Ratio daemon/nginx: ${ratio.toFixed(2)}** (median of per-round ratios ${ratios.map((r) => r.toFixed(2)).join(', ')}; target ≥ 0.8). Bare node:http/nginx: ${bareRatio.toFixed(2)}; daemon/bare node:http: ${ofBare.toFixed(2)}. CPU per request (user + system, median of rounds): daemon ${median(cpuPerRequest.daemon).toFixed(1)} µs, bare node:http ${median(cpuPerRequest.bare).toFixed(1)} µs. Daemon RSS: ${Math.round(rssIdle / 1024)} MiB idle, ${Math.round(rssPeak / 1024)} MiB peak under load, ${Math.round(rssAfter / 1024)} MiB after. ${errors === 0 ? 'No errors or non-2xx answers.' : `${errors} errors/non-2xx answers.`}
 
 Machine load average (1 min) ${loadBefore.toFixed(1)} before the runs, ${os.loadavg()[0]!.toFixed(1)} after: on a shared machine the absolute figures and the ratio to nginx swing with other load (a busy machine slows nginx more than node), so compare runs by their load; daemon/bare node:http is the steadier figure.
 
