@@ -10,6 +10,7 @@
 import { access, constants as fsConstants } from 'node:fs/promises';
 import { KheadersError, errnoOf } from '../../../errors.js';
 import { isMounted, prepareMountpoint } from '../mountpoint.js';
+import type { PrefetchStats } from '../prefetch.js';
 import type { FuseMount, FuseOpCounts, MountOptions } from '../types.js';
 import { within } from '../within.js';
 import { DevFuse, loopReaderAvailable, type DeviceEnd, type ReaderKind } from './device.js';
@@ -45,6 +46,8 @@ export interface KernelFuseMount extends FuseMount {
   opCounts(): FuseOpCounts;
   /** Node ids the kernel holds references to (lookups not yet forgotten). */
   knownNodes(): number;
+  /** What the lookup prefetch did: reads started, READs answered from it, dropped untaken. */
+  prefetchCounts(): PrefetchStats;
   readonly reader: ReaderKind;
 }
 
@@ -161,5 +164,6 @@ export async function mountKernel(opts: KernelMountOptions): Promise<KernelFuseM
     unmount,
     opCounts: () => session.opCounts(),
     knownNodes: () => session.knownNodes(),
+    prefetchCounts: () => session.prefetchCounts(),
   };
 }

@@ -14,6 +14,8 @@
  *   directories with CACHE_DIR (the kernel keeps the listing); with the kernel's zero-message
  *   open (NO_OPEN_SUPPORT), OPEN and RELEASE stop reaching us at all, with the same cache flags;
  * - READDIRPLUS fills the dentry cache while listing, so `find` and a later stat cost nothing;
+ * - a file's first bytes are read as soon as it is looked up (prefetch.ts), so the READ that
+ *   follows on a cold mount is answered from bytes already in hand;
  * - `default_permissions` on the mount (see mount.ts) lets the kernel check modes itself: no
  *   ACCESS requests.
  */
@@ -21,6 +23,7 @@ import fs from 'node:fs';
 import type { Logger } from '../../../log.js';
 import { errnoFor } from '../errno.js';
 import { ROOT_INO, type FsAttr, type FsInvalidation, type FsModel } from '../fs-model.js';
+import { LookupPrefetch, type PrefetchOptions, type PrefetchStats } from '../prefetch.js';
 import type { FuseOpCounts } from '../types.js';
 import type { FuseChannel } from './device.js';
 import {
@@ -71,6 +74,8 @@ export interface SessionOptions {
   maxPages?: number;
   /** How many background requests (readahead) the kernel keeps in flight. */
   maxBackground?: number;
+  /** Read a file's first bytes when it is looked up (prefetch.ts); false turns it off. */
+  prefetch?: boolean | Partial<PrefetchOptions>;
 }
 
 export interface ResolvedSessionOptions {
@@ -82,6 +87,7 @@ export interface ResolvedSessionOptions {
   maxWrite: number;
   maxPages: number;
   maxBackground: number;
+  prefetch: boolean | Partial<PrefetchOptions>;
 }
 
 export const DEFAULT_SESSION_OPTIONS: Readonly<ResolvedSessionOptions> = {
@@ -93,6 +99,7 @@ export const DEFAULT_SESSION_OPTIONS: Readonly<ResolvedSessionOptions> = {
   maxWrite: 128 * 1024,
   maxPages: 256,
   maxBackground: 64,
+  prefetch: true,
 };
 
 /** What INIT settled on, for logs and tests. */
@@ -166,6 +173,8 @@ export class FuseSession {
   private readonly inflight = new Map<bigint, { answered: boolean }>();
   private initWaiters: Array<{ resolve: (i: NegotiatedInit) => void; reject: (e: Error) => void }> = [];
   private unsubscribe: (() => void) | undefined;
+  /** Made at INIT, when the size of the kernel's first READ (its readahead window) is known. */
+  private prefetch: LookupPrefetch | undefined;
   private endedBy: string | undefined;
 
   constructor(model: FsModel, channel: FuseChannel, log: Logger, options: SessionOptions = {}) {
@@ -196,6 +205,11 @@ export class FuseSession {
     return Object.fromEntries(this.counts);
   }
 
+  /** What the lookup prefetch did (all zero when it is off). */
+  prefetchCounts(): PrefetchStats {
+    return this.prefetch?.counts() ?? { started: 0, used: 0, dropped: 0, held: 0 };
+  }
+
   /** How many node ids the kernel currently holds references to. */
   knownNodes(): number {
     return this.lookups.size;
@@ -206,6 +220,7 @@ export class FuseSession {
     this.endedBy ??= reason;
     this.unsubscribe?.();
     this.unsubscribe = undefined;
+    this.prefetch?.clear();
     for (const w of this.initWaiters) w.reject(new Error(`the FUSE connection ended before INIT: ${reason}`));
     this.initWaiters = [];
   }
@@ -349,6 +364,12 @@ export class FuseSession {
       return;
     }
     this.negotiated = info;
+    if (o.prefetch !== false) {
+      // The kernel's first READ of a file asks for up to its readahead window, within the
+      // largest READ (32 pages when MAX_PAGES was not negotiated).
+      const window = Math.min(info.maxReadahead || 128 * 1024, (info.maxPages || 32) * 4096);
+      this.prefetch = new LookupPrefetch(this.model, { maxFileBytes: window, ...(o.prefetch === true ? {} : o.prefetch) });
+    }
     this.log.debug({ ...info, flags: `0x${info.flags.toString(16)}` }, 'FUSE session initialised');
     for (const w of this.initWaiters) w.resolve(info);
     this.initWaiters = [];
@@ -390,7 +411,9 @@ export class FuseSession {
     const a = name === undefined ? undefined : this.model.lookup(req.nodeid, name);
     if (a) {
       this.remember(a, req.nodeid);
-      return this.replyOk(req, encodeEntryOut(this.entryFor(a), this.minor));
+      this.replyOk(req, encodeEntryOut(this.entryFor(a), this.minor));
+      this.prefetch?.looked(a);
+      return;
     }
     const parent = this.model.getattr(req.nodeid);
     if (!parent) return this.replyError(req, Errno.ENOENT);
@@ -446,7 +469,7 @@ export class FuseSession {
     if (size === 0 || offset >= a.size) return this.replyOk(req);
     const state = { answered: false };
     this.inflight.set(req.unique, state);
-    this.model.read(req.nodeid, offset, size).then(
+    (this.prefetch?.take(req.nodeid, offset, size) ?? this.model.read(req.nodeid, offset, size)).then(
       (data) => {
         this.inflight.delete(req.unique);
         if (state.answered) return;
