@@ -12,7 +12,7 @@
  */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { readdir, readlink, stat } from 'node:fs/promises';
+import { readdir, readFile, readlink, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { isKheadersError } from '../src/errors.js';
@@ -55,8 +55,9 @@ for (const reader of readers) {
 
     test('missing names are cached as negative entries (include-path probing)', { skip: suiteSkip }, async () => {
       const { mount: m } = c();
-      const before = m.opCounts()['lookup'] ?? 0;
       const missing = path.join(m.mountpoint, 'current', 'include', 'linux', `no-such-${reader}.h`);
+      await stat(path.dirname(missing)); // the path to it, so only the missing name is counted
+      const before = m.opCounts()['lookup'] ?? 0;
       for (let i = 0; i < 50; i++) await assert.rejects(stat(missing), { code: 'ENOENT' });
       const after = m.opCounts()['lookup'] ?? 0;
       assert.equal(after - before, 1, 'one LOOKUP for 50 stats');
@@ -133,6 +134,48 @@ describe('kernel FUSE backend: invalidations, concurrency, the session\'s end, E
     model.setEntries([entry, next], next.manifest.id);
     await waitFor(() => readlink(path.join(dir, 'current')), '6.2.0-notify', 'current follows the swap');
     assert.ok((m.opCounts()['notify'] ?? 0) > before, 'the swap was pushed to the kernel, not left to time out');
+  });
+
+  test('a file looked up is read before the kernel asks: its one READ is answered from the prefetch, with the tree\'s bytes', { skip }, async (t) => {
+    const { m, dir, model } = await mountFixture('mnt-prefetch', defaultReader);
+    t.after(async () => {
+      await m.unmount();
+      await model.close();
+    });
+    const { extracted } = await fixtureOnce();
+    const rel = 'include/linux/sched.h';
+    const lookups = m.opCounts()['lookup'] ?? 0;
+    await stat(path.join(dir, 'current', rel)); // LOOKUP of current, include, linux, sched.h
+    assert.ok((m.opCounts()['lookup'] ?? 0) > lookups);
+    assert.deepEqual(m.prefetchCounts(), { started: 1, used: 0, dropped: 0, held: 1 }, 'one regular file was looked up');
+    const reads = m.opCounts()['read'] ?? 0;
+    assert.deepEqual(await readFile(path.join(dir, 'current', rel)), await readFile(path.join(extracted, rel)));
+    assert.equal((m.opCounts()['read'] ?? 0) - reads, 1, 'a header arrives in one READ');
+    assert.deepEqual(m.prefetchCounts(), { started: 1, used: 1, dropped: 0, held: 0 });
+  });
+
+  test('top-level names cached as missing appear when a swap adds them (release, digest, current)', { skip }, async (t) => {
+    const next = await ingestTree(cache, work!, smallTree('6.3.0-neg', 'n'), '6.3.0-neg');
+    // No current entry yet: `current` itself is missing at first.
+    const model = new IndexFsModel({ log });
+    model.setEntries([entry], null);
+    const dir = path.join(work!, 'mnt-neg');
+    const m = await mountKernel({ mountpoint: dir, model, log, reader: defaultReader });
+    t.after(async () => {
+      await m.unmount();
+      await model.close();
+    });
+    const names = ['current', '6.3.0-neg', `by-digest/${next.manifest.digest}`];
+    for (const name of names) await assert.rejects(stat(path.join(dir, name)), { code: 'ENOENT' });
+    const lookups = m.opCounts()['lookup'] ?? 0;
+    for (const name of names) await assert.rejects(stat(path.join(dir, name)), { code: 'ENOENT' });
+    assert.equal(m.opCounts()['lookup'] ?? 0, lookups, 'the misses are cached in the kernel (negative entries)');
+
+    model.setEntries([entry, next], next.manifest.id);
+    await waitFor(() => readlink(path.join(dir, 'current')).catch(() => 'missing'), '6.3.0-neg', 'current appears and names the new release');
+    await waitFor(() => readlink(path.join(dir, '6.3.0-neg')).catch(() => 'missing'), `by-digest/${next.manifest.digest}`, 'the release appears');
+    assert.match(await readFile(path.join(dir, 'current/include/linux/a.h'), 'utf8'), /6\.3\.0-neg n/);
+    assert.ok((await stat(path.join(dir, `by-digest/${next.manifest.digest}`))).isDirectory());
   });
 
   test('one slow read stalls no other request', { skip }, async (t) => {
