@@ -49,8 +49,10 @@ for (const reader of readers) {
       assert.equal(m.reader, reader);
       assert.equal(m.init.kernelMajor, 7);
       assert.ok(m.init.minor >= 12 && m.init.minor <= 38);
-      // ASYNC_READ, PARALLEL_DIROPS, CACHE_SYMLINKS, DO_READDIRPLUS, READDIRPLUS_AUTO
-      for (const bit of [0, 18, 23, 13, 14]) assert.ok(m.init.flags & (1 << bit), `flag bit ${bit}`);
+      // ASYNC_READ, PARALLEL_DIROPS, CACHE_SYMLINKS, DO_READDIRPLUS, MAX_PAGES; not READDIRPLUS_AUTO
+      for (const bit of [0, 18, 23, 13, 22]) assert.ok(m.init.flags & (1 << bit), `flag bit ${bit}`);
+      assert.equal(m.init.flags & (1 << 14), 0, 'READDIRPLUS for every listing buffer');
+      assert.equal(m.init.maxPages, 256, 'a READ of up to 1 MiB');
     });
 
     test('missing names are cached as negative entries (include-path probing)', { skip: suiteSkip }, async () => {
@@ -152,6 +154,23 @@ describe('kernel FUSE backend: invalidations, concurrency, the session\'s end, E
     assert.deepEqual(await readFile(path.join(dir, 'current', rel)), await readFile(path.join(extracted, rel)));
     assert.equal((m.opCounts()['read'] ?? 0) - reads, 1, 'a header arrives in one READ');
     assert.deepEqual(m.prefetchCounts(), { started: 1, used: 1, dropped: 0, held: 0 });
+  });
+
+  test('a listing fills the dentry cache past its first buffer: stat of every name after it sends no LOOKUP', { skip }, async (t) => {
+    const { m, dir, model } = await mountFixture('mnt-rdplus', defaultReader);
+    t.after(async () => {
+      await m.unmount();
+      await model.close();
+    });
+    const big = path.join(dir, 'current', 'include', 'linux');
+    const names = await readdir(big);
+    // More names than one 32 KiB listing buffer holds (~200 with attributes).
+    assert.ok(names.length > 600, `${names.length} names`);
+    const before = m.opCounts();
+    for (const name of names) await stat(path.join(big, name));
+    const after = m.opCounts();
+    assert.equal((after['lookup'] ?? 0) - (before['lookup'] ?? 0), 0, 'every name came with its attributes');
+    assert.ok((after['readdirplus'] ?? 0) > 0);
   });
 
   test('top-level names cached as missing appear when a swap adds them (release, digest, current)', { skip }, async (t) => {

@@ -415,10 +415,11 @@ describe('FUSE session: answers by opcode', () => {
     assert.equal(body.length, 64);
     assert.equal(body.readUInt32LE(4), 38);
     const flags = body.readUInt32LE(12);
-    for (const f of [InitFlag.ASYNC_READ, InitFlag.PARALLEL_DIROPS, InitFlag.CACHE_SYMLINKS, InitFlag.DO_READDIRPLUS, InitFlag.READDIRPLUS_AUTO, InitFlag.MAX_PAGES, InitFlag.NO_OPEN_SUPPORT, InitFlag.NO_OPENDIR_SUPPORT]) {
+    for (const f of [InitFlag.ASYNC_READ, InitFlag.PARALLEL_DIROPS, InitFlag.CACHE_SYMLINKS, InitFlag.DO_READDIRPLUS, InitFlag.MAX_PAGES, InitFlag.NO_OPEN_SUPPORT, InitFlag.NO_OPENDIR_SUPPORT]) {
       assert.ok(flags & f, `flag 0x${f.toString(16)}`);
     }
-    for (const f of [InitFlag.WRITEBACK_CACHE, InitFlag.POSIX_LOCKS, InitFlag.FLOCK_LOCKS, InitFlag.AUTO_INVAL_DATA, InitFlag.SPLICE_READ]) assert.equal(flags & f, 0);
+    // READDIRPLUS for every listing buffer, not only the first (see session.ts).
+    for (const f of [InitFlag.READDIRPLUS_AUTO, InitFlag.WRITEBACK_CACHE, InitFlag.POSIX_LOCKS, InitFlag.FLOCK_LOCKS, InitFlag.AUTO_INVAL_DATA, InitFlag.SPLICE_READ]) assert.equal(flags & f, 0);
     assert.equal(body.readUInt16LE(28), 256);
     assert.equal((await session.initialized()).minor, 38);
   });
@@ -427,6 +428,12 @@ describe('FUSE session: answers by opcode', () => {
     const { init } = setup({ readdirplus: 'off', zeroMessageOpen: false });
     const flags = expectReply(init, undefined).readUInt32LE(12);
     assert.equal(flags & (InitFlag.DO_READDIRPLUS | InitFlag.NO_OPEN_SUPPORT | InitFlag.NO_OPENDIR_SUPPORT), 0);
+  });
+
+  test('INIT: readdirplus auto asks for the kernel\'s adaptive mode', () => {
+    const { init } = setup({ readdirplus: 'auto' });
+    const flags = expectReply(init, undefined).readUInt32LE(12);
+    assert.equal(flags & (InitFlag.DO_READDIRPLUS | InitFlag.READDIRPLUS_AUTO), InitFlag.DO_READDIRPLUS | InitFlag.READDIRPLUS_AUTO);
   });
 
   test('INIT from a kernel with major 6 is refused EPROTO', () => {
