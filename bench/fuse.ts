@@ -16,12 +16,15 @@
  *
  * Each mount is served by its own child process (this file with --serve), as the daemon serves
  * it: clang never shares a process, a threadpool or an inherited descriptor with the server.
- * Kernel-backend variants: the default (event-loop reader, zero-message open), classic OPEN
- * (every open(2) reaches the daemon, with KEEP_CACHE|NOFLUSH), and the reader thread.
+ * Kernel-backend variants: the default (event-loop reader, zero-message open, lookup prefetch,
+ * READDIRPLUS always), classic OPEN (every open(2) reaches the daemon, with KEEP_CACHE|NOFLUSH),
+ * the reader thread, and the default without the lookup prefetch and with the kernel's adaptive
+ * READDIRPLUS (what those two pay, in the same rounds).
  *
  * Reproduce (root: it mounts and drops caches):
  *   sudo sh -c 'npx tsc -p . && node dist/bench/fuse.js'        (from the checkout)
- * Options: --runs N (warm rounds, default 7), --cold N (default 3), --no-native, --no-unverified, --no-write.
+ * Options: --runs N (warm rounds, default 7), --cold N (default 3), --no-native, --no-unverified, --no-write,
+ * --only a,b (these backends only, e.g. kernel,kernel-adaptive; implies --no-write).
  */
 import { fork, type ChildProcess } from 'node:child_process';
 import { access, readFile, writeFile } from 'node:fs/promises';
@@ -49,17 +52,18 @@ import {
 } from '../test/helpers/fuse-env.js';
 import { machineLine, median, writeSection } from './report.js';
 
-type Backend = 'kernel' | 'kernel-classic-open' | 'kernel-thread' | 'native' | 'kernel-unverified' | 'native-unverified';
+type Backend = 'kernel' | 'kernel-classic-open' | 'kernel-thread' | 'kernel-adaptive' | 'native' | 'kernel-unverified' | 'native-unverified';
 const LABEL: Record<Backend, string> = {
   kernel: 'kernel (default)',
   'kernel-classic-open': 'kernel, OPEN per open(2)',
   'kernel-thread': 'kernel, reader thread',
+  'kernel-adaptive': 'kernel, no lookup prefetch, adaptive READDIRPLUS',
   native: 'fuse-native',
   'kernel-unverified': 'kernel, verification off',
   'native-unverified': 'fuse-native, verification off',
 };
 
-type ServerMsg = { type: 'ready'; mountpoint: string } | { type: 'counts'; counts: FuseOpCounts } | { type: 'rss'; rssKiB: number; hwmKiB: number } | { type: 'error'; message: string };
+type ServerMsg = { type: 'ready'; mountpoint: string } | { type: 'counts'; counts: FuseOpCounts; prefetched: number } | { type: 'rss'; rssKiB: number; hwmKiB: number } | { type: 'error'; message: string };
 
 // ---- child: the daemon's half -----------------------------------------------------------------
 
@@ -72,19 +76,22 @@ async function serve(backend: Backend, cacheDir: string, id: string, mountpoint:
   const model = new IndexFsModel({ log });
   model.setEntries([entry], id);
   let mount: FuseMount;
+  let prefetched = (): number => 0;
   if (backend === 'native' || backend === 'native-unverified') {
     const { mountNative } = await import('../src/serve/fuse/native.js');
     mount = await mountNative({ mountpoint, model, log });
   } else {
-    const session: SessionOptions = backend === 'kernel-classic-open' ? { zeroMessageOpen: false } : {};
-    mount = await mountKernel({ mountpoint, model, log, session, reader: backend === 'kernel-thread' ? 'thread' : 'auto' });
+    const session: SessionOptions = backend === 'kernel-classic-open' ? { zeroMessageOpen: false } : backend === 'kernel-adaptive' ? { prefetch: false, readdirplus: 'auto' } : {};
+    const km = await mountKernel({ mountpoint, model, log, session, reader: backend === 'kernel-thread' ? 'thread' : 'auto' });
+    prefetched = () => km.prefetchCounts().used;
+    mount = km;
   }
   const send = (m: ServerMsg): void => {
     process.send!(m);
   };
   process.on('message', (msg: string) => {
     void (async () => {
-      if (msg === 'counts') send({ type: 'counts', counts: mount.opCounts?.() ?? {} });
+      if (msg === 'counts') send({ type: 'counts', counts: mount.opCounts?.() ?? {}, prefetched: prefetched() });
       else if (msg === 'rss') {
         const status = await readFile('/proc/self/status', 'utf8');
         const kib = (k: string): number => Number(new RegExp(`^${k}:\\s+(\\d+)`, 'm').exec(status)?.[1] ?? 0);
@@ -131,7 +138,7 @@ class Server {
   }
 
   counts(): Promise<FuseOpCounts> {
-    return this.ask('counts', 'counts').then((m) => m.counts);
+    return this.ask('counts', 'counts').then((m) => ({ ...m.counts, prefetched: m.prefetched }));
   }
 
   rss(): Promise<{ rssKiB: number; hwmKiB: number }> {
@@ -146,9 +153,13 @@ class Server {
   }
 }
 
+/** Not a request: READs (already counted) that were answered from the lookup prefetch. */
+const PREFETCHED = 'prefetched';
+
 function diff(after: FuseOpCounts, before: FuseOpCounts): Record<string, number> {
   const out: Record<string, number> = {};
   for (const [k, v] of Object.entries(after)) {
+    if (k === PREFETCHED) continue;
     const d = v - (before[k] ?? 0);
     if (d > 0) out[k] = d;
   }
@@ -210,7 +221,8 @@ async function main(): Promise<void> {
   const opt = (name: string, dflt: number): number => (args.includes(name) ? Number(args[args.indexOf(name) + 1]) : dflt);
   const warmRuns = opt('--runs', 7);
   const coldRuns = opt('--cold', 3);
-  const write = !args.includes('--no-write');
+  const only = args.includes('--only') ? (args[args.indexOf('--only') + 1] ?? '').split(',') : undefined;
+  const write = !args.includes('--no-write') && !only;
 
   for (const reason of [
     process.getuid?.() === 0 ? undefined : 'needs root (mounting, drop_caches)',
@@ -224,14 +236,16 @@ async function main(): Promise<void> {
   }
   const noNative = args.includes('--no-native') ? '--no-native given' : await nativeAvailable();
   const unverified = !args.includes('--no-unverified');
-  const backends: Backend[] = [
+  const all: Backend[] = [
     'kernel',
     ...(unverified ? (['kernel-unverified'] as const) : []),
     'kernel-classic-open',
     'kernel-thread',
+    'kernel-adaptive',
     ...(noNative ? [] : (['native'] as const)),
     ...(noNative || !unverified ? [] : (['native-unverified'] as const)),
   ];
+  const backends = all.filter((b) => !only || only.includes(b));
 
   const cacheDir = await tempDir('fbench-cache');
   const work = await tempDir('fbench-work');
@@ -262,6 +276,7 @@ async function main(): Promise<void> {
     const cold = series();
     const startTimes = series();
     const coldCounts: Record<string, Record<string, number>> = {};
+    const coldPrefetched: Record<string, number> = {};
     for (let i = 0; i < coldRuns; i++) {
       for (const side of sides) {
         let before: FuseOpCounts = {};
@@ -272,7 +287,11 @@ async function main(): Promise<void> {
         }
         await dropCaches();
         cold[side]!.push(await compile(side));
-        if (side !== 'plain') coldCounts[side] = diff(await servers.get(side)!.counts(), before);
+        if (side !== 'plain') {
+          const after = await servers.get(side)!.counts();
+          coldCounts[side] = diff(after, before);
+          coldPrefetched[side] = (after[PREFETCHED] ?? 0) - (before[PREFETCHED] ?? 0);
+        }
       }
     }
     // One compile each before the warm series.
@@ -347,6 +366,10 @@ FUSE requests per compile (reaching the daemon):
 ${backends.map((b) => `| ${LABEL[b]} | ${fmtCounts(warmCounts[b] ?? {})} | ${fmtCounts(coldCounts[b] ?? {})} |`).join('\n')}
 
 - Verification (bytes proven against chunk digests before first served; index checksum at load), on / off: ${verificationLine(backends, { warm, cold, start: startTimes })}.
+- READs of a cold compile answered from the lookup prefetch (bytes read when the file was looked up): ${backends
+      .filter((b) => b.startsWith('kernel'))
+      .map((b) => `${LABEL[b]} ${coldPrefetched[b] ?? 0} of ${coldCounts[b]?.['read'] ?? 0}`)
+      .join('; ')}.
 - Requests to read every file after drop_caches: ${backends.map((b) => `${LABEL[b]} ${fmtCounts(readCounts[b] ?? {})}`).join('; ')}.
 - Server RSS at the end (peak): ${backends.map((b) => `${LABEL[b]} ${(rss[b]!.rssKiB / 1024).toFixed(0)} MiB (${(rss[b]!.hwmKiB / 1024).toFixed(0)} MiB)`).join(', ')}.
 - Targets: the default backend's warm compile within 1.05× of the plain directory; fuse-native's warm compile within 1.15× and cold within 2×.${noNative ? ` fuse-native not measured: ${noNative}.` : ''}
