@@ -342,7 +342,7 @@ async function main(): Promise<void> {
     const md = `
 ## FUSE: both backends vs a plain directory
 
-The kernel-protocol backend (TypeScript on /dev/fuse; the default, and three variants of it) and
+The kernel-protocol backend (TypeScript on /dev/fuse; the default, and four variants of it) and
 fuse-native, each against a \`tar -xJf\` directory of the same archive (the fixture). A compile is a
 BPF program including \`<linux/sched.h>\`, \`<linux/bpf.h>\`, \`<net/sock.h>\` with BCC's kernel include
 flags, \`clang -O2 -emit-llvm -c\` then \`clang -target bpf\`, against \`MOUNT/current\` or the plain
