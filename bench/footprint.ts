@@ -47,7 +47,7 @@ const FLOOR_SCRIPT = [
   "const app = createRequire(process.cwd() + '/package.json')('fastify')();",
   "app.get('/', async () => 'x');",
   "await app.listen({ port: 0, host: '127.0.0.1' });",
-  "for (const m of ['cli.js', 'serve/daemon.js', 'serve/http/server.js', 'serve/fuse/index.js', 'serve/fuse/index-model.js', 'serve/fuse/kernel/index.js', 'commands/store-commands.js']) await import(process.cwd() + '/dist/src/' + m);",
+  "for (const m of ['cli.js', 'commands/serve.js', 'serve/http/server.js', 'serve/fuse/index.js', 'serve/fuse/index-model.js', 'serve/fuse/kernel/index.js', 'commands/store-commands.js']) await import(process.cwd() + '/dist/src/' + m);",
   "process.stdout.write('up\\n');",
   'setTimeout(() => {}, 1e9);',
 ].join('\n');
