@@ -701,13 +701,17 @@ export class TreeIndex {
     return dirs[dirs.length - 1]!;
   }
 
-  /** The first symlink that, followed as the kernel would, leads out of the tree. */
-  private escapingSymlink(): number | undefined {
-    for (let id = 0; id < this.nodeCount; id++) {
+  /** The first symlink (of `ids`, when the caller knows where they are) that, followed as the kernel would, leads out of the tree. */
+  private escapingSymlink(ids?: readonly number[]): number | undefined {
+    for (const id of ids ?? this.allIds()) {
       if (this.kindCode(id) !== KIND_SYMLINK) continue;
       if (this.walk(this.chainTo(this.parentOf(id)), this.targetOf(id)!.split('/')) === ESCAPES) return id;
     }
     return undefined;
+  }
+
+  private *allIds(): Generator<number> {
+    for (let id = 0; id < this.nodeCount; id++) yield id;
   }
 
   // ---- validation ------------------------------------------------------------------------------
@@ -763,8 +767,97 @@ export class TreeIndex {
     }
   }
 
+  /**
+   * validateAll over an index held in one buffer, as a few flat loops over its bytes: the same
+   * checks, but without a call and a Buffer per field. It runs once per entry at every daemon
+   * start, mostly before V8 has optimised anything, where the per-field version cost ~40 ms of
+   * CPU for a 7,000-node kernel tree. True when every check passed (the whole-tree figures are
+   * then known too); false sends the caller to the per-field version, which names what is wrong.
+   */
+  private validInMemory(buf: Buffer, symlinks: number[]): boolean {
+    const dv = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+    const u32 = (o: number): number => dv.getUint32(o, true);
+    const { nodes, strings, total } = this.at;
+    const stringsEnd = total - strings;
+    const { nodeCount, blobCount, packBytes } = this;
+    const blobSizes: number[] = [];
+    for (let k = 0; k < blobCount; k++) {
+      const b = this.blob(k);
+      if (!validBlobName(b.name) || !Number.isSafeInteger(b.size) || b.size < 0) return false;
+      blobSizes.push(b.size);
+    }
+    const stats = { files: 0, dirs: 0, symlinks: 0, bytes: 0 };
+    let listed = 0;
+    for (let id = 0, r = nodes; id < nodeCount; id++, r += NODE_BYTES) {
+      const kind = buf[r + N.kind]!;
+      const parent = u32(r + N.parent);
+      const nameOff = u32(r + N.nameOff);
+      const nameLen = u32(r + N.nameLen);
+      if (dv.getUint16(r + N.mode, true) > 0o7777) return false;
+      if (nameOff > stringsEnd || nameLen > stringsEnd - nameOff) return false;
+      if (id === 0) {
+        if (kind !== KIND_DIR || parent !== 0 || nameLen !== 0) return false;
+      } else {
+        if (parent >= id || nameLen === 0) return false;
+        const at = strings + nameOff;
+        for (let i = at; i < at + nameLen; i++) if (buf[i] === SLASH || buf[i] === 0) return false;
+        if (buf[at] === 0x2e && (nameLen === 1 || (nameLen === 2 && buf[at + 1] === 0x2e))) return false;
+        // Each node lies in its parent's range of children, after its sibling in name order.
+        const pr = nodes + parent * NODE_BYTES;
+        const first = u32(pr + N.first);
+        if (buf[pr + N.kind] !== KIND_DIR || id < first || id >= first + u32(pr + N.count)) return false;
+        if (id > first) {
+          const prev = r - NODE_BYTES;
+          const prevAt = strings + u32(prev + N.nameOff);
+          const prevLen = u32(prev + N.nameLen);
+          let c = 0;
+          for (let i = 0, n = Math.min(prevLen, nameLen); c === 0 && i < n; i++) c = buf[prevAt + i]! - buf[at + i]!;
+          if ((c === 0 ? prevLen - nameLen : c) >= 0) return false;
+        }
+      }
+      if (!Number.isFinite(dv.getFloat64(r + N.mtime, true))) return false;
+      const size = dv.getFloat64(r + N.size, true);
+      if (!Number.isSafeInteger(size) || size < 0) return false;
+      const source = buf[r + N.source]!;
+      const offset = dv.getFloat64(r + N.offset, true);
+      if (kind === KIND_FILE) {
+        if (source > blobCount) return false;
+        if (source === 0) {
+          if (!Number.isSafeInteger(offset) || offset < 0 || offset + size > packBytes) return false;
+        } else if (offset !== 0 || size !== blobSizes[source - 1]) return false;
+        stats.files++;
+        stats.bytes += size;
+      } else if (source !== 0 || offset !== 0) return false;
+      else if (kind === KIND_DIR) {
+        const first = u32(r + N.first);
+        const count = u32(r + N.count);
+        if (size !== 0 || (count > 0 && (first <= id || first + count > nodeCount))) return false;
+        listed += count;
+        stats.dirs++;
+      } else if (kind === KIND_SYMLINK) {
+        const off = u32(r + N.first);
+        const len = u32(r + N.count);
+        if (off > stringsEnd || len > stringsEnd - off || len === 0 || len !== size) return false;
+        if (buf[strings + off] === SLASH) return false;
+        for (let i = strings + off; i < strings + off + len; i++) if (buf[i] === 0) return false;
+        stats.symlinks++;
+        symlinks.push(id);
+      } else return false;
+    }
+    // Each node but the root lies in exactly its parent's range: nothing is orphaned.
+    if (listed !== nodeCount - 1) return false;
+    this.stats = stats;
+    return true;
+  }
+
   /** Every record, the tree's shape (each node in its parent's range, siblings sorted) and the symlinks. */
   private validateAll(): void {
+    const symlinks: number[] = [];
+    if (this.v instanceof MemoryView && this.validInMemory(this.v.buffer, symlinks)) {
+      const escaping = this.escapingSymlink(symlinks);
+      if (escaping !== undefined) throw new IndexFormatError(`the symlink ${this.pathOf(escaping)} leads out of the tree`);
+      return;
+    }
     for (let k = 0; k < this.blobCount; k++) {
       const b = this.blob(k);
       if (!validBlobName(b.name)) throw new IndexFormatError(`blob ${k} has the name ${JSON.stringify(b.name)}, which the format does not allow`);
