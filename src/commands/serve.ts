@@ -54,8 +54,9 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
   const links = new ModuleLinks(log);
   let refreshing: Promise<void> = Promise.resolve();
 
-  // What the running kernel is: the entries are told apart from it by release and build id.
-  const live = await readLiveKernel();
+  // What the running kernel is: the entries are told apart from it by release and build id
+  // (and its BTF digest, read in publish() only if an entry needs it).
+  let live = await readLiveKernel({}, []);
   state.live = live;
   // Headers of the loaded modules, made on request under the running kernel's entry.
   const modules = await ModuleHeaders.open({ dir: path.join(store.dir, MODULE_HEADERS_SUBDIR), log });
@@ -85,6 +86,9 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
   /** Bring the model and state up to date with the store (after any ingest or repair). */
   const publish = async (): Promise<void> => {
     const entries = await intactEntries();
+    // Every entry HTTP may summarise (a damaged one's manifest may still read), not only the intact ones.
+    live = await readLiveKernel({}, await store.list());
+    state.live = live;
     const pointer = await store.currentId();
     // The same resolver decides `current` for FUSE (setEntries) and HTTP (state.currentId).
     const current = new Resolver(
@@ -133,7 +137,8 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
   const ingestNow = async (reason: string): Promise<void> => {
     const started = new Date().toISOString();
     try {
-      const result = await ingestWithConfig(cfg, io, { setCurrent: true });
+      // The daemon's own store: what the repair check validated is not read and validated again.
+      const result = await ingestWithConfig(cfg, io, { setCurrent: true, store });
       counted(result.healed);
       state.lastIngest = { at: started, durationMs: result.durationMs, id: result.entry.manifest.id, reused: result.reused };
       state.lastIngestError = null;
@@ -173,7 +178,7 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
       repairQueued = false;
       const batch = pendingDamage.splice(0);
       try {
-        counted(await healWithConfig(cfg, io, batch));
+        counted(await healWithConfig(cfg, io, batch, store));
       } catch (err) {
         log.error({ code: isKheadersError(err) ? err.code : 'E_INTERNAL' }, `repairing the cache failed: ${(err as Error).message}`);
       }

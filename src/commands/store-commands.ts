@@ -23,10 +23,11 @@ export interface CommandIO {
   log: Logger;
 }
 
-/** Ingest options from the configuration (no progress output). */
-function ingestOptions(cfg: Config, io: CommandIO): IngestOptions {
+/** Ingest options from the configuration (no progress output); `store`: the cache already open (the daemon's). */
+function ingestOptions(cfg: Config, io: CommandIO, store?: CacheStore): IngestOptions {
   return {
     cacheDir: cfg.cacheDir,
+    ...(store ? { store } : {}),
     limits: { maxTotalBytes: cfg.maxTotalBytes, maxEntries: cfg.maxEntries, maxFileBytes: cfg.maxFileBytes },
     decoder: cfg.decoder,
     btf: cfg.btf,
@@ -39,24 +40,28 @@ function ingestOptions(cfg: Config, io: CommandIO): IngestOptions {
  * Check every cached entry and repair the damaged (quarantine, rebuild from their own archive):
  * what every writer does before it ingests, so nothing on disk can make it fail.
  */
-export async function healWithConfig(cfg: Config, io: CommandIO, known: readonly KnownDamage[] = []): Promise<HealReport> {
-  const report = await healCache({ ...ingestOptions(cfg, io), known });
+export async function healWithConfig(cfg: Config, io: CommandIO, known: readonly KnownDamage[] = [], store?: CacheStore): Promise<HealReport> {
+  const report = await healCache({ ...ingestOptions(cfg, io, store), known });
   const summary = describeHeal(report);
   if (summary !== undefined) io.log.warn({ quarantined: report.quarantined.map((q) => q.id), rebuilt: report.rebuilt, unrepaired: report.unrepaired }, `cache repaired: ${summary}`);
   return report;
 }
 
-/** Ingest the configured archive (or the running kernel's), with eviction afterwards. */
-export async function ingestWithConfig(cfg: Config, io: CommandIO, extra: { setCurrent?: boolean } = {}): Promise<IngestResult & { healed: HealReport }> {
+/**
+ * Ingest the configured archive (or the running kernel's), with eviction afterwards. `store`: the
+ * cache already open (the daemon's), whose loaded entries the repair check and the ingest reuse.
+ */
+export async function ingestWithConfig(cfg: Config, io: CommandIO, extra: { setCurrent?: boolean; store?: CacheStore } = {}): Promise<IngestResult & { healed: HealReport }> {
   const tty = io.stderr.isTTY === true;
   // A repair that fails must not stop the ingest (nor serve's start): what is intact is still
   // served, and the ingest reports lock or ownership problems itself.
-  const healed = await healWithConfig(cfg, io).catch((err: unknown): HealReport => {
+  const healed = await healWithConfig(cfg, io, [], extra.store).catch((err: unknown): HealReport => {
     io.log.error({ code: err instanceof KheadersError ? err.code : 'E_INTERNAL' }, `checking the cache's entries failed: ${err instanceof Error ? err.message : String(err)}`);
     return { quarantined: [], rebuilt: [], unrepaired: [] };
   });
   const result = await ingest({
     cacheDir: cfg.cacheDir,
+    ...(extra.store ? { store: extra.store } : {}),
     ...(cfg.archive !== undefined ? { archive: cfg.archive } : {}),
     ...(cfg.release !== undefined ? { release: cfg.release } : {}),
     modprobe: cfg.modprobe,
@@ -90,7 +95,7 @@ export async function ingestWithConfig(cfg: Config, io: CommandIO, extra: { setC
 export async function cmdIngest(cfg: Config, io: CommandIO, json: boolean): Promise<void> {
   const result = await ingestWithConfig(cfg, io);
   const store = await CacheStore.open(cfg.cacheDir);
-  const summary = summarise(result.entry.manifest, await store.currentId(), await readLiveKernel());
+  const summary = summarise(result.entry.manifest, await store.currentId(), await readLiveKernel({}, [result.entry.manifest]));
   if (json) {
     io.stdout.write(JSON.stringify({ ...summary, reused: result.reused, evicted: result.evicted, durationMs: result.durationMs }) + '\n');
     return;
@@ -118,8 +123,8 @@ export async function cmdLs(cfg: Config, io: CommandIO, json: boolean): Promise<
   const store = await CacheStore.open(cfg.cacheDir);
   const current = (await store.snapshot()).currentId;
   const pointer = await store.currentPointer();
-  const live = await readLiveKernel();
   const { entries: manifests, damaged } = await store.scan();
+  const live = await readLiveKernel({}, manifests);
   // The current entry also says whether this boot found it cached (reused) or decoded it.
   const entries: Array<EntrySummary & { reused?: boolean }> = manifests.map((m) => {
     const summary = summarise(m, current, live);

@@ -43,7 +43,7 @@ export interface HealOptions extends IngestOptions {
 
 /** Check the cache and repair what is damaged. Takes the cache lock. */
 export async function healCache(opts: HealOptions): Promise<HealReport> {
-  const store = await CacheStore.open(opts.cacheDir, { write: true, ...(opts.lockTimeoutMs !== undefined ? { lockTimeoutMs: opts.lockTimeoutMs } : {}) });
+  const store = opts.store ?? (await CacheStore.open(opts.cacheDir, { write: true, ...(opts.lockTimeoutMs !== undefined ? { lockTimeoutMs: opts.lockTimeoutMs } : {}) }));
   return store.locked(() => healLocked(store, opts));
 }
 

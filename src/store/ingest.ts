@@ -15,7 +15,7 @@
  * entry holding only vmlinux.h.
  */
 import { createHash } from 'node:crypto';
-import { chmod, lstat, mkdtemp, open, readdir, rename, rm, type FileHandle } from 'node:fs/promises';
+import { access, chmod, lstat, mkdtemp, open, readdir, rename, rm, type FileHandle } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { KheadersError, diskFullErrno, isKheadersError } from '../errors.js';
@@ -48,6 +48,11 @@ export interface IngestProgress {
 
 export interface IngestOptions {
   cacheDir: string;
+  /**
+   * The cache at `cacheDir`, already open for writing (the daemon's): entries it has loaded are
+   * used as they are, not read and validated again. Default: open it.
+   */
+  store?: CacheStore;
   /** A file instead of the running kernel's archive (.tar.xz, kheaders.ko, vmlinux, kheaders.o). */
   archive?: string;
   /** The release of an archive that does not name one (and overrides the one it names). */
@@ -143,8 +148,9 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
   const located = Math.round(performance.now() - started);
   const digest = createHash('sha256').update(source.bytes).digest('hex');
   const namedRelease = opts.release ?? source.release;
-  const btf = await chooseBtf(opts, source.live || namedRelease === os.release());
-  const live = await liveKernel(opts, btf, source.live ? source.buildId : null);
+  // A --btf that names no file is a mistake even when nothing is built; the BTF itself is read
+  // (and the running kernel's hashed) only for a build: a cache hit needs neither.
+  await givenBtfExists(opts);
   const store = await openStore(opts);
 
   return inStep('cache', store.locked(async () => {
@@ -159,6 +165,8 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
       entry = existing;
       opts.log?.info({ id: existing.manifest.id }, 'archive already cached: nothing to do');
     } else {
+      const btf = await chooseBtf(opts, source.live || namedRelease === os.release());
+      const live = await liveKernel(opts, btf, source.live ? source.buildId : null);
       const built = await buildHeadersEntry(store, source, digest, namedRelease, total, limits, btf, live, opts);
       entry = built.entry;
       decoder = built.decoder;
@@ -171,15 +179,25 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
 
 /**
  * What is known about the running kernel, for deciding what belongs to it: its build id (already
- * read with a live archive) and the digest of its BTF (already computed when that is the BTF chosen).
+ * read with a live archive) and the digest of its BTF (already computed when that is the BTF
+ * chosen). Only a BTF judged for this entry is compared with the running kernel's (judgeBtf):
+ * without one, the running kernel's BTF is not read, and its digest is given as null.
  */
 async function liveKernel(opts: IngestOptions, btf: BtfSource | undefined, buildId: string | null): Promise<LiveKernel> {
   const liveBtf = opts.liveBtf ?? LIVE_BTF;
   return {
     release: os.release(),
     buildId: buildId ?? (await readLiveBuildId(opts.notesPath)),
-    btfDigest: btf?.path === liveBtf ? btf.digest : await sha256OfFile(liveBtf),
+    btfDigest: btf === undefined ? null : btf.path === liveBtf ? btf.digest : await sha256OfFile(liveBtf),
   };
+}
+
+/** E_NOT_FOUND when --btf names a file that is not there (see chooseBtf). */
+async function givenBtfExists(opts: IngestOptions): Promise<void> {
+  if (!btfGiven(opts)) return;
+  await access(opts.btf!).catch(() => {
+    throw new KheadersError('E_NOT_FOUND', `${opts.origins?.btf ?? '--btf'}: no BTF file at ${opts.btf}`, { btf: opts.btf });
+  });
 }
 
 function configPaths(opts: IngestOptions): ConfigPaths {
@@ -296,6 +314,7 @@ async function chooseBtf(opts: IngestOptions, live: boolean): Promise<BtfSource 
 }
 
 async function openStore(opts: IngestOptions): Promise<CacheStore> {
+  if (opts.store) return opts.store;
   return CacheStore.open(opts.cacheDir, { write: true, ...(opts.lockTimeoutMs !== undefined ? { lockTimeoutMs: opts.lockTimeoutMs } : {}) });
 }
 
@@ -352,7 +371,7 @@ async function reuseRunningKernelEntry(opts: IngestOptions, notFound: KheadersEr
   // Look before taking the lock: without a cache (or an entry) there is nothing to reuse, and the
   // caller's "no archive" error is the one to report, not a cache directory that cannot be made.
   const isCached = async (store: CacheStore): Promise<boolean> => ofRunningKernel(await store.list(), release, buildId).some((m) => m.kind === 'headers');
-  const cachedBefore = await CacheStore.open(opts.cacheDir).then(isCached, () => false);
+  const cachedBefore = await (opts.store ? Promise.resolve(opts.store) : CacheStore.open(opts.cacheDir)).then(isCached, () => false);
   if (!cachedBefore) return undefined;
   const store = await openStore(opts);
   return store.locked(async () => {

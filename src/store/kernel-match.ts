@@ -63,10 +63,23 @@ export interface LivePaths {
   btfPath?: string;
 }
 
-/** The running kernel's release, build id and BTF digest. */
-export async function readLiveKernel(paths: LivePaths = {}): Promise<LiveKernel> {
-  const [buildId, btfDigest] = await Promise.all([readLiveBuildId(paths.notesPath), sha256OfFile(paths.btfPath ?? RUNNING_KERNEL_BTF)]);
-  return { release: os.release(), buildId, btfDigest };
+/**
+ * The running kernel's release, build id and BTF digest. Given the manifests it will be matched
+ * against, the BTF (~5 MiB, read 4 KiB per system call from sysfs) is hashed only when one of
+ * them needs it (see needsBtfDigest); btfDigest is null otherwise, which matchRunning then never
+ * reads for those manifests.
+ */
+export async function readLiveKernel(paths: LivePaths = {}, against?: readonly Manifest[]): Promise<LiveKernel> {
+  const release = os.release();
+  const buildId = await readLiveBuildId(paths.notesPath);
+  const needed = against === undefined || against.some((m) => needsBtfDigest(m, { release, buildId }));
+  const btfDigest = needed ? await sha256OfFile(paths.btfPath ?? RUNNING_KERNEL_BTF) : null;
+  return { release, buildId, btfDigest };
+}
+
+/** Whether matchRunning must know the running kernel's BTF digest to judge `m`: a vmlinux.h-only entry of the running release, its build not known. */
+export function needsBtfDigest(m: Manifest, live: Pick<LiveKernel, 'release' | 'buildId'>): boolean {
+  return m.kind === 'btf-only' && m.release === live.release && (m.buildId === null || live.buildId === null) && !fromLiveSource(m);
 }
 
 const RUNNING_KERNEL_BTF = '/sys/kernel/btf/vmlinux';
