@@ -7,6 +7,7 @@
  * this machine's own BTF and configuration where it has them.
  */
 import { test, type TestContext } from 'node:test';
+import { createHash } from 'node:crypto';
 import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
 import { readFile, writeFile, mkdir } from 'node:fs/promises';
@@ -20,7 +21,7 @@ import { CacheStore } from '../src/store/cache.js';
 import { CONFIG_PATH, dataLocation, type CacheEntry, type Manifest } from '../src/store/entry.js';
 import { ingest, type IngestOptions } from '../src/store/ingest.js';
 import { compareConfig, parseAutoconf, parseKconfig } from '../src/store/kconfig.js';
-import { matchRunning, type LiveKernel } from '../src/store/kernel-match.js';
+import { matchRunning, needsBtfDigest, readLiveKernel, type LiveKernel } from '../src/store/kernel-match.js';
 import { createLogger } from '../src/log.js';
 import { FIXTURE_ARCHIVE, fixtureMissing, tempDir } from './helpers/archives.js';
 import { baseBtfOf, testKernel, vmlinuxOf, type TestKernel } from './helpers/kernels.js';
@@ -146,6 +147,32 @@ test('whether an entry is the running kernel: build id, live source, release', (
   assert.equal(matchRunning(base, live).match, 'unknown');
   assert.match(matchRunning({ ...base, release: '6.12.0' }, live).why, /it is 6\.12\.0; the running kernel is 6\.1\.192/);
   assert.equal(matchRunning({ ...base, kind: 'btf-only', digest: live.btfDigest! }, live).match, 'yes');
+});
+
+test("the running kernel's BTF is hashed only when an entry needs its digest to be judged", async (t) => {
+  const dir = await tempDir(t);
+  const btfPath = path.join(dir, 'vmlinux.btf');
+  const btf = Buffer.from('not really BTF, but bytes with a digest');
+  await writeFile(btfPath, btf);
+  const notesPath = path.join(dir, 'no-notes'); // no build id: a vmlinux.h-only entry is judged by its BTF
+  const release = os.release();
+  const manifest = (kind: Manifest['kind'], digest: string): Manifest => ({
+    formatVersion: 2, id: 'x', release, digest, kind, buildId: null, source: 'btf:/x', ingestedAt: '', files: 0, dirs: 0, symlinks: 0, bytes: 0, packBytes: 0, archiveBytes: 0, btf: null,
+  });
+  const digest = createHash('sha256').update(btf).digest('hex');
+  const btfOnly = manifest('btf-only', digest);
+  assert.equal(needsBtfDigest(btfOnly, { release, buildId: null }), true);
+  assert.equal(needsBtfDigest(btfOnly, { release: `${release}-other`, buildId: null }), false);
+  assert.equal(needsBtfDigest(manifest('headers', digest), { release, buildId: null }), false);
+  // Asked about a vmlinux.h-only entry of this release: the digest is read, and it matches.
+  const forBtfOnly = await readLiveKernel({ btfPath, notesPath }, [btfOnly]);
+  assert.equal(forBtfOnly.btfDigest, digest);
+  assert.equal(matchRunning(btfOnly, forBtfOnly).match, 'yes');
+  // Only headers entries: nothing needs the digest, so the file (there, readable) is not read.
+  const forHeaders = await readLiveKernel({ btfPath, notesPath }, [manifest('headers', digest)]);
+  assert.equal(forHeaders.btfDigest, null);
+  // No list: as before, always read.
+  assert.equal((await readLiveKernel({ btfPath, notesPath })).btfDigest, digest);
 });
 
 // ---- ingest -------------------------------------------------------------------------------------
