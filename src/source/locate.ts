@@ -289,6 +289,19 @@ export async function readBounded(file: string, maxBytes: number): Promise<Buffe
   try {
     const chunks: Buffer[] = [];
     let total = 0;
+    // A size stat can tell (a regular file, sysfs) is read straight into one buffer: a copy of
+    // the whole archive less, and its page faults, at every start.
+    const { size } = await fh.stat();
+    if (size > 0 && size <= maxBytes) {
+      const whole = Buffer.allocUnsafe(size);
+      while (total < size) {
+        const { bytesRead } = await fh.read(whole, total, size - total, null);
+        if (bytesRead === 0) break;
+        total += bytesRead;
+      }
+      chunks.push(whole.subarray(0, total));
+      if (total < size) return chunks[0]!; // shrank while read: what was there
+    }
     for (;;) {
       const buf = Buffer.allocUnsafe(1024 * 1024);
       const { bytesRead } = await fh.read(buf, 0, buf.length, null);
@@ -299,7 +312,7 @@ export async function readBounded(file: string, maxBytes: number): Promise<Buffe
       }
       chunks.push(bytesRead === buf.length ? buf : buf.subarray(0, bytesRead));
     }
-    return Buffer.concat(chunks, total);
+    return chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks, total);
   } finally {
     await fh.close();
   }
