@@ -17,6 +17,7 @@
 import { createHash } from 'node:crypto';
 import { access, chmod, lstat, mkdtemp, open, readdir, rename, rm, type FileHandle } from 'node:fs/promises';
 import os from 'node:os';
+import { Readable } from 'node:stream';
 import path from 'node:path';
 import { KheadersError, diskFullErrno, isKheadersError } from '../errors.js';
 import type { Logger } from '../log.js';
@@ -645,25 +646,26 @@ async function settleAll(work: ReadonlyArray<Promise<unknown>>): Promise<void> {
  */
 async function decodeInto(decoder: Decoder, indexer: TarIndexer, writer: PackWriter, limits: IngestLimits): Promise<void> {
   let tarError: KheadersError | undefined;
-  const readAll = async (): Promise<void> => {
-    let drained = 0;
-    for await (const chunk of decoder.chunks) {
-      if (tarError) {
-        drained += chunk.length;
-        if (drained > limits.maxTotalBytes) break;
-        continue;
-      }
-      try {
-        indexer.push(chunk);
-      } catch (err) {
-        if (isKheadersError(err, 'E_ARCHIVE_CORRUPT')) {
-          tarError = err;
-          continue;
-        }
-        throw err;
-      }
-      await writer.write(chunk);
+  let drained = 0;
+  /** One decoded chunk; false: stop reading. */
+  const take = (chunk: Buffer): boolean | Promise<boolean> => {
+    if (tarError) {
+      drained += chunk.length;
+      return drained <= limits.maxTotalBytes;
     }
+    try {
+      indexer.push(chunk);
+    } catch (err) {
+      if (isKheadersError(err, 'E_ARCHIVE_CORRUPT')) {
+        tarError = err;
+        return true;
+      }
+      throw err;
+    }
+    return writer.write(chunk).then(() => true);
+  };
+  const readAll = async (): Promise<void> => {
+    await eachChunk(decoder.chunks, take);
     if (!tarError) await writer.end();
   };
   try {
@@ -682,6 +684,67 @@ async function decodeInto(decoder: Decoder, indexer: TarIndexer, writer: PackWri
     throw tarError;
   }
   await decoder.done;
+}
+
+/**
+ * Feed every chunk of `source` to `take` until it ends or `take` says stop. A stream (the xz
+ * child's stdout) is read through 'data' events, paused only while `take` waits (the pack writer
+ * is busy): some 2,000 chunks of a kernel archive, each of which an async iterator would have
+ * taken through several promises (~100 ms of CPU per ingest in the profile).
+ */
+function eachChunk(source: AsyncIterable<Buffer>, take: (chunk: Buffer) => boolean | Promise<boolean>): Promise<void> {
+  if (!(source instanceof Readable)) {
+    return (async () => {
+      for await (const chunk of source) if (!(await take(chunk))) break;
+    })();
+  }
+  const stream = source;
+  return new Promise<void>((resolve, reject) => {
+    let settled = false;
+    const finish = (err?: Error): void => {
+      if (settled) return;
+      settled = true;
+      stream.off('data', onData).off('end', onEnd).off('error', onError).off('close', onClose);
+      if (err === undefined) resolve();
+      else reject(err);
+    };
+    const stop = (): void => {
+      finish();
+      stream.destroy(); // what breaking out of for-await does: the decoder is told to stop
+    };
+    const onData = (chunk: Buffer): void => {
+      let more: boolean | Promise<boolean>;
+      try {
+        more = take(chunk);
+      } catch (err) {
+        finish(asError(err));
+        stream.destroy();
+        return;
+      }
+      if (more === true) return;
+      if (more === false) return stop();
+      stream.pause();
+      more.then(
+        (go) => {
+          if (!go) stop();
+          else if (!settled) stream.resume();
+        },
+        (err: unknown) => {
+          finish(asError(err));
+          stream.destroy();
+        },
+      );
+    };
+    const onEnd = (): void => finish();
+    const onError = (err: Error): void => finish(err);
+    // Destroyed before its end (abort(), xz killed): as for-await, a premature close is an error.
+    const onClose = (): void => finish(Object.assign(new Error('Premature close'), { code: 'ERR_STREAM_PREMATURE_CLOSE' }));
+    stream.on('data', onData).on('end', onEnd).on('error', onError).on('close', onClose);
+  });
+}
+
+function asError(err: unknown): Error {
+  return err instanceof Error ? err : new Error(String(err));
 }
 
 function releaseFromUtsrelease(content: Buffer | undefined): string | undefined {
