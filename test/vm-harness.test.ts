@@ -21,6 +21,7 @@ test('x86_64 on the host root: 9p root read-only, init.sh as PID 1, modules and 
   const append = appendOf(args);
   assert.ok(append.includes('console=ttyS0'));
   assert.ok(append.includes('root=hostroot') && append.includes('ro'));
+  assert.ok(append.includes('rootflags=trans=virtio,version=9p2000.L,msize=512000,cache=loose'), 'the read-only root is cached in the guest');
   assert.ok(append.includes(`init=${path.join(VM_SCRIPTS, 'init.sh')}`));
   assert.ok(append.includes('kh_modules=/k/lib/modules/6.1.192'));
   assert.ok(append.includes('kh_cache=disk'));

@@ -409,7 +409,11 @@ export function qemuArgs(opts: VmOptions, p: { share: string; socket: string; ht
   switch (root.kind) {
     case 'host':
       args.push(...ninep('hostroot', '/', 'hostroot', 'readonly=on,security_model=none,multidevs=remap'));
-      append.push('root=hostroot', 'rootfstype=9p', 'rootflags=trans=virtio,version=9p2000.L,msize=512000', 'ro', `init=${path.join(VM_SCRIPTS, 'init.sh')}`);
+      // cache=loose: the guest keeps what it read of the host's files (they do not change while it
+      // runs) and reads ahead in msize requests. Without it every page of node's binary that a
+      // start touches is its own 4 KiB 9p read, and each lookup goes to the host: about a third
+      // of the qemu CPU time of a boot that starts node a few times (measured).
+      append.push('root=hostroot', 'rootfstype=9p', 'rootflags=trans=virtio,version=9p2000.L,msize=512000,cache=loose', 'ro', `init=${path.join(VM_SCRIPTS, 'init.sh')}`);
       if (opts.kernel.modulesDir !== undefined) append.push(`kh_modules=${opts.kernel.modulesDir}`);
       break;
     case 'initrd':
