@@ -102,7 +102,7 @@ kh_sampler_start() {
         print $log "$uptime $now\n";
         $last = $now;
       }
-      select(undef, undef, undef, 0.02);
+      select(undef, undef, undef, 0.05);
     }
     open(my $done, ">", "$out/sampler.done") or die "sampler.done: $!";
   ' "${1:-/run/kheaders}" "$KH_OUT" 3>&- &
