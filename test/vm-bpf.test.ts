@@ -84,12 +84,8 @@ tool=$!
 python3 "$KH_FILES/program.py" >"$KH_OUT/program.out" 2>"$KH_OUT/program.err" 3>&- &
 program=$!
 # The tool is ready once it prints its header (it compiled, loaded and attached).
-i=0
-until grep -q PCOMM "$KH_OUT/exitsnoop.out"; do
-  kill -0 "$tool" 2>/dev/null || exit 12
-  i=$((i + 1)); [ "$i" -lt 6000 ] || exit 13
-  sleep 0.1
-done
+# (status 12: the tool ended first; 13: it took more than 10 minutes)
+kh_wait_file "$KH_OUT/exitsnoop.out" PCOMM 600 "$tool" || { kill -0 "$tool" 2>/dev/null && exit 13; exit 12; }
 since() { awk -v now="$(cut -d' ' -f1 /proc/uptime)" -v t0="$t0" 'BEGIN { printf "%.1f", now - t0 }'; }
 echo "exitsnoop ready after $(since) s" >"$KH_OUT/timing"
 for n in 1 2 3; do
