@@ -5,11 +5,17 @@
  * that needs them, so `kheadersd ingest` starts as fast as node itself.
  */
 import './v8-flags.js'; // first: V8's heap settings before anything else is loaded
-import { Command, Option } from 'commander';
+import { createRequire } from 'node:module';
+import type * as CommanderModule from 'commander';
+import type { Command } from 'commander';
 import { DEFAULT_CONFIG_FILE, KEYS, envName, flagName, readConfigFile, resolveConfig, type Config, type ConfigKey } from './config.js';
 import { EXIT, KheadersError, errnoOf } from './errors.js';
 import { createLogger, type Logger } from './log.js';
 import type { CommandIO } from './commands/store-commands.js';
+
+// require(), not `import`: importing a CommonJS package from ESM makes node lex its source (and
+// every file it re-exports) for named exports, a cost paid at every start for nothing.
+const { Command: CommandClass, Option } = createRequire(import.meta.url)('commander') as typeof CommanderModule;
 
 const VERSION = '0.1.0';
 
@@ -80,7 +86,7 @@ function report(err: unknown, log: Logger, logOnTerminal: boolean): number {
 }
 
 export function buildProgram(): Command {
-  const program = new Command('kheadersd')
+  const program = new CommandClass('kheadersd')
     .description("Serve the running kernel's own headers (CONFIG_IKHEADERS) to BPF toolchains: one crash-safe cache, a FUSE mount and HTTP.")
     .version(VERSION)
     .option('--config <file>', `configuration file (default ${DEFAULT_CONFIG_FILE} if present) [env KHEADERSD_CONFIG]`)
