@@ -24,11 +24,14 @@ import type { Logger } from '../log.js';
 import { locateArchive, type ArchiveOrigin, type ArchiveSource, type ModuleFileInfo } from '../source/locate.js';
 import { xzUncompressedSize } from '../source/xz.js';
 import { CacheStore, entryId, fsyncDir, validRelease } from './cache.js';
-import { startDecoder, type Decoder, type DecoderChoice, type DecoderName } from './decompress.js';
-import { PackWriter } from './pack-writer.js';
+import type { Decoder, DecoderChoice, DecoderName } from './decompress.js';
+import type { PackWriter } from './pack-writer.js';
 import { ARCHIVE_FILE, CONFIG_FILE, CONFIG_PATH, ENTRY_FORMAT, INDEX_FILE, MANIFEST_FILE, PACK_FILE, type CacheEntry, type Manifest } from './entry.js';
 import { damageOf, isDamage } from './entry-load.js';
-import { FACT_FILES, chooseConfig, judgeBtf, type ConfigPaths, type EntryFacts, type Note } from './extras.js';
+// Only a build decodes, writes a pack or reads the kernel's BTF and config: decompress.js,
+// pack-writer.js and extras.js (with the BTF parser) are imported when one starts, not at every
+// daemon start that finds its entry cached.
+import type { ConfigPaths, EntryFacts, Note } from './extras.js';
 import { sha256OfFile, type LiveKernel } from './kernel-match.js';
 import { readLiveBuildId } from '../source/notes.js';
 import { DEFAULT_LIMITS, TarIndexer, type IngestLimits } from './tar-indexer.js';
@@ -227,6 +230,7 @@ async function addExtras(
   const notes: Note[] = [];
   let btfField: Manifest['btf'] = null;
   if (btf && made) {
+    const { judgeBtf } = await import('./extras.js');
     const verdict = judgeBtf(btf, btfGiven(opts), facts, live);
     notes.push(...verdict.notes);
     if (verdict.keep) {
@@ -236,7 +240,7 @@ async function addExtras(
       await rm(path.join(tmp, VMLINUX_H), { force: true });
     }
   }
-  const chosen = opts.config === 'off' ? { config: undefined, notes: [] } : await chooseConfig(facts, live, configPaths(opts));
+  const chosen = opts.config === 'off' ? { config: undefined, notes: [] } : await (await import('./extras.js')).chooseConfig(facts, live, configPaths(opts));
   notes.push(...chosen.notes);
   let config: NonNullable<Manifest['config']> | null = null;
   if (chosen.config) {
@@ -458,6 +462,7 @@ async function buildHeadersEntry(
   const handles: FileHandle[] = [];
   const running: Array<Promise<unknown>> = [];
   let decoder: Decoder | undefined;
+  const [{ FACT_FILES }, { startDecoder }, { PackWriter }] = await Promise.all([import('./extras.js'), import('./decompress.js'), import('./pack-writer.js')]);
   const indexer = new TarIndexer(limits, new Set([UTSRELEASE_H, ...FACT_FILES]));
   const report = (): void => {
     const p: IngestProgress = {
