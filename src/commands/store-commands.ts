@@ -9,7 +9,6 @@ import type { Logger } from '../log.js';
 import { CacheStore } from '../store/cache.js';
 import { damageOf, isDamage } from '../store/entry-load.js';
 import type { CacheEntry } from '../store/entry.js';
-import { exportEntry } from '../store/export.js';
 import { describeHeal, healCache, type HealReport, type KnownDamage } from '../store/heal.js';
 import { ingest, type IngestOptions, type IngestResult } from '../store/ingest.js';
 import { readLiveKernel } from '../store/kernel-match.js';
@@ -275,6 +274,8 @@ export async function cmdExport(cfg: Config, io: CommandIO, ref: string, dir: st
   let result;
   try {
     entry = await store.load(manifest.id);
+    // Imported here: `serve` loads this module for its ingest, and never exports.
+    const { exportEntry } = await import('../store/export.js');
     result = await exportEntry(entry, dir);
   } catch (err) {
     if (isDamage(err)) return failDamaged(cfg, io, err, entry);
