@@ -5,6 +5,10 @@
  * ~155 MiB, in the same time (test/memory-200k.test.ts). `serve` keeps V8's defaults: its
  * request paths are the hot ones.
  */
-import v8 from 'node:v8';
+import { createRequire } from 'node:module';
+import type * as V8 from 'node:v8';
 
-if (!process.argv.slice(2).includes('serve')) v8.setFlagsFromString('--optimize-for-size');
+// node:v8 is loaded only when a flag is set: loading it costs a few ms of CPU that a `serve`
+// start, which keeps V8's defaults, would pay for nothing. require() keeps it synchronous, so the
+// flag is still set before cli.ts loads anything else.
+if (!process.argv.slice(2).includes('serve')) (createRequire(import.meta.url)('node:v8') as typeof V8).setFlagsFromString('--optimize-for-size');
