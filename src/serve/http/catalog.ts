@@ -194,7 +194,8 @@ export class Catalog {
     for (const [id, served] of this.served) {
       // Gone from the cache, or replaced by a rebuilt instance: stop serving this one.
       const now = resolver.byId(id) ? await this.store.load(id).catch(() => undefined) : undefined;
-      if (now === served.entry) continue;
+      // A request may have served the rebuilt copy while we waited: that one is not ours to drop.
+      if (now === served.entry || this.served.get(id) !== served) continue;
       this.drop(id, served);
       this.log.debug({ id }, now ? 'entry rebuilt: serving the new copy' : 'entry left the cache: no longer served');
     }
