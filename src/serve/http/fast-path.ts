@@ -43,7 +43,7 @@ const KERNEL_ROUTE = '/v1/kernels/:ref';
 
 /** URLs whose file the fast path remembers (a fleet asks for the same few hundred headers). */
 const KNOWN_URLS_KEPT = 4096;
-/** Longer raw URLs are left to fastify, whose router limits a parameter to 512 characters. */
+/** Raw URLs longer than this are not remembered (bounds what the URL map holds), and their 401 is left to fastify (its router limits a parameter to 512 characters). */
 const MAX_URL = 512;
 
 export interface FastPathContext {
@@ -175,8 +175,12 @@ export function createFastPath(ctx: FastPathContext): FastPath {
       gzippable: rep.compressible && size >= GZIP_MIN_BYTES,
       plain: { 'x-content-type-options': 'nosniff', ...plain.headers },
     };
-    if (known.size >= KNOWN_URLS_KEPT) known.clear();
-    known.set(url, k);
+    // A longer URL (a long query string: it changes nothing in the answer) is answered, not
+    // remembered: 4,096 of 16 KiB ones would hold 64 MiB.
+    if (url.length <= MAX_URL) {
+      if (known.size >= KNOWN_URLS_KEPT) known.clear();
+      known.set(url, k);
+    }
     return sendFile(k, req, res, started);
   };
 
