@@ -84,6 +84,8 @@ const WWW_AUTHENTICATE = { 'www-authenticate': 'Bearer realm="kheadersd"' };
 export function createFastPath(ctx: FastPathContext): FastPath {
   const { catalog, metrics, state } = ctx;
   const known = new Map<string, KnownFile>();
+  /** The catalog epoch of everything in `known`. */
+  let knownEpoch = -1;
 
   const elapsed = (started: number): number => (performance.now() - started) / 1000;
 
@@ -178,7 +180,10 @@ export function createFastPath(ctx: FastPathContext): FastPath {
     // A longer URL (a long query string: it changes nothing in the answer) is answered, not
     // remembered: 4,096 of 16 KiB ones would hold 64 MiB.
     if (url.length <= MAX_URL) {
-      if (known.size >= KNOWN_URLS_KEPT) known.clear();
+      // What was remembered in an earlier epoch is never used again, and would keep entries
+      // that left the cache (their index, their reader) in memory: forget it all.
+      if (known.size >= KNOWN_URLS_KEPT || k.epoch !== knownEpoch) known.clear();
+      knownEpoch = k.epoch;
       known.set(url, k);
     }
     return sendFile(k, req, res, started);
