@@ -63,3 +63,33 @@ test('a rebuilt entry served during a refresh stays the one served, and its file
   await new Promise((resolve) => setTimeout(resolve, 50));
   assert.deepEqual(await openCacheFiles(cacheDir), [], 'files of the cache left open after the catalog closed');
 });
+
+test('the catalog epoch (what the fast path remembers per URL is valid for) moves only when names may resolve differently', async () => {
+  const cacheDir = path.join(work, 'cache-epoch');
+  const first = (await ingestSynth(cacheDir, work, '6.66.1')).manifest.id;
+  const store = await CacheStore.open(cacheDir);
+  const state = new DaemonState();
+  state.currentId = first;
+  state.ready = true;
+  const catalog = new Catalog(store, state, quietLog(), { bodyCacheBytes: 1 << 20, bodyCacheItemBytes: 1 << 16, gzipCacheBytes: 1 << 20 });
+  try {
+    assert.ok(await catalog.byRef('current'));
+    const settled = catalog.epoch;
+    // Refreshes that find the cache as it was (one a second under traffic) keep it.
+    await catalog.refresh();
+    await catalog.refresh();
+    assert.equal(catalog.epoch, settled, 'a refresh that changed nothing moved the epoch');
+    // Another entry in the cache: a release name or a digest prefix may now mean it.
+    const second = (await ingestSynth(cacheDir, work, '6.66.2', 'b', false)).manifest.id;
+    await catalog.refresh();
+    const withSecond = catalog.epoch;
+    assert.ok(withSecond > settled, 'a new entry did not move the epoch');
+    // `current` moved.
+    state.currentId = second;
+    await catalog.refresh();
+    assert.ok(catalog.epoch > withSecond, 'a new `current` did not move the epoch');
+    assert.equal((await catalog.byRef('current'))?.entry.manifest.id, second);
+  } finally {
+    await catalog.close();
+  }
+});

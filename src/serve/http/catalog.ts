@@ -132,6 +132,11 @@ export function httpDate(epochSeconds: number): string {
   return new Date(epochSeconds * 1000).toUTCString();
 }
 
+function sameListing(before: Snapshot | null, after: Snapshot): boolean {
+  if (before === null || before.currentId !== after.currentId || before.manifests.length !== after.manifests.length) return false;
+  return before.manifests.every((m, i) => m.id === after.manifests[i]!.id);
+}
+
 export class Catalog {
   readonly bytes: ByteSource;
   private snap: Snapshot | null = null;
@@ -200,8 +205,11 @@ export class Catalog {
       this.log.debug({ id }, now ? 'entry rebuilt: serving the new copy' : 'entry left the cache: no longer served');
     }
     const snap: Snapshot = { resolver, manifests: resolver.manifests, currentId: resolver.currentId, takenAt: performance.now() };
+    // A refresh runs every second under traffic; most find the cache as it was. Names resolve the
+    // same while the same entries are listed and `current` is the same (an entry's id fixes its
+    // release and digest), so only a change moves the epoch and drops what the fast path remembers.
+    if (!sameListing(this.snap, snap)) this.changes++;
     this.snap = snap;
-    this.changes++;
     return snap;
   }
 
