@@ -26,7 +26,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { goodArchive } from '../test/helpers/archives.js';
-import { machineLine, median, writeSection } from './report.js';
+import { envNote, machineLine, median, useDeviceLikeEnvironment, writeSection } from './report.js';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const CLI = path.join(REPO, 'dist/src/cli.js');
@@ -175,6 +175,7 @@ const x = (a: number, b: number): string => `${(a / b).toFixed(2)}×`;
 const verdict = (ok: boolean): string => (ok ? 'met' : '**not met**');
 
 async function main(): Promise<void> {
+  const droppedEnv = useDeviceLikeEnvironment();
   if (!existsSync(CLI)) throw new Error(`${CLI} is missing: run npm run build first`);
   for (const tool of [TIME, '/usr/bin/xz']) {
     if (!existsSync(tool)) {
@@ -299,7 +300,7 @@ async function main(): Promise<void> {
       '',
       `Runs: idle Private_Dirty ${idle.map((m) => mib(m.privateDirtyKiB)).join(' / ')}; warm start ${warm.map((s) => s.wallMs.toFixed(0)).join(' / ')} ms; first boot ${first.map((s) => s.wallMs.toFixed(0)).join(' / ')} ms; ingest ${ingests.map((s) => s.wallMs.toFixed(0)).join(' / ')} ms; \`xz -dc\` ${xz.map((s) => s.wallMs.toFixed(0)).join(' / ')} ms; \`node -e 0\` ${nodeStart.map((s) => s.wallMs.toFixed(0)).join(' / ')} ms.`,
       '',
-      'How: memory from `/proc/PID/smaps_rollup` (Private_Dirty, Rss) and `/proc/PID/status` (VmHWM) of the running processes. Start-up is spawn → the first 200 from `/readyz` (polled every 5 ms), the CPU time then from `/proc/PID/stat` (utime+stime+cutime+cstime, 10 ms ticks); the references and `ingest` run under `/usr/bin/time` (user+sys, children included). The FUSE mount comes up just after HTTP, so /readyz does not wait for it; the idle figures are taken with it mounted.',
+      'How: memory from `/proc/PID/smaps_rollup` (Private_Dirty, Rss) and `/proc/PID/status` (VmHWM) of the running processes. Start-up is spawn → the first 200 from `/readyz` (polled every 5 ms), the CPU time then from `/proc/PID/stat` (utime+stime+cutime+cstime, 10 ms ticks); the references and `ingest` run under `/usr/bin/time` (user+sys, children included). The FUSE mount comes up just after HTTP, so /readyz does not wait for it; the idle figures are taken with it mounted.' + envNote(droppedEnv),
       '',
       'Reproduce: `npm run build && node dist/bench/footprint.js` (as root for the mount; `--runs N`, `--settle S`, `--no-write`), or `npm run bench -- footprint`.',
     ].join('\n');

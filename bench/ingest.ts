@@ -20,7 +20,7 @@ import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { machineLine, median, writeSection } from './report.js';
+import { envNote, machineLine, median, useDeviceLikeEnvironment, writeSection } from './report.js';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const CLI = path.join(REPO, 'dist/src/cli.js');
@@ -88,6 +88,7 @@ const mib = (kib: number): string => `${(kib / 1024).toFixed(1)} MiB`;
 const ratio = (a: number, b: number): string => `${(a / b).toFixed(2)}×`;
 
 async function main(): Promise<void> {
+  const droppedEnv = useDeviceLikeEnvironment();
   if (!existsSync(FIXTURE)) {
     console.log(`bench ingest: skipped: fixture ${FIXTURE} not present`);
     return;
@@ -160,7 +161,7 @@ async function main(): Promise<void> {
     `Targets for the default decoder: within 1.25× of \`xz -dc\`: ${ratio(kh, xz)}, ${verdict(kh <= 1.25 * xz)}; faster than \`tar -xJf\`: ${ratio(kh, tar)}, ${verdict(kh < tar)}; peak RSS under 100 MiB: ${mib(rss('kh-xz'))}, ${verdict(rss('kh-xz') < 100 * 1024)}.`,
     `Node's start-up (\`node -e 0\`, ${ms(node)}) is part of every kheadersd run; without it kheadersd takes ${ms(kh - node)}, ${ratio(kh - node, xz)} of \`xz -dc\`.`,
     '',
-    'Notes: peak RSS is GNU time\'s `%M`, the largest single process of the tree (tar\'s and kheadersd\'s `xz` children are counted, not added to their parents). kheadersd fsyncs its entry before making it visible and keeps the compressed archive beside the pack (its disk figure is pack + archive + index); tar does neither, so on a disk under writeback load kheadersd pays for durability that tar does not offer. The "inside" figure is kheadersd\'s own reported duration (after node started and the CLI loaded).',
+    'Notes: peak RSS is GNU time\'s `%M`, the largest single process of the tree (tar\'s and kheadersd\'s `xz` children are counted, not added to their parents). kheadersd fsyncs its entry before making it visible and keeps the compressed archive beside the pack (its disk figure is pack + archive + index); tar does neither, so on a disk under writeback load kheadersd pays for durability that tar does not offer. The "inside" figure is kheadersd\'s own reported duration (after node started and the CLI loaded).' + envNote(droppedEnv),
     '',
     'Reproduce: `npm run build && node dist/bench/ingest.js` (`--runs N`, `--no-write` to print only).',
   ].join('\n');

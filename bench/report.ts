@@ -14,6 +14,24 @@ export function machineLine(): string {
   return `${os.cpus().length} × ${cpu}, ${Math.round(os.totalmem() / 2 ** 30)} GiB, Linux ${os.release()}, Node ${process.version}`;
 }
 
+/**
+ * Drop what this build machine puts in every process's environment and a device never has, so
+ * that node's own start-up (the reference every start-up ratio divides by) is measured as a
+ * device would see it. NODE_EXTRA_CA_CERTS makes Node 20 parse a whole CA bundle at start:
+ * measured here, `node -e 0` takes ~160 ms with it and ~100 ms without, which would flatter every
+ * "× node -e 0" figure. Call it before spawning anything; children inherit process.env.
+ */
+export function useDeviceLikeEnvironment(): string[] {
+  const dropped = ['NODE_EXTRA_CA_CERTS'].filter((name) => process.env[name] !== undefined);
+  for (const name of dropped) delete process.env[name];
+  return dropped;
+}
+
+/** The sentence a report adds when useDeviceLikeEnvironment() removed something. */
+export function envNote(dropped: readonly string[]): string {
+  return dropped.length === 0 ? '' : ` Every process measured ran without ${dropped.map((n) => `\`${n}\``).join(', ')}, which this machine sets for all processes and a device does not (it costs node itself ~60 ms at each start).`;
+}
+
 /** Replace (or append) the section `name` of BENCHMARKS.md with `markdown`. */
 export async function writeSection(name: string, markdown: string, file = BENCHMARKS_MD): Promise<void> {
   const begin = `<!-- bench:${name} -->`;
