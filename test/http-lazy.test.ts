@@ -106,6 +106,10 @@ test('`serve` logs loading fastify only once a request needs it', { timeout: 120
   assert.equal((await request(port, '/v1/kernels/current/archive.tar.xz', { method: 'HEAD' })).status, 200);
   await daemon.waitFor(loaded, 'the fastify-loaded debug line');
   assert.equal(daemon.logs.filter(loaded).length, 1);
+  // One "HTTP listening" line, with all it has to say (the server's own; serve used to add a second).
+  const listenings = daemon.logs.filter((l) => l['msg'] === 'HTTP listening');
+  assert.equal(listenings.length, 1, JSON.stringify(listenings));
+  assert.deepEqual([listenings[0]!['component'], listenings[0]!['url'], listenings[0]!['token']], ['http', listening['url'], false]);
 });
 
 test('requests that need fastify, the first and several more while it loads, are all answered; the fast path is not held up meanwhile', { timeout: 120_000 }, async (t) => {

@@ -216,8 +216,8 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
   if (cfg.http) {
     const { startHttpServer } = await import('../serve/http/server.js');
     const limits = { maxConnectionsPerClient: cfg.httpMaxConnectionsPerClient, headersTimeoutMs: cfg.httpHeadersTimeout * 1000, idleTimeoutMs: cfg.httpIdleTimeout * 1000 };
+    // startHttpServer logs "HTTP listening" (url, token) itself.
     http = await startHttpServer({ listen: cfg.http, store, state, log, limits, modules, ...(token !== undefined ? { token } : {}) });
-    log.info({ url: http.url }, 'HTTP listening');
   }
 
   if (cfg.mount && model) {
