@@ -17,7 +17,7 @@ import { after, before, describe, it } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { buildIdNotes } from './helpers/kernels.js';
 import { resolveConfig, type Config, type ConfigKey } from '../src/config.js';
-import { cmdDoctor, formatReport, runDoctor, statInChild, type CheckResult, type DoctorEnvironment, type DoctorReport } from '../src/commands/doctor.js';
+import { cmdDoctor, doctorTimeoutMs, formatReport, mountProbeBudget, runDoctor, statInChild, type CheckResult, type DoctorEnvironment, type DoctorReport } from '../src/commands/doctor.js';
 import { createLogger } from '../src/log.js';
 import { xz } from './helpers/archives.js';
 import { buildKernelModule } from './helpers/elf-builder.js';
@@ -66,6 +66,7 @@ async function machine(opts: { archive?: boolean; btf?: boolean } = {}): Promise
       packageRoot: ROOT,
       systemd: false,
       timeoutMs: 5000,
+      probeNode: process.execPath,
     },
   };
 }
@@ -391,6 +392,24 @@ describe('doctor checks', () => {
     const live = one(await runDoctor(config(root, { mount: other }), env), 'mount-point');
     assert.equal(live.status, 'ok');
     assert.match(live.what, /mounted \(fuse\.kheaders kheadersd\) and answering/);
+  });
+
+  it('the mount probe waits for a slow stat as long as KHEADERSD_DOCTOR_TIMEOUT allows', async () => {
+    const { root, env } = await machine();
+    const mnt = path.join(root, 'slow-mount');
+    await mkdir(mnt);
+    await writeFile(env.mountinfo!, `36 35 0:52 / ${mnt} ro,nosuid,nodev - fuse.kheaders kheadersd ro,user_id=0\n`);
+    // A stat that answers after 3.3 s, like one through a healthy mount on a loaded emulator.
+    const slowStat = path.join(root, 'slow-stat-node');
+    await writeFile(slowStat, "#!/bin/sh\nprintf R\nsleep 3.3\nprintf ' ok'\n", { mode: 0o755 });
+    assert.equal(mountProbeBudget(doctorTimeoutMs(undefined)).hangMs, 3000, 'the default hang budget is unchanged');
+    // KHEADERSD_DOCTOR_TIMEOUT=20 gives the stat 4 s: answering.
+    const patient = one(await runDoctor(config(root, { mount: mnt }), { ...env, probeNode: slowStat, timeoutMs: doctorTimeoutMs('20') }), 'mount-point');
+    assert.equal(patient.status, 'ok', patient.what);
+    // A short deadline (5 s: 1 s for the stat) still calls it hung.
+    const hasty = one(await runDoctor(config(root, { mount: mnt }), { ...env, probeNode: slowStat }), 'mount-point');
+    assert.equal(hasty.status, 'warn');
+    assert.match(hasty.what, /does not answer/);
   });
 
   it('xz: without the binary, lzma-native is a warning; asked for by name, a failure', async () => {

@@ -88,6 +88,8 @@ export interface DoctorEnvironment {
    * is too short reports a healthy system as broken. Hangs are caught by narrower timers.
    */
   timeoutMs: number;
+  /** The node the mount probe's stat child runs on (tests stand a slow or stuck one in). */
+  probeNode: string;
 }
 
 export interface DoctorIO {
@@ -142,6 +144,7 @@ export async function defaultEnvironment(): Promise<DoctorEnvironment> {
     packageRoot: packageRoot(),
     systemd: await exists('/run/systemd/system'),
     timeoutMs: doctorTimeoutMs(process.env['KHEADERSD_DOCTOR_TIMEOUT']),
+    probeNode: process.execPath,
   };
 }
 
@@ -153,6 +156,16 @@ export async function defaultEnvironment(): Promise<DoctorEnvironment> {
 export function doctorTimeoutMs(value: string | undefined): number {
   const seconds = Number(value);
   return value !== undefined && Number.isFinite(seconds) && seconds > 0 ? Math.round(seconds * 1000) : 15_000;
+}
+
+/**
+ * The mount probe's budgets for a check deadline: the stat itself gets a fifth of it (3 s of the
+ * default 15 s), the child as a whole the deadline. A longer KHEADERSD_DOCTOR_TIMEOUT (a slow or
+ * loaded device, an emulator, where a stat through a healthy mount can take seconds) lengthens
+ * both, so a slow mount is not reported as a hung one.
+ */
+export function mountProbeBudget(timeoutMs: number): { hangMs: number; limitMs: number } {
+  return { hangMs: Math.round(timeoutMs / 5), limitMs: timeoutMs };
 }
 
 export async function runDoctor(cfg: Config, overrides: Partial<DoctorEnvironment> = {}): Promise<DoctorReport> {
@@ -585,7 +598,7 @@ class Doctor {
     }
     if (fuse) {
       // Only a FUSE mount can block a stat forever: probe it in a child we can kill.
-      const probe = await statInChild(abs, { hangMs: 3000, limitMs: this.env.timeoutMs });
+      const probe = await statInChild(abs, mountProbeBudget(this.env.timeoutMs), this.env.probeNode);
       if (probe === 'ok') return [{ id: 'mount-point', status: 'ok', what: `mount point ${abs}: mounted (${here.fsType} ${here.source}) and answering: kheadersd is serving it` }];
       if (probe === 'ENOTCONN' || probe === 'ECONNABORTED') {
         return [{ id: 'mount-point', status: 'warn', what: `mount point ${abs}: a dead FUSE mount (${probe}) left by a daemon that crashed or was killed`, fix: `serve clears it at start; or now: sudo umount -l ${abs}` }];
