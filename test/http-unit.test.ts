@@ -150,6 +150,129 @@ test('metrics text: counters, histogram, escaping, gauges', () => {
   for (const line of text.trim().split('\n')) if (!line.startsWith('#')) assert.match(line, /^[a-z_]+(\{[^}]*\})? [-+0-9.eInfNa]+$/, line);
 });
 
+test('metrics text: every route and status in a fixed order, one histogram per route; a route with no answers yet is not shown', () => {
+  const m = new HttpMetrics();
+  m.route('/v1/blobs/:digest/files/*'); // taken by the fast path, never answered
+  const files = m.route('/v1/kernels/:ref/files/*');
+  files.observe(200, 0.0004, 100);
+  m.observe('/v1/kernels/:ref', 200, 0.0002, 300);
+  m.observe('/v1/kernels', 200, 0.001, 1000);
+  files.observe(304, 0.0001, 0);
+  m.observe('/v1/kernels/:ref/files/*', 200, 0.003, 50);
+  files.observe(404, 20, 10);
+  m.observe('/healthz', 200, 0.00001, 60);
+  m.observe('/v1/kernels/:ref', 404, 0.002, 80);
+  m.observe('unmatched', 404, 0.6, 70);
+  files.observe(206, 0.0101, 4);
+  const http = m
+    .render([], new DaemonState())
+    .split('\n')
+    .filter((l) => l.startsWith('kheadersd_http_'));
+  // As the daemon has always written them (the same observations, made before route handles existed).
+  assert.deepEqual(http, [
+    'kheadersd_http_requests_total{route="/healthz",status="200"} 1',
+    'kheadersd_http_requests_total{route="/v1/kernels",status="200"} 1',
+    'kheadersd_http_requests_total{route="/v1/kernels/:ref",status="200"} 1',
+    'kheadersd_http_requests_total{route="/v1/kernels/:ref",status="404"} 1',
+    'kheadersd_http_requests_total{route="/v1/kernels/:ref/files/*",status="200"} 2',
+    'kheadersd_http_requests_total{route="/v1/kernels/:ref/files/*",status="206"} 1',
+    'kheadersd_http_requests_total{route="/v1/kernels/:ref/files/*",status="304"} 1',
+    'kheadersd_http_requests_total{route="/v1/kernels/:ref/files/*",status="404"} 1',
+    'kheadersd_http_requests_total{route="unmatched",status="404"} 1',
+    'kheadersd_http_response_bytes_total{route="/healthz"} 60',
+    'kheadersd_http_response_bytes_total{route="/v1/kernels"} 1000',
+    'kheadersd_http_response_bytes_total{route="/v1/kernels/:ref"} 380',
+    'kheadersd_http_response_bytes_total{route="/v1/kernels/:ref/files/*"} 164',
+    'kheadersd_http_response_bytes_total{route="unmatched"} 70',
+    'kheadersd_http_request_duration_seconds_bucket{route="/healthz",le="0.0005"} 1',
+    'kheadersd_http_request_duration_seconds_bucket{route="/healthz",le="0.001"} 1',
+    'kheadersd_http_request_duration_seconds_bucket{route="/healthz",le="0.0025"} 1',
+    'kheadersd_http_request_duration_seconds_bucket{route="/healthz",le="0.005"} 1',
+    'kheadersd_http_request_duration_seconds_bucket{route="/healthz",le="0.01"} 1',
+    'kheadersd_http_request_duration_seconds_bucket{route="/healthz",le="0.025"} 1',
+    'kheadersd_http_request_duration_seconds_bucket{route="/healthz",le="0.05"} 1',
+    'kheadersd_http_request_duration_seconds_bucket{route="/healthz",le="0.1"} 1',
+    'kheadersd_http_request_duration_seconds_bucket{route="/healthz",le="0.25"} 1',
+    'kheadersd_http_request_duration_seconds_bucket{route="/healthz",le="0.5"} 1',
+    'kheadersd_http_request_duration_seconds_bucket{route="/healthz",le="1"} 1',
+    'kheadersd_http_request_duration_seconds_bucket{route="/healthz",le="2.5"} 1',
+    'kheadersd_http_request_duration_seconds_bucket{route="/healthz",le="5"} 1',
+    'kheadersd_http_request_duration_seconds_bucket{route="/healthz",le="10"} 1',
+    'kheadersd_http_request_duration_seconds_bucket{route="/healthz",le="+Inf"} 1',
+    'kheadersd_http_request_duration_seconds_sum{route="/healthz"} 0.00001',
+    'kheadersd_http_request_duration_seconds_count{route="/healthz"} 1',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels",le="0.0005"} 0',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels",le="0.001"} 1',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels",le="0.0025"} 1',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels",le="0.005"} 1',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels",le="0.01"} 1',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels",le="0.025"} 1',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels",le="0.05"} 1',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels",le="0.1"} 1',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels",le="0.25"} 1',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels",le="0.5"} 1',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels",le="1"} 1',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels",le="2.5"} 1',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels",le="5"} 1',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels",le="10"} 1',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels",le="+Inf"} 1',
+    'kheadersd_http_request_duration_seconds_sum{route="/v1/kernels"} 0.001',
+    'kheadersd_http_request_duration_seconds_count{route="/v1/kernels"} 1',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels/:ref",le="0.0005"} 1',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels/:ref",le="0.001"} 1',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels/:ref",le="0.0025"} 2',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels/:ref",le="0.005"} 2',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels/:ref",le="0.01"} 2',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels/:ref",le="0.025"} 2',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels/:ref",le="0.05"} 2',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels/:ref",le="0.1"} 2',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels/:ref",le="0.25"} 2',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels/:ref",le="0.5"} 2',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels/:ref",le="1"} 2',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels/:ref",le="2.5"} 2',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels/:ref",le="5"} 2',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels/:ref",le="10"} 2',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels/:ref",le="+Inf"} 2',
+    'kheadersd_http_request_duration_seconds_sum{route="/v1/kernels/:ref"} 0.0022',
+    'kheadersd_http_request_duration_seconds_count{route="/v1/kernels/:ref"} 2',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels/:ref/files/*",le="0.0005"} 2',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels/:ref/files/*",le="0.001"} 2',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels/:ref/files/*",le="0.0025"} 2',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels/:ref/files/*",le="0.005"} 3',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels/:ref/files/*",le="0.01"} 3',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels/:ref/files/*",le="0.025"} 4',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels/:ref/files/*",le="0.05"} 4',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels/:ref/files/*",le="0.1"} 4',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels/:ref/files/*",le="0.25"} 4',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels/:ref/files/*",le="0.5"} 4',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels/:ref/files/*",le="1"} 4',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels/:ref/files/*",le="2.5"} 4',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels/:ref/files/*",le="5"} 4',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels/:ref/files/*",le="10"} 4',
+    'kheadersd_http_request_duration_seconds_bucket{route="/v1/kernels/:ref/files/*",le="+Inf"} 5',
+    'kheadersd_http_request_duration_seconds_sum{route="/v1/kernels/:ref/files/*"} 20.0136',
+    'kheadersd_http_request_duration_seconds_count{route="/v1/kernels/:ref/files/*"} 5',
+    'kheadersd_http_request_duration_seconds_bucket{route="unmatched",le="0.0005"} 0',
+    'kheadersd_http_request_duration_seconds_bucket{route="unmatched",le="0.001"} 0',
+    'kheadersd_http_request_duration_seconds_bucket{route="unmatched",le="0.0025"} 0',
+    'kheadersd_http_request_duration_seconds_bucket{route="unmatched",le="0.005"} 0',
+    'kheadersd_http_request_duration_seconds_bucket{route="unmatched",le="0.01"} 0',
+    'kheadersd_http_request_duration_seconds_bucket{route="unmatched",le="0.025"} 0',
+    'kheadersd_http_request_duration_seconds_bucket{route="unmatched",le="0.05"} 0',
+    'kheadersd_http_request_duration_seconds_bucket{route="unmatched",le="0.1"} 0',
+    'kheadersd_http_request_duration_seconds_bucket{route="unmatched",le="0.25"} 0',
+    'kheadersd_http_request_duration_seconds_bucket{route="unmatched",le="0.5"} 0',
+    'kheadersd_http_request_duration_seconds_bucket{route="unmatched",le="1"} 1',
+    'kheadersd_http_request_duration_seconds_bucket{route="unmatched",le="2.5"} 1',
+    'kheadersd_http_request_duration_seconds_bucket{route="unmatched",le="5"} 1',
+    'kheadersd_http_request_duration_seconds_bucket{route="unmatched",le="10"} 1',
+    'kheadersd_http_request_duration_seconds_bucket{route="unmatched",le="+Inf"} 1',
+    'kheadersd_http_request_duration_seconds_sum{route="unmatched"} 0.6',
+    'kheadersd_http_request_duration_seconds_count{route="unmatched"} 1',
+    'kheadersd_http_memory_cache_bytes 0',
+  ]);
+});
+
 test('bearer token check', () => {
   const ok = bearerChecker('s3cret-token');
   assert.equal(ok('Bearer s3cret-token'), true);

@@ -22,6 +22,7 @@
  * same requests and compares the answers.
  */
 import type { IncomingMessage, OutgoingHttpHeaders, ServerResponse } from 'node:http';
+import { performance } from 'node:perf_hooks';
 import { httpAnswer } from '../../errors.js';
 import type { Logger } from '../../log.js';
 import { isDigest } from '../../store/cache.js';
@@ -30,7 +31,7 @@ import { summarise } from '../../store/summary.js';
 import type { DaemonState } from '../state.js';
 import type { Catalog, ServedEntry, Snapshot } from './catalog.js';
 import { acceptsGzip } from './conditional.js';
-import type { HttpMetrics } from './metrics.js';
+import type { HttpMetrics, RouteMetrics } from './metrics.js';
 import { isModuleHeaderPath } from './module-headers.js';
 import { PathError, parseRequestPath } from './paths.js';
 import { sendJson, sendText } from './raw-reply.js';
@@ -64,7 +65,8 @@ interface KnownFile {
   epoch: number;
   served: ServedEntry;
   rep: Representation;
-  route: string;
+  /** The route's counters, held so that answering does not look them up. */
+  stats: RouteMetrics;
   size: number;
   /** Whether Accept-Encoding can change the answer (text big enough to compress). */
   gzippable: boolean;
@@ -92,7 +94,7 @@ export function createFastPath(ctx: FastPathContext): FastPath {
   const sendFile = (k: KnownFile, req: IncomingMessage, res: ServerResponse, started: number): boolean | Promise<boolean> => {
     const h = req.headers;
     const head = req.method === 'HEAD';
-    const { rep, route } = k;
+    const { rep, stats } = k;
     // The common case, no conditions and no encoding to choose: the answer made once.
     if (h.range === undefined && h['if-none-match'] === undefined && h['if-modified-since'] === undefined && !(k.gzippable && acceptsGzip(h['accept-encoding']))) {
       const body = head ? null : catalog.bytes.peek(rep.body, 0, k.size);
@@ -100,7 +102,7 @@ export function createFastPath(ctx: FastPathContext): FastPath {
         res.writeHead(200, k.plain);
         if (body === null) res.end();
         else res.end(body);
-        metrics.observe(route, 200, elapsed(started), body === null ? 0 : body.length);
+        stats.observe(200, elapsed(started), body === null ? 0 : body.length);
         return true;
       }
     }
@@ -115,13 +117,13 @@ export function createFastPath(ctx: FastPathContext): FastPath {
       headers['content-length'] = String(body.length);
       res.writeHead(416, headers);
       res.end(body);
-      metrics.observe(route, 416, elapsed(started), head ? 0 : body.length);
+      stats.observe(416, elapsed(started), head ? 0 : body.length);
       return true;
     }
     if (d.kind === 'not-modified') {
       res.writeHead(304, headers);
       res.end();
-      metrics.observe(route, 304, elapsed(started), 0);
+      stats.observe(304, elapsed(started), 0);
       return true;
     }
     const finish = (buf: Buffer | null): void => {
@@ -130,7 +132,7 @@ export function createFastPath(ctx: FastPathContext): FastPath {
       res.writeHead(d.status, headers);
       if (buf) res.end(buf);
       else res.end();
-      metrics.observe(route, d.status, elapsed(started), buf ? buf.length : 0);
+      stats.observe(d.status, elapsed(started), buf ? buf.length : 0);
     };
     // In memory already (the common case for hot headers): answer before returning.
     const ready = bodyForSync(d, rep, catalog.bytes, head);
@@ -148,7 +150,7 @@ export function createFastPath(ctx: FastPathContext): FastPath {
         // As fastify's error handler answers a route's error.
         const { status, error } = httpAnswer(err);
         if (status >= 500) ctx.log.error({ err, url: req.url }, 'request failed');
-        metrics.observe(route, status, elapsed(started), sendJson(res, status, 'no-store', { error }));
+        stats.observe(status, elapsed(started), sendJson(res, status, 'no-store', { error }));
         return true;
       },
     );
@@ -172,7 +174,7 @@ export function createFastPath(ctx: FastPathContext): FastPath {
       epoch: catalog.epoch,
       served,
       rep,
-      route: c.route,
+      stats: metrics.route(c.route),
       size,
       gzippable: rep.compressible && size >= GZIP_MIN_BYTES,
       plain: { 'x-content-type-options': 'nosniff', ...plain.headers },

@@ -9,12 +9,6 @@ import type { DaemonState } from '../state.js';
 /** Request latency buckets, seconds: from a cached header (sub-ms) to a slow archive download. */
 export const LATENCY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10] as const;
 
-interface Histogram {
-  counts: number[]; // per bucket, not cumulative; the last one is +Inf
-  sum: number;
-  count: number;
-}
-
 export function escapeLabel(v: string): string {
   return v.replace(/\\/g, '\\\\').replace(/\n/g, '\\n').replace(/"/g, '\\"');
 }
@@ -26,25 +20,52 @@ function num(v: number): string {
   return String(v);
 }
 
-export class HttpMetrics {
-  private readonly requests = new Map<string, number>(); // `${route}\0${status}`
-  private readonly bytes = new Map<string, number>(); // route
-  private readonly latency = new Map<string, Histogram>(); // route
+/**
+ * What one route label has seen. The request path holds its route's instance and counts into it
+ * directly: no label string is built or hashed per request, and nothing is allocated.
+ */
+export class RouteMetrics {
+  /** Requests by status. */
+  private readonly statuses = new Map<number, number>();
+  bytes = 0;
+  /** Latency histogram: per bucket, not cumulative; the last one is +Inf. */
+  readonly buckets: number[] = new Array<number>(LATENCY_BUCKETS.length + 1).fill(0);
+  sum = 0;
+  count = 0;
 
-  observe(route: string, status: number, seconds: number, bytesSent: number): void {
-    const key = `${route}\0${status}`;
-    this.requests.set(key, (this.requests.get(key) ?? 0) + 1);
-    this.bytes.set(route, (this.bytes.get(route) ?? 0) + bytesSent);
-    let hist = this.latency.get(route);
-    if (!hist) {
-      hist = { counts: new Array<number>(LATENCY_BUCKETS.length + 1).fill(0), sum: 0, count: 0 };
-      this.latency.set(route, hist);
-    }
+  constructor(readonly route: string) {}
+
+  observe(status: number, seconds: number, bytesSent: number): void {
+    this.statuses.set(status, (this.statuses.get(status) ?? 0) + 1);
+    this.bytes += bytesSent;
     let i = 0;
     while (i < LATENCY_BUCKETS.length && seconds > LATENCY_BUCKETS[i]!) i++;
-    hist.counts[i]!++;
-    hist.sum += seconds;
-    hist.count++;
+    this.buckets[i]!++;
+    this.sum += seconds;
+    this.count++;
+  }
+
+  /** [status, requests], by status. */
+  byStatus(): Array<[number, number]> {
+    return [...this.statuses].sort(([a], [b]) => a - b);
+  }
+}
+
+export class HttpMetrics {
+  private readonly routes = new Map<string, RouteMetrics>();
+
+  /** The counters of one route label, to observe into (made on first use). */
+  route(route: string): RouteMetrics {
+    let r = this.routes.get(route);
+    if (!r) {
+      r = new RouteMetrics(route);
+      this.routes.set(route, r);
+    }
+    return r;
+  }
+
+  observe(route: string, status: number, seconds: number, bytesSent: number): void {
+    this.route(route).observe(status, seconds, bytesSent);
   }
 
   render(manifests: readonly Manifest[], state: DaemonState, memoryCacheBytes = 0, quarantineEntries = 0): string {
@@ -53,24 +74,25 @@ export class HttpMetrics {
       out.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
     };
 
+    // Routes a request path took a handle for but that have answered nothing yet are not shown.
+    const routes = [...this.routes.values()].filter((r) => r.count > 0).sort((a, b) => (a.route < b.route ? -1 : a.route > b.route ? 1 : 0));
     family('kheadersd_http_requests_total', 'counter', 'HTTP requests answered, by route and status.');
-    for (const [key, n] of [...this.requests].sort()) {
-      const [route, status] = key.split('\0') as [string, string];
-      out.push(`kheadersd_http_requests_total{route="${escapeLabel(route)}",status="${status}"} ${n}`);
+    for (const r of routes) {
+      for (const [status, n] of r.byStatus()) out.push(`kheadersd_http_requests_total{route="${escapeLabel(r.route)}",status="${status}"} ${n}`);
     }
 
     family('kheadersd_http_response_bytes_total', 'counter', 'Response body bytes sent, by route.');
-    for (const [route, n] of [...this.bytes].sort()) out.push(`kheadersd_http_response_bytes_total{route="${escapeLabel(route)}"} ${n}`);
+    for (const r of routes) out.push(`kheadersd_http_response_bytes_total{route="${escapeLabel(r.route)}"} ${r.bytes}`);
 
     family('kheadersd_http_request_duration_seconds', 'histogram', 'Time from request to the end of the response, by route.');
-    for (const [route, hist] of [...this.latency].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))) {
-      const r = escapeLabel(route);
+    for (const hist of routes) {
+      const r = escapeLabel(hist.route);
       let cumulative = 0;
       LATENCY_BUCKETS.forEach((le, i) => {
-        cumulative += hist.counts[i]!;
+        cumulative += hist.buckets[i]!;
         out.push(`kheadersd_http_request_duration_seconds_bucket{route="${r}",le="${le}"} ${cumulative}`);
       });
-      cumulative += hist.counts[LATENCY_BUCKETS.length]!;
+      cumulative += hist.buckets[LATENCY_BUCKETS.length]!;
       out.push(`kheadersd_http_request_duration_seconds_bucket{route="${r}",le="+Inf"} ${cumulative}`);
       out.push(`kheadersd_http_request_duration_seconds_sum{route="${r}"} ${num(hist.sum)}`);
       out.push(`kheadersd_http_request_duration_seconds_count{route="${r}"} ${hist.count}`);
