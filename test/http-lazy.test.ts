@@ -11,7 +11,7 @@ import http from 'node:http';
 import net from 'node:net';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
-import { startHttpServer } from '../src/serve/http/server.js';
+import { startHttpServer, type HttpLimits } from '../src/serve/http/server.js';
 import { DaemonState } from '../src/serve/state.js';
 import { CacheStore } from '../src/store/cache.js';
 import { ingest } from '../src/store/ingest.js';
@@ -43,7 +43,7 @@ after(async () => {
   await removeDir(work);
 });
 
-async function serve(opts: { beforeFastify?: () => Promise<void> } = {}) {
+async function serve(opts: { beforeFastify?: () => Promise<void>; limits?: Partial<HttpLimits> } = {}) {
   const store = await CacheStore.open(cacheDir);
   const state = new DaemonState();
   state.currentId = await store.currentId();
@@ -169,6 +169,51 @@ test('close() while fastify loads: the queued request is answered, new connectio
   await closed;
   agent.destroy();
   idle.destroy();
+});
+
+test('the idle timeout cuts a connection whose answer is in flight with nothing moving; between requests the keep-alive timeout rules', { timeout: 120_000 }, async (t) => {
+  const g = gate();
+  const server = await serve({ beforeFastify: g.wait, limits: { idleTimeoutMs: 300, keepAliveTimeoutMs: 30_000 } });
+  t.after(async () => {
+    g.open();
+    await server.close();
+  });
+  const connect = async (): Promise<{ socket: net.Socket; text: () => string; closed: Promise<void> }> => {
+    const socket = net.connect({ host: '127.0.0.1', port: server.port });
+    t.after(() => socket.destroy());
+    let text = '';
+    socket.setEncoding('latin1').on('data', (d: string) => (text += d));
+    const closed = new Promise<void>((resolve) => socket.once('close', () => resolve()));
+    await new Promise((r) => socket.once('connect', r));
+    return { socket, text: () => text, closed };
+  };
+  const answers = async (c: { text: () => string }, n: number): Promise<void> => {
+    const deadline = Date.now() + DEADLINE_MS;
+    while ((c.text().match(/^HTTP\/1\.1 200 /gm) ?? []).length < n) {
+      if (Date.now() > deadline) throw new Error(`no answer: ${c.text()}`);
+      await new Promise((r) => setTimeout(r, 10));
+    }
+  };
+
+  // Answered by the fast path, then silent for three idle timeouts: the keep-alive timeout (30 s)
+  // is the one that applies, so the connection is still there for the next request.
+  const kept = await connect();
+  kept.socket.write(`GET ${F}/include/linux/sched.h HTTP/1.1\r\nHost: x\r\n\r\n`);
+  await answers(kept, 1);
+  await new Promise((r) => setTimeout(r, 900));
+  assert.equal(kept.socket.destroyed, false, 'a kept-alive connection was cut by the idle timeout');
+  kept.socket.write('GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n');
+  await answers(kept, 2);
+
+  // A request fastify must answer, held while fastify loads: nothing moves on that connection,
+  // and it is cut after the idle timeout without an answer.
+  const held = await connect();
+  held.socket.write(`GET ${F}/include/linux/ HTTP/1.1\r\nHost: x\r\n\r\n`);
+  await untilLoading(server);
+  const cut = await Promise.race([held.closed.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), DEADLINE_MS).unref())]);
+  assert.ok(cut, 'the connection of a request in flight with nothing moving was never cut');
+  assert.equal(held.text(), '');
+  assert.equal(server.fastify, 'loading');
 });
 
 test('a failed load answers the queued requests 500 and is tried again on the next one', { timeout: 60_000 }, async (t) => {

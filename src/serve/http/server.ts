@@ -104,7 +104,11 @@ export async function startHttpServer(opts: HttpServerOptions): Promise<HttpServ
     (req, res) => onRequest(req, res),
   );
   server.keepAliveTimeout = limits.keepAliveTimeoutMs;
-  server.setTimeout(limits.idleTimeoutMs);
+  // The idle timeout is armed per response, only while one is in flight (watchInFlight), not
+  // with server.setTimeout: node re-arms that one on every request of a keep-alive connection
+  // (a timer object and a bound function each time) and refreshes it on every write. Between
+  // requests the keep-alive timeout holds, before the first request's headers the headers
+  // timeout: the idle timeout only ever mattered while a response was in flight.
   server.maxConnections = limits.maxConnections;
   server.on('clientError', answerClientError);
   capConnectionsPerClient(server, limits.maxConnectionsPerClient, log);
@@ -115,10 +119,19 @@ export async function startHttpServer(opts: HttpServerOptions): Promise<HttpServ
     return buildApp({ server, log, ctx, authorised, ...(opts.liveBtf !== undefined ? { liveBtf: opts.liveBtf } : {}) });
   }, log);
 
+  /**
+   * A response still in flight when the request handler returns (the kernel has not taken all of
+   * it, or it is still being made): its connection is closed after idleTimeoutMs without
+   * activity. Node replaces this timer with the keep-alive one once the response is done.
+   */
+  const watchInFlight = (req: IncomingMessage, res: ServerResponse): void => {
+    if (!res.writableFinished) req.socket.setTimeout(limits.idleTimeoutMs);
+  };
+
   function onRequest(req: IncomingMessage, res: ServerResponse): void {
     if (closing) {
       serviceUnavailable(res);
-      return;
+      return watchInFlight(req, res);
     }
     let answered: boolean | Promise<boolean> = false;
     try {
@@ -128,7 +141,9 @@ export async function startHttpServer(opts: HttpServerOptions): Promise<HttpServ
       log.error({ err, url: req.url }, 'fast path failed');
       if (res.headersSent) return void res.destroy();
     }
-    if (answered === true) return;
+    // Answered at once (nearly always): the kernel has usually taken the whole response already.
+    if (answered === true) return watchInFlight(req, res);
+    watchInFlight(req, res);
     if (answered === false) return app.handle(req, res);
     answered.then(
       (done) => done || app.handle(req, res),
