@@ -17,7 +17,7 @@ export interface HttpLimits {
   timeoutCheckIntervalMs: number;
   /** An idle keep-alive connection is closed after this. */
   keepAliveTimeoutMs: number;
-  /** A socket with no activity at all (e.g. a stalled download) is closed after this. */
+  /** A response in flight with no activity on its connection (a stalled download, an answer that does not come) is cut after this. */
   idleTimeoutMs: number;
   /** Connections beyond this are closed as soon as they are accepted (server.maxConnections). */
   maxConnections: number;
