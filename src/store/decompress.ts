@@ -11,9 +11,11 @@
  */
 import { spawn, type ChildProcessByStdio } from 'node:child_process';
 import type { Readable, Writable } from 'node:stream';
-import { access, constants } from 'node:fs/promises';
+import { access, constants, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { KheadersError } from '../errors.js';
+import type { FileWriter } from './follow-file.js';
+import { totalBytesLimit } from './tar-indexer.js';
 
 export type DecoderName = 'xz' | 'lzma-native';
 export type DecoderChoice = DecoderName | 'auto';
@@ -62,14 +64,34 @@ export async function findXzBinary(envPath = process.env.PATH ?? ''): Promise<{ 
   return undefined;
 }
 
-/** Start decoding `input` (a whole .xz file). */
-export async function startDecoder(input: Buffer, choice: DecoderChoice = 'auto'): Promise<Decoder> {
+/**
+ * A decoder that writes the decoded stream into a file itself (the xz child, its stdout being
+ * the file): the reader follows the file as it grows (follow-file.ts).
+ */
+export interface FileDecoder extends FileWriter {
+  readonly name: DecoderName;
+  /** Resolves when the decoder has verified the whole stream; rejects with E_ARCHIVE_CORRUPT, E_LIMIT, or ENOSPC (an errno error). */
+  readonly done: Promise<void>;
+  abort(): void;
+}
+
+/** Where a decoder writes the decoded stream: `file`, opened for writing and reading at offset 0, holding at most `maxBytes`. */
+export interface DecodeTarget {
+  file: FileHandle;
+  maxBytes: number;
+}
+
+/**
+ * Start decoding `input` (a whole .xz file): with an xz binary, straight into `target.file`;
+ * with lzma-native, as a stream the caller reads and writes to the file itself.
+ */
+export async function startDecoder(input: Buffer, choice: DecoderChoice, target: DecodeTarget): Promise<{ intoFile: FileDecoder } | { stream: Decoder }> {
   if (choice !== 'lzma-native') {
     const xz = await findXzBinary();
-    if (xz) return startXzChild(input, xz.file, xz.args);
+    if (xz) return { intoFile: startXzIntoFile(input, xz, target) };
     if (choice === 'xz') throw new KheadersError('E_USAGE', 'no xz or xzcat binary on PATH (--decoder xz); install xz-utils or use --decoder auto');
   }
-  return startLzmaNative(input);
+  return { stream: await startLzmaNative(input) };
 }
 
 function corrupt(detail: string): KheadersError {
@@ -84,16 +106,40 @@ function memoryLimit(detail: string): KheadersError {
   });
 }
 
+/** How the xz child is started: its shell (which sets the file-size limit, then execs xz). */
+export interface XzChildOptions {
+  /** A POSIX shell. Default: /bin/sh (/system/bin/sh on Android), the one node's own `shell: true` uses. */
+  shell?: string;
+}
+
+/** The unit of `ulimit -f` in a POSIX shell (dash, mksh, bash as `sh`); bash's own mode counts 1 KiB. */
+const ULIMIT_BLOCK_BYTES = 512;
+
 /**
- * xz decodes on the other core and writes into a pipe (a socket pair, as libuv makes them);
- * node stops reading while ingest is busy, the pipe fills, and xz blocks in write(2). Nothing
- * reaches the cache that ingest has not counted and checked.
+ * xz decodes on the other core and writes the pack itself: its stdout is the pack file, and node
+ * only reads it back from the page cache (follow-file.ts), where reading xz's output through a
+ * pipe cost more CPU than indexing and hashing it.
+ *
+ * The bound on disk: xz runs under RLIMIT_FSIZE (`ulimit -f`, set by a shell that then execs
+ * it), so a bomb's pack stops at `maxBytes` rounded up to the next 512 bytes, whatever node is
+ * doing; xz's write past it fails with EFBIG ("File too large": SIGXFSZ is ignored, so no core
+ * dump), reported as the same E_LIMIT the reader gives. The reader also stops and kills xz as
+ * soon as it has read past a limit. If the daemon dies, xz reads the end of its input pipe
+ * soon after (node feeds the archive as xz takes it) and exits; the pack it leaves is in the
+ * staging directory, which the next start sweeps.
  */
-function startXzChild(input: Buffer, file: string, args: string[]): Decoder {
+export function startXzIntoFile(input: Buffer, xz: { file: string; args: string[] }, target: DecodeTarget, opts: XzChildOptions = {}): FileDecoder {
   // The memory limit goes in XZ_DEFAULTS, which XZ Utils reads and other xz tools ignore, where
   // a flag they do not know would stop them. toybox's xzcat has its own: a 64 MiB dictionary.
-  const env = { ...process.env, XZ_DEFAULTS: `--memlimit-decompress=${DECODER_MEMLIMIT_BYTES}` };
-  const child = spawn(file, args, { stdio: ['pipe', 'pipe', 'pipe'], env }) as ChildProcessByStdio<Writable, Readable, Readable>;
+  // --no-sparse: writing to a regular file, XZ Utils would seek over runs of zeros instead of
+  // writing them, so a bomb of zeros would neither grow the file (where the reader and the size
+  // limit see it) nor be stopped before xz had decoded all of it, however long that takes.
+  const env = { ...process.env, XZ_DEFAULTS: `--memlimit-decompress=${DECODER_MEMLIMIT_BYTES} --no-sparse` };
+  const blocks = Math.ceil(target.maxBytes / ULIMIT_BLOCK_BYTES);
+  // A shell that cannot set the limit must not run xz without it: status 125, reported below.
+  const script = `trap '' XFSZ; ulimit -f ${blocks} || exit 125; exec "$0" "$@"`;
+  const shell = opts.shell ?? (process.platform === 'android' ? '/system/bin/sh' : '/bin/sh');
+  const child = spawn(shell, ['-c', script, xz.file, ...xz.args], { stdio: ['pipe', target.file.fd, 'pipe'], env }) as ChildProcessByStdio<Writable, null, Readable>;
   let stderr = '';
   child.stderr.setEncoding('utf8');
   child.stderr.on('data', (s: string) => {
@@ -101,29 +147,58 @@ function startXzChild(input: Buffer, file: string, args: string[]): Decoder {
   });
   // xz exits early on bad input (or is killed); the EPIPE that follows on a pipe is expected.
   child.stdin.on('error', () => {});
-  child.stdout.on('error', () => {});
   child.stdin.end(input);
+  let exited = false;
+  const exit = new Promise<void>((resolve) => {
+    child.on('exit', () => {
+      exited = true;
+      resolve();
+    });
+    child.on('error', () => {
+      exited = true;
+      resolve();
+    });
+  });
   const done = new Promise<void>((resolve, reject) => {
-    child.on('error', (err) => reject(new KheadersError('E_INTERNAL', `could not run ${file}: ${err.message}`, {}, { cause: err })));
+    child.on('error', (err) => reject(new KheadersError('E_INTERNAL', `could not run ${shell} for ${xz.file}: ${err.message}`, {}, { cause: err })));
     child.on('close', (code, signal) => {
       const message = stderr.replace(/^.*?\((?:stdin|stdout)\):\s*/s, '').trim();
       if (code === 0) resolve();
-      else if (/memory usage limit|of memory is required/i.test(message)) reject(memoryLimit(message));
-      else if (signal) reject(new KheadersError('E_INTERNAL', `${file} was stopped by ${signal}`));
-      else reject(corrupt(message || `${path.basename(file)} exited with status ${code}`));
+      else if (code === 125) reject(new KheadersError('E_INTERNAL', `${shell} could not limit the decoder's output to ${target.maxBytes} bytes (ulimit -f): ${message}`));
+      else reject(xzFailure(message, code, signal, xz.file, target.maxBytes));
     });
   });
   done.catch(() => {}); // observed by the caller later; a rejection before then is not "unhandled"
   return {
     name: 'xz',
-    chunks: child.stdout,
+    get exited() {
+      return exited;
+    },
+    whenExited: () => exit,
     done,
     abort: () => {
-      child.stdout.destroy();
       child.kill('SIGKILL');
     },
   };
 }
+
+/** What xz's failure means: a full disk (an errno error, named by the caller's step), the size or memory limit, or a corrupt archive. */
+function xzFailure(message: string, code: number | null, signal: NodeJS.Signals | null, file: string, maxBytes: number): Error {
+  if (/memory usage limit|of memory is required/i.test(message)) return memoryLimit(message);
+  if (/File too large/i.test(message) || signal === 'SIGXFSZ') return totalBytesLimit(maxBytes);
+  for (const [errno, text] of WRITE_ERRNOS) {
+    if (message.includes(text)) return Object.assign(new Error(`${path.basename(file)}: ${message}`), { code: errno });
+  }
+  if (signal) return new KheadersError('E_INTERNAL', `${file} was stopped by ${signal}`);
+  return corrupt(message || `${path.basename(file)} exited with status ${code}`);
+}
+
+/** Errors of xz writing the pack, by the text of strerror(3) in its message. */
+const WRITE_ERRNOS: ReadonlyArray<[errno: string, text: string]> = [
+  ['ENOSPC', 'No space left on device'],
+  ['EDQUOT', 'Disk quota exceeded'],
+  ['EIO', 'Input/output error'],
+];
 
 async function startLzmaNative(input: Buffer): Promise<Decoder> {
   const lzma = await import('lzma-native');
@@ -160,6 +235,9 @@ async function startLzmaNative(input: Buffer): Promise<Decoder> {
 
   async function* chunks(): AsyncGenerator<Buffer> {
     try {
+      // A stream that failed before its reader came (a memory limit fails on the first slice)
+      // never ends: iterating it would wait forever.
+      if (failure) throw failure;
       for await (const chunk of decompressor) yield chunk as Buffer;
     } catch (err) {
       throw typed(err); // the reader sees the typed error, not ERR_STREAM_PREMATURE_CLOSE

@@ -24,7 +24,7 @@ import type { Logger } from '../log.js';
 import { locateArchive, type ArchiveOrigin, type ArchiveSource, type ModuleFileInfo } from '../source/locate.js';
 import { xzUncompressedSize } from '../source/xz.js';
 import { CacheStore, entryId, fsyncDir, validRelease } from './cache.js';
-import type { Decoder, DecoderChoice, DecoderName } from './decompress.js';
+import type { Decoder, DecoderChoice, DecoderName, FileDecoder } from './decompress.js';
 import type { PackWriter } from './pack-writer.js';
 import { ARCHIVE_FILE, CONFIG_FILE, CONFIG_PATH, ENTRY_FORMAT, INDEX_FILE, MANIFEST_FILE, PACK_FILE, type CacheEntry, type Manifest } from './entry.js';
 import { damageOf, isDamage } from './entry-load.js';
@@ -169,9 +169,12 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
       entry = existing;
       opts.log?.info({ id: existing.manifest.id }, 'archive already cached: nothing to do');
     } else {
-      const btf = await chooseBtf(opts, source.live || namedRelease === os.release());
-      const live = await liveKernel(opts, btf, source.live ? source.buildId : null);
-      const built = await buildHeadersEntry(store, source, digest, namedRelease, total, limits, btf, live, opts);
+      // Decoding starts first: the BTF and the running kernel's facts are looked up while xz runs.
+      const kernel = async (): Promise<KernelFacts> => {
+        const btf = await chooseBtf(opts, source.live || namedRelease === os.release());
+        return { btf, live: await liveKernel(opts, btf, source.live ? source.buildId : null) };
+      };
+      const built = await buildHeadersEntry(store, source, digest, namedRelease, total, limits, kernel, opts);
       entry = built.entry;
       decoder = built.decoder;
     }
@@ -289,8 +292,11 @@ export async function rebuildEntry(store: CacheStore, from: RebuildSource, opts:
   const limits: IngestLimits = { ...DEFAULT_LIMITS, ...opts.limits };
   // What the first ingest recorded of the archive's origin stays true of the same bytes; unknown reads as a file.
   const source: ArchiveSource = { bytes: from.archive, source: from.source, obtained: from.obtained ?? 'file', ...(from.module ? { module: from.module } : {}), live: false, release: from.release, buildId: from.buildId };
-  const btf = await rebuildBtf(opts, from);
-  const built = await buildHeadersEntry(store, source, from.digest, from.release, xzUncompressedSize(from.archive), limits, btf, await liveKernel(opts, btf, null), opts);
+  const kernel = async (): Promise<KernelFacts> => {
+    const btf = await rebuildBtf(opts, from);
+    return { btf, live: await liveKernel(opts, btf, null) };
+  };
+  const built = await buildHeadersEntry(store, source, from.digest, from.release, xzUncompressedSize(from.archive), limits, kernel, opts);
   return built.entry;
 }
 
@@ -440,6 +446,12 @@ async function ingestBtfOnly(opts: IngestOptions, btf: BtfSource, live: LiveKern
   }));
 }
 
+/** The BTF to make vmlinux.h from, and what is known of the running kernel (to judge what belongs to it). */
+interface KernelFacts {
+  btf: BtfSource | undefined;
+  live: LiveKernel;
+}
+
 async function buildHeadersEntry(
   store: CacheStore,
   source: ArchiveSource,
@@ -447,8 +459,7 @@ async function buildHeadersEntry(
   namedRelease: string | undefined,
   total: number | undefined,
   limits: IngestLimits,
-  btf: BtfSource | undefined,
-  live: LiveKernel,
+  kernel: () => Promise<KernelFacts>,
   opts: IngestOptions,
 ): Promise<{ entry: CacheEntry; decoder: DecoderName }> {
   const t0 = performance.now();
@@ -456,13 +467,16 @@ async function buildHeadersEntry(
   const mark = (name: string): void => {
     phases[name] = Math.round(performance.now() - t0);
   };
-  const tmp = await mkdtemp(path.join(store.tmpDir, `ingest-${process.pid}-`));
+  const [tmp, { FACT_FILES }, { startDecoder }] = await Promise.all([
+    mkdtemp(path.join(store.tmpDir, `ingest-${process.pid}-`)),
+    import('./extras.js'),
+    import('./decompress.js'),
+  ]);
   // Everything that holds a file in tmp/ open or may still write there; a failure waits for all
   // of it before tmp/ goes, so nothing is left open (holding the space of deleted files) or recreated.
   const handles: FileHandle[] = [];
   const running: Array<Promise<unknown>> = [];
-  let decoder: Decoder | undefined;
-  const [{ FACT_FILES }, { startDecoder }, { PackWriter }] = await Promise.all([import('./extras.js'), import('./decompress.js'), import('./pack-writer.js')]);
+  let decoder: { name: DecoderName; done: Promise<void>; abort(): void } | undefined;
   const indexer = new TarIndexer(limits, new Set([UTSRELEASE_H, ...FACT_FILES]));
   const report = (): void => {
     const p: IngestProgress = {
@@ -476,6 +490,22 @@ async function buildHeadersEntry(
   };
   const progressTimer = setInterval(report, PROGRESS_INTERVAL_MS);
   try {
+    // The decoder first: everything below runs while it decodes on the other core.
+    const packFh = await open(path.join(tmp, PACK_FILE), 'w+', 0o644);
+    handles.push(packFh);
+    mark('setup');
+    const decoding = await startDecoder(source.bytes, opts.decoder ?? 'auto', { file: packFh, maxBytes: limits.maxTotalBytes });
+    decoder = 'intoFile' in decoding ? decoding.intoFile : decoding.stream;
+    mark('decoderStarted');
+    if ('intoFile' in decoding) void decoding.intoFile.whenExited().then(() => mark('decoderExited'));
+
+    const archiveFh = await open(path.join(tmp, ARCHIVE_FILE), 'w', 0o644);
+    handles.push(archiveFh);
+    const archiveWritten = inStep('archive', archiveFh.writeFile(source.bytes));
+    running.push(archiveWritten);
+    archiveWritten.catch(() => {}); // awaited below; failing first must not be an unhandled rejection
+
+    const { btf, live } = await kernel();
     // vmlinux.h is generated on a worker thread while xz decodes; a BTF problem costs only
     // vmlinux.h, but a full disk fails the ingest (an entry must not lack it for that reason).
     const vmlinux = btf
@@ -491,19 +521,20 @@ async function buildHeadersEntry(
     running.push(vmlinux);
     vmlinux.catch(() => {}); // awaited below; failing first must not be an unhandled rejection
 
-    const archiveFh = await open(path.join(tmp, ARCHIVE_FILE), 'w', 0o644);
-    handles.push(archiveFh);
-    const archiveWritten = inStep('archive', archiveFh.writeFile(source.bytes));
-    running.push(archiveWritten);
-    archiveWritten.catch(() => {}); // awaited below; failing first must not be an unhandled rejection
-    const packFh = await open(path.join(tmp, PACK_FILE), 'w', 0o644);
-    handles.push(packFh);
-
-    mark('setup');
-    decoder = await startDecoder(source.bytes, opts.decoder);
-    // The pack's first write waits for the archive's (done long before 1 MiB is decoded): a disk
-    // that fills up then names the file it really stopped at.
-    await decodeInto(decoder, indexer, new PackWriter(packFh, archiveWritten), limits);
+    try {
+      if ('intoFile' in decoding) {
+        await followDecoder(decoding.intoFile, indexer, packFh);
+      } else {
+        // The pack's first write waits for the archive's (done long before 1 MiB is decoded).
+        const { PackWriter } = await import('./pack-writer.js');
+        await decodeInto(decoding.stream, indexer, new PackWriter(packFh, archiveWritten), limits);
+      }
+    } catch (err) {
+      // Both files grow at once: when the disk fills up, the archive's failure names the file
+      // it really stopped at (the pack, written by xz, may have taken the last block first).
+      await archiveWritten;
+      throw err;
+    }
     const records = indexer.finish();
     await archiveWritten;
     mark('decoded');
@@ -649,6 +680,45 @@ async function settleAll(work: ReadonlyArray<Promise<unknown>>): Promise<void> {
  * nothing) to learn whether xz itself fails: a CRC error is the real cause of garbage tar headers
  * and the more useful message.
  */
+/**
+ * Index and hash the pack as the xz child writes it (follow-file.ts): the same checks and chunk
+ * digests as for a decoded stream, over the bytes as they are in the file. A limit or an unsafe
+ * entry stops xz at once. When the tar looks corrupt, xz is left to finish (its output is
+ * bounded by its file-size limit) to learn whether it fails itself: a CRC error is the real cause
+ * of garbage tar headers and the more useful message.
+ */
+async function followDecoder(decoder: FileDecoder, indexer: TarIndexer, pack: FileHandle): Promise<void> {
+  const { followFile } = await import('./follow-file.js');
+  let tarError: KheadersError | undefined;
+  let stopped: Error | undefined;
+  const take = (chunk: Buffer): boolean => {
+    try {
+      indexer.push(chunk);
+      return true;
+    } catch (err) {
+      if (isKheadersError(err, 'E_ARCHIVE_CORRUPT')) tarError = err;
+      else stopped = asError(err);
+      return false;
+    }
+  };
+  try {
+    await inStep('pack', followFile(pack, decoder, take));
+    if (stopped !== undefined) throw stopped;
+  } catch (err) {
+    decoder.abort();
+    await decoder.done.catch(() => {});
+    throw err;
+  }
+  if (tarError) {
+    await decoder.done.catch((xzError: unknown) => {
+      if (isKheadersError(xzError, 'E_ARCHIVE_CORRUPT')) throw xzError;
+    });
+    throw tarError;
+  }
+  // A full disk reaches xz, not node: its error carries the errno, named here as the pack's.
+  await inStep('pack', decoder.done);
+}
+
 async function decodeInto(decoder: Decoder, indexer: TarIndexer, writer: PackWriter, limits: IngestLimits): Promise<void> {
   let tarError: KheadersError | undefined;
   let drained = 0;

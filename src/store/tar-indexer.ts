@@ -64,10 +64,7 @@ export class TarIndexer {
   /** Feed the next chunk of the uncompressed stream. Throws KheadersError on bad input. */
   push(chunk: Buffer): void {
     if (this.position + chunk.length > this.limits.maxTotalBytes) {
-      throw new KheadersError('E_LIMIT', `archive expands past the limit of ${this.limits.maxTotalBytes} bytes (--max-total-bytes)`, {
-        limit: 'maxTotalBytes',
-        value: this.limits.maxTotalBytes,
-      });
+      throw totalBytesLimit(this.limits.maxTotalBytes);
     }
     this.chunks.push(chunk);
     let i = 0;
@@ -276,6 +273,14 @@ class ChunkDigester {
     this.close();
     return { packBytes, chunkBytes: DEFAULT_CHUNK_BYTES, digests: Buffer.from(this.digests.subarray(0, this.count * DIGEST_BYTES)) };
   }
+}
+
+/** The decoded stream passed --max-total-bytes (seen by the indexer, or by the decoder's file-size limit). */
+export function totalBytesLimit(maxTotalBytes: number): KheadersError {
+  return new KheadersError('E_LIMIT', `archive expands past the limit of ${maxTotalBytes} bytes (--max-total-bytes)`, {
+    limit: 'maxTotalBytes',
+    value: maxTotalBytes,
+  });
 }
 
 function corrupt(message: string): KheadersError {
