@@ -538,6 +538,11 @@ async function buildHeadersEntry(
     const records = indexer.finish();
     await archiveWritten;
     mark('decoded');
+    // The pack and archive go to disk while the index is built: the commit's fsync then finds
+    // little left to write. Its failure is awaited (an error a sync reports is reported once).
+    const flushed = settleAll([inStep('pack', packFh.datasync()), inStep('archive', archiveFh.datasync())]);
+    running.push(flushed);
+    flushed.catch(() => {}); // awaited below; failing first must not be an unhandled rejection
 
     const archived = releaseFromUtsrelease(indexer.captured.get(UTSRELEASE_H));
     if (namedRelease !== undefined && archived !== undefined && archived !== namedRelease) {
@@ -573,6 +578,7 @@ async function buildHeadersEntry(
       notes: extras.notes,
     });
     mark('indexed');
+    await flushed;
     const entry = await commitEntry(store, tmp, manifest, index, handles);
     mark('committed');
     report();
