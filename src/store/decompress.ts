@@ -3,11 +3,12 @@
  * an `xz -dc` child process, which decodes on the other core at the speed of the xz tool itself,
  * and lzma-native on the libuv threadpool, about twice as slow, used where no xz binary exists.
  *
- * Either way the decoded bytes are *pulled*: the decoder runs only as far ahead of its reader as
- * a small buffer allows, so an xz bomb costs neither memory nor disk beyond what the reader has
- * accepted. The reader (ingest) checks every limit before it writes a byte to the cache. The
- * size an archive announces is never trusted for this: a second stream, stream padding or a
- * forged index all make it lie.
+ * The xz child writes the decoded tar straight into the staged pack, under a file-size limit, and
+ * ingest follows the file; lzma-native's output is *pulled*: it runs only as far ahead of its
+ * reader as a small buffer allows, and the reader checks every limit before it writes a byte.
+ * Either way an xz bomb costs neither memory nor disk past the limit. The size an archive
+ * announces is never trusted for this: a second stream, stream padding or a forged index all
+ * make it lie.
  */
 import { spawn, type ChildProcessByStdio } from 'node:child_process';
 import type { Readable, Writable } from 'node:stream';
