@@ -467,28 +467,13 @@ async function buildHeadersEntry(
   const mark = (name: string): void => {
     phases[name] = Math.round(performance.now() - t0);
   };
-  const [tmp, { FACT_FILES }, { startDecoder }] = await Promise.all([
-    mkdtemp(path.join(store.tmpDir, `ingest-${process.pid}-`)),
-    import('./extras.js'),
-    import('./decompress.js'),
-  ]);
+  const [tmp, { startDecoder }] = await Promise.all([mkdtemp(path.join(store.tmpDir, `ingest-${process.pid}-`)), import('./decompress.js')]);
   // Everything that holds a file in tmp/ open or may still write there; a failure waits for all
   // of it before tmp/ goes, so nothing is left open (holding the space of deleted files) or recreated.
   const handles: FileHandle[] = [];
   const running: Array<Promise<unknown>> = [];
   let decoder: { name: DecoderName; done: Promise<void>; abort(): void } | undefined;
-  const indexer = new TarIndexer(limits, new Set([UTSRELEASE_H, ...FACT_FILES]));
-  const report = (): void => {
-    const p: IngestProgress = {
-      bytes: indexer.position,
-      total,
-      entries: indexer.entryCount,
-      percent: total ? Math.min(100, Math.round((indexer.position / total) * 1000) / 10) : undefined,
-    };
-    opts.onProgress?.(p);
-    opts.log?.info({ progress: p }, 'ingesting');
-  };
-  const progressTimer = setInterval(report, PROGRESS_INTERVAL_MS);
+  let progressTimer: NodeJS.Timeout | undefined;
   try {
     // The decoder first: everything below runs while it decodes on the other core.
     const packFh = await open(path.join(tmp, PACK_FILE), 'w+', 0o644);
@@ -498,6 +483,20 @@ async function buildHeadersEntry(
     decoder = 'intoFile' in decoding ? decoding.intoFile : decoding.stream;
     mark('decoderStarted');
     if ('intoFile' in decoding) void decoding.intoFile.whenExited().then(() => mark('decoderExited'));
+
+    const { FACT_FILES } = await import('./extras.js');
+    const indexer = new TarIndexer(limits, new Set([UTSRELEASE_H, ...FACT_FILES]));
+    const report = (): void => {
+      const p: IngestProgress = {
+        bytes: indexer.position,
+        total,
+        entries: indexer.entryCount,
+        percent: total ? Math.min(100, Math.round((indexer.position / total) * 1000) / 10) : undefined,
+      };
+      opts.onProgress?.(p);
+      opts.log?.info({ progress: p }, 'ingesting');
+    };
+    progressTimer = setInterval(report, PROGRESS_INTERVAL_MS);
 
     const archiveFh = await open(path.join(tmp, ARCHIVE_FILE), 'w', 0o644);
     handles.push(archiveFh);
