@@ -7,7 +7,7 @@
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { mkdtemp, open, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdtemp, open, readdir, readFile, readlink, rm, stat, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { createLogger } from '../src/log.js';
@@ -160,3 +160,50 @@ for (const decoder of ['lzma-native', 'xz'] as const) {
     }
   });
 }
+
+/** Processes other than this one holding a file under `dir` open, as "pid -> path". */
+async function holdersUnder(dir: string): Promise<string[]> {
+  const held: string[] = [];
+  for (const pid of await readdir('/proc')) {
+    if (!/^\d+$/.test(pid) || Number(pid) === process.pid) continue;
+    for (const fd of await readdir(`/proc/${pid}/fd`).catch(() => [] as string[])) {
+      const target = await readlink(`/proc/${pid}/fd/${fd}`).catch(() => '');
+      if (target.startsWith(dir + '/')) held.push(`${pid} -> ${target}`);
+    }
+  }
+  return held;
+}
+
+test('kill -9 of the ingesting process alone (not its group): its xz child, which writes the pack itself, stops soon after', { timeout: 300_000 }, async (t) => {
+  const b = await bigArchive();
+  const dir = await tempDir(t);
+  const cacheDir = path.join(dir, 'cache');
+  const tmpDir = path.join(cacheDir, 'tmp');
+  const child = spawn(process.execPath, [INGEST_CHILD, cacheDir, b.archive, 'xz'], { stdio: ['ignore', 'pipe', 'pipe'], env: cleanEnv() });
+  let out = '';
+  child.stdout.setEncoding('utf8').on('data', (s: string) => (out += s));
+  child.stderr.setEncoding('utf8').on('data', (s: string) => (out += s));
+  const exited = new Promise<void>((resolve) => child.on('exit', () => resolve()));
+  t.after(() => {
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+  });
+  let caught: { dir: string; size: number };
+  try {
+    caught = await waitForGrowingPack(tmpDir, child, Math.min(8 * 2 ** 20, b.tarBytes / 8));
+  } catch (err) {
+    throw new Error(`${(err as Error).message}; child output:\n${out}`, { cause: err });
+  }
+  child.kill('SIGKILL'); // the pid only: xz is orphaned, still holding the pack open
+  await exited;
+  // xz's input is a pipe from the dead process: it reads what was in flight, meets the end of
+  // its input and exits. A deadline for a hung xz only; never a timing assertion on the way.
+  let holders = await holdersUnder(tmpDir);
+  for (let i = 0; i < 600 && holders.length > 0; i++) {
+    await new Promise((r) => setTimeout(r, 50));
+    holders = await holdersUnder(tmpDir);
+  }
+  assert.deepEqual(holders, [], 'a process still holds a file of the staging directory open 30 s after the daemon died');
+  const left = (await stat(path.join(tmpDir, caught.dir, PACK_FILE))).size;
+  t.diagnostic(`killed at ${(caught.size / 2 ** 20).toFixed(1)} MiB; xz had written ${(left / 2 ** 20).toFixed(1)} MiB of ${(b.tarBytes / 2 ** 20).toFixed(1)} MiB when it stopped`);
+  assert.ok(left < b.tarBytes, 'the orphaned xz did not decode the whole archive');
+});
