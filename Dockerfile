@@ -70,7 +70,7 @@ RUN chmod 0755 dist/src/cli.js \
 # work with the default CMD. Inside a container HTTP must listen beyond loopback to be published.
 # NODE_OPTIONS: V8's memory flags for an all-day daemon, as in systemd/kheadersd.service.
 ENV NODE_ENV=production \
-    NODE_OPTIONS="--max-semi-space-size=1 --v8-pool-size=1" \
+    NODE_OPTIONS="--v8-pool-size=1" \
     KHEADERSD_CACHE_DIR=/var/cache/kheadersd \
     KHEADERSD_MOUNT=off \
     KHEADERSD_HTTP=0.0.0.0:7711

@@ -162,7 +162,7 @@ cmd_run() {
   echo "$$" > "$PIDF"
   logcat "starting: $node $APP/dist/src/cli.js serve (log: $LOG)"
   # V8's memory flags for an all-day daemon: the same as systemd/kheadersd.service's NODE_OPTIONS.
-  exec "$node" --max-semi-space-size=1 --v8-pool-size=1 "$APP/dist/src/cli.js" serve >> "$LOG" 2>&1
+  exec "$node" --v8-pool-size=1 "$APP/dist/src/cli.js" serve >> "$LOG" 2>&1
 }
 
 # Any other kheadersd command with the daemon's configuration: doctor, ls, export, gc, cat.

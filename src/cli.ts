@@ -4,7 +4,7 @@
  * module. Heavy modules (fastify, fuse-native, the BTF emitter) are imported inside the action
  * that needs them, so `kheadersd ingest` starts as fast as node itself.
  */
-import './v8-flags.js'; // first: V8's heap settings before anything else is loaded
+import { holdYoungGeneration } from './v8-flags.js'; // first: V8's heap settings before anything else is loaded
 import { createRequire } from 'node:module';
 import type * as CommanderModule from 'commander';
 import type { Command } from 'commander';
@@ -152,6 +152,7 @@ export function buildProgram(): Command {
       const starting = startDaemon(cfg, io);
       installSignalHandlers(starting, io);
       await starting;
+      holdYoungGeneration(); // only now: the start's builtins are loaded, with node's code cache
     }),
   );
 

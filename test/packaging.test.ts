@@ -157,6 +157,29 @@ describe('systemd unit', () => {
     assert.equal(r.status, 0, r.stderr);
   });
 
+  it("the unit's NODE_OPTIONS leave node its compiled code for its own modules (no V8 flag that voids the code cache)", async (t) => {
+    // A V8 flag off its default (--max-semi-space-size=1 was one) makes node compile every builtin
+    // a start loads from source: ~16% of a cached start. node's test-only binding says which way
+    // each builtin was compiled.
+    const env = unitKeys(await readFile(UNIT, 'utf8')).get('Environment') ?? [];
+    const flags = /^"NODE_OPTIONS=([^"]+)"$/.exec(env.find((e) => e.includes('NODE_OPTIONS')) ?? '')?.[1] ?? '';
+    const script = `
+      let binding;
+      try { binding = require('internal/test/binding').internalBinding('builtins'); } catch { process.stdout.write('no-binding'); process.exit(0); }
+      for (const m of ['http', 'net', 'crypto', 'child_process', 'stream', 'zlib']) require(m);
+      const usage = binding.getCacheUsage();
+      process.stdout.write(JSON.stringify({ withCache: [...usage.compiledWithCache], withoutCache: [...usage.compiledWithoutCache] }));`;
+    const r = spawnSync(process.execPath, ['--expose-internals', '--no-warnings', '-e', script], { env: { ...process.env, NODE_OPTIONS: flags }, encoding: 'utf8' });
+    assert.equal(r.status, 0, r.stderr);
+    if (r.stdout === 'no-binding') return t.skip(`node ${process.version} has no internal/test/binding to ask`);
+    const usage = JSON.parse(r.stdout) as { withCache: string[]; withoutCache: string[] };
+    assert.ok(usage.withCache.includes('_http_server'), `http was not compiled from node's code cache: ${r.stdout.slice(0, 300)}`);
+    assert.deepEqual(usage.withoutCache, [], `NODE_OPTIONS=${flags} made node compile these builtins from source`);
+    // The check can fail: the flag that used to be there does void the cache.
+    const voided = spawnSync(process.execPath, ['--expose-internals', '--no-warnings', '-e', script], { env: { ...process.env, NODE_OPTIONS: `${flags} --max-semi-space-size=1` }, encoding: 'utf8' });
+    assert.ok((JSON.parse(voided.stdout) as { withoutCache: string[] }).withoutCache.includes('_http_server'), voided.stdout.slice(0, 300));
+  });
+
   it('the http-only drop-in turns the mount off and takes the sandbox', async () => {
     const keys = unitKeys(await readFile(DROPIN, 'utf8'));
     assert.deepEqual(keys.get('Environment'), ['KHEADERSD_MOUNT=off']);
