@@ -4,13 +4,13 @@
  * module. Heavy modules (fastify, fuse-native, the BTF emitter) are imported inside the action
  * that needs them, so `kheadersd ingest` starts as fast as node itself.
  */
-import { holdYoungGeneration } from './v8-flags.js'; // first: V8's heap settings before anything else is loaded
 import { createRequire } from 'node:module';
 import type * as CommanderModule from 'commander';
 import type { Command } from 'commander';
 import { DEFAULT_CONFIG_FILE, KEYS, envName, flagName, readConfigFile, resolveConfig, type Config, type ConfigKey } from './config.js';
 import { EXIT, KheadersError, errnoOf } from './errors.js';
 import { createLogger, type Logger } from './log.js';
+import { holdYoungGeneration, optimizeForSize } from './v8-flags.js';
 import type { CommandIO } from './commands/store-commands.js';
 
 // require(), not `import`: importing a CommonJS package from ESM makes node lex its source (and
@@ -18,6 +18,16 @@ import type { CommandIO } from './commands/store-commands.js';
 const { Command: CommandClass, Option } = createRequire(import.meta.url)('commander') as typeof CommanderModule;
 
 const VERSION = '0.1.0';
+
+/**
+ * A one-shot command's module, loaded; then V8 is told to favour memory over speed for the work
+ * that follows (optimizeForSize says why only then).
+ */
+async function oneShot<T>(loading: Promise<T>): Promise<T> {
+  const loaded = await loading;
+  optimizeForSize();
+  return loaded;
+}
 
 interface GlobalOptions {
   config?: string;
@@ -103,7 +113,7 @@ export function buildProgram(): Command {
     .option('--json', 'print the result as JSON')
     .action(async (_o, cmd: Command) =>
       run(cmd, false, async (cfg, io) => {
-        const { cmdIngest } = await import('./commands/store-commands.js');
+        const { cmdIngest } = await oneShot(import('./commands/store-commands.js'));
         await cmdIngest(cfg, io, cmd.opts().json === true);
       }),
     );
@@ -113,7 +123,7 @@ export function buildProgram(): Command {
     .option('--json', 'print JSON')
     .action(async (_o, cmd: Command) =>
       run(cmd, false, async (cfg, io) => {
-        const { cmdLs } = await import('./commands/store-commands.js');
+        const { cmdLs } = await oneShot(import('./commands/store-commands.js'));
         await cmdLs(cfg, io, cmd.opts().json === true);
       }),
     );
@@ -121,7 +131,7 @@ export function buildProgram(): Command {
   addKeys(program.command('cat').description('print a file from the cache (symlinks followed)').argument('<ref>', 'current, a release, or a digest').argument('<path>', 'e.g. include/linux/sched.h'), COMMON).action(
     async (ref: string, file: string, _o, cmd: Command) =>
       run(cmd, true, async (cfg, io) => {
-        const { cmdCat } = await import('./commands/store-commands.js');
+        const { cmdCat } = await oneShot(import('./commands/store-commands.js'));
         await cmdCat(cfg, io, ref, file);
       }),
   );
@@ -129,7 +139,7 @@ export function buildProgram(): Command {
   addKeys(program.command('export').description('write an entry out as a plain directory (for BCC_KERNEL_SOURCE without FUSE)').argument('<ref>', 'current, a release, or a digest').argument('<dir>', 'a new or empty directory'), COMMON).action(
     async (ref: string, dir: string, _o, cmd: Command) =>
       run(cmd, false, async (cfg, io) => {
-        const { cmdExport } = await import('./commands/store-commands.js');
+        const { cmdExport } = await oneShot(import('./commands/store-commands.js'));
         await cmdExport(cfg, io, ref, dir);
       }),
   );
@@ -138,7 +148,7 @@ export function buildProgram(): Command {
     .option('--json', 'print JSON')
     .action(async (_o, cmd: Command) =>
       run(cmd, false, async (cfg, io) => {
-        const { cmdGc } = await import('./commands/store-commands.js');
+        const { cmdGc } = await oneShot(import('./commands/store-commands.js'));
         await cmdGc(cfg, io, cmd.opts().json === true);
       }),
     );
@@ -169,7 +179,7 @@ export function buildProgram(): Command {
     .addOption(new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']))
     .action(async (o: { url?: string; adb?: boolean; serial?: string; out?: string; release?: string; cacheDir?: string; tokenFile?: string }, cmd: Command) =>
       run(cmd, true, async (_cfg, io) => {
-        const { cmdPull, defaultHostCacheDir } = await import('./commands/pull.js');
+        const { cmdPull, defaultHostCacheDir } = await oneShot(import('./commands/pull.js'));
         await cmdPull(
           {
             ...(o.url !== undefined ? { url: o.url } : {}),
@@ -194,7 +204,7 @@ export function buildProgram(): Command {
     .option('--out <file>', 'write here (atomically) instead of stdout')
     .action(async (o: { btf?: string; module?: string; base?: string; out?: string }, cmd: Command) =>
       run(cmd, o.out === undefined, async () => {
-        const { runBtfCommand } = await import('./btf/command.js');
+        const { runBtfCommand } = await oneShot(import('./btf/command.js'));
         await runBtfCommand(
           {
             ...(o.btf !== undefined ? { btf: o.btf } : {}),
@@ -214,7 +224,7 @@ export function buildProgram(): Command {
     .option('--json', 'print the checks as JSON')
     .action(async (_o, cmd: Command) =>
       run(cmd, false, async (cfg, io) => {
-        const { cmdDoctor } = await import('./commands/doctor.js');
+        const { cmdDoctor } = await oneShot(import('./commands/doctor.js'));
         process.exitCode = await cmdDoctor(cfg, io, { json: cmd.opts().json === true });
       }),
     );
@@ -229,7 +239,7 @@ export function buildProgram(): Command {
     .option('--unit-dir <dir>', 'write the unit there instead (systemctl is not run then)')
     .option('--config-dir <dir>', 'where config.json goes', '/etc/kheadersd')
     .action(async (o: { httpOnly?: boolean; enable: boolean; start: boolean; dryRun?: boolean; unitDir?: string; configDir: string }) => {
-      const { cmdInstallSystemd } = await import('./commands/install.js');
+      const { cmdInstallSystemd } = await oneShot(import('./commands/install.js'));
       process.exitCode = await cmdInstallSystemd(
         { stdout: process.stdout, stderr: process.stderr },
         { httpOnly: o.httpOnly === true, enable: o.enable, start: o.start, dryRun: o.dryRun === true, configDir: o.configDir, ...(o.unitDir !== undefined ? { unitDir: o.unitDir } : {}) },
@@ -242,7 +252,7 @@ export function buildProgram(): Command {
     .option('--dry-run', 'print what would be removed; change nothing')
     .option('--unit-dir <dir>', 'the directory install-systemd --unit-dir wrote to')
     .action(async (o: { dryRun?: boolean; unitDir?: string }) => {
-      const { cmdUninstallSystemd } = await import('./commands/install.js');
+      const { cmdUninstallSystemd } = await oneShot(import('./commands/install.js'));
       process.exitCode = await cmdUninstallSystemd({ stdout: process.stdout, stderr: process.stderr }, { dryRun: o.dryRun === true, ...(o.unitDir !== undefined ? { unitDir: o.unitDir } : {}) });
     });
 
