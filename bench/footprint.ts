@@ -48,6 +48,8 @@ const FLOOR_SCRIPT = [
   "app.get('/', async () => 'x');",
   "await app.listen({ port: 0, host: '127.0.0.1' });",
   "for (const m of ['cli.js', 'commands/serve.js', 'serve/http/server.js', 'serve/fuse/index.js', 'serve/fuse/index-model.js', 'serve/fuse/kernel/index.js', 'commands/store-commands.js']) await import(process.cwd() + '/dist/src/' + m);",
+  // What serve does once ready (no V8 flag on the command line: it would void node's code cache).
+  "(await import(process.cwd() + '/dist/src/v8-flags.js')).holdYoungGeneration();",
   "process.stdout.write('up\\n');",
   'setTimeout(() => {}, 1e9);',
 ].join('\n');
