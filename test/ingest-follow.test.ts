@@ -11,7 +11,7 @@ import { appendFile, mkdir, open, readFile, stat, symlink, type FileHandle } fro
 import path from 'node:path';
 import { test } from 'node:test';
 import { KheadersError } from '../src/errors.js';
-import { findXzBinary, startXzIntoFile } from '../src/store/decompress.js';
+import { findShell, findXzBinary, startXzIntoFile } from '../src/store/decompress.js';
 import { followFile, type FileWriter } from '../src/store/follow-file.js';
 import { FIXTURE_ARCHIVE, fixtureMissing, randomBytes, sha256, tempDir, xz } from './helpers/archives.js';
 import { mountTmpfs } from './helpers/tmpfs.js';
@@ -190,6 +190,16 @@ test('xzcat alone (no xz on PATH) decodes into the file as xz -dc does', async (
     c.on('error', reject).on('close', () => resolve(Buffer.concat(parts)));
   });
   assert.equal(sha256(await readFile(path.join(dir, 'pack'))), sha256(viaXz));
+});
+
+test('the shell that bounds xz is the first one that exists: an Android device has /system/bin/sh and no /bin', async (t) => {
+  const dir = await tempDir(t);
+  const androidSh = path.join(dir, 'system/bin/sh');
+  await mkdir(path.dirname(androidSh), { recursive: true });
+  await symlink('/bin/sh', androidSh);
+  assert.equal(await findShell([path.join(dir, 'bin/sh'), androidSh]), androidSh);
+  assert.equal(await findShell([path.join(dir, 'bin/sh')]), undefined);
+  assert.equal(await findShell(), '/bin/sh'); // this machine
 });
 
 test('xz failing to write the pack on a full filesystem is ENOSPC (named by the ingest step), not a corrupt archive', async (t) => {

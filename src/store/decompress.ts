@@ -1,7 +1,8 @@
 /**
  * xz decoding for ingest. Two decoders, chosen by measurement (BENCHMARKS.md, "ingest"):
  * an `xz -dc` child process, which decodes on the other core at the speed of the xz tool itself,
- * and lzma-native on the libuv threadpool, about twice as slow, used where no xz binary exists.
+ * and lzma-native on the libuv threadpool, about twice as slow, used where no xz binary (or no
+ * shell to start it under a file-size limit) exists.
  *
  * The xz child writes the decoded tar straight into the staged pack, under a file-size limit, and
  * ingest follows the file; lzma-native's output is *pulled*: it runs only as far ahead of its
@@ -66,6 +67,26 @@ export async function findXzBinary(envPath = process.env.PATH ?? ''): Promise<{ 
 }
 
 /**
+ * The POSIX shells that can set xz's file-size limit, in the order tried. Where the node binary
+ * was built decides nothing: a glibc or musl node on an Android device still finds no /bin there,
+ * only /system/bin/sh.
+ */
+const SHELLS = ['/bin/sh', '/system/bin/sh'];
+
+/** The first of `candidates` that can be executed, or undefined (then xz cannot run bounded). */
+export async function findShell(candidates: readonly string[] = SHELLS): Promise<string | undefined> {
+  for (const file of candidates) {
+    try {
+      await access(file, constants.X_OK);
+      return file;
+    } catch {
+      // not here
+    }
+  }
+  return undefined;
+}
+
+/**
  * A decoder that writes the decoded stream into a file itself (the xz child, its stdout being
  * the file): the reader follows the file as it grows (follow-file.ts).
  */
@@ -89,8 +110,11 @@ export interface DecodeTarget {
 export async function startDecoder(input: Buffer, choice: DecoderChoice, target: DecodeTarget): Promise<{ intoFile: FileDecoder } | { stream: Decoder }> {
   if (choice !== 'lzma-native') {
     const xz = await findXzBinary();
-    if (xz) return { intoFile: startXzIntoFile(input, xz, target) };
-    if (choice === 'xz') throw new KheadersError('E_USAGE', 'no xz or xzcat binary on PATH (--decoder xz); install xz-utils or use --decoder auto');
+    const shell = xz && (await findShell());
+    if (xz && shell) return { intoFile: startXzIntoFile(input, xz, target, { shell }) };
+    if (choice === 'xz') {
+      throw new KheadersError('E_USAGE', xz ? `no shell (${SHELLS.join(' or ')}) to run ${xz.file} under a file-size limit (--decoder xz); use --decoder auto` : 'no xz or xzcat binary on PATH (--decoder xz); install xz-utils or use --decoder auto');
+    }
   }
   return { stream: await startLzmaNative(input) };
 }
@@ -109,7 +133,7 @@ function memoryLimit(detail: string): KheadersError {
 
 /** How the xz child is started: its shell (which sets the file-size limit, then execs xz). */
 export interface XzChildOptions {
-  /** A POSIX shell. Default: /bin/sh (/system/bin/sh on Android), the one node's own `shell: true` uses. */
+  /** A POSIX shell. Default: /bin/sh (findShell() picks the one that exists). */
   shell?: string;
 }
 
@@ -139,7 +163,7 @@ export function startXzIntoFile(input: Buffer, xz: { file: string; args: string[
   const blocks = Math.ceil(target.maxBytes / ULIMIT_BLOCK_BYTES);
   // A shell that cannot set the limit must not run xz without it: status 125, reported below.
   const script = `trap '' XFSZ; ulimit -f ${blocks} || exit 125; exec "$0" "$@"`;
-  const shell = opts.shell ?? (process.platform === 'android' ? '/system/bin/sh' : '/bin/sh');
+  const shell = opts.shell ?? '/bin/sh';
   const child = spawn(shell, ['-c', script, xz.file, ...xz.args], { stdio: ['pipe', target.file.fd, 'pipe'], env }) as ChildProcessByStdio<Writable, null, Readable>;
   let stderr = '';
   child.stderr.setEncoding('utf8');
