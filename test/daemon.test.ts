@@ -39,6 +39,9 @@ test('serve: mount + HTTP, SIGHUP follows a kernel swap, open files keep reading
   // An --archive of another release is served as current, and the log and the API say so plainly.
   const warned = await d.waitFor((l) => typeof l.msg === 'string' && l.msg.startsWith('current is 6.90.0-old from file:'), 'the not-the-running-kernel warning');
   assert.match(String(warned.msg), /NOT the running kernel: it is 6\.90\.0-old; the running kernel is /);
+  // Said once per start, not again when the mount comes up.
+  assert.equal(d.logs.filter((l) => typeof l.msg === 'string' && l.msg.startsWith('current is 6.90.0-old from file:')).length, 1);
+  assert.equal(d.logs.filter((l) => l.msg === 'serving').length, 1);
   const summary = (await (await fetch(`${url}/v1/kernels/current`)).json()) as { runningKernel?: string; runningKernelNote?: string };
   assert.equal(summary.runningKernel, 'no');
   assert.match(summary.runningKernelNote ?? '', /the running kernel is /);

@@ -227,7 +227,11 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
       state.mountpoint = mount.mountpoint;
       state.mountError = null;
       log.info({ mountpoint: mount.mountpoint, backend: mount.backend }, 'mounted');
-      await publish(); // now that the mount exists, --link-modules can point at it
+      // Now that the mount exists, --link-modules can point at it. Without links nothing the
+      // first publish did depends on the mount: listeners only learn that it is there (a second
+      // publish would list the store and read the running kernel again, and log it all twice).
+      if (cfg.linkModules) await publish();
+      else state.changed();
     } catch (err) {
       state.mountError = err instanceof Error ? err.message : String(err);
       if (!http) throw err;
