@@ -229,3 +229,36 @@ test('a truncated archive is E_ARCHIVE_CORRUPT with xz\'s own words', async (t) 
   assert.equal(failure.code, 'E_ARCHIVE_CORRUPT');
   assert.match(failure.message, /Unexpected end of input/);
 });
+
+test('XZ_OPT in the environment cannot end the pack early nor lift the memory limit (a user\'s xz options are for their own use of xz)', async (t) => {
+  const xzBin = await findXzBinary();
+  if (!xzBin) return t.skip('no xz binary');
+  const dir = await tempDir(t);
+  const saved = process.env.XZ_OPT;
+  t.after(() => {
+    if (saved === undefined) delete process.env.XZ_OPT;
+    else process.env.XZ_OPT = saved;
+  });
+  const decode = async (name: string, archive: Buffer): Promise<{ failure: unknown; bytes: Buffer }> => {
+    const file = path.join(dir, name);
+    const pack = await open(file, 'w+');
+    const decoder = startXzIntoFile(archive, xzBin, { file: pack, maxBytes: 1024 ** 3 });
+    const failure = await decoder.done.then(() => undefined, (err: unknown) => err);
+    await pack.close();
+    return { failure, bytes: await readFile(file) };
+  };
+  // Two streams: --single-stream would stop after the first and exit 0, a pack missing its tail.
+  const first = randomBytes(64 * 1024, 11);
+  const second = randomBytes(64 * 1024, 12);
+  process.env.XZ_OPT = '--single-stream';
+  const twoStreams = await decode('two-streams', Buffer.concat([xz(first, 0), xz(second, 0)]));
+  assert.equal(twoStreams.failure, undefined, String(twoStreams.failure));
+  assert.equal(sha256(twoStreams.bytes), sha256(Buffer.concat([first, second])), `the pack holds ${twoStreams.bytes.length} of 131072 bytes`);
+  // A dictionary past the decoder's memory limit stays E_LIMIT whatever XZ_OPT asks for.
+  process.env.XZ_OPT = '--memlimit-decompress=max';
+  const { execFileSync } = await import('node:child_process');
+  const bigDictionary = execFileSync('xz', ['--format=xz', '--check=crc64', '--lzma2=dict=256MiB', '-T1', '-c'], { input: first });
+  const dict = await decode('big-dictionary', bigDictionary);
+  assert.ok(dict.failure instanceof KheadersError, `decoded with a 256 MiB dictionary: ${String(dict.failure)}`);
+  assert.equal(dict.failure.code, 'E_LIMIT', dict.failure.message);
+});
