@@ -162,8 +162,8 @@ export function startXzIntoFile(input: Buffer, xz: { file: string; args: string[
   // XZ_OPT goes: xz reads it after XZ_DEFAULTS, so a user's --single-stream would end the pack
   // after the first stream with status 0 (a short pack taken for a whole one), and
   // --memlimit-decompress=max would lift the memory limit. Nothing xz -dc needs comes from it.
-  const { XZ_OPT: _userOptions, ...inherited } = process.env;
-  const env = { ...inherited, XZ_DEFAULTS: `--memlimit-decompress=${DECODER_MEMLIMIT_BYTES} --no-sparse` };
+  const env: NodeJS.ProcessEnv = { ...process.env, XZ_DEFAULTS: `--memlimit-decompress=${DECODER_MEMLIMIT_BYTES} --no-sparse` };
+  delete env.XZ_OPT;
   const blocks = Math.ceil(target.maxBytes / ULIMIT_BLOCK_BYTES);
   // A shell that cannot set the limit must not run xz without it: status 125, reported below.
   const script = `trap '' XFSZ; ulimit -f ${blocks} || exit 125; exec "$0" "$@"`;
