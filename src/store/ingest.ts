@@ -679,13 +679,6 @@ async function settleAll(work: ReadonlyArray<Promise<unknown>>): Promise<void> {
 }
 
 /**
- * Read decoded bytes through the indexer, which applies every limit and safety rule, and only
- * then into the pack: the pack never holds a byte past a limit, and since the decoder is pulled,
- * neither does memory. When the tar looks corrupt, keep draining (within the size limit, writing
- * nothing) to learn whether xz itself fails: a CRC error is the real cause of garbage tar headers
- * and the more useful message.
- */
-/**
  * Index and hash the pack as the xz child writes it (follow-file.ts): the same checks and chunk
  * digests as for a decoded stream, over the bytes as they are in the file. A limit or an unsafe
  * entry stops xz at once. When the tar looks corrupt, xz is left to finish (its output is
@@ -724,6 +717,13 @@ async function followDecoder(decoder: FileDecoder, indexer: TarIndexer, pack: Fi
   await inStep('pack', decoder.done);
 }
 
+/**
+ * Read decoded bytes through the indexer, which applies every limit and safety rule, and only
+ * then into the pack: the pack never holds a byte past a limit, and since the decoder is pulled,
+ * neither does memory. When the tar looks corrupt, keep draining (within the size limit, writing
+ * nothing) to learn whether xz itself fails: a CRC error is the real cause of garbage tar headers
+ * and the more useful message.
+ */
 async function decodeInto(decoder: Decoder, indexer: TarIndexer, writer: PackWriter, limits: IngestLimits): Promise<void> {
   let tarError: KheadersError | undefined;
   let drained = 0;
