@@ -46,6 +46,13 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
   const { log } = io;
   // Before any work: a token file that breaks the rule is a configuration error, not a late surprise.
   const token = cfg.http && cfg.tokenFile !== undefined ? await readTokenFile(cfg.tokenFile) : undefined;
+  // The servers' modules load while the store is checked: that work mostly waits on the disk,
+  // and loading them is mostly the JS thread's (compiling), so the two overlap.
+  const serverModules = {
+    http: cfg.http ? early(import('../serve/http/server.js')) : undefined,
+    model: cfg.mount ? early(import('../serve/fuse/index-model.js')) : undefined,
+    notify: early(import('../serve/sd-notify.js')),
+  };
   const state = new DaemonState();
   const store = await CacheStore.open(cfg.cacheDir, { write: true, lockTimeoutMs: cfg.lockTimeout * 1000 });
   let model: IndexFsModel | null = null;
@@ -56,10 +63,10 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
 
   // What the running kernel is: the entries are told apart from it by release and build id
   // (and its BTF digest, read in publish() only if an entry needs it).
-  let live = await readLiveKernel({}, []);
-  state.live = live;
   // Headers of the loaded modules, made on request under the running kernel's entry.
-  const modules = await ModuleHeaders.open({ dir: path.join(store.dir, MODULE_HEADERS_SUBDIR), log });
+  const [first, modules] = await Promise.all([readLiveKernel({}, []), ModuleHeaders.open({ dir: path.join(store.dir, MODULE_HEADERS_SUBDIR), log })]);
+  let live = first;
+  state.live = live;
 
   /** Count what a repair did, for /metrics. */
   const counted = (report: HealReport): void => {
@@ -207,14 +214,14 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
     log.warn({ code: err.code }, `no live archive; serving the cached entry: ${err.message}`);
   }
 
-  if (cfg.mount) {
-    const { IndexFsModel } = await import('../serve/fuse/index-model.js');
+  if (serverModules.model) {
+    const { IndexFsModel } = await serverModules.model;
     model = new IndexFsModel({ log, modules });
   }
   await publish();
 
-  if (cfg.http) {
-    const { startHttpServer } = await import('../serve/http/server.js');
+  if (cfg.http && serverModules.http) {
+    const { startHttpServer } = await serverModules.http;
     const limits = { maxConnectionsPerClient: cfg.httpMaxConnectionsPerClient, headersTimeoutMs: cfg.httpHeadersTimeout * 1000, idleTimeoutMs: cfg.httpIdleTimeout * 1000 };
     // startHttpServer logs "HTTP listening" (url, token) itself.
     http = await startHttpServer({ listen: cfg.http, store, state, log, limits, modules, ...(token !== undefined ? { token } : {}) });
@@ -239,7 +246,7 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
     }
   }
 
-  const { notifyReady, notifyStopping } = await import('../serve/sd-notify.js');
+  const { notifyReady, notifyStopping } = await serverModules.notify;
   await notifyReady(log);
 
   let stopping: Promise<void> | null = null;
@@ -258,6 +265,12 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
   };
 
   return { state, refresh, stop, httpUrl: http?.url ?? null };
+}
+
+/** A promise awaited later: a rejection meanwhile is not unhandled (the await still throws it). */
+function early<T>(p: Promise<T>): Promise<T> {
+  p.catch(() => {});
+  return p;
 }
 
 /**

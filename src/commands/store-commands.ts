@@ -10,7 +10,7 @@ import { CacheStore } from '../store/cache.js';
 import { damageOf, isDamage } from '../store/entry-load.js';
 import type { CacheEntry } from '../store/entry.js';
 import { describeHeal, healCache, type HealReport, type KnownDamage } from '../store/heal.js';
-import { ingest, type IngestOptions, type IngestResult } from '../store/ingest.js';
+import { ingest, locateForIngest, type IngestOptions, type IngestResult } from '../store/ingest.js';
 import { readLiveKernel } from '../store/kernel-match.js';
 import { IndexFormatError, normaliseEntryPath } from '../store/tree-index.js';
 import { summarise, type EntrySummary } from '../store/summary.js';
@@ -52,13 +52,7 @@ export async function healWithConfig(cfg: Config, io: CommandIO, known: readonly
  */
 export async function ingestWithConfig(cfg: Config, io: CommandIO, extra: { setCurrent?: boolean; store?: CacheStore } = {}): Promise<IngestResult & { healed: HealReport }> {
   const tty = io.stderr.isTTY === true;
-  // A repair that fails must not stop the ingest (nor serve's start): what is intact is still
-  // served, and the ingest reports lock or ownership problems itself.
-  const healed = await healWithConfig(cfg, io, [], extra.store).catch((err: unknown): HealReport => {
-    io.log.error({ code: err instanceof KheadersError ? err.code : 'E_INTERNAL' }, `checking the cache's entries failed: ${err instanceof Error ? err.message : String(err)}`);
-    return { quarantined: [], rebuilt: [], unrepaired: [] };
-  });
-  const result = await ingest({
+  const opts: IngestOptions = {
     cacheDir: cfg.cacheDir,
     ...(extra.store ? { store: extra.store } : {}),
     ...(cfg.archive !== undefined ? { archive: cfg.archive } : {}),
@@ -85,7 +79,19 @@ export async function ingestWithConfig(cfg: Config, io: CommandIO, extra: { setC
             io.stderr.write(progressBar(p.total ? p.bytes / p.total : undefined, `${humanBytes(p.bytes)}, ${p.entries} entries`)),
         }
       : {}),
-  }).finally(() => {
+  };
+  // The archive is read and hashed while the cache's entries are checked: the two wait on
+  // different things (the archive's reads, the entries' reads and index checks). ingest() reports
+  // what finding it went wrong, as if it had found it itself.
+  const located = locateForIngest(opts);
+  located.catch(() => {});
+  // A repair that fails must not stop the ingest (nor serve's start): what is intact is still
+  // served, and the ingest reports lock or ownership problems itself.
+  const healed = await healWithConfig(cfg, io, [], extra.store).catch((err: unknown): HealReport => {
+    io.log.error({ code: err instanceof KheadersError ? err.code : 'E_INTERNAL' }, `checking the cache's entries failed: ${err instanceof Error ? err.message : String(err)}`);
+    return { quarantined: [], rebuilt: [], unrepaired: [] };
+  });
+  const result = await ingest({ ...opts, located }).finally(() => {
     if (tty) io.stderr.write('\n');
   });
   return { ...result, healed };

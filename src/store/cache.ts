@@ -77,6 +77,7 @@ export class CacheStore {
   readonly entriesDir: string;
   readonly tmpDir: string;
   private readonly loaded = new Map<string, CacheEntry>();
+  private readonly loading = new Map<string, Promise<CacheEntry>>();
   private readonly damageListeners = new Set<(err: KheadersError, manifest: Manifest) => void>();
 
   private constructor(
@@ -93,10 +94,13 @@ export class CacheStore {
     if (options.write) {
       await createPrivateDir(abs);
       await checkOwnership(abs, true);
-      for (const sub of ['entries', 'tmp']) {
-        await createPrivateDir(path.join(abs, sub));
-        await checkOwnership(path.join(abs, sub), true);
-      }
+      // The two subdirectories at once: each check is a thread-pool round trip, paid at every start.
+      await Promise.all(
+        ['entries', 'tmp'].map(async (sub) => {
+          await createPrivateDir(path.join(abs, sub));
+          await checkOwnership(path.join(abs, sub), true);
+        }),
+      );
     } else {
       await checkOwnership(abs, false);
       // A reader trusts what is under entries/ too: it must be as closed as the cache dir.
@@ -131,13 +135,15 @@ export class CacheStore {
 
   /** The manifests that read back and check out, newest first (damaged entries are in scan()). */
   async list(): Promise<Manifest[]> {
-    const manifests: Manifest[] = [];
-    for (const id of await this.entryIds()) {
-      const m = await loadManifest(this.entriesDir, id).catch(() => undefined);
-      this.dropIfReplaced(id, m);
-      if (m) manifests.push(m);
-    }
-    return newestFirst(manifests);
+    // Every manifest at once: read one after another, each entry cost a start five serial round trips.
+    const read = await Promise.all(
+      (await this.entryIds()).map(async (id) => {
+        const m = await loadManifest(this.entriesDir, id).catch(() => undefined);
+        this.dropIfReplaced(id, m);
+        return m;
+      }),
+    );
+    return newestFirst(read.filter((m): m is Manifest => m !== undefined));
   }
 
   /**
@@ -146,22 +152,32 @@ export class CacheStore {
    */
   private dropIfReplaced(id: string, onDisk: Manifest | undefined): void {
     const held = this.loaded.get(id);
-    if (held && held.manifest.ingestedAt !== onDisk?.ingestedAt) this.loaded.delete(id);
+    if (held && held.manifest.ingestedAt !== onDisk?.ingestedAt) this.drop(id);
   }
 
   /** Every entry fully checked (manifest, index, file sizes): the good ones, newest first, and the damaged. */
   async scan(): Promise<{ entries: Manifest[]; damaged: DamagedEntry[] }> {
     const entries: Manifest[] = [];
     const damaged: DamagedEntry[] = [];
-    for (const id of await this.entryIds()) {
-      try {
-        this.dropIfReplaced(id, await loadManifest(this.entriesDir, id).catch(() => undefined));
-        entries.push((await this.load(id)).manifest);
-      } catch (err) {
-        if (isKheadersNotFound(err)) continue; // removed meanwhile
-        if (!isDamage(err)) throw err;
-        damaged.push({ id, error: err, outdated: err.details['outdated'] === true });
+    // Entries at once: one's reads overlap another's index check (CPU), instead of waiting in turn.
+    const outcomes = await Promise.all(
+      (await this.entryIds()).map(async (id) => {
+        try {
+          this.dropIfReplaced(id, await loadManifest(this.entriesDir, id).catch(() => undefined));
+          return { id, manifest: (await this.load(id)).manifest };
+        } catch (err) {
+          return { id, err };
+        }
+      }),
+    );
+    for (const o of outcomes) {
+      if ('manifest' in o) {
+        entries.push(o.manifest);
+        continue;
       }
+      if (isKheadersNotFound(o.err)) continue; // removed meanwhile
+      if (!isDamage(o.err)) throw o.err;
+      damaged.push({ id: o.id, error: o.err, outdated: o.err.details['outdated'] === true });
     }
     return { entries: newestFirst(entries), damaged };
   }
@@ -170,9 +186,24 @@ export class CacheStore {
   async load(id: string): Promise<CacheEntry> {
     const hit = this.loaded.get(id);
     if (hit) return hit;
-    const entry = await loadEntry(this.entriesDir, id, (err, m) => this.emitDamage(err, m));
+    // Callers asking at once (a scan, HTTP's catalog) share one read and check of the index.
+    let pending = this.loading.get(id);
+    if (!pending) {
+      const started = loadEntry(this.entriesDir, id, (err, m) => this.emitDamage(err, m)).finally(() => {
+        if (this.loading.get(id) === started) this.loading.delete(id);
+      });
+      this.loading.set(id, started);
+      pending = started;
+    }
+    const entry = await pending;
     this.loaded.set(id, this.loaded.get(id) ?? entry);
     return this.loaded.get(id)!;
+  }
+
+  /** Forget an entry's in-memory copy, and any load of it under way (it changed on disk). */
+  private drop(id: string): void {
+    this.loaded.delete(id);
+    this.loading.delete(id);
   }
 
   /** The entry with its index read on demand, for one lookup (`cat`). Close it when done. */
@@ -218,7 +249,7 @@ export class CacheStore {
    */
   async quarantine(id: string, why: { reason: string; file?: string }): Promise<QuarantineRecord> {
     const entry = this.loaded.get(id);
-    this.loaded.delete(id);
+    this.drop(id);
     const record = await quarantineEntry(this.dir, this.entriesDir, id, why);
     await entry?.reader.kill(new KheadersError('E_ENTRY_DAMAGED', `cache entry ${id} was moved to quarantine: ${why.reason}`, { id, reason: why.reason, errno: 'EIO' }));
     return record;
@@ -228,7 +259,7 @@ export class CacheStore {
   async setAside(id: string): Promise<string> {
     const aside = path.join(this.tmpDir, `aside-${process.pid}-${Date.now()}-${id}`);
     await rename(path.join(this.entriesDir, id), aside);
-    this.loaded.delete(id);
+    this.drop(id);
     return aside;
   }
 
@@ -313,13 +344,13 @@ export class CacheStore {
   async remove(id: string): Promise<void> {
     const doomed = path.join(this.tmpDir, `evict-${process.pid}-${Date.now()}-${id}`);
     await rename(path.join(this.entriesDir, id), doomed);
-    this.loaded.delete(id);
+    this.drop(id);
     await rm(doomed, { recursive: true, force: true });
   }
 
   /** Drop the in-memory copy of an entry (it was replaced on disk). */
   forget(id: string): void {
-    this.loaded.delete(id);
+    this.drop(id);
   }
 
   /** Bytes the cache occupies (entries only). */

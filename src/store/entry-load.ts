@@ -114,14 +114,14 @@ function indexDamage(id: string, err: unknown): unknown {
 
 /** The files beside the index: the pack and archive (headers entries) and every blob. */
 async function checkDataFiles(id: string, dir: string, manifest: Manifest, index: TreeIndex): Promise<void> {
-  if (manifest.kind === 'headers') {
-    await expectFile(id, dir, PACK_FILE, manifest.packBytes);
-    await expectFile(id, dir, ARCHIVE_FILE, manifest.archiveBytes);
-  }
+  const expected: Array<[string, number]> = manifest.kind === 'headers' ? [[PACK_FILE, manifest.packBytes], [ARCHIVE_FILE, manifest.archiveBytes]] : [];
   for (let k = 0; k < index.blobCount; k++) {
     const b = index.blob(k);
-    await expectFile(id, dir, b.name, b.size);
+    expected.push([b.name, b.size]);
   }
+  // All at once (a handful of lstats): the first problem in this order is the one reported.
+  const checks = await Promise.allSettled(expected.map(([name, size]) => expectFile(id, dir, name, size)));
+  for (const c of checks) if (c.status === 'rejected') throw c.reason;
 }
 
 /** The whole entry, every check passed. Throws E_ENTRY_DAMAGED, or E_NOT_FOUND when absent. */

@@ -81,6 +81,12 @@ export interface IngestOptions {
   config?: 'auto' | 'off';
   /** Where `archive`, `release` and `btf` were set (`--btf`, `KHEADERSD_BTF`, a config file's key), for messages. */
   origins?: Partial<Record<'archive' | 'release' | 'btf', string>>;
+  /**
+   * The archive, already being found and hashed by locateForIngest() with these same options
+   * (serve starts it early, so the reading overlaps the cache's check); its errors are ingest's
+   * own. Default: found and hashed here.
+   */
+  located?: Promise<LocatedArchive>;
   /** Make this entry `current`. Default: when it is the running kernel's (live, or same release). */
   setCurrent?: boolean;
   /** Eviction after a successful ingest. */
@@ -109,6 +115,30 @@ export interface IngestResult {
   durationMs: number;
 }
 
+/** The archive an ingest keys the cache by, and its sha256 (hex). */
+export interface LocatedArchive {
+  source: ArchiveSource;
+  digest: string;
+}
+
+/** Find the archive ingest() would use (the same options) and hash it. */
+export async function locateForIngest(opts: IngestOptions): Promise<LocatedArchive> {
+  const limits: IngestLimits = { ...DEFAULT_LIMITS, ...opts.limits };
+  let source = await locateArchive({
+    ...(opts.archive !== undefined ? { archive: opts.archive } : {}),
+    ...(opts.origins?.archive !== undefined ? { archiveOrigin: opts.origins.archive } : {}),
+    modprobe: opts.modprobe ?? true,
+    unloadModule: opts.unloadModule ?? true,
+    maxArchiveBytes: limits.maxTotalBytes,
+    ...(opts.moduleDirs ? { moduleDirs: opts.moduleDirs } : {}),
+    ...(opts.log ? { log: opts.log } : {}),
+    ...(opts.livePaths ? { livePaths: opts.livePaths } : {}),
+    ...(opts.notesPath !== undefined ? { notesPath: opts.notesPath } : {}),
+  });
+  if (opts.sourceLabel !== undefined) source = { ...source, source: opts.sourceLabel };
+  return { source, digest: createHash('sha256').update(source.bytes).digest('hex') };
+}
+
 export async function ingest(opts: IngestOptions): Promise<IngestResult> {
   const started = performance.now();
   const limits: IngestLimits = { ...DEFAULT_LIMITS, ...opts.limits };
@@ -116,19 +146,9 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
     throw new KheadersError('E_USAGE', `--release ${JSON.stringify(opts.release)} is not a valid kernel release (letters, digits, ".", "_", "+", "-")`);
   }
   let source: ArchiveSource;
+  let digest: string;
   try {
-    source = await locateArchive({
-      ...(opts.archive !== undefined ? { archive: opts.archive } : {}),
-      ...(opts.origins?.archive !== undefined ? { archiveOrigin: opts.origins.archive } : {}),
-      modprobe: opts.modprobe ?? true,
-      unloadModule: opts.unloadModule ?? true,
-      maxArchiveBytes: limits.maxTotalBytes,
-      ...(opts.moduleDirs ? { moduleDirs: opts.moduleDirs } : {}),
-      ...(opts.log ? { log: opts.log } : {}),
-      ...(opts.livePaths ? { livePaths: opts.livePaths } : {}),
-      ...(opts.notesPath !== undefined ? { notesPath: opts.notesPath } : {}),
-    });
-    if (opts.sourceLabel !== undefined) source = { ...source, source: opts.sourceLabel };
+    ({ source, digest } = await (opts.located ?? locateForIngest(opts)));
   } catch (err) {
     const noLiveArchive = opts.archive === undefined && isKheadersError(err, 'E_ARCHIVE_NOT_FOUND');
     // No header archive now (the module is gone, or cannot be loaded), but this kernel's headers
@@ -150,7 +170,6 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
     });
   }
   const located = Math.round(performance.now() - started);
-  const digest = createHash('sha256').update(source.bytes).digest('hex');
   const namedRelease = opts.release ?? source.release;
   // A --btf that names no file is a mistake even when nothing is built; the BTF itself is read
   // (and the running kernel's hashed) only for a build: a cache hit needs neither.
