@@ -16,7 +16,7 @@
  * A module whose vermagic names another release is never used or loaded.
  */
 import { execFile } from 'node:child_process';
-import { access, open, stat } from 'node:fs/promises';
+import { access, open, stat, type FileHandle } from 'node:fs/promises';
 import os from 'node:os';
 import { KheadersError, errnoOf } from '../errors.js';
 import type { Logger } from '../log.js';
@@ -294,17 +294,15 @@ export async function readBounded(file: string, maxBytes: number): Promise<Buffe
     const { size } = await fh.stat();
     if (size > 0 && size <= maxBytes) {
       const whole = Buffer.allocUnsafe(size);
-      while (total < size) {
-        const { bytesRead } = await fh.read(whole, total, size - total, null);
-        if (bytesRead === 0) break;
-        total += bytesRead;
-      }
+      total = await readRegions(fh, whole);
       chunks.push(whole.subarray(0, total));
       if (total < size) return chunks[0]!; // shrank while read: what was there
     }
     for (;;) {
       const buf = Buffer.allocUnsafe(1024 * 1024);
-      const { bytesRead } = await fh.read(buf, 0, buf.length, null);
+      // After the regions, at where they ended (positional reads move no file position); else in
+      // turn from the file position (a pipe has no other).
+      const { bytesRead } = await fh.read(buf, 0, buf.length, size > 0 ? total : null);
       if (bytesRead === 0) break;
       total += bytesRead;
       if (total > maxBytes) {
@@ -316,6 +314,35 @@ export async function readBounded(file: string, maxBytes: number): Promise<Buffe
   } finally {
     await fh.close();
   }
+}
+
+/**
+ * How many parts of a file of known size are read at once. One reader after another, a 4 MiB
+ * archive took ~14 ms here (copying the pages, faulting the fresh buffer's in); four threads of
+ * the pool, ~8 ms. sysfs hands out a binary attribute 4 KiB per read(2), one thread-pool round
+ * trip each: four readers walk it four times faster.
+ */
+const READ_REGIONS = 4;
+
+/** Fill `into` from the file's start, its regions at once; the bytes read from the start on (fewer if the file shrank). */
+async function readRegions(fh: FileHandle, into: Buffer): Promise<number> {
+  const step = Math.ceil(into.length / READ_REGIONS / 65536) * 65536;
+  const regions: Array<{ start: number; end: number }> = [];
+  for (let start = 0; start < into.length; start += step) regions.push({ start, end: Math.min(into.length, start + step) });
+  const got = await Promise.all(
+    regions.map(async ({ start, end }) => {
+      let at = start;
+      while (at < end) {
+        const { bytesRead } = await fh.read(into, at, end - at, at);
+        if (bytesRead === 0) break;
+        at += bytesRead;
+      }
+      return at;
+    }),
+  );
+  // Up to the first region cut short: past it the bytes are not the file's.
+  for (let i = 0; i < regions.length; i++) if (got[i]! < regions[i]!.end) return got[i]!;
+  return into.length;
 }
 
 async function exists(p: string): Promise<boolean> {
