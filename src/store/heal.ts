@@ -41,9 +41,13 @@ export interface HealOptions extends IngestOptions {
   known?: readonly KnownDamage[];
 }
 
-/** Check the cache and repair what is damaged. Takes the cache lock. */
+/** Check the cache and repair what is damaged. Takes the cache lock when there is something to repair. */
 export async function healCache(opts: HealOptions): Promise<HealReport> {
   const store = opts.store ?? (await CacheStore.open(opts.cacheDir, { write: true, ...(opts.lockTimeoutMs !== undefined ? { lockTimeoutMs: opts.lockTimeoutMs } : {}) }));
+  // Checking needs no lock (entries come and go by one rename each, never half-made): only a
+  // repair does, and it checks again under the lock. A clean cache, nearly every start, costs no
+  // lock round trips; the entries checked here stay loaded for the lock holder.
+  if ((opts.known ?? []).length === 0 && (await store.scan()).damaged.length === 0) return { quarantined: [], rebuilt: [], unrepaired: [] };
   return store.locked(() => healLocked(store, opts));
 }
 

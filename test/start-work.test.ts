@@ -1,0 +1,127 @@
+/**
+ * What a `serve` start with its entries cached does, done once and at once: each entry's index
+ * read and checked once however many ask for it together, a clean cache checked without taking
+ * the lock (while a repair still takes it, and an eviction racing the check is no damage), and the
+ * archive read in parts at once and still byte for byte.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { readdir, writeFile } from 'node:fs/promises';
+import path from 'node:path';
+import { createLogger } from '../src/log.js';
+import { readBounded } from '../src/source/locate.js';
+import { CacheStore } from '../src/store/cache.js';
+import { MANIFEST_FILE } from '../src/store/entry.js';
+import { healCache } from '../src/store/heal.js';
+import { ingest } from '../src/store/ingest.js';
+import { TreeIndex } from '../src/store/tree-index.js';
+import { goodTree, makeTar, sha256, tempDir, xz } from './helpers/archives.js';
+
+const silent = createLogger('silent');
+
+/** A cache with one entry per release (distinct archives); returns the ids, oldest first. */
+async function cacheOf(dir: string, releases: readonly string[]): Promise<{ cacheDir: string; ids: string[] }> {
+  const cacheDir = path.join(dir, 'cache');
+  const ids: string[] = [];
+  for (const release of releases) {
+    const archive = path.join(dir, `${release}.tar.xz`);
+    await writeFile(archive, xz(await makeTar(goodTree(release, release))));
+    const r = await ingest({ cacheDir, archive, release, btf: 'off', log: silent, keep: 10 });
+    ids.push(r.entry.manifest.id);
+  }
+  return { cacheDir, ids };
+}
+
+/** Count the indexes decoded (read and checked in full) while `fn` runs. */
+async function countingDecodes<T>(fn: () => Promise<T>): Promise<{ result: T; decodes: number }> {
+  const decode = TreeIndex.decode.bind(TreeIndex);
+  let decodes = 0;
+  TreeIndex.decode = (...args: Parameters<typeof TreeIndex.decode>) => {
+    decodes++;
+    return decode(...args);
+  };
+  try {
+    return { result: await fn(), decodes };
+  } finally {
+    TreeIndex.decode = decode;
+  }
+}
+
+test('an entry asked for by a scan and two loads at once is read and checked once, and they all get that one copy', async (t) => {
+  const dir = await tempDir(t);
+  const { cacheDir, ids } = await cacheOf(dir, ['6.90.1-once', '6.90.2-once']);
+  const [a, b] = ids as [string, string];
+  const store = await CacheStore.open(cacheDir, { write: true });
+  const { result, decodes } = await countingDecodes(() => Promise.all([store.scan(), store.load(a), store.load(a), store.load(b)]));
+  assert.equal(decodes, 2, 'one decode per entry');
+  const [scan, a1, a2, b1] = result;
+  assert.deepEqual(scan.entries.map((m) => m.id).sort(), [a, b].sort());
+  assert.deepEqual(scan.damaged, []);
+  assert.equal(a1, a2, 'the same instance');
+  assert.equal(await store.load(a), a1, 'and later loads are that instance too');
+  assert.equal(b1.manifest.id, b);
+  // An entry forgotten (replaced on disk) is read again.
+  store.forget(a);
+  const again = await countingDecodes(() => store.load(a));
+  assert.equal(again.decodes, 1);
+  assert.notEqual(again.result, a1);
+});
+
+test('a clean cache is checked without taking the lock; a damaged entry is still repaired under it', async (t) => {
+  const dir = await tempDir(t);
+  const { cacheDir, ids } = await cacheOf(dir, ['6.90.3-clean', '6.90.4-clean']);
+  const store = await CacheStore.open(cacheDir, { write: true });
+  // The lock held by this process meanwhile: a heal that took it would wait here for ever.
+  const underLock = await store.locked(() =>
+    Promise.race([healCache({ cacheDir, store, btf: 'off', log: silent }), new Promise<'waited for the lock'>((r) => setTimeout(() => r('waited for the lock'), 10_000))]),
+  );
+  assert.deepEqual(underLock, { quarantined: [], rebuilt: [], unrepaired: [] });
+
+  // A cut manifest: found by the check, moved to quarantine and rebuilt (the repair locks).
+  const victim = ids[0]!;
+  await writeFile(path.join(cacheDir, 'entries', victim, MANIFEST_FILE), '{"formatVersion": 2, "id"');
+  const repaired = await healCache({ cacheDir, store: await CacheStore.open(cacheDir, { write: true }), btf: 'off', log: silent });
+  assert.deepEqual(repaired.rebuilt, [victim]);
+  assert.equal(repaired.quarantined.length, 1);
+  assert.deepEqual((await readdir(path.join(cacheDir, 'entries'))).sort(), [...ids].sort());
+  assert.equal(await readdir(cacheDir).then((names) => names.includes('lock')), false, 'no lock left behind');
+});
+
+test('an eviction racing the unlocked check is not taken for damage: nothing is quarantined, whatever the interleaving', async (t) => {
+  const dir = await tempDir(t);
+  const { cacheDir } = await cacheOf(dir, ['6.90.5-race', '6.90.6-race', '6.90.7-race', '6.90.8-race']);
+  for (let round = 0; round < 5; round++) {
+    const evicting = await CacheStore.open(cacheDir, { write: true });
+    const checking = await CacheStore.open(cacheDir, { write: true });
+    const [evicted, report] = await Promise.all([
+      evicting.locked(() => evicting.gc({ keep: 3 - Math.min(round, 2) })),
+      healCache({ cacheDir, store: checking, btf: 'off', log: silent }),
+    ]);
+    assert.deepEqual(report, { quarantined: [], rebuilt: [], unrepaired: [] }, `round ${round}: evicted ${evicted.join(', ')}`);
+  }
+  assert.deepEqual(await readdir(cacheDir).then((names) => names.filter((n) => n === 'quarantine')), []);
+});
+
+test('readBounded reads a file of known size in parts at once, byte for byte, whatever its size; a pipe in turn', async (t) => {
+  const dir = await tempDir(t);
+  for (const size of [1, 65_535, 65_536, 65_537, 262_144 * 4 - 1, 262_144 * 4 + 1, 3_000_001]) {
+    const file = path.join(dir, `f${size}`);
+    const bytes = Buffer.alloc(size);
+    for (let i = 0; i < size; i++) bytes[i] = (i * 2_654_435_761) >>> 24;
+    await writeFile(file, bytes);
+    const got = await readBounded(file, 8 * 1024 * 1024);
+    assert.equal(got.length, size);
+    assert.equal(sha256(got), sha256(bytes), `${size} bytes`);
+  }
+  await assert.rejects(readBounded(path.join(dir, 'f3000001'), 1_000_000), /larger than 1000000 bytes/);
+  // A FIFO has no size and no positions: read in turn to its end.
+  const fifo = path.join(dir, 'fifo');
+  const mk = spawn('mkfifo', [fifo]);
+  await new Promise((r) => mk.on('close', r));
+  const payload = Buffer.from('x'.repeat(200_000));
+  const writer = writeFile(fifo, payload);
+  const got = await readBounded(fifo, 1024 * 1024);
+  await writer;
+  assert.ok(got.equals(payload));
+});
