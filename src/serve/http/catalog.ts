@@ -43,8 +43,7 @@ export class ServedEntry {
   private readonly modified = new Map<number, string>();
   private readonly reps = new Map<string, Map<number, Representation>>();
   private readonly found = new Map<string, number>();
-  /** Newest mtime in the tree: the archive's Last-Modified (stable across re-ingests, unlike ingestedAt). */
-  readonly treeMtime: number;
+  private newestMtime: number | undefined;
   readonly archiveEtag: string;
   /** sha256 of the archive, base64, for the Digest / Repr-Digest headers. */
   readonly digestBase64: string;
@@ -52,13 +51,24 @@ export class ServedEntry {
   readonly cacheKey: string;
 
   constructor(readonly entry: CacheEntry) {
-    const index = entry.index;
-    let newest = 0;
-    for (let id = 0; id < index.nodeCount; id++) newest = Math.max(newest, index.mtimeOf(id));
-    this.treeMtime = newest;
     this.archiveEtag = `"sha256-${entry.manifest.digest}"`;
     this.digestBase64 = Buffer.from(entry.manifest.digest, 'hex').toString('base64');
     this.cacheKey = `${entry.manifest.id}#${nextInstance++}\0`;
+  }
+
+  /**
+   * Newest mtime in the tree: the archive's Last-Modified (stable across re-ingests, unlike
+   * ingestedAt). Found when first asked, not when the entry is first served: a walk over every
+   * node, which the catalog's warm-up at start would otherwise do just as /readyz is first asked.
+   */
+  get treeMtime(): number {
+    if (this.newestMtime === undefined) {
+      const index = this.entry.index;
+      let newest = 0;
+      for (let id = 0; id < index.nodeCount; id++) newest = Math.max(newest, index.mtimeOf(id));
+      this.newestMtime = newest;
+    }
+    return this.newestMtime;
   }
 
   get manifest(): Manifest {
