@@ -36,7 +36,7 @@ import { sha256OfFile, type LiveKernel } from './kernel-match.js';
 import { readLiveBuildId } from '../source/notes.js';
 import { DEFAULT_LIMITS, TarIndexer, type IngestLimits } from './tar-indexer.js';
 import { ofRunningKernel } from './resolve.js';
-import { TreeIndex, type IndexRecord } from './tree-index.js';
+import { TreeBuilder, TreeIndex, type IndexRecord } from './tree-index.js';
 import { LIVE_BTF, VMLINUX_H, btfSource, provideVmlinuxH, type BtfSource } from './vmlinux-h.js';
 
 const UTSRELEASE_H = 'include/generated/utsrelease.h';
@@ -505,6 +505,16 @@ async function buildHeadersEntry(
 
     const { FACT_FILES } = await import('./extras.js');
     const indexer = new TarIndexer(limits, new Set([UTSRELEASE_H, ...FACT_FILES]));
+    // The tree is drafted as records are decoded (node's thread is mostly idle while xz decodes
+    // on the other core), so little of the index is left to build after xz's last byte.
+    const tree = new TreeBuilder();
+    const draftNew = (): void => {
+      for (let i = tree.count; i < indexer.records.length; i++) tree.add(indexer.records[i]!);
+    };
+    const take = (chunk: Buffer): void => {
+      indexer.push(chunk);
+      draftNew();
+    };
     const report = (): void => {
       const p: IngestProgress = {
         bytes: indexer.position,
@@ -541,11 +551,11 @@ async function buildHeadersEntry(
 
     try {
       if ('intoFile' in decoding) {
-        await followDecoder(decoding.intoFile, indexer, packFh);
+        await followDecoder(decoding.intoFile, take, packFh);
       } else {
         // The pack's first write waits for the archive's (done long before 1 MiB is decoded).
         const { PackWriter } = await import('./pack-writer.js');
-        await decodeInto(decoding.stream, indexer, new PackWriter(packFh, archiveWritten), limits);
+        await decodeInto(decoding.stream, take, new PackWriter(packFh, archiveWritten), limits);
       }
     } catch (err) {
       // Both files grow at once: when the disk fills up, the archive's failure names the file
@@ -554,6 +564,7 @@ async function buildHeadersEntry(
       throw err;
     }
     const records = indexer.finish();
+    draftNew();
     await archiveWritten;
     mark('decoded');
     // The pack and archive go to disk while the index is built: the commit's fsync then finds
@@ -575,9 +586,10 @@ async function buildHeadersEntry(
     const facts: EntryFacts = { release, live: source.live, buildId: source.buildId, files: indexer.captured };
     const extras = await addExtras(tmp, facts, btf, made, live, opts);
     // An archive that carries a file of the same name keeps its own.
-    for (const r of extras.records) if (!records.some((have) => have.path === r.path)) records.push(r);
-    // Refuses duplicates and escaping symlinks; carries the digests readers prove bytes with.
-    const index = TreeIndex.fromRecords(records, { pack: indexer.packDigests() });
+    for (const r of extras.records) if (!records.some((have) => have.path === r.path)) tree.add(r);
+    // Refuses duplicates and escaping symlinks (the first refused record, as TreeIndex.fromRecords
+    // would); carries the digests readers prove bytes with.
+    const index = tree.build({ pack: indexer.packDigests() });
     const manifest = makeManifest({
       id: entryId(release, digest),
       release,
@@ -704,13 +716,13 @@ async function settleAll(work: ReadonlyArray<Promise<unknown>>): Promise<void> {
  * bounded by its file-size limit) to learn whether it fails itself: a CRC error is the real cause
  * of garbage tar headers and the more useful message.
  */
-async function followDecoder(decoder: FileDecoder, indexer: TarIndexer, pack: FileHandle): Promise<void> {
+async function followDecoder(decoder: FileDecoder, index: (chunk: Buffer) => void, pack: FileHandle): Promise<void> {
   const { followFile } = await import('./follow-file.js');
   let tarError: KheadersError | undefined;
   let stopped: Error | undefined;
   const take = (chunk: Buffer): boolean => {
     try {
-      indexer.push(chunk);
+      index(chunk);
       return true;
     } catch (err) {
       if (isKheadersError(err, 'E_ARCHIVE_CORRUPT')) tarError = err;
@@ -743,7 +755,7 @@ async function followDecoder(decoder: FileDecoder, indexer: TarIndexer, pack: Fi
  * nothing) to learn whether xz itself fails: a CRC error is the real cause of garbage tar headers
  * and the more useful message.
  */
-async function decodeInto(decoder: Decoder, indexer: TarIndexer, writer: PackWriter, limits: IngestLimits): Promise<void> {
+async function decodeInto(decoder: Decoder, index: (chunk: Buffer) => void, writer: PackWriter, limits: IngestLimits): Promise<void> {
   let tarError: KheadersError | undefined;
   let drained = 0;
   /** One decoded chunk; false: stop reading. */
@@ -753,7 +765,7 @@ async function decodeInto(decoder: Decoder, indexer: TarIndexer, writer: PackWri
       return drained <= limits.maxTotalBytes;
     }
     try {
-      indexer.push(chunk);
+      index(chunk);
     } catch (err) {
       if (isKheadersError(err, 'E_ARCHIVE_CORRUPT')) {
         tarError = err;

@@ -88,6 +88,8 @@ export class IndexFormatError extends Error {
   override readonly name = 'IndexFormatError';
 }
 
+/** Children a directory takes before it is first sorted (then: as many again as it holds). */
+const SORT_BATCH = 32;
 const MAX_SYMLINK_HOPS = 40; // the kernel's own MAXSYMLINKS
 const KIND_NAMES = ['', 'dir', 'file', 'symlink'] as const;
 const SLASH = 0x2f;
@@ -157,6 +159,8 @@ interface DirDraft {
   /** Record order of what made it: which of two clashing names came first. */
   seq: number;
   children: Array<DirDraft | number>;
+  /** How many of `children`, from the first, are already sorted by name. */
+  sorted: number;
   /** Id of its first child, once ids are given. */
   first: number;
 }
@@ -179,6 +183,9 @@ function compareUtf8(a: string, aStart: number, b: string, bStart: number): numb
   }
   return al - bl;
 }
+
+/** Set by TreeIndex (which alone may construct one): a built index, checked. */
+let finishBuilt: (out: Buffer, layout: Layout, symlinks: readonly number[]) => TreeIndex;
 
 export class TreeIndex {
   readonly nodeCount: number;
@@ -212,188 +219,28 @@ export class TreeIndex {
    *
    * `pack` carries the chunk digests ingest computed; `blobs` the files stored beside the pack.
    * Without them (tests of the tree alone) the digests are zeros, which no read would accept.
+   * The same as a TreeBuilder given the records one by one (ingest does that as they are decoded).
    */
   static fromRecords(records: readonly IndexRecord[], content: { pack?: PackDigests; blobs?: readonly BlobInfo[] } = {}): TreeIndex {
-    const root: DirDraft = { name: '', path: '', mode: 0o755, mtime: 0, implicit: false, seq: -1, children: [], first: 0 };
-    const dirs = new Map<string, DirDraft>([['', root]]);
-    const blobs: BlobInfo[] = [...(content.blobs ?? [])];
-    /** Where each record's own name starts in its path. */
-    const nameStart = new Int32Array(records.length);
-    /** Files: 0 = the pack, k = blobs[k-1]. */
-    const source = new Uint8Array(records.length);
+    const builder = new TreeBuilder();
+    for (const rec of records) builder.add(rec);
+    return builder.build(content);
+  }
 
-    const ensureDir = (p: string, seq: number): DirDraft => {
-      const existing = dirs.get(p);
-      if (existing) return existing;
-      const slash = p.lastIndexOf('/');
-      const parent = ensureDir(slash < 0 ? '' : p.slice(0, slash), seq);
-      const dir: DirDraft = { name: p.slice(slash + 1), path: p, mode: 0o755, mtime: 0, implicit: true, seq, children: [], first: 0 };
-      dirs.set(p, dir);
-      parent.children.push(dir);
-      return dir;
+  static {
+    // The one way a TreeBuilder's bytes become an index: the escape check cannot be skipped.
+    finishBuilt = (out, layout, symlinks) => {
+      const index = new TreeIndex(new MemoryView(out), layout, false);
+      // Text alone cannot tell where a link leads: the kernel (a FUSE mount, an exported tree)
+      // expands each symlink where it stands, so `up/../x` with `up -> ../..` climbs from where
+      // `up` leads, not from `up`'s directory. Follow every link as the kernel will.
+      const escaping = index.escapingSymlink(symlinks);
+      if (escaping !== undefined) {
+        const n = index.node(escaping)!;
+        throw unsafe(n.path, `is a symlink to ${JSON.stringify(n.target)}, which leaves the tree through another symlink`);
+      }
+      return index;
     };
-
-    let packEnd = 0;
-    records.forEach((rec, i) => {
-      if (rec.path === '') {
-        if (rec.kind !== 'dir') throw unsafe('.', 'the root is not a directory');
-        root.mode = rec.mode;
-        root.mtime = rec.mtime;
-        return;
-      }
-      if (rec.kind === 'symlink' && (rec.target === undefined || symlinkTargetPath(rec.path, rec.target) === undefined)) {
-        throw unsafe(rec.path, `is a symlink to ${JSON.stringify(rec.target ?? '')}, which leaves the tree`);
-      }
-      const slash = rec.path.lastIndexOf('/');
-      nameStart[i] = slash + 1;
-      const parent = ensureDir(slash < 0 ? '' : rec.path.slice(0, slash), i);
-      if (rec.kind === 'dir') {
-        const existing = dirs.get(rec.path);
-        // A directory may be named implicitly (by a child) before its own header arrives.
-        if (existing && !existing.implicit) throw unsafe(rec.path, 'appears twice in the archive');
-        if (existing) {
-          existing.mode = rec.mode;
-          existing.mtime = rec.mtime;
-          existing.implicit = false;
-          return;
-        }
-        const dir: DirDraft = { name: rec.path.slice(slash + 1), path: rec.path, mode: rec.mode, mtime: rec.mtime, implicit: false, seq: i, children: [], first: 0 };
-        dirs.set(rec.path, dir);
-        parent.children.push(dir);
-        return;
-      }
-      if (rec.kind === 'file') {
-        if (rec.blob !== undefined) {
-          if (!validBlobName(rec.blob)) throw new KheadersError('E_INTERNAL', `${JSON.stringify(rec.blob)} cannot name a file beside the pack`);
-          let k = blobs.findIndex((b) => b.name === rec.blob);
-          if (rec.sha256 !== undefined && !/^[0-9a-f]{64}$/.test(rec.sha256)) throw new KheadersError('E_INTERNAL', `${rec.path}: ${JSON.stringify(rec.sha256)} is not a sha256`);
-          const sha256 = rec.sha256 !== undefined ? Buffer.from(rec.sha256, 'hex') : Buffer.alloc(DIGEST_BYTES);
-          if (k < 0) k = blobs.push({ name: rec.blob, size: rec.size, sha256 }) - 1;
-          if (blobs[k]!.size !== rec.size) throw new KheadersError('E_INTERNAL', `${rec.path} is ${rec.size} bytes but its blob ${rec.blob} is ${blobs[k]!.size}`);
-          source[i] = k + 1;
-        } else packEnd = Math.max(packEnd, (rec.offset ?? 0) + rec.size);
-      }
-      parent.children.push(i);
-    });
-    dirs.clear();
-
-    // A child's name is the tail of its record's path (no string made for it while sorting).
-    const text = (c: DirDraft | number): string => (typeof c === 'number' ? records[c]!.path : c.name);
-    const from = (c: DirDraft | number): number => (typeof c === 'number' ? nameStart[c]! : 0);
-    const compareNames = (a: DirDraft | number, b: DirDraft | number): number => compareUtf8(text(a), from(a), text(b), from(b));
-    const nameOfChild = (c: DirDraft | number): string => (typeof c === 'number' ? records[c]!.path.slice(nameStart[c]) : c.name);
-    const seqOf = (c: DirDraft | number): number => (typeof c === 'number' ? c : c.seq);
-    const kindOfChild = (c: DirDraft | number): NodeKind => (typeof c === 'number' ? records[c]!.kind : 'dir');
-
-    // Breadth-first ids: each directory's children consecutive, sorted by name bytes. Two
-    // children of one name are the archive naming a path twice (or as a file and a directory).
-    const order: Array<DirDraft | number> = [root];
-    const parentOf: number[] = [0];
-    for (let i = 0; i < order.length; i++) {
-      const d = order[i]!;
-      if (typeof d === 'number') continue;
-      d.children.sort(compareNames);
-      for (let c = 1; c < d.children.length; c++) {
-        if (compareNames(d.children[c - 1]!, d.children[c]!) !== 0) continue;
-        const [earlier, later] = seqOf(d.children[c - 1]!) < seqOf(d.children[c]!) ? [d.children[c - 1]!, d.children[c]!] : [d.children[c]!, d.children[c - 1]!];
-        const clash = d.path === '' ? nameOfChild(later) : `${d.path}/${nameOfChild(later)}`;
-        if (typeof later !== 'number' && later.implicit && typeof earlier === 'number') throw unsafe(clash, `is used both as a directory and as a ${kindOfChild(earlier)}`);
-        throw unsafe(clash, 'appears twice in the archive');
-      }
-      d.first = order.length;
-      for (const c of d.children) {
-        order.push(c);
-        parentOf.push(i);
-      }
-    }
-
-    const pack = content.pack ?? { packBytes: packEnd, chunkBytes: DEFAULT_CHUNK_BYTES, digests: Buffer.alloc(chunkCountFor(packEnd, DEFAULT_CHUNK_BYTES) * DIGEST_BYTES) };
-    if (packEnd > pack.packBytes) throw new KheadersError('E_INTERNAL', `a file ends at ${packEnd}, past the pack's ${pack.packBytes} bytes`);
-    const layout: Layout = {
-      nodeCount: order.length,
-      blobCount: blobs.length,
-      chunkBytes: pack.chunkBytes,
-      chunkCount: chunkCountFor(pack.packBytes, pack.chunkBytes),
-      stringsBytes: 0,
-      packBytes: pack.packBytes,
-    };
-    if (pack.digests.length !== layout.chunkCount * DIGEST_BYTES) throw new KheadersError('E_INTERNAL', `${pack.digests.length / DIGEST_BYTES} chunk digests for a pack of ${layout.chunkCount} chunks`);
-    for (const d of order) {
-      layout.stringsBytes += Buffer.byteLength(nameOfChild(d));
-      if (typeof d === 'number' && records[d]!.kind === 'symlink') layout.stringsBytes += Buffer.byteLength(records[d]!.target!);
-    }
-    for (const b of blobs) layout.stringsBytes += Buffer.byteLength(b.name);
-
-    const at = sections(layout);
-    const out = Buffer.alloc(at.total);
-    INDEX_MAGIC.copy(out, H.magic);
-    out.writeUInt32LE(INDEX_VERSION, H.version);
-    out.writeUInt32LE(layout.nodeCount, H.nodeCount);
-    out.writeUInt32LE(layout.blobCount, H.blobCount);
-    out.writeUInt32LE(layout.chunkBytes, H.chunkBytes);
-    out.writeUInt32LE(layout.chunkCount, H.chunkCount);
-    out.writeUInt32LE(layout.stringsBytes, H.stringsBytes);
-    out.writeDoubleLE(layout.packBytes, H.packBytes);
-
-    let str = at.strings;
-    const putString = (s: string): [number, number] => {
-      const len = out.write(s, str, 'utf8');
-      const off = str - at.strings;
-      str += len;
-      return [off, len];
-    };
-    order.forEach((d, id) => {
-      const r = at.nodes + id * NODE_BYTES;
-      const [nameOff, nameLen] = putString(nameOfChild(d));
-      out.writeUInt32LE(parentOf[id]!, r + N.parent);
-      out.writeUInt32LE(nameOff, r + N.nameOff);
-      out.writeUInt32LE(nameLen, r + N.nameLen);
-      if (typeof d !== 'number') {
-        out.writeUInt8(KIND_DIR, r + N.kind);
-        out.writeUInt16LE(d.mode & 0o7777, r + N.mode);
-        out.writeDoubleLE(d.mtime, r + N.mtime);
-        if (d.children.length > 0) {
-          out.writeUInt32LE(d.first, r + N.first);
-          out.writeUInt32LE(d.children.length, r + N.count);
-        }
-        return;
-      }
-      const rec = records[d]!;
-      out.writeUInt8(rec.kind === 'file' ? KIND_FILE : KIND_SYMLINK, r + N.kind);
-      out.writeUInt16LE(rec.mode & 0o7777, r + N.mode);
-      out.writeDoubleLE(rec.mtime, r + N.mtime);
-      if (rec.kind === 'file') {
-        out.writeUInt8(source[d]!, r + N.source);
-        out.writeDoubleLE(rec.size, r + N.size);
-        if (source[d] === 0) out.writeDoubleLE(rec.offset ?? 0, r + N.offset);
-      } else {
-        const [off, len] = putString(rec.target!);
-        out.writeDoubleLE(len, r + N.size);
-        out.writeUInt32LE(off, r + N.first);
-        out.writeUInt32LE(len, r + N.count);
-      }
-    });
-    blobs.forEach((b, k) => {
-      const r = at.blobs + k * BLOB_BYTES;
-      const [off, len] = putString(b.name);
-      out.writeUInt32LE(off, r + B.nameOff);
-      out.writeUInt32LE(len, r + B.nameLen);
-      out.writeDoubleLE(b.size, r + B.size);
-      b.sha256.copy(out, r + B.sha256, 0, DIGEST_BYTES);
-    });
-    pack.digests.copy(out, at.chunks);
-    createHash('sha256').update(out.subarray(HEADER_BYTES)).digest().copy(out, H.checksum);
-
-    const index = new TreeIndex(new MemoryView(out), layout, false);
-    // Text alone cannot tell where a link leads: the kernel (a FUSE mount, an exported tree)
-    // expands each symlink where it stands, so `up/../x` with `up -> ../..` climbs from where
-    // `up` leads, not from `up`'s directory. Follow every link as the kernel will.
-    const escaping = index.escapingSymlink();
-    if (escaping !== undefined) {
-      const n = index.node(escaping)!;
-      throw unsafe(n.path, `is a symlink to ${JSON.stringify(n.target)}, which leaves the tree through another symlink`);
-    }
-    return index;
   }
 
   /**
@@ -911,4 +758,233 @@ function readLayout(v: ByteView, packBytes: number): Layout {
   const { total } = sections(layout);
   if (total !== v.length) throw new IndexFormatError(`it is ${v.length} bytes, but its header describes ${total}`);
   return layout;
+}
+
+/**
+ * A TreeIndex built one record at a time, as an archive is decoded: the directory tree is drafted
+ * as records arrive, so what is left when the last one is in (sorting each directory, writing
+ * the bytes) is short. `add` never throws: the first record refused is thrown by `build`, as
+ * `fromRecords` over the same records would throw it, so a caller that adds while decoding
+ * reports a bad archive at the same point and with the same error as one that builds at the end.
+ */
+export class TreeBuilder {
+  private readonly records: IndexRecord[] = [];
+  private readonly root: DirDraft = { name: '', path: '', mode: 0o755, mtime: 0, implicit: false, seq: -1, children: [], sorted: 0, first: 0 };
+  private readonly dirs = new Map<string, DirDraft>([['', this.root]]);
+  /** Where each record's own name starts in its path. */
+  private readonly nameStart: number[] = [];
+  /** Records of files kept beside the pack (resolved against the blobs in `build`). */
+  private readonly blobRecords: number[] = [];
+  private packEnd = 0;
+  private refused: Error | undefined;
+
+  get count(): number {
+    return this.records.length;
+  }
+
+  add(rec: IndexRecord): void {
+    if (this.refused !== undefined) return;
+    const i = this.records.push(rec) - 1;
+    try {
+      this.draft(rec, i);
+    } catch (err) {
+      this.refused = err instanceof Error ? err : new Error(String(err));
+    }
+  }
+
+  private draft(rec: IndexRecord, i: number): void {
+    this.nameStart.push(0);
+    if (rec.path === '') {
+      if (rec.kind !== 'dir') throw unsafe('.', 'the root is not a directory');
+      this.root.mode = rec.mode;
+      this.root.mtime = rec.mtime;
+      return;
+    }
+    if (rec.kind === 'symlink' && (rec.target === undefined || symlinkTargetPath(rec.path, rec.target) === undefined)) {
+      throw unsafe(rec.path, `is a symlink to ${JSON.stringify(rec.target ?? '')}, which leaves the tree`);
+    }
+    const slash = rec.path.lastIndexOf('/');
+    this.nameStart[i] = slash + 1;
+    const parent = this.ensureDir(slash < 0 ? '' : rec.path.slice(0, slash), i);
+    if (rec.kind === 'dir') {
+      const existing = this.dirs.get(rec.path);
+      // A directory may be named implicitly (by a child) before its own header arrives.
+      if (existing && !existing.implicit) throw unsafe(rec.path, 'appears twice in the archive');
+      if (existing) {
+        existing.mode = rec.mode;
+        existing.mtime = rec.mtime;
+        existing.implicit = false;
+        return;
+      }
+      const dir: DirDraft = { name: rec.path.slice(slash + 1), path: rec.path, mode: rec.mode, mtime: rec.mtime, implicit: false, seq: i, children: [], sorted: 0, first: 0 };
+      this.dirs.set(rec.path, dir);
+      this.adopt(parent, dir);
+      return;
+    }
+    if (rec.kind === 'file') {
+      if (rec.blob !== undefined) {
+        if (!validBlobName(rec.blob)) throw new KheadersError('E_INTERNAL', `${JSON.stringify(rec.blob)} cannot name a file beside the pack`);
+        if (rec.sha256 !== undefined && !/^[0-9a-f]{64}$/.test(rec.sha256)) throw new KheadersError('E_INTERNAL', `${rec.path}: ${JSON.stringify(rec.sha256)} is not a sha256`);
+        this.blobRecords.push(i);
+      } else this.packEnd = Math.max(this.packEnd, (rec.offset ?? 0) + rec.size);
+    }
+    this.adopt(parent, i);
+  }
+
+  /**
+   * A child into its directory. The directory is sorted whenever its unsorted tail has grown as
+   * long as its sorted head (a stable merge of runs: O(n log n) in all), so most of the sorting
+   * is done while the archive is still being decoded and `build` finds most directories in order.
+   */
+  private adopt(parent: DirDraft, child: DirDraft | number): void {
+    const n = parent.children.push(child);
+    if (n >= 2 * parent.sorted + SORT_BATCH) {
+      parent.children.sort(this.byName);
+      parent.sorted = n;
+    }
+  }
+
+  /** UTF-8 byte order of two children's names (a record's name is the tail of its path: no string is made). */
+  private readonly byName = (a: DirDraft | number, b: DirDraft | number): number =>
+    compareUtf8(typeof a === 'number' ? this.records[a]!.path : a.name, typeof a === 'number' ? this.nameStart[a]! : 0, typeof b === 'number' ? this.records[b]!.path : b.name, typeof b === 'number' ? this.nameStart[b]! : 0);
+
+  private ensureDir(p: string, seq: number): DirDraft {
+    const existing = this.dirs.get(p);
+    if (existing) return existing;
+    const slash = p.lastIndexOf('/');
+    const parent = this.ensureDir(slash < 0 ? '' : p.slice(0, slash), seq);
+    const dir: DirDraft = { name: p.slice(slash + 1), path: p, mode: 0o755, mtime: 0, implicit: true, seq, children: [], sorted: 0, first: 0 };
+    this.dirs.set(p, dir);
+    this.adopt(parent, dir);
+    return dir;
+  }
+
+  /** The index of every record added; throws what `fromRecords` would. Call once. */
+  build(content: { pack?: PackDigests; blobs?: readonly BlobInfo[] } = {}): TreeIndex {
+    if (this.refused !== undefined) throw this.refused;
+    const { records, nameStart, root, packEnd } = this;
+    this.dirs.clear();
+    const blobs: BlobInfo[] = [...(content.blobs ?? [])];
+    /** Files kept beside the pack: record → 1 + its blob's index (0, the default, is the pack). */
+    const source = new Map<number, number>();
+    for (const i of this.blobRecords) {
+      const rec = records[i]!;
+      let k = blobs.findIndex((b) => b.name === rec.blob);
+      const sha256 = rec.sha256 !== undefined ? Buffer.from(rec.sha256, 'hex') : Buffer.alloc(DIGEST_BYTES);
+      if (k < 0) k = blobs.push({ name: rec.blob!, size: rec.size, sha256 }) - 1;
+      if (blobs[k]!.size !== rec.size) throw new KheadersError('E_INTERNAL', `${rec.path} is ${rec.size} bytes but its blob ${rec.blob} is ${blobs[k]!.size}`);
+      source.set(i, k + 1);
+    }
+
+
+    // A child's name is the tail of its record's path (no string made for it while sorting).
+    const compareNames = this.byName;
+    const nameOfChild = (c: DirDraft | number): string => (typeof c === 'number' ? records[c]!.path.slice(nameStart[c]) : c.name);
+    const seqOf = (c: DirDraft | number): number => (typeof c === 'number' ? c : c.seq);
+    const kindOfChild = (c: DirDraft | number): NodeKind => (typeof c === 'number' ? records[c]!.kind : 'dir');
+
+    // Breadth-first ids: each directory's children consecutive, sorted by name bytes. Two
+    // children of one name are the archive naming a path twice (or as a file and a directory).
+    const order: Array<DirDraft | number> = [root];
+    const parentOf: number[] = [0];
+    /** Node ids of the symlinks: the only nodes the escape check must follow. */
+    const symlinks: number[] = [];
+    for (let i = 0; i < order.length; i++) {
+      const d = order[i]!;
+      if (typeof d === 'number') continue;
+      if (d.sorted < d.children.length) d.children.sort(compareNames);
+      for (let c = 1; c < d.children.length; c++) {
+        if (compareNames(d.children[c - 1]!, d.children[c]!) !== 0) continue;
+        const [earlier, later] = seqOf(d.children[c - 1]!) < seqOf(d.children[c]!) ? [d.children[c - 1]!, d.children[c]!] : [d.children[c]!, d.children[c - 1]!];
+        const clash = d.path === '' ? nameOfChild(later) : `${d.path}/${nameOfChild(later)}`;
+        if (typeof later !== 'number' && later.implicit && typeof earlier === 'number') throw unsafe(clash, `is used both as a directory and as a ${kindOfChild(earlier)}`);
+        throw unsafe(clash, 'appears twice in the archive');
+      }
+      d.first = order.length;
+      for (const c of d.children) {
+        if (typeof c === 'number' && records[c]!.kind === 'symlink') symlinks.push(order.length);
+        order.push(c);
+        parentOf.push(i);
+      }
+    }
+
+    const pack = content.pack ?? { packBytes: packEnd, chunkBytes: DEFAULT_CHUNK_BYTES, digests: Buffer.alloc(chunkCountFor(packEnd, DEFAULT_CHUNK_BYTES) * DIGEST_BYTES) };
+    if (packEnd > pack.packBytes) throw new KheadersError('E_INTERNAL', `a file ends at ${packEnd}, past the pack's ${pack.packBytes} bytes`);
+    const layout: Layout = {
+      nodeCount: order.length,
+      blobCount: blobs.length,
+      chunkBytes: pack.chunkBytes,
+      chunkCount: chunkCountFor(pack.packBytes, pack.chunkBytes),
+      stringsBytes: 0,
+      packBytes: pack.packBytes,
+    };
+    if (pack.digests.length !== layout.chunkCount * DIGEST_BYTES) throw new KheadersError('E_INTERNAL', `${pack.digests.length / DIGEST_BYTES} chunk digests for a pack of ${layout.chunkCount} chunks`);
+    for (const d of order) {
+      layout.stringsBytes += Buffer.byteLength(nameOfChild(d));
+      if (typeof d === 'number' && records[d]!.kind === 'symlink') layout.stringsBytes += Buffer.byteLength(records[d]!.target!);
+    }
+    for (const b of blobs) layout.stringsBytes += Buffer.byteLength(b.name);
+
+    const at = sections(layout);
+    const out = Buffer.alloc(at.total);
+    INDEX_MAGIC.copy(out, H.magic);
+    out.writeUInt32LE(INDEX_VERSION, H.version);
+    out.writeUInt32LE(layout.nodeCount, H.nodeCount);
+    out.writeUInt32LE(layout.blobCount, H.blobCount);
+    out.writeUInt32LE(layout.chunkBytes, H.chunkBytes);
+    out.writeUInt32LE(layout.chunkCount, H.chunkCount);
+    out.writeUInt32LE(layout.stringsBytes, H.stringsBytes);
+    out.writeDoubleLE(layout.packBytes, H.packBytes);
+
+    let str = at.strings;
+    const putString = (s: string): [number, number] => {
+      const len = out.write(s, str, 'utf8');
+      const off = str - at.strings;
+      str += len;
+      return [off, len];
+    };
+    order.forEach((d, id) => {
+      const r = at.nodes + id * NODE_BYTES;
+      const [nameOff, nameLen] = putString(nameOfChild(d));
+      out.writeUInt32LE(parentOf[id]!, r + N.parent);
+      out.writeUInt32LE(nameOff, r + N.nameOff);
+      out.writeUInt32LE(nameLen, r + N.nameLen);
+      if (typeof d !== 'number') {
+        out.writeUInt8(KIND_DIR, r + N.kind);
+        out.writeUInt16LE(d.mode & 0o7777, r + N.mode);
+        out.writeDoubleLE(d.mtime, r + N.mtime);
+        if (d.children.length > 0) {
+          out.writeUInt32LE(d.first, r + N.first);
+          out.writeUInt32LE(d.children.length, r + N.count);
+        }
+        return;
+      }
+      const rec = records[d]!;
+      out.writeUInt8(rec.kind === 'file' ? KIND_FILE : KIND_SYMLINK, r + N.kind);
+      out.writeUInt16LE(rec.mode & 0o7777, r + N.mode);
+      out.writeDoubleLE(rec.mtime, r + N.mtime);
+      if (rec.kind === 'file') {
+        out.writeUInt8(source.get(d) ?? 0, r + N.source);
+        out.writeDoubleLE(rec.size, r + N.size);
+        if (!source.has(d)) out.writeDoubleLE(rec.offset ?? 0, r + N.offset);
+      } else {
+        const [off, len] = putString(rec.target!);
+        out.writeDoubleLE(len, r + N.size);
+        out.writeUInt32LE(off, r + N.first);
+        out.writeUInt32LE(len, r + N.count);
+      }
+    });
+    blobs.forEach((b, k) => {
+      const r = at.blobs + k * BLOB_BYTES;
+      const [off, len] = putString(b.name);
+      out.writeUInt32LE(off, r + B.nameOff);
+      out.writeUInt32LE(len, r + B.nameLen);
+      out.writeDoubleLE(b.size, r + B.size);
+      b.sha256.copy(out, r + B.sha256, 0, DIGEST_BYTES);
+    });
+    pack.digests.copy(out, at.chunks);
+    createHash('sha256').update(out.subarray(HEADER_BYTES)).digest().copy(out, H.checksum);
+
+    return finishBuilt(out, layout, symlinks);
+  }
 }
