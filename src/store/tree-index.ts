@@ -876,7 +876,6 @@ export class TreeBuilder {
       source.set(i, k + 1);
     }
 
-
     // A child's name is the tail of its record's path (no string made for it while sorting).
     const compareNames = this.byName;
     const nameOfChild = (c: DirDraft | number): string => (typeof c === 'number' ? records[c]!.path.slice(nameStart[c]) : c.name);
