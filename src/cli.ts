@@ -9,7 +9,7 @@ import type * as CommanderModule from 'commander';
 import type { Command } from 'commander';
 import { DEFAULT_CONFIG_FILE, KEYS, envName, flagName, readConfigFile, resolveConfig, type Config, type ConfigKey } from './config.js';
 import { EXIT, KheadersError, errnoOf } from './errors.js';
-import { createLogger, type Logger } from './log.js';
+import { createDeferredLogger, createLogger, type Logger } from './log.js';
 import { holdYoungGeneration, optimizeForSize } from './v8-flags.js';
 import type { CommandIO } from './commands/store-commands.js';
 
@@ -59,18 +59,18 @@ const INGEST_KEYS: ConfigKey[] = ['archive', 'release', 'moduleDirs', 'modprobe'
  * to stdout, except for commands whose stdout carries data (`--json`, `cat`), where they go to
  * stderr so the data stays clean.
  */
-async function run(cmd: Command, dataOnStdout: boolean, body: (cfg: Config, io: CommandIO) => Promise<void>): Promise<void> {
+async function run(cmd: Command, dataOnStdout: boolean, body: (cfg: Config, io: CommandIO) => Promise<void>, logger = createLogger): Promise<void> {
   const opts = cmd.optsWithGlobals<GlobalOptions & Partial<Record<ConfigKey, unknown>>>();
   const dataOut = dataOnStdout || opts.json === true;
   const logStream = dataOut ? process.stderr : process.stdout;
-  let log: Logger = createLogger('info', logStream);
+  let log: Logger = logger('info', logStream);
   try {
     const configFile = opts.config ?? process.env.KHEADERSD_CONFIG ?? DEFAULT_CONFIG_FILE;
     const file = await readConfigFile(configFile, opts.config !== undefined || process.env.KHEADERSD_CONFIG !== undefined);
     const flags: Partial<Record<ConfigKey, unknown>> = {};
     for (const key of Object.keys(KEYS) as ConfigKey[]) if (opts[key] !== undefined) flags[key] = opts[key];
     const cfg = resolveConfig({ flags, env: process.env, file, fileName: configFile });
-    log = createLogger(cfg.logLevel, logStream);
+    log = logger(cfg.logLevel, logStream);
     await body(cfg, { stdout: process.stdout, stderr: process.stderr, log });
   } catch (err) {
     process.exitCode = report(err, log, logStream.isTTY === true);
@@ -112,10 +112,16 @@ export function buildProgram(): Command {
   const ingestCmd = addKeys(program.command('ingest').description("cache the kernel's header archive (the running kernel's, or --archive FILE)"), [...INGEST_KEYS, ...COMMON])
     .option('--json', 'print the result as JSON')
     .action(async (_o, cmd: Command) =>
-      run(cmd, false, async (cfg, io) => {
-        const { cmdIngest } = await oneShot(import('./commands/store-commands.js'));
-        await cmdIngest(cfg, io, cmd.opts().json === true);
-      }),
+      run(
+        cmd,
+        false,
+        async (cfg, io) => {
+          const { cmdIngest } = await oneShot(import('./commands/store-commands.js'));
+          await cmdIngest(cfg, io, cmd.opts().json === true);
+        },
+        // pino loads while xz decodes (ingest warms it), not before xz starts.
+        createDeferredLogger,
+      ),
     );
   void ingestCmd;
 

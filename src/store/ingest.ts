@@ -20,7 +20,7 @@ import os from 'node:os';
 import { Readable } from 'node:stream';
 import path from 'node:path';
 import { KheadersError, diskFullErrno, isKheadersError } from '../errors.js';
-import type { Logger } from '../log.js';
+import { warmLogger, type Logger } from '../log.js';
 import { locateArchive, type ArchiveOrigin, type ArchiveSource, type ModuleFileInfo } from '../source/locate.js';
 import { xzUncompressedSize } from '../source/xz.js';
 import { CacheStore, entryId, fsyncDir, validRelease } from './cache.js';
@@ -502,6 +502,9 @@ async function buildHeadersEntry(
     decoder = 'intoFile' in decoding ? decoding.intoFile : decoding.stream;
     mark('decoderStarted');
     if ('intoFile' in decoding) void decoding.intoFile.whenExited().then(() => mark('decoderExited'));
+    // The logger's own start-up (a CLI's is deferred) is paid now, while xz decodes, rather than
+    // by the line logged when the entry is made.
+    setImmediate(() => warmLogger(opts.log));
 
     const { FACT_FILES } = await import('./extras.js');
     const indexer = new TarIndexer(limits, new Set([UTSRELEASE_H, ...FACT_FILES]));
