@@ -163,6 +163,9 @@ interface DirDraft {
   sorted: number;
   /** Id of its first child, once ids are given. */
   first: number;
+  /** Where its name is in the builder's strings. */
+  nameOff: number;
+  nameLen: number;
 }
 
 /**
@@ -769,7 +772,7 @@ function readLayout(v: ByteView, packBytes: number): Layout {
  */
 export class TreeBuilder {
   private readonly records: IndexRecord[] = [];
-  private readonly root: DirDraft = { name: '', path: '', mode: 0o755, mtime: 0, implicit: false, seq: -1, children: [], sorted: 0, first: 0 };
+  private readonly root: DirDraft = { name: '', path: '', mode: 0o755, mtime: 0, implicit: false, seq: -1, children: [], sorted: 0, first: 0, nameOff: 0, nameLen: 0 };
   private readonly dirs = new Map<string, DirDraft>([['', this.root]]);
   /** Where each record's own name starts in its path. */
   private readonly nameStart: number[] = [];
@@ -777,6 +780,14 @@ export class TreeBuilder {
   private readonly blobRecords: number[] = [];
   private packEnd = 0;
   private refused: Error | undefined;
+  /**
+   * The index's strings and its file and symlink records, encoded as records arrive (record i at
+   * i * NODE_BYTES; parent and, for files beside the pack, source are filled in by `build`), so
+   * that `build` copies them rather than encodes them. Names are in the order they arrived.
+   */
+  private strings: Buffer = Buffer.alloc(64 * 1024);
+  private stringsUsed = 0;
+  private nodes: Buffer = Buffer.alloc(1024 * NODE_BYTES);
 
   get count(): number {
     return this.records.length;
@@ -789,6 +800,36 @@ export class TreeBuilder {
       this.draft(rec, i);
     } catch (err) {
       this.refused = err instanceof Error ? err : new Error(String(err));
+    }
+  }
+
+  private putString(text: string): { nameOff: number; nameLen: number } {
+    if (this.strings.length - this.stringsUsed < text.length * 3) this.strings = grown(this.strings, this.stringsUsed + text.length * 3);
+    const nameLen = this.strings.write(text, this.stringsUsed, 'utf8');
+    const nameOff = this.stringsUsed;
+    this.stringsUsed += nameLen;
+    return { nameOff, nameLen };
+  }
+
+  /** A file's or symlink's node record, all but its parent (and a blob's source). */
+  private encodeLeaf(rec: IndexRecord, i: number, nameFrom: number): void {
+    if ((i + 1) * NODE_BYTES > this.nodes.length) this.nodes = grown(this.nodes, (i + 1) * NODE_BYTES);
+    const out = this.nodes;
+    const r = i * NODE_BYTES;
+    const name = this.putString(rec.path.slice(nameFrom));
+    out.writeUInt32LE(name.nameOff, r + N.nameOff);
+    out.writeUInt32LE(name.nameLen, r + N.nameLen);
+    out.writeUInt8(rec.kind === 'file' ? KIND_FILE : KIND_SYMLINK, r + N.kind);
+    out.writeUInt16LE(rec.mode & 0o7777, r + N.mode);
+    out.writeDoubleLE(rec.mtime, r + N.mtime);
+    if (rec.kind === 'file') {
+      out.writeDoubleLE(rec.size, r + N.size);
+      if (rec.blob === undefined) out.writeDoubleLE(rec.offset ?? 0, r + N.offset);
+    } else {
+      const target = this.putString(rec.target!);
+      out.writeDoubleLE(target.nameLen, r + N.size);
+      out.writeUInt32LE(target.nameOff, r + N.first);
+      out.writeUInt32LE(target.nameLen, r + N.count);
     }
   }
 
@@ -816,7 +857,7 @@ export class TreeBuilder {
         existing.implicit = false;
         return;
       }
-      const dir: DirDraft = { name: rec.path.slice(slash + 1), path: rec.path, mode: rec.mode, mtime: rec.mtime, implicit: false, seq: i, children: [], sorted: 0, first: 0 };
+      const dir: DirDraft = { name: rec.path.slice(slash + 1), path: rec.path, mode: rec.mode, mtime: rec.mtime, implicit: false, seq: i, children: [], sorted: 0, first: 0, ...this.putString(rec.path.slice(slash + 1)) };
       this.dirs.set(rec.path, dir);
       this.adopt(parent, dir);
       return;
@@ -828,6 +869,7 @@ export class TreeBuilder {
         this.blobRecords.push(i);
       } else this.packEnd = Math.max(this.packEnd, (rec.offset ?? 0) + rec.size);
     }
+    this.encodeLeaf(rec, i, slash + 1);
     this.adopt(parent, i);
   }
 
@@ -853,7 +895,7 @@ export class TreeBuilder {
     if (existing) return existing;
     const slash = p.lastIndexOf('/');
     const parent = this.ensureDir(slash < 0 ? '' : p.slice(0, slash), seq);
-    const dir: DirDraft = { name: p.slice(slash + 1), path: p, mode: 0o755, mtime: 0, implicit: true, seq, children: [], sorted: 0, first: 0 };
+    const dir: DirDraft = { name: p.slice(slash + 1), path: p, mode: 0o755, mtime: 0, implicit: true, seq, children: [], sorted: 0, first: 0, ...this.putString(p.slice(slash + 1)) };
     this.dirs.set(p, dir);
     this.adopt(parent, dir);
     return dir;
@@ -918,10 +960,7 @@ export class TreeBuilder {
       packBytes: pack.packBytes,
     };
     if (pack.digests.length !== layout.chunkCount * DIGEST_BYTES) throw new KheadersError('E_INTERNAL', `${pack.digests.length / DIGEST_BYTES} chunk digests for a pack of ${layout.chunkCount} chunks`);
-    for (const d of order) {
-      layout.stringsBytes += Buffer.byteLength(nameOfChild(d));
-      if (typeof d === 'number' && records[d]!.kind === 'symlink') layout.stringsBytes += Buffer.byteLength(records[d]!.target!);
-    }
+    layout.stringsBytes = this.stringsUsed;
     for (const b of blobs) layout.stringsBytes += Buffer.byteLength(b.name);
 
     const at = sections(layout);
@@ -935,20 +974,24 @@ export class TreeBuilder {
     out.writeUInt32LE(layout.stringsBytes, H.stringsBytes);
     out.writeDoubleLE(layout.packBytes, H.packBytes);
 
-    let str = at.strings;
+    this.strings.copy(out, at.strings, 0, this.stringsUsed);
+    let str = at.strings + this.stringsUsed;
     const putString = (s: string): [number, number] => {
       const len = out.write(s, str, 'utf8');
       const off = str - at.strings;
       str += len;
       return [off, len];
     };
-    order.forEach((d, id) => {
+    for (let id = 0; id < order.length; id++) {
+      const d = order[id]!;
       const r = at.nodes + id * NODE_BYTES;
-      const [nameOff, nameLen] = putString(nameOfChild(d));
-      out.writeUInt32LE(parentOf[id]!, r + N.parent);
-      out.writeUInt32LE(nameOff, r + N.nameOff);
-      out.writeUInt32LE(nameLen, r + N.nameLen);
-      if (typeof d !== 'number') {
+      if (typeof d === 'number') {
+        this.nodes.copy(out, r, d * NODE_BYTES, (d + 1) * NODE_BYTES);
+        const k = source.get(d);
+        if (k !== undefined) out.writeUInt8(k, r + N.source);
+      } else {
+        out.writeUInt32LE(d.nameOff, r + N.nameOff);
+        out.writeUInt32LE(d.nameLen, r + N.nameLen);
         out.writeUInt8(KIND_DIR, r + N.kind);
         out.writeUInt16LE(d.mode & 0o7777, r + N.mode);
         out.writeDoubleLE(d.mtime, r + N.mtime);
@@ -956,23 +999,9 @@ export class TreeBuilder {
           out.writeUInt32LE(d.first, r + N.first);
           out.writeUInt32LE(d.children.length, r + N.count);
         }
-        return;
       }
-      const rec = records[d]!;
-      out.writeUInt8(rec.kind === 'file' ? KIND_FILE : KIND_SYMLINK, r + N.kind);
-      out.writeUInt16LE(rec.mode & 0o7777, r + N.mode);
-      out.writeDoubleLE(rec.mtime, r + N.mtime);
-      if (rec.kind === 'file') {
-        out.writeUInt8(source.get(d) ?? 0, r + N.source);
-        out.writeDoubleLE(rec.size, r + N.size);
-        if (!source.has(d)) out.writeDoubleLE(rec.offset ?? 0, r + N.offset);
-      } else {
-        const [off, len] = putString(rec.target!);
-        out.writeDoubleLE(len, r + N.size);
-        out.writeUInt32LE(off, r + N.first);
-        out.writeUInt32LE(len, r + N.count);
-      }
-    });
+      out.writeUInt32LE(parentOf[id]!, r + N.parent);
+    }
     blobs.forEach((b, k) => {
       const r = at.blobs + k * BLOB_BYTES;
       const [off, len] = putString(b.name);
@@ -986,4 +1015,11 @@ export class TreeBuilder {
 
     return finishBuilt(out, layout, symlinks);
   }
+}
+
+/** A copy of `buf` with room for at least `need` bytes (doubling: appends cost O(1) each). */
+function grown(buf: Buffer, need: number): Buffer {
+  const bigger = Buffer.alloc(Math.max(need, buf.length * 2));
+  buf.copy(bigger);
+  return bigger;
 }
