@@ -3,7 +3,8 @@
  *
  *   archive (in memory) ─┬─ sha256 ─ already cached? → done, no work
  *                        ├─ archive.tar.xz (kept for clients that want the whole archive)
- *                        └─ xz decoder ─ pack.tar ─ TarIndexer (checks, limits, offsets, chunk sha256) ─ index.bin
+ *                        └─ xz decoder ─ pack.tar ─ TarIndexer (checks, limits, offsets, chunk sha256) ─ TreeBuilder ─ index.bin
+ *                                                   (the tree is drafted record by record while xz still decodes)
  *   BTF (if any) ─ worker thread ─ vmlinux.h (in parallel with the above)
  *   then: vmlinux.h and .config kept only if they belong to this kernel (extras.ts)
  *
