@@ -88,6 +88,8 @@ export class IndexFormatError extends Error {
   override readonly name = 'IndexFormatError';
 }
 
+/** Node records per page of a TreeBuilder (48 KiB pages). */
+const PAGE_RECORDS = 1024;
 /** Children a directory takes before it is first sorted (then: as many again as it holds). */
 const SORT_BATCH = 32;
 const MAX_SYMLINK_HOPS = 40; // the kernel's own MAXSYMLINKS
@@ -781,13 +783,15 @@ export class TreeBuilder {
   private packEnd = 0;
   private refused: Error | undefined;
   /**
-   * The index's strings and its file and symlink records, encoded as records arrive (record i at
-   * i * NODE_BYTES; parent and, for files beside the pack, source are filled in by `build`), so
-   * that `build` copies them rather than encodes them. Names are in the order they arrived.
+   * The index's strings and its file and symlink records, encoded as records arrive (parent and,
+   * for files beside the pack, source are filled in by `build`), so that `build` copies them
+   * rather than encodes them. Names are in the order they arrived. Records are kept in pages of
+   * PAGE_RECORDS (record i in page i / PAGE_RECORDS): growing leaves no copies behind, which at
+   * 200,000 entries would add megabytes to the ingest's peak.
    */
   private strings: Buffer = Buffer.alloc(64 * 1024);
   private stringsUsed = 0;
-  private nodes: Buffer = Buffer.alloc(1024 * NODE_BYTES);
+  private readonly pages: Buffer[] = [];
 
   get count(): number {
     return this.records.length;
@@ -813,9 +817,10 @@ export class TreeBuilder {
 
   /** A file's or symlink's node record, all but its parent (and a blob's source). */
   private encodeLeaf(rec: IndexRecord, i: number, nameFrom: number): void {
-    if ((i + 1) * NODE_BYTES > this.nodes.length) this.nodes = grown(this.nodes, (i + 1) * NODE_BYTES);
-    const out = this.nodes;
-    const r = i * NODE_BYTES;
+    const page = Math.floor(i / PAGE_RECORDS);
+    while (this.pages.length <= page) this.pages.push(Buffer.alloc(PAGE_RECORDS * NODE_BYTES));
+    const out = this.pages[page]!;
+    const r = (i % PAGE_RECORDS) * NODE_BYTES;
     const name = this.putString(rec.path.slice(nameFrom));
     out.writeUInt32LE(name.nameOff, r + N.nameOff);
     out.writeUInt32LE(name.nameLen, r + N.nameLen);
@@ -986,7 +991,8 @@ export class TreeBuilder {
       const d = order[id]!;
       const r = at.nodes + id * NODE_BYTES;
       if (typeof d === 'number') {
-        this.nodes.copy(out, r, d * NODE_BYTES, (d + 1) * NODE_BYTES);
+        const from = (d % PAGE_RECORDS) * NODE_BYTES;
+        this.pages[Math.floor(d / PAGE_RECORDS)]!.copy(out, r, from, from + NODE_BYTES);
         const k = source.get(d);
         if (k !== undefined) out.writeUInt8(k, r + N.source);
       } else {
