@@ -3,7 +3,8 @@
  * FUSE mount until told to stop. Lifecycle only: what is served is the store's business, how it
  * is served belongs to serve/http and serve/fuse.
  *
- *   start ─ repair damaged entries ─ ingest (or reuse) ─ HTTP up ─ mount ─ ready (sd_notify)
+ *   start ─ repair damaged entries ─ ingest (or reuse; a new entry is built in a child process) ─
+ *     HTTP up ─ mount ─ ready (sd_notify)
  *   SIGHUP ─ re-read the live kernel's release and archive digest; if new, ingest and flip `current`
  *   a read finds an entry's bytes wrong ─ that read fails (EIO / 500); the entry is moved to
  *     quarantine and rebuilt (from its archive, else the live source), then served again
@@ -29,6 +30,7 @@ import { matchRunning, readLiveKernel } from '../store/kernel-match.js';
 import { MODULE_HEADERS_SUBDIR, ModuleHeaders } from '../store/module-btf.js';
 import { DaemonState } from '../serve/state.js';
 import { healWithConfig, ingestWithConfig, type CommandIO } from './store-commands.js';
+import { ingestInChildProcess } from './ingest-process.js';
 import type { FuseMount } from '../serve/fuse/types.js';
 import type { IndexFsModel } from '../serve/fuse/index-model.js';
 
@@ -145,7 +147,9 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
     const started = new Date().toISOString();
     try {
       // The daemon's own store: what the repair check validated is not read and validated again.
-      const result = await ingestWithConfig(cfg, io, { setCurrent: true, store });
+      // A new entry is built in a child process (ingest-process.ts), so its buffers die with it.
+      const buildElsewhere = (): Promise<void> => ingestInChildProcess(cfg, io);
+      const result = await ingestWithConfig(cfg, io, { setCurrent: true, store, buildElsewhere });
       counted(result.healed);
       state.lastIngest = { at: started, durationMs: result.durationMs, id: result.entry.manifest.id, reused: result.reused };
       state.lastIngestError = null;

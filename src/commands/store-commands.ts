@@ -47,22 +47,18 @@ export async function healWithConfig(cfg: Config, io: CommandIO, known: readonly
 }
 
 /**
- * Ingest the configured archive (or the running kernel's), with eviction afterwards. `store`: the
- * cache already open (the daemon's), whose loaded entries the repair check and the ingest reuse.
+ * The options of an ingest of the configured archive (or the running kernel's), with eviction
+ * afterwards; a progress bar when stderr is a terminal. `store`: the cache already open (the
+ * daemon's); `buildElsewhere`: see IngestOptions.
  */
-export async function ingestWithConfig(cfg: Config, io: CommandIO, extra: { setCurrent?: boolean; store?: CacheStore } = {}): Promise<IngestResult & { healed: HealReport }> {
-  const tty = io.stderr.isTTY === true;
-  const opts: IngestOptions = {
-    cacheDir: cfg.cacheDir,
-    ...(extra.store ? { store: extra.store } : {}),
+export function configuredIngest(cfg: Config, io: CommandIO, extra: { setCurrent?: boolean; store?: CacheStore; buildElsewhere?: () => Promise<void> } = {}): IngestOptions {
+  return {
+    ...ingestOptions(cfg, io, extra.store),
     ...(cfg.archive !== undefined ? { archive: cfg.archive } : {}),
     ...(cfg.release !== undefined ? { release: cfg.release } : {}),
     modprobe: cfg.modprobe,
     unloadModule: cfg.unloadModule,
     moduleDirs: cfg.moduleDirs,
-    limits: { maxTotalBytes: cfg.maxTotalBytes, maxEntries: cfg.maxEntries, maxFileBytes: cfg.maxFileBytes },
-    decoder: cfg.decoder,
-    btf: cfg.btf,
     origins: {
       ...(cfg.origins.archive !== undefined ? { archive: cfg.origins.archive } : {}),
       ...(cfg.origins.release !== undefined ? { release: cfg.origins.release } : {}),
@@ -70,16 +66,21 @@ export async function ingestWithConfig(cfg: Config, io: CommandIO, extra: { setC
     },
     keep: cfg.keep,
     ...(cfg.maxCacheBytes !== undefined ? { maxCacheBytes: cfg.maxCacheBytes } : {}),
-    lockTimeoutMs: cfg.lockTimeout * 1000,
     ...(extra.setCurrent !== undefined ? { setCurrent: extra.setCurrent } : {}),
-    log: io.log,
-    ...(tty
-      ? {
-          onProgress: (p) =>
-            io.stderr.write(progressBar(p.total ? p.bytes / p.total : undefined, `${humanBytes(p.bytes)}, ${p.entries} entries`)),
-        }
+    ...(extra.buildElsewhere ? { buildElsewhere: extra.buildElsewhere } : {}),
+    ...(io.stderr.isTTY === true
+      ? { onProgress: (p) => io.stderr.write(progressBar(p.total ? p.bytes / p.total : undefined, `${humanBytes(p.bytes)}, ${p.entries} entries`)) }
       : {}),
   };
+}
+
+/**
+ * Repair the cache, then ingest (configuredIngest). `store`: the cache already open (the
+ * daemon's), whose loaded entries the repair check and the ingest reuse.
+ */
+export async function ingestWithConfig(cfg: Config, io: CommandIO, extra: { setCurrent?: boolean; store?: CacheStore; buildElsewhere?: () => Promise<void> } = {}): Promise<IngestResult & { healed: HealReport }> {
+  const tty = io.stderr.isTTY === true;
+  const opts = configuredIngest(cfg, io, extra);
   // The archive is read and hashed while the cache's entries are checked: the two wait on
   // different things (the archive's reads, the entries' reads and index checks). ingest() reports
   // what finding it went wrong, as if it had found it itself.

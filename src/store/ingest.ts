@@ -96,6 +96,12 @@ export interface IngestOptions {
   lockTimeoutMs?: number;
   log?: Logger;
   onProgress?: (p: IngestProgress) => void;
+  /**
+   * Called, with the lock released, instead of building an entry that is not cached yet (`serve`
+   * builds it in a short-lived process of its own, so the daemon never holds the decode buffers).
+   * The ingest then looks again, and builds here only if the entry is still missing.
+   */
+  buildElsewhere?: () => Promise<void>;
   /** For tests: where the live archive, BTF, build id and configuration are looked for. */
   livePaths?: readonly string[];
   liveBtf?: string;
@@ -177,7 +183,8 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
   await givenBtfExists(opts);
   const store = await openStore(opts);
 
-  return inStep('cache', store.locked(async () => {
+  // `elsewhere`: undefined builds here; 'ask' returns undefined instead; 'built' looks after it was.
+  const lookOrBuild = (elsewhere?: 'ask' | 'built'): Promise<IngestResult | undefined> => inStep('cache', store.locked(async () => {
     await sweep(store, opts.log);
     const manifests = await store.list();
     const found = store.findByDigest(manifests, digest, namedRelease);
@@ -187,7 +194,9 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
     let decoder: DecoderName | null = null;
     if (existing) {
       entry = existing;
-      opts.log?.info({ id: existing.manifest.id }, 'archive already cached: nothing to do');
+      if (elsewhere !== 'built') opts.log?.info({ id: existing.manifest.id }, 'archive already cached: nothing to do');
+    } else if (elsewhere === 'ask') {
+      return undefined;
     } else {
       // Decoding starts first: the BTF and the running kernel's facts are looked up while xz runs.
       const kernel = async (): Promise<KernelFacts> => {
@@ -202,6 +211,14 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
     const evicted = await finish(store, entry, makeCurrent, existing !== undefined, opts);
     return { entry, reused: existing !== undefined, evicted, decoder, durationMs: Math.round(performance.now() - started) };
   }));
+  return (await lookOrBuild(opts.buildElsewhere ? 'ask' : undefined)) ?? builtElsewhere(opts, lookOrBuild);
+}
+
+/** The entry is not cached: opts.buildElsewhere builds it, then it is looked up (and made current) here. */
+async function builtElsewhere(opts: IngestOptions, lookOrBuild: (elsewhere?: 'ask' | 'built') => Promise<IngestResult | undefined>): Promise<IngestResult> {
+  await opts.buildElsewhere!();
+  const result = (await lookOrBuild('built'))!;
+  return { ...result, reused: false };
 }
 
 /**
@@ -424,11 +441,12 @@ async function ingestBtfOnly(opts: IngestOptions, btf: BtfSource, live: LiveKern
   const release = opts.release ?? os.release();
   if (!validRelease(release)) throw new KheadersError('E_INTERNAL', `the running kernel's release ${JSON.stringify(release)} cannot name a cache entry`);
   const store = await openStore(opts);
-  return inStep('cache', store.locked(async () => {
+  const lookOrBuild = (elsewhere?: 'ask' | 'built'): Promise<IngestResult | undefined> => inStep('cache', store.locked(async () => {
     await sweep(store, opts.log);
     const id = entryId(release, btf.digest);
     let entry = (await store.list()).some((m) => m.id === id) ? await usableEntry(store, id, opts.log) : undefined;
     const reused = entry !== undefined;
+    if (!entry && elsewhere === 'ask') return undefined;
     if (!entry) {
       const tmp = await mkdtemp(path.join(store.tmpDir, `ingest-${process.pid}-`));
       try {
@@ -464,6 +482,7 @@ async function ingestBtfOnly(opts: IngestOptions, btf: BtfSource, live: LiveKern
     const evicted = await finish(store, entry, opts.setCurrent ?? true, reused, opts);
     return { entry, reused, evicted, decoder: null, durationMs: Math.round(performance.now() - started) };
   }));
+  return (await lookOrBuild(opts.buildElsewhere ? 'ask' : undefined)) ?? builtElsewhere(opts, lookOrBuild);
 }
 
 /** The BTF to make vmlinux.h from, and what is known of the running kernel (to judge what belongs to it). */

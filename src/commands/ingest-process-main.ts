@@ -1,0 +1,47 @@
+/**
+ * The child side of ingest-process.ts: one ingest of the configuration the daemon sends over the
+ * IPC channel (no repair first: the daemon has just done it), JSON log lines on stdout, the
+ * outcome sent back, then exit.
+ */
+import { once } from 'node:events';
+import { KheadersError } from '../errors.js';
+import { createLogger } from '../log.js';
+import { optimizeForSize } from '../v8-flags.js';
+import type { IngestOutcome, IngestRequest } from './ingest-process.js';
+
+if (!process.send) {
+  process.stderr.write('this is the ingest process of `kheadersd serve`, started by it only; run `kheadersd ingest`\n');
+  process.exit(2);
+}
+
+// Dies with the daemon: the channel closes when the daemon exits, however it exits (kill -9
+// included), and neither this process nor the xz it started may go on writing into the cache. It
+// leads its process group (spawned detached), so one signal ends them all; what they left in the
+// cache's tmp/ is swept by the next ingest, and the lock they held is stale.
+const dieWithParent = (): void => {
+  try {
+    process.kill(-process.pid, 'SIGKILL');
+  } catch {
+    process.exit(1);
+  }
+};
+process.on('disconnect', dieWithParent);
+
+const [request] = (await once(process, 'message')) as [IngestRequest];
+const log = createLogger(request.logLevel, process.stdout);
+const [{ ingest }, { configuredIngest }] = await Promise.all([import('../store/ingest.js'), import('./store-commands.js')]);
+optimizeForSize();
+let outcome: IngestOutcome;
+try {
+  const io = { stdout: process.stdout, stderr: process.stderr, log };
+  await ingest(configuredIngest(request.cfg, io, { setCurrent: true }));
+  outcome = { ok: true };
+} catch (err) {
+  if (err instanceof KheadersError) outcome = { ok: false, code: err.code, message: err.message, details: err.details };
+  else {
+    log.error({ err }, 'internal error');
+    outcome = { ok: false, code: 'E_INTERNAL', message: `internal error in the ingest process: ${err instanceof Error ? err.message : String(err)}`, details: {} };
+  }
+}
+process.off('disconnect', dieWithParent);
+process.send(outcome, () => process.disconnect());

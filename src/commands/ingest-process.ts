@@ -1,0 +1,69 @@
+/**
+ * `serve`'s builds run in a short-lived `node` process of their own (ingest-process-main.ts):
+ * decoding an archive and generating vmlinux.h allocate tens of MiB that V8 and the C allocator
+ * rarely give back, and a daemon that built its entry in-process idled all day at more than twice
+ * the memory of one that found it cached (measured: 40 against 13–17 MiB anonymous). The cost is
+ * one node start, paid only when there is something new to build.
+ *
+ * The child is the same code as `kheadersd ingest`, with the daemon's configuration sent over an
+ * IPC channel; its log lines come back through the daemon's logger, its failure as the same
+ * KheadersError (code, message, details: E_NO_SPACE keeps its step). It dies with the daemon,
+ * however the daemon ends: the closing of the channel kills it and whatever it started.
+ */
+import { spawn } from 'node:child_process';
+import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
+import type { Config } from '../config.js';
+import { KheadersError, isErrorCode } from '../errors.js';
+import type { Logger, LogLevel } from '../log.js';
+import type { CommandIO } from './store-commands.js';
+
+/** What the daemon sends: the ingest to run. */
+export interface IngestRequest {
+  cfg: Config;
+  logLevel: LogLevel;
+}
+
+/** What the child answers before it exits. */
+export type IngestOutcome = { ok: true } | { ok: false; code: string; message: string; details: Record<string, unknown> };
+
+const MAIN = fileURLToPath(new URL('./ingest-process-main.js', import.meta.url));
+const LEVELS: Record<number, LogLevel> = { 10: 'trace', 20: 'debug', 30: 'info', 40: 'warn', 50: 'error', 60: 'fatal' };
+
+/** Build the configured ingest's entry in a child process; resolves when it is committed. */
+export function ingestInChildProcess(cfg: Config, io: CommandIO): Promise<void> {
+  return new Promise((resolve, reject) => {
+    // detached: the child leads a process group of its own, so that it can kill itself and its
+    // xz together when the channel closes (a terminal's ^C goes to the daemon, which stops in order).
+    const child = spawn(process.execPath, [MAIN], { stdio: ['ignore', 'pipe', 'pipe', 'ipc'], detached: true });
+    io.log.debug({ pid: child.pid }, 'building the entry in a child process');
+    let outcome: IngestOutcome | undefined;
+    let stderr = '';
+    createInterface({ input: child.stdout! }).on('line', (line) => relay(io.log, line));
+    child.stderr!.setEncoding('utf8').on('data', (s: string) => (stderr = (stderr + s).slice(-4096)));
+    child.on('message', (msg: IngestOutcome) => (outcome = msg));
+    child.on('error', (err) => reject(new KheadersError('E_INTERNAL', `cannot start the ingest process ${process.execPath} ${MAIN}: ${err.message}`)));
+    child.on('close', (code, signal) => {
+      if (stderr.trim() !== '') io.log.warn({ pid: child.pid }, `the ingest process said: ${stderr.trim()}`);
+      if (outcome?.ok) resolve();
+      else if (outcome) reject(new KheadersError(isErrorCode(outcome.code) ? outcome.code : 'E_INTERNAL', outcome.message, outcome.details));
+      else reject(new KheadersError('E_INTERNAL', `the ingest process (pid ${child.pid}) ${signal ? `was killed by ${signal}` : `exited with status ${code}`} before it finished; nothing it left is served`, { pid: child.pid, signal, status: code }));
+    });
+    const request: IngestRequest = { cfg, logLevel: io.log.level as LogLevel };
+    child.send(request);
+  });
+}
+
+/** One JSON log line of the child's, logged again by the daemon's logger at its level; anything else as a warning. */
+function relay(log: Logger, line: string): void {
+  let entry: Record<string, unknown>;
+  try {
+    entry = JSON.parse(line) as Record<string, unknown>;
+  } catch {
+    if (line.trim() !== '') log.warn(`the ingest process said: ${line}`);
+    return;
+  }
+  const { level, time: _time, name: _name, msg, ...fields } = entry;
+  const as = LEVELS[Number(level)] ?? 'info';
+  log[as](fields, typeof msg === 'string' ? msg : '');
+}
