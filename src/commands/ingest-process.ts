@@ -63,7 +63,8 @@ function relay(log: Logger, line: string): void {
     if (line.trim() !== '') log.warn(`the ingest process said: ${line}`);
     return;
   }
-  const { level, time: _time, name: _name, msg, ...fields } = entry;
-  const as = LEVELS[Number(level)] ?? 'info';
-  log[as](fields, typeof msg === 'string' ? msg : '');
+  // The daemon's logger stamps its own level, time and name.
+  const fields = { ...entry };
+  for (const key of ['level', 'time', 'name', 'msg']) delete fields[key];
+  log[LEVELS[Number(entry.level)] ?? 'info'](fields, typeof entry.msg === 'string' ? entry.msg : '');
 }
