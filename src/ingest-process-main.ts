@@ -1,13 +1,14 @@
 /**
- * The child side of ingest-process.ts: one ingest of the configuration the daemon sends over the
+ * The entry point of `serve`'s ingest process, beside cli.ts (the other entry point): the child
+ * side of commands/ingest-process.ts, one ingest of the configuration the daemon sends over the
  * IPC channel (no repair first: the daemon has just done it), JSON log lines on stdout, the
  * outcome sent back, then exit.
  */
 import { once } from 'node:events';
-import { KheadersError } from '../errors.js';
-import { createLogger } from '../log.js';
-import { optimizeForSize } from '../v8-flags.js';
-import type { IngestOutcome, IngestRequest } from './ingest-process.js';
+import { KheadersError } from './errors.js';
+import { createLogger } from './log.js';
+import { optimizeForSize } from './v8-flags.js';
+import type { IngestOutcome, IngestRequest } from './commands/ingest-process.js';
 
 if (!process.send) {
   process.stderr.write('this is the ingest process of `kheadersd serve`, started by it only; run `kheadersd ingest`\n');
@@ -29,7 +30,7 @@ process.on('disconnect', dieWithParent);
 
 const [request] = (await once(process, 'message')) as [IngestRequest];
 const log = createLogger(request.logLevel, process.stdout);
-const [{ ingest }, { configuredIngest }] = await Promise.all([import('../store/ingest.js'), import('./store-commands.js')]);
+const [{ ingest }, { configuredIngest }] = await Promise.all([import('./store/ingest.js'), import('./commands/store-commands.js')]);
 optimizeForSize();
 let outcome: IngestOutcome;
 try {
