@@ -36,10 +36,10 @@ export function ingestInChildProcess(cfg: Config, io: CommandIO): Promise<void> 
     // detached: the child leads a process group of its own, so that it can kill itself and its
     // xz together when the channel closes (a terminal's ^C goes to the daemon, which stops in order).
     const child = spawn(process.execPath, [MAIN], { stdio: ['ignore', 'pipe', 'pipe', 'ipc'], detached: true });
-    io.log.debug({ pid: child.pid }, 'building the entry in a child process');
+    io.log.info({ ingestPid: child.pid }, 'building the entry in a child process');
     let outcome: IngestOutcome | undefined;
     let stderr = '';
-    createInterface({ input: child.stdout! }).on('line', (line) => relay(io.log, line));
+    createInterface({ input: child.stdout! }).on('line', (line) => relay(io.log, line, child.pid));
     child.stderr!.setEncoding('utf8').on('data', (s: string) => (stderr = (stderr + s).slice(-4096)));
     child.on('message', (msg: IngestOutcome) => (outcome = msg));
     child.on('error', (err) => reject(new KheadersError('E_INTERNAL', `cannot start the ingest process ${process.execPath} ${MAIN}: ${err.message}`)));
@@ -54,8 +54,8 @@ export function ingestInChildProcess(cfg: Config, io: CommandIO): Promise<void> 
   });
 }
 
-/** One JSON log line of the child's, logged again by the daemon's logger at its level; anything else as a warning. */
-function relay(log: Logger, line: string): void {
+/** One JSON log line of the child's, logged again by the daemon's logger at its level (with the child's pid); anything else as a warning. */
+function relay(log: Logger, line: string, pid: number | undefined): void {
   let entry: Record<string, unknown>;
   try {
     entry = JSON.parse(line) as Record<string, unknown>;
@@ -63,8 +63,8 @@ function relay(log: Logger, line: string): void {
     if (line.trim() !== '') log.warn(`the ingest process said: ${line}`);
     return;
   }
-  // The daemon's logger stamps its own level, time and name.
-  const fields = { ...entry };
+  // The daemon's logger stamps its own level, time and name; ingestPid tells the child's lines apart.
+  const fields: Record<string, unknown> = { ...entry, ingestPid: pid };
   for (const key of ['level', 'time', 'name', 'msg']) delete fields[key];
   log[LEVELS[Number(entry.level)] ?? 'info'](fields, typeof entry.msg === 'string' ? entry.msg : '');
 }

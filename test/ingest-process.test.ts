@@ -1,0 +1,209 @@
+/**
+ * `serve` builds a new entry in a child process of its own (src/commands/ingest-process.ts): the
+ * entry is the one `kheadersd ingest` makes, byte for byte; the child's failures reach the daemon
+ * as the same errors (a full disk, a BTF that does not parse); a killed child fails the start and
+ * leaves nothing served; a killed daemon takes the child (and its xz) with it.
+ */
+import { spawn } from 'node:child_process';
+import { access, readFile, readdir, writeFile } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { test, type TestContext } from 'node:test';
+import assert from 'node:assert/strict';
+import { CLI, FIXTURE_ARCHIVE, cleanEnv, fixtureMissing, goodArchive, tempDir } from './helpers/archives.js';
+import { startServe, type Daemon } from './helpers/serve-child.js';
+import { mountTmpfs } from './helpers/tmpfs.js';
+import { CacheStore } from '../src/store/cache.js';
+import { ERRORS } from '../src/errors.js';
+
+const LIVE_BTF = '/sys/kernel/btf/vmlinux';
+
+/** A kheadersd command to its end: exit status and stderr. */
+function runCli(args: readonly string[]): Promise<{ code: number | null; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'ignore', 'pipe'], env: cleanEnv() });
+    let stderr = '';
+    child.stderr.setEncoding('utf8').on('data', (s: string) => (stderr += s));
+    child.on('error', reject).on('close', (code) => resolve({ code, stderr }));
+  });
+}
+
+const msgs = (d: Daemon): string[] => d.logs.map((l) => String(l.msg));
+
+/** `serve` over `cache` until it listens (then stopped) or exits; its logs and exit status. */
+async function serveOnce(t: TestContext, args: readonly string[]): Promise<{ d: Daemon; code: number | null }> {
+  const d = startServe(t, [...args, '--mount', 'off', '--http', '127.0.0.1:0', '--log-level', 'debug']);
+  // Polled, not waitFor(): its timer would keep the test alive after a start that fails.
+  const deadline = Date.now() + 120_000;
+  while (d.child.exitCode === null && !d.logs.some((l) => l.msg === 'HTTP listening')) {
+    if (Date.now() > deadline) throw new Error(`serve neither listened nor exited:\n${msgs(d).join('\n')}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  if (d.child.exitCode === null) d.child.kill('SIGTERM');
+  return { d, code: await d.exited };
+}
+
+/** The one entry in `cache`: its files' bytes, its manifest (less the time of ingest) and its index (less the extras' mtimes, the time of ingest). */
+async function entryOf(cache: string): Promise<{ files: Map<string, Buffer>; manifest: Record<string, unknown>; nodes: unknown[] }> {
+  const store = await CacheStore.open(cache);
+  const [m] = await store.list();
+  assert.ok(m, `an entry in ${cache}`);
+  const entry = await store.load(m.id);
+  const dir = path.join(cache, 'entries', m.id);
+  const files = new Map<string, Buffer>();
+  for (const name of (await readdir(dir)).sort()) if (name !== 'manifest.json' && name !== 'index.bin') files.set(name, await readFile(path.join(dir, name)));
+  const manifest = JSON.parse(await readFile(path.join(dir, 'manifest.json'), 'utf8')) as Record<string, unknown>;
+  delete manifest.ingestedAt;
+  const nodes = entry.index.nodes.map((n) => ({ ...n, mtime: n.blob !== undefined ? 0 : n.mtime }));
+  return { files, manifest, nodes };
+}
+
+test('serve builds a new entry in a child process: the same entry, byte for byte, as kheadersd ingest (vmlinux.h included); a BTF that does not parse costs vmlinux.h alone, in both', async (t) => {
+  try {
+    await access(LIVE_BTF);
+  } catch {
+    return t.skip(`no ${LIVE_BTF} on this machine to make vmlinux.h from`);
+  }
+  const dir = await tempDir(t, 'kheadersd-ingest-process-');
+  const archive = path.join(dir, 'kernel.tar.xz');
+  await writeFile(archive, await goodArchive('6.90.0-child'));
+  // Cached as the running kernel's release, so that its own BTF belongs in the entry.
+  const release = os.release();
+  const badBtf = path.join(dir, 'bad.btf');
+  await writeFile(badBtf, Buffer.alloc(4096, 0x5a));
+
+  for (const btf of [LIVE_BTF, badBtf]) {
+    const byIngest = path.join(dir, `ingest-${path.basename(btf)}`);
+    const byServe = path.join(dir, `serve-${path.basename(btf)}`);
+    const ing = await runCli(['ingest', '--archive', archive, '--release', release, '--cache-dir', byIngest, '--btf', btf, '--log-level', 'warn']);
+    assert.equal(ing.code, 0, ing.stderr);
+    const { d, code } = await serveOnce(t, ['--archive', archive, '--release', release, '--cache-dir', byServe, '--btf', btf]);
+    assert.equal(code, 0, msgs(d).join('\n'));
+
+    // Built by another process, whose log lines come through the daemon's, marked with its pid.
+    const spawned = d.logs.find((l) => l.msg === 'building the entry in a child process');
+    assert.ok(spawned, 'the daemon says it builds in a child process');
+    const childPid = Number(spawned.ingestPid);
+    assert.ok(childPid > 0 && childPid !== d.child.pid);
+    const ingested = d.logs.find((l) => l.msg === 'ingested');
+    assert.equal(ingested?.ingestPid, childPid, 'the ingest itself ran in the child');
+    assert.ok(d.logs.some((l) => l.msg === 'kernel headers ingested' && l.reused === false && l.ingestPid === undefined), 'the daemon reports it built (not reused)');
+
+    const [a, b] = [await entryOf(byIngest), await entryOf(byServe)];
+    assert.deepEqual([...b.files.keys()], [...a.files.keys()]);
+    for (const [name, bytes] of a.files) assert.ok(bytes.equals(b.files.get(name)!), `${name} is the same bytes`);
+    assert.deepEqual(b.manifest, a.manifest);
+    assert.deepEqual(b.nodes, a.nodes);
+    if (btf === LIVE_BTF) assert.ok(a.files.has('vmlinux.h'), 'vmlinux.h made from the BTF');
+    else {
+      assert.ok(!a.files.has('vmlinux.h'), 'no vmlinux.h from a BTF that does not parse');
+      const warned = d.logs.find((l) => String(l.msg).startsWith('no vmlinux.h for this entry: '));
+      assert.match(String(warned?.msg), /malformed BTF/);
+      assert.equal(warned?.ingestPid, childPid);
+    }
+  }
+});
+
+test('serve on a full disk: the child\'s ENOSPC is the daemon\'s E_NO_SPACE, with the same step and message as kheadersd ingest', async (t) => {
+  const missing = fixtureMissing();
+  if (missing) return t.skip(missing);
+  // The archive (3.8 MiB) fits, its 30 MiB pack does not.
+  const results: Array<{ code: number | null; message: string }> = [];
+  for (const how of ['ingest', 'serve'] as const) {
+    const fs = await mountTmpfs(t, '8m');
+    if ('skip' in fs) return t.skip(fs.skip);
+    const cache = path.join(fs.dir, 'cache');
+    if (how === 'ingest') {
+      const r = await runCli(['ingest', '--archive', FIXTURE_ARCHIVE, '--cache-dir', cache, '--btf', 'off', '--log-level', 'warn']);
+      results.push({ code: r.code, message: r.stderr.split('\n').find((l) => l.startsWith('kheadersd: ')) ?? r.stderr });
+    } else {
+      const { d, code } = await serveOnce(t, ['--archive', FIXTURE_ARCHIVE, '--cache-dir', cache, '--btf', 'off']);
+      const failed = d.logs.find((l) => l.code === 'E_NO_SPACE' && l.level === 50);
+      assert.ok(failed, `the daemon logs E_NO_SPACE:\n${msgs(d).join('\n')}`);
+      assert.equal((failed.details as { step?: unknown }).step, 'pack');
+      results.push({ code, message: `kheadersd: ${String(failed.msg)}` });
+    }
+    assert.deepEqual(await readdir(path.join(cache, 'entries')), [], 'no entry');
+  }
+  assert.equal(results[0]!.code, ERRORS.E_NO_SPACE.exit);
+  assert.match(results[0]!.message, /the cache filesystem is full \(ENOSPC\)/);
+  assert.deepEqual(results[1], results[0]);
+});
+
+/**
+ * `serve` on an empty cache with the real archive, until its child runs xz; the child's pid. At
+ * --log-level warn the child writes nothing until it fails, so no closed pipe ends it: only what
+ * it does on purpose when the daemon goes.
+ */
+async function serveUntilChildDecodes(t: TestContext, cache: string): Promise<{ d: Daemon; childPid: number }> {
+  const d = startServe(t, ['--archive', FIXTURE_ARCHIVE, '--cache-dir', cache, '--btf', 'off', '--decoder', 'xz', '--mount', 'off', '--http', '127.0.0.1:0', '--log-level', 'warn']);
+  const deadline = Date.now() + 60_000;
+  for (;;) {
+    const [childPid] = (await processes()).filter((p) => p.ppid === d.child.pid).map((p) => p.pid);
+    if (childPid !== undefined && (await groupMembers(childPid)).length >= 2) return { d, childPid };
+    if (Date.now() > deadline || d.child.exitCode !== null) throw new Error(`no ingest child running xz:\n${msgs(d).join('\n')}`);
+    await new Promise((r) => setTimeout(r, 5));
+  }
+}
+
+/** Every live process: pid, parent, process group. */
+async function processes(): Promise<Array<{ pid: number; ppid: number; pgrp: number }>> {
+  const out: Array<{ pid: number; ppid: number; pgrp: number }> = [];
+  for (const name of await readdir('/proc')) {
+    if (!/^\d+$/.test(name)) continue;
+    const stat = await readFile(`/proc/${name}/stat`, 'utf8').catch(() => '');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    if (stat !== '' && fields[0] !== 'Z') out.push({ pid: Number(name), ppid: Number(fields[1]), pgrp: Number(fields[2]) });
+  }
+  return out;
+}
+
+/** The pids in process group `pgid` (the child and the xz it started). */
+async function groupMembers(pgid: number): Promise<number[]> {
+  return (await processes()).filter((p) => p.pgrp === pgid).map((p) => p.pid);
+}
+
+test('the ingest child killed: serve fails to start naming it, nothing half-built is served, and the next start builds the entry', async (t) => {
+  const missing = fixtureMissing();
+  if (missing) return t.skip(missing);
+  const dir = await tempDir(t, 'kheadersd-ingest-process-');
+  const cache = path.join(dir, 'cache');
+  const { d, childPid } = await serveUntilChildDecodes(t, cache);
+  process.kill(childPid, 'SIGKILL');
+  assert.equal(await d.exited, ERRORS.E_INTERNAL.exit);
+  assert.ok(
+    d.logs.some((l) => l.code === 'E_INTERNAL' && String(l.msg).startsWith(`the ingest process (pid ${childPid}) was killed by SIGKILL before it finished`)),
+    msgs(d).join('\n'),
+  );
+  assert.deepEqual(await readdir(path.join(cache, 'entries')), []);
+
+  const again = await serveOnce(t, ['--archive', FIXTURE_ARCHIVE, '--cache-dir', cache, '--btf', 'off']);
+  assert.equal(again.code, 0, msgs(again.d).join('\n'));
+  assert.ok(msgs(again.d).includes('removed leftovers of an interrupted ingest'));
+  assert.equal((await readdir(path.join(cache, 'entries'))).length, 1);
+});
+
+test('serve killed (-9) while its child decodes: the child and its xz die with it, and the next ingest takes the cache over', async (t) => {
+  const missing = fixtureMissing();
+  if (missing) return t.skip(missing);
+  const dir = await tempDir(t, 'kheadersd-ingest-process-');
+  const cache = path.join(dir, 'cache');
+  const { d, childPid } = await serveUntilChildDecodes(t, cache);
+  const group = await groupMembers(childPid);
+  assert.ok(group.includes(childPid), `the child leads its own process group (${group.join(', ')})`);
+  d.child.kill('SIGKILL');
+  await d.exited;
+  const deadline = Date.now() + 10_000;
+  let left = await groupMembers(childPid);
+  while (left.length > 0 && Date.now() < deadline) {
+    await new Promise((r) => setTimeout(r, 50));
+    left = await groupMembers(childPid);
+  }
+  assert.deepEqual(left, [], `processes of the ingest still running after the daemon died (they were ${group.join(', ')})`);
+  // Killed mid-decode, not left to finish: nothing was committed after the daemon died.
+  assert.deepEqual(await readdir(path.join(cache, 'entries')), []);
+
+  const r = await runCli(['ingest', '--archive', FIXTURE_ARCHIVE, '--cache-dir', cache, '--btf', 'off', '--log-level', 'warn']);
+  assert.equal(r.code, 0, r.stderr);
+  assert.equal((await readdir(path.join(cache, 'entries'))).length, 1);
+});
