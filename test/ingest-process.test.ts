@@ -104,6 +104,29 @@ test('serve builds a new entry in a child process: the same entry, byte for byte
   }
 });
 
+test('serve on a kernel without a header archive builds its vmlinux.h-only entry in the child too', async (t) => {
+  try {
+    await access(LIVE_BTF);
+  } catch {
+    return t.skip(`no ${LIVE_BTF} on this machine`);
+  }
+  for (const live of ['/sys/kernel/kheaders.tar.xz', '/proc/kheaders.tar.xz']) {
+    const present = await access(live).then(() => true, () => false);
+    if (present) return t.skip(`this kernel has ${live}: its headers would be ingested instead`);
+  }
+  const dir = await tempDir(t, 'kheadersd-ingest-process-');
+  const cache = path.join(dir, 'cache');
+  const { d, code } = await serveOnce(t, ['--cache-dir', cache, '--no-modprobe']);
+  assert.equal(code, 0, msgs(d).join('\n'));
+  const childPid = Number(d.logs.find((l) => l.msg === 'building the entry in a child process')?.ingestPid);
+  assert.ok(childPid > 0, 'built in a child process');
+  assert.ok(d.logs.some((l) => l.ingestPid === childPid && String(l.msg).startsWith('no header archive for this kernel')));
+  const [entry] = await readdir(path.join(cache, 'entries'));
+  assert.ok(entry, 'an entry');
+  assert.ok((await readdir(path.join(cache, 'entries', entry))).includes('vmlinux.h'));
+  assert.ok(d.logs.some((l) => l.msg === 'kernel headers ingested' && l.reused === false && l.id === entry));
+});
+
 test('serve on a full disk: the child\'s ENOSPC is the daemon\'s E_NO_SPACE, with the same step and message as kheadersd ingest', async (t) => {
   const missing = fixtureMissing();
   if (missing) return t.skip(missing);
