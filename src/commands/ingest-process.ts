@@ -42,7 +42,10 @@ export function ingestInChildProcess(cfg: Config, io: CommandIO): Promise<void> 
     createInterface({ input: child.stdout! }).on('line', (line) => relay(io.log, line, child.pid));
     child.stderr!.setEncoding('utf8').on('data', (s: string) => (stderr = (stderr + s).slice(-4096)));
     child.on('message', (msg: IngestOutcome) => (outcome = msg));
-    child.on('error', (err) => reject(new KheadersError('E_INTERNAL', `cannot start the ingest process ${process.execPath} ${MAIN}: ${err.message}`)));
+    child.on('error', (err) => {
+      // Once it runs, how it ended is told by 'close' (a send to a child already dead fails too).
+      if (child.pid === undefined) reject(new KheadersError('E_INTERNAL', `cannot start the ingest process ${process.execPath} ${MAIN}: ${err.message}`));
+    });
     child.on('close', (code, signal) => {
       if (stderr.trim() !== '') io.log.warn({ pid: child.pid }, `the ingest process said: ${stderr.trim()}`);
       if (outcome?.ok) resolve();
@@ -50,7 +53,7 @@ export function ingestInChildProcess(cfg: Config, io: CommandIO): Promise<void> 
       else reject(new KheadersError('E_INTERNAL', `the ingest process (pid ${child.pid}) ${signal ? `was killed by ${signal}` : `exited with status ${code}`} before it finished; nothing it left is served`, { pid: child.pid, signal, status: code }));
     });
     const request: IngestRequest = { cfg, logLevel: io.log.level as LogLevel };
-    child.send(request);
+    child.send(request, () => {}); // a failed send means the child died: 'close' reports it
   });
 }
 
