@@ -15,6 +15,11 @@ import { startServe, type Daemon } from './helpers/serve-child.js';
 import { mountTmpfs } from './helpers/tmpfs.js';
 import { CacheStore } from '../src/store/cache.js';
 import { ERRORS } from '../src/errors.js';
+import { resolveConfig } from '../src/config.js';
+import { createLogger } from '../src/log.js';
+import { ingest } from '../src/store/ingest.js';
+import { ingestInChildProcess } from '../src/commands/ingest-process.js';
+import { PassThrough } from 'node:stream';
 
 const LIVE_BTF = '/sys/kernel/btf/vmlinux';
 
@@ -229,4 +234,25 @@ test('serve killed (-9) while its child works: the child\'s whole process group 
   const r = await runCli(['ingest', '--archive', FIXTURE_ARCHIVE, '--cache-dir', cache, '--btf', 'off', '--log-level', 'warn']);
   assert.equal(r.code, 0, r.stderr);
   assert.equal((await readdir(path.join(cache, 'entries'))).length, 1);
+});
+
+test('no ingest process can be started (spawn fails): the entry is built in the daemon, with a warning, and the start goes on', async (t) => {
+  const dir = await tempDir(t, 'kheadersd-nospawn-');
+  const archive = path.join(dir, 'k.tar.xz');
+  await writeFile(archive, await goodArchive('6.6.0-nospawn'));
+  const cacheDir = path.join(dir, 'cache');
+  const cfg = resolveConfig({ flags: { cacheDir, archive, release: '6.6.0-nospawn', btf: 'off' }, env: {}, file: {}, fileName: 'none' });
+  const out = new PassThrough();
+  let logged = '';
+  out.setEncoding('utf8').on('data', (s: string) => (logged += s));
+  const log = createLogger('warn', out);
+  const io = { stdout: process.stdout, stderr: process.stderr, log };
+  const missingNode = path.join(dir, 'no-such-node');
+  const result = await ingest({ cacheDir, archive, release: '6.6.0-nospawn', btf: 'off', log, buildElsewhere: () => ingestInChildProcess(cfg, io, missingNode) });
+  assert.equal(result.reused, false);
+  assert.equal(result.entry.manifest.release, '6.6.0-nospawn');
+  await new Promise((r) => setImmediate(r));
+  assert.match(logged, /cannot start the ingest process .*no-such-node.*building the entry in the daemon instead/);
+  const store = await CacheStore.open(cacheDir);
+  assert.equal((await store.list()).length, 1, 'one entry, built in this process');
 });

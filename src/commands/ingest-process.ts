@@ -30,12 +30,16 @@ export type IngestOutcome = { ok: true } | { ok: false; code: string; message: s
 const MAIN = fileURLToPath(new URL('../ingest-process-main.js', import.meta.url));
 const LEVELS: Record<number, LogLevel> = { 10: 'trace', 20: 'debug', 30: 'info', 40: 'warn', 50: 'error', 60: 'fatal' };
 
-/** Build the configured ingest's entry in a child process; resolves when it is committed. */
-export function ingestInChildProcess(cfg: Config, io: CommandIO): Promise<void> {
+/**
+ * Build the configured ingest's entry in a child process; resolves when it is committed, or at
+ * once when no child can be started (the ingest then builds in this process). `node` is the
+ * program to run it with: this node, except in a test of a node that cannot be started.
+ */
+export function ingestInChildProcess(cfg: Config, io: CommandIO, node = process.execPath): Promise<void> {
   return new Promise((resolve, reject) => {
     // detached: the child leads a process group of its own, so that it can kill itself and its
     // xz together when the channel closes (a terminal's ^C goes to the daemon, which stops in order).
-    const child = spawn(process.execPath, [MAIN], { stdio: ['ignore', 'pipe', 'pipe', 'ipc'], detached: true });
+    const child = spawn(node, [MAIN], { stdio: ['ignore', 'pipe', 'pipe', 'ipc'], detached: true });
     io.log.info({ ingestPid: child.pid }, 'building the entry in a child process');
     let outcome: IngestOutcome | undefined;
     let stderr = '';
@@ -44,7 +48,12 @@ export function ingestInChildProcess(cfg: Config, io: CommandIO): Promise<void> 
     child.on('message', (msg: IngestOutcome) => (outcome = msg));
     child.on('error', (err) => {
       // Once it runs, how it ended is told by 'close' (a send to a child already dead fails too).
-      if (child.pid === undefined) reject(new KheadersError('E_INTERNAL', `cannot start the ingest process ${process.execPath} ${MAIN}: ${err.message}`));
+      if (child.pid !== undefined) return;
+      // No child at all (EAGAIN, ENOMEM, node gone from under us): the daemon must still start,
+      // so the ingest builds in this process as it did before there was a child (resolving
+      // without an entry is the hook's "build it here"); only the idle memory pays.
+      io.log.warn({ err: err.message }, `cannot start the ingest process (${node} ${MAIN}): building the entry in the daemon instead`);
+      resolve();
     });
     child.on('close', (code, signal) => {
       if (stderr.trim() !== '') io.log.warn({ pid: child.pid }, `the ingest process said: ${stderr.trim()}`);
