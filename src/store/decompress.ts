@@ -214,6 +214,10 @@ export function startXzIntoFile(input: Buffer, xz: { file: string; args: string[
 /** What xz's failure means: a full disk (an errno error, named by the caller's step), the size or memory limit, or a corrupt archive. */
 function xzFailure(message: string, code: number | null, signal: NodeJS.Signals | null, file: string, maxBytes: number): Error {
   if (/memory usage limit|of memory is required/i.test(message)) return memoryLimit(message);
+  // An xz that is not XZ Utils' (or an old one) refusing what XZ_DEFAULTS asks: not the archive's fault.
+  if (/unrecognized option|invalid option|unknown option|^usage:/im.test(message)) {
+    return new KheadersError('E_INTERNAL', `${file} cannot decode as asked (${message}): install XZ Utils' xz, or use --decoder lzma-native`, { decoderMessage: message });
+  }
   if (/File too large/i.test(message) || signal === 'SIGXFSZ') return totalBytesLimit(maxBytes);
   for (const [errno, text] of WRITE_ERRNOS) {
     if (message.includes(text)) return Object.assign(new Error(`${path.basename(file)}: ${message}`), { code: errno });

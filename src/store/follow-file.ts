@@ -10,6 +10,7 @@
  * before its exit is seen, so nothing it wrote can be missed.
  */
 import type { FileHandle } from 'node:fs/promises';
+import { KheadersError } from '../errors.js';
 
 /** The process writing the file, as far as the reader needs it. */
 export interface FileWriter {
@@ -24,6 +25,11 @@ export interface FollowOptions {
   chunkBytes?: number;
   /** How long to wait for more after a short read (the writer's exit wakes the reader at once). Default 4 ms. */
   waitMs?: number;
+  /**
+   * Give up (E_INTERNAL) when the file has not grown for this long and the writer has not
+   * exited: a hung writer must not hold the reader forever. Default: wait as long as it takes.
+   */
+  stallMs?: number;
 }
 
 /**
@@ -34,16 +40,22 @@ export interface FollowOptions {
 export async function followFile(file: FileHandle, writer: FileWriter, take: (chunk: Buffer) => boolean, opts: FollowOptions = {}): Promise<number> {
   const buffer = Buffer.allocUnsafe(opts.chunkBytes ?? 1024 * 1024);
   const waitMs = opts.waitMs ?? 4;
+  const stallMs = opts.stallMs ?? Infinity;
   let position = 0;
+  let grewAt = performance.now(); // monotonic: a device asleep is not a writer stalled
   for (;;) {
     const finished = writer.exited; // before the read: then that read sees every byte written
     const { bytesRead } = await file.read(buffer, 0, buffer.length, position);
     if (bytesRead > 0) {
+      grewAt = performance.now();
       position += bytesRead;
       if (!take(buffer.subarray(0, bytesRead))) return position;
       if (bytesRead === buffer.length) continue;
     } else if (finished) {
       return position;
+    }
+    if (!writer.exited && performance.now() - grewAt > stallMs) {
+      throw new KheadersError('E_INTERNAL', `the decoder wrote nothing for ${Math.round(stallMs / 1000)} s (${position} bytes in) and did not exit: stopped as hung`, { stalledAt: position, stallMs });
     }
     if (!writer.exited) await Promise.race([writer.whenExited(), delay(waitMs)]);
   }

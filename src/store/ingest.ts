@@ -42,6 +42,12 @@ import { LIVE_BTF, VMLINUX_H, btfSource, provideVmlinuxH, type BtfSource } from 
 
 const UTSRELEASE_H = 'include/generated/utsrelease.h';
 const PROGRESS_INTERVAL_MS = 500;
+/**
+ * How long the xz child may write nothing, without exiting, before it is taken for hung and
+ * killed. A working xz writes every few KiB it decodes, with its whole input already piped to
+ * it: a minute of silence is a broken or stopped binary, not a slow one.
+ */
+const DECODER_STALL_MS = 60_000;
 
 export interface IngestProgress {
   bytes: number;
@@ -94,6 +100,8 @@ export interface IngestOptions {
   keep?: number;
   maxCacheBytes?: number;
   lockTimeoutMs?: number;
+  /** How long the xz child may write nothing before it is killed as hung (default 60 s). */
+  decoderStallMs?: number;
   log?: Logger;
   onProgress?: (p: IngestProgress) => void;
   /**
@@ -574,7 +582,7 @@ async function buildHeadersEntry(
 
     try {
       if ('intoFile' in decoding) {
-        await followDecoder(decoding.intoFile, take, packFh);
+        await followDecoder(decoding.intoFile, take, packFh, opts.decoderStallMs ?? DECODER_STALL_MS);
       } else {
         // The pack's first write waits for the archive's (done long before 1 MiB is decoded).
         const { PackWriter } = await import('./pack-writer.js');
@@ -587,6 +595,16 @@ async function buildHeadersEntry(
       throw err;
     }
     const records = indexer.finish();
+    // XZ Utils and liblzma check the decoded sizes against the archive's own indexes: a decoder
+    // that succeeded with another count is not a working xz (one that stops early at a member
+    // boundary, or adds members, would otherwise pass every tar check).
+    if (total !== undefined && indexer.position !== total) {
+      throw new KheadersError(
+        'E_INTERNAL',
+        `the decoder (${decoder.name}) gave ${indexer.position} bytes, but the archive's xz index records ${total}: it is not a working xz decoder; nothing was cached (try --decoder lzma-native)`,
+        { decoder: decoder.name, decodedBytes: indexer.position, indexBytes: total },
+      );
+    }
     draftNew();
     await archiveWritten;
     mark('decoded');
@@ -739,7 +757,7 @@ async function settleAll(work: ReadonlyArray<Promise<unknown>>): Promise<void> {
  * bounded by its file-size limit) to learn whether it fails itself: a CRC error is the real cause
  * of garbage tar headers and the more useful message.
  */
-async function followDecoder(decoder: FileDecoder, index: (chunk: Buffer) => void, pack: FileHandle): Promise<void> {
+async function followDecoder(decoder: FileDecoder, index: (chunk: Buffer) => void, pack: FileHandle, stallMs: number): Promise<void> {
   const { followFile } = await import('./follow-file.js');
   let tarError: KheadersError | undefined;
   let stopped: Error | undefined;
@@ -754,7 +772,7 @@ async function followDecoder(decoder: FileDecoder, index: (chunk: Buffer) => voi
     }
   };
   try {
-    await inStep('pack', followFile(pack, decoder, take));
+    await inStep('pack', followFile(pack, decoder, take, { stallMs }));
     if (stopped !== undefined) throw stopped;
   } catch (err) {
     decoder.abort();

@@ -4,8 +4,8 @@
  * streams repeated. Every stream is valid .xz that `xz -dc` and lzma-native decode; only the
  * size an archive announces (the last stream's index, read before decoding) is made to lie:
  *
- *   multi-stream   a tar stream, then streams of zeros, then a tiny stream whose index the
- *                  up-front check reads (multi-stream files are valid xz)
+ *   multi-stream   a tar stream, then streams of zeros, then a tiny stream (multi-stream files
+ *                  are valid xz): the up-front check sums every stream's index and refuses it
  *   lying-index    one stream whose index records claim 1 byte per block (the decoder finds
  *                  out only at the index, after decoding every block)
  *   hidden-index   one stream with an honest index, followed by stream padding, so no size

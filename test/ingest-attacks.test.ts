@@ -1,0 +1,182 @@
+/**
+ * Attacks on the ingest's decode path, each against real xz archives: sizes at the limits and
+ * one byte or one block either side (both decoders must give the same verdict), the xz child
+ * killed while ingest follows the pack it writes, a staged pack truncated under it, and an `xz`
+ * on PATH that is broken: short, garbage, long, refusing our options, hung. Whatever happens, no
+ * entry is cached that is not the archive's tree, the error is typed, nothing hangs, and the
+ * cache is as it was before.
+ */
+import assert from 'node:assert/strict';
+import { chmod, mkdir, readFile, readdir, stat, writeFile } from 'node:fs/promises';
+import path from 'node:path';
+import { test } from 'node:test';
+import { KheadersError } from '../src/errors.js';
+import { xzUncompressedSize } from '../src/source/xz.js';
+import { createLogger } from '../src/log.js';
+import { CacheStore } from '../src/store/cache.js';
+import { findXzBinary } from '../src/store/decompress.js';
+import { ingest, type IngestOptions } from '../src/store/ingest.js';
+import { goodTree, makeTar, randomBytes, sha256, tempDir, textLike, xz, type SynthEntry } from './helpers/archives.js';
+
+const silent = createLogger('silent');
+const DECODERS = ['xz', 'lzma-native'] as const;
+
+/** xz stream padding (four zero bytes): legal, and it hides the index, so only the decoder's bound can stop a bomb. */
+const PADDING = Buffer.alloc(4);
+
+async function attempt(opts: IngestOptions): Promise<{ ok: true; files: number; packBytes: number } | { ok: false; err: unknown }> {
+  try {
+    const r = await ingest({ btf: 'off', config: 'off', log: silent, setCurrent: false, ...opts });
+    return { ok: true, files: r.entry.manifest.files, packBytes: r.entry.manifest.packBytes };
+  } catch (err) {
+    return { ok: false, err };
+  }
+}
+
+/** Nothing cached, nothing staged: what a refused ingest must leave in a fresh cache. */
+async function assertEmptyCache(cacheDir: string, what: string): Promise<void> {
+  if (!(await stat(cacheDir).then(() => true, () => false))) return; // refused before the cache was made
+  const store = await CacheStore.open(cacheDir);
+  assert.deepEqual((await store.list()).map((m) => m.id), [], `${what}: an entry was cached`);
+  assert.deepEqual(await readdir(path.join(cacheDir, 'tmp')).catch(() => []), [], `${what}: tmp/ not swept`);
+}
+
+test('--max-total-bytes at the tar size and one byte or one block either side: the same verdict from both decoders, with and without the size in the xz index', async (t) => {
+  const tree: SynthEntry[] = [...goodTree('6.99.1-edge'), { name: './include/edge.h', content: textLike(40_000, 7) }];
+  const tarBytes = await makeTar(tree);
+  const size = tarBytes.length;
+  const plain = xz(tarBytes);
+  const dir = await tempDir(t);
+  for (const [form, bytes] of [['index readable', plain], ['index hidden by stream padding', Buffer.concat([plain, PADDING])]] as const) {
+    const archive = path.join(dir, `a-${form.length}.tar.xz`);
+    await writeFile(archive, bytes);
+    for (const delta of [-512, -1, 0, 1, 512]) {
+      const limit = size + delta;
+      for (const decoder of DECODERS) {
+        const what = `${form}, ${decoder}, limit ${delta >= 0 ? '+' : ''}${delta}`;
+        const cacheDir = path.join(dir, `c-${form.length}-${delta}-${decoder}`);
+        const r = await attempt({ cacheDir, archive, decoder, limits: { maxTotalBytes: limit } });
+        if (limit >= size) {
+          assert.ok(r.ok, `${what}: refused an archive of ${size} bytes: ${r.ok ? '' : String(r.err)}`);
+          assert.equal(r.packBytes, size, what);
+        } else {
+          assert.ok(!r.ok, `${what}: cached ${size} bytes past a ${limit}-byte limit`);
+          assert.ok(r.err instanceof KheadersError && r.err.code === 'E_LIMIT', `${what}: ${String(r.err)}`);
+          assert.equal(r.err.details.limit, 'maxTotalBytes', what);
+          await assertEmptyCache(cacheDir, what);
+        }
+      }
+    }
+  }
+});
+
+test('--max-file-bytes at a file\'s size and one byte or one block either side: the same verdict from both decoders', async (t) => {
+  const dir = await tempDir(t);
+  const limit = 30_000;
+  for (const delta of [-512, -1, 0, 1, 512]) {
+    const fileBytes = limit + delta;
+    const archive = path.join(dir, `f${delta}.tar.xz`);
+    await writeFile(archive, xz(await makeTar([...goodTree('6.99.2-edge'), { name: './include/edge.h', content: randomBytes(fileBytes, 3) }])));
+    for (const decoder of DECODERS) {
+      const what = `${decoder}, a ${fileBytes}-byte file, limit ${limit}`;
+      const cacheDir = path.join(dir, `c${delta}-${decoder}`);
+      const r = await attempt({ cacheDir, archive, decoder, limits: { maxFileBytes: limit } });
+      if (fileBytes <= limit) {
+        assert.ok(r.ok, `${what}: refused: ${r.ok ? '' : String(r.err)}`);
+      } else {
+        assert.ok(!r.ok, `${what}: cached`);
+        assert.ok(r.err instanceof KheadersError && r.err.code === 'E_LIMIT', `${what}: ${String(r.err)}`);
+        assert.equal(r.err.details.limit, 'maxFileBytes', what);
+        assert.equal(r.err.details.entry, 'include/edge.h', what);
+        await assertEmptyCache(cacheDir, what);
+      }
+    }
+  }
+});
+
+/** An `xz` on PATH that is the given shell script (`$REAL` is the real xz), for the length of a test. */
+async function fakeXzOnPath(t: import('node:test').TestContext, dir: string, script: string): Promise<void> {
+  const real = await findXzBinary();
+  assert.ok(real, 'no xz binary to wrap');
+  const bin = path.join(dir, `bin-${sha256(script).slice(0, 8)}`);
+  await mkdir(bin, { recursive: true });
+  await writeFile(path.join(bin, 'xz'), `#!/bin/sh\nREAL=${real.file}\n${script}\n`);
+  await chmod(path.join(bin, 'xz'), 0o755);
+  const saved = process.env.PATH;
+  process.env.PATH = `${bin}:${saved ?? ''}`;
+  t.after(() => {
+    process.env.PATH = saved;
+  });
+}
+
+/** A tree of several members; `cut` is where its first `keep` members end (a member boundary). */
+async function hostileInputs(): Promise<{ tar: Buffer; archive: Buffer; cut: number; extraMember: Buffer }> {
+  const tree: SynthEntry[] = [...goodTree('6.99.3-hostile'), ...Array.from({ length: 8 }, (_, i) => ({ name: `./include/more/m${i}.h`, content: textLike(30_000, 50 + i) }))];
+  const tar = await makeTar(tree);
+  const head = await makeTar(tree.slice(0, tree.length - 4));
+  const extraMember = (await makeTar([{ name: './include/more/injected.h', content: 'int injected;\n' }])).subarray(0, -1024);
+  return { tar, archive: xz(tar), cut: head.length - 1024, extraMember };
+}
+
+test('a broken xz on PATH never gets a wrong tree cached: short, long, garbage, or refusing our options', async (t) => {
+  const dir = await tempDir(t);
+  const h = await hostileInputs();
+  const archive = path.join(dir, 'a.tar.xz');
+  await writeFile(archive, h.archive);
+  const extra = path.join(dir, 'extra.bin');
+  await writeFile(extra, h.extraMember);
+  const cases: Array<{ name: string; script: string; code: string }> = [
+    // Exits 0 having written only the first members: a clean member boundary, no end marker.
+    { name: 'stops early at a member boundary and exits 0', script: `"$REAL" "$@" | head -c ${h.cut}; exit 0`, code: 'E_INTERNAL' },
+    // Writes the whole tree and then one member more, with a proper end marker after it.
+    { name: 'writes a member more than the archive holds', script: `"$REAL" "$@" | head -c ${h.tar.length - 1024}; cat ${extra}; head -c 1024 /dev/zero`, code: 'E_INTERNAL' },
+    { name: 'writes the archive and then garbage', script: `"$REAL" "$@"; printf 'garbage'`, code: 'E_ARCHIVE_CORRUPT' },
+    { name: 'writes garbage only', script: 'head -c 100000 /dev/urandom', code: 'E_ARCHIVE_CORRUPT' },
+    { name: 'rejects our XZ_DEFAULTS like an old or foreign xz', script: `echo "xz: XZ_DEFAULTS: unrecognized option '--no-sparse'" >&2; exit 1`, code: 'E_INTERNAL' },
+  ];
+  for (const c of cases) {
+    await t.test(c.name, async (st) => {
+      await fakeXzOnPath(st, dir, c.script);
+      const cacheDir = path.join(dir, `c-${sha256(c.name).slice(0, 8)}`);
+      const r = await attempt({ cacheDir, archive, decoder: 'xz' });
+      assert.ok(!r.ok, `cached ${r.ok ? r.files : 0} files from a broken xz`);
+      assert.ok(r.err instanceof KheadersError, String(r.err));
+      assert.equal(r.err.code, c.code, r.err.message);
+      await assertEmptyCache(cacheDir, c.name);
+    });
+  }
+});
+
+test('a hung xz on PATH is stopped: the ingest fails typed instead of waiting forever', async (t) => {
+  const dir = await tempDir(t);
+  const archive = path.join(dir, 'a.tar.xz');
+  await writeFile(archive, (await hostileInputs()).archive);
+  for (const [name, script] of [
+    ['writes nothing and never exits', 'exec sleep 600'],
+    ['writes half and then hangs', `"$REAL" "$@" | head -c 20000; exec sleep 600`],
+  ] as const) {
+    await t.test(name, async (st) => {
+      await fakeXzOnPath(st, dir, script);
+      const cacheDir = path.join(dir, `c-${sha256(name).slice(0, 8)}`);
+      const r = await attempt({ cacheDir, archive, decoder: 'xz', decoderStallMs: 300 });
+      assert.ok(!r.ok, 'cached');
+      assert.ok(r.err instanceof KheadersError && r.err.code === 'E_INTERNAL', String(r.err));
+      assert.match(r.err.message, /wrote nothing for/);
+      await assertEmptyCache(cacheDir, name);
+    });
+  }
+});
+
+test('a valid multi-stream archive (streams and stream padding between them) still ingests with both decoders: the size check sums every index', async (t) => {
+  const dir = await tempDir(t);
+  const tarBytes = await makeTar(goodTree('6.99.4-multi'));
+  const cutAt = 4096; // inside the tree: neither stream is a tar by itself
+  const archive = path.join(dir, 'multi.tar.xz');
+  await writeFile(archive, Buffer.concat([xz(tarBytes.subarray(0, cutAt)), PADDING, PADDING, xz(tarBytes.subarray(cutAt))]));
+  assert.equal(xzUncompressedSize(await readFile(archive)), tarBytes.length);
+  for (const decoder of DECODERS) {
+    const r = await attempt({ cacheDir: path.join(dir, `c-${decoder}`), archive, decoder });
+    assert.ok(r.ok, `${decoder}: ${r.ok ? '' : String(r.err)}`);
+    assert.equal(r.packBytes, tarBytes.length);
+  }
+});
