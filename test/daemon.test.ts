@@ -4,13 +4,13 @@
  * SIGTERM must unmount and exit 0. Every access to the mount is async (the daemon is another
  * process, but a hung mount must fail the test, not hang it).
  */
-import { open, readFile, readlink, rename, stat, writeFile } from 'node:fs/promises';
+import { open, readFile, readlink, rename, stat, writeFile, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { goodArchive, tempDir } from './helpers/archives.js';
 import { fuseDeviceSkipReason } from './helpers/fuse-env.js';
-import { pollUntil, startServe } from './helpers/serve-child.js';
+import { pollUntil, startServe, unmountIfLeft } from './helpers/serve-child.js';
 
 test('serve: mount + HTTP, SIGHUP follows a kernel swap, open files keep reading, SIGTERM unmounts', async (t) => {
   // serve's default backend as root is the kernel one: /dev/fuse and root, no libfuse.
@@ -24,53 +24,61 @@ test('serve: mount + HTTP, SIGHUP follows a kernel swap, open files keep reading
 
   // The archive names its release in include/generated/utsrelease.h, as the kernel's does.
   const d = startServe(t, ['--archive', archive, '--cache-dir', cache, '--mount', mnt, '--http', '127.0.0.1:0', '--btf', 'off', '--log-level', 'info']);
-  const listening = await d.waitFor((l) => l.msg === 'HTTP listening', 'HTTP to listen');
-  await d.waitFor((l) => l.msg === 'mounted', 'the mount');
-  const url = String(listening.url);
+  let held: FileHandle | undefined;
+  // A failed assertion must end the file now, not at the runner's timeout: the file held open
+  // on the mount, the daemon and the mount itself all go before the temp dir is removed.
+  try {
+    const listening = await d.waitFor((l) => l.msg === 'HTTP listening', 'HTTP to listen');
+    await d.waitFor((l) => l.msg === 'mounted', 'the mount');
+    const url = String(listening.url);
 
-  const ready = await fetch(`${url}/readyz`);
-  assert.equal(ready.status, 200);
-  assert.equal(await readlink(path.join(mnt, 'current')), '6.90.0-old');
-  const uts = path.join(mnt, 'current/include/generated/utsrelease.h');
-  assert.match(await readFile(uts, 'utf8'), /6\.90\.0-old/);
-  const viaHttp = await fetch(`${url}/v1/kernels/current/files/include/generated/utsrelease.h`);
-  assert.equal(viaHttp.status, 200);
-  assert.match(await viaHttp.text(), /6\.90\.0-old/);
-  // An --archive of another release is served as current, and the log and the API say so plainly.
-  const warned = await d.waitFor((l) => typeof l.msg === 'string' && l.msg.startsWith('current is 6.90.0-old from file:'), 'the not-the-running-kernel warning');
-  assert.match(String(warned.msg), /NOT the running kernel: it is 6\.90\.0-old; the running kernel is /);
-  // Said once per start, not again when the mount comes up.
-  assert.equal(d.logs.filter((l) => typeof l.msg === 'string' && l.msg.startsWith('current is 6.90.0-old from file:')).length, 1);
-  assert.equal(d.logs.filter((l) => l.msg === 'serving').length, 1);
-  const summary = (await (await fetch(`${url}/v1/kernels/current`)).json()) as { runningKernel?: string; runningKernelNote?: string };
-  assert.equal(summary.runningKernel, 'no');
-  assert.match(summary.runningKernelNote ?? '', /the running kernel is /);
+    const ready = await fetch(`${url}/readyz`);
+    assert.equal(ready.status, 200);
+    assert.equal(await readlink(path.join(mnt, 'current')), '6.90.0-old');
+    const uts = path.join(mnt, 'current/include/generated/utsrelease.h');
+    assert.match(await readFile(uts, 'utf8'), /6\.90\.0-old/);
+    const viaHttp = await fetch(`${url}/v1/kernels/current/files/include/generated/utsrelease.h`);
+    assert.equal(viaHttp.status, 200);
+    assert.match(await viaHttp.text(), /6\.90\.0-old/);
+    // An --archive of another release is served as current, and the log and the API say so plainly.
+    const warned = await d.waitFor((l) => typeof l.msg === 'string' && l.msg.startsWith('current is 6.90.0-old from file:'), 'the not-the-running-kernel warning');
+    assert.match(String(warned.msg), /NOT the running kernel: it is 6\.90\.0-old; the running kernel is /);
+    // Said once per start, not again when the mount comes up.
+    assert.equal(d.logs.filter((l) => typeof l.msg === 'string' && l.msg.startsWith('current is 6.90.0-old from file:')).length, 1);
+    assert.equal(d.logs.filter((l) => l.msg === 'serving').length, 1);
+    const summary = (await (await fetch(`${url}/v1/kernels/current`)).json()) as { runningKernel?: string; runningKernelNote?: string };
+    assert.equal(summary.runningKernel, 'no');
+    assert.match(summary.runningKernelNote ?? '', /the running kernel is /);
 
-  // Hold a file open on the old tree across the swap.
-  const held = await open(uts, 'r');
-  t.after(() => held.close().catch(() => {}));
+    // Hold a file open on the old tree across the swap.
+    held = await open(uts, 'r');
 
-  // The kernel swaps: a new archive appears at the same path; SIGHUP tells the daemon.
-  await writeFile(archive + '.new', await goodArchive('6.91.0-new', 'new'));
-  await rename(archive + '.new', archive);
-  d.child.kill('SIGHUP');
-  await pollUntil(async () => ((await readlink(path.join(mnt, 'current'))) === '6.91.0-new' ? true : undefined), 'current to flip');
-  assert.match(await readFile(path.join(mnt, 'current/include/generated/utsrelease.h'), 'utf8'), /6\.91\.0-new/);
-  const kernels = (await (await fetch(`${url}/v1/kernels/current`)).json()) as { release: string };
-  assert.equal(kernels.release, '6.91.0-new');
-  // Both releases stay reachable by name; the old fd still reads the old bytes.
-  assert.match(await readFile(path.join(mnt, '6.90.0-old/include/generated/utsrelease.h'), 'utf8'), /6\.90\.0-old/);
-  const buf = Buffer.alloc(200);
-  const { bytesRead } = await held.read(buf, 0, buf.length, 0);
-  assert.match(buf.subarray(0, bytesRead).toString(), /6\.90\.0-old/);
-  await held.close();
+    // The kernel swaps: a new archive appears at the same path; SIGHUP tells the daemon.
+    await writeFile(archive + '.new', await goodArchive('6.91.0-new', 'new'));
+    await rename(archive + '.new', archive);
+    d.child.kill('SIGHUP');
+    await pollUntil(async () => ((await readlink(path.join(mnt, 'current'))) === '6.91.0-new' ? true : undefined), 'current to flip');
+    assert.match(await readFile(path.join(mnt, 'current/include/generated/utsrelease.h'), 'utf8'), /6\.91\.0-new/);
+    const kernels = (await (await fetch(`${url}/v1/kernels/current`)).json()) as { release: string };
+    assert.equal(kernels.release, '6.91.0-new');
+    // Both releases stay reachable by name; the old fd still reads the old bytes.
+    assert.match(await readFile(path.join(mnt, '6.90.0-old/include/generated/utsrelease.h'), 'utf8'), /6\.90\.0-old/);
+    const buf = Buffer.alloc(200);
+    const { bytesRead } = await held.read(buf, 0, buf.length, 0);
+    assert.match(buf.subarray(0, bytesRead).toString(), /6\.90\.0-old/);
+    await held.close();
 
-  // SIGTERM: clean stop, exit 0, nothing left mounted.
-  d.child.kill('SIGTERM');
-  assert.equal(await d.exited, 0);
-  const mountinfo = await readFile('/proc/self/mountinfo', 'utf8');
-  assert.ok(!mountinfo.includes(` ${mnt} `), 'the mount is gone after SIGTERM');
-  await stat(mnt); // the mount point is a plain directory again (no ENOTCONN)
+    // SIGTERM: clean stop, exit 0, nothing left mounted.
+    d.child.kill('SIGTERM');
+    assert.equal(await d.exited, 0);
+    const mountinfo = await readFile('/proc/self/mountinfo', 'utf8');
+    assert.ok(!mountinfo.includes(` ${mnt} `), 'the mount is gone after SIGTERM');
+    await stat(mnt); // the mount point is a plain directory again (no ENOTCONN)
+  } finally {
+    await held?.close().catch(() => {});
+    await d.stop();
+    await unmountIfLeft(mnt);
+  }
 });
 
 test('serve: with no archive anywhere and BTF off, it says what is missing and exits 3', async (t) => {

@@ -3,7 +3,8 @@
  * on by predicate, and a SIGTERM (then SIGKILL) when the test ends, so a failed test never leaves
  * a daemon or a mount behind.
  */
-import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
+import { execFile, spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
+import { readFile } from 'node:fs/promises';
 import type { TestContext } from 'node:test';
 import { CLI, cleanEnv } from './archives.js';
 
@@ -12,6 +13,19 @@ export interface Daemon {
   logs: Array<Record<string, unknown>>;
   waitFor(pred: (line: Record<string, unknown>) => boolean, what: string, timeoutMs?: number): Promise<Record<string, unknown>>;
   exited: Promise<number | null>;
+  /**
+   * SIGTERM (then SIGKILL after 10 s) if still running. For a test's `finally`: its `t.after`
+   * hooks run in the order they were added and stop at the first that fails, so the temp dir's
+   * removal (added first, and failing on a live mount) would keep this one from ever running.
+   */
+  stop(): Promise<void>;
+}
+
+/** Unmount `mountpoint` if a killed daemon left it mounted (lazily: a test may still hold a file there). */
+export async function unmountIfLeft(mountpoint: string): Promise<void> {
+  const mountinfo = await readFile('/proc/self/mountinfo', 'utf8');
+  if (!mountinfo.includes(` ${mountpoint} `)) return;
+  await new Promise<void>((resolve) => execFile('umount', ['-l', mountpoint], () => resolve()));
 }
 
 export function startServe(t: TestContext, args: string[]): Daemon {
@@ -38,17 +52,20 @@ export function startServe(t: TestContext, args: string[]): Daemon {
   child.stderr.setEncoding('utf8');
   child.stderr.on('data', (s: string) => (stderr += s));
   const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
-  t.after(async () => {
+  const stop = async (): Promise<void> => {
     if (child.exitCode === null && child.signalCode === null) {
       child.kill('SIGTERM');
       await Promise.race([exited, new Promise((r) => setTimeout(r, 10_000))]);
       if (child.exitCode === null) child.kill('SIGKILL');
+      await exited;
     }
-  });
+  };
+  t.after(stop);
   return {
     child,
     logs,
     exited,
+    stop,
     waitFor(pred, what, timeoutMs = 60_000) {
       return new Promise((resolve, reject) => {
         const check = (): void => {
