@@ -7,7 +7,7 @@
  * cache is as it was before.
  */
 import assert from 'node:assert/strict';
-import { chmod, mkdir, readFile, readdir, stat, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, readFile, readdir, stat, truncate, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { test } from 'node:test';
 import { KheadersError } from '../src/errors.js';
@@ -15,8 +15,9 @@ import { xzUncompressedSize } from '../src/source/xz.js';
 import { createLogger } from '../src/log.js';
 import { CacheStore } from '../src/store/cache.js';
 import { findXzBinary } from '../src/store/decompress.js';
+import { PACK_FILE } from '../src/store/entry.js';
 import { ingest, type IngestOptions } from '../src/store/ingest.js';
-import { goodTree, makeTar, randomBytes, sha256, tempDir, textLike, xz, type SynthEntry } from './helpers/archives.js';
+import { goodArchive as goodArchiveOf, goodTree, makeTar, randomBytes, sha256, snapshot, tempDir, textLike, xz, xzAsync, type SynthEntry } from './helpers/archives.js';
 
 const silent = createLogger('silent');
 const DECODERS = ['xz', 'lzma-native'] as const;
@@ -178,5 +179,122 @@ test('a valid multi-stream archive (streams and stream padding between them) sti
     const r = await attempt({ cacheDir: path.join(dir, `c-${decoder}`), archive, decoder });
     assert.ok(r.ok, `${decoder}: ${r.ok ? '' : String(r.err)}`);
     assert.equal(r.packBytes, tarBytes.length);
+  }
+});
+
+/** A ~24 MiB tree of header-like text: xz takes long enough over it to be caught mid-stream. */
+async function bigInputs(): Promise<{ tar: Buffer; archive: Buffer; files: Map<string, string> }> {
+  const tree = goodTree('6.99.5-big');
+  const files = new Map<string, string>();
+  for (let i = 0; i < 24; i++) {
+    const content = textLike(1024 * 1024, 500 + i);
+    files.set(`include/big/p${i}.h`, sha256(content));
+    tree.push({ name: `./include/big/p${i}.h`, content });
+  }
+  const tar = await makeTar(tree);
+  return { tar, archive: await xzAsync(tar, 0), files };
+}
+let big: ReturnType<typeof bigInputs> | undefined;
+
+/** The pid of this process's child named `comm` (the xz the ingest started), if there is one now. */
+async function childNamed(comm: string): Promise<number | undefined> {
+  for (const pid of await readdir('/proc')) {
+    if (!/^\d+$/.test(pid)) continue;
+    const s = await readFile(`/proc/${pid}/stat`, 'utf8').catch(() => '');
+    const close = s.lastIndexOf(')');
+    if (s.slice(s.indexOf('(') + 1, close) === comm && Number(s.slice(close + 2).split(' ')[1]) === process.pid) return Number(pid);
+  }
+  return undefined;
+}
+
+/** Wait (while the ingest runs) until the staged pack holds `minBytes`; then `act` on it. */
+async function whenPackGrows(tmpDir: string, minBytes: number, act: (pack: string) => Promise<void>): Promise<number> {
+  for (;;) {
+    for (const name of await readdir(tmpDir).catch(() => [] as string[])) {
+      const pack = path.join(tmpDir, name, PACK_FILE);
+      const size = await stat(pack).then((s) => s.size, () => 0);
+      if (size >= minBytes) {
+        await act(pack);
+        return size;
+      }
+    }
+    await new Promise((r) => setTimeout(r, 1));
+  }
+}
+
+/**
+ * Every big file of the cached big entry, read as any front end reads it (through its verifying
+ * reader): the archive's bytes, or E_ENTRY_DAMAGED. Never other bytes. Returns how many were refused.
+ */
+async function assertServesOnlyTheTree(cacheDir: string, files: Map<string, string>): Promise<number> {
+  const store = await CacheStore.open(cacheDir);
+  let refused = 0;
+  for (const m of await store.list()) {
+    if (m.release !== '6.99.5-big') continue;
+    const entry = await store.load(m.id);
+    for (const [name, digest] of files) {
+      const node = entry.index.get(name);
+      assert.ok(node !== undefined, `${name} is not in the entry`);
+      const bytes = await entry.reader.readWhole(node.id).catch((err: unknown) => {
+        assert.ok(err instanceof KheadersError && err.code === 'E_ENTRY_DAMAGED', String(err));
+        return undefined;
+      });
+      if (bytes === undefined) refused++;
+      else assert.equal(sha256(bytes), digest, `${name}: served bytes that are not the archive's`);
+    }
+  }
+  return refused;
+}
+
+test('the xz child killed (SIGKILL) while ingest follows its pack: a typed error, the cache as it was, and a retry that works', async (t) => {
+  const b = await (big ??= bigInputs());
+  const dir = await tempDir(t);
+  const cacheDir = path.join(dir, 'cache');
+  const before = path.join(dir, 'before.tar.xz');
+  await writeFile(before, await goodArchiveOf('6.99.0-before'));
+  const first = await attempt({ cacheDir, archive: before, decoder: 'xz' });
+  assert.ok(first.ok);
+  const entriesBefore = await snapshot(path.join(cacheDir, 'entries'));
+  const archive = path.join(dir, 'big.tar.xz');
+  await writeFile(archive, b.archive);
+
+  const running = attempt({ cacheDir, archive, decoder: 'xz' });
+  let killed: number | undefined;
+  const at = await whenPackGrows(path.join(cacheDir, 'tmp'), 2 * 1024 * 1024, async () => {
+    killed = await childNamed('xz');
+    assert.ok(killed !== undefined, 'no xz child found');
+    process.kill(killed, 'SIGKILL');
+  });
+  const r = await running;
+  t.diagnostic(`xz (pid ${killed}) killed with ${(at / 2 ** 20).toFixed(1)} of ${(b.tar.length / 2 ** 20).toFixed(1)} MiB in the pack`);
+  assert.ok(at < b.tar.length, 'xz had finished before the kill');
+  assert.ok(!r.ok, 'a pack cut short by a killed xz was cached');
+  assert.ok(r.err instanceof KheadersError && r.err.code === 'E_INTERNAL', String(r.err));
+  assert.match(r.err.message, /stopped by SIGKILL/);
+  assert.deepEqual(await snapshot(path.join(cacheDir, 'entries')), entriesBefore, 'the cache changed');
+  assert.deepEqual(await readdir(path.join(cacheDir, 'tmp')), []);
+
+  const retry = await attempt({ cacheDir, archive, decoder: 'xz' });
+  assert.ok(retry.ok, retry.ok ? '' : String(retry.err));
+  assert.equal(retry.packBytes, b.tar.length);
+  assert.equal(await assertServesOnlyTheTree(cacheDir, b.files), 0);
+});
+
+test('the staged pack truncated by another process while xz writes it: never an entry whose bytes are not the archive\'s', async (t) => {
+  const b = await (big ??= bigInputs());
+  const dir = await tempDir(t);
+  const archive = path.join(dir, 'big.tar.xz');
+  await writeFile(archive, b.archive);
+  for (const [name, minBytes] of [['early', 2 * 1024 * 1024], ['late', 20 * 1024 * 1024]] as const) {
+    const cacheDir = path.join(dir, `cache-${name}`);
+    const running = attempt({ cacheDir, archive, decoder: 'xz' });
+    const at = await whenPackGrows(path.join(cacheDir, 'tmp'), minBytes, (pack) => truncate(pack, 0));
+    const r = await running;
+    t.diagnostic(`${name}: truncated at ${(at / 2 ** 20).toFixed(1)} MiB: ${r.ok ? 'cached' : String(r.err)}`);
+    if (r.ok) t.diagnostic(`${name}: ${await assertServesOnlyTheTree(cacheDir, b.files)} files refused as damaged`);
+    else {
+      assert.ok(r.err instanceof KheadersError, String(r.err));
+      await assertEmptyCache(cacheDir, name);
+    }
   }
 });
