@@ -9,7 +9,7 @@
 import assert from 'node:assert/strict';
 import { chmod, mkdir, readFile, readdir, stat, truncate, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import { KheadersError } from '../src/errors.js';
 import { xzUncompressedSize } from '../src/source/xz.js';
 import { createLogger } from '../src/log.js';
@@ -96,7 +96,7 @@ test('--max-file-bytes at a file\'s size and one byte or one block either side: 
 });
 
 /** An `xz` on PATH that is the given shell script (`$REAL` is the real xz), for the length of a test. */
-async function fakeXzOnPath(t: import('node:test').TestContext, dir: string, script: string): Promise<void> {
+async function fakeXzOnPath(t: TestContext, dir: string, script: string): Promise<void> {
   const real = await findXzBinary();
   assert.ok(real, 'no xz binary to wrap');
   const bin = path.join(dir, `bin-${sha256(script).slice(0, 8)}`);
@@ -226,12 +226,13 @@ async function whenPackGrows(tmpDir: string, minBytes: number, act: (pack: strin
  * Every big file of the cached big entry, read as any front end reads it (through its verifying
  * reader): the archive's bytes, or E_ENTRY_DAMAGED. Never other bytes. Returns how many were refused.
  */
-async function assertServesOnlyTheTree(cacheDir: string, files: Map<string, string>): Promise<number> {
+async function assertServesOnlyTheTree(t: TestContext, cacheDir: string, files: Map<string, string>): Promise<number> {
   const store = await CacheStore.open(cacheDir);
   let refused = 0;
   for (const m of await store.list()) {
     if (m.release !== '6.99.5-big') continue;
     const entry = await store.load(m.id);
+    t.after(() => entry.reader.close());
     for (const [name, digest] of files) {
       const node = entry.index.get(name);
       assert.ok(node !== undefined, `${name} is not in the entry`);
@@ -277,7 +278,7 @@ test('the xz child killed (SIGKILL) while ingest follows its pack: a typed error
   const retry = await attempt({ cacheDir, archive, decoder: 'xz' });
   assert.ok(retry.ok, retry.ok ? '' : String(retry.err));
   assert.equal(retry.packBytes, b.tar.length);
-  assert.equal(await assertServesOnlyTheTree(cacheDir, b.files), 0);
+  assert.equal(await assertServesOnlyTheTree(t, cacheDir, b.files), 0);
 });
 
 test('the staged pack truncated by another process while xz writes it: never an entry whose bytes are not the archive\'s', async (t) => {
@@ -291,7 +292,7 @@ test('the staged pack truncated by another process while xz writes it: never an 
     const at = await whenPackGrows(path.join(cacheDir, 'tmp'), minBytes, (pack) => truncate(pack, 0));
     const r = await running;
     t.diagnostic(`${name}: truncated at ${(at / 2 ** 20).toFixed(1)} MiB: ${r.ok ? 'cached' : String(r.err)}`);
-    if (r.ok) t.diagnostic(`${name}: ${await assertServesOnlyTheTree(cacheDir, b.files)} files refused as damaged`);
+    if (r.ok) t.diagnostic(`${name}: ${await assertServesOnlyTheTree(t, cacheDir, b.files)} files refused as damaged`);
     else {
       assert.ok(r.err instanceof KheadersError, String(r.err));
       await assertEmptyCache(cacheDir, name);
