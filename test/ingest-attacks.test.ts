@@ -166,6 +166,16 @@ test('a hung xz on PATH is stopped: the ingest fails typed instead of waiting fo
       await assertEmptyCache(cacheDir, name);
     });
   }
+  await t.test('decodes, exits, and leaves a process holding its output and stderr open', async (st) => {
+    const pidFile = path.join(dir, 'lingering.pid');
+    await fakeXzOnPath(st, dir, `"$REAL" "$@"; sleep 600 & echo $! > ${pidFile}; exit 0`);
+    st.after(async () => {
+      const pid = Number(await readFile(pidFile, 'utf8').catch(() => ''));
+      if (pid > 0) process.kill(pid, 'SIGKILL');
+    });
+    const r = await attempt({ cacheDir: path.join(dir, 'c-lingering'), archive, decoder: 'xz' });
+    assert.ok(r.ok, String(r.ok || r.err));
+  });
 });
 
 test('a valid multi-stream archive (streams and stream padding between them) still ingests with both decoders: the size check sums every index', async (t) => {

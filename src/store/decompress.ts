@@ -137,6 +137,9 @@ export interface XzChildOptions {
   shell?: string;
 }
 
+/** How long after xz's exit its stderr may stay open (held by a process it left behind) before it is closed. */
+const STDERR_GRACE_MS = 1_000;
+
 /** The unit of `ulimit -f` in a POSIX shell (dash, mksh, bash as `sh`); bash's own mode counts 1 KiB. */
 const ULIMIT_BLOCK_BYTES = 512;
 
@@ -182,6 +185,10 @@ export function startXzIntoFile(input: Buffer, xz: { file: string; args: string[
     child.on('exit', () => {
       exited = true;
       resolve();
+      // Its stderr is read to the end at 'close'; a process it left behind holding stderr open
+      // (an xz that is a script, say) must not hold the ingest until that process ends.
+      const late = setTimeout(() => child.stderr.destroy(), STDERR_GRACE_MS);
+      child.once('close', () => clearTimeout(late));
     });
     child.on('error', () => {
       exited = true;
