@@ -1,0 +1,199 @@
+/**
+ * The floors under the start-up and ingest goals: the least any program built from the same parts
+ * can take, measured beside kheadersd in the same run.
+ *
+ * - Start-up (spawn → the first HTTP 200, polled every 2 ms): node listening on node:http; that
+ *   after reading and sha256-ing the archive (the cache key); that with pino (the chosen logger)
+ *   logging one line; then `kheadersd serve` with the entry cached, no mount.
+ * - Ingest (whole process): `xz -dc` > /dev/null; a node program doing only what a crash-safe
+ *   ingest cannot skip (read and hash the archive, `xz -dc` into a file, fdatasync); `kheadersd
+ *   ingest` into an empty cache.
+ *
+ * Every process runs under SCHED_FIFO when `chrt` allows it (root), so other load on a shared
+ * machine steals less of the figures; the runs are interleaved round by round.
+ * Run: npm run build && node dist/bench/floors.js [--runs N] [--no-write]
+ */
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import http from 'node:http';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { goodArchive } from '../test/helpers/archives.js';
+import { envNote, machineLine, median, useDeviceLikeEnvironment, writeSection } from './report.js';
+
+const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+const CLI = path.join(REPO, 'dist/src/cli.js');
+const FIXTURE = path.resolve(REPO, '../shared/fixtures/kheaders-6.1-x86_64.tar.xz');
+const argv = process.argv.slice(2);
+const RUNS = Number(argv[argv.indexOf('--runs') + 1] ?? 0) || 10;
+const WRITE = !argv.includes('--no-write');
+
+/** The floor programs, written to the run's temp dir; each takes its port (or paths) as arguments. */
+const PROGRAMS = {
+  listen: `import http from 'node:http';
+http.createServer((q, r) => r.end('ok')).listen(+process.argv[2], '127.0.0.1');
+process.on('SIGTERM', () => process.exit(0));`,
+  hash: `import { readFile } from 'node:fs/promises';
+import { createHash } from 'node:crypto';
+import http from 'node:http';
+createHash('sha256').update(await readFile(process.argv[3])).digest('hex');
+http.createServer((q, r) => r.end('ok')).listen(+process.argv[2], '127.0.0.1');
+process.on('SIGTERM', () => process.exit(0));`,
+  pino: `import { createRequire } from 'node:module';
+import { readFile } from 'node:fs/promises';
+import { createHash } from 'node:crypto';
+import http from 'node:http';
+const { pino } = createRequire(process.argv[4])('pino');
+const log = pino({ base: { name: 'kheadersd' }, timestamp: pino.stdTimeFunctions.isoTime });
+log.info({ sha256: createHash('sha256').update(await readFile(process.argv[3])).digest('hex') }, 'hashed');
+http.createServer((q, r) => r.end('ok')).listen(+process.argv[2], '127.0.0.1');
+process.on('SIGTERM', () => process.exit(0));`,
+  ingest: `import { readFile, open } from 'node:fs/promises';
+import { createHash } from 'node:crypto';
+import { spawn } from 'node:child_process';
+const [archive, out] = process.argv.slice(2);
+createHash('sha256').update(await readFile(archive)).digest('hex');
+const fh = await open(out, 'w');
+const xz = spawn('xz', ['-dc', archive], { stdio: ['ignore', fh.fd, 'inherit'] });
+const code = await new Promise((r) => xz.on('close', r));
+await fh.datasync();
+await fh.close();
+process.exitCode = code;`,
+};
+
+/** SCHED_FIFO for what is measured, when allowed: less of other load in the figures. */
+const FIFO = spawnSync('chrt', ['-f', '10', 'true']).status === 0 ? ['chrt', '-f', '10'] : [];
+const wrap = (cmd: string[]): [string, string[]] => {
+  const all = [...FIFO, ...cmd];
+  return [all[0]!, all.slice(1)];
+};
+
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer().listen(0, '127.0.0.1', () => {
+      const { port } = srv.address() as net.AddressInfo;
+      srv.close(() => resolve(port));
+    });
+    srv.on('error', reject);
+  });
+}
+
+function status(port: number): Promise<number> {
+  return new Promise((resolve) => {
+    const req = http.get(`http://127.0.0.1:${port}/readyz`, (res) => {
+      res.resume();
+      resolve(res.statusCode ?? 0);
+    });
+    req.on('error', () => resolve(0));
+    req.setTimeout(2000, () => req.destroy());
+  });
+}
+
+/** Spawn → the first 200; then SIGTERM and wait for the end. */
+async function toFirst200(cmd: (port: number) => string[]): Promise<number> {
+  const port = await freePort();
+  const started = performance.now();
+  const [file, args] = wrap(cmd(port));
+  const child = spawn(file, args, { stdio: ['ignore', 'ignore', 'inherit'] });
+  const deadline = started + 60_000;
+  while ((await status(port)) !== 200) {
+    if (child.exitCode !== null) throw new Error(`${cmd(port).join(' ')} exited ${child.exitCode}`);
+    if (performance.now() > deadline) throw new Error(`${cmd(port).join(' ')} answered nothing in 60 s`);
+    await new Promise((r) => setTimeout(r, 2));
+  }
+  const ms = performance.now() - started;
+  const closed = new Promise((r) => child.once('close', r));
+  child.kill('SIGTERM');
+  await closed;
+  return ms;
+}
+
+/** A whole process, spawn → exit (status 0 required). */
+async function whole(cmd: string[]): Promise<number> {
+  const started = performance.now();
+  const [file, args] = wrap(cmd);
+  const code = await new Promise<number | null>((resolve) => spawn(file, args, { stdio: 'ignore' }).on('close', resolve));
+  if (code !== 0) throw new Error(`${cmd.join(' ')} exited ${code}`);
+  return performance.now() - started;
+}
+
+async function main(): Promise<void> {
+  const droppedEnv = useDeviceLikeEnvironment();
+  if (!existsSync(CLI)) throw new Error(`${CLI} is missing: run npm run build first`);
+  const root = await mkdtemp(path.join(os.tmpdir(), 'kheadersd-bench-floors-'));
+  try {
+    let archive = FIXTURE;
+    let label = 'the real fixture kheaders-6.1-x86_64.tar.xz (3.8 MiB, 30.1 MiB uncompressed)';
+    let release = '6.1.192';
+    if (!existsSync(FIXTURE)) {
+      archive = path.join(root, 'generated.tar.xz');
+      release = '6.6.0-bench';
+      await writeFile(archive, await goodArchive(release));
+      label = `the tests' generated archive (the fixture ${FIXTURE} is not present)`;
+    }
+    const prog: Record<keyof typeof PROGRAMS, string> = { listen: '', hash: '', pino: '', ingest: '' };
+    for (const [name, text] of Object.entries(PROGRAMS)) {
+      prog[name as keyof typeof PROGRAMS] = path.join(root, `${name}.mjs`);
+      await writeFile(prog[name as keyof typeof PROGRAMS], text);
+    }
+    const cache = path.join(root, 'cache');
+    await whole([process.execPath, CLI, 'ingest', '--archive', archive, '--release', release, '--cache-dir', cache, '--log-level', 'warn']);
+    const pkg = path.join(REPO, 'package.json');
+    const serve = (port: number): string[] => [process.execPath, CLI, 'serve', '--archive', archive, '--release', release, '--cache-dir', cache, '--mount', 'off', '--log-level', 'warn', '--http', `127.0.0.1:${port}`];
+
+    const t: Record<string, number[]> = { node: [], listen: [], hash: [], pino: [], serve: [], xz: [], floorIngest: [], ingest: [] };
+    for (let round = -1; round < RUNS; round++) {
+      const keep = (k: string, v: number): void => void (round >= 0 && t[k]!.push(v));
+      keep('node', await whole([process.execPath, '-e', '0']));
+      keep('listen', await toFirst200((p) => [process.execPath, prog.listen, String(p)]));
+      keep('hash', await toFirst200((p) => [process.execPath, prog.hash, String(p), archive]));
+      keep('pino', await toFirst200((p) => [process.execPath, prog.pino, String(p), archive, pkg]));
+      keep('serve', await toFirst200(serve));
+      keep('xz', await whole(['sh', '-c', `exec xz -dc "$0" > /dev/null`, archive]));
+      const out = path.join(root, `pack-${round}`);
+      keep('floorIngest', await whole([process.execPath, prog.ingest, archive, out]));
+      await rm(out, { force: true });
+      const fresh = path.join(root, `ingest-${round}`);
+      keep('ingest', await whole([process.execPath, CLI, 'ingest', '--archive', archive, '--release', release, '--cache-dir', fresh, '--log-level', 'warn']));
+      await rm(fresh, { recursive: true, force: true });
+    }
+    const m = Object.fromEntries(Object.entries(t).map(([k, v]) => [k, median(v)])) as Record<string, number>;
+    const ms = (x: number): string => `${x.toFixed(0)} ms`;
+    const xn = (x: number): string => `${(x / m.node!).toFixed(2)}×`;
+    const xx = (x: number): string => `${(x / m.xz!).toFixed(2)}×`;
+    const md = [
+      '## Floors: the least the chosen parts cost, beside kheadersd',
+      '',
+      `Archive: ${label}. Medians of ${RUNS} interleaved rounds${FIFO.length ? ', every process under SCHED_FIFO (`chrt -f 10`)' : ''}. ${machineLine()}. Load average at the end: ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}.`,
+      '',
+      '| start-up: spawn → first HTTP 200 (polled every 2 ms) | time | / `node -e 0` |',
+      '| --- | ---: | ---: |',
+      `| \`node -e 0\` (whole process: the goal's reference) | ${ms(m.node!)} | 1.00× |`,
+      `| node, \`node:http\` listening | ${ms(m.listen!)} | ${xn(m.listen!)} |`,
+      `| + read and sha256 the archive (the cache key) | ${ms(m.hash!)} | ${xn(m.hash!)} |`,
+      `| + pino, the chosen logger, and one log line | ${ms(m.pino!)} | ${xn(m.pino!)} |`,
+      `| \`kheadersd serve\`, entry cached, no mount | ${ms(m.serve!)} | ${xn(m.serve!)} (goal ≤ 2.5×) |`,
+      '',
+      '| ingest: whole process | time | / `xz -dc` |',
+      '| --- | ---: | ---: |',
+      `| \`xz -dc\` > /dev/null | ${ms(m.xz!)} | 1.00× |`,
+      `| node: read and sha256 the archive, \`xz -dc\` into a file, fdatasync | ${ms(m.floorIngest!)} | ${xx(m.floorIngest!)} |`,
+      `| \`kheadersd ingest\` into an empty cache | ${ms(m.ingest!)} | ${xx(m.ingest!)} (goal ≤ 1.5×) |`,
+      '',
+      `Runs (ms): serve ${t.serve!.map((v) => v.toFixed(0)).join(' / ')}; ingest ${t.ingest!.map((v) => v.toFixed(0)).join(' / ')}; the ingest floor ${t.floorIngest!.map((v) => v.toFixed(0)).join(' / ')}.`,
+      '',
+      'Each floor program is the least a program made of these parts must do before the figure can be taken; kheadersd does it and more (its CLI, configuration, the store, the index check, its own HTTP path; the ingest\'s tar index, chunk digests, the bomb bound and the commit).' + envNote(droppedEnv),
+      '',
+      'Reproduce: `npm run build && node dist/bench/floors.js` (as root for SCHED_FIFO; `--runs N`, `--no-write`).',
+    ].join('\n');
+    console.log(md);
+    if (WRITE) await writeSection('floors', md);
+  } finally {
+    await rm(root, { recursive: true, force: true });
+  }
+}
+
+await main();
