@@ -16,12 +16,11 @@
 import { spawn, spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
-import http from 'node:http';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { goodArchive } from '../test/helpers/archives.js';
+import { freePort, statusOf } from './probe.js';
 import { envNote, machineLine, median, useDeviceLikeEnvironment, writeSection } from './report.js';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
@@ -71,27 +70,6 @@ const wrap = (cmd: string[]): [string, string[]] => {
   return [all[0]!, all.slice(1)];
 };
 
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer().listen(0, '127.0.0.1', () => {
-      const { port } = srv.address() as net.AddressInfo;
-      srv.close(() => resolve(port));
-    });
-    srv.on('error', reject);
-  });
-}
-
-function status(port: number): Promise<number> {
-  return new Promise((resolve) => {
-    const req = http.get(`http://127.0.0.1:${port}/readyz`, (res) => {
-      res.resume();
-      resolve(res.statusCode ?? 0);
-    });
-    req.on('error', () => resolve(0));
-    req.setTimeout(2000, () => req.destroy());
-  });
-}
-
 /** Spawn → the first 200; then SIGTERM and wait for the end. */
 async function toFirst200(cmd: (port: number) => string[]): Promise<number> {
   const port = await freePort();
@@ -99,7 +77,7 @@ async function toFirst200(cmd: (port: number) => string[]): Promise<number> {
   const [file, args] = wrap(cmd(port));
   const child = spawn(file, args, { stdio: ['ignore', 'ignore', 'inherit'] });
   const deadline = started + 60_000;
-  while ((await status(port)) !== 200) {
+  while ((await statusOf(`http://127.0.0.1:${port}/readyz`)) !== 200) {
     if (child.exitCode !== null) throw new Error(`${cmd(port).join(' ')} exited ${child.exitCode}`);
     if (performance.now() > deadline) throw new Error(`${cmd(port).join(' ')} answered nothing in 60 s`);
     await new Promise((r) => setTimeout(r, 2));

@@ -22,12 +22,11 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
-import http from 'node:http';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { goodArchive } from '../test/helpers/archives.js';
+import { freePort, statusOf } from './probe.js';
 import { envNote, machineLine, median, useDeviceLikeEnvironment, writeSection } from './report.js';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
@@ -106,27 +105,6 @@ async function timed(argv: string[]): Promise<Timed> {
   }
 }
 
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer().listen(0, '127.0.0.1', () => {
-      const { port } = srv.address() as net.AddressInfo;
-      srv.close(() => resolve(port));
-    });
-    srv.on('error', reject);
-  });
-}
-
-function status(url: string): Promise<number> {
-  return new Promise((resolve) => {
-    const req = http.get(url, (res) => {
-      res.resume();
-      resolve(res.statusCode ?? 0);
-    });
-    req.on('error', () => resolve(0));
-    req.setTimeout(2000, () => req.destroy());
-  });
-}
-
 interface Served {
   child: ChildProcess;
   /** spawn → first /readyz 200, with the process's CPU time (and its reaped children's) then. */
@@ -146,7 +124,7 @@ async function startServe(serveArgs: string[], nodeOptions: string): Promise<Ser
   const deadline = started + 120_000;
   for (;;) {
     if (child.exitCode !== null) throw new Error(`serve exited ${child.exitCode}:\n${logs}`);
-    if ((await status(`http://127.0.0.1:${port}/readyz`)) === 200) break;
+    if ((await statusOf(`http://127.0.0.1:${port}/readyz`)) === 200) break;
     if (performance.now() > deadline) {
       child.kill('SIGKILL');
       throw new Error(`serve not ready in 120 s:\n${logs}`);
