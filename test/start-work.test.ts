@@ -48,6 +48,19 @@ async function countingDecodes<T>(fn: () => Promise<T>): Promise<{ result: T; de
   }
 }
 
+test('a load that an entry\'s drop overtakes (quarantine, eviction, a replacement on disk) does not keep what it read', async (t) => {
+  const dir = await tempDir(t);
+  const { cacheDir, ids } = await cacheOf(dir, ['6.90.5-drop']);
+  const id = ids[0]!;
+  const store = await CacheStore.open(cacheDir, { write: true });
+  const reading = store.load(id);
+  store.forget(id); // dropped while the load reads the entry
+  const before = await reading;
+  const after = await store.load(id);
+  assert.notEqual(after, before, 'the copy read before the drop was kept and handed out after it');
+  assert.equal(await store.load(id), after, 'a load after the drop is kept as usual');
+});
+
 test('an entry asked for by a scan and two loads at once is read and checked once, and they all get that one copy', async (t) => {
   const dir = await tempDir(t);
   const { cacheDir, ids } = await cacheOf(dir, ['6.90.1-once', '6.90.2-once']);

@@ -78,6 +78,8 @@ export class CacheStore {
   readonly tmpDir: string;
   private readonly loaded = new Map<string, CacheEntry>();
   private readonly loading = new Map<string, Promise<CacheEntry>>();
+  /** How many times each entry was dropped: a load that a drop overtook must not keep what it read. */
+  private readonly drops = new Map<string, number>();
   private readonly damageListeners = new Set<(err: KheadersError, manifest: Manifest) => void>();
 
   private constructor(
@@ -186,6 +188,7 @@ export class CacheStore {
   async load(id: string): Promise<CacheEntry> {
     const hit = this.loaded.get(id);
     if (hit) return hit;
+    const drops = this.drops.get(id) ?? 0;
     // Callers asking at once (a scan, HTTP's catalog) share one read and check of the index.
     let pending = this.loading.get(id);
     if (!pending) {
@@ -196,6 +199,9 @@ export class CacheStore {
       pending = started;
     }
     const entry = await pending;
+    // Dropped while it was read (quarantined, evicted, replaced): this caller asked before, so it
+    // gets what was there; kept, it would be served on after the drop.
+    if ((this.drops.get(id) ?? 0) !== drops) return entry;
     this.loaded.set(id, this.loaded.get(id) ?? entry);
     return this.loaded.get(id)!;
   }
@@ -204,6 +210,7 @@ export class CacheStore {
   private drop(id: string): void {
     this.loaded.delete(id);
     this.loading.delete(id);
+    this.drops.set(id, (this.drops.get(id) ?? 0) + 1);
   }
 
   /** The entry with its index read on demand, for one lookup (`cat`). Close it when done. */
