@@ -21,10 +21,22 @@
  * the reader thread, and the default without the lookup prefetch and with the kernel's adaptive
  * READDIRPLUS (what those two pay, in the same rounds).
  *
+ * References (bench/fuse-ref.ts): the same tree served by mature C FUSE servers, bindfs over the
+ * plain directory and squashfuse_ll over a squashfs image of it, in the same rounds: what any
+ * FUSE server pays for the round trips on this machine, beside what ours pays. The FUSE requests
+ * of one more cold compile per mount are counted from the kernel's tracepoints (bpftrace), with
+ * the time they spent between the kernel sending them and the reply.
+ *
+ * --pinned: clang (and every process the bench runs) SCHED_FIFO on CPU 0, each server's threads
+ * SCHED_RR on CPU 1, so that on a shared machine no other process runs between a request and its
+ * reply; on a quiet machine it shows the floor without the compiler and the server competing.
+ *
  * Reproduce (root: it mounts and drops caches):
  *   sudo sh -c 'npx tsc -p . && node dist/bench/fuse.js'        (from the checkout)
- * Options: --runs N (warm rounds, default 7), --cold N (default 3), --no-native, --no-unverified, --no-write,
- * --only a,b (these backends only, e.g. kernel,kernel-adaptive; implies --no-write).
+ * Options: --runs N (warm rounds, default 7), --cold N (default 3), --no-native, --no-unverified,
+ * --no-reference (no C servers), --no-trace (no bpftrace counts), --pinned, --no-write,
+ * --only a,b (these columns only, e.g. kernel,bindfs,squashfuse; implies --no-write),
+ * --cold-only (only the cold compile and its requests; implies --no-write).
  */
 import { fork, type ChildProcess } from 'node:child_process';
 import { access, readFile, writeFile } from 'node:fs/promises';
@@ -50,6 +62,7 @@ import {
   tempDir,
   toolSkipReason,
 } from '../test/helpers/fuse-env.js';
+import { pinClient, pinServer, REFERENCE_LABEL, ReferenceServer, REFERENCES, makeSquashfsImage, referenceSkipReason, traceRequests, traceSkipReason, type Reference, type TracedRequests } from './fuse-ref.js';
 import { machineLine, median, writeSection } from './report.js';
 
 type Backend = 'kernel' | 'kernel-classic-open' | 'kernel-thread' | 'kernel-adaptive' | 'native' | 'kernel-unverified' | 'native-unverified';
@@ -62,6 +75,10 @@ const LABEL: Record<Backend, string> = {
   'kernel-unverified': 'kernel, verification off',
   'native-unverified': 'fuse-native, verification off',
 };
+
+type Side = 'plain' | Backend | Reference;
+const isReference = (side: Side): side is Reference => (REFERENCES as readonly string[]).includes(side);
+const sideLabel = (side: Backend | Reference): string => (isReference(side) ? REFERENCE_LABEL[side] : LABEL[side]);
 
 type ServerMsg = { type: 'ready'; mountpoint: string } | { type: 'counts'; counts: FuseOpCounts; prefetched: number } | { type: 'rss'; rssKiB: number; hwmKiB: number } | { type: 'error'; message: string };
 
@@ -118,6 +135,10 @@ class Server {
     /** From fork to mounted: node's start, loading and checking the entry, the mount. */
     readonly startMs: number,
   ) {}
+
+  get pid(): number {
+    return this.child.pid!;
+  }
 
   static async start(backend: Backend, cacheDir: string, id: string, mountpoint: string): Promise<Server> {
     const t0 = performance.now();
@@ -222,7 +243,9 @@ async function main(): Promise<void> {
   const warmRuns = opt('--runs', 7);
   const coldRuns = opt('--cold', 3);
   const only = args.includes('--only') ? (args[args.indexOf('--only') + 1] ?? '').split(',') : undefined;
-  const write = !args.includes('--no-write') && !only;
+  const coldOnly = args.includes('--cold-only');
+  const pinned = args.includes('--pinned');
+  const write = !args.includes('--no-write') && !only && !coldOnly;
 
   for (const reason of [
     process.getuid?.() === 0 ? undefined : 'needs root (mounting, drop_caches)',
@@ -246,31 +269,63 @@ async function main(): Promise<void> {
     ...(noNative || !unverified ? [] : (['native-unverified'] as const)),
   ];
   const backends = all.filter((b) => !only || only.includes(b));
+  const referenceSkips: string[] = [];
+  const references: Reference[] = [];
+  for (const ref of args.includes('--no-reference') ? [] : REFERENCES.filter((r) => !only || only.includes(r))) {
+    const reason = await referenceSkipReason(ref);
+    if (reason) referenceSkips.push(`${REFERENCE_LABEL[ref]} not measured: ${reason}`);
+    else references.push(ref);
+  }
+  for (const skip of referenceSkips) console.log(skip);
+  const noTrace = args.includes('--no-trace') ? '--no-trace given' : await traceSkipReason();
+  if (noTrace) console.log(`FUSE requests not traced: ${noTrace}`);
 
   const cacheDir = await tempDir('fbench-cache');
   const work = await tempDir('fbench-work');
-  const servers = new Map<Backend, Server>();
+  const servers = new Map<Backend | Reference, Server | ReferenceServer>();
   let plain: string | undefined;
   try {
     const entry = await ingestFixture(cacheDir);
     plain = await extractFixture();
+    const image = path.join(work, 'tree.squashfs');
+    if (references.includes('squashfuse')) await makeSquashfsImage(plain, image);
     const resource = await clangResourceInclude();
     const size = await clangTaskStructSize(plain, resource, work);
     const src = path.join(work, 'prog.c');
     await writeFile(src, BPF_PROGRAM);
-    const mnt = (b: Backend): string => path.join(work, `mnt-${b}`);
-    const start = async (b: Backend): Promise<Server> => {
+    // From here on every process this one spawns (clang, find, cat, the servers until they are
+    // moved) inherits the main thread's CPU and policy.
+    if (pinned) await pinClient(process.pid);
+    const mnt = (b: Backend | Reference): string => path.join(work, `mnt-${b}`);
+    const start = async (b: Backend | Reference): Promise<Server | ReferenceServer> => {
       await servers.get(b)?.stop();
-      const s = await Server.start(b, cacheDir, entry.manifest.id, mnt(b));
+      const s = isReference(b) ? await ReferenceServer.start(b, plain!, image, mnt(b)) : await Server.start(b, cacheDir, entry.manifest.id, mnt(b));
+      if (pinned) await pinServer(s.pid);
       servers.set(b, s);
       return s;
     };
-    const root = (side: Backend | 'plain'): string => (side === 'plain' ? plain! : path.join(mnt(side), 'current'));
-    const compile = (side: Backend | 'plain'): Promise<number> => timed(() => bpfCompile(root(side), resource, src, path.join(work, `prog-${side}.o`), size));
-    const find = (side: Backend | 'plain'): Promise<number> => timed(() => runOk('sh', ['-c', 'find "$1"/ | wc -l', 'sh', root(side)]));
-    const readAll = (side: Backend | 'plain'): Promise<number> => timed(() => runOk('sh', ['-c', 'find "$1"/ -type f -exec cat {} + > /dev/null', 'sh', root(side)]));
-    const sides: Array<Backend | 'plain'> = ['plain', ...backends];
+    /** Requests the daemon counted (references: none; their requests are traced instead). */
+    const countsOf = async (side: Side): Promise<FuseOpCounts> => {
+      const s = side === 'plain' ? undefined : servers.get(side);
+      return s instanceof Server ? s.counts() : {};
+    };
+    const root = (side: Side): string => (side === 'plain' ? plain! : isReference(side) ? mnt(side) : path.join(mnt(side), 'current'));
+    const compile = (side: Side): Promise<number> => timed(() => bpfCompile(root(side), resource, src, path.join(work, `prog-${side}.o`), size));
+    const find = (side: Side): Promise<number> => timed(() => runOk('sh', ['-c', 'find "$1"/ | wc -l', 'sh', root(side)]));
+    const readAll = (side: Side): Promise<number> => timed(() => runOk('sh', ['-c', 'find "$1"/ -type f -exec cat {} + > /dev/null', 'sh', root(side)]));
+    const mounts: Array<Backend | Reference> = [...backends, ...references];
+    const sides: Side[] = ['plain', ...mounts];
     const series = (): Record<string, number[]> => Object.fromEntries(sides.map((s) => [s, [] as number[]]));
+    const ms = (x: number): string => `${x.toFixed(0)} ms`;
+    const cell = (data: Record<string, number[]>, side: Side): string => {
+      const m = median(data[side]!);
+      if (side === 'plain') return ms(m);
+      // Each FUSE run has a plain neighbour from the same round: the paired ratio resists drift.
+      const p = data['plain']!;
+      const paired = median(data[side]!.map((x, i) => x / p[Math.min(i, p.length - 1)]!));
+      return `${ms(m)} (**${paired.toFixed(2)}×**)`;
+    };
+    const row = (what: string, data: Record<string, number[]>): string => `| ${what} | ${sides.map((s) => cell(data, s)).join(' | ')} |`;
 
     // Cold compile: a fresh mount (the kernel has nothing cached for it) and an empty page cache.
     const cold = series();
@@ -279,20 +334,51 @@ async function main(): Promise<void> {
     const coldPrefetched: Record<string, number> = {};
     for (let i = 0; i < coldRuns; i++) {
       for (const side of sides) {
-        let before: FuseOpCounts = {};
-        if (side !== 'plain') {
-          const server = await start(side);
-          startTimes[side]!.push(server.startMs);
-          before = await server.counts();
-        }
+        if (side !== 'plain') startTimes[side]!.push((await start(side)).startMs);
+        const before = await countsOf(side);
         await dropCaches();
         cold[side]!.push(await compile(side));
         if (side !== 'plain') {
-          const after = await servers.get(side)!.counts();
+          const after = await countsOf(side);
           coldCounts[side] = diff(after, before);
           coldPrefetched[side] = (after[PREFETCHED] ?? 0) - (before[PREFETCHED] ?? 0);
         }
       }
+    }
+    // One more cold compile per mount, untimed, with bpftrace counting what the kernel sent and
+    // how long each request waited for its reply: the same measure for our server and the C ones.
+    const traced: Record<string, TracedRequests> = {};
+    if (!noTrace) {
+      for (const side of mounts) {
+        await start(side);
+        await dropCaches();
+        traced[side] = await traceRequests(mnt(side), () => compile(side));
+      }
+    }
+    const coldTable = `| | plain dir | ${mounts.map(sideLabel).join(' | ')} |
+| --- | ---: | ${mounts.map(() => '---:').join(' | ')} |
+${row(`compile, cold: fresh mount, drop_caches (median of ${coldRuns})`, cold)}`;
+    const tracedLines = mounts.map((m) => (traced[m] ? `| ${sideLabel(m)} | ${fmtCounts(traced[m].counts)} | ${traced[m].waitMs.toFixed(0)} ms | ${(traced[m].waitMs * 1000 / Math.max(1, total(traced[m].counts))).toFixed(0)} µs |` : `| ${sideLabel(m)} | not traced | | |`));
+    const tracedTable = `FUSE requests of one more cold compile per mount, from the kernel's side (bpftrace on
+fuse:fuse_request_send/end, this mount's connection only), and their time from being sent to
+their reply, summed:
+
+| | requests | waiting for replies | per request |
+| --- | --- | ---: | ---: |
+${tracedLines.join('\n')}`;
+    if (coldOnly) {
+      const load = (await readFile('/proc/loadavg', 'utf8')).split(' ').slice(0, 3).join(' ');
+      console.log(`
+${coldTable}
+
+Cold compile runs: ${sides.map((s) => `${s} ${cold[s]!.map((x) => x.toFixed(0)).join('/')}`).join('; ')} ms.
+Start to mounted: ${mounts.map((m) => `${m} ${median(startTimes[m]!).toFixed(0)}`).join('; ')} ms.
+Daemon-counted requests (cold): ${backends.map((b) => `${b} ${fmtCounts(coldCounts[b] ?? {})}`).join('; ')}.
+
+${tracedTable}
+
+${pinned ? 'Pinned: clang FIFO on CPU 0, servers RR on CPU 1. ' : ''}Load average at the end: ${load}.`);
+      return;
     }
     // One compile each before the warm series.
     for (const side of sides) await compile(side);
@@ -300,9 +386,9 @@ async function main(): Promise<void> {
     const warmCounts: Record<string, Record<string, number>> = {};
     for (let i = 0; i < warmRuns; i++) {
       for (const side of sides) {
-        const before = side === 'plain' ? {} : await servers.get(side)!.counts();
+        const before = await countsOf(side);
         warm[side]!.push(await compile(side));
-        if (side !== 'plain') warmCounts[side] = diff(await servers.get(side)!.counts(), before);
+        if (side !== 'plain') warmCounts[side] = diff(await countsOf(side), before);
       }
     }
     // find and read-all: cold after drop_caches (same mounts), then warm (median of 3).
@@ -315,9 +401,9 @@ async function main(): Promise<void> {
       await dropCaches();
       findCold[side]!.push(await find(side));
       await dropCaches();
-      const before = side === 'plain' ? {} : await servers.get(side)!.counts();
+      const before = await countsOf(side);
       readCold[side]!.push(await readAll(side));
-      if (side !== 'plain') readCounts[side] = diff(await servers.get(side)!.counts(), before);
+      if (side !== 'plain') readCounts[side] = diff(await countsOf(side), before);
     }
     for (let i = 0; i < 3; i++) {
       for (const side of sides) {
@@ -326,38 +412,32 @@ async function main(): Promise<void> {
       }
     }
     const rss: Record<string, { rssKiB: number; hwmKiB: number }> = {};
-    for (const b of backends) rss[b] = await servers.get(b)!.rss();
+    for (const m of mounts) rss[m] = await servers.get(m)!.rss();
     const load = (await readFile('/proc/loadavg', 'utf8')).split(' ').slice(0, 3).join(' ');
 
-    const ms = (x: number): string => `${x.toFixed(0)} ms`;
-    const cell = (data: Record<string, number[]>, side: Backend | 'plain'): string => {
-      const m = median(data[side]!);
-      if (side === 'plain') return ms(m);
-      // Each FUSE run has a plain neighbour from the same round: the paired ratio resists drift.
-      const p = data['plain']!;
-      const paired = median(data[side]!.map((x, i) => x / p[Math.min(i, p.length - 1)]!));
-      return `${ms(m)} (**${paired.toFixed(2)}×**)`;
-    };
-    const row = (what: string, data: Record<string, number[]>): string => `| ${what} | ${sides.map((s) => cell(data, s)).join(' | ')} |`;
     const md = `
-## FUSE: both backends vs a plain directory
+## FUSE: both backends vs a plain directory, and mature C FUSE servers
 
 The kernel-protocol backend (TypeScript on /dev/fuse; the default, and four variants of it) and
-fuse-native, each against a \`tar -xJf\` directory of the same archive (the fixture). A compile is a
+fuse-native, each against a \`tar -xJf\` directory of the same archive (the fixture); beside them, as
+references for what any FUSE server pays here, two C servers of the same tree: bindfs (libfuse2,
+path API, over the plain directory; \`-o ro,entry_timeout=86400,attr_timeout=86400,negative_timeout=86400,kernel_cache\`)
+and squashfuse_ll (libfuse3 low-level, node ids like ours, its own endless entry/attribute timeouts,
+over an uncompressed squashfs image of the directory). A compile is a
 BPF program including \`<linux/sched.h>\`, \`<linux/bpf.h>\`, \`<net/sock.h>\` with BCC's kernel include
-flags, \`clang -O2 -emit-llvm -c\` then \`clang -target bpf\`, against \`MOUNT/current\` or the plain
-directory. Each mount is served by its own node process. Cells: median time (median of per-round ratios to the plain
-directory run in the same round).
+flags, \`clang -O2 -emit-llvm -c\` then \`clang -target bpf\`, against \`MOUNT/current\` (a C server: \`MOUNT\`) or the plain
+directory. Each mount is served by its own process. Cells: median time (median of per-round ratios to the plain
+directory run in the same round).${pinned ? ' Pinned (`--pinned`): clang and the tools FIFO on CPU 0, every server thread SCHED_RR on CPU 1.' : ''}
 
-| | plain dir | ${backends.map((b) => LABEL[b]).join(' | ')} |
-| --- | ---: | ${backends.map(() => '---:').join(' | ')} |
+| | plain dir | ${mounts.map(sideLabel).join(' | ')} |
+| --- | ---: | ${mounts.map(() => '---:').join(' | ')} |
 ${row(`compile, warm (median of ${warmRuns})`, warm)}
 ${row(`compile, cold: fresh mount, drop_caches (median of ${coldRuns})`, cold)}
 ${row('find over the tree, warm (median of 3)', findWarm)}
 ${row('find over the tree, after drop_caches', findCold)}
 ${row('read every file, warm (median of 3)', readWarm)}
 ${row('read every file, after drop_caches', readCold)}
-| server start to mounted (median of ${coldRuns}) | | ${backends.map((b) => ms(median(startTimes[b]!))).join(' | ')} |
+| server start to mounted (median of ${coldRuns}) | | ${mounts.map((b) => ms(median(startTimes[b]!))).join(' | ')} |
 
 FUSE requests per compile (reaching the daemon):
 
@@ -365,18 +445,20 @@ FUSE requests per compile (reaching the daemon):
 | --- | --- | --- |
 ${backends.map((b) => `| ${LABEL[b]} | ${fmtCounts(warmCounts[b] ?? {})} | ${fmtCounts(coldCounts[b] ?? {})} |`).join('\n')}
 
+${tracedTable}
+
 - Verification (bytes proven against chunk digests before first served; index checksum at load), on / off: ${verificationLine(backends, { warm, cold, start: startTimes })}.
 - READs of a cold compile answered from the lookup prefetch (bytes read when the file was looked up): ${backends
       .filter((b) => b.startsWith('kernel'))
       .map((b) => `${LABEL[b]} ${coldPrefetched[b] ?? 0} of ${coldCounts[b]?.['read'] ?? 0}`)
       .join('; ')}.
 - Requests to read every file after drop_caches: ${backends.map((b) => `${LABEL[b]} ${fmtCounts(readCounts[b] ?? {})}`).join('; ')}.
-- Server RSS at the end (peak): ${backends.map((b) => `${LABEL[b]} ${(rss[b]!.rssKiB / 1024).toFixed(0)} MiB (${(rss[b]!.hwmKiB / 1024).toFixed(0)} MiB)`).join(', ')}.
-- Targets: the default backend's warm compile within 1.05× of the plain directory; fuse-native's warm compile within 1.15× and cold within 2×.${noNative ? ` fuse-native not measured: ${noNative}.` : ''}
+- Server RSS at the end (peak): ${mounts.map((b) => `${sideLabel(b)} ${(rss[b]!.rssKiB / 1024).toFixed(0)} MiB (${(rss[b]!.hwmKiB / 1024).toFixed(0)} MiB)`).join(', ')}.
+- Targets: the default backend's warm compile within 1.05× of the plain directory; fuse-native's warm compile within 1.15× and cold within 2×.${noNative ? ` fuse-native not measured: ${noNative}.` : ''}${referenceSkips.map((r) => ` ${r}.`).join('')}${noTrace ? ` Requests not traced: ${noTrace}.` : ''}
 - All warm compile runs: ${sides.map((s) => `${s} ${warm[s]!.map((x) => x.toFixed(0)).join('/')}`).join('; ')} ms.
 - Machine: ${machineLine()}; ${(await run('clang', ['--version'])).stdout.split('\n')[0]}; load average at the end ${load} (shared machine: absolute times drift, ratios within a round are what to read).
 
-Reproduce, from the checkout: \`sudo sh -c 'npx tsc -p . && node dist/bench/fuse.js'\` (\`--runs N\`, \`--cold N\`, \`--no-native\`, \`--no-write\`)
+Reproduce, from the checkout: \`sudo sh -c 'npx tsc -p . && node dist/bench/fuse.js'\` (\`--runs N\`, \`--cold N\`, \`--no-native\`, \`--no-reference\`, \`--no-trace\`, \`--pinned\`, \`--no-write\`)
 `;
     console.log(md);
     if (write) await writeSection('fuse', md);
