@@ -124,7 +124,15 @@ function lex(argv: readonly string[], flags: readonly Flag[]): { tokens: Token[]
   for (const f of flags) options[f.name] = { type: f.value === undefined ? 'boolean' : 'string' };
   for (const [short, name] of Object.entries(SHORT)) options[name] = { type: 'boolean', short };
   const { tokens } = parseArgs({ args: [...argv], options, strict: false, allowPositionals: true, tokens: true });
-  return { tokens };
+  // parseArgs reads `-dash.h` as the short flags -d -a -s -h …; there are no such groups here
+  // (the only short flags are -h and -V), so the word is one unknown option, not a request for help.
+  return {
+    tokens: tokens.flatMap((t, i): Token[] => {
+      const word = argv[t.index] ?? '';
+      if (t.kind !== 'option' || t.rawName.startsWith('--') || word === t.rawName) return [t];
+      return tokens[i - 1]?.index === t.index ? [] : [{ ...t, name: word.slice(1), rawName: word, value: undefined, inlineValue: undefined }];
+    }),
+  };
 }
 
 const hasFlag = (tokens: readonly Token[], name: string): boolean => tokens.some((t) => t.kind === 'option' && t.name === name);

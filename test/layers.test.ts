@@ -8,8 +8,9 @@
  *   serve       serve/      HTTP and FUSE, answering from the store
  *   config      config.ts   flags, variables and config.json resolved into one Config
  *   commands    commands/   each command (serve, ingest, doctor, pull...) composing the above
- *   cli         cli.ts      argument parsing that calls the commands (v8-flags.ts: its V8 settings;
- *               ingest-process-main.ts: the entry point of serve's ingest process)
+ *   cli         cli.ts      the commands' table that calls the commands (cli-args.ts: its argument
+ *               parsing and help; v8-flags.ts: its V8 settings; ingest-process-main.ts: the
+ *               entry point of serve's ingest process)
  *
  * A module may import its own layer and any layer below. The test reads the import specifiers
  * (static, `export ... from` and dynamic `import()`) of every file under src/, so a new file
@@ -31,7 +32,7 @@ const LAYERS: ReadonlyArray<readonly [string, readonly string[]]> = [
   ['serve', ['serve/']],
   ['config', ['config.ts']],
   ['commands', ['commands/']],
-  ['cli', ['cli.ts', 'ingest-process-main.ts', 'v8-flags.ts']],
+  ['cli', ['cli.ts', 'cli-args.ts', 'ingest-process-main.ts', 'v8-flags.ts']],
 ];
 
 /** The layer's rank of a path relative to src/ (forward slashes), or -1 when none claims it. */
