@@ -10,7 +10,8 @@ import { LOG_LEVELS, type LogLevel } from './log.js';
 import { DEFAULT_HTTP_LIMITS } from './serve/http/limits.js';
 import { moduleDirsProblem } from './source/modules.js';
 import { defaultCacheDir, defaultMount } from './platform.js';
-import { validRelease } from './store/cache.js';
+// From entry.js, not cache.js: the configuration of any command must not load the whole store.
+import { validRelease } from './store/entry.js';
 
 export const DEFAULT_CONFIG_FILE = '/etc/kheadersd/config.json';
 
@@ -168,7 +169,7 @@ export async function readConfigFile(file: string, required: boolean): Promise<R
 }
 
 export interface ConfigSources {
-  /** Parsed CLI options (commander camelCase), only those given. */
+  /** Parsed CLI flags by key (camelCase), only those given. */
   flags: Partial<Record<ConfigKey, unknown>>;
   env: NodeJS.ProcessEnv;
   file: Record<string, unknown>;

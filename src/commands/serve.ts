@@ -30,7 +30,6 @@ import { matchRunning, readLiveKernel } from '../store/kernel-match.js';
 import { MODULE_HEADERS_SUBDIR, ModuleHeaders } from '../store/module-btf.js';
 import { DaemonState } from '../serve/state.js';
 import { healWithConfig, ingestWithConfig, type CommandIO } from './store-commands.js';
-import { ingestInChildProcess } from './ingest-process.js';
 import type { FuseMount } from '../serve/fuse/types.js';
 import type { IndexFsModel } from '../serve/fuse/index-model.js';
 
@@ -148,7 +147,8 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
     try {
       // The daemon's own store: what the repair check validated is not read and validated again.
       // A new entry is built in a child process (ingest-process.ts), so its buffers die with it.
-      const buildElsewhere = (): Promise<void> => ingestInChildProcess(cfg, io);
+      // Loaded only then: a start with its entry cached never spawns (nor loads child_process and readline).
+      const buildElsewhere = async (): Promise<void> => (await import('./ingest-process.js')).ingestInChildProcess(cfg, io);
       const result = await ingestWithConfig(cfg, io, { setCurrent: true, store, buildElsewhere });
       counted(result.healed);
       state.lastIngest = { at: started, durationMs: result.durationMs, id: result.entry.manifest.id, reused: result.reused };

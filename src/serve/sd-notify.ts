@@ -22,7 +22,6 @@
  * Every function is a no-op when $NOTIFY_SOCKET is unset (not started by systemd) and never
  * throws: a lost notification is logged, and systemd's TimeoutStartSec= reports it to the user.
  */
-import { execFile } from 'node:child_process';
 import type { Logger } from '../log.js';
 
 /** How long one `systemd-notify` may take (its own barrier timeout is 5 s). */
@@ -56,7 +55,8 @@ export function sdNotify(fields: NotifyFields, log: Logger, opts: NotifyOptions 
     args.push(`${key}=${value}`);
   }
   const binary = opts.binary ?? 'systemd-notify';
-  return new Promise((resolve) => {
+  // child_process only under systemd (with a socket): a start elsewhere never loads it.
+  return import('node:child_process').then(({ execFile }) => new Promise<boolean>((resolve) => {
     execFile(
       binary,
       args,
@@ -75,7 +75,7 @@ export function sdNotify(fields: NotifyFields, log: Logger, opts: NotifyOptions 
         resolve(false);
       },
     );
-  });
+  }));
 }
 
 /**

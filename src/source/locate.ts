@@ -15,7 +15,6 @@
  *      file found but not readable here (the kernel checks its vermagic), unloaded afterwards.
  * A module whose vermagic names another release is never used or loaded.
  */
-import { execFile } from 'node:child_process';
 import { access, open, stat, type FileHandle } from 'node:fs/promises';
 import os from 'node:os';
 import { KheadersError, errnoOf } from '../errors.js';
@@ -359,7 +358,9 @@ interface RunResult {
   message: string;
 }
 
-function run(file: string, args: string[]): Promise<RunResult> {
+async function run(file: string, args: string[]): Promise<RunResult> {
+  // child_process is loaded only to run something: a start that finds its archive never does.
+  const { execFile } = await import('node:child_process');
   return new Promise((resolve) => {
     execFile(file, args, { timeout: 30_000 }, (err, _stdout, stderr) => {
       if (!err) resolve({ ok: true, message: 'ok' });

@@ -7,7 +7,6 @@
  * and a synchronous call on the event loop could stall the mount), and nothing here loads a
  * module: module-loader.ts does that, only for what this file could not read.
  */
-import { spawn } from 'node:child_process';
 import { constants } from 'node:fs';
 import { access, open, readFile, realpath, stat } from 'node:fs/promises';
 import os from 'node:os';
@@ -183,7 +182,9 @@ function bounded(out: Buffer | typeof TOO_LARGE, limit: number): Decoded {
 }
 
 /** Decode `input` through a child (`xz -dc`, `zstd -dc`), keeping at most `limit` bytes of output. */
-function decodeWithChild(file: string, args: string[], input: Buffer, limit: number): Promise<Buffer | typeof TOO_LARGE> {
+async function decodeWithChild(file: string, args: string[], input: Buffer, limit: number): Promise<Buffer | typeof TOO_LARGE> {
+  // Loaded only for a compressed module: finding the kernel's archive otherwise spawns nothing.
+  const { spawn } = await import('node:child_process');
   return new Promise((resolve, reject) => {
     const child = spawn(file, args, { stdio: ['pipe', 'pipe', 'pipe'] });
     const chunks: Buffer[] = [];

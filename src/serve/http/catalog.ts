@@ -11,7 +11,6 @@
  * strings, computed once. Bytes come from each entry's EntryReader, shared with FUSE.
  */
 import { createHash } from 'node:crypto';
-import { performance } from 'node:perf_hooks';
 import { KheadersError } from '../../errors.js';
 import type { Logger } from '../../log.js';
 import type { CacheStore } from '../../store/cache.js';

@@ -22,7 +22,6 @@
  * same requests and compares the answers.
  */
 import type { IncomingMessage, OutgoingHttpHeaders, ServerResponse } from 'node:http';
-import { performance } from 'node:perf_hooks';
 import { httpAnswer } from '../../errors.js';
 import type { Logger } from '../../log.js';
 import { isDigest } from '../../store/cache.js';
