@@ -46,24 +46,27 @@ export const DECODER_MEMLIMIT_BYTES = 96 * 1024 * 1024;
  */
 const LZMA_NATIVE_SLICE_BYTES = 2 * 1024;
 
-/** Find an xz decoder binary on PATH: `xz`, or `xzcat` (toybox and busybox on Android have it). */
+/**
+ * Find an xz decoder binary on PATH: `xz`, or `xzcat` (toybox and busybox on Android have it).
+ * Every candidate is checked at once (a dozen PATH directories one after the other cost a few
+ * ms before xz can start); the first in PATH order wins, as a shell would choose.
+ */
 export async function findXzBinary(envPath = process.env.PATH ?? ''): Promise<{ file: string; args: string[] } | undefined> {
-  for (const [name, args] of [
-    ['xz', ['-dc']],
-    ['xzcat', []],
-  ] as const) {
-    for (const dir of envPath.split(path.delimiter)) {
-      if (!dir) continue;
-      const file = path.join(dir, name);
-      try {
-        await access(file, constants.X_OK);
-        return { file, args: [...args] };
-      } catch {
-        // not here
-      }
-    }
-  }
-  return undefined;
+  const candidates = (
+    [
+      ['xz', ['-dc']],
+      ['xzcat', []],
+    ] as const
+  ).flatMap(([name, args]) => envPath.split(path.delimiter).filter((dir) => dir !== '').map((dir) => ({ file: path.join(dir, name), args: [...args] })));
+  const executable = await Promise.all(
+    candidates.map((c) =>
+      access(c.file, constants.X_OK).then(
+        () => true,
+        () => false,
+      ),
+    ),
+  );
+  return candidates.find((_, i) => executable[i]);
 }
 
 /**
@@ -165,7 +168,8 @@ export function startXzIntoFile(input: Buffer, xz: { file: string; args: string[
   // XZ_OPT goes: xz reads it after XZ_DEFAULTS, so a user's --single-stream would end the pack
   // after the first stream with status 0 (a short pack taken for a whole one), and
   // --memlimit-decompress=max would lift the memory limit. Nothing xz -dc needs comes from it.
-  const env: NodeJS.ProcessEnv = { ...process.env, XZ_DEFAULTS: `--memlimit-decompress=${DECODER_MEMLIMIT_BYTES} --no-sparse` };
+  // LC_ALL=C: xz's messages are matched in English below (xzFailure), and xz then loads no locale.
+  const env: NodeJS.ProcessEnv = { ...process.env, XZ_DEFAULTS: `--memlimit-decompress=${DECODER_MEMLIMIT_BYTES} --no-sparse`, LC_ALL: 'C' };
   delete env.XZ_OPT;
   const blocks = Math.ceil(target.maxBytes / ULIMIT_BLOCK_BYTES);
   // A shell that cannot set the limit must not run xz without it: status 125, reported below.

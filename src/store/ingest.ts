@@ -42,6 +42,8 @@ import { LIVE_BTF, VMLINUX_H, btfSource, provideVmlinuxH, type BtfSource } from 
 
 const UTSRELEASE_H = 'include/generated/utsrelease.h';
 const PROGRESS_INTERVAL_MS = 500;
+/** How much more of the pack is decoded before the next flush while decoding (see buildHeadersEntry). */
+const PACK_SYNC_STEP_BYTES = 4 * 1024 * 1024;
 /**
  * How long the xz child may write nothing, without exiting, before it is taken for hung and
  * killed. A working xz writes every few KiB it decodes, with its whole input already piped to
@@ -542,9 +544,28 @@ async function buildHeadersEntry(
     const draftNew = (): void => {
       for (let i = tree.count; i < indexer.records.length; i++) tree.add(indexer.records[i]!);
     };
+    // The pack goes to disk while it is decoded, one flush at a time every few MiB, so that the
+    // commit's own flush finds only the last few MiB to write, not the whole pack. Every flush is
+    // awaited before the commit: an error a flush reports is not reported again to the next one.
+    const packSyncs: Array<Promise<void>> = [];
+    let packSyncedTo = 0;
+    let packSyncing = false;
+    const syncPackAhead = (): void => {
+      if (packSyncing || indexer.position - packSyncedTo < PACK_SYNC_STEP_BYTES) return;
+      packSyncing = true;
+      packSyncedTo = indexer.position;
+      const sync = inStep('pack', packFh.datasync());
+      packSyncs.push(sync);
+      running.push(sync);
+      sync.then(
+        () => (packSyncing = false),
+        () => {}, // no more flushes; the failure is reported before the commit
+      );
+    };
     const take = (chunk: Buffer): void => {
       indexer.push(chunk);
       draftNew();
+      syncPackAhead();
     };
     const report = (): void => {
       const p: IngestProgress = {
@@ -560,9 +581,11 @@ async function buildHeadersEntry(
 
     const archiveFh = await open(path.join(tmp, ARCHIVE_FILE), 'w', 0o644);
     handles.push(archiveFh);
+    // Written and flushed while xz decodes; awaited with the pack's flush before the commit.
     const archiveWritten = inStep('archive', archiveFh.writeFile(source.bytes));
-    running.push(archiveWritten);
-    archiveWritten.catch(() => {}); // awaited below; failing first must not be an unhandled rejection
+    const archiveSynced = archiveWritten.then(() => inStep('archive', archiveFh.datasync()));
+    running.push(archiveSynced);
+    archiveSynced.catch(() => {}); // awaited below; failing first must not be an unhandled rejection
 
     const { btf, live } = await kernel();
     // vmlinux.h is generated on a worker thread while xz decodes; a BTF problem costs only
@@ -610,7 +633,7 @@ async function buildHeadersEntry(
     mark('decoded');
     // The pack and archive go to disk while the index is built: the commit's fsync then finds
     // little left to write. Its failure is awaited (an error a sync reports is reported once).
-    const flushed = settleAll([inStep('pack', packFh.datasync()), inStep('archive', archiveFh.datasync())]);
+    const flushed = settleAll([...packSyncs, inStep('pack', packFh.datasync()), archiveSynced]);
     running.push(flushed);
     flushed.catch(() => {}); // awaited below; failing first must not be an unhandled rejection
 
