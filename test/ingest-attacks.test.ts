@@ -302,10 +302,10 @@ test('the staged pack truncated by another process while xz writes it: never an 
     const at = await whenPackGrows(path.join(cacheDir, 'tmp'), minBytes, (pack) => truncate(pack, 0));
     const r = await running;
     t.diagnostic(`${name}: truncated at ${(at / 2 ** 20).toFixed(1)} MiB: ${r.ok ? 'cached' : String(r.err)}`);
-    if (r.ok) t.diagnostic(`${name}: ${await assertServesOnlyTheTree(t, cacheDir, b.files)} files refused as damaged`);
-    else {
-      assert.ok(r.err instanceof KheadersError, String(r.err));
-      await assertEmptyCache(cacheDir, name);
-    }
+    // Before xz's stdout was opened O_APPEND, xz went on writing at its own offset: the bytes
+    // before it read as zeros (a hole) and the digests vouched for them, at the right size.
+    if (r.ok) assert.fail(`${name}: a pack truncated while xz wrote it was cached (${await assertServesOnlyTheTree(t, cacheDir, b.files)} files refused as damaged)`);
+    assert.ok(r.err instanceof KheadersError, String(r.err));
+    await assertEmptyCache(cacheDir, name);
   }
 });

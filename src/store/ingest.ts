@@ -525,7 +525,11 @@ async function buildHeadersEntry(
   let progressTimer: NodeJS.Timeout | undefined;
   try {
     // The decoder first: everything below runs while it decodes on the other core.
-    const packFh = await open(path.join(tmp, PACK_FILE), 'w+', 0o644);
+    // O_APPEND ('a+'): xz writes this file as its stdout, and a write without it lands at xz's own
+    // offset even after another process truncates the file, leaving a hole of zeros the reader
+    // would hash, at the right final size. Appending, a truncation shrinks the pack, and its size
+    // no longer matches the archive's index (refused below). Reads are at explicit offsets.
+    const packFh = await open(path.join(tmp, PACK_FILE), 'a+', 0o644);
     handles.push(packFh);
     mark('setup');
     const decoding = await startDecoder(source.bytes, opts.decoder ?? 'auto', { file: packFh, maxBytes: limits.maxTotalBytes });
