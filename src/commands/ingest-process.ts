@@ -14,7 +14,7 @@ import { spawn } from 'node:child_process';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import type { Config } from '../config.js';
-import { KheadersError, isErrorCode } from '../errors.js';
+import { KheadersError, endedBySignal, isErrorCode } from '../errors.js';
 import type { Logger, LogLevel } from '../log.js';
 import type { CommandIO } from './store-commands.js';
 
@@ -34,13 +34,25 @@ const LEVELS: Record<number, LogLevel> = { 10: 'trace', 20: 'debug', 30: 'info',
  * Build the configured ingest's entry in a child process; resolves when it is committed, or at
  * once when no child can be started (the ingest then builds in this process). `node` is the
  * program to run it with: this node, except in a test of a node that cannot be started.
+ * `cancel` (the daemon stopping) kills the child's process group, its xz with it: a stop does
+ * not wait for a build to finish.
  */
-export function ingestInChildProcess(cfg: Config, io: CommandIO, node = process.execPath): Promise<void> {
+export function ingestInChildProcess(cfg: Config, io: CommandIO, node = process.execPath, cancel?: AbortSignal): Promise<void> {
   return new Promise((resolve, reject) => {
     // detached: the child leads a process group of its own, so that it can kill itself and its
     // xz together when the channel closes (a terminal's ^C goes to the daemon, which stops in order).
     const child = spawn(node, [MAIN], { stdio: ['ignore', 'pipe', 'pipe', 'ipc'], detached: true });
     io.log.info({ ingestPid: child.pid }, 'building the entry in a child process');
+    const kill = (): void => {
+      try {
+        if (child.pid !== undefined) process.kill(-child.pid, 'SIGKILL');
+      } catch {
+        // already gone
+      }
+    };
+    if (cancel?.aborted) kill();
+    else cancel?.addEventListener('abort', kill, { once: true });
+    child.once('close', () => cancel?.removeEventListener('abort', kill));
     let outcome: IngestOutcome | undefined;
     let stderr = '';
     createInterface({ input: child.stdout! }).on('line', (line) => relay(io.log, line, child.pid));
@@ -59,7 +71,8 @@ export function ingestInChildProcess(cfg: Config, io: CommandIO, node = process.
       if (stderr.trim() !== '') io.log.warn({ pid: child.pid }, `the ingest process said: ${stderr.trim()}`);
       if (outcome?.ok) resolve();
       else if (outcome) reject(new KheadersError(isErrorCode(outcome.code) ? outcome.code : 'E_INTERNAL', outcome.message, outcome.details));
-      else reject(new KheadersError('E_INTERNAL', `the ingest process (pid ${child.pid}) ${signal ? `was killed by ${signal}` : `exited with status ${code}`} before it finished; nothing it left is served`, { pid: child.pid, signal, status: code }));
+      else if (signal) reject(endedBySignal(`the ingest process (pid ${child.pid})`, signal, { pid: child.pid }));
+      else reject(new KheadersError('E_INTERNAL', `the ingest process (pid ${child.pid}) exited with status ${code} before it finished; nothing it left is served`, { pid: child.pid, status: code }));
     });
     const request: IngestRequest = { cfg, logLevel: io.log.level as LogLevel };
     child.send(request, () => {}); // a failed send means the child died: 'close' reports it

@@ -8,7 +8,10 @@
  *   SIGHUP ─ re-read the live kernel's release and archive digest; if new, ingest and flip `current`
  *   a read finds an entry's bytes wrong ─ that read fails (EIO / 500); the entry is moved to
  *     quarantine and rebuilt (from its archive, else the live source), then served again
- *   SIGTERM/SIGINT ─ stop accepting, finish in-flight responses, unmount, exit 0
+ *   SIGTERM/SIGINT ─ kill an ingest at work, stop accepting, finish in-flight responses (for at
+ *     most the HTTP drain bound), unmount (lazily if busy), exit 0; during start-up, the start
+ *     stops at its next step. A second signal, or a stop past STOP_DEADLINE_MS, detaches the
+ *     mount and exits 1 at once.
  *
  * Nothing on disk stops it from starting: damaged entries are quarantined and rebuilt before
  * the first ingest, and what is intact is served.
@@ -39,12 +42,28 @@ export interface RunningDaemon {
   refresh(reason: string): Promise<void>;
   /** Stop everything (what SIGTERM does). */
   stop(): Promise<void>;
+  /** Take the mount down now, whatever the stop is waiting for (a second signal). */
+  detachNow(): Promise<void>;
   readonly httpUrl: string | null;
 }
 
-/** Start the daemon; resolves once it is serving. Signal handling is `installSignalHandlers`. */
-export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDaemon> {
+/** How long a stop may take before the mount is detached and the process exits regardless. */
+const STOP_DEADLINE_MS = 6_000;
+
+/** Aborted by the first SIGTERM/SIGINT (installSignalHandlers), which may come while the start is still under way. */
+const stopRequested = new AbortController();
+
+/**
+ * Start the daemon; resolves once it is serving, or, when `stopSignal` aborts during the start,
+ * once what was started is stopped again (its stop() then resolves at once). Signal handling is
+ * `installSignalHandlers`.
+ */
+export async function startDaemon(cfg: Config, io: CommandIO, stopSignal: AbortSignal = stopRequested.signal): Promise<RunningDaemon> {
   const { log } = io;
+  // Aborted by the stop, however it comes: kills an ingest process at work (its xz with it).
+  const cancel = new AbortController();
+  if (stopSignal.aborted) cancel.abort();
+  else stopSignal.addEventListener('abort', () => cancel.abort(), { once: true });
   // Before any work: a token file that breaks the rule is a configuration error, not a late surprise.
   const token = cfg.http && cfg.tokenFile !== undefined ? await readTokenFile(cfg.tokenFile) : undefined;
   // The servers' modules load while the store is checked: that work mostly waits on the disk,
@@ -148,7 +167,7 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
       // The daemon's own store: what the repair check validated is not read and validated again.
       // A new entry is built in a child process (ingest-process.ts), so its buffers die with it.
       // Loaded only then: a start with its entry cached never spawns (nor loads child_process and readline).
-      const buildElsewhere = async (): Promise<void> => (await import('./ingest-process.js')).ingestInChildProcess(cfg, io);
+      const buildElsewhere = async (): Promise<void> => (await import('./ingest-process.js')).ingestInChildProcess(cfg, io, process.execPath, cancel.signal);
       const result = await ingestWithConfig(cfg, io, { setCurrent: true, store, buildElsewhere });
       counted(result.healed);
       state.lastIngest = { at: started, durationMs: result.durationMs, id: result.entry.manifest.id, reused: result.reused };
@@ -164,9 +183,11 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
   const refresh = (reason: string): Promise<void> => {
     // One refresh at a time: a burst of SIGHUPs queues, it does not race.
     refreshing = refreshing.then(async () => {
+      if (cancel.signal.aborted) return;
       try {
         await ingestNow(reason);
       } catch (err) {
+        if (cancel.signal.aborted) return log.info({ reason }, 'ingest stopped: the daemon is stopping');
         log.error({ reason, code: isKheadersError(err) ? err.code : 'E_INTERNAL' }, `ingest failed, still serving the last good entry: ${(err as Error).message}`);
       }
       await publish();
@@ -208,10 +229,45 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
     repair([{ id: manifest.id, ingestedAt: manifest.ingestedAt, ...what }]);
   });
 
+  let stopping: Promise<void> | null = null;
+  const stop = (): Promise<void> => {
+    cancel.abort();
+    stopping ??= (async () => {
+      await (await serverModules.notify).notifyStopping(log);
+      await refreshing.catch(() => {});
+      await http?.close();
+      await links.removeAll();
+      await mount?.unmount();
+      await model?.close();
+      await modules.close();
+      log.info('stopped');
+    })();
+    return stopping;
+  };
+  const handle: RunningDaemon = {
+    state,
+    refresh,
+    stop,
+    detachNow: async () => {
+      cancel.abort();
+      await mount?.unmount();
+    },
+    get httpUrl() {
+      return http?.url ?? null;
+    },
+  };
+  /** A stop that came during the start: undo what is up, and hand back a daemon already stopped. */
+  const stoppedDuringStart = async (): Promise<RunningDaemon> => {
+    log.info('stopped during start-up');
+    await stop();
+    return handle;
+  };
+
   // The first ingest decides whether there is anything to serve at all.
   try {
     await ingestNow('start');
   } catch (err) {
+    if (cancel.signal.aborted) return stoppedDuringStart();
     // With no archive but an earlier entry for this kernel (e.g. the module cannot be loaded any
     // more), serve what the cache has rather than nothing.
     if (!isKheadersError(err, 'E_ARCHIVE_NOT_FOUND') || (await store.currentId()) === null) throw err;
@@ -223,6 +279,7 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
     model = new IndexFsModel({ log, modules });
   }
   await publish();
+  if (cancel.signal.aborted) return stoppedDuringStart();
 
   if (cfg.http && serverModules.http) {
     const { startHttpServer } = await serverModules.http;
@@ -230,6 +287,7 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
     // startHttpServer logs "HTTP listening" (url, token) itself.
     http = await startHttpServer({ listen: cfg.http, store, state, log, limits, modules, ...(token !== undefined ? { token } : {}) });
   }
+  if (cancel.signal.aborted) return stoppedDuringStart();
 
   if (cfg.mount && model) {
     try {
@@ -250,25 +308,9 @@ export async function startDaemon(cfg: Config, io: CommandIO): Promise<RunningDa
     }
   }
 
-  const { notifyReady, notifyStopping } = await serverModules.notify;
-  await notifyReady(log);
-
-  let stopping: Promise<void> | null = null;
-  const stop = (): Promise<void> => {
-    stopping ??= (async () => {
-      await notifyStopping(log);
-      await refreshing.catch(() => {});
-      await http?.close();
-      await links.removeAll();
-      await mount?.unmount();
-      await model?.close();
-      await modules.close();
-      log.info('stopped');
-    })();
-    return stopping;
-  };
-
-  return { state, refresh, stop, httpUrl: http?.url ?? null };
+  if (cancel.signal.aborted) return stoppedDuringStart();
+  await (await serverModules.notify).notifyReady(log);
+  return handle;
 }
 
 /** A promise awaited later: a rejection meanwhile is not unhandled (the await still throws it). */
@@ -288,13 +330,21 @@ export function installSignalHandlers(starting: Promise<RunningDaemon>, io: Comm
     void starting.then((daemon) => daemon.refresh('SIGHUP')).catch(() => {});
   });
   let signalled = false;
+  let daemon: RunningDaemon | undefined;
+  void starting.then((d) => (daemon = d), () => {});
+  /** Exit now, but not with the mount left behind as a dead ENOTCONN directory: detach it first (bounded). */
+  const exitNow = (why: string): void => {
+    io.log.warn(why);
+    const detached = daemon?.detachNow().catch(() => {}) ?? Promise.resolve();
+    const bound = new Promise((resolve) => setTimeout(resolve, 2_000).unref());
+    void Promise.race([detached, bound]).then(() => process.exit(1));
+  };
   const onStop = (signal: NodeJS.Signals): void => {
-    if (signalled) {
-      io.log.warn({ signal }, 'second signal: exiting now');
-      process.exit(1);
-    }
+    if (signalled) return exitNow(`second signal (${signal}): exiting now`);
     signalled = true;
     io.log.info({ signal }, 'stopping');
+    stopRequested.abort();
+    setTimeout(() => exitNow(`the stop did not finish in ${STOP_DEADLINE_MS / 1000} s: exiting now`), STOP_DEADLINE_MS).unref();
     starting
       .then((daemon) => daemon.stop())
       .then(

@@ -28,8 +28,8 @@ export async function unmountIfLeft(mountpoint: string): Promise<void> {
   await new Promise<void>((resolve) => execFile('umount', ['-l', mountpoint], () => resolve()));
 }
 
-export function startServe(t: TestContext, args: string[]): Daemon {
-  const child = spawn(process.execPath, [CLI, 'serve', ...args], { stdio: ['pipe', 'pipe', 'pipe'], env: cleanEnv() });
+export function startServe(t: TestContext, args: string[], env: Record<string, string> = {}): Daemon {
+  const child = spawn(process.execPath, [CLI, 'serve', ...args], { stdio: ['pipe', 'pipe', 'pipe'], env: cleanEnv(env) });
   const logs: Array<Record<string, unknown>> = [];
   const waiters = new Set<() => void>();
   let buffered = '';

@@ -43,7 +43,9 @@ export const DEFAULT_HTTP_LIMITS: HttpLimits = {
   // bench (wrk -c32) or a fleet cache (100 at once in the tests) opens; one client still cannot
   // take more than a quarter of the slots.
   maxConnectionsPerClient: 128,
-  shutdownGraceMs: 10_000,
+  // Within a service manager's stop (the daemon must be gone well before its SIGKILL): a stalled
+  // client's response is cut after this; answers that can finish do so in far less.
+  shutdownGraceMs: 3_000,
   bodyCacheBytes: 16 * 1024 * 1024, // half a kernel's headers; a BPF compile reads a few MiB of them
   gzipCacheBytes: 8 * 1024 * 1024,
 };

@@ -1,0 +1,241 @@
+/**
+ * `kheadersd serve` stopping on SIGTERM, as systemd's and Android init's stop ask it to: in every
+ * state a stop can find it in, it must exit (status 0) soon, with the mount gone and nothing it
+ * started left running. The states: an idle keep-alive HTTP connection, a client that stalls a
+ * download, a file held open and a process whose cwd is on the mount, readers whose FUSE requests
+ * are in flight, an ingest child decoding, a stop during start-up, and a second SIGTERM.
+ *
+ * "Soon" is the stop's contract, not a benchmark: STOP_BOUND_MS is under the 10 s after which the
+ * test helpers (and a service manager) send SIGKILL, and well above what the stop takes.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { once } from 'node:events';
+import { chmod, mkdir, readFile, readdir, writeFile } from 'node:fs/promises';
+import net from 'node:net';
+import path from 'node:path';
+import { test, type TestContext } from 'node:test';
+import assert from 'node:assert/strict';
+import { goodTree, makeTar, randomBytes, tempDir, xzAsync } from './helpers/archives.js';
+import { fuseDeviceSkipReason } from './helpers/fuse-env.js';
+import { startServe, unmountIfLeft, type Daemon } from './helpers/serve-child.js';
+
+const STOP_BOUND_MS = 8_000;
+/** A file bigger than loopback's socket buffers, so a client that does not read stalls its response. */
+const BIG_FILE = 'include/big.bin';
+const BIG_BYTES = 24 * 1024 * 1024;
+
+interface Served {
+  d: Daemon;
+  dir: string;
+  mnt: string;
+  cache: string;
+  archive: string;
+  url: URL;
+  /** Makes the `xz` the daemon finds on PATH hang (until the test ends) instead of decoding. */
+  hangXz(): Promise<void>;
+}
+
+let bigArchive: Promise<Buffer> | undefined;
+const archiveOf = (release: string, big: boolean): Promise<Buffer> =>
+  big
+    ? (bigArchive ??= makeTar([...goodTree(release), { name: `./${BIG_FILE}`, content: randomBytes(BIG_BYTES, 7) }]).then((tar) => xzAsync(tar, 0)))
+    : makeTar(goodTree(release)).then((tar) => xzAsync(tar, 0));
+
+/**
+ * A serve with a mount and HTTP, whose `xz` on PATH is a wrapper that decodes with the real one
+ * until hangXz() is called. Resolves once it is mounted, or at once with `waitMounted: false`.
+ */
+async function serve(t: TestContext, opts: { big?: boolean; hangFirst?: boolean; waitMounted?: boolean } = {}): Promise<Served> {
+  const dir = await tempDir(t, 'kheadersd-stop-');
+  const cache = path.join(dir, 'cache');
+  const mnt = path.join(dir, 'mnt');
+  const archive = path.join(dir, 'kernel.tar.xz');
+  const bin = path.join(dir, 'bin');
+  const hang = path.join(dir, 'hang-xz');
+  await writeFile(archive, await archiveOf('6.90.0-stop', opts.big ?? false));
+  await mkdir(bin);
+  const realXz = (process.env.PATH ?? '').split(path.delimiter).map((d) => path.join(d, 'xz'));
+  // exec: the sleep is the decoder itself, in the ingest's process group, as a hung xz would be.
+  await writeFile(path.join(bin, 'xz'), `#!/bin/sh\n[ -e '${hang}' ] && exec sleep 600\nfor x in ${realXz.map((x) => `'${x}'`).join(' ')}; do [ -x "$x" ] && exec "$x" "$@"; done\nexit 127\n`);
+  await chmod(path.join(bin, 'xz'), 0o755);
+  const hangXz = (): Promise<void> => writeFile(hang, '');
+  if (opts.hangFirst) await hangXz();
+  const d = startServe(t, ['--archive', archive, '--cache-dir', cache, '--mount', mnt, '--http', '127.0.0.1:0', '--btf', 'off', '--decoder', 'xz', '--log-level', 'info'], {
+    PATH: `${bin}${path.delimiter}${process.env.PATH ?? ''}`,
+  });
+  t.after(() => unmountIfLeft(mnt));
+  let url = new URL('http://127.0.0.1:0');
+  if (opts.waitMounted !== false) {
+    const listening = await d.waitFor((l) => l.msg === 'HTTP listening', 'HTTP to listen');
+    await d.waitFor((l) => l.msg === 'mounted', 'the mount');
+    url = new URL(String(listening.url));
+  }
+  return { d, dir, mnt, cache, archive, url, hangXz };
+}
+
+/** SIGTERM, then the exit status, or 'still running' after STOP_BOUND_MS. */
+async function terminate(d: Daemon): Promise<number | null | 'still running'> {
+  d.child.kill('SIGTERM');
+  let timer: NodeJS.Timeout | undefined;
+  const bound = new Promise<'still running'>((resolve) => (timer = setTimeout(() => resolve('still running'), STOP_BOUND_MS)));
+  try {
+    return await Promise.race([d.exited, bound]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+async function assertUnmounted(mnt: string): Promise<void> {
+  const mountinfo = await readFile('/proc/self/mountinfo', 'utf8');
+  assert.ok(!mountinfo.includes(` ${mnt} `), `${mnt} is still mounted after the daemon exited`);
+}
+
+/** The processes of process group `pgid` still alive (the ingest child leads its own). */
+async function processGroup(pgid: number): Promise<number[]> {
+  const out: number[] = [];
+  for (const pid of await readdir('/proc')) {
+    if (!/^\d+$/.test(pid)) continue;
+    const s = await readFile(`/proc/${pid}/stat`, 'utf8').catch(() => '');
+    const fields = s.slice(s.lastIndexOf(')') + 2).split(' ');
+    if (fields[0] !== 'Z' && Number(fields[2]) === pgid) out.push(Number(pid));
+  }
+  return out;
+}
+
+/** A raw HTTP/1.1 request on a connection of its own, left open; the response is read only if `read`. */
+async function rawRequest(t: TestContext, url: URL, target: string, read: boolean): Promise<net.Socket> {
+  const sock = net.connect(Number(url.port), url.hostname);
+  t.after(() => void sock.destroy());
+  sock.on('error', () => {});
+  await once(sock, 'connect');
+  if (!read) sock.pause();
+  sock.write(`GET ${target} HTTP/1.1\r\nHost: ${url.host}\r\nConnection: keep-alive\r\n\r\n`);
+  if (read) await once(sock, 'data');
+  return sock;
+}
+
+/** A shell whose cwd is on the mount, reading a header over and over (a FUSE request nearly always in flight). */
+function readerOnMount(t: TestContext, mnt: string): ChildProcess {
+  const child = spawn('/bin/sh', ['-c', 'while :; do cat include/linux/sched.h include/generated/utsrelease.h >/dev/null 2>&1 || sleep 0.05; done'], {
+    cwd: path.join(mnt, 'current'),
+    stdio: 'ignore',
+  });
+  t.after(() => void child.kill('SIGKILL'));
+  return child;
+}
+
+function closedWithin(sock: net.Socket): Promise<boolean> {
+  if (sock.destroyed) return Promise.resolve(true);
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => resolve(false), 1_000);
+    sock.once('close', () => {
+      clearTimeout(timer);
+      resolve(true);
+    });
+    sock.resume(); // read what was sent, so the peer's close is seen
+  });
+}
+
+test('SIGTERM with an idle keep-alive HTTP connection: exits 0, unmounted', async (t) => {
+  const skip = await fuseDeviceSkipReason();
+  if (skip) return t.skip(skip);
+  const s = await serve(t);
+  try {
+    await rawRequest(t, s.url, '/healthz', true);
+    assert.equal(await terminate(s.d), 0);
+    await assertUnmounted(s.mnt);
+  } finally {
+    await s.d.stop();
+  }
+});
+
+test('SIGTERM while a client stalls a download: the response is cut after a bounded drain, exits 0, unmounted', async (t) => {
+  const skip = await fuseDeviceSkipReason();
+  if (skip) return t.skip(skip);
+  const s = await serve(t, { big: true });
+  try {
+    const stalled = await rawRequest(t, s.url, `/v1/kernels/current/files/${BIG_FILE}`, false);
+    // Give the server time to fill the socket's buffers: from then on its write waits for the client.
+    await new Promise((r) => setTimeout(r, 500));
+    assert.equal(await terminate(s.d), 0);
+    await assertUnmounted(s.mnt);
+    assert.ok(await closedWithin(stalled), 'the stalled connection is still open');
+    assert.ok(s.d.logs.some((l) => typeof l.msg === 'string' && /did not finish in time/.test(l.msg)), 'the cut is logged');
+  } finally {
+    await s.d.stop();
+  }
+});
+
+test('SIGTERM with a file held open, a cwd on the mount and FUSE requests in flight: exits 0, unmounted (lazily)', async (t) => {
+  const skip = await fuseDeviceSkipReason();
+  if (skip) return t.skip(skip);
+  const s = await serve(t);
+  const { open } = await import('node:fs/promises');
+  const held = await open(path.join(s.mnt, 'current/include/linux/types.h'), 'r');
+  t.after(() => held.close().catch(() => {}));
+  try {
+    const readers = [readerOnMount(t, s.mnt), readerOnMount(t, s.mnt)];
+    await new Promise((r) => setTimeout(r, 300));
+    assert.equal(await terminate(s.d), 0);
+    await assertUnmounted(s.mnt);
+    for (const r of readers) r.kill('SIGKILL');
+  } finally {
+    await s.d.stop();
+  }
+});
+
+test('SIGTERM while the ingest child decodes (SIGHUP found a new kernel): exits 0, the child and its xz gone, unmounted', async (t) => {
+  const skip = await fuseDeviceSkipReason();
+  if (skip) return t.skip(skip);
+  const s = await serve(t);
+  try {
+    await s.hangXz();
+    await writeFile(s.archive, await archiveOf('6.91.0-next', false));
+    s.d.child.kill('SIGHUP');
+    const building = await s.d.waitFor((l) => l.msg === 'building the entry in a child process', 'the ingest child to start');
+    const pgid = Number(building.ingestPid);
+    // The child relays its progress once xz runs: the stop must find a decoder at work.
+    await s.d.waitFor((l) => l.msg === 'ingesting' && l.ingestPid === pgid, 'the ingest child to decode');
+    assert.equal(await terminate(s.d), 0);
+    await assertUnmounted(s.mnt);
+    assert.deepEqual(await processGroup(pgid), [], 'the ingest child or its xz outlived the daemon');
+    assert.throws(() => process.kill(pgid, 0), /ESRCH/, 'the ingest child outlived the daemon');
+  } finally {
+    await s.d.stop();
+  }
+});
+
+test('SIGTERM during start-up (the first ingest still decoding): exits 0 without serving, nothing left running or mounted', async (t) => {
+  const skip = await fuseDeviceSkipReason();
+  if (skip) return t.skip(skip);
+  const s = await serve(t, { hangFirst: true, waitMounted: false });
+  try {
+    const building = await s.d.waitFor((l) => l.msg === 'building the entry in a child process', 'the ingest child to start');
+    const pgid = Number(building.ingestPid);
+    await s.d.waitFor((l) => l.msg === 'ingesting' && l.ingestPid === pgid, 'the ingest child to decode');
+    assert.equal(await terminate(s.d), 0);
+    await assertUnmounted(s.mnt);
+    assert.deepEqual(await processGroup(pgid), [], 'the ingest child or its xz outlived the daemon');
+    assert.throws(() => process.kill(pgid, 0), /ESRCH/, 'the ingest child outlived the daemon');
+    assert.ok(!s.d.logs.some((l) => l.msg === 'HTTP listening' || l.msg === 'mounted'), 'it went on starting after the stop');
+  } finally {
+    await s.d.stop();
+  }
+});
+
+test('a second SIGTERM while the first stop drains: exits at once, and the mount is still taken down', async (t) => {
+  const skip = await fuseDeviceSkipReason();
+  if (skip) return t.skip(skip);
+  const s = await serve(t, { big: true });
+  try {
+    await rawRequest(t, s.url, `/v1/kernels/current/files/${BIG_FILE}`, false);
+    await new Promise((r) => setTimeout(r, 500));
+    s.d.child.kill('SIGTERM');
+    await s.d.waitFor((l) => l.msg === 'stopping', 'the first stop to begin');
+    const code = await terminate(s.d);
+    assert.notEqual(code, 'still running');
+    await assertUnmounted(s.mnt);
+  } finally {
+    await s.d.stop();
+  }
+});
