@@ -50,6 +50,12 @@ export const ERRORS = {
     // Says which entry and file did not prove, so a client knows its bytes were withheld, not lost.
     public: true,
   },
+  E_KILLED: {
+    what: 'a process doing the work (the xz decoder, the ingest process) was killed by a signal: the out-of-memory killer or someone\'s kill, not a bug and not the archive',
+    exit: EXIT.environment,
+    http: 500,
+    public: false,
+  },
   E_FUSE: { what: 'the mount could not be made or kept', exit: EXIT.environment, http: 500, public: false },
   E_HTTP: { what: 'the HTTP listener could not start or a pull failed', exit: EXIT.environment, http: 500, public: false },
   E_ADB: { what: 'adb missing, no device, several devices', exit: EXIT.environment, http: 500, public: false },
@@ -126,6 +132,18 @@ export function codeForErrno(errno: string): ErrorCode {
   if (DISK_FULL.has(errno)) return 'E_NO_SPACE';
   if (errno === 'ENOENT') return 'E_NOT_FOUND';
   return 'E_IO';
+}
+
+/** Signals that mean the process crashed (a bug in it, or memory it was given that is bad), not that it was killed. */
+const CRASH_SIGNALS: ReadonlySet<string> = new Set(['SIGSEGV', 'SIGBUS', 'SIGILL', 'SIGFPE', 'SIGABRT', 'SIGSYS', 'SIGTRAP']);
+
+/**
+ * `what` ended by `signal`: killed (E_KILLED: the OOM killer's SIGKILL on a phone, an operator's
+ * kill; trying again may work) or crashed (E_INTERNAL: a bug, the log has the details).
+ */
+export function endedBySignal(what: string, signal: string, details: Record<string, unknown> = {}): KheadersError {
+  if (CRASH_SIGNALS.has(signal)) return new KheadersError('E_INTERNAL', `${what} crashed (${signal})`, { signal, ...details });
+  return new KheadersError('E_KILLED', `${what} was killed by ${signal} (the out-of-memory killer, or another process); nothing it did is used, and the next attempt starts again`, { signal, ...details });
 }
 
 /** What HTTP answers for an error that ended a request: its status, and a code and message fit to send. */

@@ -198,9 +198,9 @@ test('the ingest child killed: serve fails to start naming it, nothing is served
   const cache = path.join(dir, 'cache');
   const { d, childPid } = await serveWithWaitingChild(t, dir, cache);
   process.kill(childPid, 'SIGKILL');
-  assert.equal(await d.exited, ERRORS.E_INTERNAL.exit);
+  assert.equal(await d.exited, ERRORS.E_KILLED.exit);
   assert.ok(
-    d.logs.some((l) => l.code === 'E_INTERNAL' && String(l.msg).startsWith(`the ingest process (pid ${childPid}) was killed by SIGKILL before it finished`)),
+    d.logs.some((l) => l.code === 'E_KILLED' && String(l.msg).startsWith(`the ingest process (pid ${childPid}) was killed by SIGKILL`)),
     msgs(d).join('\n'),
   );
   assert.deepEqual(await readdir(path.join(cache, 'entries')), []);

@@ -15,7 +15,7 @@ import { spawn, type ChildProcessByStdio } from 'node:child_process';
 import type { Readable, Writable } from 'node:stream';
 import { access, constants, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
-import { KheadersError } from '../errors.js';
+import { KheadersError, endedBySignal } from '../errors.js';
 import type { FileWriter } from './follow-file.js';
 import { totalBytesLimit } from './tar-indexer.js';
 
@@ -233,7 +233,7 @@ function xzFailure(message: string, code: number | null, signal: NodeJS.Signals 
   for (const [errno, text] of WRITE_ERRNOS) {
     if (message.includes(text)) return Object.assign(new Error(`${path.basename(file)}: ${message}`), { code: errno });
   }
-  if (signal) return new KheadersError('E_INTERNAL', `${file} was stopped by ${signal}`);
+  if (signal) return endedBySignal(`the decoder ${file}`, signal);
   return corrupt(message || `${path.basename(file)} exited with status ${code}`);
 }
 
