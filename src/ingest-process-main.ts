@@ -35,7 +35,8 @@ optimizeForSize();
 let outcome: IngestOutcome;
 try {
   const io = { stdout: process.stdout, stderr: process.stderr, log };
-  await ingest(configuredIngest(request.cfg, io, { setCurrent: true }));
+  // The daemon looked for the archive before starting this process, and logged what it found.
+  await ingest({ ...configuredIngest(request.cfg, io, { setCurrent: true }), locatedBefore: true });
   outcome = { ok: true };
 } catch (err) {
   if (err instanceof KheadersError) outcome = { ok: false, code: err.code, message: err.message, details: err.details };

@@ -112,6 +112,11 @@ export interface IngestOptions {
    * The ingest then looks again, and builds here only if the entry is still missing.
    */
   buildElsewhere?: () => Promise<void>;
+  /**
+   * Another process has looked for the archive already and logged what it found (serve's
+   * ingest process: the daemon looked first): the search and a missing archive are not logged again.
+   */
+  locatedBefore?: boolean;
   /** For tests: where the live archive, BTF, build id and configuration are looked for. */
   livePaths?: readonly string[];
   liveBtf?: string;
@@ -148,7 +153,7 @@ export async function locateForIngest(opts: IngestOptions): Promise<LocatedArchi
     unloadModule: opts.unloadModule ?? true,
     maxArchiveBytes: limits.maxTotalBytes,
     ...(opts.moduleDirs ? { moduleDirs: opts.moduleDirs } : {}),
-    ...(opts.log ? { log: opts.log } : {}),
+    ...(opts.log && !opts.locatedBefore ? { log: opts.log } : {}),
     ...(opts.livePaths ? { livePaths: opts.livePaths } : {}),
     ...(opts.notesPath !== undefined ? { notesPath: opts.notesPath } : {}),
   });
@@ -175,7 +180,7 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
     // No header archive, but the kernel has BTF: an entry with vmlinux.h alone is still useful.
     const btf = noLiveArchive ? await chooseBtf(opts, true) : undefined;
     if (!btf) throw err;
-    opts.log?.warn({ btf: btf.path }, `no header archive for this kernel (CONFIG_IKHEADERS): caching vmlinux.h generated from BTF only. ${(err as Error).message.split('\n')[1] ?? ''}`);
+    if (!opts.locatedBefore) opts.log?.warn({ btf: btf.path }, `no header archive for this kernel (CONFIG_IKHEADERS): caching vmlinux.h generated from BTF only. ${(err as Error).message.split('\n')[1] ?? ''}`);
     return ingestBtfOnly(opts, btf, await liveKernel(opts, btf, null), started);
   }
 
