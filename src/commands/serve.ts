@@ -336,7 +336,8 @@ export function installSignalHandlers(starting: Promise<RunningDaemon>, io: Comm
   const exitNow = (why: string): void => {
     io.log.warn(why);
     const detached = daemon?.detachNow().catch(() => {}) ?? Promise.resolve();
-    const bound = new Promise((resolve) => setTimeout(resolve, 2_000).unref());
+    // Referenced: the process must not end on its own, with status 0, before this exit.
+    const bound = new Promise((resolve) => setTimeout(resolve, 2_000));
     void Promise.race([detached, bound]).then(() => process.exit(1));
   };
   const onStop = (signal: NodeJS.Signals): void => {
