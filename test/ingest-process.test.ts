@@ -151,14 +151,17 @@ test('serve on a full disk: the child\'s ENOSPC is the daemon\'s E_NO_SPACE, wit
       const { d, code } = await serveOnce(t, ['--archive', FIXTURE_ARCHIVE, '--cache-dir', cache, '--btf', 'off']);
       const failed = d.logs.find((l) => l.code === 'E_NO_SPACE' && l.level === 50);
       assert.ok(failed, `the daemon logs E_NO_SPACE:\n${msgs(d).join('\n')}`);
-      assert.equal((failed.details as { step?: unknown }).step, 'pack');
+      // Which write meets the full disk first, the pack's (xz) or the archive copy's (node, at the
+      // same time), is a race that load decides; either is the same error in the same words.
+      assert.ok(['pack', 'archive'].includes(String((failed.details as { step?: unknown }).step)), JSON.stringify(failed.details));
       results.push({ code, message: `kheadersd: ${String(failed.msg)}` });
     }
     assert.deepEqual(await readdir(path.join(cache, 'entries')), [], 'no entry');
   }
   assert.equal(results[0]!.code, ERRORS.E_NO_SPACE.exit);
   assert.match(results[0]!.message, /the cache filesystem is full \(ENOSPC\)/);
-  assert.deepEqual(results[1], results[0]);
+  const sameWords = (r: { code: number | null; message: string }): unknown => ({ ...r, message: r.message.replace(/while writing .*?;/, 'while writing …;') });
+  assert.deepEqual(sameWords(results[1]!), sameWords(results[0]!));
 });
 
 /**
