@@ -72,6 +72,22 @@ async function run(opts: FlagValues, dataOnStdout: boolean, body: (cfg: Config, 
 }
 
 /**
+ * Run a command that is not about this machine's cache (`pull` on a developer host, `btf`): it
+ * reads no daemon configuration, so a config file or `KHEADERSD_*` variable meant for the daemon
+ * (or a bad one) cannot stop it. Only `--log-level` sets its log level.
+ */
+async function runStandalone(opts: FlagValues, dataOnStdout: boolean, body: (io: CommandIO) => Promise<void>): Promise<void> {
+  const logStream = dataOnStdout ? process.stderr : process.stdout;
+  const level = LOG_LEVELS.find((l) => l === opts.logLevel) ?? 'info';
+  const log = createLogger(level, logStream);
+  try {
+    await body({ stdout: process.stdout, stderr: process.stderr, log });
+  } catch (err) {
+    process.exitCode = report(err, log, logStream.isTTY === true);
+  }
+}
+
+/**
  * Say what failed: one plain line on stderr, and the same as a structured log line for machines
  * (the journal, a log file) — but not when the log goes to a terminal, where a person would read
  * the message twice, once as JSON.
@@ -175,7 +191,7 @@ const COMMANDS: ReadonlyArray<CommandSpec<Run>> = [
       { name: 'log-level', value: 'level', help: 'log level', choices: LOG_LEVELS },
     ],
     run: (o) =>
-      run(o, true, async (_cfg, io) => {
+      runStandalone(o, true, async (io) => {
         const { cmdPull, defaultHostCacheDir } = await oneShot(import('./commands/pull.js'));
         const [url, serial, out, release, tokenFile] = [text(o.url), text(o.serial), text(o.out), text(o.release), text(o.tokenFile)];
         await cmdPull(
@@ -203,7 +219,7 @@ const COMMANDS: ReadonlyArray<CommandSpec<Run>> = [
     ],
     run: (o) => {
       const [btf, module, base, out] = [text(o.btf), text(o.module), text(o.base), text(o.out)];
-      return run(o, out === undefined, async () => {
+      return runStandalone(o, out === undefined, async () => {
         const { runBtfCommand } = await oneShot(import('./btf/command.js'));
         await runBtfCommand(
           {

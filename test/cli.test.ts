@@ -266,3 +266,19 @@ test('on a terminal an error prints once, as a line of text (no JSON log line)',
   assert.match(piped.stdout + piped.stderr, /"code":"E_NOT_FOUND"/);
   assert.match(piped.stderr, /^kheadersd: module no_such_module has no BTF/m);
 });
+
+test('pull and btf read no daemon configuration: a bad one meant for the daemon does not stop them', async (t) => {
+  const dir = await tempDir(t);
+  const badFile = path.join(dir, 'daemon.json');
+  await writeFile(badFile, '{ "keep": "lots" }');
+  const env = { KHEADERSD_CONFIG: badFile, KHEADERSD_LOG_LEVEL: 'chatty', KHEADERSD_KEEP: 'lots' };
+  // Nothing listens on port 9 (discard) of loopback: the pull gets as far as connecting.
+  const pull = await runCli(['pull', '--url', 'http://127.0.0.1:9', '--cache-dir', path.join(dir, 'host')], { env });
+  assert.notEqual(pull.code, 0);
+  assert.doesNotMatch(pull.stderr, /daemon\.json|KHEADERSD_|chatty|lots/, pull.stderr);
+  assert.match(pull.stderr, /127\.0\.0\.1:9/, pull.stderr);
+  const btf = await runCli(['btf', '--btf', path.join(dir, 'no-such-btf')], { env });
+  assert.notEqual(btf.code, 0);
+  assert.doesNotMatch(btf.stderr, /daemon\.json|KHEADERSD_|chatty|lots/, btf.stderr);
+  assert.match(btf.stderr, /no-such-btf/, btf.stderr);
+});
