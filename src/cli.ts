@@ -171,8 +171,9 @@ const COMMANDS: ReadonlyArray<CommandSpec<Run>> = [
     run: (o) =>
       run(o, false, async (cfg, io) => {
         const { startDaemon, installSignalHandlers } = await import('./commands/serve.js');
-        const starting = startDaemon(cfg, io);
-        installSignalHandlers(starting, io);
+        const stopRequested = new AbortController();
+        const starting = startDaemon(cfg, io, stopRequested.signal);
+        installSignalHandlers(starting, io, stopRequested);
         await starting;
         holdYoungGeneration(); // only now: the start's builtins are loaded, with node's code cache
       }),

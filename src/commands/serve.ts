@@ -50,20 +50,17 @@ export interface RunningDaemon {
 /** How long a stop may take before the mount is detached and the process exits regardless. */
 const STOP_DEADLINE_MS = 6_000;
 
-/** Aborted by the first SIGTERM/SIGINT (installSignalHandlers), which may come while the start is still under way. */
-const stopRequested = new AbortController();
-
 /**
  * Start the daemon; resolves once it is serving, or, when `stopSignal` aborts during the start,
  * once what was started is stopped again (its stop() then resolves at once). Signal handling is
- * `installSignalHandlers`.
+ * `installSignalHandlers`, which aborts `stopSignal` at the first SIGTERM/SIGINT.
  */
-export async function startDaemon(cfg: Config, io: CommandIO, stopSignal: AbortSignal = stopRequested.signal): Promise<RunningDaemon> {
+export async function startDaemon(cfg: Config, io: CommandIO, stopSignal?: AbortSignal): Promise<RunningDaemon> {
   const { log } = io;
   // Aborted by the stop, however it comes: kills an ingest process at work (its xz with it).
   const cancel = new AbortController();
-  if (stopSignal.aborted) cancel.abort();
-  else stopSignal.addEventListener('abort', () => cancel.abort(), { once: true });
+  if (stopSignal?.aborted) cancel.abort();
+  else stopSignal?.addEventListener('abort', () => cancel.abort(), { once: true });
   // Before any work: a token file that breaks the rule is a configuration error, not a late surprise.
   const token = cfg.http && cfg.tokenFile !== undefined ? await readTokenFile(cfg.tokenFile) : undefined;
   // The servers' modules load while the store is checked: that work mostly waits on the disk,
@@ -321,10 +318,10 @@ function early<T>(p: Promise<T>): Promise<T> {
 
 /**
  * SIGHUP re-checks the kernel; SIGTERM/SIGINT stop cleanly, a second one exits at once.
- * Installed before start-up begins, so a stop requested while the first ingest or the mount is
- * still under way waits for it and then unmounts, instead of killing the process mid-mount.
+ * Installed before start-up begins: the first stop aborts `stopRequested` (the start's
+ * `stopSignal`), so a start still under way stops at its next step and undoes what is up.
  */
-export function installSignalHandlers(starting: Promise<RunningDaemon>, io: CommandIO): void {
+export function installSignalHandlers(starting: Promise<RunningDaemon>, io: CommandIO, stopRequested: AbortController): void {
   process.on('SIGHUP', () => {
     io.log.info('SIGHUP: re-checking the running kernel');
     void starting.then((daemon) => daemon.refresh('SIGHUP')).catch(() => {});
