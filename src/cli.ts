@@ -9,7 +9,7 @@
 import { parseCommandLine, type CommandSpec, type Flag, type FlagValues, type ProgramSpec } from './cli-args.js';
 import { DEFAULT_CONFIG_FILE, KEYS, envName, flagName, readConfigFile, resolveConfig, type Config, type ConfigKey } from './config.js';
 import { EXIT, KheadersError, errnoOf } from './errors.js';
-import { createDeferredLogger, createLogger, LOG_LEVELS, type Logger } from './log.js';
+import { createDeferredLogger, createHeldLogger, createLogger, LOG_LEVELS, releaseLogger, type Logger } from './log.js';
 import { holdYoungGeneration, optimizeForSize } from './v8-flags.js';
 import type { CommandIO } from './commands/store-commands.js';
 
@@ -169,14 +169,23 @@ const COMMANDS: ReadonlyArray<CommandSpec<Run>> = [
     description: "ingest the running kernel's headers, then serve them over a FUSE mount and HTTP until stopped",
     flags: keyFlags([...INGEST_KEYS, ...SERVE_KEYS, ...COMMON]),
     run: (o) =>
-      run(o, false, async (cfg, io) => {
-        const { startDaemon, installSignalHandlers } = await import('./commands/serve.js');
-        const stopRequested = new AbortController();
-        const starting = startDaemon(cfg, io, stopRequested.signal);
-        installSignalHandlers(starting, io, stopRequested);
-        await starting;
-        holdYoungGeneration(); // only now: the start's builtins are loaded, with node's code cache
-      }),
+      run(
+        o,
+        false,
+        async (cfg, io) => {
+          const { startDaemon, installSignalHandlers } = await import('./commands/serve.js');
+          const stopRequested = new AbortController();
+          // The start's lines are held until it is ready (or fails, or is stopped): pino loads then.
+          stopRequested.signal.addEventListener('abort', () => releaseLogger(io.log), { once: true });
+          const starting = startDaemon(cfg, io, stopRequested.signal);
+          installSignalHandlers(starting, io, stopRequested);
+          await starting;
+          holdYoungGeneration(); // only now: the start's builtins are loaded, with node's code cache
+          // Ready: pino loads a moment later, not in the way of the first requests (which wait for it if they come then).
+          setTimeout(() => releaseLogger(io.log), 100);
+        },
+        createHeldLogger,
+      ),
   },
   {
     name: 'pull',

@@ -1,12 +1,14 @@
 /**
  * The deferred logger (the ingest command's): pino is loaded only when a line is written or the
- * logger is warmed, and what it writes is what createLogger's logger writes.
+ * logger is warmed, and what it writes is what createLogger's logger writes. The held logger
+ * (serve's start): its lines wait for releaseLogger, an error line or a stop, and are then written
+ * as createLogger's logger would have written them, with the time they were logged.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import { Writable } from 'node:stream';
-import { createDeferredLogger, createLogger, warmLogger, type LogLevel } from '../src/log.js';
+import { createDeferredLogger, createHeldLogger, createLogger, releaseLogger, warmLogger, type LogLevel } from '../src/log.js';
 
 function capture(): { stream: Writable; lines: () => Array<Record<string, unknown>> } {
   const chunks: string[] = [];
@@ -52,4 +54,66 @@ test('a deferred logger loads pino only for a line at or above its level, or whe
   assert.equal(probe(`log.debug('below'); log.trace('below'); void log.level;`), false, 'lines below the level and the level itself: pino not loaded');
   assert.equal(probe(`log.info('at')`), true, 'a line at the level loads it');
   assert.equal(probe(`warmLogger(log)`), true, 'warmLogger loads it');
+});
+
+test('a held logger writes nothing until released, then what createLogger writes, in order, each line with the time it was logged', async () => {
+  for (const level of ['debug', 'info', 'warn', 'silent'] as LogLevel[]) {
+    const a = capture();
+    const b = capture();
+    const direct = createLogger(level, a.stream);
+    const held = createHeldLogger(level, b.stream);
+    for (const log of [direct, held]) {
+      assert.equal(log.level, level);
+      log.trace('t');
+      log.debug({ n: 1 }, 'd');
+      const http = log.child({ component: 'http' });
+      log.info({ n: 2 }, 'i %s', 'formatted');
+      http.warn({ url: '/x' }, 'w');
+      http.child({ request: 7 }).info('nested');
+      log.warn('w2');
+    }
+    const loggedBy = Date.now();
+    await new Promise((r) => setTimeout(r, 30));
+    assert.deepEqual(b.lines(), [], `${level}: nothing written before the release`);
+    releaseLogger(held);
+    held.info('after');
+    direct.info('after');
+    const strip = (l: Record<string, unknown>): Record<string, unknown> => ({ ...l, time: 0 });
+    assert.deepEqual(b.lines().map(strip), a.lines().map(strip), level);
+    const times = b.lines().slice(0, -1).map((l) => Date.parse(l.time as string));
+    assert.ok(times.every((t) => t <= loggedBy), `${level}: held lines keep the time they were logged (${times.join(', ')} <= ${loggedBy})`);
+  }
+  releaseLogger(createLogger('silent')); // a logger that is not held: nothing to do
+});
+
+test('an error line on a held logger is written at once, after every line held before it', () => {
+  const out = capture();
+  const log = createHeldLogger('info', out.stream);
+  log.info('first');
+  log.child({ component: 'store' }).warn('second');
+  assert.deepEqual(out.lines(), []);
+  log.error({ code: 'E_X' }, 'third');
+  assert.deepEqual(out.lines().map((l) => [l.msg, l.component, l.level]), [['first', undefined, 30], ['second', 'store', 40], ['third', undefined, 50]]);
+  log.info('fourth'); // released: at once
+  assert.equal(out.lines().at(-1)!.msg, 'fourth');
+});
+
+test('a held logger loads pino only when released, or for an error line', () => {
+  const probe = (calls: string): { loaded: boolean; out: string } => {
+    const script = `
+      const { createHeldLogger, releaseLogger } = await import(${JSON.stringify(new URL('../src/log.js', import.meta.url).href)});
+      const { createRequire } = await import('node:module');
+      const log = createHeldLogger('info', process.stderr);
+      ${calls}
+      const loaded = Object.keys(createRequire(import.meta.url).cache).some((f) => /[\\/]pino[\\/]pino\.js$/.test(f));
+      process.stdout.write(String(loaded));`;
+    const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8' });
+    return { loaded: r.stdout === 'true', out: r.stderr };
+  };
+  const held = probe(`log.info('held'); log.warn('held too'); log.child({ c: 1 }).info('child'); void log.level;`);
+  assert.deepEqual(held, { loaded: false, out: '' }, 'lines at and above the level (below error), children, the level: held, pino not loaded');
+  assert.equal(probe(`log.info('x'); releaseLogger(log)`).loaded, true, 'released: loaded');
+  const failed = probe(`log.info('x'); log.error('failed')`);
+  assert.equal(failed.loaded, true, 'an error line loads it');
+  assert.deepEqual(failed.out.split('\n').filter(Boolean).map((l) => (JSON.parse(l) as { msg: string }).msg), ['x', 'failed']);
 });
