@@ -6,11 +6,8 @@
  * compiling them from source was ~16% of the instructions of a start with the entry cached, and
  * ~21% of a `kheadersd ls`.
  */
-import { createRequire } from 'node:module';
-import type * as V8 from 'node:v8';
-
-// node:v8 through require(), and only when a flag is set: the commands that set none never load it.
-const setV8Flag = (flag: string): void => (createRequire(import.meta.url)('node:v8') as typeof V8).setFlagsFromString(flag);
+// node:v8 only when a flag is set: the commands that set none never load it.
+const setV8Flag = (flag: string): void => process.getBuiltinModule('node:v8').setFlagsFromString(flag);
 
 /**
  * For the one-shot commands, once their modules are loaded: trade a little speed for memory. A

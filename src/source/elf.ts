@@ -13,7 +13,6 @@
  * vmlinux's virtual addresses (0xffffffff8...) do not fit in a double; they become numbers only
  * once checked against the file's length.
  */
-import { crc32 } from 'node:zlib';
 import { KheadersError } from '../errors.js';
 import { parseBuildId } from './notes.js';
 
@@ -415,13 +414,20 @@ interface XzFooter {
   indexSize: number;
 }
 
+/**
+ * zlib's crc32, loaded when an embedded archive is looked for: every start loads this module
+ * (the configuration checks module paths with it), few ever scan an ELF file, and zlib costs
+ * ~4 ms to load.
+ */
+const crc32 = (): typeof import('node:zlib').crc32 => process.getBuiltinModule('node:zlib').crc32;
+
 /** The 2 stream-flag bytes of a valid xz stream header at `at` (CRC32 checked), or undefined. */
 function xzHeaderFlags(buf: Buffer, at: number): number | undefined {
   if (at + XZ_HEADER_SIZE > buf.length) return undefined;
   const flags = buf.subarray(at + 6, at + 8);
   // Byte 0 is reserved (0); byte 1 holds the check type in its low nibble, the high nibble is reserved.
   if (flags[0] !== 0 || (flags[1]! & 0xf0) !== 0) return undefined;
-  if (crc32(flags) !== buf.readUInt32LE(at + 8)) return undefined;
+  if (crc32()(flags) !== buf.readUInt32LE(at + 8)) return undefined;
   return buf.readUInt16BE(at + 6);
 }
 
@@ -431,9 +437,10 @@ function xzHeaderFlags(buf: Buffer, at: number): number | undefined {
  */
 function collectXzFooters(buf: Buffer): XzFooter[] {
   const footers: XzFooter[] = [];
+  const crc = crc32();
   for (let magic = buf.indexOf(XZ_FOOTER_MAGIC, 10); magic !== -1; magic = buf.indexOf(XZ_FOOTER_MAGIC, magic + 1)) {
     const offset = magic - 10;
-    if (crc32(buf.subarray(offset + 4, offset + 10)) !== buf.readUInt32LE(offset)) continue;
+    if (crc(buf.subarray(offset + 4, offset + 10)) !== buf.readUInt32LE(offset)) continue;
     footers.push({ offset, flags: buf.readUInt16BE(offset + 8), indexSize: (buf.readUInt32LE(offset + 4) + 1) * 4 });
   }
   return footers;

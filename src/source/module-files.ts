@@ -13,7 +13,6 @@ import os from 'node:os';
 import path from 'node:path';
 import type { Transform } from 'node:stream';
 import { promisify } from 'node:util';
-import zlib from 'node:zlib';
 import { errnoOf } from '../errors.js';
 import type { EmbeddedArchive } from './elf.js';
 import { judgeModule, kheadersInModulesDep, moduleCompression, namesInModuleDir, type ModuleCompression } from './modules.js';
@@ -145,6 +144,8 @@ type Decoded = { outcome: 'ok'; bytes: Buffer } | { outcome: 'unread' | 'rejecte
  */
 async function decompress(raw: Buffer, compression: ModuleCompression, opts: ReadModuleOptions): Promise<Decoded> {
   const limit = opts.maxBytes;
+  // zlib (~4 ms to load) only when a module is read: serve's start loads this module, not zlib.
+  const zlib = process.getBuiltinModule('node:zlib');
   const searchPath = opts.searchPath ?? process.env.PATH ?? '';
   switch (compression) {
     case 'none':

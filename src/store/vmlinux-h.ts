@@ -4,7 +4,6 @@
  */
 import { createHash } from 'node:crypto';
 import { access, writeFile } from 'node:fs/promises';
-import { Worker } from 'node:worker_threads';
 import { KheadersError, codeForErrno, isErrorCode } from '../errors.js';
 import type { CacheEntry } from './entry.js';
 import type { HeaderJob, HeaderJobResult } from './vmlinux-worker.js';
@@ -57,6 +56,8 @@ export async function provideVmlinuxH(btf: BtfSource, outFile: string, existing:
 /** Run one header job (see vmlinux-worker.ts) on a worker thread; resolves with its size and sha256. */
 export function generateHeaderInWorker(job: HeaderJob, what: string): Promise<{ bytes: number; sha256: string }> {
   return new Promise((resolve, reject) => {
+    // worker_threads (~4 ms to load) only when a header is made: serve's start loads this module.
+    const { Worker } = process.getBuiltinModule('node:worker_threads');
     const worker = new Worker(new URL('./vmlinux-worker.js', import.meta.url), { workerData: job });
     let settled = false;
     worker.once('message', (msg: HeaderJobResult) => {

@@ -13,13 +13,14 @@
  * Never synchronous I/O: FUSE callbacks run on the same thread.
  */
 import { Readable } from 'node:stream';
-import { promisify } from 'node:util';
-import zlib from 'node:zlib';
+import type zlib from 'node:zlib';
 import { open, type FileHandle } from 'node:fs/promises';
 import { KheadersError } from '../../errors.js';
 import { PreadStream, preadAll, type EntryReader } from '../../store/reader.js';
 
-const gzipAsync = promisify(zlib.gzip);
+/** zlib (~4 ms to load) is loaded by the first gzip answer, not by the start. */
+const gzipAsync = (data: Buffer, options: zlib.ZlibOptions): Promise<Buffer> =>
+  new Promise((resolve, reject) => process.getBuiltinModule('node:zlib').gzip(data, options, (err, out) => (err ? reject(err) : resolve(out))));
 export const GZIP_OPTIONS: zlib.ZlibOptions = { level: 6 };
 
 export type Body =

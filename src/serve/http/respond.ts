@@ -12,7 +12,6 @@
  * preads (see bytes.ts).
  */
 import { Transform, pipeline, type Readable, type TransformCallback } from 'node:stream';
-import zlib from 'node:zlib';
 import type { FastifyReply, FastifyRequest } from 'fastify';
 import { ERRORS, type ErrorCode } from '../../errors.js';
 import { GZIP_OPTIONS, bodySize, type Body, type ByteSource } from './bytes.js';
@@ -140,7 +139,7 @@ export async function bodyFor(d: Extract<Decision, { kind: 'body' }>, rep: Repre
   if (head) return null; // length unknown without compressing it all: none is sent
   const source = await bytes.stream(rep.body, 0, size);
   // pipeline, not pipe: a client that goes away must destroy the source too, or its lease leaks.
-  return pipeline(source, zlib.createGzip(GZIP_OPTIONS), () => {});
+  return pipeline(source, process.getBuiltinModule('node:zlib').createGzip(GZIP_OPTIONS), () => {});
 }
 
 /** bodyFor without waiting: the body if it is in memory already, else undefined. */
