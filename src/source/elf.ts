@@ -589,3 +589,35 @@ export function elfKernelRelease(elf: Buffer): string | undefined {
   const m = /^Linux version (\S+) /.exec(data.toString('latin1', at, Math.min(data.length, at + 200)));
   return m && PLAUSIBLE_RELEASE.test(m[1]!) ? m[1] : undefined;
 }
+
+export type ModuleVerdict =
+  | { use: true; archive: EmbeddedArchive; release: string }
+  /** Never used and never loaded; `release` is what the module names, when it names one. */
+  | { use: false; reason: string; release?: string };
+
+/**
+ * Is this (decompressed) module file the running kernel's kheaders module, and where is its
+ * archive? Its .modinfo must name the module kheaders (when it names one) and carry a vermagic
+ * whose release is the running one: the same check the kernel makes before loading it.
+ */
+export function judgeModule(elf: Buffer, runningRelease: string): ModuleVerdict {
+  let info: Map<string, string>;
+  try {
+    info = readModinfo(elf);
+  } catch (err) {
+    return { use: false, reason: `not a readable ELF module (${(err as Error).message})` };
+  }
+  const name = info.get('name');
+  if (name !== undefined && name !== 'kheaders') return { use: false, reason: `its .modinfo names the module ${JSON.stringify(name)}, not kheaders` };
+  const vermagic = info.get('vermagic');
+  if (vermagic === undefined) return { use: false, reason: 'no vermagic in its .modinfo, so it cannot be matched to a kernel' };
+  const release = releaseFromVermagic(vermagic);
+  if (release === '') return { use: false, reason: `its vermagic ${JSON.stringify(vermagic.slice(0, 80))} names no valid release` };
+  if (release !== runningRelease) return { use: false, reason: `its vermagic names ${release}, not the running ${runningRelease}`, release };
+  try {
+    return { use: true, archive: findEmbeddedArchive(elf), release };
+  } catch (err) {
+    if (err instanceof KheadersError) return { use: false, reason: `no header archive in it (${err.message})`, release };
+    throw err;
+  }
+}

@@ -19,8 +19,7 @@ import { access, open, stat, type FileHandle } from 'node:fs/promises';
 import os from 'node:os';
 import { KheadersError, errnoOf } from '../errors.js';
 import type { Logger } from '../log.js';
-import { findEmbeddedArchive, isElf } from './elf.js';
-import { findModuleFiles, readBootTime, readModuleFile, type FoundModule } from './module-files.js';
+import type { FoundModule } from './module-files.js';
 import { DEFAULT_PLACES, moduleSearchDirs } from './modules.js';
 import { readLiveBuildId } from './notes.js';
 import { isXz } from './xz.js';
@@ -129,7 +128,9 @@ export async function locateArchive(opts: LocateOptions): Promise<ArchiveSource>
   const found = await fromLive();
   if (found) return found;
 
-  // The module file on disk.
+  // The module file on disk. Its readers (and the ELF parser) load only now: the archive of a
+  // start that finds it in sysfs or in a given file never needs them.
+  const { findModuleFiles, readBootTime, readModuleFile } = await import('./module-files.js');
   const dirs = moduleSearchDirs(opts.moduleDirs ?? [DEFAULT_PLACES], release);
   const distroDir = `/lib/modules/${release}`;
   const search = await findModuleFiles(dirs, opts.root);
@@ -256,8 +257,9 @@ async function readArchiveFile(file: string, maxBytes: number, origin: string): 
     throw err;
   }
   if (isXz(bytes)) return { bytes, source: `file:${file}`, obtained: 'file', live: false, buildId: null };
-  if (isElf(bytes)) {
-    const embedded = findEmbeddedArchive(bytes);
+  const elf = await import('./elf.js');
+  if (elf.isElf(bytes)) {
+    const embedded = elf.findEmbeddedArchive(bytes);
     return {
       bytes: embedded.data,
       source: `elf:${file}`,

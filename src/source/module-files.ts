@@ -14,8 +14,8 @@ import path from 'node:path';
 import type { Transform } from 'node:stream';
 import { promisify } from 'node:util';
 import { errnoOf } from '../errors.js';
-import type { EmbeddedArchive } from './elf.js';
-import { judgeModule, kheadersInModulesDep, moduleCompression, namesInModuleDir, type ModuleCompression } from './modules.js';
+import { judgeModule, type EmbeddedArchive } from './elf.js';
+import { kheadersInModulesDep, moduleCompression, namesInModuleDir, type ModuleCompression } from './modules.js';
 
 export interface FoundModule {
   /** The file as the system names it (search directory + name). */

@@ -1,6 +1,7 @@
 /**
  * Where a kheaders module may sit on disk, and whether one found there is the running kernel's.
- * Pure: names and bytes in, paths and verdicts out (src/source/module-files.ts does the I/O).
+ * Pure: names and bytes in, paths out (src/source/module-files.ts does the I/O; whether a module
+ * file is the running kernel's is judgeModule's, in elf.ts).
  *
  * A distribution installs modules under /lib/modules/<release>/ (kheaders.ko in kernel/kernel/,
  * often compressed). An Android GKI device has no /lib/modules: its GKI modules, kheaders.ko
@@ -8,8 +9,6 @@
  * each under lib/modules/ (flat) or lib/modules/<release>/. The archive inside kheaders.ko is
  * the same bytes the loaded module exposes in sysfs, so reading the file spares loading it.
  */
-import { KheadersError } from '../errors.js';
-import { findEmbeddedArchive, readModinfo, releaseFromVermagic, type EmbeddedArchive } from './elf.js';
 
 /** The word in a moduleDirs list that stands for the built-in places. */
 export const DEFAULT_PLACES = 'default';
@@ -91,36 +90,4 @@ export function moduleCompression(head: Uint8Array): ModuleCompression | undefin
   if (starts(0x1f, 0x8b)) return 'gzip';
   if (starts(0x28, 0xb5, 0x2f, 0xfd)) return 'zstd';
   return undefined;
-}
-
-export type ModuleVerdict =
-  | { use: true; archive: EmbeddedArchive; release: string }
-  /** Never used and never loaded; `release` is what the module names, when it names one. */
-  | { use: false; reason: string; release?: string };
-
-/**
- * Is this (decompressed) module file the running kernel's kheaders module, and where is its
- * archive? Its .modinfo must name the module kheaders (when it names one) and carry a vermagic
- * whose release is the running one: the same check the kernel makes before loading it.
- */
-export function judgeModule(elf: Buffer, runningRelease: string): ModuleVerdict {
-  let info: Map<string, string>;
-  try {
-    info = readModinfo(elf);
-  } catch (err) {
-    return { use: false, reason: `not a readable ELF module (${(err as Error).message})` };
-  }
-  const name = info.get('name');
-  if (name !== undefined && name !== 'kheaders') return { use: false, reason: `its .modinfo names the module ${JSON.stringify(name)}, not kheaders` };
-  const vermagic = info.get('vermagic');
-  if (vermagic === undefined) return { use: false, reason: 'no vermagic in its .modinfo, so it cannot be matched to a kernel' };
-  const release = releaseFromVermagic(vermagic);
-  if (release === '') return { use: false, reason: `its vermagic ${JSON.stringify(vermagic.slice(0, 80))} names no valid release` };
-  if (release !== runningRelease) return { use: false, reason: `its vermagic names ${release}, not the running ${runningRelease}`, release };
-  try {
-    return { use: true, archive: findEmbeddedArchive(elf), release };
-  } catch (err) {
-    if (err instanceof KheadersError) return { use: false, reason: `no header archive in it (${err.message})`, release };
-    throw err;
-  }
 }
