@@ -15,8 +15,9 @@
  *      file found but not readable here (the kernel checks its vermagic), unloaded afterwards.
  * A module whose vermagic names another release is never used or loaded.
  */
-import { access, open, stat, type FileHandle } from 'node:fs/promises';
+import { access, open, stat, statfs, type FileHandle } from 'node:fs/promises';
 import os from 'node:os';
+import path from 'node:path';
 import { KheadersError, errnoOf } from '../errors.js';
 import type { Logger } from '../log.js';
 import type { FoundModule } from './module-files.js';
@@ -95,6 +96,68 @@ export interface LocateOptions {
   commands?: Partial<ModuleCommands>;
   searchPath?: string;
   procStat?: string;
+}
+
+/**
+ * Which archive locateArchive would read, told from facts that cost no reading of it: enough for
+ * a cache that recorded the digest of what this very source held to know the digest again, so
+ * that a start whose archive has not changed reads and hashes no 4-8 MiB at every boot.
+ *
+ * - a given file, or a kheaders module file on disk (the first locateArchive would read): its
+ *   path, device, inode, size, mtime and ctime (ns). Rewriting a file changes its ctime, which
+ *   only the kernel sets. A file changed within SETTLE_NS of now is not `settled`: on a clock as
+ *   coarse as the kernel's (a jiffy), a second change could keep its ctime.
+ * - the archive the kernel exposes in sysfs: the running kernel's build id, and the kheaders
+ *   module's own build id when it is a module (a module rebuilt for the same kernel is other
+ *   bytes with the same kernel build id).
+ * Undefined when none of these tells the source apart (the legacy /proc file, whose size reads
+ * 0; a kernel without a build id; a module whose build id cannot be read; no source at all).
+ */
+export interface ArchiveIdentity {
+  /** The identifying facts as one canonical string: the key a digest is recorded under. */
+  key: string;
+  /** Whether the digest of what is read now may be recorded under `key` (see above). */
+  settled: boolean;
+  /** The ArchiveSource.source of an archive read from this source: what was read must be it. */
+  sources: readonly string[];
+}
+
+/** How long after a file's last change its identity is trusted to tell a later change apart. */
+const SETTLE_NS = 2_000_000_000n;
+/** statfs(2)'s f_type of sysfs. */
+const SYSFS_MAGIC = 0x62656572;
+
+export async function identifyArchive(opts: LocateOptions): Promise<ArchiveIdentity | undefined> {
+  if (opts.archive !== undefined) return fileIdentity('file', opts.archive, [`file:${opts.archive}`, `elf:${opts.archive}`], {});
+  const release = opts.release ?? os.release();
+  const kernel = await readLiveBuildId(opts.notesPath);
+  for (const p of opts.livePaths ?? LIVE_ARCHIVE_PATHS) {
+    const st = await stat(p).catch(() => undefined);
+    if (!st) continue;
+    // Only the kernel's own file is told by build ids (a file standing in for it, by its inode and times).
+    if ((await statfs(p).catch(() => undefined))?.type !== SYSFS_MAGIC) return fileIdentity('live-file', p, [p], { release, kernel });
+    if (st.size === 0 || kernel === null) return undefined;
+    // A module's archive: its own build id must be known (a built-in kheaders has no such directory).
+    const sysfsDir = opts.moduleDir ?? '/sys/module/kheaders';
+    let module: string | null = null;
+    if (await exists(sysfsDir)) {
+      module = await readLiveBuildId(`${sysfsDir}/notes/.note.gnu.build-id`);
+      if (module === null) return undefined;
+    }
+    return { key: JSON.stringify({ kind: 'live', path: p, size: st.size, release, kernel, module }), settled: true, sources: [p] };
+  }
+  const { findModuleFiles } = await import('./module-files.js');
+  const first = (await findModuleFiles(moduleSearchDirs(opts.moduleDirs ?? [DEFAULT_PLACES], release), opts.root)).found[0];
+  if (!first) return undefined;
+  return fileIdentity('module-file', first.location, [`module:${first.file}`], { file: first.file, release, kernel });
+}
+
+async function fileIdentity(kind: string, file: string, sources: string[], more: Record<string, unknown>): Promise<ArchiveIdentity | undefined> {
+  const st = await stat(file, { bigint: true }).catch(() => undefined);
+  if (!st?.isFile()) return undefined;
+  const settledBefore = BigInt(Date.now()) * 1_000_000n - SETTLE_NS;
+  const facts = { kind, path: path.resolve(file), dev: String(st.dev), ino: String(st.ino), size: String(st.size), mtime: String(st.mtimeNs), ctime: String(st.ctimeNs), ...more };
+  return { key: JSON.stringify(facts), settled: st.ctimeNs < settledBefore && st.mtimeNs < settledBefore, sources };
 }
 
 interface LoadAttempt {

@@ -20,9 +20,10 @@ import { access, chmod, lstat, mkdtemp, open, readdir, rename, rm, type FileHand
 import os from 'node:os';
 import { Readable } from 'node:stream';
 import path from 'node:path';
-import { KheadersError, diskFullErrno, isKheadersError } from '../errors.js';
+import { KheadersError, diskFullErrno, errnoOf, isKheadersError } from '../errors.js';
+import { recallArchive, rememberArchive, type RememberedArchive } from './source-memo.js';
 import { warmLogger, type Logger } from '../log.js';
-import { locateArchive, type ArchiveOrigin, type ArchiveSource, type ModuleFileInfo } from '../source/locate.js';
+import { identifyArchive, locateArchive, type ArchiveOrigin, type ArchiveSource, type ModuleFileInfo } from '../source/locate.js';
 import { xzUncompressedSize } from '../source/xz.js';
 import { CacheStore, entryId, fsyncDir, validRelease } from './cache.js';
 import type { Decoder, DecoderChoice, DecoderName, FileDecoder } from './decompress.js';
@@ -117,6 +118,8 @@ export interface IngestOptions {
    * ingest process: the daemon looked first): the search and a missing archive are not logged again.
    */
   locatedBefore?: boolean;
+  /** false: read and hash the archive even when its source is unchanged since it was last read (source-memo.ts). */
+  recall?: boolean;
   /** For tests: where the live archive, BTF, build id and configuration are looked for. */
   livePaths?: readonly string[];
   liveBtf?: string;
@@ -139,14 +142,22 @@ export interface IngestResult {
 
 /** The archive an ingest keys the cache by, and its sha256 (hex). */
 export interface LocatedArchive {
-  source: ArchiveSource;
+  /** What was read; `bytes` is absent when its digest was recalled (source-memo.ts), not read. */
+  source: Omit<ArchiveSource, 'bytes'> & { bytes?: Buffer };
   digest: string;
+  /** Its uncompressed size as its xz index states it (undefined when it states none). */
+  total: number | undefined;
+  /** What to record for a source that was read, once the cache is open: its identity's key and facts. */
+  remember?: { key: string; what: RememberedArchive };
 }
 
-/** Find the archive ingest() would use (the same options) and hash it. */
+/**
+ * Find the archive ingest() would use (the same options) and hash it; or, when its source is the
+ * same as when the cache last read it (identifyArchive), recall the digest instead of reading.
+ */
 export async function locateForIngest(opts: IngestOptions): Promise<LocatedArchive> {
   const limits: IngestLimits = { ...DEFAULT_LIMITS, ...opts.limits };
-  let source = await locateArchive({
+  const where = {
     ...(opts.archive !== undefined ? { archive: opts.archive } : {}),
     ...(opts.origins?.archive !== undefined ? { archiveOrigin: opts.origins.archive } : {}),
     modprobe: opts.modprobe ?? true,
@@ -156,9 +167,28 @@ export async function locateForIngest(opts: IngestOptions): Promise<LocatedArchi
     ...(opts.log && !opts.locatedBefore ? { log: opts.log } : {}),
     ...(opts.livePaths ? { livePaths: opts.livePaths } : {}),
     ...(opts.notesPath !== undefined ? { notesPath: opts.notesPath } : {}),
-  });
+  };
+  // Not for a carrier file (pull's download: a temp file, gone afterwards).
+  const identity = opts.sourceLabel === undefined ? await identifyArchive(where).catch(() => undefined) : undefined;
+  if (identity && opts.recall !== false) {
+    const known = await recallArchive(opts.cacheDir, identity.key);
+    if (known) {
+      const { digest, total, ...source } = known;
+      opts.log?.debug({ source: source.source, digest }, 'archive source unchanged since its digest was recorded: not read again');
+      return { source, digest, total: total ?? undefined };
+    }
+  }
+  let source = await locateArchive(where);
   if (opts.sourceLabel !== undefined) source = { ...source, source: opts.sourceLabel };
-  return { source, digest: createHash('sha256').update(source.bytes).digest('hex') };
+  const digest = createHash('sha256').update(source.bytes).digest('hex');
+  const total = xzUncompressedSize(source.bytes);
+  // Recorded only if what was read is the identified source, unchanged while it was read.
+  let remember: LocatedArchive['remember'];
+  if (identity?.settled && identity.sources.includes(source.source) && (await identifyArchive(where).catch(() => undefined))?.key === identity.key) {
+    const { bytes: _bytes, module: _module, ...facts } = source;
+    remember = { key: identity.key, what: { ...facts, digest, total: total ?? null } };
+  }
+  return { source, digest, total, ...(remember ? { remember } : {}) };
 }
 
 export async function ingest(opts: IngestOptions): Promise<IngestResult> {
@@ -167,10 +197,9 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
   if (opts.release !== undefined && !validRelease(opts.release)) {
     throw new KheadersError('E_USAGE', `--release ${JSON.stringify(opts.release)} is not a valid kernel release (letters, digits, ".", "_", "+", "-")`);
   }
-  let source: ArchiveSource;
-  let digest: string;
+  let located: LocatedArchive;
   try {
-    ({ source, digest } = await (opts.located ?? locateForIngest(opts)));
+    located = await (opts.located ?? locateForIngest(opts));
   } catch (err) {
     const noLiveArchive = opts.archive === undefined && isKheadersError(err, 'E_ARCHIVE_NOT_FOUND');
     // No header archive now (the module is gone, or cannot be loaded), but this kernel's headers
@@ -184,19 +213,24 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
     return ingestBtfOnly(opts, btf, await liveKernel(opts, btf, null), started);
   }
 
-  const total = xzUncompressedSize(source.bytes);
+  const { source, digest, total } = located;
   if (total !== undefined && total > limits.maxTotalBytes) {
     throw new KheadersError('E_LIMIT', `the archive would expand to ${total} bytes, over the limit of ${limits.maxTotalBytes} (--max-total-bytes)`, {
       limit: 'maxTotalBytes',
       value: limits.maxTotalBytes,
     });
   }
-  const located = Math.round(performance.now() - started);
+  const locatedMs = Math.round(performance.now() - started);
   const namedRelease = opts.release ?? source.release;
   // A --btf that names no file is a mistake even when nothing is built; the BTF itself is read
   // (and the running kernel's hashed) only for a build: a cache hit needs neither.
   await givenBtfExists(opts);
   const store = await openStore(opts);
+  if (located.remember) {
+    await rememberArchive(store.dir, located.remember.key, located.remember.what).catch((err: unknown) =>
+      opts.log?.warn({ errno: errnoOf(err) }, `cannot record the archive's digest for the next start (it will read the archive again): ${(err as Error).message}`),
+    );
+  }
 
   // `elsewhere`: undefined builds here; 'ask' returns undefined instead; 'built' looks after it was.
   const lookOrBuild = (elsewhere?: 'ask' | 'built'): Promise<IngestResult | undefined> => inStep('cache', store.locked(async () => {
@@ -204,13 +238,13 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
     const manifests = await store.list();
     const found = store.findByDigest(manifests, digest, namedRelease);
     const existing = found && (await usableEntry(store, found.id, opts.log));
-    opts.log?.debug({ locatedMs: located, lockedMs: Math.round(performance.now() - started) }, 'archive read, hashed, cache locked');
+    opts.log?.debug({ locatedMs, lockedMs: Math.round(performance.now() - started) }, 'archive read, hashed, cache locked');
     let entry: CacheEntry;
     let decoder: DecoderName | null = null;
     if (existing) {
       entry = existing;
       if (elsewhere !== 'built') opts.log?.info({ id: existing.manifest.id }, 'archive already cached: nothing to do');
-    } else if (elsewhere === 'ask') {
+    } else if (elsewhere === 'ask' || source.bytes === undefined) {
       return undefined;
     } else {
       // Decoding starts first: the BTF and the running kernel's facts are looked up while xz runs.
@@ -218,7 +252,7 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
         const btf = await chooseBtf(opts, source.live || namedRelease === os.release());
         return { btf, live: await liveKernel(opts, btf, source.live ? source.buildId : null) };
       };
-      const built = await buildHeadersEntry(store, source, digest, namedRelease, total, limits, kernel, opts);
+      const built = await buildHeadersEntry(store, { ...source, bytes: source.bytes }, digest, namedRelease, total, limits, kernel, opts);
       entry = built.entry;
       decoder = built.decoder;
     }
@@ -226,7 +260,12 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
     const evicted = await finish(store, entry, makeCurrent, existing !== undefined, opts);
     return { entry, reused: existing !== undefined, evicted, decoder, durationMs: Math.round(performance.now() - started) };
   }));
-  return (await lookOrBuild(opts.buildElsewhere ? 'ask' : undefined)) ?? builtElsewhere(opts, lookOrBuild);
+  const recalled = source.bytes === undefined;
+  const found = await lookOrBuild(opts.buildElsewhere || recalled ? 'ask' : undefined);
+  if (found) return found;
+  // A recalled digest whose entry is gone (evicted, damaged): read the archive after all, and build.
+  if (recalled) return ingest({ ...opts, located: locateForIngest({ ...opts, recall: false }) });
+  return builtElsewhere(opts, lookOrBuild);
 }
 
 /** The entry is not cached: opts.buildElsewhere builds it, then it is looked up (and made current) here. */
