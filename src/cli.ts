@@ -14,6 +14,8 @@ import { holdYoungGeneration, optimizeForSize } from './v8-flags.js';
 import type { CommandIO } from './commands/store-commands.js';
 
 const VERSION = '0.1.0';
+/** The longest serve holds its start's log lines (a start blocked on the cache's lock, a slow modprobe): then they are written. */
+const START_LINES_HELD_MS = 1_000;
 
 /**
  * A one-shot command's module, loaded; then V8 is told to favour memory over speed for the work
@@ -175,14 +177,18 @@ const COMMANDS: ReadonlyArray<CommandSpec<Run>> = [
         async (cfg, io) => {
           const { startDaemon, installSignalHandlers } = await import('./commands/serve.js');
           const stopRequested = new AbortController();
-          // The start's lines are held until it is ready (or fails, or is stopped): pino loads then.
-          stopRequested.signal.addEventListener('abort', () => releaseLogger(io.log), { once: true });
+          // The start's lines are held until it is ready, fails, is stopped or waits on a build
+          // (ingest-process.ts warms the logger then), and for at most START_LINES_HELD_MS: pino loads then.
+          const release = (): void => releaseLogger(io.log);
+          stopRequested.signal.addEventListener('abort', release, { once: true });
+          const latest = setTimeout(release, START_LINES_HELD_MS);
           const starting = startDaemon(cfg, io, stopRequested.signal);
           installSignalHandlers(starting, io, stopRequested);
           await starting;
           holdYoungGeneration(); // only now: the start's builtins are loaded, with node's code cache
           // Ready: pino loads a moment later, not in the way of the first requests (which wait for it if they come then).
-          setTimeout(() => releaseLogger(io.log), 100);
+          clearTimeout(latest);
+          setTimeout(release, 100);
         },
         createHeldLogger,
       ),

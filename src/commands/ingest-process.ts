@@ -15,7 +15,7 @@ import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import type { Config } from '../config.js';
 import { KheadersError, endedBySignal, isErrorCode } from '../errors.js';
-import type { Logger, LogLevel } from '../log.js';
+import { warmLogger, type Logger, type LogLevel } from '../log.js';
 import type { CommandIO } from './store-commands.js';
 
 /** What the daemon sends: the ingest to run. */
@@ -76,6 +76,8 @@ export function ingestInChildProcess(cfg: Config, io: CommandIO, node = process.
     });
     const request: IngestRequest = { cfg, logLevel: io.log.level as LogLevel };
     child.send(request, () => {}); // a failed send means the child died: 'close' reports it
+    // The daemon now waits on the child: the moment for pino to load (and serve's held start lines to be written).
+    setImmediate(() => warmLogger(io.log));
   });
 }
 
