@@ -332,6 +332,18 @@ test('real kernels: discovery as shipped, pull through a forwarded port, swaps a
     // --keep 2: the current entry and the most recent other one stay; the rebuilt one is evicted.
     assert.deepEqual(new Set(r.entries.map((e) => e.digest)), new Set([a.archiveSha256, b.archiveSha256]));
     assert.ok(log.some((l) => l['msg'] === 'evicted old entries'), 'the eviction is logged');
+    // The digest is recorded under what identifies the archive in sysfs on a real kernel: the
+    // kernel's and the loaded module's build ids. (The module files this harness copies in at each
+    // boot are too fresh to be recorded: a file is trusted only 2 s after its last change.)
+    const memo = JSON.parse(await readFile(path.join(cache, 'sources.json'), 'utf8')) as { sources: Array<{ key: string; digest: string }> };
+    const recorded = memo.sources.map((s): Record<string, unknown> => ({ ...(JSON.parse(s.key) as Record<string, unknown>), digest: s.digest }));
+    const kernelBuildId = parseBuildId(await readFile(path.join(r.outDir, 'notes')));
+    const live = recorded.find((k) => k['kind'] === 'live');
+    assert.ok(live, `a record for the archive in sysfs: ${JSON.stringify(recorded)}`);
+    assert.equal(live['path'], '/sys/kernel/kheaders.tar.xz');
+    assert.equal(live['kernel'], kernelBuildId, 'keyed by the running kernel\'s build id');
+    assert.match(String(live['module']), /^[0-9a-f]{40}$/, 'and by the loaded kheaders module\'s own build id');
+    assert.equal(live['digest'], a.archiveSha256);
     // The same kernel without its module: no archive, modprobe fails; its cached headers are served.
     const missing = await readLog(r, 'missing');
     assert.ok(missing.some((l) => l['msg'] === 'ran modprobe kheaders' && (l['result'] as { ok?: boolean } | undefined)?.ok === false), 'modprobe kheaders failed: the module is gone');

@@ -415,9 +415,8 @@ interface XzFooter {
 }
 
 /**
- * zlib's crc32, loaded when an embedded archive is looked for: every start loads this module
- * (the configuration checks module paths with it), few ever scan an ELF file, and zlib costs
- * ~4 ms to load.
+ * zlib's crc32, loaded when an embedded archive is looked for: zlib costs ~4 ms to load, and
+ * most of this module's users (a vmlinux's release or build id, a module's .modinfo) need none.
  */
 const crc32 = (): typeof import('node:zlib').crc32 => process.getBuiltinModule('node:zlib').crc32;
 

@@ -107,6 +107,9 @@ export interface LocateOptions {
  *   path, device, inode, size, mtime and ctime (ns). Rewriting a file changes its ctime, which
  *   only the kernel sets. A file changed within SETTLE_NS of now is not `settled`: on a clock as
  *   coarse as the kernel's (a jiffy), a second change could keep its ctime.
+ *   A module file's key holds the running kernel's build id too: on a read-only image (an
+ *   updated system_dlkm partition) a file's times are the image's, and a new image comes with
+ *   a new kernel.
  * - the archive the kernel exposes in sysfs: the running kernel's build id, and the kheaders
  *   module's own build id when it is a module (a module rebuilt for the same kernel is other
  *   bytes with the same kernel build id).
