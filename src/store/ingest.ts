@@ -226,11 +226,6 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
   // (and the running kernel's hashed) only for a build: a cache hit needs neither.
   await givenBtfExists(opts);
   const store = await openStore(opts);
-  if (located.remember) {
-    await rememberArchive(store.dir, located.remember.key, located.remember.what).catch((err: unknown) =>
-      opts.log?.warn({ errno: errnoOf(err) }, `cannot record the archive's digest for the next start (it will read the archive again): ${(err as Error).message}`),
-    );
-  }
 
   // `elsewhere`: undefined builds here; 'ask' returns undefined instead; 'built' looks after it was.
   const lookOrBuild = (elsewhere?: 'ask' | 'built'): Promise<IngestResult | undefined> => inStep('cache', store.locked(async () => {
@@ -261,11 +256,16 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
     return { entry, reused: existing !== undefined, evicted, decoder, durationMs: Math.round(performance.now() - started) };
   }));
   const recalled = source.bytes === undefined;
-  const found = await lookOrBuild(opts.buildElsewhere || recalled ? 'ask' : undefined);
-  if (found) return found;
+  const result = (await lookOrBuild(opts.buildElsewhere || recalled ? 'ask' : undefined)) ?? (recalled ? undefined : await builtElsewhere(opts, lookOrBuild));
   // A recalled digest whose entry is gone (evicted, damaged): read the archive after all, and build.
-  if (recalled) return ingest({ ...opts, located: locateForIngest({ ...opts, recall: false }) });
-  return builtElsewhere(opts, lookOrBuild);
+  if (!result) return ingest({ ...opts, located: locateForIngest({ ...opts, recall: false }) });
+  // Only once the ingest has succeeded: one that fails leaves the cache as it was.
+  if (located.remember) {
+    await rememberArchive(store.dir, located.remember.key, located.remember.what).catch((err: unknown) =>
+      opts.log?.warn({ errno: errnoOf(err) }, `cannot record the archive's digest for the next start (it will read the archive again): ${(err as Error).message}`),
+    );
+  }
+  return result;
 }
 
 /** The entry is not cached: opts.buildElsewhere builds it, then it is looked up (and made current) here. */
