@@ -86,7 +86,7 @@ function lazyLogger(level: LogLevel, destination: NodeJS.WritableStream, hold: b
       const target = line.bindings.reduce((log: Logger, b) => log.child(b), real);
       heldLineTime = line.time;
       try {
-        (target[line.method] as (...args: unknown[]) => void)(...line.args);
+        target[line.method](...(line.args as [unknown]));
       } finally {
         heldLineTime = undefined;
       }

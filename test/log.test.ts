@@ -105,7 +105,7 @@ test('a held logger loads pino only when released, or for an error line', () => 
       const { createRequire } = await import('node:module');
       const log = createHeldLogger('info', process.stderr);
       ${calls}
-      const loaded = Object.keys(createRequire(import.meta.url).cache).some((f) => /[\\/]pino[\\/]pino\.js$/.test(f));
+      const loaded = Object.keys(createRequire(import.meta.url).cache).some((f) => /[\\\\/]pino[\\\\/]pino\\.js$/.test(f));
       process.stdout.write(String(loaded));`;
     const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8' });
     return { loaded: r.stdout === 'true', out: r.stderr };

@@ -150,7 +150,7 @@ test('what identifies a source: a file by its inode, size and times; the live ar
   assert.notEqual((await identifyArchive({ ...base, archive: file }))!.key, id.key, 'same size, rewritten: another identity');
   // A regular file standing in for the kernel's: told by its inode and times too.
   const live = await identifyArchive({ ...base, livePaths: [path.join(dir, 'absent'), file], moduleDirs: [path.join(dir, 'none')] });
-  assert.deepEqual([JSON.parse(live!.key).kind, live!.sources], ['live-file', [file]]);
+  assert.deepEqual([(JSON.parse(live!.key) as { kind: string }).kind, live!.sources], ['live-file', [file]]);
   // Nothing there at all: nothing to identify.
   assert.equal(await identifyArchive({ ...base, archive: path.join(dir, 'absent') }), undefined);
   assert.equal(await identifyArchive({ ...base, livePaths: [path.join(dir, 'absent')], moduleDirs: [path.join(dir, 'none')] }), undefined);

@@ -185,7 +185,7 @@ export async function locateForIngest(opts: IngestOptions): Promise<LocatedArchi
   // Recorded only if what was read is the identified source, unchanged while it was read.
   let remember: LocatedArchive['remember'];
   if (identity?.settled && identity.sources.includes(source.source) && (await identifyArchive(where).catch(() => undefined))?.key === identity.key) {
-    const { bytes: _bytes, module: _module, ...facts } = source;
+    const facts = { source: source.source, obtained: source.obtained, live: source.live, buildId: source.buildId, ...(source.release !== undefined ? { release: source.release } : {}) };
     remember = { key: identity.key, what: { ...facts, digest, total: total ?? null } };
   }
   return { source, digest, total, ...(remember ? { remember } : {}) };

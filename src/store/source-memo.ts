@@ -70,8 +70,7 @@ async function readRecords(cacheDir: string): Promise<MemoRecord[]> {
 export async function recallArchive(cacheDir: string, key: string): Promise<RememberedArchive | undefined> {
   const hit = (await readRecords(cacheDir)).find((r) => r.key === key);
   if (!hit) return undefined;
-  const { key: _key, at: _at, ...remembered } = hit;
-  return remembered;
+  return { digest: hit.digest, total: hit.total, source: hit.source, obtained: hit.obtained, live: hit.live, buildId: hit.buildId, ...(hit.release !== undefined ? { release: hit.release } : {}) };
 }
 
 /**
