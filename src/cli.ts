@@ -175,15 +175,15 @@ const COMMANDS: ReadonlyArray<CommandSpec<Run>> = [
         o,
         false,
         async (cfg, io) => {
-          const { startDaemon, installSignalHandlers } = await import('./commands/serve.js');
-          const stopRequested = new AbortController();
+          const { StopRequest, startDaemon, installSignalHandlers } = await import('./commands/serve.js');
+          const stopRequest = new StopRequest();
           // The start's lines are held until it is ready, fails, is stopped or waits on a build
           // (ingest-process.ts warms the logger then), and for at most START_LINES_HELD_MS: pino loads then.
           const release = (): void => releaseLogger(io.log);
-          stopRequested.signal.addEventListener('abort', release, { once: true });
+          stopRequest.signal.addEventListener('abort', release, { once: true });
           const latest = setTimeout(release, START_LINES_HELD_MS);
-          const starting = startDaemon(cfg, io, stopRequested.signal);
-          installSignalHandlers(starting, io, stopRequested);
+          const starting = startDaemon(cfg, io, stopRequest);
+          installSignalHandlers(starting, io, stopRequest);
           await starting;
           holdYoungGeneration(); // only now: the start's builtins are loaded, with node's code cache
           // Ready: pino loads a moment later, not in the way of the first requests (which wait for it if they come then).

@@ -3,7 +3,8 @@
  * state a stop can find it in, it must exit (status 0) soon, with the mount gone and nothing it
  * started left running. The states: an idle keep-alive HTTP connection, a client that stalls a
  * download, a file held open and a process whose cwd is on the mount, readers whose FUSE requests
- * are in flight, an ingest child decoding, a stop during start-up, and a second SIGTERM.
+ * are in flight, an ingest child decoding, a stop during start-up, and a second SIGTERM (also while
+ * the start, already mounted, waits on systemd).
  *
  * "Soon" is the stop's contract, not a benchmark: STOP_BOUND_MS is under the 10 s after which the
  * test helpers (and a service manager) send SIGKILL, and well above what the stop takes.
@@ -17,9 +18,11 @@ import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { goodTree, makeTar, randomBytes, tempDir, xzAsync } from './helpers/archives.js';
 import { fuseDeviceSkipReason } from './helpers/fuse-env.js';
-import { startServe, unmountIfLeft, type Daemon } from './helpers/serve-child.js';
+import { pollUntil, startServe, unmountIfLeft, type Daemon } from './helpers/serve-child.js';
 
 const STOP_BOUND_MS = 8_000;
+/** For a stop that waits out the daemon's own deadline (6 s) before it detaches the mount and exits. */
+const STOP_DEADLINE_BOUND_MS = 15_000;
 /** A file bigger than loopback's socket buffers, so a client that does not read stalls its response. */
 const BIG_FILE = 'include/big.bin';
 const BIG_BYTES = 24 * 1024 * 1024;
@@ -33,6 +36,8 @@ interface Served {
   url: URL;
   /** Makes the `xz` the daemon finds on PATH hang (until the test ends) instead of decoding. */
   hangXz(): Promise<void>;
+  /** With `hangReady`: the pid of the `systemd-notify` hanging on READY=1, once the start runs it. */
+  notifyPid(): Promise<number>;
 }
 
 let bigArchive: Promise<Buffer> | undefined;
@@ -45,7 +50,7 @@ const archiveOf = (release: string, big: boolean): Promise<Buffer> =>
  * A serve with a mount and HTTP, whose `xz` on PATH is a wrapper that decodes with the real one
  * until hangXz() is called. Resolves once it is mounted, or at once with `waitMounted: false`.
  */
-async function serve(t: TestContext, opts: { big?: boolean; hangFirst?: boolean; waitMounted?: boolean } = {}): Promise<Served> {
+async function serve(t: TestContext, opts: { big?: boolean; hangFirst?: boolean; waitMounted?: boolean; hangReady?: boolean } = {}): Promise<Served> {
   const dir = await tempDir(t, 'kheadersd-stop-');
   const cache = path.join(dir, 'cache');
   const mnt = path.join(dir, 'mnt');
@@ -60,8 +65,22 @@ async function serve(t: TestContext, opts: { big?: boolean; hangFirst?: boolean;
   await chmod(path.join(bin, 'xz'), 0o755);
   const hangXz = (): Promise<void> => writeFile(hang, '');
   if (opts.hangFirst) await hangXz();
+  // hangReady: the start is told it runs under systemd, and the `systemd-notify` it finds hangs on
+  // READY=1 (a PID 1 that does not answer the barrier): the start stays in its last step, mounted.
+  // Its sleep outlives a daemon that exits: killed when the test ends, and bounded if that hook never runs.
+  const notifyPidFile = path.join(dir, 'notify.pid');
+  if (opts.hangReady) {
+    await writeFile(path.join(bin, 'systemd-notify'), `#!/bin/sh\ncase " $* " in *" READY=1 "*) echo $$ > '${notifyPidFile}'; exec sleep 30;; esac\nexit 0\n`);
+    await chmod(path.join(bin, 'systemd-notify'), 0o755);
+    t.after(async () => {
+      const pid = Number(await readFile(notifyPidFile, 'utf8').catch(() => ''));
+      if (pid > 0) process.kill(pid, 'SIGKILL');
+    });
+  }
+  const notifyPid = (): Promise<number> => pollUntil(async () => Number(await readFile(notifyPidFile, 'utf8')) || undefined, 'the start to notify READY=1');
   const d = startServe(t, ['--archive', archive, '--cache-dir', cache, '--mount', mnt, '--http', '127.0.0.1:0', '--btf', 'off', '--decoder', 'xz', '--log-level', 'info'], {
     PATH: `${bin}${path.delimiter}${process.env.PATH ?? ''}`,
+    ...(opts.hangReady ? { NOTIFY_SOCKET: path.join(dir, 'notify.sock') } : {}),
   });
   t.after(() => unmountIfLeft(mnt));
   let url = new URL('http://127.0.0.1:0');
@@ -70,14 +89,14 @@ async function serve(t: TestContext, opts: { big?: boolean; hangFirst?: boolean;
     await d.waitFor((l) => l.msg === 'mounted', 'the mount');
     url = new URL(String(listening.url));
   }
-  return { d, dir, mnt, cache, archive, url, hangXz };
+  return { d, dir, mnt, cache, archive, url, hangXz, notifyPid };
 }
 
-/** SIGTERM, then the exit status, or 'still running' after STOP_BOUND_MS. */
-async function terminate(d: Daemon): Promise<number | null | 'still running'> {
+/** SIGTERM, then the exit status, or 'still running' after `boundMs`. */
+async function terminate(d: Daemon, boundMs = STOP_BOUND_MS): Promise<number | null | 'still running'> {
   d.child.kill('SIGTERM');
   let timer: NodeJS.Timeout | undefined;
-  const bound = new Promise<'still running'>((resolve) => (timer = setTimeout(() => resolve('still running'), STOP_BOUND_MS)));
+  const bound = new Promise<'still running'>((resolve) => (timer = setTimeout(() => resolve('still running'), boundMs)));
   try {
     return await Promise.race([d.exited, bound]);
   } finally {
@@ -234,6 +253,37 @@ test('a second SIGTERM while the first stop drains: exits at once, and the mount
     await s.d.waitFor((l) => l.msg === 'stopping', 'the first stop to begin');
     const code = await terminate(s.d);
     assert.notEqual(code, 'still running');
+    await assertUnmounted(s.mnt);
+  } finally {
+    await s.d.stop();
+  }
+});
+
+test('a second SIGTERM while the start, mounted already, still notifies systemd: exits at once, and the mount is taken down', async (t) => {
+  const skip = await fuseDeviceSkipReason();
+  if (skip) return t.skip(skip);
+  const s = await serve(t, { hangReady: true });
+  try {
+    await s.notifyPid();
+    s.d.child.kill('SIGTERM');
+    await s.d.waitFor((l) => l.msg === 'stopping', 'the first stop to begin');
+    const code = await terminate(s.d);
+    assert.equal(code, 1, 'a second signal exits 1 at once');
+    await assertUnmounted(s.mnt);
+  } finally {
+    await s.d.stop();
+  }
+});
+
+test('one SIGTERM while the start, mounted already, hangs notifying systemd: past the stop deadline it exits, and the mount is taken down', async (t) => {
+  const skip = await fuseDeviceSkipReason();
+  if (skip) return t.skip(skip);
+  const s = await serve(t, { hangReady: true });
+  try {
+    await s.notifyPid();
+    // The daemon's own deadline (6 s) comes first; this bound only keeps a hung daemon from hanging the test.
+    assert.equal(await terminate(s.d, STOP_DEADLINE_BOUND_MS), 1, 'a stop past its deadline exits 1');
+    assert.ok(s.d.logs.some((l) => typeof l.msg === 'string' && /the stop did not finish in/.test(l.msg)), 'the deadline is logged');
     await assertUnmounted(s.mnt);
   } finally {
     await s.d.stop();

@@ -51,12 +51,41 @@ export interface RunningDaemon {
 const STOP_DEADLINE_MS = 6_000;
 
 /**
- * Start the daemon; resolves once it is serving, or, when `stopSignal` aborts during the start,
- * once what was started is stopped again (its stop() then resolves at once). Signal handling is
- * `installSignalHandlers`, which aborts `stopSignal` at the first SIGTERM/SIGINT.
+ * One daemon's stop, shared by its start and its signal handlers. The first SIGTERM/SIGINT
+ * requests it (`signal` aborts: the start stops at its next step); a second one, or a stop past
+ * its deadline, detaches the mount now. startDaemon says how as soon as it begins, not when the
+ * start is done: a start that has mounted but not finished (still publishing, or waiting on
+ * systemd's READY=1) must not leave its mount behind as a dead ENOTCONN directory.
  */
-export async function startDaemon(cfg: Config, io: CommandIO, stopSignal?: AbortSignal): Promise<RunningDaemon> {
+export class StopRequest {
+  private readonly controller = new AbortController();
+  private detach: () => Promise<void> = () => Promise.resolve();
+  readonly signal = this.controller.signal;
+
+  request(): void {
+    this.controller.abort();
+  }
+
+  /** How to take the daemon's mount down now (startDaemon's). */
+  detachWith(detach: () => Promise<void>): void {
+    this.detach = detach;
+  }
+
+  /** Request the stop, and take the mount down now (made, or being made), whatever the start is doing. */
+  detachNow(): Promise<void> {
+    this.request();
+    return this.detach();
+  }
+}
+
+/**
+ * Start the daemon; resolves once it is serving, or, when `stopRequest` is requested during the
+ * start, once what was started is stopped again (its stop() then resolves at once). Signal
+ * handling is `installSignalHandlers`, which requests the stop at the first SIGTERM/SIGINT.
+ */
+export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: StopRequest): Promise<RunningDaemon> {
   const { log } = io;
+  const stopSignal = stopRequest?.signal;
   // Aborted by the stop, however it comes: kills an ingest process at work (its xz with it).
   const cancel = new AbortController();
   if (stopSignal?.aborted) cancel.abort();
@@ -74,6 +103,8 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopSignal?: Abort
   const store = await CacheStore.open(cfg.cacheDir, { write: true, lockTimeoutMs: cfg.lockTimeout * 1000 });
   let model: IndexFsModel | null = null;
   let mount: FuseMount | null = null;
+  /** The mount, once mountFuse is called: a detach during the call waits for it, then takes it down. */
+  let mounting: Promise<FuseMount | null> = Promise.resolve(null);
   let http: { url: string; close(): Promise<void> } | null = null;
   const links = new ModuleLinks(log);
   let refreshing: Promise<void> = Promise.resolve();
@@ -247,12 +278,13 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopSignal?: Abort
     stop,
     detachNow: async () => {
       cancel.abort();
-      await mount?.unmount();
+      await (await mounting)?.unmount();
     },
     get httpUrl() {
       return http?.url ?? null;
     },
   };
+  stopRequest?.detachWith(handle.detachNow);
   /** A stop that came during the start: undo what is up, and hand back a daemon already stopped. */
   const stoppedDuringStart = async (): Promise<RunningDaemon> => {
     log.info('stopped during start-up');
@@ -289,7 +321,9 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopSignal?: Abort
   if (cfg.mount && model) {
     try {
       const { mountFuse } = await import('../serve/fuse/index.js');
-      mount = await mountFuse({ mountpoint: cfg.mount, model, log, allowOther: true, backend: cfg.fuseBackend });
+      const made = mountFuse({ mountpoint: cfg.mount, model, log, allowOther: true, backend: cfg.fuseBackend });
+      mounting = made.catch(() => null);
+      mount = await made;
       state.mountpoint = mount.mountpoint;
       state.mountError = null;
       log.info({ mountpoint: mount.mountpoint, backend: mount.backend }, 'mounted');
@@ -318,21 +352,22 @@ function early<T>(p: Promise<T>): Promise<T> {
 
 /**
  * SIGHUP re-checks the kernel; SIGTERM/SIGINT stop cleanly, a second one exits at once.
- * Installed before start-up begins: the first stop aborts `stopRequested` (the start's
- * `stopSignal`), so a start still under way stops at its next step and undoes what is up.
+ * Installed before start-up begins: the first stop requests `stopRequest` (the start's), so a
+ * start still under way stops at its next step and undoes what is up.
  */
-export function installSignalHandlers(starting: Promise<RunningDaemon>, io: CommandIO, stopRequested: AbortController): void {
+export function installSignalHandlers(starting: Promise<RunningDaemon>, io: CommandIO, stopRequest: StopRequest): void {
   process.on('SIGHUP', () => {
     io.log.info('SIGHUP: re-checking the running kernel');
     void starting.then((daemon) => daemon.refresh('SIGHUP')).catch(() => {});
   });
   let signalled = false;
-  let daemon: RunningDaemon | undefined;
-  void starting.then((d) => (daemon = d), () => {});
-  /** Exit now, but not with the mount left behind as a dead ENOTCONN directory: detach it first (bounded). */
+  /**
+   * Exit now, but not with the mount left behind as a dead ENOTCONN directory: detach it first
+   * (bounded). Through the stop request, not the started daemon: the start may not be done.
+   */
   const exitNow = (why: string): void => {
     io.log.warn(why);
-    const detached = daemon?.detachNow().catch(() => {}) ?? Promise.resolve();
+    const detached = stopRequest.detachNow().catch(() => {});
     // Referenced: the process must not end on its own, with status 0, before this exit.
     const bound = new Promise((resolve) => setTimeout(resolve, 2_000));
     void Promise.race([detached, bound]).then(() => process.exit(1));
@@ -341,7 +376,7 @@ export function installSignalHandlers(starting: Promise<RunningDaemon>, io: Comm
     if (signalled) return exitNow(`second signal (${signal}): exiting now`);
     signalled = true;
     io.log.info({ signal }, 'stopping');
-    stopRequested.abort();
+    stopRequest.request();
     setTimeout(() => exitNow(`the stop did not finish in ${STOP_DEADLINE_MS / 1000} s: exiting now`), STOP_DEADLINE_MS).unref();
     starting
       .then((daemon) => daemon.stop())
