@@ -69,15 +69,20 @@ async function serve(t: TestContext, opts: { big?: boolean; hangFirst?: boolean;
   // READY=1 (a PID 1 that does not answer the barrier): the start stays in its last step, mounted.
   // Its sleep outlives a daemon that exits: killed when the test ends, and bounded if that hook never runs.
   const notifyPidFile = path.join(dir, 'notify.pid');
+  let notifier: number | undefined; // remembered: the temp dir (and the pid file) goes first when the test ends
   if (opts.hangReady) {
     await writeFile(path.join(bin, 'systemd-notify'), `#!/bin/sh\ncase " $* " in *" READY=1 "*) echo $$ > '${notifyPidFile}'; exec sleep 30;; esac\nexit 0\n`);
     await chmod(path.join(bin, 'systemd-notify'), 0o755);
-    t.after(async () => {
-      const pid = Number(await readFile(notifyPidFile, 'utf8').catch(() => ''));
-      if (pid > 0) process.kill(pid, 'SIGKILL');
+    t.after(() => {
+      try {
+        if (notifier !== undefined) process.kill(notifier, 'SIGKILL');
+      } catch {
+        // gone already
+      }
     });
   }
-  const notifyPid = (): Promise<number> => pollUntil(async () => Number(await readFile(notifyPidFile, 'utf8')) || undefined, 'the start to notify READY=1');
+  const notifyPid = async (): Promise<number> =>
+    (notifier ??= await pollUntil(async () => Number(await readFile(notifyPidFile, 'utf8')) || undefined, 'the start to notify READY=1'));
   const d = startServe(t, ['--archive', archive, '--cache-dir', cache, '--mount', mnt, '--http', '127.0.0.1:0', '--btf', 'off', '--decoder', 'xz', '--log-level', 'info'], {
     PATH: `${bin}${path.delimiter}${process.env.PATH ?? ''}`,
     ...(opts.hangReady ? { NOTIFY_SOCKET: path.join(dir, 'notify.sock') } : {}),
