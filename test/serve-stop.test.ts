@@ -11,12 +11,12 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
-import { chmod, mkdir, readFile, readdir, writeFile } from 'node:fs/promises';
+import { chmod, copyFile, link, mkdir, readFile, readdir, unlink, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
-import { goodTree, makeTar, randomBytes, tempDir, xzAsync } from './helpers/archives.js';
+import { goodTree, makeTar, randomBytes, snapshot, tempDir, xzAsync } from './helpers/archives.js';
 import { fuseDeviceSkipReason } from './helpers/fuse-env.js';
 import { pollUntil, startServe, unmountIfLeft, type Daemon } from './helpers/serve-child.js';
 
@@ -50,7 +50,7 @@ const archiveOf = (release: string, big: boolean): Promise<Buffer> =>
  * A serve with a mount and HTTP, whose `xz` on PATH is a wrapper that decodes with the real one
  * until hangXz() is called. Resolves once it is mounted, or at once with `waitMounted: false`.
  */
-async function serve(t: TestContext, opts: { big?: boolean; hangFirst?: boolean; waitMounted?: boolean; hangReady?: boolean } = {}): Promise<Served> {
+async function serve(t: TestContext, opts: { big?: boolean; hangFirst?: boolean; waitMounted?: boolean; hangReady?: boolean; node?: string } = {}): Promise<Served> {
   const dir = await tempDir(t, 'kheadersd-stop-');
   const cache = path.join(dir, 'cache');
   const mnt = path.join(dir, 'mnt');
@@ -86,7 +86,7 @@ async function serve(t: TestContext, opts: { big?: boolean; hangFirst?: boolean;
   const d = startServe(t, ['--archive', archive, '--cache-dir', cache, '--mount', mnt, '--http', '127.0.0.1:0', '--btf', 'off', '--decoder', 'xz', '--log-level', 'info'], {
     PATH: `${bin}${path.delimiter}${process.env.PATH ?? ''}`,
     ...(opts.hangReady ? { NOTIFY_SOCKET: path.join(dir, 'notify.sock') } : {}),
-  });
+  }, opts.node);
   t.after(() => unmountIfLeft(mnt));
   let url = new URL('http://127.0.0.1:0');
   if (opts.waitMounted !== false) {
@@ -122,6 +122,18 @@ async function processGroup(pgid: number): Promise<number[]> {
     const s = await readFile(`/proc/${pid}/stat`, 'utf8').catch(() => '');
     const fields = s.slice(s.lastIndexOf(')') + 2).split(' ');
     if (fields[0] !== 'Z' && Number(fields[2]) === pgid) out.push(Number(pid));
+  }
+  return out;
+}
+
+/** The processes (zombies aside) whose environment holds `entry` exactly (a PATH only the test's children have). */
+async function processesWithEnv(entry: string): Promise<number[]> {
+  const out: number[] = [];
+  for (const pid of await readdir('/proc')) {
+    if (!/^\d+$/.test(pid)) continue;
+    const env = await readFile(`/proc/${pid}/environ`, 'latin1').catch(() => '');
+    const s = await readFile(`/proc/${pid}/stat`, 'utf8').catch(() => '');
+    if (env.split('\0').includes(entry) && s.slice(s.lastIndexOf(')') + 2, s.lastIndexOf(')') + 3) !== 'Z') out.push(Number(pid));
   }
   return out;
 }
@@ -292,5 +304,35 @@ test('one SIGTERM while the start, mounted already, hangs notifying systemd: pas
     await assertUnmounted(s.mnt);
   } finally {
     await s.d.stop();
+  }
+});
+
+test('SIGTERM while the daemon builds an entry itself (no ingest process could be started): the build stops at once, the cache as it was, exits 0, unmounted', async (t) => {
+  const skip = await fuseDeviceSkipReason();
+  if (skip) return t.skip(skip);
+  // The daemon runs a node binary that the test then removes, as an upgrade would: it cannot
+  // start the ingest process, and builds in its own process instead.
+  const nodeDir = await tempDir(t, 'kheadersd-node-');
+  const node = path.join(nodeDir, 'node');
+  await link(process.execPath, node).catch(() => copyFile(process.execPath, node));
+  const s = await serve(t, { node });
+  const testPath = `PATH=${path.join(s.dir, 'bin')}${path.delimiter}${process.env.PATH ?? ''}`;
+  try {
+    const entriesBefore = await snapshot(path.join(s.cache, 'entries'));
+    await unlink(node);
+    await s.hangXz();
+    await writeFile(s.archive, await archiveOf('6.91.0-next', false));
+    s.d.child.kill('SIGHUP');
+    await s.d.waitFor((l) => typeof l.msg === 'string' && l.msg.startsWith('cannot start the ingest process'), 'the fallback to an in-process build');
+    await s.d.waitFor((l) => l.msg === 'ingesting' && l.ingestPid === undefined, 'the daemon itself to decode');
+    assert.equal(await terminate(s.d), 0);
+    await assertUnmounted(s.mnt);
+    assert.deepEqual(await processesWithEnv(testPath), [], 'the hung xz outlived the daemon');
+    assert.deepEqual(await snapshot(path.join(s.cache, 'entries')), entriesBefore, 'the cache changed');
+    assert.deepEqual(await readdir(path.join(s.cache, 'tmp')), [], 'the build left its staging behind');
+    assert.ok(s.d.logs.some((l) => l.msg === 'ingest stopped: the daemon is stopping'), 'the stopped build is logged as such');
+  } finally {
+    await s.d.stop();
+    for (const pid of await processesWithEnv(testPath)) process.kill(pid, 'SIGKILL'); // a failed run's hung xz
   }
 });

@@ -196,7 +196,8 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
       // A new entry is built in a child process (ingest-process.ts), so its buffers die with it.
       // Loaded only then: a start with its entry cached never spawns (nor loads child_process and readline).
       const buildElsewhere = async (): Promise<void> => (await import('./ingest-process.js')).ingestInChildProcess(cfg, io, process.execPath, cancel.signal);
-      const result = await ingestWithConfig(cfg, io, { setCurrent: true, store, buildElsewhere });
+      // The stop reaches a build made here too (no child could be started): it stops at its next step.
+      const result = await ingestWithConfig(cfg, io, { setCurrent: true, store, buildElsewhere, signal: cancel.signal });
       counted(result.healed);
       state.lastIngest = { at: started, durationMs: result.durationMs, id: result.entry.manifest.id, reused: result.reused };
       state.lastIngestError = null;

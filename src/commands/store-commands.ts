@@ -49,9 +49,9 @@ export async function healWithConfig(cfg: Config, io: CommandIO, known: readonly
 /**
  * The options of an ingest of the configured archive (or the running kernel's), with eviction
  * afterwards; a progress bar when stderr is a terminal. `store`: the cache already open (the
- * daemon's); `buildElsewhere`: see IngestOptions.
+ * daemon's); `buildElsewhere`, `signal`: see IngestOptions.
  */
-export function configuredIngest(cfg: Config, io: CommandIO, extra: { setCurrent?: boolean; store?: CacheStore; buildElsewhere?: () => Promise<void> } = {}): IngestOptions {
+export function configuredIngest(cfg: Config, io: CommandIO, extra: { setCurrent?: boolean; store?: CacheStore; buildElsewhere?: () => Promise<void>; signal?: AbortSignal } = {}): IngestOptions {
   return {
     ...ingestOptions(cfg, io, extra.store),
     ...(cfg.archive !== undefined ? { archive: cfg.archive } : {}),
@@ -68,6 +68,7 @@ export function configuredIngest(cfg: Config, io: CommandIO, extra: { setCurrent
     ...(cfg.maxCacheBytes !== undefined ? { maxCacheBytes: cfg.maxCacheBytes } : {}),
     ...(extra.setCurrent !== undefined ? { setCurrent: extra.setCurrent } : {}),
     ...(extra.buildElsewhere ? { buildElsewhere: extra.buildElsewhere } : {}),
+    ...(extra.signal ? { signal: extra.signal } : {}),
     ...(io.stderr.isTTY === true
       ? { onProgress: (p) => io.stderr.write(progressBar(p.total ? p.bytes / p.total : undefined, `${humanBytes(p.bytes)}, ${p.entries} entries`)) }
       : {}),
@@ -78,7 +79,7 @@ export function configuredIngest(cfg: Config, io: CommandIO, extra: { setCurrent
  * Repair the cache, then ingest (configuredIngest). `store`: the cache already open (the
  * daemon's), whose loaded entries the repair check and the ingest reuse.
  */
-export async function ingestWithConfig(cfg: Config, io: CommandIO, extra: { setCurrent?: boolean; store?: CacheStore; buildElsewhere?: () => Promise<void> } = {}): Promise<IngestResult & { healed: HealReport }> {
+export async function ingestWithConfig(cfg: Config, io: CommandIO, extra: { setCurrent?: boolean; store?: CacheStore; buildElsewhere?: () => Promise<void>; signal?: AbortSignal } = {}): Promise<IngestResult & { healed: HealReport }> {
   const tty = io.stderr.isTTY === true;
   const opts = configuredIngest(cfg, io, extra);
   // The archive is read and hashed while the cache's entries are checked: the two wait on

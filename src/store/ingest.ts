@@ -114,6 +114,12 @@ export interface IngestOptions {
    */
   buildElsewhere?: () => Promise<void>;
   /**
+   * Stops a build here at its next step (serve stopping): the decoder is killed at once, the
+   * staging removed, nothing committed, and the ingest fails with the signal's reason (the cache
+   * is as it was). A build that has committed is not undone.
+   */
+  signal?: AbortSignal;
+  /**
    * Another process has looked for the archive already and logged what it found (serve's
    * ingest process: the daemon looked first): the search and a missing archive are not logged again.
    */
@@ -567,7 +573,11 @@ async function buildHeadersEntry(
   const running: Array<Promise<unknown>> = [];
   let decoder: { name: DecoderName; done: Promise<void>; abort(): void } | undefined;
   let progressTimer: NodeJS.Timeout | undefined;
+  // A stop kills the decoder (whichever it is): the decode fails, and the failure below cleans up.
+  const stop = (): void => decoder?.abort();
+  opts.signal?.addEventListener('abort', stop, { once: true });
   try {
+    opts.signal?.throwIfAborted();
     // The decoder first: everything below runs while it decodes on the other core.
     // O_APPEND ('a+'): xz writes this file as its stdout, and a write without it lands at xz's own
     // offset even after another process truncates the file, leaving a hole of zeros the reader
@@ -578,6 +588,7 @@ async function buildHeadersEntry(
     mark('setup');
     const decoding = await startDecoder(source.bytes, opts.decoder ?? 'auto', { file: packFh, maxBytes: limits.maxTotalBytes });
     decoder = 'intoFile' in decoding ? decoding.intoFile : decoding.stream;
+    if (opts.signal?.aborted) decoder.abort(); // stopped while it started
     mark('decoderStarted');
     if ('intoFile' in decoding) void decoding.intoFile.whenExited().then(() => mark('decoderExited'));
     // The logger's own start-up (a CLI's is deferred) is paid now, while xz decodes, rather than
@@ -721,6 +732,7 @@ async function buildHeadersEntry(
     });
     mark('indexed');
     await flushed;
+    opts.signal?.throwIfAborted(); // the last step that leaves nothing behind
     const entry = await commitEntry(store, tmp, manifest, index, handles);
     mark('committed');
     report();
@@ -731,9 +743,12 @@ async function buildHeadersEntry(
     await Promise.allSettled([...running, decoder?.done]);
     await Promise.allSettled(handles.map((h) => h.close())); // a handle already closed resolves at once
     await rm(tmp, { recursive: true, force: true }).catch(() => {});
+    // A decoder killed by the stop fails as killed: the stop is what happened.
+    opts.signal?.throwIfAborted();
     throw err;
   } finally {
     clearInterval(progressTimer);
+    opts.signal?.removeEventListener('abort', stop);
   }
 }
 

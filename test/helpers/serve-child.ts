@@ -28,8 +28,9 @@ export async function unmountIfLeft(mountpoint: string): Promise<void> {
   await new Promise<void>((resolve) => execFile('umount', ['-l', mountpoint], () => resolve()));
 }
 
-export function startServe(t: TestContext, args: string[], env: Record<string, string> = {}): Daemon {
-  const child = spawn(process.execPath, [CLI, 'serve', ...args], { stdio: ['pipe', 'pipe', 'pipe'], env: cleanEnv(env) });
+/** `node`: the node binary to run it with (a test may remove it later: the daemon then cannot start node again). */
+export function startServe(t: TestContext, args: string[], env: Record<string, string> = {}, node = process.execPath): Daemon {
+  const child = spawn(node, [CLI, 'serve', ...args], { stdio: ['pipe', 'pipe', 'pipe'], env: cleanEnv(env) });
   const logs: Array<Record<string, unknown>> = [];
   const waiters = new Set<() => void>();
   let buffered = '';
