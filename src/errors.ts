@@ -50,6 +50,12 @@ export const ERRORS = {
     // Says which entry and file did not prove, so a client knows its bytes were withheld, not lost.
     public: true,
   },
+  E_STAGING_CHANGED: {
+    what: 'a file an ingest was staging in the cache\'s tmp/ changed under it (another process truncated or wrote it): nothing was cached, and the archive was not at fault',
+    exit: EXIT.environment,
+    http: 500,
+    public: false,
+  },
   E_KILLED: {
     what: 'a process doing the work (the xz decoder, the ingest process) was killed by a signal: the out-of-memory killer or someone\'s kill, not a bug and not the archive',
     exit: EXIT.environment,

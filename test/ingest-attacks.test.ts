@@ -293,7 +293,7 @@ test('the xz child killed (SIGKILL) while ingest follows its pack: a typed error
   assert.equal(await assertServesOnlyTheTree(t, cacheDir, b.files), 0);
 });
 
-test('the staged pack truncated by another process while xz writes it: never an entry whose bytes are not the archive\'s', async (t) => {
+test('the staged pack truncated by another process while xz writes it: never an entry whose bytes are not the archive\'s, and the refusal blames the staging, not the archive', async (t) => {
   const b = await (big ??= bigInputs());
   const dir = await tempDir(t);
   const archive = path.join(dir, 'big.tar.xz');
@@ -308,6 +308,11 @@ test('the staged pack truncated by another process while xz writes it: never an 
     // before it read as zeros (a hole) and the digests vouched for them, at the right size.
     if (r.ok) assert.fail(`${name}: a pack truncated while xz wrote it was cached (${await assertServesOnlyTheTree(t, cacheDir, b.files)} files refused as damaged)`);
     assert.ok(r.err instanceof KheadersError, String(r.err));
+    // The archive was fine (xz checked it): what went wrong is the cache's staging, an environment error.
+    assert.equal(r.err.code, 'E_STAGING_CHANGED', `${name}: ${r.err.message}`);
+    assert.equal(r.err.exitCode, 5);
+    assert.match(r.err.message, /staged copy of the decoded archive .* changed while xz wrote it/);
+    assert.match(r.err.message, /the archive was not at fault/);
     await assertEmptyCache(cacheDir, name);
   }
 });

@@ -36,6 +36,7 @@ import { damageOf, isDamage } from './entry-load.js';
 import type { ConfigPaths, EntryFacts, Note } from './extras.js';
 import { sha256OfFile, type LiveKernel } from './kernel-match.js';
 import { readLiveBuildId } from '../source/notes.js';
+import { DIGEST_BYTES } from './index-format.js';
 import { DEFAULT_LIMITS, TarIndexer, type IngestLimits } from './tar-indexer.js';
 import { ofRunningKernel } from './resolve.js';
 import { TreeBuilder, TreeIndex, type IndexRecord } from './tree-index.js';
@@ -662,31 +663,37 @@ async function buildHeadersEntry(
     running.push(vmlinux);
     vmlinux.catch(() => {}); // awaited below; failing first must not be an unhandled rejection
 
-    try {
-      if ('intoFile' in decoding) {
-        await followDecoder(decoding.intoFile, take, packFh, opts.decoderStallMs ?? DECODER_STALL_MS);
-      } else {
-        // The pack's first write waits for the archive's (done long before 1 MiB is decoded).
-        const { PackWriter } = await import('./pack-writer.js');
-        await decodeInto(decoding.stream, take, new PackWriter(packFh, archiveWritten), limits);
+    const decodeAll = async (): Promise<IndexRecord[]> => {
+      try {
+        if ('intoFile' in decoding) {
+          await followDecoder(decoding.intoFile, take, packFh, opts.decoderStallMs ?? DECODER_STALL_MS);
+        } else {
+          // The pack's first write waits for the archive's (done long before 1 MiB is decoded).
+          const { PackWriter } = await import('./pack-writer.js');
+          await decodeInto(decoding.stream, take, new PackWriter(packFh, archiveWritten), limits);
+        }
+      } catch (err) {
+        // Both files grow at once: when the disk fills up, the archive's failure names the file
+        // it really stopped at (the pack, written by xz, may have taken the last block first).
+        await archiveWritten;
+        throw err;
       }
-    } catch (err) {
-      // Both files grow at once: when the disk fills up, the archive's failure names the file
-      // it really stopped at (the pack, written by xz, may have taken the last block first).
-      await archiveWritten;
-      throw err;
-    }
-    const records = indexer.finish();
-    // XZ Utils and liblzma check the decoded sizes against the archive's own indexes: a decoder
-    // that succeeded with another count is not a working xz (one that stops early at a member
-    // boundary, or adds members, would otherwise pass every tar check).
-    if (total !== undefined && indexer.position !== total) {
-      throw new KheadersError(
-        'E_INTERNAL',
-        `the decoder (${decoder.name}) gave ${indexer.position} bytes, but the archive's xz index records ${total}: it is not a working xz decoder; nothing was cached (try --decoder lzma-native)`,
-        { decoder: decoder.name, decodedBytes: indexer.position, indexBytes: total },
-      );
-    }
+      const finished = indexer.finish();
+      // XZ Utils and liblzma check the decoded sizes against the archive's own indexes: a decoder
+      // that succeeded with another count is not a working xz (one that stops early at a member
+      // boundary, or adds members, would otherwise pass every tar check).
+      if (total !== undefined && indexer.position !== total) {
+        throw new KheadersError(
+          'E_INTERNAL',
+          `the decoder (${decoder!.name}) gave ${indexer.position} bytes, but the archive's xz index records ${total}: it is not a working xz decoder; nothing was cached (try --decoder lzma-native)`,
+          { decoder: decoder!.name, decodedBytes: indexer.position, indexBytes: total },
+        );
+      }
+      return finished;
+    };
+    // The pack xz writes is read back from the file: what that reading finds wrong may be the
+    // file's doing, not the archive's or the decoder's.
+    const records = 'intoFile' in decoding ? await unlessStagingChanged(decodeAll(), packFh, indexer) : await decodeAll();
     draftNew();
     await archiveWritten;
     mark('decoded');
@@ -873,6 +880,50 @@ async function followDecoder(decoder: FileDecoder, index: (chunk: Buffer) => voi
   }
   // A full disk reaches xz, not node: its error carries the errno, named here as the pack's.
   await inStep('pack', decoder.done);
+}
+
+/**
+ * `decoding`'s result, or its failure; but when the staged pack changed under it, that is the
+ * failure. xz is the pack's only writer and appends to it (O_APPEND), so what was read of it
+ * never changes: a pack now shorter than what was read, or a chunk that no longer has the digest
+ * it had when read, was truncated or written by another process. What was read after that was
+ * not xz's output in order, so the bad tar headers or the short count it caused are neither the
+ * archive's fault (xz checked it) nor the decoder's. Checked only on a failure.
+ */
+async function unlessStagingChanged<T>(decoding: Promise<T>, pack: FileHandle, indexer: TarIndexer): Promise<T> {
+  try {
+    return await decoding;
+  } catch (err) {
+    // A full disk, a killed xz or a stop are what they say, whatever happened to the file.
+    if (!isKheadersError(err) || err.code === 'E_NO_SPACE' || err.code === 'E_KILLED') throw err;
+    const change = await stagedPackChange(pack, indexer).catch(() => undefined);
+    if (change === undefined) throw err;
+    throw new KheadersError(
+      'E_STAGING_CHANGED',
+      `the staged copy of the decoded archive (${PACK_FILE} in the cache's tmp/) changed while xz wrote it: ${change.what}. Another process truncated or wrote it; the archive was not at fault. Nothing was cached and the earlier entries are intact: find what writes to the cache's tmp/, and ingest again`,
+      { file: PACK_FILE, ...change.details, readError: err.code },
+      { cause: err },
+    );
+  }
+}
+
+/** How the pack differs from what was read of it (see unlessStagingChanged), or undefined if it does not. */
+async function stagedPackChange(pack: FileHandle, indexer: TarIndexer): Promise<{ what: string; details: Record<string, number> } | undefined> {
+  const read = indexer.position;
+  const { size } = await pack.stat();
+  if (size < read) return { what: `it is ${size} bytes long, but ${read} had been read from it`, details: { packBytes: size, readBytes: read } };
+  // Only whole chunks wholly read are compared: the indexer may have hashed part of a chunk it
+  // then refused, past `position`. (Its digests are finished here: the build has failed.)
+  const { chunkBytes, digests } = indexer.packDigests();
+  const chunk = Buffer.allocUnsafe(chunkBytes);
+  for (let i = 0; (i + 1) * chunkBytes <= read; i++) {
+    const { bytesRead } = await pack.read(chunk, 0, chunkBytes, i * chunkBytes);
+    const digest = createHash('sha256').update(chunk.subarray(0, bytesRead)).digest();
+    if (!digest.equals(digests.subarray(i * DIGEST_BYTES, (i + 1) * DIGEST_BYTES))) {
+      return { what: `its bytes at offset ${i * chunkBytes} are not those read there before`, details: { changedAt: i * chunkBytes, readBytes: read } };
+    }
+  }
+  return undefined;
 }
 
 /**
