@@ -232,6 +232,7 @@ const COMMANDS: ReadonlyArray<CommandSpec<Run>> = [
       { name: 'module', value: 'name', help: "a loaded module's header: its BTF (/sys/kernel/btf/NAME) over the kernel's" },
       { name: 'base', value: 'file', help: "the base BTF of split BTF given with --btf (a module's: the kernel's BTF or vmlinux)" },
       { name: 'out', value: 'file', help: 'write here (atomically) instead of stdout' },
+      { name: 'log-level', value: 'level', help: 'log level', choices: LOG_LEVELS },
     ],
     run: (o) => {
       const [btf, module, base, out] = [text(o.btf), text(o.module), text(o.base), text(o.out)];

@@ -74,7 +74,7 @@ const COMMANDS: Record<string, CommandSpec> = {
   btf: {
     describes: 'write vmlinux.h',
     keys: [],
-    own: { '--btf': 'the BTF to read', '--module': "a loaded module's header", '--base': 'the base BTF of split BTF', '--out': 'write here' },
+    own: { '--btf': 'the BTF to read', '--module': "a loaded module's header", '--base': 'the base BTF of split BTF', '--out': 'write here', '--log-level': 'log level' },
     args: [],
   },
   doctor: { describes: 'check everything a first `serve` needs', keys: [...INGEST_KEYS, ...SERVE_KEYS, ...COMMON], own: { '--json': 'print the checks as JSON' }, args: [] },
@@ -274,6 +274,7 @@ test('usage errors: exit 2, nothing on stdout, a message on stderr naming the cu
     [['ls', '--log-level', 'chatty'], '--log-level', 'chatty'],
     [['doctor', '--fuse-backend', 'fuse3'], '--fuse-backend', 'fuse3'],
     [['pull', '--log-level', 'chatty'], '--log-level', 'chatty'],
+    [['btf', '--log-level', 'chatty'], '--log-level', 'chatty'],
     // An option the command does not declare (though another command does).
     [['ls', '--archive', 'x'], '--archive'],
     [['ls', '--no-modprobe'], '--no-modprobe'],
@@ -646,12 +647,13 @@ test('btf: every flag reaches the command', async () => {
   const raw = path.join(w, 'raw.btf');
   await writeFile(raw, b.build());
   const out = path.join(w, 'vmlinux.h');
-  const [toStdout, toFile, base, module] = await each(
+  const [toStdout, toFile, base, module, silent] = await each(
     [
       ['btf', '--btf', raw],
       ['btf', `--btf=${raw}`, '--out', out],
       ['btf', '--btf', raw, '--base', path.join(w, 'no-base.btf')],
       ['btf', '--module', 'kheadersd_no_such_module'],
+      ['btf', '--module', 'kheadersd_no_such_module', '--log-level', 'silent'],
     ],
     (args) => kh(args),
   );
@@ -664,6 +666,11 @@ test('btf: every flag reaches the command', async () => {
   assert.ok(base!.stderr.includes(path.join(w, 'no-base.btf')), `--base: ${base!.stderr}`);
   assert.notEqual(module!.code, 0);
   assert.match(module!.stderr, /kheadersd_no_such_module/, '--module');
+  // --log-level silent: the failure is one plain line, with no structured log line.
+  assert.notEqual(silent!.code, 0);
+  assert.match(silent!.stderr, /kheadersd_no_such_module/);
+  assert.doesNotMatch(silent!.stderr, /"level"/, '--log-level silent');
+  assert.match(module!.stderr, /"level":50/, 'without it, the structured line too');
 });
 
 test('install-systemd and uninstall-systemd: every flag reaches the command', async () => {
