@@ -316,3 +316,23 @@ test('the staged pack truncated by another process while xz writes it: never an 
     await assertEmptyCache(cacheDir, name);
   }
 });
+
+test('a stop (IngestOptions.signal) while either decoder writes the pack: the decode stops at once, nothing is cached or staged, and the ingest fails as stopped', async (t) => {
+  const b = await (big ??= bigInputs());
+  const dir = await tempDir(t);
+  const archive = path.join(dir, 'big.tar.xz');
+  await writeFile(archive, b.archive);
+  for (const decoder of DECODERS) {
+    const cacheDir = path.join(dir, `cache-stop-${decoder}`);
+    const stop = new AbortController();
+    const running = attempt({ cacheDir, archive, decoder, signal: stop.signal });
+    const at = await whenPackGrows(path.join(cacheDir, 'tmp'), 2 * 1024 * 1024, async () => stop.abort());
+    const r = await running;
+    t.diagnostic(`${decoder}: stopped at ${(at / 2 ** 20).toFixed(1)} of ${(b.tar.length / 2 ** 20).toFixed(1)} MiB`);
+    assert.ok(at < b.tar.length, `${decoder}: the decode had finished before the stop`);
+    assert.ok(!r.ok, `${decoder}: a stopped build was cached`);
+    assert.equal((r.err as Error).name, 'AbortError', `${decoder}: ${String(r.err)}`);
+    await assertEmptyCache(cacheDir, decoder);
+    if (decoder === 'xz') assert.equal(await childNamed('xz'), undefined, 'the xz child outlived the stop');
+  }
+});
