@@ -574,6 +574,7 @@ async function buildHeadersEntry(
   const running: Array<Promise<unknown>> = [];
   let decoder: { name: DecoderName; done: Promise<void>; abort(): void } | undefined;
   let progressTimer: NodeJS.Timeout | undefined;
+  let followed: { pack: FileHandle; indexer: TarIndexer } | undefined;
   // A stop kills the decoder (whichever it is): the decode fails, and the failure below cleans up.
   const stop = (): void => decoder?.abort();
   opts.signal?.addEventListener('abort', stop, { once: true });
@@ -598,6 +599,8 @@ async function buildHeadersEntry(
 
     const { FACT_FILES } = await import('./extras.js');
     const indexer = new TarIndexer(limits, new Set([UTSRELEASE_H, ...FACT_FILES]));
+    // xz's pack is read back from the file: a failure may be the file's doing (stagingChangedOr).
+    if ('intoFile' in decoding) followed = { pack: packFh, indexer };
     // The tree is drafted as records are decoded (node's thread is mostly idle while xz decodes
     // on the other core), so little of the index is left to build after xz's last byte.
     const tree = new TreeBuilder();
@@ -663,37 +666,31 @@ async function buildHeadersEntry(
     running.push(vmlinux);
     vmlinux.catch(() => {}); // awaited below; failing first must not be an unhandled rejection
 
-    const decodeAll = async (): Promise<IndexRecord[]> => {
-      try {
-        if ('intoFile' in decoding) {
-          await followDecoder(decoding.intoFile, take, packFh, opts.decoderStallMs ?? DECODER_STALL_MS);
-        } else {
-          // The pack's first write waits for the archive's (done long before 1 MiB is decoded).
-          const { PackWriter } = await import('./pack-writer.js');
-          await decodeInto(decoding.stream, take, new PackWriter(packFh, archiveWritten), limits);
-        }
-      } catch (err) {
-        // Both files grow at once: when the disk fills up, the archive's failure names the file
-        // it really stopped at (the pack, written by xz, may have taken the last block first).
-        await archiveWritten;
-        throw err;
+    try {
+      if ('intoFile' in decoding) {
+        await followDecoder(decoding.intoFile, take, packFh, opts.decoderStallMs ?? DECODER_STALL_MS);
+      } else {
+        // The pack's first write waits for the archive's (done long before 1 MiB is decoded).
+        const { PackWriter } = await import('./pack-writer.js');
+        await decodeInto(decoding.stream, take, new PackWriter(packFh, archiveWritten), limits);
       }
-      const finished = indexer.finish();
-      // XZ Utils and liblzma check the decoded sizes against the archive's own indexes: a decoder
-      // that succeeded with another count is not a working xz (one that stops early at a member
-      // boundary, or adds members, would otherwise pass every tar check).
-      if (total !== undefined && indexer.position !== total) {
-        throw new KheadersError(
-          'E_INTERNAL',
-          `the decoder (${decoder!.name}) gave ${indexer.position} bytes, but the archive's xz index records ${total}: it is not a working xz decoder; nothing was cached (try --decoder lzma-native)`,
-          { decoder: decoder!.name, decodedBytes: indexer.position, indexBytes: total },
-        );
-      }
-      return finished;
-    };
-    // The pack xz writes is read back from the file: what that reading finds wrong may be the
-    // file's doing, not the archive's or the decoder's.
-    const records = 'intoFile' in decoding ? await unlessStagingChanged(decodeAll(), packFh, indexer) : await decodeAll();
+    } catch (err) {
+      // Both files grow at once: when the disk fills up, the archive's failure names the file
+      // it really stopped at (the pack, written by xz, may have taken the last block first).
+      await archiveWritten;
+      throw err;
+    }
+    const records = indexer.finish();
+    // XZ Utils and liblzma check the decoded sizes against the archive's own indexes: a decoder
+    // that succeeded with another count is not a working xz (one that stops early at a member
+    // boundary, or adds members, would otherwise pass every tar check).
+    if (total !== undefined && indexer.position !== total) {
+      throw new KheadersError(
+        'E_INTERNAL',
+        `the decoder (${decoder.name}) gave ${indexer.position} bytes, but the archive's xz index records ${total}: it is not a working xz decoder; nothing was cached (try --decoder lzma-native)`,
+        { decoder: decoder.name, decodedBytes: indexer.position, indexBytes: total },
+      );
+    }
     draftNew();
     await archiveWritten;
     mark('decoded');
@@ -748,11 +745,12 @@ async function buildHeadersEntry(
   } catch (err) {
     decoder?.abort();
     await Promise.allSettled([...running, decoder?.done]);
+    const failure = followed ? await stagingChangedOr(err, followed.pack, followed.indexer) : err;
     await Promise.allSettled(handles.map((h) => h.close())); // a handle already closed resolves at once
     await rm(tmp, { recursive: true, force: true }).catch(() => {});
     // A decoder killed by the stop fails as killed: the stop is what happened.
     opts.signal?.throwIfAborted();
-    throw err;
+    throw failure;
   } finally {
     clearInterval(progressTimer);
     opts.signal?.removeEventListener('abort', stop);
@@ -883,31 +881,28 @@ async function followDecoder(decoder: FileDecoder, index: (chunk: Buffer) => voi
 }
 
 /**
- * `decoding`'s result, or its failure; but when the staged pack changed under it, that is the
- * failure. xz is the pack's only writer and appends to it (O_APPEND), so what was read of it
- * never changes: a pack now shorter than what was read, or a chunk that no longer has the digest
- * it had when read, was truncated or written by another process. What was read after that was
- * not xz's output in order, so the bad tar headers or the short count it caused are neither the
- * archive's fault (xz checked it) nor the decoder's. Checked only on a failure.
+ * `err`, the failure of a build whose pack xz wrote, unless the pack changed under the build:
+ * then that is the failure. xz is the pack's only writer and appends to it (O_APPEND), so what
+ * was read of it never changes: a pack now shorter than what was read, or a chunk that no longer
+ * has the digest it had when read, was truncated or written by another process. What was read
+ * after that was not xz's output in order, so the bad tar headers or the short count it caused
+ * are neither the archive's fault (xz checked it) nor the decoder's. Call once xz has exited.
  */
-async function unlessStagingChanged<T>(decoding: Promise<T>, pack: FileHandle, indexer: TarIndexer): Promise<T> {
-  try {
-    return await decoding;
-  } catch (err) {
-    // A full disk, a killed xz or a stop are what they say, whatever happened to the file.
-    if (!isKheadersError(err) || err.code === 'E_NO_SPACE' || err.code === 'E_KILLED') throw err;
-    const change = await stagedPackChange(pack, indexer).catch(() => undefined);
-    if (change === undefined) throw err;
-    throw new KheadersError(
-      'E_STAGING_CHANGED',
-      `the staged copy of the decoded archive (${PACK_FILE} in the cache's tmp/) changed while xz wrote it: ${change.what}. Another process truncated or wrote it; the archive was not at fault. Nothing was cached and the earlier entries are intact: find what writes to the cache's tmp/, and ingest again`,
-      { file: PACK_FILE, ...change.details, readError: err.code },
-      { cause: err },
-    );
-  }
+async function stagingChangedOr(err: unknown, pack: FileHandle, indexer: TarIndexer): Promise<unknown> {
+  // A full disk, a killed xz or a stop are what they say, whatever happened to the file; so is a
+  // pack past --max-total-bytes (a truncation only ever makes less to read), which is not read again.
+  if (!isKheadersError(err) || err.code === 'E_NO_SPACE' || err.code === 'E_KILLED' || err.details.limit === 'maxTotalBytes') return err;
+  const change = await stagedPackChange(pack, indexer).catch(() => undefined);
+  if (change === undefined) return err;
+  return new KheadersError(
+    'E_STAGING_CHANGED',
+    `the staged copy of the decoded archive (${PACK_FILE} in the cache's tmp/) changed while xz wrote it: ${change.what}. Another process truncated or wrote it; the archive was not at fault. Nothing was cached and the earlier entries are intact: find what writes to the cache's tmp/, and ingest again`,
+    { file: PACK_FILE, ...change.details, readError: err.code },
+    { cause: err },
+  );
 }
 
-/** How the pack differs from what was read of it (see unlessStagingChanged), or undefined if it does not. */
+/** How the pack differs from what was read of it (see stagingChangedOr), or undefined if it does not. */
 async function stagedPackChange(pack: FileHandle, indexer: TarIndexer): Promise<{ what: string; details: Record<string, number> } | undefined> {
   const read = indexer.position;
   const { size } = await pack.stat();
