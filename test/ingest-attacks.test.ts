@@ -17,6 +17,8 @@ import { CacheStore } from '../src/store/cache.js';
 import { findXzBinary } from '../src/store/decompress.js';
 import { PACK_FILE } from '../src/store/entry.js';
 import { ingest, type IngestOptions } from '../src/store/ingest.js';
+import { generateHeaderInWorker } from '../src/store/vmlinux-h.js';
+import { BtfBuilder } from './helpers/btf-builder.js';
 import { goodArchive as goodArchiveOf, goodTree, makeTar, randomBytes, sha256, snapshot, tempDir, textLike, xz, xzAsync, type SynthEntry } from './helpers/archives.js';
 
 const silent = createLogger('silent');
@@ -335,4 +337,21 @@ test('a stop (IngestOptions.signal) while either decoder writes the pack: the de
     await assertEmptyCache(cacheDir, decoder);
     if (decoder === 'xz') assert.equal(await childNamed('xz'), undefined, 'the xz child outlived the stop');
   }
+});
+
+test('a stop while vmlinux.h is generated: the worker thread is ended, not waited for, and writes nothing', async (t) => {
+  const dir = await tempDir(t);
+  const b = new BtfBuilder();
+  b.struct('task_struct', 4, [{ name: 'pid', type: b.int('int', 4, { signed: true }), bitOffset: 0 }]);
+  const btf = path.join(dir, 'small.btf');
+  await writeFile(btf, b.build());
+  const outFile = path.join(dir, 'vmlinux.h');
+  const stop = new AbortController();
+  const made = generateHeaderInWorker({ btf, outFile }, 'vmlinux.h for the test', stop.signal);
+  stop.abort(); // before the worker has even started
+  await assert.rejects(made, (e: unknown) => e instanceof Error && e.name === 'AbortError');
+  // A worker left running would write the file a moment later.
+  await new Promise((r) => setTimeout(r, 500));
+  assert.equal(await stat(outFile).then(() => 'written', () => 'absent'), 'absent');
+  await assert.rejects(generateHeaderInWorker({ btf, outFile }, 'vmlinux.h for the test', stop.signal), (e: unknown) => e instanceof Error && e.name === 'AbortError', 'stopped before it starts');
 });

@@ -511,7 +511,7 @@ async function ingestBtfOnly(opts: IngestOptions, btf: BtfSource, live: LiveKern
     if (!entry) {
       const tmp = await mkdtemp(path.join(store.tmpDir, `ingest-${process.pid}-`));
       try {
-        const made = await inStep('vmlinux.h', provideVmlinuxH(btf, path.join(tmp, VMLINUX_H), await loadAll(store)));
+        const made = await inStep('vmlinux.h', provideVmlinuxH(btf, path.join(tmp, VMLINUX_H), await loadAll(store), opts.signal));
         // The running kernel's entry, unless --release names another (then nothing of the
         // running kernel's goes in but what was given by hand and checked).
         const facts: EntryFacts = { release, live: release === live.release, buildId: release === live.release ? live.buildId : null, files: new Map() };
@@ -534,6 +534,7 @@ async function ingestBtfOnly(opts: IngestOptions, btf: BtfSource, live: LiveKern
           config: extras.config,
           notes: extras.notes,
         });
+        opts.signal?.throwIfAborted(); // the last step that leaves nothing behind
         entry = await commitEntry(store, tmp, manifest, index, []);
       } catch (err) {
         await rm(tmp, { recursive: true, force: true }).catch(() => {});
@@ -654,10 +655,10 @@ async function buildHeadersEntry(
     // vmlinux.h is generated on a worker thread while xz decodes; a BTF problem costs only
     // vmlinux.h, but a full disk fails the ingest (an entry must not lack it for that reason).
     const vmlinux = btf
-      ? inStep('vmlinux.h', provideVmlinuxH(btf, path.join(tmp, VMLINUX_H), await loadAll(store))).then(
+      ? inStep('vmlinux.h', provideVmlinuxH(btf, path.join(tmp, VMLINUX_H), await loadAll(store), opts.signal)).then(
           (made) => made,
           (err: unknown) => {
-            if (isKheadersError(err, 'E_NO_SPACE')) throw err;
+            if (isKheadersError(err, 'E_NO_SPACE') || opts.signal?.aborted) throw err; // a stop is no BTF problem
             opts.log?.warn({ btf: btf.path }, `no vmlinux.h for this entry: ${(err as Error).message}`);
             return null;
           },

@@ -39,7 +39,7 @@ export async function btfSource(file: string): Promise<BtfSource | undefined> {
  * BTF digest (read through its reader, so a damaged copy is never passed on), else generated in
  * a worker thread. Returns its size and sha256.
  */
-export async function provideVmlinuxH(btf: BtfSource, outFile: string, existing: readonly CacheEntry[]): Promise<{ bytes: number; sha256: string }> {
+export async function provideVmlinuxH(btf: BtfSource, outFile: string, existing: readonly CacheEntry[], signal?: AbortSignal): Promise<{ bytes: number; sha256: string }> {
   for (const donor of existing) {
     if (donor.manifest.btf?.digest !== btf.digest) continue;
     const id = donor.index.idOf(VMLINUX_H);
@@ -50,16 +50,28 @@ export async function provideVmlinuxH(btf: BtfSource, outFile: string, existing:
     await writeFile(outFile, bytes);
     return { bytes: bytes.length, sha256: donor.index.blob(blob).sha256.toString('hex') };
   }
-  return generateHeaderInWorker({ btf: btf.path, outFile }, `vmlinux.h from ${btf.path}`);
+  return generateHeaderInWorker({ btf: btf.path, outFile }, `vmlinux.h from ${btf.path}`, signal);
 }
 
-/** Run one header job (see vmlinux-worker.ts) on a worker thread; resolves with its size and sha256. */
-export function generateHeaderInWorker(job: HeaderJob, what: string): Promise<{ bytes: number; sha256: string }> {
+/**
+ * Run one header job (see vmlinux-worker.ts) on a worker thread; resolves with its size and
+ * sha256. `signal` (a stop) ends the worker at once and rejects with its reason: a stop does not
+ * wait for a whole kernel's header to be generated. What it wrote of `outFile` is the caller's to remove.
+ */
+export function generateHeaderInWorker(job: HeaderJob, what: string, signal?: AbortSignal): Promise<{ bytes: number; sha256: string }> {
+  if (signal?.aborted) return Promise.reject(signal.reason as Error);
   return new Promise((resolve, reject) => {
     // worker_threads (~4 ms to load) only when a header is made: serve's start loads this module.
     const { Worker } = process.getBuiltinModule('node:worker_threads');
     const worker = new Worker(new URL('./vmlinux-worker.js', import.meta.url), { workerData: job });
     let settled = false;
+    const stop = (): void => {
+      settled = true;
+      void worker.terminate();
+      reject(signal!.reason as Error);
+    };
+    signal?.addEventListener('abort', stop, { once: true });
+    worker.once('exit', () => signal?.removeEventListener('abort', stop));
     worker.once('message', (msg: HeaderJobResult) => {
       settled = true;
       if (msg.ok) resolve({ bytes: msg.bytes, sha256: msg.sha256 });
