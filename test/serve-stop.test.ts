@@ -3,8 +3,9 @@
  * state a stop can find it in, it must exit (status 0) soon, with the mount gone and nothing it
  * started left running. The states: an idle keep-alive HTTP connection, a client that stalls a
  * download, a file held open and a process whose cwd is on the mount, readers whose FUSE requests
- * are in flight, an ingest child decoding, a stop during start-up, and a second SIGTERM (also while
- * the start, already mounted, waits on systemd).
+ * are in flight, an ingest child decoding, a build inside the daemon (no ingest child could be
+ * started), a stop during start-up, and a second SIGTERM (also while the start, already mounted,
+ * waits on systemd).
  *
  * "Soon" is the stop's contract, not a benchmark: STOP_BOUND_MS is under the 10 s after which the
  * test helpers (and a service manager) send SIGKILL, and well above what the stop takes.
