@@ -300,22 +300,49 @@ test('the staged pack truncated by another process while xz writes it: never an 
   const dir = await tempDir(t);
   const archive = path.join(dir, 'big.tar.xz');
   await writeFile(archive, b.archive);
+  const refused = async (r: Awaited<ReturnType<typeof attempt>>, cacheDir: string, what: string): Promise<KheadersError> => {
+    // Before xz's stdout was opened O_APPEND, xz went on writing at its own offset: the bytes
+    // before it read as zeros (a hole) and the digests vouched for them, at the right size.
+    if (r.ok) assert.fail(`${what}: a pack truncated while xz wrote it was cached (${await assertServesOnlyTheTree(t, cacheDir, b.files)} files refused as damaged)`);
+    assert.ok(r.err instanceof KheadersError, String(r.err));
+    await assertEmptyCache(cacheDir, what);
+    return r.err;
+  };
+  // The truncation at a known point: the real xz's output held after `heldAt` bytes until the
+  // ingest has read them all, then the pack truncated and the rest let through. Early, the rest
+  // is read where the first bytes were (they differ now); late, the pack ends up shorter than
+  // what was read.
+  for (const [name, heldAt] of [['early', 2 * 1024 * 1024], ['late', 20 * 1024 * 1024]] as const) {
+    await t.test(`truncated once ${name === 'early' ? 2 : 20} MiB were read`, async (st) => {
+      const go = path.join(dir, `go-${name}`);
+      await fakeXzOnPath(st, dir, `"$REAL" "$@" | { head -c ${heldAt}; while [ ! -e '${go}' ]; do sleep 0.01; done; exec cat; }`);
+      const cacheDir = path.join(dir, `cache-held-${name}`);
+      let hasRead!: () => void;
+      const readToHold = new Promise<void>((resolve) => (hasRead = resolve));
+      const running = attempt({ cacheDir, archive, decoder: 'xz', onProgress: (p) => p.bytes >= heldAt && hasRead() });
+      await whenPackGrows(path.join(cacheDir, 'tmp'), heldAt, async (pack) => {
+        await readToHold;
+        await truncate(pack, 0);
+        await writeFile(go, '');
+      });
+      const err = await refused(await running, cacheDir, name);
+      // The archive was fine (xz checked it): what went wrong is the cache's staging, an environment error.
+      assert.equal(err.code, 'E_STAGING_CHANGED', `${name}: ${err.message}`);
+      assert.equal(err.exitCode, 5);
+      assert.match(err.message, /staged copy of the decoded archive .* changed while xz wrote it/);
+      assert.match(err.message, /the archive was not at fault/);
+    });
+  }
+  // The real xz, truncated whenever the pack reaches the size: always refused. Usually named as
+  // above; not when the ingest had read nothing before the truncation (nothing then tells a
+  // changed pack from a decoder that wrote garbage).
   for (const [name, minBytes] of [['early', 2 * 1024 * 1024], ['late', 20 * 1024 * 1024]] as const) {
     const cacheDir = path.join(dir, `cache-${name}`);
     const running = attempt({ cacheDir, archive, decoder: 'xz' });
     const at = await whenPackGrows(path.join(cacheDir, 'tmp'), minBytes, (pack) => truncate(pack, 0));
     const r = await running;
-    t.diagnostic(`${name}: truncated at ${(at / 2 ** 20).toFixed(1)} MiB: ${r.ok ? 'cached' : String(r.err)}`);
-    // Before xz's stdout was opened O_APPEND, xz went on writing at its own offset: the bytes
-    // before it read as zeros (a hole) and the digests vouched for them, at the right size.
-    if (r.ok) assert.fail(`${name}: a pack truncated while xz wrote it was cached (${await assertServesOnlyTheTree(t, cacheDir, b.files)} files refused as damaged)`);
-    assert.ok(r.err instanceof KheadersError, String(r.err));
-    // The archive was fine (xz checked it): what went wrong is the cache's staging, an environment error.
-    assert.equal(r.err.code, 'E_STAGING_CHANGED', `${name}: ${r.err.message}`);
-    assert.equal(r.err.exitCode, 5);
-    assert.match(r.err.message, /staged copy of the decoded archive .* changed while xz wrote it/);
-    assert.match(r.err.message, /the archive was not at fault/);
-    await assertEmptyCache(cacheDir, name);
+    t.diagnostic(`${name}, racing: truncated at ${(at / 2 ** 20).toFixed(1)} MiB: ${r.ok ? 'cached' : `${(r.err as KheadersError).code}: ${String(r.err)}`}`);
+    await refused(r, cacheDir, `${name}, racing`);
   }
 });
 
