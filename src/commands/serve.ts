@@ -285,7 +285,7 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
       return http?.url ?? null;
     },
   };
-  stopRequest?.detachWith(handle.detachNow);
+  stopRequest?.detachWith(() => handle.detachNow());
   /** A stop that came during the start: undo what is up, and hand back a daemon already stopped. */
   const stoppedDuringStart = async (): Promise<RunningDaemon> => {
     log.info('stopped during start-up');
