@@ -1,16 +1,16 @@
 /**
  * The folders are the data's path, and no module imports up it. From the bottom:
  *
- *   foundation  errors.ts, log.ts, token.ts, platform.ts, types/   (used by every layer)
+ *   foundation  errors.ts, log.ts, token.ts, platform.ts, v8-flags.ts, types/   (used by every layer)
  *   source      source/     where archives, modules, notes and BTF files come from
  *   btf         btf/        the BTF codec and C emitter (reads ELF through source/elf)
  *   store       store/      ingest, the index, the cache on disk, reading an entry back
  *   serve       serve/      HTTP and FUSE, answering from the store
  *   config      config.ts   flags, variables and config.json resolved into one Config
- *   commands    commands/   each command (serve, ingest, doctor, pull...) composing the above
+ *   commands    commands/   each command (serve, ingest, doctor, pull...) composing the above, and
+ *                           ingest-process-main.ts, the entry point of serve's ingest process
  *   cli         cli.ts      the commands' table that calls the commands (cli-args.ts: its argument
- *               parsing and help; v8-flags.ts: its V8 settings; ingest-process-main.ts: the
- *               entry point of serve's ingest process)
+ *               parsing and help)
  *
  * A module may import its own layer and any layer below. The test reads the import specifiers
  * (static, `export ... from` and dynamic `import()`) of every file under src/, so a new file
@@ -25,14 +25,14 @@ import { fileURLToPath } from 'node:url';
 const SRC = fileURLToPath(new URL('../../src/', import.meta.url));
 
 const LAYERS: ReadonlyArray<readonly [string, readonly string[]]> = [
-  ['foundation', ['errors.ts', 'log.ts', 'token.ts', 'platform.ts', 'types/']],
+  ['foundation', ['errors.ts', 'log.ts', 'token.ts', 'platform.ts', 'v8-flags.ts', 'types/']],
   ['source', ['source/']],
   ['btf', ['btf/']],
   ['store', ['store/']],
   ['serve', ['serve/']],
   ['config', ['config.ts']],
   ['commands', ['commands/']],
-  ['cli', ['cli.ts', 'cli-args.ts', 'ingest-process-main.ts', 'v8-flags.ts']],
+  ['cli', ['cli.ts', 'cli-args.ts']],
 ];
 
 /** The layer's rank of a path relative to src/ (forward slashes), or -1 when none claims it. */

@@ -1,5 +1,5 @@
 /**
- * `serve`'s builds run in a short-lived `node` process of their own (src/ingest-process-main.ts):
+ * `serve`'s builds run in a short-lived `node` process of their own (ingest-process-main.ts):
  * decoding an archive and generating vmlinux.h allocate tens of MiB that V8 and the C allocator
  * rarely give back, and a daemon that built its entry in-process idled all day at more than twice
  * the memory of one that found it cached (measured: 40 against 13–17 MiB anonymous). The cost is
@@ -27,7 +27,7 @@ export interface IngestRequest {
 /** What the child answers before it exits. */
 export type IngestOutcome = { ok: true } | { ok: false; code: string; message: string; details: Record<string, unknown> };
 
-const MAIN = fileURLToPath(new URL('../ingest-process-main.js', import.meta.url));
+const MAIN = fileURLToPath(new URL('./ingest-process-main.js', import.meta.url));
 const LEVELS: Record<number, LogLevel> = { 10: 'trace', 20: 'debug', 30: 'info', 40: 'warn', 50: 'error', 60: 'fatal' };
 
 /**

@@ -5,11 +5,13 @@
  * The shipped unit says `ExecStart=/usr/local/bin/kheadersd serve`, which is right for Debian's
  * and nodejs.org's npm prefix but not for nvm, volta or a checkout, and `#!/usr/bin/env node`
  * finds no node at all when node is not on systemd's PATH. So the unit is rendered with the
- * absolute paths of the node running this command and of this package's cli.js, checked with
- * `systemd-analyze verify` before anything is written, written atomically, and only then enabled.
+ * absolute paths of the node running this command and of the CLI this package's "bin" names,
+ * checked with `systemd-analyze verify` before anything is written, written atomically, and only
+ * then enabled.
  * A command rather than a shell script because npm ships dist/ and systemd/, not scripts/.
  */
 import { execFile } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { access, chmod, copyFile, mkdir, mkdtemp, readFile, rename, rm, rmdir, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -26,9 +28,40 @@ const TEMPLATE_EXEC_START = /^ExecStart=\/usr\/local\/bin\/kheadersd serve$/m;
 /** A marker in every file we write, so uninstall removes only ours. */
 const MARKER = '# Installed by kheadersd install-systemd';
 
-/** The package root: dist/src/commands/install.js -> ../../.. */
+interface OwnPackage {
+  /** The directory of kheadersd's package.json. */
+  root: string;
+  /** The CLI its "bin" names, absolute. */
+  cli: string;
+}
+let ownPackage: OwnPackage | undefined;
+
+/**
+ * kheadersd's own package: the nearest directory above this module whose package.json is
+ * kheadersd's, found by walking up, since this code runs from tsc's output (dist/src/commands/)
+ * in tests and from the bundle (dist/app/, flat) when installed; and the CLI that package.json's
+ * "bin" names. Synchronous and read once: it reads two or three small files of the installation,
+ * in the one-shot commands install-systemd and doctor, never in the daemon.
+ */
+function findOwnPackage(): OwnPackage {
+  if (ownPackage) return ownPackage;
+  const from = path.dirname(fileURLToPath(import.meta.url));
+  for (let dir = from; ; dir = path.dirname(dir)) {
+    let pkg: { name?: unknown; bin?: unknown } | undefined;
+    try {
+      pkg = JSON.parse(readFileSync(path.join(dir, 'package.json'), 'utf8')) as typeof pkg;
+    } catch {
+      // none here (or not JSON): keep walking up
+    }
+    const bin = pkg?.bin !== null && typeof pkg?.bin === 'object' ? (pkg.bin as Record<string, unknown>)['kheadersd'] : undefined;
+    if (pkg?.name === 'kheadersd' && typeof bin === 'string') return (ownPackage = { root: dir, cli: path.resolve(dir, bin) });
+    if (path.dirname(dir) === dir) throw new KheadersError('E_INTERNAL', `no package.json of kheadersd (with a "bin") above ${from}: the installation is incomplete`);
+  }
+}
+
+/** The package root: the directory of kheadersd's package.json, which holds systemd/ and node_modules/. */
 export function packageRoot(): string {
-  return fileURLToPath(new URL('../../../', import.meta.url));
+  return findOwnPackage().root;
 }
 
 export interface InstallIO {
@@ -49,7 +82,7 @@ export interface InstallSystemdOptions {
   unitDir?: string;
   /** Where config.json goes (default /etc/kheadersd). */
   configDir?: string;
-  /** The command ExecStart runs, before `serve` (default: this node and this package's cli.js). */
+  /** The command ExecStart runs, before `serve` (default: this node and the CLI this package's "bin" names). */
   command?: string[];
 }
 
@@ -154,7 +187,7 @@ export async function cmdInstallSystemd(io: InstallIO, opts: InstallSystemdOptio
   const unitDir = path.resolve(opts.unitDir ?? DEFAULT_UNIT_DIR);
   const configDir = path.resolve(opts.configDir ?? DEFAULT_CONFIG_DIR);
   const systemWide = unitDir === DEFAULT_UNIT_DIR;
-  const command = opts.command ?? [process.execPath, path.join(root, 'dist', 'src', 'cli.js')];
+  const command = opts.command ?? [process.execPath, findOwnPackage().cli];
 
   if (process.platform !== 'linux') return steps.fail(`systemd units are for Linux; this is ${process.platform}`, 'On Android use android/install.sh.', EXIT.usage);
   if (!opts.dryRun && systemWide && process.getuid?.() !== 0) {

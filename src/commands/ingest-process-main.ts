@@ -1,14 +1,16 @@
 /**
- * The entry point of `serve`'s ingest process, beside cli.ts (the other entry point): the child
- * side of commands/ingest-process.ts, one ingest of the configuration the daemon sends over the
- * IPC channel (no repair first: the daemon has just done it), JSON log lines on stdout, the
- * outcome sent back, then exit.
+ * The entry point of `serve`'s ingest process (cli.ts is the other entry point): the child side
+ * of ingest-process.ts, one ingest of the configuration the daemon sends over the IPC channel (no
+ * repair first: the daemon has just done it), JSON log lines on stdout, the outcome sent back,
+ * then exit. It sits beside ingest-process.ts because that finds it by a relative URL, which must
+ * name the same file in tsc's output and in the bundle, where every entry point is a file of one
+ * flat directory (scripts/bundle.mjs).
  */
 import { once } from 'node:events';
-import { KheadersError } from './errors.js';
-import { createLogger } from './log.js';
-import { optimizeForSize } from './v8-flags.js';
-import type { IngestOutcome, IngestRequest } from './commands/ingest-process.js';
+import { KheadersError } from '../errors.js';
+import { createLogger } from '../log.js';
+import { optimizeForSize } from '../v8-flags.js';
+import type { IngestOutcome, IngestRequest } from './ingest-process.js';
 
 if (!process.send) {
   process.stderr.write('this is the ingest process of `kheadersd serve`, started by it only; run `kheadersd ingest`\n');
@@ -30,7 +32,7 @@ process.on('disconnect', dieWithParent);
 
 const [request] = (await once(process, 'message')) as [IngestRequest];
 const log = createLogger(request.logLevel, process.stdout);
-const [{ ingest }, { configuredIngest }] = await Promise.all([import('./store/ingest.js'), import('./commands/store-commands.js')]);
+const [{ ingest }, { configuredIngest }] = await Promise.all([import('../store/ingest.js'), import('./store-commands.js')]);
 optimizeForSize();
 let outcome: IngestOutcome;
 try {
