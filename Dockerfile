@@ -39,7 +39,7 @@
 
 ARG NODE_IMAGE=node:22-bookworm-slim
 
-# ---- build: compile TypeScript -------------------------------------------------------------
+# ---- build: compile TypeScript, bundle it (esbuild) --------------------------------------------
 FROM ${NODE_IMAGE} AS build
 WORKDIR /src
 COPY package.json package-lock.json ./
@@ -49,7 +49,7 @@ RUN npm ci --ignore-scripts --no-audit --no-fund
 COPY . .
 RUN npm run build
 
-# ---- runtime: production dependencies and the compiled JavaScript only ------------------------
+# ---- runtime: production dependencies and the bundled JavaScript only --------------------------
 FROM ${NODE_IMAGE} AS runtime
 # libfuse2 + fuse: fuse-native (the native FUSE backend) links libfuse.so.2; fusermount clears
 # stale mounts. xz-utils: ingest decodes with the xz binary, twice as fast as lzma-native.
@@ -59,9 +59,9 @@ RUN apt-get update \
 WORKDIR /opt/kheadersd
 COPY package.json package-lock.json ./
 RUN npm ci --omit=dev --ignore-scripts --no-audit --no-fund && npm cache clean --force
-COPY --from=build /src/dist/src ./dist/src
-RUN chmod 0755 dist/src/cli.js \
- && ln -s /opt/kheadersd/dist/src/cli.js /usr/local/bin/kheadersd \
+COPY --from=build /src/dist/app ./dist/app
+RUN chmod 0755 dist/app/cli.js \
+ && ln -s /opt/kheadersd/dist/app/cli.js /usr/local/bin/kheadersd \
  && mkdir -p /var/cache/kheadersd \
  && chown node:node /var/cache/kheadersd \
  && chmod 0755 /var/cache/kheadersd

@@ -236,7 +236,7 @@ check_node_file() {
 build_bundle() {
   local out=$1
   step "bundle"
-  [ -f "$SRC/dist/src/cli.js" ] || fail "$SRC/dist/src/cli.js is missing" "build first: (cd $SRC && npm ci && npm run build)"
+  [ -f "$SRC/dist/app/cli.js" ] || fail "$SRC/dist/app/cli.js is missing" "build first: (cd $SRC && npm ci && npm run build)"
   [ -f "$SELF_DIR/kheadersd-ctl.sh" ] || fail "$SELF_DIR/kheadersd-ctl.sh is missing" "reinstall kheadersd"
   rm -rf "$out"
   mkdir -p "$out/dist" "$out/bin" "$out/etc" || fail "cannot create $out"
@@ -251,10 +251,10 @@ build_bundle() {
     [ -d "$SRC/node_modules" ] || fail "$SRC has neither package-lock.json nor node_modules" "run from a checkout or an npm-installed kheadersd"
     cp -R "$SRC/node_modules" "$out/" || fail "cannot copy node_modules"
   fi
-  cp -R "$SRC/dist/src" "$out/dist/src" || fail "cannot copy dist/src"
+  cp -R "$SRC/dist/app" "$out/dist/app" || fail "cannot copy dist/app"
   cp "$SELF_DIR/kheadersd-ctl.sh" "$out/bin/kheadersd-ctl"
   cp "$SELF_DIR/kheadersd.rc" "$out/etc/kheadersd.rc"
-  chmod 0755 "$out/bin/kheadersd-ctl" "$out/dist/src/cli.js"
+  chmod 0755 "$out/bin/kheadersd-ctl" "$out/dist/app/cli.js"
   echo "    $out: $(du -sh "$out" | cut -f1)"
 }
 
@@ -269,7 +269,7 @@ WORKDIR=$(mktemp -d "${TMPDIR:-/tmp}/kheadersd-android.XXXXXX")
 trap 'rm -rf "$WORKDIR"' EXIT
 if [ -n "$BUNDLE" ]; then
   step "bundle"
-  { [ -f "$BUNDLE/dist/src/cli.js" ] && [ -f "$BUNDLE/bin/kheadersd-ctl" ]; } || fail "$BUNDLE is not a kheadersd bundle (needs dist/src/cli.js and bin/kheadersd-ctl)" "make one with --bundle-only DIR"
+  { [ -f "$BUNDLE/dist/app/cli.js" ] && [ -f "$BUNDLE/bin/kheadersd-ctl" ]; } || fail "$BUNDLE is not a kheadersd bundle (needs dist/app/cli.js and bin/kheadersd-ctl)" "make one with --bundle-only DIR"
   cp -R "$BUNDLE" "$WORKDIR/bundle" || fail "cannot copy $BUNDLE"
   echo "    using $BUNDLE"
 else

@@ -8,7 +8,7 @@
 #
 # Layout (Android has no /tmp; /data/local is root's and survives reboots):
 #   /data/local/kheadersd/              the cache (root, 0755: the daemon refuses one others can write)
-#   /data/local/kheadersd/app/          the bundle: dist/src, node_modules, bin/ (this script, maybe node)
+#   /data/local/kheadersd/app/          the bundle: dist/app, node_modules, bin/ (this script, maybe node)
 #   /data/local/kheadersd/mnt/          the FUSE mount point
 #   /data/local/kheadersd/config.json   the configuration (same keys as /etc/kheadersd/config.json)
 #   /data/local/kheadersd/kheadersd.log the daemon's log (JSON lines; one old copy kept as .log.1)
@@ -89,14 +89,14 @@ cmd_install() {
   port=${3:-7711}
   [ "$node" != - ] || node="" # "-": the bundle's own bin/node
   [ -n "$src" ] || die "usage: install SRC [NODE] [PORT]"
-  [ -f "$src/dist/src/cli.js" ] || die "$src is not a kheadersd bundle (no dist/src/cli.js)"
+  [ -f "$src/dist/app/cli.js" ] || die "$src is not a kheadersd bundle (no dist/app/cli.js)"
   mkdir -p "$BASE" || die "cannot create $BASE"
   { chown 0:0 "$BASE" && chmod 0755 "$BASE"; } || die "cannot make $BASE root-owned 0755"
   rm -rf "$APP.new" "$APP.old"
   cp -R "$src" "$APP.new" || die "cannot copy $src to $APP.new (space? df -h /data)"
   # adb push leaves the files owned by shell: the cache must be root's and not writable by others.
   { chown -R 0:0 "$APP.new" && chmod -R go-w "$APP.new"; } || die "cannot chown $APP.new to root"
-  chmod 0755 "$APP.new/bin/kheadersd-ctl" "$APP.new/dist/src/cli.js" || die "cannot make the bundle's scripts executable"
+  chmod 0755 "$APP.new/bin/kheadersd-ctl" "$APP.new/dist/app/cli.js" || die "cannot make the bundle's scripts executable"
   if [ -z "$node" ]; then
     [ -f "$APP.new/bin/node" ] || die "no node: the bundle has no bin/node and none was named"
     chmod 0755 "$APP.new/bin/node"
@@ -160,9 +160,9 @@ cmd_run() {
   if [ -f "$LOG" ] && [ "$(wc -c < "$LOG")" -gt "$LOG_MAX" ]; then mv -f "$LOG" "$LOG.1"; fi
   daemon_env "$node"
   echo "$$" > "$PIDF"
-  logcat "starting: $node $APP/dist/src/cli.js serve (log: $LOG)"
+  logcat "starting: $node $APP/dist/app/cli.js serve (log: $LOG)"
   # V8's memory flags for an all-day daemon: the same as systemd/kheadersd.service's NODE_OPTIONS.
-  exec "$node" --v8-pool-size=1 "$APP/dist/src/cli.js" serve >> "$LOG" 2>&1
+  exec "$node" --v8-pool-size=1 "$APP/dist/app/cli.js" serve >> "$LOG" 2>&1
 }
 
 # Any other kheadersd command with the daemon's configuration: doctor, ls, export, gc, cat.
@@ -170,7 +170,7 @@ cmd_cli() {
   need_root "$1"
   node=$(node_path) || exit 1
   daemon_env "$node"
-  exec "$node" "$APP/dist/src/cli.js" "$@"
+  exec "$node" "$APP/dist/app/cli.js" "$@"
 }
 
 cmd_supervise() {

@@ -25,12 +25,11 @@ import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { goodArchive } from '../test/helpers/archives.js';
+import { CLI, goodArchive } from '../test/helpers/archives.js';
 import { freePort, statusOf } from './probe.js';
 import { envNote, machineLine, median, useDeviceLikeEnvironment, writeSection } from './report.js';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
-const CLI = path.join(REPO, 'dist/src/cli.js');
 const FIXTURE = path.resolve(REPO, '../shared/fixtures/kheaders-6.1-x86_64.tar.xz');
 const TIME = '/usr/bin/time';
 const LIVE_BTF = '/sys/kernel/btf/vmlinux';

@@ -12,7 +12,7 @@
 # (`kheadersd serve --fuse-backend kernel`) under arm64 node, with a BCC-style clang compile and
 # a byte-for-byte diff through its mount.
 #
-# Usage (root): sh scripts/arm64-test.sh            from the checkout, after `npx tsc -p .`
+# Usage (root): sh scripts/arm64-test.sh            from the checkout, after `npm run build`
 # Env: NODE_ARM64_VERSION (default 20.20.2), ARM64_DIR (default /tmp/kheadersd-arm64),
 #      KHEADERSD_FIXTURE (default ../shared/fixtures/kheaders-6.1-x86_64.tar.xz beside the checkout).
 set -eu
@@ -57,7 +57,7 @@ echo "arm64 node: $("$NODE" -p "[process.version, process.arch, process.platform
 [ "$("$NODE" -p process.arch)" = arm64 ] || { echo "not an arm64 node"; exit 1; }
 
 # 3. The tests (compiled on the host: the output is plain JS).
-[ -e dist/test/fuse-kernel-mount.test.js ] || npx tsc -p .
+{ [ -e dist/test/fuse-kernel-mount.test.js ] && [ -e dist/app/cli.js ]; } || npm run build
 "$NODE" --test --test-concurrency=1 --test-timeout=900000 dist/test/fuse-kernel-protocol.test.js dist/test/fuse-kernel-mount.test.js
 
 # 4. The daemon itself on arm64: serve the fixture with the kernel backend, compile through it.
@@ -70,7 +70,7 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
-"$NODE" dist/src/cli.js serve --archive "$FIXTURE" --release 6.1.192 --cache-dir "$WORK/cache" --mount "$MNT" \
+"$NODE" dist/app/cli.js serve --archive "$FIXTURE" --release 6.1.192 --cache-dir "$WORK/cache" --mount "$MNT" \
   --fuse-backend kernel --http off --btf off --log-level info >"$LOG" 2>&1 &
 PID=$!
 i=0

@@ -6,7 +6,7 @@
 #
 #   1. context   copy the tree, minus .dockerignore's patterns (like `COPY . .`)
 #   2. build     npm ci (all dependencies), npm run build            (the "build" stage)
-#   3. runtime   npm ci --omit=dev into a fresh directory, copy dist/src in  (the "runtime" stage)
+#   3. runtime   npm ci --omit=dev into a fresh directory, copy dist/app in  (the "runtime" stage)
 #   4. serve     kheadersd serve --mount off --archive A --http 127.0.0.1:PORT, with the image's ENV
 #   5. health    the Dockerfile's HEALTHCHECK command, verbatim, until it passes (60 s at most)
 #   6. stop      SIGTERM, expect a clean exit 0; `kheadersd ls` shows the entry it cached
@@ -103,7 +103,7 @@ cp "$WORK/context/package.json" "$WORK/context/package-lock.json" "$WORK/build/"
 (cd "$WORK/build" && npm ci --ignore-scripts --no-audit --no-fund) || fail "npm ci (all dependencies)"
 (cd "$WORK/context" && tar -cf - .) | (cd "$WORK/build" && tar -xf -) || fail "COPY . ."
 (cd "$WORK/build" && npm run build) || fail "npm run build"
-[ -f "$WORK/build/dist/src/cli.js" ] || fail "npm run build made no dist/src/cli.js"
+[ -f "$WORK/build/dist/app/cli.js" ] || fail "npm run build made no dist/app/cli.js"
 
 # ---- 3. runtime stage --------------------------------------------------------------------------
 step "runtime"
@@ -113,9 +113,9 @@ cp "$WORK/context/package.json" "$WORK/context/package-lock.json" "$RT/"
 # (The image also runs `npm cache clean --force` to keep the layer small; here that would wipe
 # this user's npm cache and changes nothing in the result.)
 (cd "$RT" && npm ci --omit=dev --ignore-scripts --no-audit --no-fund) || fail "npm ci --omit=dev"
-cp -R "$WORK/build/dist/src" "$RT/dist/src"
-chmod 0755 "$RT/dist/src/cli.js"
-ln -s "$RT/dist/src/cli.js" "$RT/bin/kheadersd" # the image's /usr/local/bin/kheadersd
+cp -R "$WORK/build/dist/app" "$RT/dist/app"
+chmod 0755 "$RT/dist/app/cli.js"
+ln -s "$RT/dist/app/cli.js" "$RT/bin/kheadersd" # the image's /usr/local/bin/kheadersd
 [ ! -e "$RT/node_modules/typescript" ] || fail "a dev dependency (typescript) is in the runtime's node_modules"
 KHEADERSD="$RT/bin/kheadersd"
 if ! "$KHEADERSD" serve --help >/dev/null 2>&1; then

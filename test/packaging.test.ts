@@ -149,7 +149,7 @@ describe('systemd unit', () => {
     const flags = /^"NODE_OPTIONS=([^"]+)"$/.exec(env.find((e) => e.includes('NODE_OPTIONS')) ?? '')?.[1];
     assert.ok(flags, `no Environment="NODE_OPTIONS=..." in the unit: ${env.join(', ')}`);
     const ctl = await readFile(path.join(ROOT, 'android', 'kheadersd-ctl.sh'), 'utf8');
-    assert.ok(ctl.includes(`exec "$node" ${flags} "$APP/dist/src/cli.js" serve`), 'android/kheadersd-ctl.sh runs serve with other flags');
+    assert.ok(ctl.includes(`exec "$node" ${flags} "$APP/dist/app/cli.js" serve`), 'android/kheadersd-ctl.sh runs serve with other flags');
     const dockerfile = await readFile(path.join(ROOT, 'Dockerfile'), 'utf8');
     assert.ok(dockerfile.includes(`NODE_OPTIONS="${flags}"`), 'the Dockerfile sets other NODE_OPTIONS');
     // A flag node does not allow in NODE_OPTIONS makes every start fail (exit 9).
@@ -217,7 +217,8 @@ describe('install-systemd', () => {
 
     assert.equal(await cmdInstallSystemd(io, { unitDir, configDir }), 0, err.text());
     const unitText = await readFile(path.join(unitDir, 'kheadersd.service'), 'utf8');
-    const cli = path.join(ROOT, 'dist', 'src', 'cli.js');
+    // The CLI package.json's "bin" names (the bundle), found from install.js in dist/src.
+    const cli = path.join(ROOT, 'dist', 'app', 'cli.js');
     assert.ok(unitText.includes(`ExecStart=${systemdQuote(process.execPath)} ${systemdQuote(cli)} serve`), unitText.split('\n').find((l) => l.startsWith('ExecStart')));
     assert.equal((await stat(path.join(unitDir, 'kheadersd.service'))).mode & 0o777, 0o644);
     assert.deepEqual(JSON.parse(await readFile(path.join(configDir, 'config.json'), 'utf8')), JSON.parse(await readFile(path.join(ROOT, 'systemd', 'config.example.json'), 'utf8')));
@@ -496,9 +497,9 @@ describe('android/install.sh', () => {
     log = path.join(dir, 'adb.log');
     await mkdir(bin);
     await writeFile(path.join(bin, 'adb'), FAKE_ADB, { mode: 0o755 });
-    await mkdir(path.join(bundle, 'dist', 'src'), { recursive: true });
+    await mkdir(path.join(bundle, 'dist', 'app'), { recursive: true });
     await mkdir(path.join(bundle, 'bin'));
-    await writeFile(path.join(bundle, 'dist', 'src', 'cli.js'), '// stand-in\n');
+    await writeFile(path.join(bundle, 'dist', 'app', 'cli.js'), '// stand-in\n');
     await writeFile(path.join(bundle, 'bin', 'kheadersd-ctl'), '#!/system/bin/sh\n', { mode: 0o755 });
   });
   after(async () => {
@@ -676,10 +677,10 @@ describe('android/kheadersd-ctl.sh', () => {
     const ctl = (...args: string[]): Promise<Ran> => run('sh', [path.join(base, 'app', 'bin', 'kheadersd-ctl'), ...args], { env, timeoutMs: 30_000 });
     try {
       const src = path.join(dir, 'bundle');
-      await mkdir(path.join(src, 'dist', 'src'), { recursive: true });
+      await mkdir(path.join(src, 'dist', 'app'), { recursive: true });
       await mkdir(path.join(src, 'bin'));
       await mkdir(path.join(src, 'etc'));
-      await writeFile(path.join(src, 'dist', 'src', 'cli.js'), '// stand-in\n');
+      await writeFile(path.join(src, 'dist', 'app', 'cli.js'), '// stand-in\n');
       await writeFile(path.join(src, 'bin', 'kheadersd-ctl'), await readFile(path.join(ROOT, 'android', 'kheadersd-ctl.sh')));
       await writeFile(path.join(src, 'etc', 'kheadersd.rc'), await readFile(path.join(ROOT, 'android', 'kheadersd.rc')));
       // A stand-in node: says its version, "serves" until SIGTERM, then exits 0 like the daemon.
@@ -733,6 +734,28 @@ describe('android/kheadersd-ctl.sh', () => {
 });
 
 // ---- the container --------------------------------------------------------------------------------
+
+describe('what ships', () => {
+  const bin = (): Promise<string> => readFile(path.join(ROOT, 'package.json'), 'utf8').then((t) => (JSON.parse(t) as { bin: { kheadersd: string } }).bin.kheadersd);
+
+  it('every launcher runs the CLI that package.json\'s "bin" names (the bundle)', async () => {
+    const cli = await bin();
+    assert.equal(cli, 'dist/app/cli.js');
+    for (const file of ['Dockerfile', 'scripts/container-build.sh', 'scripts/arm64-test.sh', 'android/install.sh', 'android/kheadersd-ctl.sh']) {
+      const text = await readFile(path.join(ROOT, file), 'utf8');
+      assert.ok(text.includes(cli), `${file} does not run ${cli}`);
+      assert.doesNotMatch(text, /dist\/src/, `${file} still names tsc's unbundled output`);
+    }
+  });
+
+  it('npm packs the bundle with every entry point, and not tsc\'s output', { timeout: 120_000 }, async () => {
+    const r = await run('npm', ['pack', '--dry-run', '--json', '--ignore-scripts'], { cwd: ROOT, timeoutMs: 120_000 });
+    assert.equal(r.code, 0, r.stderr);
+    const files = (JSON.parse(r.stdout) as Array<{ files: Array<{ path: string }> }>)[0]!.files.map((f) => f.path);
+    for (const f of [await bin(), 'dist/app/ingest-process-main.js', 'dist/app/io-worker.js', 'dist/app/vmlinux-worker.js', 'systemd/kheadersd.service']) assert.ok(files.includes(f), `the package lacks ${f}`);
+    assert.deepEqual(files.filter((f) => f.startsWith('dist/') && !f.startsWith('dist/app/')), []);
+  });
+});
 
 describe('Dockerfile', () => {
   it('builds on node:22-bookworm-slim in two stages, runs as non-root, exposes 7711 with a healthcheck', async () => {

@@ -26,11 +26,11 @@ import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
 import { findEmbeddedArchive } from '../../src/source/elf.js';
+import { CLI } from '../helpers/archives.js';
 import { run } from '../helpers/fuse-env.js';
 import { startArm64Vm, type VmResult } from './qemu-arm64.js';
 import { ARM64_KERNEL_DIR, DEVICE, REPO_ROOT, buildAndroidInitramfs, userlandSkipReason } from './userland.js';
 
-const CLI = path.join(REPO_ROOT, 'dist/src/cli.js');
 const sha256 = (b: Buffer | string): string => createHash('sha256').update(b).digest('hex');
 
 /** What runs inside the VM (mksh, toybox), in order. Every fact it gathers goes to $KH_OUT. */
@@ -158,7 +158,7 @@ echo $? >"$O/lzma-native.status"
 kh_emit step loading
 # 6. The loading path on this kernel: toybox's insmod of the file found, read from sysfs, rmmod.
 env $DENV $NODE --input-type=module -e "
-  const { locateArchive } = await import('$BASE/app/dist/src/source/locate.js');
+  const { locateArchive } = await import('${DEVICE.modules}/source/locate.js');
   const { createHash } = await import('node:crypto');
   const s = await locateArchive({ modprobe: true, unloadModule: true, maxArchiveBytes: 1 << 30, readModuleFiles: false });
   console.log(JSON.stringify({ obtained: s.obtained, source: s.source, module: s.module, sha256: createHash('sha256').update(s.bytes).digest('hex') }));

@@ -71,10 +71,15 @@ export const DEVICE = {
   staging: '/data/local/tmp/kheadersd-bundle',
   base: '/data/local/kheadersd',
   ctl: '/data/local/kheadersd/app/bin/kheadersd-ctl',
-  cli: '/data/local/kheadersd/app/dist/src/cli.js',
+  cli: '/data/local/kheadersd/app/dist/app/cli.js',
   mount: '/data/local/kheadersd/mnt',
   module: '/system_dlkm/lib/modules/kheaders.ko',
   libSh: '/system/etc/khvm/lib.sh',
+  /**
+   * tsc's output (dist/src), beside the harness's lib.sh, for the probes that call one module
+   * directly: the shipped bundle has no file per module. Not part of the bundle installed.
+   */
+  modules: '/system/etc/khvm/dist/src',
 } as const;
 
 export interface AndroidInitramfs {
@@ -302,6 +307,7 @@ async function bundleKey(): Promise<string> {
     INIT_SCRIPT,
     await libShPath(),
     ...(await walkFiles(path.join(REPO_ROOT, 'android'))),
+    ...(await walkFiles(path.join(REPO_ROOT, 'dist/app'))),
     ...(await walkFiles(path.join(REPO_ROOT, 'dist/src'))).filter((f) => !f.endsWith('.map')),
   ].sort();
   for (const f of files) hash.update(`${path.relative(REPO_ROOT, f)}\0`).update(await readFile(f)).update('\0');
@@ -321,6 +327,10 @@ async function buildBundleLayer(out: string): Promise<void> {
     await chmod(path.join(tree, 'init'), 0o755);
     await mkdir(path.join(tree, path.dirname(DEVICE.libSh).slice(1)), { recursive: true });
     await copyFile(await libShPath(), path.join(tree, DEVICE.libSh.slice(1)));
+    // The probes' modules, and the package.json that makes node load them as ES modules.
+    const modules = path.join(tree, DEVICE.modules.slice(1));
+    await cp(path.join(REPO_ROOT, 'dist/src'), modules, { recursive: true, filter: (f) => !f.endsWith('.map') });
+    await writeFile(path.join(modules, '../../package.json'), '{ "type": "module" }\n');
     await writeCpio(tree, out);
   } finally {
     await rm(work, { recursive: true, force: true });

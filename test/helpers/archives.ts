@@ -6,7 +6,7 @@
  */
 import { execFile, execFileSync, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { lstat, mkdtemp, readdir, readFile, readlink, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -19,7 +19,11 @@ import * as tar from 'tar-stream';
 
 /** The compiled helpers run from dist/test/helpers/: the repository root is three levels up. */
 export const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
-export const CLI = path.join(REPO_ROOT, 'dist/src/cli.js');
+/**
+ * The CLI as it ships: the file package.json's "bin" names (the esbuild bundle, dist/app), so that
+ * every test that runs the command runs what users get. Unit tests import dist/src instead.
+ */
+export const CLI = path.join(REPO_ROOT, (JSON.parse(readFileSync(path.join(REPO_ROOT, 'package.json'), 'utf8')) as { bin: { kheadersd: string } }).bin.kheadersd);
 export const INGEST_CHILD = path.join(REPO_ROOT, 'dist/test/helpers/ingest-child.js');
 export const FIXTURES_DIR = path.resolve(REPO_ROOT, '../shared/fixtures');
 export const FIXTURE_ARCHIVE = path.join(FIXTURES_DIR, 'kheaders-6.1-x86_64.tar.xz');
@@ -377,7 +381,7 @@ export function cleanEnv(extra: Record<string, string> = {}): NodeJS.ProcessEnv 
   return { ...env, ...extra };
 }
 
-/** Run `node dist/src/cli.js ...args` to completion. */
+/** Run `node <the shipped CLI> ...args` to completion. */
 export function runCli(args: readonly string[], opts: { env?: Record<string, string>; timeoutMs?: number } = {}): Promise<RunResult> {
   return runProcess(process.execPath, [CLI, ...args], opts);
 }

@@ -1,6 +1,6 @@
 # Helpers for scenario scripts, sourced (POSIX sh) by init.sh before the scenario runs.
 #
-# From the host (env.sh): KH_NODE (this machine's node), KH_CLI (the checkout's dist/src/cli.js)
+# From the host (env.sh): KH_NODE (this machine's node), KH_CLI (the checkout's shipped CLI, dist/app/cli.js)
 # and whatever the test passed. From init.sh: KH_OUT, a directory the host reads after the VM
 # has powered off (or been killed); KH_FILES, the files the test gave; fd 3, the line channel
 # to the host.

@@ -134,7 +134,7 @@ export function tool(cmd: string, args: readonly string[], opts: { env?: NodeJS.
   });
 }
 
-/** `node dist/src/cli.js ARGS` on the host. */
+/** `node <the shipped CLI> ARGS` on the host. */
 export function hostCli(args: readonly string[], env: NodeJS.ProcessEnv = process.env): Promise<string> {
   return tool(process.execPath, [KHEADERSD_CLI, ...args], { env });
 }

@@ -33,13 +33,15 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { CLI } from '../helpers/archives.js';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url)); // dist/test/vm
 /** The checkout (dist/test/vm is three levels down). */
 export const REPO_ROOT = path.resolve(HERE, '../../..');
 /** init.sh and lib.sh stay in the source tree (tsc does not copy them): the VM reads them over 9p. */
 export const VM_SCRIPTS = path.join(REPO_ROOT, 'test/vm');
-export const KHEADERSD_CLI = path.join(REPO_ROOT, 'dist/src/cli.js');
+/** The CLI as it ships (package.json's "bin"), run in the VM through the 9p share of /. */
+export const KHEADERSD_CLI = CLI;
 /** The port the daemon's HTTP listens on inside the VM (its default). */
 export const GUEST_HTTP_PORT = 7711;
 
