@@ -11,6 +11,7 @@ import { access, constants, readdir, readFile, writeFile } from 'node:fs/promise
 import path from 'node:path';
 import { test } from 'node:test';
 import { fileURLToPath, pathToFileURL } from 'node:url';
+import { systemdQuote } from '../src/commands/install.js';
 import { CLI, REPO_ROOT, SYNTH_RELEASE, goodArchive, runCli, tempDir } from './helpers/archives.js';
 import { request } from './helpers/http-env.js';
 import { startServe } from './helpers/serve-child.js';
@@ -33,6 +34,15 @@ test('package.json\'s "bin" is the bundle, executable, with its shebang', async 
   assert.equal(path.relative(REPO_ROOT, CLI), path.join('dist', 'app', 'cli.js'));
   await access(CLI, constants.X_OK);
   assert.match(await readFile(CLI, 'utf8'), /^#!\/usr\/bin\/env node\n/);
+});
+
+test('install-systemd, run from the bundle, finds the package (its systemd/) and names the bundle in ExecStart', async (t) => {
+  const units = await tempDir(t, 'kheadersd-bundle-units-');
+  const r = await runCli(['install-systemd', '--dry-run', '--unit-dir', units, '--config-dir', units]);
+  assert.equal(r.code, 0, r.stderr);
+  assert.ok(r.stdout.includes(`from ${path.join(REPO_ROOT, 'systemd', 'kheadersd.service')};`), r.stdout.split('\n', 3).join('\n'));
+  const execStart = r.stdout.split('\n').find((l) => l.startsWith('ExecStart='));
+  assert.equal(execStart, `ExecStart=${systemdQuote(process.execPath)} ${systemdQuote(CLI)} serve`);
 });
 
 test('every file the code finds by a relative URL is a file of the bundle, and no dependency is bundled in', async () => {
