@@ -6,7 +6,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { Writable } from 'node:stream';
 import { createDeferredLogger, createHeldLogger, createLogger, releaseLogger, warmLogger, type LogLevel } from '../src/log.js';
 
@@ -19,6 +19,22 @@ function capture(): { stream: Writable; lines: () => Array<Record<string, unknow
     },
   });
   return { stream, lines: () => chunks.join('').split('\n').filter(Boolean).map((l) => JSON.parse(l) as Record<string, unknown>) };
+}
+
+/**
+ * Run `calls` on a fresh logger from `factory` (at info, writing to stderr) in a node of its own:
+ * whether pino was loaded by then, and what the logger wrote.
+ */
+function probePino(factory: 'createDeferredLogger' | 'createHeldLogger', calls: string): { loaded: boolean; out: string } {
+  const script = `
+    const { ${factory}, warmLogger, releaseLogger } = await import(${JSON.stringify(new URL('../src/log.js', import.meta.url).href)});
+    const { createRequire } = await import('node:module');
+    const log = ${factory}('info', process.stderr);
+    ${calls}
+    const loaded = Object.keys(createRequire(import.meta.url).cache).some((f) => /[\\\\/]pino[\\\\/]pino\\.js$/.test(f));
+    process.stdout.write(String(loaded));`;
+  const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8' });
+  return { loaded: r.stdout === 'true', out: r.stderr };
 }
 
 test('a deferred logger writes what createLogger writes, at every level, and through child()', () => {
@@ -41,16 +57,7 @@ test('a deferred logger writes what createLogger writes, at every level, and thr
 });
 
 test('a deferred logger loads pino only for a line at or above its level, or when warmed', () => {
-  const probe = (calls: string): boolean => {
-    const script = `
-      const { createDeferredLogger, warmLogger } = await import(${JSON.stringify(new URL('../src/log.js', import.meta.url).href)});
-      const { createRequire } = await import('node:module');
-      const log = createDeferredLogger('info', process.stderr);
-      ${calls}
-      const loaded = Object.keys(createRequire(import.meta.url).cache).some((f) => /[\\\\/]pino[\\\\/]pino\\.js$/.test(f));
-      process.stdout.write(String(loaded));`;
-    return execFileSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }) === 'true';
-  };
+  const probe = (calls: string): boolean => probePino('createDeferredLogger', calls).loaded;
   assert.equal(probe(`log.debug('below'); log.trace('below'); void log.level;`), false, 'lines below the level and the level itself: pino not loaded');
   assert.equal(probe(`log.info('at')`), true, 'a line at the level loads it');
   assert.equal(probe(`warmLogger(log)`), true, 'warmLogger loads it');
@@ -99,17 +106,7 @@ test('an error line on a held logger is written at once, after every line held b
 });
 
 test('a held logger loads pino only when released, or for an error line', () => {
-  const probe = (calls: string): { loaded: boolean; out: string } => {
-    const script = `
-      const { createHeldLogger, releaseLogger } = await import(${JSON.stringify(new URL('../src/log.js', import.meta.url).href)});
-      const { createRequire } = await import('node:module');
-      const log = createHeldLogger('info', process.stderr);
-      ${calls}
-      const loaded = Object.keys(createRequire(import.meta.url).cache).some((f) => /[\\\\/]pino[\\\\/]pino\\.js$/.test(f));
-      process.stdout.write(String(loaded));`;
-    const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8' });
-    return { loaded: r.stdout === 'true', out: r.stderr };
-  };
+  const probe = (calls: string): { loaded: boolean; out: string } => probePino('createHeldLogger', calls);
   const held = probe(`log.info('held'); log.warn('held too'); log.child({ c: 1 }).info('child'); void log.level;`);
   assert.deepEqual(held, { loaded: false, out: '' }, 'lines at and above the level (below error), children, the level: held, pino not loaded');
   assert.equal(probe(`log.info('x'); releaseLogger(log)`).loaded, true, 'released: loaded');

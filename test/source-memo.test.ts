@@ -3,7 +3,7 @@
  * source is provably the same file or kernel, never for a file that changed, and any damage to
  * the record costs a read, not a wrong entry. Real ingests of real xz archives.
  */
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { readdir, readFile, rm, stat, utimes, writeFile } from 'node:fs/promises';
 import path from 'node:path';
@@ -38,13 +38,22 @@ async function run(opts: IngestOptions): Promise<{ reused: boolean; digest: stri
 /** Files are trusted to tell a change apart only once they are 2 s old (a coarse clock could hide a second write). */
 const settle = (): Promise<void> => new Promise((r) => setTimeout(r, 2_100));
 
-test('an unchanged archive file is not read again: its digest is recalled, and the entry is reused', async (t) => {
+/**
+ * A temp dir holding an archive of `release` (its mtime set to `mtime` when given), settled
+ * unless told otherwise, and where its cache goes.
+ */
+async function setUp(t: TestContext, release: string, opts: { settled?: boolean; mtime?: number } = {}): Promise<{ archive: string; bytes: Buffer; cacheDir: string }> {
   const dir = await tempDir(t);
   const archive = path.join(dir, 'a.tar.xz');
-  const bytes = await goodArchive('6.99.1-memo');
+  const bytes = await goodArchive(release);
   await writeFile(archive, bytes);
-  await settle();
-  const cacheDir = path.join(dir, 'cache');
+  if (opts.mtime !== undefined) await utimes(archive, opts.mtime, opts.mtime);
+  if (opts.settled !== false) await settle();
+  return { archive, bytes, cacheDir: path.join(dir, 'cache') };
+}
+
+test('an unchanged archive file is not read again: its digest is recalled, and the entry is reused', async (t) => {
+  const { archive, bytes, cacheDir } = await setUp(t, '6.99.1-memo');
   const first = await run({ cacheDir, archive });
   assert.deepEqual([first.reused, first.recalled, first.digest], [false, false, sha256(bytes)]);
   const memo = JSON.parse(await readFile(path.join(cacheDir, SOURCE_MEMO_FILE), 'utf8')) as { sources: Array<{ digest: string; source: string }> };
@@ -56,14 +65,8 @@ test('an unchanged archive file is not read again: its digest is recalled, and t
 });
 
 test('an archive rewritten in place, its size and mtime kept, is read again', async (t) => {
-  const dir = await tempDir(t);
-  const archive = path.join(dir, 'a.tar.xz');
-  const bytes = await goodArchive('6.99.2-memo');
-  await writeFile(archive, bytes);
   const mtime = 1_700_000_000; // whole seconds: set again exactly after the rewrite
-  await utimes(archive, mtime, mtime);
-  await settle();
-  const cacheDir = path.join(dir, 'cache');
+  const { archive, bytes, cacheDir } = await setUp(t, '6.99.2-memo', { mtime });
   assert.equal((await run({ cacheDir, archive })).reused, false);
   const before = await stat(archive);
   // Another archive of the very same size and mtime: one byte of the compressed stream changed.
@@ -79,10 +82,7 @@ test('an archive rewritten in place, its size and mtime kept, is read again', as
 });
 
 test('a file changed less than 2 s ago is read, and its digest not recorded, until it has settled', async (t) => {
-  const dir = await tempDir(t);
-  const archive = path.join(dir, 'a.tar.xz');
-  await writeFile(archive, await goodArchive('6.99.3-memo'));
-  const cacheDir = path.join(dir, 'cache');
+  const { archive, cacheDir } = await setUp(t, '6.99.3-memo', { settled: false });
   const first = await run({ cacheDir, archive });
   assert.equal(first.recalled, false);
   assert.equal((await readdir(cacheDir)).includes(SOURCE_MEMO_FILE), false, 'nothing recorded for a fresh file');
@@ -93,12 +93,7 @@ test('a file changed less than 2 s ago is read, and its digest not recorded, unt
 });
 
 test('a damaged record file is ignored (the archive is read) and written anew', async (t) => {
-  const dir = await tempDir(t);
-  const archive = path.join(dir, 'a.tar.xz');
-  const bytes = await goodArchive('6.99.4-memo');
-  await writeFile(archive, bytes);
-  await settle();
-  const cacheDir = path.join(dir, 'cache');
+  const { archive, bytes, cacheDir } = await setUp(t, '6.99.4-memo');
   await run({ cacheDir, archive });
   const file = path.join(cacheDir, SOURCE_MEMO_FILE);
   const good = await readFile(file, 'utf8');
@@ -122,12 +117,7 @@ test('a damaged record file is ignored (the archive is read) and written anew', 
 });
 
 test('an entry gone since its digest was recorded: the archive is read and the entry built again', async (t) => {
-  const dir = await tempDir(t);
-  const archive = path.join(dir, 'a.tar.xz');
-  const bytes = await goodArchive('6.99.5-memo');
-  await writeFile(archive, bytes);
-  await settle();
-  const cacheDir = path.join(dir, 'cache');
+  const { archive, bytes, cacheDir } = await setUp(t, '6.99.5-memo');
   await run({ cacheDir, archive });
   await rm(path.join(cacheDir, 'entries'), { recursive: true, force: true });
   const rebuilt = await run({ cacheDir, archive });
