@@ -7,16 +7,18 @@
  *   <cache>/tmp/           builds in progress; swept under the lock
  *   <cache>/lock
  *   <cache>/quarantine/    damaged entries moved aside, with why (quarantine.ts)
+ *   <cache>/sources.json   archive digests by what identifies their source (source-memo.ts)
+ *   <cache>/code/          V8's compiled code of the shipped bundle's commands (../code-cache.ts)
  *
  * Entries are immutable: they appear by one rename and disappear by one rename, so a reader
  * sees a whole entry or none. The directory must be ours and not writable by anyone else: a
  * cache another user can write is how the /tmp/kheaders-* tools were exploited (CVE-2024-2313).
  */
 import { mkdir, open, readdir, readFile, rename, rm, stat, chmod } from 'node:fs/promises';
-import type { Stats } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { KheadersError, errnoOf } from '../errors.js';
+import { cacheDirProblem } from './cache-dir.js';
 import { readBootId } from '../source/boot.js';
 import { readLiveBuildId } from '../source/notes.js';
 import { isDamage, loadEntry, loadManifest, openEntryLazily } from './entry-load.js';
@@ -28,6 +30,7 @@ import { Resolver, newestFirst } from './resolve.js';
 import type { TreeIndex } from './tree-index.js';
 
 export { entryId, isDigest, validRelease } from './entry.js';
+export { cacheDirProblem, type CacheDirProblem } from './cache-dir.js';
 
 export interface OpenOptions {
   /** Create the directory if missing and insist that we own it (every writing command). */
@@ -400,38 +403,6 @@ async function checkOwnership(dir: string, forWriting: boolean): Promise<void> {
   }
   const problem = cacheDirProblem(dir, st, process.getuid?.() ?? 0, forWriting);
   if (problem) throw new KheadersError('E_CACHE_UNSAFE', `${problem.what}; fix with: ${problem.fix}`, { dir, problem: problem.kind, mode: st.mode & 0o7777, owner: st.uid });
-}
-
-export interface CacheDirProblem {
-  kind: 'not-directory' | 'writable' | 'owner';
-  what: string;
-  fix: string;
-}
-
-/**
- * The rule for trusting a cache directory, which serve, ingest, the readers and `doctor` all
- * apply: a directory, writable by its owner only, owned by the user, or (for reading) by root.
- * Undefined when it may be used.
- */
-export function cacheDirProblem(dir: string, st: Pick<Stats, 'mode' | 'uid' | 'isDirectory'>, uid: number, forWriting: boolean): CacheDirProblem | undefined {
-  if (!st.isDirectory()) return { kind: 'not-directory', what: `the cache path ${dir} is not a directory`, fix: 'remove it, or choose another with --cache-dir' };
-  const mode = st.mode & 0o7777;
-  if ((mode & 0o022) !== 0) {
-    return {
-      kind: 'writable',
-      what: `refusing the cache directory ${dir}: it is writable by ${mode & 0o002 ? 'everyone' : 'its group'} (mode ${mode.toString(8)}), so anyone could plant headers in it`,
-      fix: `chmod 755 ${dir}`,
-    };
-  }
-  const acceptable = forWriting ? st.uid === uid : st.uid === uid || st.uid === 0;
-  if (!acceptable) {
-    return {
-      kind: 'owner',
-      what: `refusing the cache directory ${dir}: it is owned by uid ${st.uid}, not by ${forWriting ? 'you' : 'you or root'} (uid ${uid})`,
-      fix: `chown ${uid} ${dir} (as root), or choose another with --cache-dir`,
-    };
-  }
-  return undefined;
 }
 
 /** Write a small file so that a crash leaves the old content or the new, never a torn one. */
