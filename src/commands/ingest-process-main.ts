@@ -7,7 +7,7 @@
  * flat directory (scripts/bundle.mjs).
  */
 import { once } from 'node:events';
-import { KheadersError } from '../errors.js';
+import { EXIT, KheadersError } from '../errors.js';
 import { createLogger } from '../log.js';
 import { optimizeForSize } from '../v8-flags.js';
 import type { IngestOutcome, IngestRequest } from './ingest-process.js';
@@ -30,22 +30,30 @@ const dieWithParent = (): void => {
 };
 process.on('disconnect', dieWithParent);
 
-const [request] = (await once(process, 'message')) as [IngestRequest];
-const log = createLogger(request.logLevel, process.stdout);
-const [{ ingest }, { configuredIngest }] = await Promise.all([import('../store/ingest.js'), import('./store-commands.js')]);
-optimizeForSize();
-let outcome: IngestOutcome;
-try {
-  const io = { stdout: process.stdout, stderr: process.stderr, log };
-  // The daemon looked for the archive before starting this process, and logged what it found.
-  await ingest({ ...configuredIngest(request.cfg, io, { setCurrent: true }), locatedBefore: true });
-  outcome = { ok: true };
-} catch (err) {
-  if (err instanceof KheadersError) outcome = { ok: false, code: err.code, message: err.message, details: err.details };
-  else {
-    log.error({ err }, 'internal error');
-    outcome = { ok: false, code: 'E_INTERNAL', message: `internal error in the ingest process: ${err instanceof Error ? err.message : String(err)}`, details: {} };
+/** One ingest, as the daemon asks (a function, not top-level code: the bundle is CommonJS). */
+async function main(): Promise<void> {
+  const [request] = (await once(process, 'message')) as [IngestRequest];
+  const log = createLogger(request.logLevel, process.stdout);
+  const [{ ingest }, { configuredIngest }] = await Promise.all([import('../store/ingest.js'), import('./store-commands.js')]);
+  optimizeForSize();
+  let outcome: IngestOutcome;
+  try {
+    const io = { stdout: process.stdout, stderr: process.stderr, log };
+    // The daemon looked for the archive before starting this process, and logged what it found.
+    await ingest({ ...configuredIngest(request.cfg, io, { setCurrent: true }), locatedBefore: true });
+    outcome = { ok: true };
+  } catch (err) {
+    if (err instanceof KheadersError) outcome = { ok: false, code: err.code, message: err.message, details: err.details };
+    else {
+      log.error({ err }, 'internal error');
+      outcome = { ok: false, code: 'E_INTERNAL', message: `internal error in the ingest process: ${err instanceof Error ? err.message : String(err)}`, details: {} };
+    }
   }
+  process.off('disconnect', dieWithParent);
+  process.send?.(outcome, () => process.disconnect()); // defined: checked at the top
 }
-process.off('disconnect', dieWithParent);
-process.send(outcome, () => process.disconnect());
+
+main().catch((err: unknown) => {
+  process.stderr.write(`kheadersd ingest process: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
+  process.exit(EXIT.internal);
+});

@@ -18,22 +18,27 @@ export interface HeaderJob {
 
 export type HeaderJobResult = { ok: true; bytes: number; sha256: string } | { ok: false; code: string; message: string };
 
-const job = workerData as HeaderJob;
-try {
-  const btf = typeof job.btf === 'string' ? await readBtfFile(job.btf) : job.btf;
-  const base = job.base === undefined ? undefined : await readBtfFile(job.base);
-  const header = generateVmlinuxHeaderBytes(btf, base === undefined ? {} : { base });
-  const fh = await open(job.outFile, 'w', 0o644);
+/** The job (a function, not top-level code: the bundle is CommonJS). Every failure is posted back. */
+async function run(): Promise<void> {
+  const job = workerData as HeaderJob;
   try {
-    await fh.writeFile(header);
-    await fh.sync();
-  } finally {
-    await fh.close();
+    const btf = typeof job.btf === 'string' ? await readBtfFile(job.btf) : job.btf;
+    const base = job.base === undefined ? undefined : await readBtfFile(job.base);
+    const header = generateVmlinuxHeaderBytes(btf, base === undefined ? {} : { base });
+    const fh = await open(job.outFile, 'w', 0o644);
+    try {
+      await fh.writeFile(header);
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
+    const result: HeaderJobResult = { ok: true, bytes: header.length, sha256: createHash('sha256').update(header).digest('hex') };
+    parentPort!.postMessage(result);
+  } catch (err) {
+    const e = err as { code?: unknown; message?: unknown };
+    const result: HeaderJobResult = { ok: false, code: typeof e.code === 'string' ? e.code : 'E_INTERNAL', message: String(e.message ?? err) };
+    parentPort!.postMessage(result);
   }
-  const result: HeaderJobResult = { ok: true, bytes: header.length, sha256: createHash('sha256').update(header).digest('hex') };
-  parentPort!.postMessage(result);
-} catch (err) {
-  const e = err as { code?: unknown; message?: unknown };
-  const result: HeaderJobResult = { ok: false, code: typeof e.code === 'string' ? e.code : 'E_INTERNAL', message: String(e.message ?? err) };
-  parentPort!.postMessage(result);
 }
+
+void run();
