@@ -12,7 +12,7 @@ export default defineConfig(
   ...tseslint.configs.recommendedTypeChecked,
   {
     languageOptions: {
-      parserOptions: { projectService: { allowDefaultProject: ['eslint.config.js', 'scripts/bundle.mjs'] }, tsconfigRootDir: import.meta.dirname },
+      parserOptions: { projectService: { allowDefaultProject: ['eslint.config.js', 'scripts/bundle.mjs', 'scripts/import-meta-url.js'] }, tsconfigRootDir: import.meta.dirname },
     },
     plugins: { '@stylistic': stylistic },
     rules: {

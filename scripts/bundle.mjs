@@ -1,47 +1,122 @@
-// The shipped daemon: tsc's output (dist/src) bundled by esbuild into dist/app. Node 20's ESM
-// loader pays for every module it resolves, loads and links, and a `serve` start with its entry
-// cached loaded ~50 of ours; bundled, the same start runs ~44M fewer instructions (README).
+// The shipped daemon: tsc's output (dist/src) bundled by esbuild into dist/app, CommonJS, so that
+// the commands can run with V8's compiled code kept from the previous start (src/code-cache.ts):
+// Node 20 has no compile cache of its own, and none for ES modules. README has the figures.
 //
-// - Entry points: the CLI, and every file that node starts by path rather than by import: the
-//   ingest child's entry and the two worker threads. Their code finds them with
-//   `new URL('./<name>.js', import.meta.url)`, so every output file lands in one flat directory
-//   under the same base name as in dist/src: the same relative URL then works in both layouts.
-// - splitting: what the code loads with import() (fastify's app, the FUSE backends, the ingest,
-//   the BTF emitter...) stays a chunk of its own, loaded when it is asked for, as unbundled.
+//   core.js      what the CLI needs before it knows the cache directory: the argument parser,
+//                the configuration, the logger, errors, the command loader (the static imports
+//                of cli.js, found by esbuild itself, so the split cannot drift from the code)
+//   cli.js       the command table; compiled from source at every start (small)
+//   commands.js  every command (src/commands/index.ts) and all they load; run by the command
+//                loader through code-cache.ts. Modules loaded with import() stay unevaluated
+//                until asked for (esbuild wraps them), as when they were files of their own.
+//   ingest-process-main.js, io-worker.js, vmlinux-worker.js
+//                what node starts by path (the ingest child, the two worker threads), each
+//                whole in itself: they run in a process or thread of their own.
+//
+// - cli.js and commands.js take the core's modules from core.js (require('./core.js')), never a
+//   copy: one KheadersError class, one logger module, whichever file threw.
+// - import.meta.url, which the code uses to find the files above beside itself, is the running
+//   file's URL (scripts/import-meta-url.js), so the same relative URL works in dist/src and here.
 // - packages: 'external': every dependency (fastify, pino, fuse-native, lzma-native) is left to
-//   node_modules, as before: two are native addons, pino finds its worker files by path, and
-//   fastify is loaded lazily anyway.
+//   node_modules, as before: two are native addons, pino finds its worker files by path.
+// - dist/app/package.json says "commonjs", since the package's own says "module".
 // - The input is tsc's JavaScript, so the bundle runs exactly the code tsc type-checked.
 import { build } from 'esbuild';
-import { rm } from 'node:fs/promises';
+import { mkdir, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const compiled = path.join(root, 'dist', 'src');
 const outdir = path.join(root, 'dist', 'app');
+const COMMANDS_INDEX = path.join(compiled, 'commands', 'index.js');
 
-const entryPoints = {
-  cli: 'cli.js',
-  'ingest-process-main': 'commands/ingest-process-main.js',
-  'io-worker': 'serve/fuse/kernel/io-worker.js',
-  'vmlinux-worker': 'store/vmlinux-worker.js',
-};
-
-await rm(outdir, { recursive: true, force: true });
-await build({
-  entryPoints: Object.fromEntries(Object.entries(entryPoints).map(([name, file]) => [name, path.join(compiled, file)])),
-  outdir,
+const common = {
   bundle: true,
-  splitting: true,
-  format: 'esm',
+  format: 'cjs',
   platform: 'node',
   // The oldest node the suite runs under (engines says >=22; CI runs it under 20 and 22).
   target: 'node20',
   packages: 'external',
-  chunkNames: '[name]-[hash]',
+  // import() of a dependency becomes require(): code run through vm.Script with V8's cached code
+  // has no working dynamic import in node 20 (ERR_VM_DYNAMIC_IMPORT_CALLBACK_MISSING), and every
+  // dependency is CommonJS anyway.
+  supported: { 'dynamic-import': false },
+  inject: [path.join(root, 'scripts', 'import-meta-url.js')],
+  define: { 'import.meta.url': 'import_meta_url', KHEADERSD_BUNDLED: 'true' },
   // Readable output: a stack trace from a device names real functions and lines.
   minify: false,
   legalComments: 'none',
   logLevel: 'warning',
+};
+
+/**
+ * Resolve `./x.js` imports the way esbuild would, to an absolute path.
+ * @param {import('esbuild').OnResolveArgs} args
+ */
+const resolveFrom = (args) => path.resolve(args.resolveDir, args.path);
+
+/** The command modules are reached only through the loader, never bundled beside the core. @type {import('esbuild').Plugin} */
+const commandsApart = {
+  name: 'commands-apart',
+  setup(b) {
+    b.onResolve({ filter: /^\.\.?\// }, (args) => (resolveFrom(args) === COMMANDS_INDEX ? { path: './commands.js', external: true } : undefined));
+  },
+};
+
+/**
+ * Imports of a core module become require('./core.js').
+ * @param {Set<string>} core
+ * @returns {import('esbuild').Plugin}
+ */
+const coreFromCoreJs = (core) => ({
+  name: 'core-from-core-js',
+  setup(b) {
+    b.onResolve({ filter: /^\.\.?\// }, (args) => (core.has(resolveFrom(args)) ? { path: './core.js', external: true } : undefined));
+  },
 });
+
+await rm(outdir, { recursive: true, force: true });
+await mkdir(outdir, { recursive: true });
+
+// 1. The core: every module cli.js imports statically, however deep.
+const probe = await build({ ...common, entryPoints: [path.join(compiled, 'cli.js')], write: false, metafile: true, plugins: [commandsApart] });
+const coreFiles = Object.keys(probe.metafile.inputs)
+  .map((f) => path.resolve(root, f))
+  .filter((f) => f.startsWith(compiled + path.sep) && f !== path.join(compiled, 'cli.js'));
+const core = new Set(coreFiles);
+
+// core.js re-exports every core module flat: two exporting the same name would make one shadow the other.
+/** @type {Map<string, string>} */
+const owner = new Map();
+for (const file of coreFiles) {
+  /** @type {unknown} */
+  const exported = await import(pathToFileURL(file).href);
+  for (const name of Object.keys(/** @type {object} */ (exported))) {
+    if (owner.has(name)) throw new Error(`core modules ${owner.get(name)} and ${file} both export ${name}: rename one (core.js re-exports both)`);
+    owner.set(name, file);
+  }
+}
+await build({
+  ...common,
+  stdin: { contents: coreFiles.map((f) => `export * from ${JSON.stringify(f)};`).join('\n'), resolveDir: compiled, sourcefile: 'core-entry.js', loader: 'js' },
+  outfile: path.join(outdir, 'core.js'),
+  plugins: [commandsApart],
+});
+
+// 2. The CLI and the commands, each taking the core from core.js.
+await build({ ...common, entryPoints: { cli: path.join(compiled, 'cli.js') }, outdir, plugins: [commandsApart, coreFromCoreJs(core)] });
+await build({ ...common, entryPoints: { commands: COMMANDS_INDEX }, outdir, plugins: [coreFromCoreJs(core)] });
+
+// 3. What node starts by path, each whole.
+await build({
+  ...common,
+  entryPoints: {
+    'ingest-process-main': path.join(compiled, 'commands', 'ingest-process-main.js'),
+    'io-worker': path.join(compiled, 'serve', 'fuse', 'kernel', 'io-worker.js'),
+    'vmlinux-worker': path.join(compiled, 'store', 'vmlinux-worker.js'),
+  },
+  outdir,
+});
+
+await writeFile(path.join(outdir, 'package.json'), `${JSON.stringify({ type: 'commonjs' }, null, 2)}\n`);

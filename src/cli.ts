@@ -6,6 +6,7 @@
  * emitter) are imported inside the command that needs them, so `kheadersd ingest` starts as fast
  * as node itself.
  */
+import { loadCommand, saveCompiledCommands } from './command-loader.js';
 import { parseCommandLine, type CommandSpec, type Flag, type FlagValues, type ProgramSpec } from './cli-args.js';
 import { DEFAULT_CONFIG_FILE, KEYS, envName, flagName, readConfigFile, resolveConfig, type Config, type ConfigKey } from './config.js';
 import { EXIT, KheadersError, errnoOf } from './errors.js';
@@ -117,7 +118,7 @@ const COMMANDS: ReadonlyArray<CommandSpec<Run>> = [
         o,
         false,
         async (cfg, io) => {
-          const { cmdIngest } = await oneShot(import('./commands/store-commands.js'));
+          const { cmdIngest } = await oneShot(loadCommand('store', cfg.cacheDir, io.log));
           await cmdIngest(cfg, io, o.json === true);
         },
         // pino loads while xz decodes (ingest warms it), not before xz starts.
@@ -130,7 +131,7 @@ const COMMANDS: ReadonlyArray<CommandSpec<Run>> = [
     flags: [...keyFlags(COMMON), json('print JSON')],
     run: (o) =>
       run(o, false, async (cfg, io) => {
-        const { cmdLs } = await oneShot(import('./commands/store-commands.js'));
+        const { cmdLs } = await oneShot(loadCommand('store', cfg.cacheDir, io.log));
         await cmdLs(cfg, io, o.json === true);
       }),
   },
@@ -141,7 +142,7 @@ const COMMANDS: ReadonlyArray<CommandSpec<Run>> = [
     flags: keyFlags(COMMON),
     run: (o, [ref, file]) =>
       run(o, true, async (cfg, io) => {
-        const { cmdCat } = await oneShot(import('./commands/store-commands.js'));
+        const { cmdCat } = await oneShot(loadCommand('store', cfg.cacheDir, io.log));
         await cmdCat(cfg, io, ref!, file!);
       }),
   },
@@ -152,7 +153,7 @@ const COMMANDS: ReadonlyArray<CommandSpec<Run>> = [
     flags: keyFlags(COMMON),
     run: (o, [ref, dir]) =>
       run(o, false, async (cfg, io) => {
-        const { cmdExport } = await oneShot(import('./commands/store-commands.js'));
+        const { cmdExport } = await oneShot(loadCommand('store', cfg.cacheDir, io.log));
         await cmdExport(cfg, io, ref!, dir!);
       }),
   },
@@ -162,7 +163,7 @@ const COMMANDS: ReadonlyArray<CommandSpec<Run>> = [
     flags: [...keyFlags(['keep', 'maxCacheBytes', ...COMMON]), json('print JSON')],
     run: (o) =>
       run(o, false, async (cfg, io) => {
-        const { cmdGc } = await oneShot(import('./commands/store-commands.js'));
+        const { cmdGc } = await oneShot(loadCommand('store', cfg.cacheDir, io.log));
         await cmdGc(cfg, io, o.json === true);
       }),
   },
@@ -175,7 +176,7 @@ const COMMANDS: ReadonlyArray<CommandSpec<Run>> = [
         o,
         false,
         async (cfg, io) => {
-          const { StopRequest, startDaemon, installSignalHandlers } = await import('./commands/serve.js');
+          const { StopRequest, startDaemon, installSignalHandlers } = await loadCommand('serve', cfg.cacheDir, io.log);
           const stopRequest = new StopRequest();
           // The start's lines are held until it is ready, fails, is stopped or waits on a build
           // (ingest-process.ts warms the logger then), and for at most START_LINES_HELD_MS: pino loads then.
@@ -185,6 +186,8 @@ const COMMANDS: ReadonlyArray<CommandSpec<Run>> = [
           const starting = startDaemon(cfg, io, stopRequest);
           installSignalHandlers(starting, io, stopRequest);
           await starting;
+          // Ready: the code this start compiled is kept for the next one, before any V8 flag changes (V8 refuses code made under other flags).
+          saveCompiledCommands(io.log);
           holdYoungGeneration(); // only now: the start's builtins are loaded, with node's code cache
           // Ready: pino loads a moment later, not in the way of the first requests (which wait for it if they come then).
           clearTimeout(latest);
@@ -208,7 +211,7 @@ const COMMANDS: ReadonlyArray<CommandSpec<Run>> = [
     ],
     run: (o) =>
       runStandalone(o, true, async (io) => {
-        const { cmdPull, defaultHostCacheDir } = await oneShot(import('./commands/pull.js'));
+        const { cmdPull, defaultHostCacheDir } = await oneShot(loadCommand('pull', undefined));
         const [url, serial, out, release, tokenFile] = [text(o.url), text(o.serial), text(o.out), text(o.release), text(o.tokenFile)];
         await cmdPull(
           {
@@ -237,7 +240,7 @@ const COMMANDS: ReadonlyArray<CommandSpec<Run>> = [
     run: (o) => {
       const [btf, module, base, out] = [text(o.btf), text(o.module), text(o.base), text(o.out)];
       return runStandalone(o, out === undefined, async () => {
-        const { runBtfCommand } = await oneShot(import('./btf/command.js'));
+        const { runBtfCommand } = await oneShot(loadCommand('btf', undefined));
         await runBtfCommand(
           {
             ...(btf !== undefined ? { btf } : {}),
@@ -256,7 +259,7 @@ const COMMANDS: ReadonlyArray<CommandSpec<Run>> = [
     flags: [...keyFlags([...INGEST_KEYS, ...SERVE_KEYS, ...COMMON]), json('print the checks as JSON')],
     run: (o) =>
       run(o, false, async (cfg, io) => {
-        const { cmdDoctor } = await oneShot(import('./commands/doctor.js'));
+        const { cmdDoctor } = await oneShot(loadCommand('doctor', cfg.cacheDir, io.log));
         process.exitCode = await cmdDoctor(cfg, io, { json: o.json === true });
       }),
   },
@@ -272,7 +275,7 @@ const COMMANDS: ReadonlyArray<CommandSpec<Run>> = [
       { name: 'config-dir', value: 'dir', help: 'where config.json goes', default: '/etc/kheadersd' },
     ],
     run: async (o) => {
-      const { cmdInstallSystemd } = await oneShot(import('./commands/install.js'));
+      const { cmdInstallSystemd } = await oneShot(loadCommand('install', undefined));
       const unitDir = text(o.unitDir);
       process.exitCode = await cmdInstallSystemd(
         { stdout: process.stdout, stderr: process.stderr },
@@ -288,7 +291,7 @@ const COMMANDS: ReadonlyArray<CommandSpec<Run>> = [
       { name: 'unit-dir', value: 'dir', help: 'the directory install-systemd --unit-dir wrote to' },
     ],
     run: async (o) => {
-      const { cmdUninstallSystemd } = await oneShot(import('./commands/install.js'));
+      const { cmdUninstallSystemd } = await oneShot(loadCommand('install', undefined));
       const unitDir = text(o.unitDir);
       process.exitCode = await cmdUninstallSystemd({ stdout: process.stdout, stderr: process.stderr }, { dryRun: o.dryRun === true, ...(unitDir !== undefined ? { unitDir } : {}) });
     },

@@ -10,14 +10,13 @@ import assert from 'node:assert/strict';
 import { access, constants, readdir, readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { test } from 'node:test';
-import { fileURLToPath, pathToFileURL } from 'node:url';
+import { pathToFileURL } from 'node:url';
 import { systemdQuote } from '../src/commands/install.js';
 import { CLI, REPO_ROOT, SYNTH_RELEASE, goodArchive, runCli, tempDir } from './helpers/archives.js';
 import { request } from './helpers/http-env.js';
 import { startServe } from './helpers/serve-child.js';
 
 const APP = path.dirname(CLI);
-const RECORDER = pathToFileURL(path.join(REPO_ROOT, 'dist/test/helpers/record-loads.js')).href;
 
 /** The bundle's JavaScript files, by base name. */
 async function outputs(): Promise<Map<string, string>> {
@@ -49,7 +48,8 @@ test('every file the code finds by a relative URL is a file of the bundle, and n
   const files = await outputs();
   const named = new Set<string>();
   for (const code of files.values()) {
-    for (const m of code.matchAll(/new URL\("\.\/([^"]+)", import\.meta\.url\)/g)) named.add(m[1]!);
+    // scripts/import-meta-url.js stands for import.meta.url in the bundle.
+    for (const m of code.matchAll(/new URL\("\.\/([^"]+)", import_meta_url\)/g)) named.add(m[1]!);
     assert.doesNotMatch(code, /^\/\/ node_modules\//m, 'a dependency was bundled: scripts/bundle.mjs must leave packages external');
   }
   // The three that exist today; a new one is checked too.
@@ -61,7 +61,28 @@ test('every file the code finds by a relative URL is a file of the bundle, and n
   }
 });
 
-test('a serve start with its entry cached loads none of the lazily imported code', { timeout: 180_000 }, async (t) => {
+test('the bundle is CommonJS without import(), and cli.js and commands.js share one core', async () => {
+  const files = await outputs();
+  assert.deepEqual(JSON.parse(await readFile(path.join(APP, 'package.json'), 'utf8')), { type: 'commonjs' });
+  for (const [name, code] of files) {
+    // Code run with V8's cached code cannot import() in node 20 (src/code-cache.ts).
+    assert.doesNotMatch(code, /\bimport\(/, `${name} still calls import()`);
+    assert.doesNotMatch(code, /^export |^import /m, `${name} is not CommonJS`);
+  }
+  // One copy of the core (errors, the logger, the configuration): `instanceof KheadersError` must
+  // hold for an error thrown in commands.js and reported by cli.js.
+  const core = sourcesOf(files.get('core.js')!);
+  for (const s of ['errors.js', 'config.js', 'log.js', 'command-loader.js', 'code-cache.js']) assert.ok(core.includes(s), `core.js does not hold ${s}`);
+  for (const f of ['cli.js', 'commands.js']) {
+    const shared = sourcesOf(files.get(f)!).filter((s) => core.includes(s));
+    assert.deepEqual(shared, [], `${f} holds its own copy of core modules`);
+    assert.match(files.get(f)!, /require\("\.\/core\.js"\)/);
+  }
+  assert.deepEqual([...new Set(sourcesOf(files.get('cli.js')!))], ['cli.js']);
+  assert.ok(sourcesOf(files.get('commands.js')!).includes('commands/serve.js'));
+});
+
+test('a serve start with its entry cached runs none of the lazily imported code, and keeps its compiled code for the next', { timeout: 180_000 }, async (t) => {
   const work = await tempDir(t, 'kheadersd-bundle-');
   const archive = path.join(work, 'kernel.tar.xz');
   await writeFile(archive, await goodArchive());
@@ -70,25 +91,45 @@ test('a serve start with its entry cached loads none of the lazily imported code
   const ingested = await runCli(['ingest', ...args, '--log-level', 'warn']);
   assert.equal(ingested.code, 0, ingested.stderr);
 
-  const record = path.join(work, 'loaded.txt');
-  await writeFile(record, '');
-  const daemon = startServe(t, [...args, '--mount', 'off', '--http', '127.0.0.1:0', '--log-level', 'info'], { NODE_OPTIONS: `--import=${RECORDER}`, KH_RECORD_LOADS: record });
-  const listening = await daemon.waitFor((l) => l['msg'] === 'HTTP listening' && typeof l['url'] === 'string', 'HTTP listening');
-  assert.equal((await request(Number(new URL(String(listening['url'])).port), '/readyz')).status, 200);
-  await daemon.stop();
+  /** One start to ready and stop; what V8 says ran (NODE_V8_COVERAGE), and the start's log. */
+  const start = async (): Promise<{ ran: Map<string, number>; scripts: string[]; log: Array<Record<string, unknown>> }> => {
+    const coverage = await tempDir(t, 'kheadersd-coverage-');
+    const daemon = startServe(t, [...args, '--mount', 'off', '--http', '127.0.0.1:0', '--log-level', 'debug'], { NODE_V8_COVERAGE: coverage });
+    const listening = await daemon.waitFor((l) => l['msg'] === 'HTTP listening' && typeof l['url'] === 'string', 'HTTP listening');
+    assert.equal((await request(Number(new URL(String(listening['url'])).port), '/readyz')).status, 200);
+    await daemon.waitFor((l) => l['msg'] === 'compiled code kept for the next start' || l['codeCache'] === 'used', 'the code cache used or kept');
+    await daemon.stop();
+    const ran = new Map<string, number>();
+    const scripts: string[] = [];
+    for (const f of await readdir(coverage)) {
+      const { result } = JSON.parse(await readFile(path.join(coverage, f), 'utf8')) as { result: Array<{ url: string; functions: Array<{ functionName: string; ranges: Array<{ count: number }> }> }> };
+      for (const script of result) {
+        scripts.push(script.url);
+        if (script.url !== pathToFileURL(path.join(APP, 'commands.js')).href && script.url !== path.join(APP, 'commands.js')) continue;
+        // esbuild wraps each module of commands.js in a function named by its dist/src path, run when the module is first needed.
+        for (const fn of script.functions) if (fn.functionName.startsWith('dist/src/')) ran.set(fn.functionName.slice('dist/src/'.length), Math.max(ran.get(fn.functionName.slice('dist/src/'.length)) ?? 0, fn.ranges[0]?.count ?? 0));
+      }
+    }
+    return { ran, scripts, log: daemon.logs };
+  };
 
-  const urls = (await readFile(record, 'utf8')).split('\n').filter(Boolean);
-  const files = await outputs();
-  const ran = new Set<string>();
-  for (const url of urls) {
-    if (!url.startsWith('file:')) continue;
-    const file = fileURLToPath(url);
-    if (path.dirname(file) === APP) for (const s of sourcesOf(files.get(path.basename(file)) ?? '')) ran.add(s);
-    assert.doesNotMatch(file, /[\\/]dist[\\/]src[\\/]/, 'the bundle loaded a module of dist/src');
-    assert.doesNotMatch(file, /[\\/]node_modules[\\/]fastify[\\/]/, 'fastify was loaded before any request needed it');
+  const first = await start();
+  for (const url of first.scripts) {
+    assert.doesNotMatch(url, /[\\/]dist[\\/]src[\\/]/, 'the bundle loaded a module of dist/src');
+    assert.doesNotMatch(url, /[\\/]node_modules[\\/]fastify[\\/]/, 'fastify was loaded before any request needed it');
   }
-  // The recording works: the modules that serve does need are there.
-  for (const s of ['cli.js', 'commands/serve.js', 'serve/http/server.js', 'store/cache.js']) assert.ok(ran.has(s), `${s} is not among the modules loaded: ${[...ran].join(' ')}`);
-  const lazy = ['serve/http/fastify-app.js', 'serve/fuse/index.js', 'serve/fuse/native.js', 'serve/fuse/kernel/index.js', 'store/decompress.js', 'store/pack-writer.js', 'store/extras.js', 'btf/c-emitter.js', 'commands/ingest-process.js'];
-  assert.deepEqual(lazy.filter((s) => ran.has(s)), [], 'code imported lazily was loaded at a cached start');
+  // The recording works: the modules that serve does need ran.
+  for (const s of ['commands/serve.js', 'serve/http/server.js', 'store/cache.js']) assert.ok((first.ran.get(s) ?? 0) > 0, `${s} did not run: ${[...first.ran].filter(([, n]) => n > 0).map(([s]) => s).join(' ')}`);
+  const lazy = ['serve/http/fastify-app.js', 'serve/fuse/index.js', 'serve/fuse/native.js', 'serve/fuse/kernel/index.js', 'store/decompress.js', 'store/pack-writer.js', 'store/extras.js', 'btf/c-emitter.js', 'commands/ingest-process.js', 'commands/doctor.js', 'commands/pull.js'];
+  for (const s of lazy) assert.ok(first.ran.has(s), `commands.js has no module ${s} (renamed? update this test)`);
+  assert.deepEqual(lazy.filter((s) => (first.ran.get(s) ?? 0) > 0), [], 'code imported lazily ran at a cached start');
+
+  // The first start compiled from source and kept the code; the second runs with it.
+  const state = (log: Array<Record<string, unknown>>): unknown => log.find((l) => l['codeCache'] !== undefined)?.['codeCache'];
+  assert.equal(state(first.log), 'absent');
+  const kept = await readdir(path.join(cacheDir, 'code'));
+  assert.equal(kept.length, 1, kept.join(' '));
+  assert.match(kept[0]!, /^commands-[0-9a-f]{16}-v\d+\.\d+\.\d+-\w+\.v8$/);
+  const second = await start();
+  assert.equal(state(second.log), 'used');
 });

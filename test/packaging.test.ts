@@ -752,7 +752,7 @@ describe('what ships', () => {
     const r = await run('npm', ['pack', '--dry-run', '--json', '--ignore-scripts'], { cwd: ROOT, timeoutMs: 120_000 });
     assert.equal(r.code, 0, r.stderr);
     const files = (JSON.parse(r.stdout) as Array<{ files: Array<{ path: string }> }>)[0]!.files.map((f) => f.path);
-    for (const f of [await bin(), 'dist/app/ingest-process-main.js', 'dist/app/io-worker.js', 'dist/app/vmlinux-worker.js', 'systemd/kheadersd.service']) assert.ok(files.includes(f), `the package lacks ${f}`);
+    for (const f of [await bin(), 'dist/app/core.js', 'dist/app/commands.js', 'dist/app/package.json', 'dist/app/ingest-process-main.js', 'dist/app/io-worker.js', 'dist/app/vmlinux-worker.js', 'systemd/kheadersd.service']) assert.ok(files.includes(f), `the package lacks ${f}`);
     assert.deepEqual(files.filter((f) => f.startsWith('dist/') && !f.startsWith('dist/app/')), []);
   });
 });

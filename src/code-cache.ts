@@ -1,0 +1,187 @@
+/**
+ * Run a CommonJS file of the shipped bundle with V8's compiled code for it, kept in the cache
+ * directory: the daemon's start after every boot then skips parsing the file and compiling the
+ * functions a start runs. Node 20 has no compile cache of its own (22's `module.enableCompileCache`
+ * is not in 20), so this is V8's code cache through `vm.Script`'s `cachedData`.
+ *
+ *   <cache>/code/<file>-<sha256 of the file, 16 hex>-<node version>-<arch>.v8
+ *     8 bytes magic, 32 bytes sha256 of the rest, then V8's data
+ *
+ * What V8 is given is executable code, so it is held to the cache directory's rule and more:
+ * - It is used only from a trusted place: the cache directory and code/ pass cacheDirProblem
+ *   (a directory writable by its owner only, owned by this user or root), and the file is a
+ *   regular file (not followed through a symlink), owned by this user or root, writable by its
+ *   owner only.
+ * - It belongs to one exact file: the name holds the file's digest, because V8 checks only the
+ *   source's length, its own version and its flags, and would run the code of an older file of
+ *   the same length.
+ * - It is whole: the digest inside is checked before V8 sees it, because V8 checks no checksum
+ *   of its data in a release build, and a torn or damaged file must cost a compile, not a crash.
+ * Whatever fails, the file is compiled from its source, as without a cache: what is on disk
+ * never stops a start.
+ *
+ * The file must not use import(): node 20 cannot import from code compiled with a code cache
+ * (ERR_VM_DYNAMIC_IMPORT_CALLBACK_MISSING); the bundle turns every import() into require().
+ */
+import { createHash } from 'node:crypto';
+import { constants } from 'node:fs';
+import { lstat, mkdir, open, readdir, readFile, rename, rm, stat } from 'node:fs/promises';
+import { createRequire } from 'node:module';
+import path from 'node:path';
+import { Script } from 'node:vm';
+import { cacheDirProblem } from './store/cache-dir.js';
+
+const MAGIC = Buffer.from('KHV8CODE', 'latin1');
+const HEAD_BYTES = MAGIC.length + 32;
+/** Far above what V8 writes for the bundle (~0.4 MiB): a bigger file is not ours. */
+const MAX_CACHE_BYTES = 64 << 20;
+export const CODE_DIR = 'code';
+
+/** What became of the cache for one compile. */
+export type CodeCacheState =
+  | 'used' // V8 took the cached code
+  | 'rejected' // V8 refused it (another node, V8 flags that differ): compiled from source
+  | 'absent' // none yet for this file and this node
+  | 'untrusted' // not in a trusted place, or not trusted itself: ignored
+  | 'damaged' // its digest or magic is wrong: ignored
+  | 'off'; // no cache directory was given
+
+export interface RunBundleResult {
+  /** The file's `module.exports`. */
+  exports: unknown;
+  state: CodeCacheState;
+  /** The cache file's path (undefined when `off`). */
+  cacheFile: string | undefined;
+  /** Why the cache was not used, for a log line (undefined when used or absent). */
+  why: string | undefined;
+  /**
+   * Keep the code compiled so far for the next start; call it once the work whose functions the
+   * next start should find compiled is done. V8's data is taken synchronously, before this
+   * returns its promise: call it before any V8 flag changes, since V8 refuses code made under
+   * other flags. Resolves to false when nothing was written because the cache was used (or off).
+   */
+  save(): Promise<boolean>;
+}
+
+/** Compile and run `file` (CommonJS), with its compiled code from `<cacheDir>/code/` when that can be trusted. */
+export async function runBundle(file: string, cacheDir: string | undefined): Promise<RunBundleResult> {
+  const source = await readFile(file);
+  const cacheFile = cacheDir === undefined ? undefined : path.join(cacheDir, CODE_DIR, cacheFileName(file, source));
+  const found: Found = cacheFile === undefined ? { state: 'off' } : await readTrusted(cacheFile);
+  const text = source.toString('utf8');
+  // A shebang is a comment to the shell only: inside the function wrapper it must be one to V8 too.
+  // node's CommonJS wrapper, on the file's first line so that stack traces keep its line numbers.
+  const body = text.startsWith('#!') ? `//${text.slice(2)}` : text;
+  const script = new Script(`(function (exports, require, module, __filename, __dirname) { ${body}\n})`, {
+    filename: file,
+    ...(found.data ? { cachedData: found.data } : {}),
+  });
+  const state: CodeCacheState = found.data ? (script.cachedDataRejected === true ? 'rejected' : 'used') : found.state;
+  const module = { exports: {} as unknown, filename: file, id: file, loaded: false };
+  const run = script.runInThisContext() as (exports: unknown, require: NodeJS.Require, module: unknown, filename: string, dirname: string) => void;
+  run.call(module.exports, module.exports, createRequire(file), module, file, path.dirname(file));
+  module.loaded = true;
+  const why = state === 'rejected' ? 'V8 refused it (another node or other V8 flags)' : found.why;
+  return {
+    exports: module.exports,
+    state,
+    cacheFile,
+    why,
+    save: () => {
+      if (cacheFile === undefined || state === 'used') return Promise.resolve(false);
+      return writeCodeCache(cacheFile, script.createCachedData(), `${path.basename(file, '.js')}-`).then(() => true);
+    },
+  };
+}
+
+/** The cache's file name: the file's base name, its digest, and the node that compiled it. */
+export function cacheFileName(file: string, source: Buffer): string {
+  const digest = createHash('sha256').update(source).digest('hex').slice(0, 16);
+  return `${path.basename(file, '.js')}-${digest}-${process.version}-${process.arch}.v8`;
+}
+
+interface Found {
+  state: CodeCacheState;
+  data?: Buffer;
+  why?: string;
+}
+
+/** The cached code, if its place, its file and its digest can be trusted. */
+async function readTrusted(cacheFile: string): Promise<Found> {
+  const uid = process.getuid?.() ?? 0;
+  const codeDir = path.dirname(cacheFile);
+  const cacheDir = path.dirname(codeDir);
+  let fh;
+  try {
+    for (const [dir, st] of [
+      [cacheDir, await stat(cacheDir)],
+      [codeDir, await lstat(codeDir)],
+    ] as const) {
+      const problem = cacheDirProblem(dir, st, uid, false);
+      if (problem) return { state: 'untrusted', why: problem.what };
+    }
+    fh = await open(cacheFile, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT') return { state: 'absent' };
+    return { state: 'untrusted', why: `${cacheFile} cannot be opened safely (${code ?? String(err)})` };
+  }
+  try {
+    const st = await fh.stat();
+    if (!st.isFile()) return { state: 'untrusted', why: `${cacheFile} is not a regular file` };
+    if (st.uid !== uid && st.uid !== 0) return { state: 'untrusted', why: `${cacheFile} is owned by uid ${st.uid}, not by this user or root` };
+    if ((st.mode & 0o022) !== 0) return { state: 'untrusted', why: `${cacheFile} is writable by others (mode ${(st.mode & 0o7777).toString(8)})` };
+    if (st.size > MAX_CACHE_BYTES) return { state: 'damaged', why: `${cacheFile} is ${st.size} bytes, more than compiled code for one file` };
+    const bytes = await fh.readFile();
+    if (bytes.length < HEAD_BYTES || !bytes.subarray(0, MAGIC.length).equals(MAGIC)) return { state: 'damaged', why: `${cacheFile} does not start with the code cache's magic` };
+    const data = bytes.subarray(HEAD_BYTES);
+    const digest = createHash('sha256').update(data).digest();
+    if (!digest.equals(bytes.subarray(MAGIC.length, HEAD_BYTES))) return { state: 'damaged', why: `${cacheFile} does not match its digest (torn or damaged)` };
+    return { state: 'absent', data };
+  } catch (err) {
+    return { state: 'damaged', why: `${cacheFile} cannot be read (${(err as NodeJS.ErrnoException).code ?? String(err)})` };
+  } finally {
+    await fh.close();
+  }
+}
+
+/**
+ * Write the compiled code so that a crash or a power cut leaves the old file, the new one or
+ * none, never a torn one that is trusted (the digest would refuse it anyway), and remove what an
+ * older bundle or another node left for the same file.
+ */
+async function writeCodeCache(cacheFile: string, data: Buffer, stem: string): Promise<void> {
+  const codeDir = path.dirname(cacheFile);
+  await mkdir(codeDir, { mode: 0o755 }).catch((err: NodeJS.ErrnoException) => {
+    if (err.code !== 'EEXIST') throw err;
+  });
+  const problem = cacheDirProblem(codeDir, await lstat(codeDir), process.getuid?.() ?? 0, true);
+  if (problem) throw new Error(problem.what);
+  const tmp = path.join(codeDir, `.${path.basename(cacheFile)}.${process.pid}.tmp`);
+  try {
+    const fh = await open(tmp, constants.O_WRONLY | constants.O_CREAT | constants.O_TRUNC | constants.O_NOFOLLOW, 0o644);
+    try {
+      await fh.writev([MAGIC, createHash('sha256').update(data).digest(), data]);
+      await fh.chmod(0o644); // not the umask's choice: readers refuse a group-writable file
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
+    await rename(tmp, cacheFile);
+  } catch (err) {
+    await rm(tmp, { force: true });
+    throw err;
+  }
+  // What an older bundle or another node wrote for this file, and what a crash left half-written.
+  for (const name of await readdir(codeDir)) {
+    const stale = name.startsWith(stem) && name.endsWith('.v8') && name !== path.basename(cacheFile);
+    const torn = name.startsWith(`.${stem}`) && name.endsWith('.tmp') && name !== path.basename(tmp);
+    if (stale || torn) await rm(path.join(codeDir, name), { force: true });
+  }
+  const dir = await open(codeDir, 'r');
+  try {
+    await dir.sync();
+  } finally {
+    await dir.close();
+  }
+}

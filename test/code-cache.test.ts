@@ -1,0 +1,200 @@
+/**
+ * code-cache.ts: V8's compiled code is used only for the exact file it was made from, only from a
+ * trusted place, only when whole; anything else costs a compile and never changes what runs.
+ * Real vm.Script compiles of small CommonJS files in a temp cache directory, each in a process of
+ * its own, as the daemon does once per start: within one process V8 keeps what it compiled and
+ * would take a source it has seen without looking at the cached data at all.
+ */
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { chmod, chown, mkdir, readdir, readFile, rm, symlink, writeFile } from 'node:fs/promises';
+import path from 'node:path';
+import { test, type TestContext } from 'node:test';
+import { promisify } from 'node:util';
+import { CODE_DIR, cacheFileName, type CodeCacheState } from '../src/code-cache.js';
+import { REPO_ROOT, tempDir } from './helpers/archives.js';
+
+interface Run {
+  state: CodeCacheState;
+  why: string | undefined;
+  cacheFile: string | undefined;
+  exports: Record<string, unknown>;
+  /** save()'s answer, when asked to save; its error's message, when it failed. */
+  saved?: boolean | string;
+}
+
+const CODE_CACHE = path.join(REPO_ROOT, 'dist', 'src', 'code-cache.js');
+
+/** runBundle in a fresh node, and save() after it when `save`. */
+async function runBundle(file: string, cacheDir: string | undefined, save = false): Promise<Run> {
+  const program = `
+    const { runBundle } = await import(${JSON.stringify(CODE_CACHE)});
+    const r = await runBundle(process.argv[1], process.argv[2] || undefined);
+    const out = { state: r.state, why: r.why, cacheFile: r.cacheFile, exports: r.exports };
+    if (process.argv[3] === 'save') out.saved = await r.save().catch((err) => err.message);
+    process.stdout.write(JSON.stringify(out));`;
+  const { stdout } = await promisify(execFile)(process.execPath, ['--input-type=module', '-e', program, file, cacheDir ?? '', save ? 'save' : ''], { encoding: 'utf8' });
+  return JSON.parse(stdout) as Run;
+}
+
+/** A CommonJS file whose exports say which version of it ran; `pad` keeps versions the same length. */
+async function bundleFile(t: TestContext, version: string): Promise<{ file: string; cacheDir: string }> {
+  const work = await tempDir(t, 'kheadersd-code-cache-');
+  const file = path.join(work, 'commands.js');
+  await writeFile(file, bundleSource(version));
+  const cacheDir = path.join(work, 'cache');
+  await mkdir(cacheDir, { mode: 0o755 });
+  return { file, cacheDir };
+}
+
+function bundleSource(version: string): string {
+  return `#!/usr/bin/env node\n"use strict";\nfunction answer(x) { return x * 2; }\nmodule.exports = { version: ${JSON.stringify(version)}, answer: answer(21), dir: __dirname, req: typeof require("node:path").join };\n`;
+}
+
+/** Run the file once without a cache and keep its code: the state of a daemon after its first start. */
+async function primed(t: TestContext, version = 'a'): Promise<{ file: string; cacheDir: string; cacheFile: string }> {
+  const { file, cacheDir } = await bundleFile(t, version);
+  const first = await runBundle(file, cacheDir, true);
+  assert.equal(first.state, 'absent');
+  assert.equal(first.saved, true);
+  return { file, cacheDir, cacheFile: first.cacheFile! };
+}
+
+const exportsOf = (r: Run): Record<string, unknown> => r.exports;
+
+test('the first run compiles and keeps the code; the next runs with it; a run that used it writes nothing', async (t) => {
+  const { file, cacheDir, cacheFile } = await primed(t);
+  assert.equal(path.dirname(cacheFile), path.join(cacheDir, CODE_DIR));
+  const second = await runBundle(file, cacheDir, true);
+  assert.equal(second.state, 'used');
+  assert.deepEqual(exportsOf(second), { version: 'a', answer: 42, dir: path.dirname(file), req: 'function' });
+  assert.equal(second.saved, false);
+  assert.deepEqual(await readdir(path.join(cacheDir, CODE_DIR)), [path.basename(cacheFile)]);
+});
+
+test('no cache directory: compiled from source, nothing written', async (t) => {
+  const { file } = await bundleFile(t, 'a');
+  const r = await runBundle(file, undefined, true);
+  assert.equal(r.state, 'off');
+  assert.equal(exportsOf(r)['answer'], 42);
+  assert.equal(r.saved, false);
+});
+
+test('a new file of the same length does not run the old code, and the old code is removed when the new is kept', async (t) => {
+  const { file, cacheDir, cacheFile } = await primed(t, 'a');
+  // V8 checks only the source's length: same length, other content.
+  await writeFile(file, bundleSource('b'));
+  const r = await runBundle(file, cacheDir, true);
+  assert.equal(r.state, 'absent');
+  assert.equal(exportsOf(r)['version'], 'b');
+  assert.notEqual(r.cacheFile, cacheFile);
+  assert.equal(r.saved, true);
+  assert.deepEqual(await readdir(path.join(cacheDir, CODE_DIR)), [path.basename(r.cacheFile!)]);
+  assert.equal((await runBundle(file, cacheDir)).state, 'used');
+});
+
+test('damaged, torn or foreign data is refused before V8 sees it, and the next save replaces it', async (t) => {
+  const { file, cacheDir, cacheFile } = await primed(t);
+  const good = await readFile(cacheFile);
+  const cases: Array<[string, Buffer]> = [
+    ['a flipped byte', Buffer.concat([good.subarray(0, good.length - 10), Buffer.from([good[good.length - 10]! ^ 0xff]), good.subarray(good.length - 9)])],
+    ['torn', good.subarray(0, good.length >> 1)],
+    ['empty', Buffer.alloc(0)],
+    ['no magic', Buffer.concat([Buffer.from('NOTMAGIC'), good.subarray(8)])],
+  ];
+  for (const [what, bytes] of cases) {
+    await writeFile(cacheFile, bytes);
+    const r = await runBundle(file, cacheDir, true);
+    assert.equal(r.state, 'damaged', what);
+    assert.ok(r.why, what);
+    assert.equal(exportsOf(r)['answer'], 42, what);
+    assert.equal(r.saved, true, what);
+    assert.equal((await runBundle(file, cacheDir)).state, 'used', what);
+  }
+});
+
+test("data whose digest is right but which V8 refuses (another node's, say) is compiled from source", async (t) => {
+  const { file, cacheDir, cacheFile } = await primed(t);
+  const payload = Buffer.alloc(4096, 0x5a);
+  await writeFile(cacheFile, Buffer.concat([Buffer.from('KHV8CODE'), createHash('sha256').update(payload).digest(), payload]));
+  const r = await runBundle(file, cacheDir, true);
+  assert.equal(r.state, 'rejected');
+  assert.equal(exportsOf(r)['answer'], 42);
+  assert.equal(r.saved, true);
+  assert.equal((await runBundle(file, cacheDir)).state, 'used');
+});
+
+test('the code is used only from a trusted place: not writable by others, owned by this user or root, not through a symlink', async (t) => {
+  const uid = process.getuid?.() ?? 0;
+  const { file, cacheDir, cacheFile } = await primed(t);
+  const codeDir = path.dirname(cacheFile);
+  const untrusted = async (what: string): Promise<void> => {
+    const r = await runBundle(file, cacheDir);
+    assert.equal(r.state, 'untrusted', what);
+    assert.ok(r.why, what);
+    assert.equal(exportsOf(r)['answer'], 42, what);
+  };
+
+  await chmod(cacheFile, 0o666);
+  await untrusted('a world-writable file');
+  await chmod(cacheFile, 0o644);
+
+  await chmod(codeDir, 0o775);
+  await untrusted('a group-writable code/');
+  await chmod(codeDir, 0o755);
+
+  await chmod(cacheDir, 0o777);
+  await untrusted('a world-writable cache directory');
+  await chmod(cacheDir, 0o755);
+
+  if (uid === 0) {
+    await chown(cacheFile, 4321, 4321);
+    await untrusted("a file owned by another user (root's own code must be root's)");
+    await chown(cacheFile, 0, 0);
+  } else t.diagnostic('not root: the foreign-owner case needs chown');
+
+  const real = `${cacheFile}.real`;
+  await writeFile(real, await readFile(cacheFile), { mode: 0o644 });
+  await writeFile(cacheFile, ''); // replaced by a symlink below
+  await rm(cacheFile);
+  await symlink(real, cacheFile);
+  await untrusted('a symlink');
+  await rm(cacheFile);
+  await rm(real);
+
+  // A FIFO must not hang the start.
+  await promisify(execFile)('mkfifo', [cacheFile]);
+  await untrusted('a FIFO');
+  await rm(cacheFile);
+
+  // Trusted again: used.
+  const again = await runBundle(file, cacheDir, true);
+  assert.equal(again.state, 'absent');
+  assert.equal(again.saved, true);
+  assert.equal((await runBundle(file, cacheDir)).state, 'used');
+});
+
+test('a save into a code/ that is not trusted writes nothing and says why', async (t) => {
+  const { file, cacheDir } = await bundleFile(t, 'a');
+  await mkdir(path.join(cacheDir, CODE_DIR), { mode: 0o777 });
+  await chmod(path.join(cacheDir, CODE_DIR), 0o777);
+  const r = await runBundle(file, cacheDir, true);
+  assert.equal(r.state, 'untrusted');
+  assert.match(String(r.saved), /writable by everyone/);
+  assert.deepEqual(await readdir(path.join(cacheDir, CODE_DIR)), []);
+});
+
+test("what a crash left half-written and other nodes' code for the same file are swept by the next save; other files' code stays", async (t) => {
+  const { file, cacheDir } = await bundleFile(t, 'a');
+  const codeDir = path.join(cacheDir, CODE_DIR);
+  await mkdir(codeDir, { mode: 0o755 });
+  const source = await readFile(file);
+  const ours = cacheFileName(file, source);
+  const leftovers = [`.${ours}.99999.tmp`, ours.replace(process.version, 'v18.0.0'), 'commands-0123456789abcdef-v20.0.0-x64.v8'];
+  const others = ['ingest-0123456789abcdef-v20.0.0-x64.v8', 'README'];
+  for (const n of [...leftovers, ...others]) await writeFile(path.join(codeDir, n), 'x');
+  const r = await runBundle(file, cacheDir, true);
+  assert.equal(r.saved, true);
+  assert.deepEqual((await readdir(codeDir)).sort(), [ours, ...others].sort());
+});
