@@ -10,7 +10,8 @@
  *   commands    commands/   each command (serve, ingest, doctor, pull...) composing the above, and
  *                           ingest-process-main.ts, the entry point of serve's ingest process
  *   cli         cli.ts      the commands' table that calls the commands (cli-args.ts: its argument
- *               parsing and help)
+ *               parsing and help; command-loader.ts: how it reaches the commands' modules, in the
+ *               bundle through code-cache.ts, V8's compiled code kept in the cache directory)
  *
  * A module may import its own layer and any layer below. The test reads the import specifiers
  * (static, `export ... from` and dynamic `import()`) of every file under src/, so a new file
@@ -32,7 +33,7 @@ const LAYERS: ReadonlyArray<readonly [string, readonly string[]]> = [
   ['serve', ['serve/']],
   ['config', ['config.ts']],
   ['commands', ['commands/']],
-  ['cli', ['cli.ts', 'cli-args.ts']],
+  ['cli', ['cli.ts', 'cli-args.ts', 'command-loader.ts', 'code-cache.ts']],
 ];
 
 /** The layer's rank of a path relative to src/ (forward slashes), or -1 when none claims it. */
