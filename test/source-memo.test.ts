@@ -11,7 +11,7 @@ import { Writable } from 'node:stream';
 import { KheadersError } from '../src/errors.js';
 import { createLogger } from '../src/log.js';
 import { identifyArchive } from '../src/source/locate.js';
-import { ingest, type IngestOptions } from '../src/store/ingest.js';
+import { ingest, locateForIngest, type IngestOptions } from '../src/store/ingest.js';
 import { SOURCE_MEMO_FILE } from '../src/store/source-memo.js';
 import { flipByte, goodArchive, sha256, tempDir } from './helpers/archives.js';
 
@@ -114,6 +114,20 @@ test('a damaged record file is ignored (the archive is read) and written anew', 
   await writeFile(file, good.replace(sha256(bytes), 'e'.repeat(64)));
   const r = await run({ cacheDir, archive });
   assert.deepEqual([r.reused, r.recalled, r.digest], [true, true, sha256(bytes)], 'recalled e…e, found nothing, read: the real digest');
+});
+
+test("a record holds the source's facts and its own key and time, nothing more; a recall returns the facts alone", async (t) => {
+  const { archive, bytes, cacheDir } = await setUp(t, '6.99.6-memo');
+  await run({ cacheDir, archive });
+  const file = path.join(cacheDir, SOURCE_MEMO_FILE);
+  const memo = JSON.parse(await readFile(file, 'utf8')) as { format: number; sources: Array<Record<string, unknown>> };
+  const [record] = memo.sources;
+  assert.deepEqual(Object.keys(record!).sort(), ['at', 'buildId', 'digest', 'key', 'live', 'obtained', 'source', 'total']);
+  // What a damaged or later file may add to a valid record is not recalled with it.
+  await writeFile(file, JSON.stringify({ ...memo, sources: [{ ...record, bytes: 'AAAA', module: { file: '/x.ko' }, extra: 1 }] }));
+  const located = await locateForIngest({ cacheDir, archive, modprobe: false });
+  assert.equal(located.digest, sha256(bytes));
+  assert.deepEqual(located.source, { source: `file:${archive}`, obtained: 'file', live: false, buildId: null });
 });
 
 test('an entry gone since its digest was recorded: the archive is read and the entry built again', async (t) => {

@@ -21,7 +21,7 @@ import os from 'node:os';
 import { Readable } from 'node:stream';
 import path from 'node:path';
 import { KheadersError, diskFullErrno, errnoOf, isKheadersError } from '../errors.js';
-import { recallArchive, rememberArchive, type RememberedArchive } from './source-memo.js';
+import { recallArchive, rememberArchive, rememberedArchive, type RememberedArchive } from './source-memo.js';
 import { warmLogger, type Logger } from '../log.js';
 import { identifyArchive, locateArchive, type ArchiveOrigin, type ArchiveSource, type ModuleFileInfo } from '../source/locate.js';
 import { xzUncompressedSize } from '../source/xz.js';
@@ -147,10 +147,17 @@ export interface IngestResult {
   durationMs: number;
 }
 
+/** An archive's source as located: `bytes` is absent when its digest was recalled (source-memo.ts), not read. */
+export type LocatedSource = Omit<ArchiveSource, 'bytes'> & { bytes?: Buffer };
+
+/** Whether the archive was read here (its bytes are in memory, to build from), not its digest recalled. */
+function wasRead(source: LocatedSource): source is ArchiveSource {
+  return source.bytes !== undefined;
+}
+
 /** The archive an ingest keys the cache by, and its sha256 (hex). */
 export interface LocatedArchive {
-  /** What was read; `bytes` is absent when its digest was recalled (source-memo.ts), not read. */
-  source: Omit<ArchiveSource, 'bytes'> & { bytes?: Buffer };
+  source: LocatedSource;
   digest: string;
   /** Its uncompressed size as its xz index states it (undefined when it states none). */
   total: number | undefined;
@@ -192,8 +199,7 @@ export async function locateForIngest(opts: IngestOptions): Promise<LocatedArchi
   // Recorded only if what was read is the identified source, unchanged while it was read.
   let remember: LocatedArchive['remember'];
   if (identity?.settled && identity.sources.includes(source.source) && (await identifyArchive(where).catch(() => undefined))?.key === identity.key) {
-    const facts = { source: source.source, obtained: source.obtained, live: source.live, buildId: source.buildId, ...(source.release !== undefined ? { release: source.release } : {}) };
-    remember = { key: identity.key, what: { ...facts, digest, total: total ?? null } };
+    remember = { key: identity.key, what: rememberedArchive({ ...source, digest, total: total ?? null }) };
   }
   return { source, digest, total, ...(remember ? { remember } : {}) };
 }
@@ -246,7 +252,7 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
     if (existing) {
       entry = existing;
       if (elsewhere !== 'built') opts.log?.info({ id: existing.manifest.id }, 'archive already cached: nothing to do');
-    } else if (elsewhere === 'ask' || source.bytes === undefined) {
+    } else if (elsewhere === 'ask' || !wasRead(source)) {
       return undefined;
     } else {
       // Decoding starts first: the BTF and the running kernel's facts are looked up while xz runs.
@@ -254,7 +260,7 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
         const btf = await chooseBtf(opts, source.live || namedRelease === os.release());
         return { btf, live: await liveKernel(opts, btf, source.live ? source.buildId : null) };
       };
-      const built = await buildHeadersEntry(store, { ...source, bytes: source.bytes }, digest, namedRelease, total, limits, kernel, opts);
+      const built = await buildHeadersEntry(store, source, digest, namedRelease, total, limits, kernel, opts);
       entry = built.entry;
       decoder = built.decoder;
     }
@@ -262,7 +268,7 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
     const evicted = await finish(store, entry, makeCurrent, existing !== undefined, opts);
     return { entry, reused: existing !== undefined, evicted, decoder, durationMs: Math.round(performance.now() - started) };
   }));
-  const recalled = source.bytes === undefined;
+  const recalled = !wasRead(source);
   const result = (await lookOrBuild(opts.buildElsewhere || recalled ? 'ask' : undefined)) ?? (recalled ? undefined : await builtElsewhere(opts, lookOrBuild));
   // A recalled digest whose entry is gone (evicted, damaged): read the archive after all, and build.
   if (!result) return ingest({ ...opts, located: locateForIngest({ ...opts, recall: false }) });

@@ -11,49 +11,61 @@
  */
 import { readFile, rename, unlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import type { ArchiveOrigin } from '../source/locate.js';
+import type { ArchiveOrigin, ArchiveSource } from '../source/locate.js';
 
 export const SOURCE_MEMO_FILE = 'sources.json';
 const FORMAT = 1;
 /** Sources remembered (the newest): a device has one kernel at a time, a test host a few. */
 const KEEP = 16;
 
-/** What an archive's source is known to hold: an ArchiveSource without its bytes, its digest and size. */
-export interface RememberedArchive {
+/**
+ * What an archive's source is known to hold: an ArchiveSource without its bytes and its module
+ * file (a recalled digest is only ever used to find an entry already built, never to build one),
+ * with the digest and size of its bytes.
+ */
+export type RememberedArchive = Omit<ArchiveSource, 'bytes' | 'module'> & {
   digest: string;
   /** Its uncompressed size as its xz index states it (null when it states none). */
   total: number | null;
-  source: string;
-  obtained: ArchiveOrigin;
-  live: boolean;
-  release?: string;
-  buildId: string | null;
+};
+
+const ORIGINS: ReadonlySet<string> = new Set<ArchiveOrigin>(['exposed', 'module-file', 'module-loaded', 'file']);
+
+/**
+ * Each remembered fact and what a recorded value of it must be. Every key of RememberedArchive,
+ * optional ones included, must have its row (tsc refuses the table otherwise): a field added to
+ * ArchiveSource is recorded, checked and recalled, or left out of RememberedArchive by name.
+ */
+const FACTS: { readonly [K in keyof RememberedArchive]-?: (v: unknown) => boolean } = {
+  digest: (v) => typeof v === 'string' && /^[0-9a-f]{64}$/.test(v),
+  total: (v) => v === null || (typeof v === 'number' && Number.isSafeInteger(v) && v >= 0),
+  source: (v) => typeof v === 'string',
+  obtained: (v) => typeof v === 'string' && ORIGINS.has(v),
+  live: (v) => typeof v === 'boolean',
+  release: (v) => v === undefined || typeof v === 'string',
+  buildId: (v) => v === null || typeof v === 'string',
+};
+
+/**
+ * The facts to remember of `from` (an archive just read, or a record read back), and nothing
+ * else: not its bytes, not a record's own fields, not what a damaged file may add.
+ */
+export function rememberedArchive(from: RememberedArchive): RememberedArchive {
+  const facts: Partial<Record<keyof RememberedArchive, unknown>> = {};
+  for (const key of Object.keys(FACTS) as Array<keyof RememberedArchive>) if (from[key] !== undefined) facts[key] = from[key];
+  return facts as RememberedArchive;
 }
 
-interface MemoRecord extends RememberedArchive {
+type MemoRecord = RememberedArchive & {
   key: string;
   /** When it was recorded (ISO 8601): the newest are kept. */
   at: string;
-}
-
-const ORIGINS: ReadonlySet<string> = new Set<ArchiveOrigin>(['exposed', 'module-file', 'module-loaded', 'file']);
+};
 
 function validRecord(r: unknown): r is MemoRecord {
   if (typeof r !== 'object' || r === null) return false;
   const m = r as Record<string, unknown>;
-  return (
-    typeof m.key === 'string' &&
-    typeof m.at === 'string' &&
-    typeof m.digest === 'string' &&
-    /^[0-9a-f]{64}$/.test(m.digest) &&
-    (m.total === null || (typeof m.total === 'number' && Number.isSafeInteger(m.total) && m.total >= 0)) &&
-    typeof m.source === 'string' &&
-    typeof m.obtained === 'string' &&
-    ORIGINS.has(m.obtained) &&
-    typeof m.live === 'boolean' &&
-    (m.release === undefined || typeof m.release === 'string') &&
-    (m.buildId === null || typeof m.buildId === 'string')
-  );
+  return typeof m.key === 'string' && typeof m.at === 'string' && Object.entries(FACTS).every(([key, valid]) => valid(m[key]));
 }
 
 async function readRecords(cacheDir: string): Promise<MemoRecord[]> {
@@ -69,8 +81,7 @@ async function readRecords(cacheDir: string): Promise<MemoRecord[]> {
 /** What was recorded under `key`, if anything (never throws: a cache without the file knows nothing). */
 export async function recallArchive(cacheDir: string, key: string): Promise<RememberedArchive | undefined> {
   const hit = (await readRecords(cacheDir)).find((r) => r.key === key);
-  if (!hit) return undefined;
-  return { digest: hit.digest, total: hit.total, source: hit.source, obtained: hit.obtained, live: hit.live, buildId: hit.buildId, ...(hit.release !== undefined ? { release: hit.release } : {}) };
+  return hit && rememberedArchive(hit);
 }
 
 /**
@@ -80,7 +91,7 @@ export async function recallArchive(cacheDir: string, key: string): Promise<Reme
  */
 export async function rememberArchive(cacheDir: string, key: string, what: RememberedArchive): Promise<void> {
   const others = (await readRecords(cacheDir)).filter((r) => r.key !== key);
-  const records: MemoRecord[] = [{ key, at: new Date().toISOString(), ...what }, ...others].slice(0, KEEP);
+  const records: MemoRecord[] = [{ key, at: new Date().toISOString(), ...rememberedArchive(what) }, ...others].slice(0, KEEP);
   const file = path.join(cacheDir, SOURCE_MEMO_FILE);
   const tmp = `${file}.${process.pid}.tmp`;
   try {
