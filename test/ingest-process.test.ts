@@ -5,7 +5,7 @@
  * leaves nothing served; a killed daemon takes the child's whole process group with it.
  */
 import { execFileSync, spawn } from 'node:child_process';
-import { access, readFile, readdir, writeFile } from 'node:fs/promises';
+import { access, readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
@@ -193,6 +193,26 @@ async function processes(): Promise<Array<{ pid: number; ppid: number; pgrp: num
 }
 
 /** The pids in process group `pgid` (the child and the xz it started). */
+test('the ingest child reads the archive at once: the daemon recalled a digest whose entry is gone and read the archive before asking for the build', async (t) => {
+  const dir = await tempDir(t, 'kheadersd-ingest-process-');
+  const cache = path.join(dir, 'cache');
+  const archive = path.join(dir, 'kernel.tar.xz');
+  await writeFile(archive, await goodArchive('6.90.2-child'));
+  await new Promise((r) => setTimeout(r, 2_100)); // settled: only then is its digest recorded (source-memo.ts)
+  const first = await runCli(['ingest', '--archive', archive, '--cache-dir', cache, '--btf', 'off', '--log-level', 'warn']);
+  assert.equal(first.code, 0, first.stderr);
+  await rm(path.join(cache, 'entries'), { recursive: true, force: true });
+
+  const { d, code } = await serveOnce(t, ['--archive', archive, '--cache-dir', cache, '--btf', 'off']);
+  assert.equal(code, 0, msgs(d).join('\n'));
+  const childPid = Number(d.logs.find((l) => l.msg === 'building the entry in a child process')?.ingestPid);
+  assert.ok(childPid > 0, 'built in a child process');
+  const recalled = d.logs.filter((l) => l.msg === 'archive source unchanged since its digest was recorded: not read again');
+  assert.deepEqual(recalled.map((l) => l.ingestPid), [undefined], 'recalled once, by the daemon, not again by the child');
+  assert.ok(d.logs.some((l) => l.msg === 'kernel headers ingested' && l.reused === false), msgs(d).join('\n'));
+  assert.equal((await readdir(path.join(cache, 'entries'))).length, 1);
+});
+
 async function groupMembers(pgid: number): Promise<number[]> {
   return (await processes()).filter((p) => p.pgrp === pgid).map((p) => p.pid);
 }

@@ -40,7 +40,11 @@ async function main(): Promise<void> {
   try {
     const io = { stdout: process.stdout, stderr: process.stderr, log };
     // The daemon looked for the archive before starting this process, and logged what it found.
-    await ingest({ ...configuredIngest(request.cfg, io, { setCurrent: true }), locatedBefore: true });
+    // It starts this process only after it has read the archive itself and found no entry for its
+    // digest (a digest it recalled and found no entry for, it reads before asking): a recalled
+    // digest here would find that same absence and be read anyway. So the archive is read and
+    // hashed here at once, and that is what is built and committed.
+    await ingest({ ...configuredIngest(request.cfg, io, { setCurrent: true }), locatedBefore: true, recall: false });
     outcome = { ok: true };
   } catch (err) {
     if (err instanceof KheadersError) outcome = { ok: false, code: err.code, message: err.message, details: err.details };
