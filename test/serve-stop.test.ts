@@ -41,6 +41,19 @@ interface Served {
   notifyPid(): Promise<number>;
 }
 
+interface ServeOptions {
+  /** The archive holds BIG_FILE. */
+  big?: boolean;
+  /** xz hangs from the start: the first ingest never finishes. */
+  hangFirst?: boolean;
+  /** false: resolve at once, not once mounted. */
+  waitMounted?: boolean;
+  /** The start's READY=1 to systemd hangs (see notifyPid). */
+  hangReady?: boolean;
+  /** The node binary the daemon runs on. */
+  node?: string;
+}
+
 let bigArchive: Promise<Buffer> | undefined;
 const archiveOf = (release: string, big: boolean): Promise<Buffer> =>
   big
@@ -51,7 +64,7 @@ const archiveOf = (release: string, big: boolean): Promise<Buffer> =>
  * A serve with a mount and HTTP, whose `xz` on PATH is a wrapper that decodes with the real one
  * until hangXz() is called. Resolves once it is mounted, or at once with `waitMounted: false`.
  */
-async function serve(t: TestContext, opts: { big?: boolean; hangFirst?: boolean; waitMounted?: boolean; hangReady?: boolean; node?: string } = {}): Promise<Served> {
+async function serve(t: TestContext, opts: ServeOptions = {}): Promise<Served> {
   const dir = await tempDir(t, 'kheadersd-stop-');
   const cache = path.join(dir, 'cache');
   const mnt = path.join(dir, 'mnt');
@@ -98,6 +111,35 @@ async function serve(t: TestContext, opts: { big?: boolean; hangFirst?: boolean;
   return { d, dir, mnt, cache, archive, url, hangXz, notifyPid };
 }
 
+/**
+ * Every test's frame: skipped (and counted) without a FUSE device; otherwise `body` runs against
+ * a started serve(), which is stopped afterwards (killed if it must be) whatever the body did.
+ */
+async function withServe(t: TestContext, opts: ServeOptions, body: (s: Served) => Promise<void>): Promise<void> {
+  const skip = await fuseDeviceSkipReason();
+  if (skip) return t.skip(skip);
+  const s = await serve(t, opts);
+  try {
+    await body(s);
+  } finally {
+    await s.d.stop();
+  }
+}
+
+/**
+ * Once the ingest child (`building` is the daemon's line that names it) decodes, SIGTERM: the
+ * daemon exits 0 and unmounts, and the child and its xz (its process group) are gone with it.
+ */
+async function assertStopEndsIngestChild(s: Served, building: Record<string, unknown>): Promise<void> {
+  const pgid = Number(building.ingestPid);
+  // The child relays its progress once xz runs: the stop must find a decoder at work.
+  await s.d.waitFor((l) => l.msg === 'ingesting' && l.ingestPid === pgid, 'the ingest child to decode');
+  assert.equal(await terminate(s.d), 0);
+  await assertUnmounted(s.mnt);
+  assert.deepEqual(await processGroup(pgid), [], 'the ingest child or its xz outlived the daemon');
+  assert.throws(() => process.kill(pgid, 0), /ESRCH/, 'the ingest child outlived the daemon');
+}
+
 /** SIGTERM, then the exit status, or 'still running' after `boundMs`. */
 async function terminate(d: Daemon, boundMs = STOP_BOUND_MS): Promise<number | null | 'still running'> {
   d.child.kill('SIGTERM');
@@ -108,6 +150,13 @@ async function terminate(d: Daemon, boundMs = STOP_BOUND_MS): Promise<number | n
   } finally {
     clearTimeout(timer);
   }
+}
+
+/** SIGTERM, and once the stop has begun, SIGTERM again: as terminate(). */
+async function terminateTwice(d: Daemon): Promise<number | null | 'still running'> {
+  d.child.kill('SIGTERM');
+  await d.waitFor((l) => l.msg === 'stopping', 'the first stop to begin');
+  return terminate(d);
 }
 
 async function assertUnmounted(mnt: string): Promise<void> {
@@ -173,24 +222,15 @@ function closedWithin(sock: net.Socket): Promise<boolean> {
   });
 }
 
-test('SIGTERM with an idle keep-alive HTTP connection: exits 0, unmounted', async (t) => {
-  const skip = await fuseDeviceSkipReason();
-  if (skip) return t.skip(skip);
-  const s = await serve(t);
-  try {
+test('SIGTERM with an idle keep-alive HTTP connection: exits 0, unmounted', (t) =>
+  withServe(t, {}, async (s) => {
     await rawRequest(t, s.url, '/healthz', true);
     assert.equal(await terminate(s.d), 0);
     await assertUnmounted(s.mnt);
-  } finally {
-    await s.d.stop();
-  }
-});
+  }));
 
-test('SIGTERM while a client stalls a download: the response is cut after a bounded drain, exits 0, unmounted', async (t) => {
-  const skip = await fuseDeviceSkipReason();
-  if (skip) return t.skip(skip);
-  const s = await serve(t, { big: true });
-  try {
+test('SIGTERM while a client stalls a download: the response is cut after a bounded drain, exits 0, unmounted', (t) =>
+  withServe(t, { big: true }, async (s) => {
     const stalled = await rawRequest(t, s.url, `/v1/kernels/current/files/${BIG_FILE}`, false);
     // Give the server time to fill the socket's buffers: from then on its write waits for the client.
     await new Promise((r) => setTimeout(r, 500));
@@ -198,127 +238,72 @@ test('SIGTERM while a client stalls a download: the response is cut after a boun
     await assertUnmounted(s.mnt);
     assert.ok(await closedWithin(stalled), 'the stalled connection is still open');
     assert.ok(s.d.logs.some((l) => typeof l.msg === 'string' && /did not finish in time/.test(l.msg)), 'the cut is logged');
-  } finally {
-    await s.d.stop();
-  }
-});
+  }));
 
-test('SIGTERM with a file held open, a cwd on the mount and FUSE requests in flight: exits 0, unmounted (lazily)', async (t) => {
-  const skip = await fuseDeviceSkipReason();
-  if (skip) return t.skip(skip);
-  const s = await serve(t);
-  const { open } = await import('node:fs/promises');
-  const held = await open(path.join(s.mnt, 'current/include/linux/types.h'), 'r');
-  t.after(() => held.close().catch(() => {}));
-  try {
+test('SIGTERM with a file held open, a cwd on the mount and FUSE requests in flight: exits 0, unmounted (lazily)', (t) =>
+  withServe(t, {}, async (s) => {
+    const { open } = await import('node:fs/promises');
+    const held = await open(path.join(s.mnt, 'current/include/linux/types.h'), 'r');
+    t.after(() => held.close().catch(() => {}));
     const readers = [readerOnMount(t, s.mnt), readerOnMount(t, s.mnt)];
     await new Promise((r) => setTimeout(r, 300));
     assert.equal(await terminate(s.d), 0);
     await assertUnmounted(s.mnt);
     for (const r of readers) r.kill('SIGKILL');
-  } finally {
-    await s.d.stop();
-  }
-});
+  }));
 
-test('SIGTERM while the ingest child decodes (SIGHUP found a new kernel): exits 0, the child and its xz gone, unmounted', async (t) => {
-  const skip = await fuseDeviceSkipReason();
-  if (skip) return t.skip(skip);
-  const s = await serve(t);
-  try {
+test('SIGTERM while the ingest child decodes (SIGHUP found a new kernel): exits 0, the child and its xz gone, unmounted', (t) =>
+  withServe(t, {}, async (s) => {
     await s.hangXz();
     await writeFile(s.archive, await archiveOf('6.91.0-next', false));
     s.d.child.kill('SIGHUP');
-    const building = await s.d.waitFor((l) => l.msg === 'building the entry in a child process', 'the ingest child to start');
-    const pgid = Number(building.ingestPid);
-    // The child relays its progress once xz runs: the stop must find a decoder at work.
-    await s.d.waitFor((l) => l.msg === 'ingesting' && l.ingestPid === pgid, 'the ingest child to decode');
-    assert.equal(await terminate(s.d), 0);
-    await assertUnmounted(s.mnt);
-    assert.deepEqual(await processGroup(pgid), [], 'the ingest child or its xz outlived the daemon');
-    assert.throws(() => process.kill(pgid, 0), /ESRCH/, 'the ingest child outlived the daemon');
-  } finally {
-    await s.d.stop();
-  }
-});
+    await assertStopEndsIngestChild(s, await s.d.waitFor((l) => l.msg === 'building the entry in a child process', 'the ingest child to start'));
+  }));
 
-test('SIGTERM during start-up (the first ingest still decoding): exits 0 without serving, nothing left running or mounted', async (t) => {
-  const skip = await fuseDeviceSkipReason();
-  if (skip) return t.skip(skip);
-  const s = await serve(t, { hangFirst: true, waitMounted: false });
-  try {
-    const building = await s.d.waitFor((l) => l.msg === 'building the entry in a child process', 'the ingest child to start');
-    const pgid = Number(building.ingestPid);
-    await s.d.waitFor((l) => l.msg === 'ingesting' && l.ingestPid === pgid, 'the ingest child to decode');
-    assert.equal(await terminate(s.d), 0);
-    await assertUnmounted(s.mnt);
-    assert.deepEqual(await processGroup(pgid), [], 'the ingest child or its xz outlived the daemon');
-    assert.throws(() => process.kill(pgid, 0), /ESRCH/, 'the ingest child outlived the daemon');
+test('SIGTERM during start-up (the first ingest still decoding): exits 0 without serving, nothing left running or mounted', (t) =>
+  withServe(t, { hangFirst: true, waitMounted: false }, async (s) => {
+    await assertStopEndsIngestChild(s, await s.d.waitFor((l) => l.msg === 'building the entry in a child process', 'the ingest child to start'));
     assert.ok(!s.d.logs.some((l) => l.msg === 'HTTP listening' || l.msg === 'mounted'), 'it went on starting after the stop');
-  } finally {
-    await s.d.stop();
-  }
-});
+  }));
 
-test('a second SIGTERM while the first stop drains: exits at once, and the mount is still taken down', async (t) => {
-  const skip = await fuseDeviceSkipReason();
-  if (skip) return t.skip(skip);
-  const s = await serve(t, { big: true });
-  try {
+test('a second SIGTERM while the first stop drains: exits at once, and the mount is still taken down', (t) =>
+  withServe(t, { big: true }, async (s) => {
     await rawRequest(t, s.url, `/v1/kernels/current/files/${BIG_FILE}`, false);
     await new Promise((r) => setTimeout(r, 500));
-    s.d.child.kill('SIGTERM');
-    await s.d.waitFor((l) => l.msg === 'stopping', 'the first stop to begin');
-    const code = await terminate(s.d);
+    const code = await terminateTwice(s.d);
     assert.notEqual(code, 'still running');
     await assertUnmounted(s.mnt);
-  } finally {
-    await s.d.stop();
-  }
-});
+  }));
 
-test('a second SIGTERM while the start, mounted already, still notifies systemd: exits at once, and the mount is taken down', async (t) => {
-  const skip = await fuseDeviceSkipReason();
-  if (skip) return t.skip(skip);
-  const s = await serve(t, { hangReady: true });
-  try {
+test('a second SIGTERM while the start, mounted already, still notifies systemd: exits at once, and the mount is taken down', (t) =>
+  withServe(t, { hangReady: true }, async (s) => {
     await s.notifyPid();
-    s.d.child.kill('SIGTERM');
-    await s.d.waitFor((l) => l.msg === 'stopping', 'the first stop to begin');
-    const code = await terminate(s.d);
+    const code = await terminateTwice(s.d);
     assert.equal(code, 1, 'a second signal exits 1 at once');
     await assertUnmounted(s.mnt);
-  } finally {
-    await s.d.stop();
-  }
-});
+  }));
 
-test('one SIGTERM while the start, mounted already, hangs notifying systemd: past the stop deadline it exits, and the mount is taken down', async (t) => {
-  const skip = await fuseDeviceSkipReason();
-  if (skip) return t.skip(skip);
-  const s = await serve(t, { hangReady: true });
-  try {
+test('one SIGTERM while the start, mounted already, hangs notifying systemd: past the stop deadline it exits, and the mount is taken down', (t) =>
+  withServe(t, { hangReady: true }, async (s) => {
     await s.notifyPid();
     // The daemon's own deadline (6 s) comes first; this bound only keeps a hung daemon from hanging the test.
     assert.equal(await terminate(s.d, STOP_DEADLINE_BOUND_MS), 1, 'a stop past its deadline exits 1');
     assert.ok(s.d.logs.some((l) => typeof l.msg === 'string' && /the stop did not finish in/.test(l.msg)), 'the deadline is logged');
     await assertUnmounted(s.mnt);
-  } finally {
-    await s.d.stop();
-  }
-});
+  }));
 
 test('SIGTERM while the daemon builds an entry itself (no ingest process could be started): the build stops at once, the cache as it was, exits 0, unmounted', async (t) => {
-  const skip = await fuseDeviceSkipReason();
-  if (skip) return t.skip(skip);
   // The daemon runs a node binary that the test then removes, as an upgrade would: it cannot
   // start the ingest process, and builds in its own process instead.
   const nodeDir = await tempDir(t, 'kheadersd-node-');
   const node = path.join(nodeDir, 'node');
   await link(process.execPath, node).catch(() => copyFile(process.execPath, node));
-  const s = await serve(t, { node });
-  const testPath = `PATH=${path.join(s.dir, 'bin')}${path.delimiter}${process.env.PATH ?? ''}`;
-  try {
+  await withServe(t, { node }, async (s) => {
+    const testPath = `PATH=${path.join(s.dir, 'bin')}${path.delimiter}${process.env.PATH ?? ''}`;
+    // After the daemon's stop: a failed run's hung xz.
+    t.after(async () => {
+      for (const pid of await processesWithEnv(testPath)) process.kill(pid, 'SIGKILL');
+    });
     const entriesBefore = await snapshot(path.join(s.cache, 'entries'));
     await unlink(node);
     await s.hangXz();
@@ -332,8 +317,5 @@ test('SIGTERM while the daemon builds an entry itself (no ingest process could b
     assert.deepEqual(await snapshot(path.join(s.cache, 'entries')), entriesBefore, 'the cache changed');
     assert.deepEqual(await readdir(path.join(s.cache, 'tmp')), [], 'the build left its staging behind');
     assert.ok(s.d.logs.some((l) => l.msg === 'ingest stopped: the daemon is stopping'), 'the stopped build is logged as such');
-  } finally {
-    await s.d.stop();
-    for (const pid of await processesWithEnv(testPath)) process.kill(pid, 'SIGKILL'); // a failed run's hung xz
-  }
+  });
 });
