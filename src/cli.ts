@@ -45,6 +45,16 @@ function keyFlags(keys: readonly ConfigKey[]): Flag[] {
   });
 }
 
+/**
+ * The flags of a command that reads no configuration (runStandalone), as rows of its name, its
+ * value's placeholder (null: a switch) and its help; then the one flag runStandalone reads itself,
+ * --log-level.
+ */
+function standaloneFlags(rows: ReadonlyArray<readonly [name: string, value: string | null, help: string]>): Flag[] {
+  const logLevel: Flag = { name: 'log-level', value: 'level', help: 'log level', choices: LOG_LEVELS };
+  return [...rows.map(([name, value, help]): Flag => (value === null ? { name, help } : { name, value, help })), logLevel];
+}
+
 const COMMON: ConfigKey[] = ['cacheDir', 'logLevel', 'lockTimeout'];
 /** serve's own keys (doctor takes them too, to check what serve would do). */
 const SERVE_KEYS: ConfigKey[] = ['mount', 'fuseBackend', 'linkModules', 'http', 'tokenFile', 'httpMaxConnectionsPerClient', 'httpHeadersTimeout', 'httpIdleTimeout'];
@@ -199,16 +209,15 @@ const COMMANDS: ReadonlyArray<CommandSpec<Run>> = [
   {
     name: 'pull',
     description: "on a developer host: fetch a device's current entry (headers, vmlinux.h, .config) over HTTP (or adb) into a directory, and print the variables to use it",
-    flags: [
-      { name: 'url', value: 'url', help: 'the daemon to pull from (default http://127.0.0.1:7711)' },
-      { name: 'adb', help: 'reach the device through a temporary `adb forward` (removed afterwards)' },
-      { name: 'serial', value: 'serial', help: "adb's -s: which device, when several are attached" },
-      { name: 'out', value: 'dir', help: 'where trees go: DIR/<release>-<digest12>/ (default <host cache>/trees)' },
-      { name: 'release', value: 'release', help: "pull this release instead of the device's current one" },
-      { name: 'cache-dir', value: 'dir', help: 'the host-side cache (default $XDG_CACHE_HOME/kheadersd or ~/.cache/kheadersd)' },
-      { name: 'token-file', value: 'file', help: 'the bearer token, when the daemon requires one (mode 600, one line of 16 or more characters)' },
-      { name: 'log-level', value: 'level', help: 'log level', choices: LOG_LEVELS },
-    ],
+    flags: standaloneFlags([
+      ['url', 'url', 'the daemon to pull from (default http://127.0.0.1:7711)'],
+      ['adb', null, 'reach the device through a temporary `adb forward` (removed afterwards)'],
+      ['serial', 'serial', "adb's -s: which device, when several are attached"],
+      ['out', 'dir', 'where trees go: DIR/<release>-<digest12>/ (default <host cache>/trees)'],
+      ['release', 'release', "pull this release instead of the device's current one"],
+      ['cache-dir', 'dir', 'the host-side cache (default $XDG_CACHE_HOME/kheadersd or ~/.cache/kheadersd)'],
+      ['token-file', 'file', 'the bearer token, when the daemon requires one (mode 600, one line of 16 or more characters)'],
+    ]),
     run: (o) =>
       runStandalone(o, true, async (io) => {
         const { cmdPull, defaultHostCacheDir } = await oneShot(loadCommand('pull', undefined));
@@ -230,13 +239,12 @@ const COMMANDS: ReadonlyArray<CommandSpec<Run>> = [
   {
     name: 'btf',
     description: "write vmlinux.h (for libbpf CO-RE programs) generated from the kernel's BTF, or a loaded module's header",
-    flags: [
-      { name: 'btf', value: 'file', help: 'the BTF to read: raw, or the .BTF section of a vmlinux or .ko (default /sys/kernel/btf/vmlinux)' },
-      { name: 'module', value: 'name', help: "a loaded module's header: its BTF (/sys/kernel/btf/NAME) over the kernel's" },
-      { name: 'base', value: 'file', help: "the base BTF of split BTF given with --btf (a module's: the kernel's BTF or vmlinux)" },
-      { name: 'out', value: 'file', help: 'write here (atomically) instead of stdout' },
-      { name: 'log-level', value: 'level', help: 'log level', choices: LOG_LEVELS },
-    ],
+    flags: standaloneFlags([
+      ['btf', 'file', 'the BTF to read: raw, or the .BTF section of a vmlinux or .ko (default /sys/kernel/btf/vmlinux)'],
+      ['module', 'name', "a loaded module's header: its BTF (/sys/kernel/btf/NAME) over the kernel's"],
+      ['base', 'file', "the base BTF of split BTF given with --btf (a module's: the kernel's BTF or vmlinux)"],
+      ['out', 'file', 'write here (atomically) instead of stdout'],
+    ]),
     run: (o) => {
       const [btf, module, base, out] = [text(o.btf), text(o.module), text(o.base), text(o.out)];
       return runStandalone(o, out === undefined, async () => {
