@@ -239,13 +239,16 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
       repairQueued = false;
       const batch = pendingDamage.splice(0);
       try {
-        counted(await healWithConfig(cfg, io, batch, store));
+        counted(await healWithConfig(cfg, io, batch, store, cancel.signal));
       } catch (err) {
+        // Stopped: what it was rebuilding is back as it was, for the next start; nothing more to do.
+        if (cancel.signal.aborted) return log.info('repair stopped: the daemon is stopping');
         log.error({ code: isKheadersError(err) ? err.code : 'E_INTERNAL' }, `repairing the cache failed: ${(err as Error).message}`);
       }
       try {
         await ingestNow('repair');
       } catch (err) {
+        if (cancel.signal.aborted) return log.info('ingest stopped: the daemon is stopping');
         log.error({ code: isKheadersError(err) ? err.code : 'E_INTERNAL' }, `ingest after a repair failed, still serving what is intact: ${(err as Error).message}`);
       }
       await publish();

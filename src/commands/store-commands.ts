@@ -37,10 +37,11 @@ function ingestOptions(cfg: Config, io: CommandIO, store?: CacheStore): IngestOp
 
 /**
  * Check every cached entry and repair the damaged (quarantine, rebuild from their own archive):
- * what every writer does before it ingests, so nothing on disk can make it fail.
+ * what every writer does before it ingests, so nothing on disk can make it fail. `signal`: the
+ * daemon's stop, which ends the repair (heal.ts says how) and rejects with the stop.
  */
-export async function healWithConfig(cfg: Config, io: CommandIO, known: readonly KnownDamage[] = [], store?: CacheStore): Promise<HealReport> {
-  const report = await healCache({ ...ingestOptions(cfg, io, store), known });
+export async function healWithConfig(cfg: Config, io: CommandIO, known: readonly KnownDamage[] = [], store?: CacheStore, signal?: AbortSignal): Promise<HealReport> {
+  const report = await healCache({ ...ingestOptions(cfg, io, store), known, ...(signal ? { signal } : {}) });
   const summary = describeHeal(report);
   if (summary !== undefined) io.log.warn({ quarantined: report.quarantined.map((q) => q.id), rebuilt: report.rebuilt, unrepaired: report.unrepaired }, `cache repaired: ${summary}`);
   return report;
@@ -88,8 +89,9 @@ export async function ingestWithConfig(cfg: Config, io: CommandIO, extra: { setC
   const located = locateForIngest(opts);
   located.catch(() => {});
   // A repair that fails must not stop the ingest (nor serve's start): what is intact is still
-  // served, and the ingest reports lock or ownership problems itself.
-  const healed = await healWithConfig(cfg, io, [], extra.store).catch((err: unknown): HealReport => {
+  // served, and the ingest reports lock or ownership problems itself. A stopped one is a stop.
+  const healed = await healWithConfig(cfg, io, [], extra.store, extra.signal).catch((err: unknown): HealReport => {
+    if (extra.signal?.aborted) throw err;
     io.log.error({ code: err instanceof KheadersError ? err.code : 'E_INTERNAL' }, `checking the cache's entries failed: ${err instanceof Error ? err.message : String(err)}`);
     return { quarantined: [], rebuilt: [], unrepaired: [] };
   });

@@ -7,9 +7,16 @@
  *
  * An entry of an older format is not damage: it is moved aside the same way, rebuilt, and its
  * old copy deleted once the rebuild worked (it is not evidence of anything).
+ *
+ * A stop (IngestOptions.signal: serve stopping) ends a heal at its next step. It is not a failed
+ * rebuild, and says nothing about the entry: the rebuild under way is cancelled (its decoder
+ * killed, its staging removed), the entry goes back into entries/ as it was (out of tmp/, where
+ * the next ingest would sweep it away, or out of quarantine/, with no reason recorded), the
+ * entries not reached yet are left alone, and the heal rejects with the stop. The next heal finds
+ * them all as this one did, and rebuilds them.
  */
 import { createHash } from 'node:crypto';
-import { readFile, rm } from 'node:fs/promises';
+import { readFile, rename, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { KheadersError, errnoOf } from '../errors.js';
 import type { ArchiveOrigin, ModuleFileInfo } from '../source/locate.js';
@@ -17,7 +24,7 @@ import { CacheStore, type DamagedEntry } from './cache.js';
 import { damageOf } from './entry-load.js';
 import { ARCHIVE_FILE, MANIFEST_FILE, parseEntryId } from './entry.js';
 import { rebuildEntry, type IngestOptions } from './ingest.js';
-import { QUARANTINE_DIR, type QuarantineRecord } from './quarantine.js';
+import { QUARANTINE_DIR, REASON_FILE, type QuarantineRecord } from './quarantine.js';
 
 /** A damaged entry a reader found (its structure may load fine: its bytes did not prove). */
 export interface KnownDamage {
@@ -41,8 +48,12 @@ export interface HealOptions extends IngestOptions {
   known?: readonly KnownDamage[];
 }
 
-/** Check the cache and repair what is damaged. Takes the cache lock when there is something to repair. */
+/**
+ * Check the cache and repair what is damaged. Takes the cache lock when there is something to
+ * repair. Rejects with the stop's reason when `opts.signal` stops it (see above).
+ */
 export async function healCache(opts: HealOptions): Promise<HealReport> {
+  opts.signal?.throwIfAborted();
   const store = opts.store ?? (await CacheStore.open(opts.cacheDir, { write: true, ...(opts.lockTimeoutMs !== undefined ? { lockTimeoutMs: opts.lockTimeoutMs } : {}) }));
   // Checking needs no lock (entries come and go by one rename each, never half-made): only a
   // repair does, and it checks again under the lock. A clean cache, nearly every start, costs no
@@ -64,7 +75,10 @@ export async function healLocked(store: CacheStore, opts: HealOptions): Promise<
     const error = new KheadersError('E_ENTRY_DAMAGED', `cache entry ${k.id} is damaged: ${k.reason}`, { id: k.id, reason: k.reason, ...(k.file !== undefined ? { file: k.file } : {}) });
     todo.push({ id: k.id, error, outdated: false });
   }
-  for (const d of todo) await healOne(store, d, opts, report);
+  for (const d of todo) {
+    opts.signal?.throwIfAborted(); // what is not reached yet stays as it is, for the next heal
+    await healOne(store, d, opts, report);
+  }
   return report;
 }
 
@@ -75,7 +89,7 @@ async function healOne(store: CacheStore, d: DamagedEntry, opts: HealOptions, re
     // Not damage: rebuilt from a copy set aside in tmp/, which goes once the rebuild worked.
     log?.info({ id: d.id }, `cache entry ${d.id} is in an older format: rebuilding it`);
     const aside = await store.setAside(d.id);
-    const why = await rebuildFrom(store, d.id, aside, opts);
+    const why = await rebuildFrom(store, d.id, aside, opts).catch((stop: unknown) => putBack(store, d.id, aside, stop, log));
     if (why === undefined) {
       report.rebuilt.push(d.id);
       await rm(aside, { recursive: true, force: true });
@@ -92,7 +106,7 @@ async function healOne(store: CacheStore, d: DamagedEntry, opts: HealOptions, re
   report.quarantined.push(record);
   log?.warn({ id: d.id, reason, file, quarantine: qdir }, `${d.error.message}: moved to quarantine`);
 
-  const why = await rebuildFrom(store, d.id, qdir, opts);
+  const why = await rebuildFrom(store, d.id, qdir, opts).catch((stop: unknown) => putBack(store, d.id, qdir, stop, log));
   if (why === undefined) {
     report.rebuilt.push(d.id);
     log?.info({ id: d.id }, 'cache entry rebuilt from its own archive');
@@ -102,7 +116,29 @@ async function healOne(store: CacheStore, d: DamagedEntry, opts: HealOptions, re
   log?.warn({ id: d.id, why }, `cache entry ${d.id} cannot be rebuilt from its own archive (${why}); it stays in quarantine, and the running kernel's entry is built again from the live source`);
 }
 
-/** Build `id` again from the archive in the directory it was moved to; undefined on success, else why not. */
+/**
+ * A rebuild was stopped: move the entry back from `dir` (in tmp/ or quarantine/) into entries/,
+ * as it was before the heal moved it, and throw the stop. Should that move fail, the entry is
+ * kept in quarantine rather than left in tmp/, which the next ingest sweeps.
+ */
+async function putBack(store: CacheStore, id: string, dir: string, stop: unknown, log: HealOptions['log']): Promise<never> {
+  const back = path.join(store.entriesDir, id);
+  try {
+    await rename(dir, back);
+    await rm(path.join(back, REASON_FILE), { force: true }); // there when it came from quarantine/
+    log?.info({ id }, `rebuilding cache entry ${id} was stopped: it is back in the cache as it was, and the next start rebuilds it`);
+  } catch (err) {
+    const why = `its rebuild was stopped, and it could not be put back into the cache (${errnoOf(err) ?? String(err)})`;
+    if (path.dirname(dir) === store.tmpDir) await store.quarantineFrom(dir, id, { reason: why }).catch(() => {});
+    log?.warn({ id, errno: errnoOf(err) }, `cache entry ${id}: ${why}; it is in quarantine`);
+  }
+  throw stop;
+}
+
+/**
+ * Build `id` again from the archive in the directory it was moved to; undefined on success, else
+ * why not. A stop (opts.signal) is no reason: it is thrown.
+ */
 async function rebuildFrom(store: CacheStore, id: string, dir: string, opts: HealOptions): Promise<string | undefined> {
   const parsed = parseEntryId(id);
   if (!parsed) return 'its name is not an entry id';
@@ -121,6 +157,8 @@ async function rebuildFrom(store: CacheStore, id: string, dir: string, opts: Hea
       opts,
     );
   } catch (err) {
+    // A stop is what happened, whatever the build failed with as it was cut short.
+    if (opts.signal?.aborted) throw opts.signal.reason;
     return `rebuilding failed: ${err instanceof Error ? err.message : String(err)}`;
   }
   return undefined;
