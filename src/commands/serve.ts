@@ -8,10 +8,11 @@
  *   SIGHUP ─ re-read the live kernel's release and archive digest; if new, ingest and flip `current`
  *   a read finds an entry's bytes wrong ─ that read fails (EIO / 500); the entry is moved to
  *     quarantine and rebuilt (from its archive, else the live source), then served again
- *   SIGTERM/SIGINT ─ kill an ingest at work, stop accepting, finish in-flight responses (for at
- *     most the HTTP drain bound), unmount (lazily if busy), exit 0; during start-up, the start
- *     stops at its next step. A second signal, or a stop past STOP_DEADLINE_MS, detaches the
- *     mount and exits 1 at once.
+ *   SIGTERM/SIGINT ─ kill an ingest or a repair's rebuild at work, stop accepting, finish
+ *     in-flight responses (for at most the HTTP drain bound), remove the --link-modules links,
+ *     unmount (lazily if busy), exit 0; during start-up, the start stops at its next step. A
+ *     second signal, or a stop past STOP_DEADLINE_MS, removes the links, detaches the mount and
+ *     exits 1 at once.
  *
  * Nothing on disk stops it from starting: damaged entries are quarantined and rebuilt before
  * the first ingest, and what is intact is served.
@@ -78,12 +79,18 @@ export class StopRequest {
   }
 }
 
+/** Where the daemon touches the system outside its cache and mount (tests give temp dirs). */
+export interface SystemPaths {
+  /** Where --link-modules makes `<release>/build` (default /lib/modules). */
+  modulesRoot?: string;
+}
+
 /**
  * Start the daemon; resolves once it is serving, or, when `stopRequest` is requested during the
  * start, once what was started is stopped again (its stop() then resolves at once). Signal
  * handling is `installSignalHandlers`, which requests the stop at the first SIGTERM/SIGINT.
  */
-export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: StopRequest): Promise<RunningDaemon> {
+export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: StopRequest, paths: SystemPaths = {}): Promise<RunningDaemon> {
   const { log } = io;
   const stopSignal = stopRequest?.signal;
   // Aborted by the stop, however it comes: kills an ingest process at work (its xz with it).
@@ -106,7 +113,7 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
   /** The mount, once mountFuse is called: a detach during the call waits for it, then takes it down. */
   let mounting: Promise<FuseMount | null> = Promise.resolve(null);
   let http: { url: string; close(): Promise<void> } | null = null;
-  const links = new ModuleLinks(log);
+  const links = new ModuleLinks(log, paths.modulesRoot);
   let refreshing: Promise<void> = Promise.resolve();
 
   // What the running kernel is: the entries are told apart from it by release and build id
@@ -282,6 +289,8 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
     stop,
     detachNow: async () => {
       cancel.abort();
+      // The links first: they point into the mount, and must not outlive it as dangling links.
+      await links.removeAll();
       await (await mounting)?.unmount();
     },
     get httpUrl() {
@@ -400,9 +409,12 @@ export function installSignalHandlers(starting: Promise<RunningDaemon>, io: Comm
 /**
  * --link-modules: `/lib/modules/<release>/build -> <mount>/<release>` so unmodified tools find
  * headers with no variable at all. Never replaces an existing path; removes only what it made.
+ * Once removeAll() has run (the daemon stops), it links nothing more: a publish still under way
+ * then must not leave a link into a mount that is going away.
  */
 class ModuleLinks {
   private readonly made: Array<{ link: string; target: string; dirMade: string | null }> = [];
+  private closed = false;
 
   constructor(
     private readonly log: CommandIO['log'],
@@ -410,6 +422,7 @@ class ModuleLinks {
   ) {}
 
   async point(release: string, target: string): Promise<void> {
+    if (this.closed) return;
     const dir = path.join(this.modulesRoot, release);
     const link = path.join(dir, 'build');
     if (this.made.some((m) => m.link === link && m.target === target)) return;
@@ -429,10 +442,12 @@ class ModuleLinks {
     }
     await symlink(target, link);
     this.made.push({ link, target, dirMade });
+    if (this.closed) return this.removeAll(); // the stop came while it linked
     this.log.info({ link, target }, '--link-modules: linked');
   }
 
   async removeAll(): Promise<void> {
+    this.closed = true;
     for (const { link, target, dirMade } of this.made.splice(0).reverse()) {
       // Only if it is still the link we made: someone may have replaced it meanwhile.
       if ((await readlink(link).catch(() => null)) === target) await unlink(link).catch(() => {});

@@ -30,7 +30,12 @@ export async function unmountIfLeft(mountpoint: string): Promise<void> {
 
 /** `node`: the node binary to run it with (a test may remove it later: the daemon then cannot start node again). */
 export function startServe(t: TestContext, args: string[], env: Record<string, string> = {}, node = process.execPath): Daemon {
-  const child = spawn(node, [CLI, 'serve', ...args], { stdio: ['pipe', 'pipe', 'pipe'], env: cleanEnv(env) });
+  return startDaemonProcess(t, node, [CLI, 'serve', ...args], env);
+}
+
+/** A daemon started as `node ...argv` (startServe's, or a test's own script that runs serve's start). */
+export function startDaemonProcess(t: TestContext, node: string, argv: string[], env: Record<string, string> = {}): Daemon {
+  const child = spawn(node, argv, { stdio: ['pipe', 'pipe', 'pipe'], env: cleanEnv(env) });
   const logs: Array<Record<string, unknown>> = [];
   const waiters = new Set<() => void>();
   let buffered = '';
