@@ -175,3 +175,47 @@ test('serve, SIGTERM while its start rebuilds an outdated and a damaged entry: e
   second.child.kill('SIGTERM');
   assert.equal(await second.exited, 0);
 });
+
+test('serve, SIGTERM while it repairs an entry a read found damaged: exits 0 at once, the entry waits in entries/; the next start serves it, and repairs it at the first read of the bad bytes', async (t) => {
+  const dir = await tempDir(t, 'kheadersd-heal-stop-repair-');
+  const cacheDir = path.join(dir, 'cache');
+  const xzs = await hangableXz(dir);
+  const flipped = await cached(dir, cacheDir, '6.95.1-read');
+  await DAMAGE['found by a reader'](flipped);
+  const before = await treeContent(path.join(cacheDir, 'entries'));
+  const args = ['--archive', flipped.archive, '--release', flipped.release, '--cache-dir', cacheDir, '--mount', 'off', '--http', '127.0.0.1:0', '--btf', 'off', '--decoder', 'xz', '--log-level', 'info'];
+  const sched = (url: string): Promise<Response> => fetch(`${url}/v1/kernels/${flipped.release}/files/${SCHED}`);
+
+  const first = startServe(t, args, { PATH: xzs.PATH });
+  try {
+    const url = String((await first.waitFor((l) => l.msg === 'HTTP listening', 'HTTP to listen')).url);
+    await xzs.hang();
+    assert.equal((await sched(url)).status, 500, 'the flipped byte is served');
+    await whenStaging(cacheDir);
+    first.child.kill('SIGTERM');
+    const code = await Promise.race([first.exited, new Promise<string>((r) => setTimeout(() => r('still running'), STOP_BOUND_MS).unref())]);
+    assert.equal(code, 0, `the stop during the repair: ${JSON.stringify(first.logs.slice(-4))}`);
+    assert.deepEqual(await xzs.leftRunning(), [], 'the hung xz outlived the daemon');
+    assert.deepEqual(await treeContent(path.join(cacheDir, 'entries')), before, 'the entry is not back as it was');
+    assert.deepEqual(await readdir(path.join(cacheDir, 'tmp')), [], 'something was left in tmp/');
+    assert.deepEqual(await quarantined(cacheDir), [], 'a stopped rebuild left a quarantined copy');
+    assert.ok(first.logs.some((l) => l.msg === 'repair stopped: the daemon is stopping'), 'the stopped repair is logged as such');
+    assert.ok(!first.logs.some((l) => /cannot be rebuilt|repairing the cache failed/.test(String(l.msg))), 'a stopped rebuild was logged as a failure');
+  } finally {
+    await first.stop();
+    for (const pid of await xzs.leftRunning()) process.kill(pid, 'SIGKILL'); // a failed run's hung xz
+  }
+
+  await xzs.unhang();
+  const second = startServe(t, args, { PATH: xzs.PATH });
+  const url = String((await second.waitFor((l) => l.msg === 'HTTP listening', 'HTTP to listen')).url);
+  assert.equal((await sched(url)).status, 500, 'the bad bytes are found again, never served');
+  await second.waitFor((l) => l.msg === 'cache entry rebuilt from its own archive', 'the repair');
+  const res = await pollUntil(async () => {
+    const r = await sched(url);
+    return r.status === 200 ? r : undefined;
+  }, 'the rebuilt entry to be served');
+  assert.ok(Buffer.from(await res.arrayBuffer()).equals(SCHED_BYTES), 'the rebuilt entry serves the archived bytes');
+  second.child.kill('SIGTERM');
+  assert.equal(await second.exited, 0);
+});
