@@ -16,8 +16,8 @@ import { dataLocation, MANIFEST_FILE, PACK_FILE } from '../src/store/entry.js';
 import { healCache, type KnownDamage } from '../src/store/heal.js';
 import { ingest } from '../src/store/ingest.js';
 import { goodTree, makeTar, tempDir, textLike, treeContent, xz } from './helpers/archives.js';
-import { hangableXz } from './helpers/hung-xz.js';
-import { pollUntil, startServe } from './helpers/serve-child.js';
+import { hangableXz, type HangableXz } from './helpers/hung-xz.js';
+import { exitWithin, pollUntil, startServe, type Daemon } from './helpers/serve-child.js';
 
 /** Under the 10 s after which a service manager kills; the daemon's own stop deadline is 6 s. */
 const STOP_BOUND_MS = 5_000;
@@ -84,6 +84,28 @@ async function quarantined(cacheDir: string): Promise<string[]> {
   return readdir(path.join(cacheDir, 'quarantine')).catch(() => []);
 }
 
+/** The cache as it was before the stopped heal (`entries`, their content then): nothing staged, set aside or quarantined. */
+async function assertAsItWas(cacheDir: string, entries: Map<string, string>): Promise<void> {
+  assert.deepEqual(await treeContent(path.join(cacheDir, 'entries')), entries, 'the entries are not back as they were');
+  assert.deepEqual(await readdir(path.join(cacheDir, 'tmp')), [], 'something was left in tmp/ (the next ingest would sweep it away)');
+  assert.deepEqual(await quarantined(cacheDir), [], 'a stopped rebuild left a quarantined copy');
+}
+
+/** SIGTERM once a rebuild has staged (its hung xz runs): the daemon exits 0 at once, its xz with it, and leaves the cache as it was. */
+async function stopWhileRebuilding(d: Daemon, cacheDir: string, xzs: HangableXz, entries: Map<string, string>): Promise<void> {
+  try {
+    await whenStaging(cacheDir);
+    d.child.kill('SIGTERM');
+    assert.equal(await exitWithin(d, STOP_BOUND_MS), 0, `the stop during the repair: ${JSON.stringify(d.logs.slice(-4))}`);
+    assert.deepEqual(await xzs.leftRunning(), [], 'the hung xz outlived the daemon');
+    await assertAsItWas(cacheDir, entries);
+    assert.ok(!d.logs.some((l) => /cannot be rebuilt|repairing the cache failed/.test(String(l.msg))), 'a stopped rebuild was logged as a failure');
+  } finally {
+    await d.stop();
+    for (const pid of await xzs.leftRunning()) process.kill(pid, 'SIGKILL'); // a failed run's hung xz
+  }
+}
+
 /** Run with `process.env.PATH` set (the decoder finds xz there) until the test ends. */
 function usePath(t: TestContext, PATH: string): void {
   const before = process.env.PATH;
@@ -114,9 +136,7 @@ for (const [what, damage] of Object.entries(DAMAGE)) {
     stop.abort();
     await assert.rejects(healing, (err: Error) => err.name === 'AbortError', 'the heal rejects as stopped');
 
-    assert.deepEqual(await treeContent(path.join(cacheDir, 'entries')), before, 'the entries are not back as they were');
-    assert.deepEqual(await readdir(path.join(cacheDir, 'tmp')), [], 'something was left in tmp/ (the next ingest would sweep it away)');
-    assert.deepEqual(await quarantined(cacheDir), [], 'a stopped rebuild left a quarantined copy');
+    await assertAsItWas(cacheDir, before);
     assert.ok(!lines.some((l) => /cannot be rebuilt/.test(String(l.msg))), 'a stopped rebuild was logged as one that cannot be done');
     assert.ok(lines.some((l) => /was stopped: it is back in the cache as it was/.test(String(l.msg))), 'the stop is logged as such');
     assert.deepEqual(await xzs.leftRunning(), [], 'the hung xz outlived the stop');
@@ -148,21 +168,8 @@ test('serve, SIGTERM while its start rebuilds an outdated and a damaged entry: e
 
   await xzs.hang();
   const first = startServe(t, args, { PATH: xzs.PATH });
-  try {
-    await whenStaging(cacheDir);
-    first.child.kill('SIGTERM');
-    const code = await Promise.race([first.exited, new Promise<string>((r) => setTimeout(() => r('still running'), STOP_BOUND_MS).unref())]);
-    assert.equal(code, 0, `the stop during the repair: ${JSON.stringify(first.logs.slice(-4))}`);
-    assert.deepEqual(await xzs.leftRunning(), [], 'the hung xz outlived the daemon');
-    assert.deepEqual(await treeContent(path.join(cacheDir, 'entries')), before, 'the entries are not back as they were');
-    assert.deepEqual(await readdir(path.join(cacheDir, 'tmp')), [], 'something was left in tmp/');
-    assert.deepEqual(await quarantined(cacheDir), [], 'a stopped rebuild left a quarantined copy');
-    assert.ok(!first.logs.some((l) => /cannot be rebuilt/.test(String(l.msg))), 'a stopped rebuild was logged as one that cannot be done');
-    assert.ok(!first.logs.some((l) => l.msg === 'HTTP listening'), 'it went on starting after the stop');
-  } finally {
-    await first.stop();
-    for (const pid of await xzs.leftRunning()) process.kill(pid, 'SIGKILL'); // a failed run's hung xz
-  }
+  await stopWhileRebuilding(first, cacheDir, xzs, before);
+  assert.ok(!first.logs.some((l) => l.msg === 'HTTP listening'), 'it went on starting after the stop');
 
   await xzs.unhang();
   const second = startServe(t, args, { PATH: xzs.PATH });
@@ -187,24 +194,11 @@ test('serve, SIGTERM while it repairs an entry a read found damaged: exits 0 at 
   const sched = (url: string): Promise<Response> => fetch(`${url}/v1/kernels/${flipped.release}/files/${SCHED}`);
 
   const first = startServe(t, args, { PATH: xzs.PATH });
-  try {
-    const url = String((await first.waitFor((l) => l.msg === 'HTTP listening', 'HTTP to listen')).url);
-    await xzs.hang();
-    assert.equal((await sched(url)).status, 500, 'the flipped byte is served');
-    await whenStaging(cacheDir);
-    first.child.kill('SIGTERM');
-    const code = await Promise.race([first.exited, new Promise<string>((r) => setTimeout(() => r('still running'), STOP_BOUND_MS).unref())]);
-    assert.equal(code, 0, `the stop during the repair: ${JSON.stringify(first.logs.slice(-4))}`);
-    assert.deepEqual(await xzs.leftRunning(), [], 'the hung xz outlived the daemon');
-    assert.deepEqual(await treeContent(path.join(cacheDir, 'entries')), before, 'the entry is not back as it was');
-    assert.deepEqual(await readdir(path.join(cacheDir, 'tmp')), [], 'something was left in tmp/');
-    assert.deepEqual(await quarantined(cacheDir), [], 'a stopped rebuild left a quarantined copy');
-    assert.ok(first.logs.some((l) => l.msg === 'repair stopped: the daemon is stopping'), 'the stopped repair is logged as such');
-    assert.ok(!first.logs.some((l) => /cannot be rebuilt|repairing the cache failed/.test(String(l.msg))), 'a stopped rebuild was logged as a failure');
-  } finally {
-    await first.stop();
-    for (const pid of await xzs.leftRunning()) process.kill(pid, 'SIGKILL'); // a failed run's hung xz
-  }
+  const listening = String((await first.waitFor((l) => l.msg === 'HTTP listening', 'HTTP to listen')).url);
+  await xzs.hang();
+  assert.equal((await sched(listening)).status, 500, 'the flipped byte is served');
+  await stopWhileRebuilding(first, cacheDir, xzs, before);
+  assert.ok(first.logs.some((l) => l.msg === 'repair stopped: the daemon is stopping'), 'the stopped repair is logged as such');
 
   await xzs.unhang();
   const second = startServe(t, args, { PATH: xzs.PATH });

@@ -14,7 +14,7 @@ import path from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { REPO_ROOT, goodTree, makeTar, tempDir, xz } from './helpers/archives.js';
 import { fuseDeviceSkipReason } from './helpers/fuse-env.js';
-import { pollUntil, startDaemonProcess, unmountIfLeft, type Daemon } from './helpers/serve-child.js';
+import { exitWithin, pollUntil, startDaemonProcess, unmountIfLeft, type Daemon } from './helpers/serve-child.js';
 
 const SERVE_LINKS = path.join(REPO_ROOT, 'dist/test/helpers/serve-links.js');
 const RELEASE = '6.95.0-links';
@@ -62,17 +62,6 @@ async function heldAfterLinking(t: TestContext, prepare: (modulesRoot: string) =
   return { d, mnt, modulesRoot };
 }
 
-/** The exit status, or 'still running' after `boundMs`. */
-async function exitWithin(d: Daemon, boundMs = EXIT_BOUND_MS): Promise<number | null | 'still running'> {
-  let timer: NodeJS.Timeout | undefined;
-  const bound = new Promise<'still running'>((resolve) => (timer = setTimeout(() => resolve('still running'), boundMs)));
-  try {
-    return await Promise.race([d.exited, bound]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
 async function assertUnmounted(mnt: string): Promise<void> {
   const mountinfo = await readFile('/proc/self/mountinfo', 'utf8');
   assert.ok(!mountinfo.includes(` ${mnt} `), `${mnt} is still mounted after the daemon exited`);
@@ -90,7 +79,7 @@ test('a second SIGTERM while the start, linked and mounted, waits on systemd: th
     s.d.child.kill('SIGTERM');
     await s.d.waitFor((l) => l.msg === 'stopping', 'the first stop to begin');
     s.d.child.kill('SIGTERM');
-    assert.equal(await exitWithin(s.d), 1, 'a second signal exits 1 at once');
+    assert.equal(await exitWithin(s.d, EXIT_BOUND_MS), 1, 'a second signal exits 1 at once');
     assert.deepEqual(await readdir(s.modulesRoot), [], `left behind: ${(await readdir(s.modulesRoot)).join(', ')}`);
     await assertUnmounted(s.mnt);
   } finally {
@@ -108,7 +97,7 @@ test('one SIGTERM past the stop deadline: the link it made is removed; the relea
   try {
     assert.equal(await readlink(path.join(s.modulesRoot, RELEASE, 'build')), path.join(s.mnt, RELEASE), 'the start linked the release into the mount');
     s.d.child.kill('SIGTERM');
-    assert.equal(await exitWithin(s.d), 1, 'a stop past its deadline exits 1');
+    assert.equal(await exitWithin(s.d, EXIT_BOUND_MS), 1, 'a stop past its deadline exits 1');
     assert.ok(s.d.logs.some((l) => typeof l.msg === 'string' && /the stop did not finish in/.test(l.msg)), 'the deadline is logged');
     assert.deepEqual(await readdir(path.join(s.modulesRoot, RELEASE)), ['modules.dep'], 'the link is left, or what was there is gone');
     await assertUnmounted(s.mnt);
@@ -130,7 +119,7 @@ test('a second SIGTERM with a build link it found (and left alone): that link st
     s.d.child.kill('SIGTERM');
     await s.d.waitFor((l) => l.msg === 'stopping', 'the first stop to begin');
     s.d.child.kill('SIGTERM');
-    assert.equal(await exitWithin(s.d), 1, 'a second signal exits 1 at once');
+    assert.equal(await exitWithin(s.d, EXIT_BOUND_MS), 1, 'a second signal exits 1 at once');
     assert.equal(await readlink(path.join(s.modulesRoot, RELEASE, 'build')), theirs, 'the link it found was changed or removed');
     assert.ok(await exists(path.join(s.modulesRoot, RELEASE)));
     await assertUnmounted(s.mnt);

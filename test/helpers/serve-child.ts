@@ -93,6 +93,17 @@ export function startDaemonProcess(t: TestContext, node: string, argv: string[],
   };
 }
 
+/** The daemon's exit status, or 'still running' after `boundMs`. */
+export async function exitWithin(d: Daemon, boundMs: number): Promise<number | null | 'still running'> {
+  let timer: NodeJS.Timeout | undefined;
+  const bound = new Promise<'still running'>((resolve) => (timer = setTimeout(() => resolve('still running'), boundMs)));
+  try {
+    return await Promise.race([d.exited, bound]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 export async function pollUntil<T>(fn: () => Promise<T | undefined>, what: string, timeoutMs = 30_000): Promise<T> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
