@@ -12,8 +12,9 @@
  * rebuild, and says nothing about the entry: the rebuild under way is cancelled (its decoder
  * killed, its staging removed), the entry goes back into entries/ as it was (out of tmp/, where
  * the next ingest would sweep it away, or out of quarantine/, with no reason recorded), the
- * entries not reached yet are left alone, and the heal rejects with the stop. The next heal finds
- * them all as this one did, and rebuilds them.
+ * entries not reached yet are left alone, and the heal rejects with the stop. The next start's
+ * heal finds them as this one did and rebuilds them; bytes a reader found wrong (an entry whose
+ * structure loads) are found again by the first read of them, never served, and repaired then.
  */
 import { createHash } from 'node:crypto';
 import { readFile, rename, rm } from 'node:fs/promises';
@@ -126,7 +127,7 @@ async function putBack(store: CacheStore, id: string, dir: string, stop: unknown
   try {
     await rename(dir, back);
     await rm(path.join(back, REASON_FILE), { force: true }); // there when it came from quarantine/
-    log?.info({ id }, `rebuilding cache entry ${id} was stopped: it is back in the cache as it was, and the next start rebuilds it`);
+    log?.info({ id }, `rebuilding cache entry ${id} was stopped: it is back in the cache as it was, to be repaired again`);
   } catch (err) {
     const why = `its rebuild was stopped, and it could not be put back into the cache (${errnoOf(err) ?? String(err)})`;
     if (path.dirname(dir) === store.tmpDir) await store.quarantineFrom(dir, id, { reason: why }).catch(() => {});
