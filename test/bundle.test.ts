@@ -68,6 +68,8 @@ test('the bundle is CommonJS without import(), and cli.js and commands.js share 
     // Code run with V8's cached code cannot import() in node 20 (src/code-cache.ts).
     assert.doesNotMatch(code, /\bimport\(/, `${name} still calls import()`);
     assert.doesNotMatch(code, /^export |^import /m, `${name} is not CommonJS`);
+    // One character that is not ASCII makes V8 hold the whole source as a two-byte string.
+    assert.doesNotMatch(code, /[^\t-~]/, `${name} is not ASCII`);
   }
   // One copy of the core (errors, the logger, the configuration): `instanceof KheadersError` must
   // hold for an error thrown in commands.js and reported by cli.js.
