@@ -161,7 +161,9 @@ async function writeCodeCache(cacheFile: string, data: Buffer, stem: string): Pr
   try {
     const fh = await open(tmp, constants.O_WRONLY | constants.O_CREAT | constants.O_TRUNC | constants.O_NOFOLLOW, 0o644);
     try {
-      await fh.writev([MAGIC, createHash('sha256').update(data).digest(), data]);
+      // writeFile, not writev: a full disk or a file-size limit makes write() short before it
+      // fails, and writev takes the short count as done, which would rename a torn file in.
+      await fh.writeFile(Buffer.concat([MAGIC, createHash('sha256').update(data).digest(), data]));
       await fh.chmod(0o644); // not the umask's choice: readers refuse a group-writable file
       await fh.sync();
     } finally {

@@ -26,15 +26,21 @@ interface Run {
 
 const CODE_CACHE = path.join(REPO_ROOT, 'dist', 'src', 'code-cache.js');
 
-/** runBundle in a fresh node, and save() after it when `save`. */
-async function runBundle(file: string, cacheDir: string | undefined, save = false): Promise<Run> {
+/**
+ * runBundle in a fresh node, and save() after it when `save`; with `fileSizeLimit`, under that
+ * RLIMIT_FSIZE (prlimit, util-linux), where a write past it is short and the next one fails, as
+ * on a full disk (node ignores SIGXFSZ).
+ */
+async function runBundle(file: string, cacheDir: string | undefined, save = false, fileSizeLimit?: number): Promise<Run> {
   const program = `
     const { runBundle } = await import(${JSON.stringify(CODE_CACHE)});
     const r = await runBundle(process.argv[1], process.argv[2] || undefined);
     const out = { state: r.state, why: r.why, cacheFile: r.cacheFile, exports: r.exports };
     if (process.argv[3] === 'save') out.saved = await r.save().catch((err) => err.message);
     process.stdout.write(JSON.stringify(out));`;
-  const { stdout } = await promisify(execFile)(process.execPath, ['--input-type=module', '-e', program, file, cacheDir ?? '', save ? 'save' : ''], { encoding: 'utf8' });
+  const argv = [process.execPath, '--input-type=module', '-e', program, file, cacheDir ?? '', save ? 'save' : ''];
+  if (fileSizeLimit !== undefined) argv.unshift('prlimit', `--fsize=${fileSizeLimit}:${fileSizeLimit}`, '--');
+  const { stdout } = await promisify(execFile)(argv[0]!, argv.slice(1), { encoding: 'utf8' });
   return JSON.parse(stdout) as Run;
 }
 
@@ -197,4 +203,17 @@ test("what a crash left half-written and other nodes' code for the same file are
   const r = await runBundle(file, cacheDir, true);
   assert.equal(r.saved, true);
   assert.deepEqual((await readdir(codeDir)).sort(), [ours, ...others].sort());
+});
+
+test('a disk that fills up during the save keeps no torn file: the save fails and says so, and the next start compiles', async (t) => {
+  const { file, cacheDir, cacheFile } = await primed(t);
+  const whole = (await readFile(cacheFile)).length;
+  await rm(cacheFile);
+  const r = await runBundle(file, cacheDir, true, whole >> 1);
+  assert.equal(r.state, 'absent');
+  assert.match(String(r.saved), /EFBIG/);
+  assert.deepEqual(await readdir(path.dirname(cacheFile)), [], 'a torn file or its temporary was left');
+  const next = await runBundle(file, cacheDir, true);
+  assert.equal(next.state, 'absent');
+  assert.equal(next.saved, true);
 });
