@@ -113,11 +113,13 @@ async function readTrusted(cacheFile: string): Promise<Found> {
   const cacheDir = path.dirname(codeDir);
   let fh;
   try {
-    for (const [dir, st] of [
-      [cacheDir, await stat(cacheDir)],
-      [codeDir, await lstat(codeDir)],
+    // One after the other: a cache directory that is not trusted is said to be so even when it
+    // has no code/ (which would otherwise answer ENOENT, 'absent', first).
+    for (const [dir, statOf] of [
+      [cacheDir, stat],
+      [codeDir, lstat],
     ] as const) {
-      const problem = cacheDirProblem(dir, st, uid, false);
+      const problem = cacheDirProblem(dir, await statOf(dir), uid, false);
       if (problem) return { state: 'untrusted', why: problem.what };
     }
     fh = await open(cacheFile, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);

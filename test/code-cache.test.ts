@@ -217,3 +217,12 @@ test('a disk that fills up during the save keeps no torn file: the save fails an
   assert.equal(next.state, 'absent');
   assert.equal(next.saved, true);
 });
+
+test('a cache directory that is not trusted is reported as such even before it has a code/', async (t) => {
+  const { file, cacheDir } = await bundleFile(t, 'a');
+  await chmod(cacheDir, 0o777);
+  const r = await runBundle(file, cacheDir);
+  assert.equal(r.state, 'untrusted');
+  assert.match(String(r.why), /writable by everyone/);
+  assert.equal(exportsOf(r)['answer'], 42);
+});
