@@ -25,7 +25,7 @@
  */
 import { createHash } from 'node:crypto';
 import { constants } from 'node:fs';
-import { lstat, mkdir, open, readdir, readFile, rename, rm, stat } from 'node:fs/promises';
+import { chmod, lstat, mkdir, open, readdir, readFile, rename, rm, stat } from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import path from 'node:path';
 import { Script } from 'node:vm';
@@ -154,9 +154,13 @@ async function readTrusted(cacheFile: string): Promise<Found> {
  */
 async function writeCodeCache(cacheFile: string, data: Buffer, stem: string): Promise<void> {
   const codeDir = path.dirname(cacheFile);
-  await mkdir(codeDir, { mode: 0o755 }).catch((err: NodeJS.ErrnoException) => {
-    if (err.code !== 'EEXIST') throw err;
-  });
+  await mkdir(codeDir, { mode: 0o755 }).then(
+    // Not the umask's choice either: the users who are not root read root's code (ls, cat).
+    () => chmod(codeDir, 0o755),
+    (err: NodeJS.ErrnoException) => {
+      if (err.code !== 'EEXIST') throw err;
+    },
+  );
   const problem = cacheDirProblem(codeDir, await lstat(codeDir), process.getuid?.() ?? 0, true);
   if (problem) throw new Error(problem.what);
   const tmp = path.join(codeDir, `.${path.basename(cacheFile)}.${process.pid}.tmp`);

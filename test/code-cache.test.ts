@@ -8,7 +8,7 @@
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { chmod, chown, mkdir, readdir, readFile, rm, symlink, writeFile } from 'node:fs/promises';
+import { chmod, chown, mkdir, readdir, readFile, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { promisify } from 'node:util';
@@ -29,9 +29,9 @@ const CODE_CACHE = path.join(REPO_ROOT, 'dist', 'src', 'code-cache.js');
 /**
  * runBundle in a fresh node, and save() after it when `save`; with `fileSizeLimit`, under that
  * RLIMIT_FSIZE (prlimit, util-linux), where a write past it is short and the next one fails, as
- * on a full disk (node ignores SIGXFSZ).
+ * on a full disk (node ignores SIGXFSZ); with `umask`, under that umask.
  */
-async function runBundle(file: string, cacheDir: string | undefined, save = false, fileSizeLimit?: number): Promise<Run> {
+async function runBundle(file: string, cacheDir: string | undefined, save = false, { fileSizeLimit, umask }: { fileSizeLimit?: number; umask?: string } = {}): Promise<Run> {
   const program = `
     const { runBundle } = await import(${JSON.stringify(CODE_CACHE)});
     const r = await runBundle(process.argv[1], process.argv[2] || undefined);
@@ -40,6 +40,7 @@ async function runBundle(file: string, cacheDir: string | undefined, save = fals
     process.stdout.write(JSON.stringify(out));`;
   const argv = [process.execPath, '--input-type=module', '-e', program, file, cacheDir ?? '', save ? 'save' : ''];
   if (fileSizeLimit !== undefined) argv.unshift('prlimit', `--fsize=${fileSizeLimit}:${fileSizeLimit}`, '--');
+  if (umask !== undefined) argv.unshift('sh', '-c', `umask ${umask} && exec "$@"`, 'sh');
   const { stdout } = await promisify(execFile)(argv[0]!, argv.slice(1), { encoding: 'utf8' });
   return JSON.parse(stdout) as Run;
 }
@@ -209,7 +210,7 @@ test('a disk that fills up during the save keeps no torn file: the save fails an
   const { file, cacheDir, cacheFile } = await primed(t);
   const whole = (await readFile(cacheFile)).length;
   await rm(cacheFile);
-  const r = await runBundle(file, cacheDir, true, whole >> 1);
+  const r = await runBundle(file, cacheDir, true, { fileSizeLimit: whole >> 1 });
   assert.equal(r.state, 'absent');
   assert.match(String(r.saved), /EFBIG/);
   assert.deepEqual(await readdir(path.dirname(cacheFile)), [], 'a torn file or its temporary was left');
@@ -225,4 +226,12 @@ test('a cache directory that is not trusted is reported as such even before it h
   assert.equal(r.state, 'untrusted');
   assert.match(String(r.why), /writable by everyone/);
   assert.equal(exportsOf(r)['answer'], 42);
+});
+
+test('code/ and its file are readable by all whatever the umask: the users who are not root read root\'s code (ls, cat)', async (t) => {
+  const { file, cacheDir } = await bundleFile(t, 'a');
+  const r = await runBundle(file, cacheDir, true, { umask: '077' });
+  assert.equal(r.saved, true);
+  assert.equal((await stat(path.join(cacheDir, CODE_DIR))).mode & 0o777, 0o755);
+  assert.equal((await stat(r.cacheFile!)).mode & 0o777, 0o644);
 });
