@@ -4,7 +4,7 @@
  * functions a start runs. Node 20 has no compile cache of its own (22's `module.enableCompileCache`
  * is not in 20), so this is V8's code cache through `vm.Script`'s `cachedData`.
  *
- *   <cache>/code/<file>-<sha256 of the file, 16 hex>-<node version>-<arch>.v8
+ *   <cache>/code/<file>-<sha256 of the file, 16 hex>-<node version>-<arch>-<node build, 8 hex>.v8
  *     8 bytes magic, 32 bytes sha256 of the rest, then V8's data
  *
  * What V8 is given is executable code, so it is held to the cache directory's rule and more:
@@ -66,7 +66,7 @@ export interface RunBundleResult {
 /** Compile and run `file` (CommonJS), with its compiled code from `<cacheDir>/code/` when that can be trusted. */
 export async function runBundle(file: string, cacheDir: string | undefined): Promise<RunBundleResult> {
   const source = await readFile(file);
-  const cacheFile = cacheDir === undefined ? undefined : path.join(cacheDir, CODE_DIR, cacheFileName(file, source));
+  const cacheFile = cacheDir === undefined ? undefined : path.join(cacheDir, CODE_DIR, cacheFileName(file, source, await nodeBuild()));
   const found: Found = cacheFile === undefined ? { state: 'off' } : await readTrusted(cacheFile);
   const text = source.toString('utf8');
   // A shebang is a comment to the shell only: inside the function wrapper it must be one to V8 too.
@@ -89,15 +89,31 @@ export async function runBundle(file: string, cacheDir: string | undefined): Pro
     why,
     save: () => {
       if (cacheFile === undefined || state === 'used') return Promise.resolve(false);
-      return writeCodeCache(cacheFile, script.createCachedData(), `${path.basename(file, '.js')}-`).then(() => true);
+      return writeCodeCache(cacheFile, script.createCachedData(), path.basename(file, '.js')).then(() => true);
     },
   };
 }
 
-/** The cache's file name: the file's base name, its digest, and the node that compiled it. */
-export function cacheFileName(file: string, source: Buffer): string {
+/** The cache's file name: the file's base name, its digest, and the node that compiled it (its version, arch and nodeBuild). */
+export function cacheFileName(file: string, source: Buffer, build: string): string {
   const digest = createHash('sha256').update(source).digest('hex').slice(0, 16);
-  return `${path.basename(file, '.js')}-${digest}-${process.version}-${process.arch}.v8`;
+  return `${path.basename(file, '.js')}-${digest}-${process.version}-${process.arch}-${build}.v8`;
+}
+
+/**
+ * Which build of node this is, beyond its version: V8 checks its own version and flags, but a
+ * distribution's rebuild of the same version (a patched V8) would pass that check. The binary's
+ * path, size and mtime tell builds apart for the price of one stat.
+ */
+export async function nodeBuild(): Promise<string> {
+  const st = await stat(process.execPath).catch(() => undefined);
+  const id = `${process.versions.v8}|${process.execPath}|${st?.size ?? '?'}|${st?.mtimeMs ?? '?'}`;
+  return createHash('sha256').update(id).digest('hex').slice(0, 8);
+}
+
+/** Whether `name` is a cache file of the bundle file `base` (of any version of it, any node). */
+function isCacheOf(base: string, name: string): boolean {
+  return name.startsWith(`${base}-`) && /^[0-9a-f]{16}-/.test(name.slice(base.length + 1)) && name.endsWith('.v8');
 }
 
 interface Found {
@@ -152,7 +168,7 @@ async function readTrusted(cacheFile: string): Promise<Found> {
  * none, never a torn one that is trusted (the digest would refuse it anyway), and remove what an
  * older bundle or another node left for the same file.
  */
-async function writeCodeCache(cacheFile: string, data: Buffer, stem: string): Promise<void> {
+async function writeCodeCache(cacheFile: string, data: Buffer, base: string): Promise<void> {
   const codeDir = path.dirname(cacheFile);
   await mkdir(codeDir, { mode: 0o755 }).then(
     // Not the umask's choice either: the users who are not root read root's code (ls, cat).
@@ -182,8 +198,8 @@ async function writeCodeCache(cacheFile: string, data: Buffer, stem: string): Pr
   }
   // What an older bundle or another node wrote for this file, and what a crash left half-written.
   for (const name of await readdir(codeDir)) {
-    const stale = name.startsWith(stem) && name.endsWith('.v8') && name !== path.basename(cacheFile);
-    const torn = name.startsWith(`.${stem}`) && name.endsWith('.tmp') && name !== path.basename(tmp);
+    const stale = isCacheOf(base, name) && name !== path.basename(cacheFile);
+    const torn = name.startsWith('.') && name.endsWith('.tmp') && isCacheOf(base, name.slice(1).replace(/\.\d+\.tmp$/, ''));
     if (stale || torn) await rm(path.join(codeDir, name), { force: true });
   }
   const dir = await open(codeDir, 'r');

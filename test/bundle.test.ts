@@ -131,7 +131,7 @@ test('a serve start with its entry cached runs none of the lazily imported code,
   assert.equal(state(first.log), 'absent');
   const kept = await readdir(path.join(cacheDir, 'code'));
   assert.equal(kept.length, 1, kept.join(' '));
-  assert.match(kept[0]!, /^commands-[0-9a-f]{16}-v\d+\.\d+\.\d+-\w+\.v8$/);
+  assert.match(kept[0]!, /^commands-[0-9a-f]{16}-v\d+\.\d+\.\d+-\w+-[0-9a-f]{8}\.v8$/);
   const second = await start();
   assert.equal(state(second.log), 'used');
 });

@@ -12,7 +12,7 @@ import { chmod, chown, mkdir, readdir, readFile, rm, stat, symlink, writeFile } 
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { promisify } from 'node:util';
-import { CODE_DIR, cacheFileName, type CodeCacheState } from '../src/code-cache.js';
+import { CODE_DIR, cacheFileName, nodeBuild, type CodeCacheState } from '../src/code-cache.js';
 import { REPO_ROOT, tempDir } from './helpers/archives.js';
 
 interface Run {
@@ -197,9 +197,10 @@ test("what a crash left half-written and other nodes' code for the same file are
   const codeDir = path.join(cacheDir, CODE_DIR);
   await mkdir(codeDir, { mode: 0o755 });
   const source = await readFile(file);
-  const ours = cacheFileName(file, source);
-  const leftovers = [`.${ours}.99999.tmp`, ours.replace(process.version, 'v18.0.0'), 'commands-0123456789abcdef-v20.0.0-x64.v8'];
-  const others = ['ingest-0123456789abcdef-v20.0.0-x64.v8', 'README'];
+  const ours = cacheFileName(file, source, await nodeBuild());
+  const leftovers = [`.${ours}.99999.tmp`, ours.replace(process.version, 'v18.0.0'), 'commands-0123456789abcdef-v20.0.0-x64-01234567.v8', ours.replace(/-[0-9a-f]{8}\.v8$/, '-89abcdef.v8')];
+  // Another bundle file's, even one whose name starts like this one's.
+  const others = ['ingest-0123456789abcdef-v20.0.0-x64-01234567.v8', 'commands-extra-0123456789abcdef-v20.0.0-x64-01234567.v8', '.commands-extra-0123456789abcdef-v20.0.0-x64-01234567.v8.1.tmp', 'README'];
   for (const n of [...leftovers, ...others]) await writeFile(path.join(codeDir, n), 'x');
   const r = await runBundle(file, cacheDir, true);
   assert.equal(r.saved, true);
