@@ -197,7 +197,7 @@ test("what a crash left half-written and other nodes' code for the same file are
   const codeDir = path.join(cacheDir, CODE_DIR);
   await mkdir(codeDir, { mode: 0o755 });
   const source = await readFile(file);
-  const ours = cacheFileName(file, source, await nodeBuild());
+  const ours = cacheFileName(file, source, nodeBuild());
   const leftovers = [`.${ours}.99999.tmp`, ours.replace(process.version, 'v18.0.0'), 'commands-0123456789abcdef-v20.0.0-x64-01234567.v8', ours.replace(/-[0-9a-f]{8}\.v8$/, '-89abcdef.v8')];
   // Another bundle file's, even one whose name starts like this one's.
   const others = ['ingest-0123456789abcdef-v20.0.0-x64-01234567.v8', 'commands-extra-0123456789abcdef-v20.0.0-x64-01234567.v8', '.commands-extra-0123456789abcdef-v20.0.0-x64-01234567.v8.1.tmp', 'README'];
