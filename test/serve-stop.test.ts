@@ -19,7 +19,7 @@ import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { goodTree, makeTar, randomBytes, snapshot, tempDir, xzAsync } from './helpers/archives.js';
 import { fuseDeviceSkipReason } from './helpers/fuse-env.js';
-import { pollUntil, startServe, unmountIfLeft, type Daemon } from './helpers/serve-child.js';
+import { exitWithin, pollUntil, startServe, unmountIfLeft, type Daemon } from './helpers/serve-child.js';
 
 const STOP_BOUND_MS = 8_000;
 /** For a stop that waits out the daemon's own deadline (6 s) before it detaches the mount and exits. */
@@ -143,13 +143,7 @@ async function assertStopEndsIngestChild(s: Served, building: Record<string, unk
 /** SIGTERM, then the exit status, or 'still running' after `boundMs`. */
 async function terminate(d: Daemon, boundMs = STOP_BOUND_MS): Promise<number | null | 'still running'> {
   d.child.kill('SIGTERM');
-  let timer: NodeJS.Timeout | undefined;
-  const bound = new Promise<'still running'>((resolve) => (timer = setTimeout(() => resolve('still running'), boundMs)));
-  try {
-    return await Promise.race([d.exited, bound]);
-  } finally {
-    clearTimeout(timer);
-  }
+  return exitWithin(d, boundMs);
 }
 
 /** SIGTERM, and once the stop has begun, SIGTERM again: as terminate(). */
