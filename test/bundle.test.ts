@@ -8,9 +8,11 @@
  */
 import assert from 'node:assert/strict';
 import { access, constants, readdir, readFile, writeFile } from 'node:fs/promises';
+import { createRequire } from 'node:module';
 import path from 'node:path';
 import { test } from 'node:test';
 import { pathToFileURL } from 'node:url';
+import { BUNDLE_WRAPPER } from '../src/code-cache.js';
 import { systemdQuote } from '../src/commands/install.js';
 import { CLI, REPO_ROOT, SYNTH_RELEASE, goodArchive, runCli, tempDir } from './helpers/archives.js';
 import { request } from './helpers/http-env.js';
@@ -82,6 +84,26 @@ test('the bundle is CommonJS without import(), and cli.js and commands.js share 
   }
   assert.deepEqual([...new Set(sourcesOf(files.get('cli.js')!))], ['cli.js']);
   assert.ok(sourcesOf(files.get('commands.js')!).includes('commands/serve.js'));
+  // commands.js is node's function wrapper written out, which the loader gives V8 as it is.
+  const commands = files.get('commands.js')!;
+  assert.ok(commands.startsWith(BUNDLE_WRAPPER.head) && commands.trimEnd().endsWith(BUNDLE_WRAPPER.tail), 'commands.js is not written in BUNDLE_WRAPPER');
+});
+
+test("core.js's exports are plain values, which is safe because no core module reassigns one", async () => {
+  const core = createRequire(import.meta.url)(path.join(APP, 'core.js')) as Record<string, unknown>;
+  const names = Object.keys(core);
+  assert.ok(names.includes('KheadersError') && names.includes('loadCommand'), names.join(' '));
+  for (const name of names) {
+    const d = Object.getOwnPropertyDescriptor(core, name)!;
+    // A getter here costs every read of the core from cli.js and commands.js two calls (scripts/bundle.mjs).
+    assert.ok('value' in d && d.get === undefined, `core.js exports ${name} through a getter`);
+  }
+  assert.ok(Object.isFrozen(core));
+  // A live binding (`export let`, reassigned later) would be frozen at its first value.
+  for (const module of sourcesOf((await outputs()).get('core.js')!).filter((m) => m !== 'core-entry.js')) {
+    const text = await readFile(path.join(REPO_ROOT, 'src', module.replace(/\.js$/, '.ts')), 'utf8');
+    assert.doesNotMatch(text, /^export (?:let|var) /m, `src/${module} exports a binding it may reassign: core.js would hand out its first value`);
+  }
 });
 
 test('a serve start with its entry cached runs none of the lazily imported code, and keeps its compiled code for the next', { timeout: 180_000 }, async (t) => {
