@@ -4,7 +4,7 @@
  * (`maxCacheBytes`). Precedence: flag, then variable, then file, then the default. Every value is
  * parsed and checked here, so a bad one is a clear E_CONFIG/E_USAGE at start, naming its source.
  */
-import { readFile } from 'node:fs/promises';
+import { readFileSync } from 'node:fs';
 import { KheadersError, errnoOf } from './errors.js';
 import { LOG_LEVELS, type LogLevel } from './log.js';
 import { DEFAULT_HTTP_LIMITS } from './serve/http/limits.js';
@@ -150,7 +150,7 @@ function parseValue(key: ConfigKey, raw: unknown, origin: string): string | numb
 export async function readConfigFile(file: string, required: boolean): Promise<Record<string, unknown>> {
   let text: string;
   try {
-    text = await readFile(file, 'utf8');
+    text = readFileSync(file, 'utf8'); // synchronous: one small file, before anything else is under way
   } catch (err) {
     if (!required && errnoOf(err) === 'ENOENT') return {};
     throw new KheadersError('E_CONFIG', `cannot read the configuration file ${file}: ${errnoOf(err) ?? String(err)}`, { file });

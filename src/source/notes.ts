@@ -6,7 +6,7 @@
  * Each record is: namesz, descsz, type (three 4-byte words in the producer's byte order), then
  * the name (namesz bytes, NUL included) and the descriptor (descsz bytes), each padded to 4 bytes.
  */
-import { readFile } from 'node:fs/promises';
+import { readFileSync } from 'node:fs';
 import { endianness } from 'node:os';
 
 export interface ElfNote {
@@ -59,7 +59,8 @@ export function parseBuildId(notes: Buffer, littleEndian: boolean = endianness()
 export async function readLiveBuildId(path: string = '/sys/kernel/notes'): Promise<string | null> {
   let notes: Buffer;
   try {
-    notes = await readFile(path);
+    // Synchronous: a small file of sysfs (or a test's), read at every start and every refresh.
+    notes = readFileSync(path);
   } catch {
     return null;
   }

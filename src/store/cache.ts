@@ -14,7 +14,8 @@
  * sees a whole entry or none. The directory must be ours and not writable by anyone else: a
  * cache another user can write is how the /tmp/kheaders-* tools were exploited (CVE-2024-2313).
  */
-import { mkdir, open, readdir, readFile, rename, rm, stat, chmod } from 'node:fs/promises';
+import { readdirSync, readFileSync } from 'node:fs';
+import { mkdir, open, readdir, rename, rm, stat, chmod } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { KheadersError, errnoOf } from '../errors.js';
@@ -131,7 +132,8 @@ export class CacheStore {
   /** Names under entries/ that are entry ids (`<release>~<digest>`); anything else is not ours. */
   async entryIds(): Promise<string[]> {
     try {
-      return (await readdir(this.entriesDir)).filter((n) => parseEntryId(n) !== undefined);
+      // Synchronous, as the reads of manifests (entry-load.ts): a directory of the cache, never of the mount.
+      return readdirSync(this.entriesDir).filter((n) => parseEntryId(n) !== undefined);
     } catch (err) {
       if (errnoOf(err) === 'ENOENT') return [];
       throw err;
@@ -301,7 +303,8 @@ export class CacheStore {
   async currentPointer(): Promise<CurrentPointer | null> {
     let text: string;
     try {
-      text = await readFile(path.join(this.dir, 'current'), 'utf8');
+      // Synchronous, as the reads of manifests (entry-load.ts): a start reads it three times.
+      text = readFileSync(path.join(this.dir, 'current'), 'utf8');
     } catch (err) {
       // Missing, or not a file: no pointer (the resolver falls back to the running release).
       if (errnoOf(err) === 'ENOENT' || errnoOf(err) === 'EISDIR') return null;

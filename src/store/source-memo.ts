@@ -9,7 +9,8 @@
  * does not parse, or a record that breaks a rule, is ignored: the archive is then read, as if
  * nothing had been recorded, and the file is written anew.
  */
-import { readFile, rename, unlink, writeFile } from 'node:fs/promises';
+import { readFileSync } from 'node:fs';
+import { rename, unlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import type { ArchiveOrigin, ArchiveSource } from '../source/locate.js';
 
@@ -70,7 +71,8 @@ function validRecord(r: unknown): r is MemoRecord {
 
 async function readRecords(cacheDir: string): Promise<MemoRecord[]> {
   try {
-    const parsed = JSON.parse(await readFile(path.join(cacheDir, SOURCE_MEMO_FILE), 'utf8')) as { format?: unknown; sources?: unknown };
+    // Synchronous, as the reads of manifests (entry-load.ts): a small file of the cache directory.
+    const parsed = JSON.parse(readFileSync(path.join(cacheDir, SOURCE_MEMO_FILE), 'utf8')) as { format?: unknown; sources?: unknown };
     if (parsed.format !== FORMAT || !Array.isArray(parsed.sources)) return [];
     return parsed.sources.filter(validRecord);
   } catch {
