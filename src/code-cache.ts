@@ -25,7 +25,7 @@
  */
 import { isAscii } from 'node:buffer';
 import { createHash } from 'node:crypto';
-import { closeSync, constants, fstatSync, lstatSync, openSync, readFileSync, statSync, type Stats } from 'node:fs';
+import { closeSync, constants, fstatSync, lstatSync, openSync, readFileSync, statSync, unlinkSync, type Stats } from 'node:fs';
 import { chmod, lstat, mkdir, open, readdir, rename, rm } from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import path from 'node:path';
@@ -203,6 +203,17 @@ async function writeCodeCache(cacheFile: string, data: Buffer, base: string): Pr
   const problem = cacheDirProblem(codeDir, await lstat(codeDir), process.getuid?.() ?? 0, true);
   if (problem) throw new Error(problem.what);
   const tmp = path.join(codeDir, `.${path.basename(cacheFile)}.${process.pid}.tmp`);
+  // A process that exits before the rename (serve stopped just after ready, as it saves) leaves
+  // no half-written file behind: nothing else would remove it, since a start that finds its
+  // code cached never saves (nor sweeps) again.
+  const removeOnExit = (): void => {
+    try {
+      unlinkSync(tmp);
+    } catch {
+      // already renamed, or never made
+    }
+  };
+  process.once('exit', removeOnExit);
   try {
     const fh = await open(tmp, constants.O_WRONLY | constants.O_CREAT | constants.O_TRUNC | constants.O_NOFOLLOW, 0o644);
     try {
@@ -218,6 +229,8 @@ async function writeCodeCache(cacheFile: string, data: Buffer, base: string): Pr
   } catch (err) {
     await rm(tmp, { force: true });
     throw err;
+  } finally {
+    process.off('exit', removeOnExit);
   }
   // What an older bundle or another node wrote for this file, and what a crash left half-written.
   for (const name of await readdir(codeDir)) {

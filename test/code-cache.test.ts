@@ -207,6 +207,29 @@ test("what a crash left half-written and other nodes' code for the same file are
   assert.deepEqual((await readdir(codeDir)).sort(), [ours, ...others].sort());
 });
 
+test('a process that exits while it saves (serve stopped just after ready) leaves no half-written file', async (t) => {
+  const { file, cacheDir } = await bundleFile(t, 'a');
+  const codeDir = path.join(cacheDir, CODE_DIR);
+  // The save's temporary file is watched for, and the process exits the moment it appears, as
+  // serve's stop does with process.exit() while the save is still writing or syncing.
+  const program = `
+    const { readdirSync } = await import('node:fs');
+    const { runBundle } = await import(${JSON.stringify(CODE_CACHE)});
+    const r = await runBundle(process.argv[1], process.argv[2]);
+    void r.save();
+    const watch = () => {
+      let names = [];
+      try { names = readdirSync(process.argv[3]); } catch {}
+      if (names.some((n) => n.endsWith('.tmp'))) { process.stdout.write('exit during the save'); process.exit(0); }
+      if (names.some((n) => n.endsWith('.v8'))) { process.stdout.write('the save finished first'); process.exit(0); }
+      setImmediate(watch);
+    };
+    watch();`;
+  const { stdout } = await promisify(execFile)(process.execPath, ['--input-type=module', '-e', program, file, cacheDir, codeDir], { encoding: 'utf8' });
+  assert.equal(stdout, 'exit during the save');
+  assert.deepEqual(await readdir(codeDir), [], 'a half-written file was left');
+});
+
 test('a disk that fills up during the save keeps no torn file: the save fails and says so, and the next start compiles', async (t) => {
   const { file, cacheDir, cacheFile } = await primed(t);
   const whole = (await readFile(cacheFile)).length;
