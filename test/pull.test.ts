@@ -6,10 +6,13 @@
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { chmod, open, readFile, readlink, readdir, writeFile } from 'node:fs/promises';
+import { once } from 'node:events';
 import http from 'node:http';
+import type { Socket } from 'node:net';
 import path from 'node:path';
 import { PassThrough } from 'node:stream';
 import { after, before, test } from 'node:test';
+import { setTimeout as delay } from 'node:timers/promises';
 import { cmdPull, digestFromHeaders, parseAdbDevices, pull, shellQuote, type PullOptions } from '../src/commands/pull.js';
 import type { CommandIO } from '../src/commands/store-commands.js';
 import { isKheadersError } from '../src/errors.js';
@@ -207,6 +210,58 @@ test('pull refuses an archive whose bytes or Digest header do not match', async 
     const d = dirs();
     await assert.rejects(pull({ url: u, ...d }, io()), (err: unknown) => isKheadersError(err, 'E_HTTP'), m);
     await assert.rejects(readdir(d.out!), /ENOENT/, `${m}: nothing may be left in DIR`);
+  }
+});
+
+test('a download refused on its headers, or stalled, drops its connection: pull ends and leaves nothing open', async (t) => {
+  const digest = createHash('sha256').update('the archive').digest();
+  type Mode = 'no-header' | 'bad-header' | 'too-large' | 'stalled';
+  let mode: Mode = 'no-header';
+  let archiveSocket: Socket | undefined;
+  // A daemon that answers the archive's headers, sends a few bytes and then nothing more, with
+  // the connection left open: only the client can end it.
+  const stalling = http.createServer((req, res) => {
+    if (req.url === '/v1/kernels/current') {
+      res.setHeader('content-type', 'application/json');
+      res.end(JSON.stringify({ release: SYNTH_RELEASE, digest: digest.toString('hex'), kind: 'headers' }));
+      return;
+    }
+    if (req.url?.endsWith('/files/')) {
+      res.setHeader('content-type', 'application/json');
+      res.end(JSON.stringify({ entries: [] }));
+      return;
+    }
+    archiveSocket = req.socket;
+    const stated = mode === 'bad-header' ? createHash('sha256').update('x').digest() : digest;
+    if (mode !== 'no-header') res.setHeader('repr-digest', `sha-256=:${stated.toString('base64')}:`);
+    res.setHeader('content-length', mode === 'too-large' ? 2 * 1024 ** 3 : 4096);
+    res.write(Buffer.alloc(16));
+  });
+  await new Promise<void>((resolve) => stalling.listen(0, '127.0.0.1', resolve));
+  t.after(() => {
+    stalling.closeAllConnections();
+    stalling.close();
+  });
+  const url = `http://127.0.0.1:${(stalling.address() as { port: number }).port}`;
+  const expected: Record<Mode, RegExp> = {
+    'no-header': /without a Repr-Digest or Digest header/,
+    'bad-header': /is not the digest the entry names/,
+    'too-large': /over the limit/,
+    stalled: /stalled for 0\.5 s/,
+  };
+  for (const m of Object.keys(expected) as Mode[]) {
+    mode = m;
+    archiveSocket = undefined;
+    const d = dirs();
+    await assert.rejects(pull({ url, ...d, timeoutMs: 500 }, io()), (err: unknown) => err instanceof Error && expected[m].test(err.message), m);
+    assert.deepEqual(await readdir(d.out!), [], `${m}: nothing may be left in DIR`);
+    // The connection the archive came on is closed by pull, not left to the server or a GC.
+    const socket = archiveSocket as Socket | undefined;
+    assert.ok(socket, `${m}: the archive was asked for`);
+    if (!socket.destroyed) {
+      const closed = await Promise.race([once(socket, 'close').then(() => true), delay(2000).then(() => false)]);
+      assert.ok(closed, `${m}: pull failed but left the archive's connection open`);
+    }
   }
 });
 

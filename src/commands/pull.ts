@@ -320,57 +320,66 @@ async function download(url: string, headers: Record<string, string>, file: stri
   const abort = new AbortController();
   let idle = setTimeout(() => abort.abort(), timeoutMs);
   const res = await request(url, headers, abort.signal, where).finally(() => clearTimeout(idle));
-  const stated = digestFromHeaders(res.headers);
-  if (stated === undefined && expect.stated === 'required') throw new KheadersError('E_HTTP', `${where} sent ${what} without a Repr-Digest or Digest header: cannot verify it`, { url });
-  if (stated !== undefined && expect.sha256 !== undefined && stated !== expect.sha256) {
-    throw new KheadersError('E_HTTP', `${where}: the Digest header of ${what} (${stated.slice(0, 12)}) is not the digest the entry names (${expect.sha256.slice(0, 12)})`, { url });
-  }
-  const want = expect.sha256 ?? stated;
-  if (want === undefined) io.log.warn({ url }, `${where} states no digest for ${what}: it is checked by its size only`);
-  if (res.headers.get('content-encoding') && res.headers.get('content-encoding') !== 'identity') {
-    throw new KheadersError('E_HTTP', `${where} sent ${what} with Content-Encoding ${res.headers.get('content-encoding')}: cannot verify it`);
-  }
-  const limit = expect.size ?? MAX_ARCHIVE_BYTES;
-  const total = Number(res.headers.get('content-length') ?? NaN);
-  if (total > limit) throw new KheadersError('E_LIMIT', `${what} is ${total} bytes, over the limit of ${limit}`);
-  const tty = io.stderr.isTTY === true;
-  const hash = createHash('sha256');
-  const fh = await open(file, 'wx', 0o600);
-  let received = 0;
-  let lastDraw = 0;
-  const draw = (): void => {
-    io.stderr.write(progressBar(Number.isFinite(total) && total > 0 ? received / total : undefined, `${humanBytes(received)}${Number.isFinite(total) ? ` of ${humanBytes(total)}` : ''}`));
-  };
   try {
-    if (!res.body) throw new KheadersError('E_HTTP', `${where} sent no body for ${what}`);
-    idle = setTimeout(() => abort.abort(), timeoutMs);
-    for await (const chunk of res.body as AsyncIterable<Uint8Array>) {
-      idle.refresh();
-      received += chunk.length;
-      if (received > limit) throw new KheadersError('E_LIMIT', `${what} exceeds ${limit} bytes`);
-      hash.update(chunk);
-      await fh.write(chunk);
-      if (tty && performance.now() - lastDraw > 100) {
-        lastDraw = performance.now();
+    const stated = digestFromHeaders(res.headers);
+    if (stated === undefined && expect.stated === 'required') throw new KheadersError('E_HTTP', `${where} sent ${what} without a Repr-Digest or Digest header: cannot verify it`, { url });
+    if (stated !== undefined && expect.sha256 !== undefined && stated !== expect.sha256) {
+      throw new KheadersError('E_HTTP', `${where}: the Digest header of ${what} (${stated.slice(0, 12)}) is not the digest the entry names (${expect.sha256.slice(0, 12)})`, { url });
+    }
+    const want = expect.sha256 ?? stated;
+    if (want === undefined) io.log.warn({ url }, `${where} states no digest for ${what}: it is checked by its size only`);
+    if (res.headers.get('content-encoding') && res.headers.get('content-encoding') !== 'identity') {
+      throw new KheadersError('E_HTTP', `${where} sent ${what} with Content-Encoding ${res.headers.get('content-encoding')}: cannot verify it`);
+    }
+    const limit = expect.size ?? MAX_ARCHIVE_BYTES;
+    const total = Number(res.headers.get('content-length') ?? NaN);
+    if (total > limit) throw new KheadersError('E_LIMIT', `${what} is ${total} bytes, over the limit of ${limit}`);
+    const tty = io.stderr.isTTY === true;
+    const hash = createHash('sha256');
+    const fh = await open(file, 'wx', 0o600);
+    let received = 0;
+    let lastDraw = 0;
+    const draw = (): void => {
+      io.stderr.write(progressBar(Number.isFinite(total) && total > 0 ? received / total : undefined, `${humanBytes(received)}${Number.isFinite(total) ? ` of ${humanBytes(total)}` : ''}`));
+    };
+    try {
+      if (!res.body) throw new KheadersError('E_HTTP', `${where} sent no body for ${what}`);
+      idle = setTimeout(() => abort.abort(), timeoutMs);
+      for await (const chunk of res.body as AsyncIterable<Uint8Array>) {
+        idle.refresh();
+        received += chunk.length;
+        if (received > limit) throw new KheadersError('E_LIMIT', `${what} exceeds ${limit} bytes`);
+        hash.update(chunk);
+        await fh.write(chunk);
+        if (tty && performance.now() - lastDraw > 100) {
+          lastDraw = performance.now();
+          draw();
+        }
+      }
+    } catch (err) {
+      if (abort.signal.aborted) throw new KheadersError('E_HTTP', `the download of ${what} from ${where} stalled for ${timeoutMs / 1000} s`, { url }, { cause: err });
+      if (err instanceof KheadersError) throw err;
+      throw new KheadersError('E_HTTP', `the download of ${what} from ${where} failed: ${err instanceof Error ? err.message : String(err)}`, { url }, { cause: err });
+    } finally {
+      clearTimeout(idle);
+      await fh.close();
+      if (tty) {
         draw();
+        io.stderr.write('\n');
       }
     }
-  } catch (err) {
-    if (abort.signal.aborted) throw new KheadersError('E_HTTP', `the download of ${what} from ${where} stalled for ${timeoutMs / 1000} s`, { url }, { cause: err });
-    if (err instanceof KheadersError) throw err;
-    throw new KheadersError('E_HTTP', `the download of ${what} from ${where} failed: ${err instanceof Error ? err.message : String(err)}`, { url }, { cause: err });
+    if (Number.isFinite(total) && received !== total) throw new KheadersError('E_HTTP', `the download of ${what} from ${where} was cut short (${received} of ${total} bytes)`, { url });
+    if (expect.size !== undefined && received !== expect.size) throw new KheadersError('E_HTTP', `${what} from ${where} is ${received} bytes, not ${expect.size} as listed: refusing it`, { url });
+    const got = hash.digest('hex');
+    if (want !== undefined && got !== want) throw new KheadersError('E_HTTP', `${what} from ${where} has sha256 ${got.slice(0, 12)}…, not ${want.slice(0, 12)}… as announced: refusing it`, { url, expected: want, got });
   } finally {
-    clearTimeout(idle);
-    await fh.close();
-    if (tty) {
-      draw();
-      io.stderr.write('\n');
-    }
+    // However the download ended, the request is over. A body refused before it was read (no
+    // digest stated, another digest, too large, a file that could not be created) would
+    // otherwise keep its connection, and with it this process, open until the daemon finished
+    // sending or a GC collected the Response: `pull` printed its error and did not exit.
+    // Aborting a request already read to its end changes nothing.
+    abort.abort();
   }
-  if (Number.isFinite(total) && received !== total) throw new KheadersError('E_HTTP', `the download of ${what} from ${where} was cut short (${received} of ${total} bytes)`, { url });
-  if (expect.size !== undefined && received !== expect.size) throw new KheadersError('E_HTTP', `${what} from ${where} is ${received} bytes, not ${expect.size} as listed: refusing it`, { url });
-  const got = hash.digest('hex');
-  if (want !== undefined && got !== want) throw new KheadersError('E_HTTP', `${what} from ${where} has sha256 ${got.slice(0, 12)}…, not ${want.slice(0, 12)}… as announced: refusing it`, { url, expected: want, got });
 }
 
 // ---- adb -----------------------------------------------------------------------------------------
