@@ -14,7 +14,8 @@
 import { spawnSync } from 'node:child_process';
 import { chmod, mkdir, readFile } from 'node:fs/promises';
 import path from 'node:path';
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
+import { setTimeout as delay } from 'node:timers/promises';
 import assert from 'node:assert/strict';
 import { parseBuildId } from '../src/source/notes.js';
 import { loadKernel, X86_KERNELS, type TestKernel } from './vm/kernels.js';
@@ -113,6 +114,25 @@ interface Summary {
 
 const hasModule = (lsmod: string): boolean => /^kheaders\s/m.test(lsmod);
 
+/**
+ * What /v1/kernels/current answers through the forwarded port, polled from the host while the
+ * VM runs: each digest appended to `into` when it differs from the last. Runs until `stop`
+ * aborts, which the caller does on every path (a poller left running after a failed boot kept
+ * this file's process alive, with no VM left, until the run's budget ran out).
+ */
+async function pollCurrentDigests(port: number, stop: AbortSignal, into: string[]): Promise<void> {
+  while (!stop.aborted) {
+    try {
+      const res = await fetch(`http://127.0.0.1:${port}/v1/kernels/current`, { signal: AbortSignal.any([stop, AbortSignal.timeout(2000)]) });
+      const body = (await res.json()) as { digest?: string };
+      if (res.ok && body.digest !== undefined && into.at(-1) !== body.digest) into.push(body.digest);
+    } catch {
+      // not listening yet, the VM is gone, or we were told to stop
+    }
+    await delay(150, undefined, { signal: stop }).catch(() => undefined);
+  }
+}
+
 test('real kernels: discovery as shipped, pull through a forwarded port, swaps across reboots with one cache', { timeout: VM_TEST_TIMEOUT_MS }, async (t) => {
   const skip = await vmSkipReason(Object.values(X86_KERNELS), { root: true });
   if (skip) return t.skip(skip);
@@ -127,7 +147,8 @@ test('real kernels: discovery as shipped, pull through a forwarded port, swaps a
   assert.notEqual(a.archiveSha256, rebuilt.archiveSha256, 'the rebuilt kernel has another archive');
   const idOf = (k: TestKernel): string => `${k.release}~${k.archiveSha256}`;
 
-  const boot = async (plan: BootPlan): Promise<Boot> => {
+  /** One boot, run to its end; its VM is disposed of when the step `st` ends, whether it passed or failed. */
+  const boot = async (st: TestContext, plan: BootPlan): Promise<Boot> => {
     const vm = await startVm({
       kernel: plan.kernel,
       cache: { kind: 'host-dir', dir: cache },
@@ -147,32 +168,25 @@ test('real kernels: discovery as shipped, pull through a forwarded port, swaps a
       scenario: SCENARIO,
       ...(process.env['KHEADERSD_VM_CONSOLE'] ? { consoleTo: process.stderr } : {}),
     });
-    t.after(() => vm.dispose());
+    st.after(() => vm.dispose());
     const httpDigests: string[] = [];
-    let polling = vm.httpPort !== null;
-    const poller = (async () => {
-      while (polling) {
+    const stopPolling = new AbortController();
+    const poller = vm.httpPort !== null ? pollCurrentDigests(vm.httpPort, stopPolling.signal, httpDigests) : Promise.resolve();
+    let result: VmResult;
+    try {
+      if (plan.whileServing) {
         try {
-          const res = await fetch(`http://127.0.0.1:${vm.httpPort}/v1/kernels/current`, { signal: AbortSignal.timeout(2000) });
-          const body = (await res.json()) as { digest?: string };
-          if (res.ok && body.digest !== undefined && httpDigests.at(-1) !== body.digest) httpDigests.push(body.digest);
-        } catch {
-          // not listening yet, or the VM is gone
+          await vm.waitFor((e) => e.tag === 'ready', 'the daemon to serve', 600_000);
+          await plan.whileServing(vm.httpPort!);
+        } finally {
+          vm.send('host-done');
         }
-        await new Promise((r) => setTimeout(r, 150));
       }
-    })();
-    if (plan.whileServing) {
-      try {
-        await vm.waitFor((e) => e.tag === 'ready', 'the daemon to serve', 600_000);
-        await plan.whileServing(vm.httpPort!);
-      } finally {
-        vm.send('host-done');
-      }
+      result = await vm.result;
+    } finally {
+      stopPolling.abort();
+      await poller;
     }
-    const result = await vm.result;
-    polling = false;
-    await poller;
     assert.equal(result.status, 0, `the scenario failed (status ${result.status})${context(result)}`);
     const entries = JSON.parse(await readOut(result, 'ls.json')) as Summary[];
     const ready = result.events.find((e) => e.tag === 'ready')?.atMs;
@@ -220,12 +234,12 @@ test('real kernels: discovery as shipped, pull through a forwarded port, swaps a
   };
 
   let failed: string | null = null;
-  const step = async (name: string, fn: () => Promise<void>): Promise<void> => {
+  const step = async (name: string, fn: (st: TestContext) => Promise<void>): Promise<void> => {
     await t.test(name, async (st) => {
       if (failed !== null) return st.skip(`an earlier boot failed (${failed}): the cache is not in the state this boot needs`);
       const t0 = performance.now();
       try {
-        await fn();
+        await fn(st);
       } catch (err) {
         failed = name;
         throw err;
@@ -235,8 +249,8 @@ test('real kernels: discovery as shipped, pull through a forwarded port, swaps a
     });
   };
 
-  await step('boot 1, kernel A, as shipped: the archive read out of kheaders.ko, never loaded; build id, digest, vmlinux.h and a module\'s header from BTF, .config; doctor all ok', async () => {
-    const r = await boot({ kernel: a, doctor: true, btf: true, moduleBtf: 'xt_mark' });
+  await step('boot 1, kernel A, as shipped: the archive read out of kheaders.ko, never loaded; build id, digest, vmlinux.h and a module\'s header from BTF, .config; doctor all ok', async (st) => {
+    const r = await boot(st, { kernel: a, doctor: true, btf: true, moduleBtf: 'xt_mark' });
     await checkCurrent(r, a);
     assert.ok(!hasModule(await readOut(r, 'lsmod-before')), 'kheaders is not loaded at boot');
     assert.ok(!hasModule(await readOut(r, 'lsmod-serving')), 'kheaders was never loaded');
@@ -274,9 +288,9 @@ test('real kernels: discovery as shipped, pull through a forwarded port, swaps a
     assert.ok(!hasModule(await readOut(r, 'lsmod-after')));
   });
 
-  await step('boot 2, A rebuilt (same release, new archive), no module files to read: a real modprobe, ingest, unload; current never the old build', async () => {
+  await step('boot 2, A rebuilt (same release, new archive), no module files to read: a real modprobe, ingest, unload; current never the old build', async (st) => {
     // moduleDirs naming nowhere: the daemon cannot read kheaders.ko, so it loads it as before.
-    const r = await boot({ kernel: rebuilt, lsBefore: true, http: true, config: { http: '0.0.0.0:7711', moduleDirs: ['/nowhere/{release}'] } });
+    const r = await boot(st, { kernel: rebuilt, lsBefore: true, http: true, config: { http: '0.0.0.0:7711', moduleDirs: ['/nowhere/{release}'] } });
     await checkCurrent(r, rebuilt);
     const modprobeLog = await readLog(r, 'serve');
     assert.ok(modprobeLog.some((l) => l['msg'] === 'ran modprobe kheaders' && (l['result'] as { ok?: boolean } | undefined)?.ok === true), 'a real modprobe kheaders ran');
@@ -289,11 +303,11 @@ test('real kernels: discovery as shipped, pull through a forwarded port, swaps a
     assert.deepEqual(new Set(r.entries.map((e) => e.digest)), new Set([a.archiveSha256, rebuilt.archiveSha256]));
   });
 
-  await step('boot 3, kernel B: its own entry; `kheadersd pull` on the host through the forwarded port equals tar -xJf', async () => {
+  await step('boot 3, kernel B: its own entry; `kheadersd pull` on the host through the forwarded port equals tar -xJf', async (st) => {
     const reference = await referenceTree(b, work);
     const pulled = path.join(work, 'pulled');
     let pullOutput = '';
-    const r = await boot({
+    const r = await boot(st, {
       kernel: b,
       lsBefore: true,
       http: true,
@@ -316,8 +330,8 @@ test('real kernels: discovery as shipped, pull through a forwarded port, swaps a
     assert.deepEqual(new Set(r.entries.map((e) => e.digest)), new Set([a.archiveSha256, rebuilt.archiveSha256, b.archiveSha256]), 'the other kernels\' entries stay');
   });
 
-  await step('boot 4, A again with kheaders loaded before the daemon: reused without decoding, module left loaded, --keep 2 evicts; then the module missing', async () => {
-    const r = await boot({ kernel: a, preload: true, lsBefore: true, lsCli: true, config: { keep: 2 }, thenMissing: true });
+  await step('boot 4, A again with kheaders loaded before the daemon: reused without decoding, module left loaded, --keep 2 evicts; then the module missing', async (st) => {
+    const r = await boot(st, { kernel: a, preload: true, lsBefore: true, lsCli: true, config: { keep: 2 }, thenMissing: true });
     await checkCurrent(r, a);
     assert.ok(hasModule(await readOut(r, 'lsmod-before')), 'kheaders was loaded before the daemon');
     assert.ok(hasModule(await readOut(r, 'lsmod-serving')), 'the daemon left a module it did not load');
