@@ -18,6 +18,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { exitWhenDone } from './vm/exit-guard.js';
 import { loadKernel, X86_KERNELS } from './vm/kernels.js';
 import { context, elapsed, readOut, vmSkipReason, VM_TEST_TIMEOUT_MS } from './vm/support.js';
 import { startVm } from './vm/vm.js';
@@ -121,7 +122,7 @@ interface Sample {
   task_comm: string;
 }
 
-test('real kernel: a BCC-built kprobe program and exitsnoop-bpfcc, compiled from the mount, read the right task_struct fields', { timeout: VM_TEST_TIMEOUT_MS }, async (t) => {
+exitWhenDone(test('real kernel: a BCC-built kprobe program and exitsnoop-bpfcc, compiled from the mount, read the right task_struct fields', { timeout: VM_TEST_TIMEOUT_MS }, async (t) => {
   const skip = await vmSkipReason([X86_KERNELS.a]);
   if (skip) return t.skip(skip);
   const started = performance.now();
@@ -171,4 +172,4 @@ test('real kernel: a BCC-built kprobe program and exitsnoop-bpfcc, compiled from
   assert.equal((await readOut(r, 'bcc-fallback').catch(() => '')).trim(), '', 'BCC did not unpack headers of its own into /tmp');
   assert.doesNotMatch(await readOut(r, 'lsmod'), /^kheaders\s/m, 'nothing left kheaders loaded');
   t.diagnostic(`BPF test took ${elapsed(started)}`);
-});
+}));

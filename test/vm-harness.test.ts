@@ -1,13 +1,14 @@
 /**
  * The VM harness's own contract, without booting anything: the qemu command line each option
- * makes (per architecture, root, cache and port forward), the events it parses, and the shell
- * scripts the VM runs (POSIX sh, shellcheck-clean: they run under the host's /bin/sh as PID 1).
+ * makes (per architecture, root, cache and port forward), the events it parses, the shell
+ * scripts the VM runs (POSIX sh, shellcheck-clean: they run under the host's /bin/sh as PID 1),
+ * and that a VM test file that leaks a handle exits anyway (exit-guard.ts).
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
-import { parseEvent, qemuArgs, VM_SCRIPTS, X86_64, type VmArch } from './vm/vm.js';
-import { toolSkipReason } from './helpers/fuse-env.js';
+import { parseEvent, qemuArgs, REPO_ROOT, VM_SCRIPTS, X86_64, type VmArch } from './vm/vm.js';
+import { run, toolSkipReason } from './helpers/fuse-env.js';
 import { tool } from './vm/support.js';
 
 const where = { share: '/w/share', socket: '/w/ev.sock', httpPort: null };
@@ -64,4 +65,29 @@ test('init.sh and lib.sh are POSIX sh and shellcheck-clean', async (t) => {
   const skip = await toolSkipReason('shellcheck');
   if (skip) return t.skip(skip);
   await tool('shellcheck', ['-s', 'sh', path.join(VM_SCRIPTS, 'init.sh'), path.join(VM_SCRIPTS, 'lib.sh')]);
+});
+
+test('exitWhenDone: a test file that leaks a server exits once its grace is over, names what held it, and fails; a clean one exits at once', async () => {
+  const child = path.join(REPO_ROOT, 'dist/test/helpers/exit-guard-child.js');
+  const env = (mode: string, graceMs: number): NodeJS.ProcessEnv => {
+    // Not as a child of this runner (NODE_TEST_CONTEXT): as a file that a runner, or a person, runs.
+    const e: NodeJS.ProcessEnv = { ...process.env, KH_GUARD_MODE: mode, KH_GUARD_GRACE_MS: String(graceMs) };
+    delete e['NODE_TEST_CONTEXT'];
+    return e;
+  };
+  const leak = await run(process.execPath, [child], { env: env('leak', 1000), timeoutMs: 30_000 });
+  assert.equal(leak.signal, null, 'it exited by itself');
+  assert.equal(leak.code, 1);
+  assert.match(leak.stderr, /still running 1 s after its tests ended/);
+  assert.match(leak.stderr, /a listening server \(127\.0\.0\.1:\d+\)/, 'what held it is named');
+  const t0 = performance.now();
+  const clean = await run(process.execPath, [child], { env: env('clean', 20_000), timeoutMs: 30_000 });
+  assert.equal(clean.code, 0, clean.stderr);
+  assert.ok(performance.now() - t0 < 15_000, 'the guard itself never holds a process that has drained');
+  // Under the runner, as `npm test` runs files: a file whose tests passed but that leaks fails,
+  // and the runner ends.
+  const runner = await run(process.execPath, ['--test', child], { env: env('leak-passing', 1000), timeoutMs: 30_000 });
+  assert.equal(runner.signal, null);
+  assert.equal(runner.code, 1, runner.stdout);
+  assert.match(runner.stdout, /^# pass 1$/m, 'its test passed');
 });

@@ -20,6 +20,7 @@ import assert from 'node:assert/strict';
 import { parseBuildId } from '../src/source/notes.js';
 import { loadKernel, X86_KERNELS, type TestKernel } from './vm/kernels.js';
 import { context, elapsed, hostCli, readLog, readOut, referenceTree, sha256, treeDifferences, vmSkipReason, VM_TEST_TIMEOUT_MS } from './vm/support.js';
+import { exitWhenDone } from './vm/exit-guard.js';
 import { startVm, type VmResult } from './vm/vm.js';
 import { removeDir, tempDir } from './helpers/fuse-env.js';
 
@@ -133,7 +134,7 @@ async function pollCurrentDigests(port: number, stop: AbortSignal, into: string[
   }
 }
 
-test('real kernels: discovery as shipped, pull through a forwarded port, swaps across reboots with one cache', { timeout: VM_TEST_TIMEOUT_MS }, async (t) => {
+exitWhenDone(test('real kernels: discovery as shipped, pull through a forwarded port, swaps across reboots with one cache', { timeout: VM_TEST_TIMEOUT_MS }, async (t) => {
   const skip = await vmSkipReason(Object.values(X86_KERNELS), { root: true });
   if (skip) return t.skip(skip);
   const started = performance.now();
@@ -369,4 +370,4 @@ test('real kernels: discovery as shipped, pull through a forwarded port, swaps a
   });
 
   t.diagnostic(`the four boots took ${elapsed(started)}`);
-});
+}));

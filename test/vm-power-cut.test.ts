@@ -17,6 +17,7 @@ import { mkdir, readdir, readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
+import { exitWhenDone } from './vm/exit-guard.js';
 import { loadKernel, X86_KERNELS, type TestKernel } from './vm/kernels.js';
 import { context, elapsed, hostCli, referenceTree, sha256, tool, vmSkipReason, VM_TEST_TIMEOUT_MS } from './vm/support.js';
 import { fsck, makeExt4Image, startVm, type VmEvent } from './vm/vm.js';
@@ -91,7 +92,7 @@ interface Listed {
   digest: string;
 }
 
-test('real kernel: power cuts at ten moments of an ingest never leave a partial entry; fsck clean; a fresh ingest works', { timeout: VM_TEST_TIMEOUT_MS, concurrency: SERIES.length }, async (t) => {
+exitWhenDone(test('real kernel: power cuts at ten moments of an ingest never leave a partial entry; fsck clean; a fresh ingest works', { timeout: VM_TEST_TIMEOUT_MS, concurrency: SERIES.length }, async (t) => {
   const skip = await vmSkipReason(Object.values(X86_KERNELS));
   if (skip) return t.skip(skip);
   const started = performance.now();
@@ -217,4 +218,4 @@ test('real kernel: power cuts at ten moments of an ingest never leave a partial 
   await Promise.all(SERIES.map((s, d) => t.test(`disk ${d + 1}: ${s.disk}`, (st) => series(st, d))));
   for (const line of report.sort((x, y) => x.localeCompare(y, 'en', { numeric: true }))) t.diagnostic(line);
   t.diagnostic(`power-cut test took ${elapsed(started)}`);
-});
+}));
