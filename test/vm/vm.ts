@@ -44,6 +44,8 @@ export const VM_SCRIPTS = path.join(REPO_ROOT, 'test/vm');
 export const KHEADERSD_CLI = CLI;
 /** The port the daemon's HTTP listens on inside the VM (its default). */
 export const GUEST_HTTP_PORT = 7711;
+/** How long dispose() waits for a SIGKILLed qemu to close before closing its pipes itself. */
+const DISPOSE_WAIT_MS = 10_000;
 
 export interface VmArch {
   name: string;
@@ -230,14 +232,22 @@ export async function startVm(opts: VmOptions): Promise<VmSession> {
     });
     sock.on('error', () => {}); // qemu going away mid-line is the power cut, not an error
   });
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(socketPath, resolve);
-  });
-
-  const httpPort = opts.forwardHttp ? await freePort() : null;
-  const args = qemuArgs(opts, { share, socket: socketPath, httpPort });
-  const child: ChildProcess = spawn(arch.qemu, args, { stdio: opts.interactive ? 'inherit' : ['ignore', 'pipe', 'pipe'] });
+  let child: ChildProcess;
+  let httpPort: number | null;
+  try {
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(socketPath, resolve);
+    });
+    httpPort = opts.forwardHttp ? await freePort() : null;
+    const args = qemuArgs(opts, { share, socket: socketPath, httpPort });
+    child = spawn(arch.qemu, args, { stdio: opts.interactive ? 'inherit' : ['ignore', 'pipe', 'pipe'] });
+  } catch (err) {
+    // No session to dispose() of yet: a listening events server would hold the test process open.
+    server.close();
+    await rm(work, { recursive: true, force: true });
+    throw err;
+  }
   killWithThisProcess(child);
   const onConsole = (s: string): void => {
     consoleText += s;
@@ -335,8 +345,26 @@ export async function startVm(opts: VmOptions): Promise<VmSession> {
       if (!ended) {
         killed = true;
         child.kill('SIGKILL');
-        await result.catch(() => undefined);
+        // SIGKILL ends qemu at once, but its 'close' waits for its pipes; a qemu stuck in the
+        // kernel (D state) must not hold the test process, so the wait is bounded and whatever
+        // is still open is closed below regardless.
+        await new Promise<void>((resolve) => {
+          const bound = setTimeout(resolve, DISPOSE_WAIT_MS);
+          void result.catch(() => undefined).finally(() => {
+            clearTimeout(bound);
+            resolve();
+          });
+        });
       }
+      clearTimeout(timer);
+      clearInterval(cpuSampler);
+      child.stdout?.destroy();
+      child.stderr?.destroy();
+      eventSocket?.destroy();
+      server.close();
+      // A waitFor still pending rejects now rather than holding its timer for minutes.
+      ended = true;
+      for (const w of [...waiters]) w();
       await rm(work, { recursive: true, force: true });
     },
   };
