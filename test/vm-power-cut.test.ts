@@ -150,10 +150,11 @@ exitWhenDone(test('real kernel: power cuts at ten moments of an ingest never lea
     let whole: Listed[] = [];
     for (const [c, cut] of SERIES[disk]!.cuts.entries()) {
       const n = numberOf.get(`${disk}:${c}`)!;
-      await st.test(`cut ${n}: ${cut.moment}`, async () => {
+      await st.test(`cut ${n}: ${cut.moment}`, async (ct) => {
         const t0 = performance.now();
         const vm = await startVm({ kernel: kernels[cut.kernel], cache: { kind: 'disk', image }, scenario: SCENARIO, env: { CONFIG_JSON: '' }, cpus: CPUS_PER_VM, timeoutMs: 600_000 });
-        t.after(() => vm.dispose());
+        // Killed when this cut's test ends, passed or failed, not when the whole file's does.
+        ct.after(() => vm.dispose());
         const trigger = await vm.waitFor((e) => cut.when(e) || e.tag === 'ready' || e.tag === 'kh-exit', `the moment "${cut.moment}"`, 600_000);
         if (cut.delayMs !== undefined) await new Promise((r) => setTimeout(r, cut.delayMs));
         const result = await vm.kill();
@@ -178,24 +179,26 @@ exitWhenDone(test('real kernel: power cuts at ten moments of an ingest never lea
     }
     if (disk === 1) assert.ok(whole.some((e) => e.digest === kernels.a.archiveSha256), 'A, committed at the first cut of disk 2, is whole on it');
 
-    await st.test(`disk ${disk + 1} after the cuts: A rebuilt ingests afresh, every entry is served whole, leftovers are gone, fsck clean`, async () => {
+    await st.test(`disk ${disk + 1} after the cuts: A rebuilt ingests afresh, every entry is served whole, leftovers are gone, fsck clean`, async (ct) => {
       const t0 = performance.now();
       const fresh = kernels.rebuilt;
       const vm = await startVm({ kernel: fresh, cache: { kind: 'disk', image }, scenario: SCENARIO, env: { CONFIG_JSON: JSON.stringify({ http: '0.0.0.0:7711' }) }, forwardHttp: true, cpus: CPUS_PER_VM, timeoutMs: 600_000 });
-      t.after(() => vm.dispose());
+      ct.after(() => vm.dispose());
       try {
         await vm.waitFor((e) => e.tag === 'ready', 'the daemon to serve', 600_000);
         const base = `http://127.0.0.1:${vm.httpPort}`;
-        const list = (await (await fetch(`${base}/v1/kernels`)).json()) as Array<Listed & { current: boolean }>;
+        // Each request bounded: a daemon that stops answering fails this boot, it does not hang it.
+        const get = (p: string): Promise<Response> => fetch(`${base}${p}`, { signal: AbortSignal.timeout(120_000) });
+        const list = (await (await get('/v1/kernels')).json()) as Array<Listed & { current: boolean }>;
         const served = new Set(list.map((e) => e.digest));
         assert.deepEqual(served, new Set([...whole.map((e) => e.digest), fresh.archiveSha256]), `what was whole after the last cut and the fresh entry are served, nothing else: ${JSON.stringify(list)}`);
         assert.equal(list.find((e) => e.current)?.digest, fresh.archiveSha256);
         for (const e of list) {
-          const archive = Buffer.from(await (await fetch(`${base}/v1/blobs/${e.digest}/archive.tar.xz`)).arrayBuffer());
+          const archive = Buffer.from(await (await get(`/v1/blobs/${e.digest}/archive.tar.xz`)).arrayBuffer());
           assert.equal(sha256(archive), e.digest, `the archive of ${e.release} served whole`);
           const ref = wholeEntries.get(e.digest)!;
           for (const file of ['include/generated/utsrelease.h', 'include/linux/sched.h', 'arch/x86/include/asm/ptrace.h']) {
-            const served = Buffer.from(await (await fetch(`${base}/v1/blobs/${e.digest}/files/${file}`)).arrayBuffer());
+            const served = Buffer.from(await (await get(`/v1/blobs/${e.digest}/files/${file}`)).arrayBuffer());
             assert.ok(served.equals(await readFile(path.join(ref.dir, file))), `${e.release}: ${file} served as archived`);
           }
         }
