@@ -124,12 +124,21 @@ export function tool(cmd: string, args: readonly string[], opts: { env?: NodeJS.
     let err = '';
     child.stdout.setEncoding('utf8').on('data', (s: string) => (out += s));
     child.stderr.setEncoding('utf8').on('data', (s: string) => (err += s));
-    const timer = setTimeout(() => child.kill('SIGKILL'), opts.timeoutMs ?? 120_000);
+    const timeoutMs = opts.timeoutMs ?? 120_000;
+    let timedOut = false;
+    const timer = setTimeout(() => {
+      timedOut = true;
+      child.kill('SIGKILL');
+    }, timeoutMs);
     child.on('error', reject);
-    child.on('close', (code) => {
+    child.on('close', (code, signal) => {
       clearTimeout(timer);
-      if ((opts.okStatus ?? [0]).includes(code ?? -1)) resolve(out);
-      else reject(new Error(`${cmd} ${args.join(' ')} exited ${code}:\n${err}${out}`.slice(0, 6000)));
+      if ((opts.okStatus ?? [0]).includes(code ?? -1)) return resolve(out);
+      // Say whether this harness's time limit killed it (`exited null` told nothing apart), and
+      // keep the output's end: where it was when it failed or was stopped.
+      const how = timedOut ? `was killed after ${timeoutMs / 1000} s, the time this test gives it` : signal !== null ? `was killed by ${signal}` : `exited ${code}`;
+      const output = `${err}${out}`;
+      reject(new Error(`${cmd} ${args.join(' ')} ${how}:\n${output.length > 6000 ? `…${output.slice(-6000)}` : output}`));
     });
   });
 }
