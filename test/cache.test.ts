@@ -6,7 +6,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
-import { chmod, chown, mkdir, readdir, readFile, stat, utimes, writeFile } from 'node:fs/promises';
+import { chmod, chown, mkdir, readdir, readFile, rm, stat, utimes, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { KheadersError } from '../src/errors.js';
 import { createLogger } from '../src/log.js';
@@ -241,6 +241,25 @@ test('--max-cache-bytes evicts the oldest beyond the budget', async (t) => {
 
 // ---------------------------------------------------------------------------------------------
 // `current` across reboots
+
+test('a FIFO in the place of `current` or sources.json is no pointer and no memory, at once: the small files are read synchronously, and must not hang the daemon', async (t) => {
+  const dir = await tempDir(t);
+  const cacheDir = path.join(dir, 'cache');
+  const a = (await run({ cacheDir, archive: await archiveFile(dir, '6.99.0-fifo'), setCurrent: true })).entry.manifest;
+  for (const name of ['current', 'sources.json']) {
+    await rm(path.join(cacheDir, name), { force: true });
+    assert.equal(spawnSync('mkfifo', [path.join(cacheDir, name)]).status, 0);
+  }
+  // In a child: a read that blocked would hang this test's own process.
+  const program = `
+    const { CacheStore } = await import(${JSON.stringify(path.join(REPO_ROOT, 'dist/src/store/cache.js'))});
+    const { recallArchive } = await import(${JSON.stringify(path.join(REPO_ROOT, 'dist/src/store/source-memo.js'))});
+    const store = await CacheStore.open(process.argv[1]);
+    process.stdout.write(JSON.stringify({ current: await store.currentId(), recalled: (await recallArchive(process.argv[1], 'any')) ?? null, listed: (await store.list()).map((m) => m.id) }));`;
+  const r = spawnSync(process.execPath, ['--input-type=module', '-e', program, cacheDir], { encoding: 'utf8', timeout: 10_000 });
+  assert.equal(r.status, 0, r.stderr || 'it hung');
+  assert.deepEqual(JSON.parse(r.stdout), { current: null, recalled: null, listed: [a.id] });
+});
 
 test('`current` belongs to the boot that chose it: after a reboot it names nothing until this boot chooses', async (t) => {
   const dir = await tempDir(t);

@@ -14,7 +14,7 @@
  * sees a whole entry or none. The directory must be ours and not writable by anyone else: a
  * cache another user can write is how the /tmp/kheaders-* tools were exploited (CVE-2024-2313).
  */
-import { readdirSync, readFileSync } from 'node:fs';
+import { readdirSync } from 'node:fs';
 import { mkdir, open, readdir, rename, rm, stat, chmod } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -24,6 +24,7 @@ import { readBootId } from '../source/boot.js';
 import { readLiveBuildId } from '../source/notes.js';
 import { isDamage, loadEntry, loadManifest, openEntryLazily } from './entry-load.js';
 import { parseEntryId, type CacheEntry, type Manifest } from './entry.js';
+import { readRegularFileSync } from './small-file.js';
 import { withLock } from './lock.js';
 import { listQuarantine, pruneQuarantine, quarantineEntry, type QuarantineRecord } from './quarantine.js';
 import { makeEntry } from './reader.js';
@@ -303,8 +304,10 @@ export class CacheStore {
   async currentPointer(): Promise<CurrentPointer | null> {
     let text: string;
     try {
-      // Synchronous, as the reads of manifests (entry-load.ts): a start reads it three times.
-      text = readFileSync(path.join(this.dir, 'current'), 'utf8');
+      // A start reads it three times (small-file.ts). Not a regular file: no pointer, as EISDIR.
+      const bytes = readRegularFileSync(path.join(this.dir, 'current'));
+      if (bytes === undefined) return null;
+      text = bytes.toString('utf8');
     } catch (err) {
       // Missing, or not a file: no pointer (the resolver falls back to the running release).
       if (errnoOf(err) === 'ENOENT' || errnoOf(err) === 'EISDIR') return null;

@@ -9,10 +9,10 @@
  * does not parse, or a record that breaks a rule, is ignored: the archive is then read, as if
  * nothing had been recorded, and the file is written anew.
  */
-import { readFileSync } from 'node:fs';
 import { rename, unlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import type { ArchiveOrigin, ArchiveSource } from '../source/locate.js';
+import { readRegularFileSync } from './small-file.js';
 
 export const SOURCE_MEMO_FILE = 'sources.json';
 const FORMAT = 1;
@@ -71,8 +71,9 @@ function validRecord(r: unknown): r is MemoRecord {
 
 async function readRecords(cacheDir: string): Promise<MemoRecord[]> {
   try {
-    // Synchronous, as the reads of manifests (entry-load.ts): a small file of the cache directory.
-    const parsed = JSON.parse(readFileSync(path.join(cacheDir, SOURCE_MEMO_FILE), 'utf8')) as { format?: unknown; sources?: unknown };
+    const bytes = readRegularFileSync(path.join(cacheDir, SOURCE_MEMO_FILE));
+    if (bytes === undefined) return [];
+    const parsed = JSON.parse(bytes.toString('utf8')) as { format?: unknown; sources?: unknown };
     if (parsed.format !== FORMAT || !Array.isArray(parsed.sources)) return [];
     return parsed.sources.filter(validRecord);
   } catch {
