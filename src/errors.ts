@@ -43,6 +43,7 @@ export const ERRORS = {
   E_NO_SPACE: { what: 'the filesystem being written is full', exit: EXIT.environment, http: 507, public: false },
   E_LOCKED: { what: 'another process holds the cache lock', exit: EXIT.environment, http: 503, public: false },
   E_CACHE_UNSAFE: { what: 'cache dir owned by someone else or writable by others', exit: EXIT.environment, http: 500, public: false },
+  E_CACHE_UNREADABLE: { what: 'a file or directory of the cache that this user may not read (its modes keep others out)', exit: EXIT.environment, http: 500, public: false },
   E_ENTRY_DAMAGED: {
     what: 'a cache entry failed its checks (bad index or manifest, short pack, digest mismatch): moved aside and rebuilt',
     exit: EXIT.environment,

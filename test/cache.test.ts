@@ -5,7 +5,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
+import { execFile, spawn, spawnSync } from 'node:child_process';
 import { chmod, chown, mkdir, readdir, readFile, rm, stat, utimes, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { KheadersError } from '../src/errors.js';
@@ -13,6 +13,8 @@ import { createLogger } from '../src/log.js';
 import { CacheStore } from '../src/store/cache.js';
 import { dataLocation, type Manifest } from '../src/store/entry.js';
 import { ingest, type IngestOptions } from '../src/store/ingest.js';
+import { MODULE_HEADERS_SUBDIR, ModuleHeaders } from '../src/store/module-btf.js';
+import { rememberArchive } from '../src/store/source-memo.js';
 import { CLI, REPO_ROOT, cleanEnv, goodTree, hasStackTrace, makeTar, randomBytes, runCli, runProcess, sha256, snapshot, tempDir, textLike, xz, xzAsync } from './helpers/archives.js';
 import { mountTmpfs } from './helpers/tmpfs.js';
 
@@ -69,6 +71,74 @@ test('a fresh cache dir is created 0755 and owned by the user, whatever the umas
   assert.equal((await stat(path.join(cacheDir, 'entries', entry!))).mode & 0o777, 0o755);
   for (const f of await readdir(path.join(cacheDir, 'entries', entry!))) {
     assert.equal((await stat(path.join(cacheDir, 'entries', entry!, f))).mode & 0o777, 0o644, f);
+  }
+});
+
+/** Run the shipped CLI as `nobody` (uid and gid 65534), as a user who is not root would. */
+function runCliAsNobody(args: readonly string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    execFile(process.execPath, [CLI, ...args], { uid: 65534, gid: 65534, env: cleanEnv(), timeout: 60_000 }, (err, stdout, stderr) => {
+      const e = err as (Error & { code?: number | string }) | null;
+      resolve({ code: e ? (typeof e.code === 'number' ? e.code : null) : 0, stdout, stderr });
+    });
+  });
+}
+
+test('a store written under umask 077 is readable by users who are not root: `current`, sources.json, module-btf/ and reason.json are not the umask\'s choice; ls and cat work as nobody', { skip: !isRoot && 'needs root (to run the CLI as uid 65534)' }, async (t) => {
+  const dir = await tempDir(t);
+  await chmod(dir, 0o755); // mkdtemp made it 0700: nobody must reach the cache
+  const cacheDir = path.join(dir, 'new', 'cache');
+  const release = '6.99.0-umask';
+  const archive = await archiveFile(dir, release);
+  const other = await archiveFile(dir, '6.99.1-umask');
+  const old = process.umask(0o077);
+  try {
+    await run({ cacheDir, archive, release, setCurrent: true });
+    const second = await run({ cacheDir, archive: other, setCurrent: false });
+    const store = await CacheStore.open(cacheDir, { write: true });
+    await store.locked(() => store.quarantine(second.entry.manifest.id, { reason: 'a test put it here' }));
+    await rememberArchive(cacheDir, 'a-key', { digest: '0'.repeat(64), total: null, source: `file:${archive}`, obtained: 'file', live: false, buildId: null });
+    await ModuleHeaders.open({ dir: path.join(cacheDir, MODULE_HEADERS_SUBDIR) });
+  } finally {
+    process.umask(old);
+  }
+  const modes: Array<[string, number]> = [
+    [path.join(dir, 'new'), 0o755],
+    [path.join(cacheDir, 'current'), 0o644],
+    [path.join(cacheDir, 'sources.json'), 0o644],
+    [path.join(cacheDir, MODULE_HEADERS_SUBDIR), 0o755],
+    [path.join(cacheDir, 'quarantine'), 0o755],
+  ];
+  const [quarantined] = await readdir(path.join(cacheDir, 'quarantine'));
+  modes.push([path.join(cacheDir, 'quarantine', quarantined!, 'reason.json'), 0o644]);
+  for (const [p, mode] of modes) assert.equal((await stat(p)).mode & 0o777, mode, `${p}: mode ${((await stat(p)).mode & 0o777).toString(8)}`);
+
+  const ls = await runCliAsNobody(['ls', '--cache-dir', cacheDir]);
+  assert.equal(ls.code, 0, ls.stderr);
+  assert.match(ls.stdout, new RegExp(`^${release.replace(/\./g, '\\.')} .* yes `, 'm'), 'the entry, current');
+  assert.match(ls.stdout, /a test put it here/, 'the quarantined entry, with its reason');
+  const cat = await runCliAsNobody(['cat', 'current', 'include/generated/utsrelease.h', '--cache-dir', cacheDir]);
+  assert.equal(cat.code, 0, cat.stderr);
+  assert.match(cat.stdout, new RegExp(release.replace(/\./g, '\\.')));
+});
+
+test('a cache this user may not read is a clear error naming the file (exit 5), not an internal error', { skip: !isRoot && 'needs root (to run the CLI as uid 65534)' }, async (t) => {
+  const dir = await tempDir(t);
+  await chmod(dir, 0o755);
+  const cacheDir = path.join(dir, 'cache');
+  const release = '6.99.0-closed';
+  const r = await run({ cacheDir, archive: await archiveFile(dir, release), release, setCurrent: true });
+  // As an older kheadersd left it under umask 077, or as chmodded by hand.
+  for (const file of [path.join(cacheDir, 'current'), path.join(cacheDir, 'entries', r.entry.manifest.id, 'manifest.json')]) {
+    await chmod(file, 0o600);
+    for (const args of [['ls'], ['cat', release, 'include/generated/utsrelease.h']]) {
+      const res = await runCliAsNobody([...args, '--cache-dir', cacheDir]);
+      assert.equal(res.code, 5, `${args[0]}, ${path.basename(file)} closed: ${res.stderr}`);
+      assert.ok(res.stderr.includes(`kheadersd: cannot read ${file} (EACCES): the cache is not readable by this user (uid 65534)`), `${args[0]} names ${file}: ${res.stderr}`);
+      assert.doesNotMatch(res.stderr, /internal error|this is a bug/);
+      assert.ok(!hasStackTrace(res.stderr), res.stderr);
+    }
+    await chmod(file, 0o644);
   }
 });
 

@@ -237,7 +237,8 @@ export async function cmdInstallSystemd(io: InstallIO, opts: InstallSystemdOptio
       resolveConfig({ flags: {}, env: {}, file, fileName: configFile });
       steps.ok(`kept your configuration ${configFile} (it parses)`);
     } else {
-      await mkdir(configDir, { recursive: true, mode: 0o755 });
+      // Every user's kheadersd reads the configuration: the umask must not close its directory.
+      if ((await mkdir(configDir, { recursive: true, mode: 0o755 })) !== undefined) await chmod(configDir, 0o755);
       await copyFile(path.join(root, 'systemd', 'config.example.json'), `${configFile}.tmp-${process.pid}`);
       await chmod(`${configFile}.tmp-${process.pid}`, 0o644);
       await rename(`${configFile}.tmp-${process.pid}`, configFile);

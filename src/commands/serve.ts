@@ -20,7 +20,7 @@
  * A mount that cannot be made is logged and reported by /readyz and `doctor`; HTTP keeps
  * working without it.
  */
-import { lstat, mkdir, readlink, rmdir, symlink, unlink } from 'node:fs/promises';
+import { chmod, lstat, mkdir, readlink, rmdir, symlink, unlink } from 'node:fs/promises';
 import path from 'node:path';
 import type { Config } from '../config.js';
 import { KheadersError, errnoOf, isKheadersError } from '../errors.js';
@@ -437,7 +437,8 @@ class ModuleLinks {
     try {
       await lstat(dir);
     } catch {
-      await mkdir(dir, { recursive: true });
+      await mkdir(dir, { recursive: true, mode: 0o755 });
+      await chmod(dir, 0o755); // the tools that follow the link run as any user: not the umask's choice
       dirMade = dir;
     }
     await symlink(target, link);

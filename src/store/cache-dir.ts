@@ -1,8 +1,10 @@
 /**
  * The rule for trusting a cache directory, apart from the store so that what runs before the
- * store is loaded (the compiled-code cache, code-cache.ts) applies the same rule. Pure.
+ * store is loaded (the compiled-code cache, code-cache.ts) applies the same rule; and the error a
+ * reader meets when the cache's modes keep it out. Pure.
  */
 import type { Stats } from 'node:fs';
+import { KheadersError, errnoOf } from '../errors.js';
 
 export interface CacheDirProblem {
   kind: 'not-directory' | 'writable' | 'owner';
@@ -34,4 +36,23 @@ export function cacheDirProblem(dir: string, st: Pick<Stats, 'mode' | 'uid' | 'i
     };
   }
   return undefined;
+}
+
+/** Errnos that mean the cache's modes keep this user out (not damage, not a bug). */
+const REFUSED = new Set(['EACCES', 'EPERM']);
+
+/**
+ * The error for a read of the cache that its modes refused, or undefined when `err` is another
+ * failure. A cache written under a tight umask by an older kheadersd (or chmodded by hand) keeps
+ * the users who are not its owner out: that is the environment's doing, and says which file.
+ */
+export function unreadableCache(file: string, err: unknown): KheadersError | undefined {
+  const errno = errnoOf(err);
+  if (errno === undefined || !REFUSED.has(errno)) return undefined;
+  const uid = process.getuid?.() ?? 0;
+  return new KheadersError(
+    'E_CACHE_UNREADABLE',
+    `cannot read ${file} (${errno}): the cache is not readable by this user (uid ${uid}); run this as root or as the cache's owner, or let others read it (chmod -R a+rX on the cache directory)`,
+    { file, errno, uid },
+  );
 }

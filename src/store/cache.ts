@@ -19,7 +19,7 @@ import { mkdir, open, readdir, rename, rm, stat, chmod } from 'node:fs/promises'
 import os from 'node:os';
 import path from 'node:path';
 import { KheadersError, errnoOf } from '../errors.js';
-import { cacheDirProblem } from './cache-dir.js';
+import { cacheDirProblem, unreadableCache } from './cache-dir.js';
 import { readBootId } from '../source/boot.js';
 import { readLiveBuildId } from '../source/notes.js';
 import { isDamage, loadEntry, loadManifest, openEntryLazily } from './entry-load.js';
@@ -137,7 +137,7 @@ export class CacheStore {
       return readdirSync(this.entriesDir).filter((n) => parseEntryId(n) !== undefined);
     } catch (err) {
       if (errnoOf(err) === 'ENOENT') return [];
-      throw err;
+      throw unreadableCache(this.entriesDir, err) ?? err;
     }
   }
 
@@ -146,7 +146,11 @@ export class CacheStore {
     // Every manifest at once: read one after another, each entry cost a start five serial round trips.
     const read = await Promise.all(
       (await this.entryIds()).map(async (id) => {
-        const m = await loadManifest(this.entriesDir, id).catch(() => undefined);
+        const m = await loadManifest(this.entriesDir, id).catch((err: unknown) => {
+          // Damage is scan()'s to report; a manifest this user may not read is not to be skipped silently.
+          if (err instanceof KheadersError && err.code === 'E_CACHE_UNREADABLE') throw err;
+          return undefined;
+        });
         this.dropIfReplaced(id, m);
         return m;
       }),
@@ -311,7 +315,7 @@ export class CacheStore {
     } catch (err) {
       // Missing, or not a file: no pointer (the resolver falls back to the running release).
       if (errnoOf(err) === 'ENOENT' || errnoOf(err) === 'EISDIR') return null;
-      throw err;
+      throw unreadableCache(path.join(this.dir, 'current'), err) ?? err;
     }
     const pointer = text.length > 1024 ? null : parseCurrentPointer(text);
     return pointer !== null && pointer.bootId === this.bootId ? pointer : null;
@@ -387,7 +391,8 @@ async function createPrivateDir(dir: string): Promise<void> {
     const code = errnoOf(err);
     if (code === 'EEXIST') return;
     if (code === 'ENOENT') {
-      await mkdir(path.dirname(dir), { recursive: true, mode: 0o755 });
+      // The parents too are made 0755 whatever the umask: a reader must be able to reach the cache.
+      await createPrivateDir(path.dirname(dir));
       return createPrivateDir(dir);
     }
     if (code === 'EACCES' || code === 'EPERM' || code === 'EROFS') {
@@ -405,7 +410,7 @@ async function checkOwnership(dir: string, forWriting: boolean): Promise<void> {
     if (errnoOf(err) === 'ENOENT') {
       throw new KheadersError('E_NOT_FOUND', `the cache directory ${dir} does not exist yet: run \`kheadersd ingest\` (or pass --cache-dir)`, { dir });
     }
-    throw err;
+    throw unreadableCache(dir, err) ?? err;
   }
   const problem = cacheDirProblem(dir, st, process.getuid?.() ?? 0, forWriting);
   if (problem) throw new KheadersError('E_CACHE_UNSAFE', `${problem.what}; fix with: ${problem.fix}`, { dir, problem: problem.kind, mode: st.mode & 0o7777, owner: st.uid });
@@ -417,6 +422,7 @@ export async function writeFileDurably(file: string, content: string | Buffer, t
   try {
     const fh = await open(tmp, 'w', 0o644);
     try {
+      await fh.chmod(0o644); // the umask must not decide who can read it (`current`: every reader)
       await fh.writeFile(content);
       await fh.sync();
     } finally {

@@ -13,6 +13,7 @@ import { closeSync, constants as fsc, fstatSync, lstatSync, openSync, readSync }
 import { open, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { KheadersError, errnoOf } from '../errors.js';
+import { unreadableCache } from './cache-dir.js';
 import { ARCHIVE_FILE, INDEX_FILE, MANIFEST_FILE, ManifestProblem, PACK_FILE, entryFile, parseManifest, type CacheEntry, type Manifest } from './entry.js';
 import { DIGEST_BYTES, FileView, H, HEADER_BYTES } from './index-format.js';
 import { makeEntry, readVerificationEnabled, type DamageHandler } from './reader.js';
@@ -52,7 +53,7 @@ function entryDir(entriesDir: string, id: string): string {
     st = lstatSync(dir);
   } catch (err) {
     if (errnoOf(err) === 'ENOENT') throw new KheadersError('E_NOT_FOUND', `no cache entry ${id}`, { id });
-    throw err;
+    throw unreadableCache(dir, err) ?? err;
   }
   if (!st.isDirectory()) throw damaged(id, 'it is not a directory');
   return dir;
@@ -64,16 +65,16 @@ function openEntryFile(id: string, dir: string, name: string): number {
     // O_NONBLOCK: a FIFO put in a file's place must not hang the thread that serves (it is refused below).
     return openSync(entryFile(dir, name), fsc.O_RDONLY | fsc.O_NOFOLLOW | fsc.O_NONBLOCK);
   } catch (err) {
-    throw openProblem(id, name, err);
+    throw openProblem(id, name, entryFile(dir, name), err);
   }
 }
 
-function openProblem(id: string, name: string, err: unknown): unknown {
+function openProblem(id: string, name: string, file: string, err: unknown): unknown {
   const code = errnoOf(err);
   if (code === 'ENOENT') return damaged(id, `${name} is missing`, { file: name });
   if (code === 'ELOOP') return damaged(id, `${name} is a symbolic link`, { file: name });
   if (code === 'EIO') return damaged(id, `${name} cannot be read (EIO)`, { file: name });
-  return err;
+  return unreadableCache(file, err) ?? err;
 }
 
 /** A file of the entry, whole: a regular file of at most `max` bytes. */
@@ -113,7 +114,7 @@ function expectFile(id: string, dir: string, name: string, size: number): void {
     st = lstatSync(entryFile(dir, name));
   } catch (err) {
     if (errnoOf(err) === 'ENOENT') throw damaged(id, `${name} is missing`, { file: name });
-    throw err;
+    throw unreadableCache(entryFile(dir, name), err) ?? err;
   }
   if (!st.isFile()) throw damaged(id, `${name} is not a regular file`, { file: name });
   if (st.size !== size) throw damaged(id, `${name} is ${st.size} bytes, not the ${size} it was written with`, { file: name });
@@ -164,7 +165,7 @@ export async function openEntryLazily(entriesDir: string, id: string, onDamage?:
   const dir = path.join(entriesDir, id);
   // A FileHandle: the index is read in place, page by page, for as long as the entry is open.
   const fh = await open(entryFile(dir, INDEX_FILE), fsc.O_RDONLY | fsc.O_NOFOLLOW).catch((err: unknown) => {
-    throw openProblem(id, INDEX_FILE, err);
+    throw openProblem(id, INDEX_FILE, entryFile(dir, INDEX_FILE), err);
   });
   try {
     const st = await fh.stat();

@@ -22,7 +22,7 @@
  * This module owns the module headers only; FUSE and HTTP reach it through ModuleHeaderSource.
  */
 import { createHash } from 'node:crypto';
-import { mkdir, open, readdir, readFile, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
+import { chmod, mkdir, open, readdir, readFile, rename, stat, unlink, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { KheadersError, errnoOf } from '../errors.js';
 import { createLogger, type Logger } from '../log.js';
@@ -130,6 +130,7 @@ export class ModuleHeaders implements ModuleHeaderSource {
   static async open(opts: ModuleHeadersOptions): Promise<ModuleHeaders> {
     const self = new ModuleHeaders(path.resolve(opts.dir), opts);
     await mkdir(self.dir, { recursive: true, mode: 0o755 });
+    await chmod(self.dir, 0o755); // the umask must not decide who can read the cache
     const found: Array<{ key: string; file: string; size: number; mtimeMs: number }> = [];
     for (const name of await readdir(self.dir)) {
       const file = path.join(self.dir, name);
@@ -318,6 +319,7 @@ export class ModuleHeaders implements ModuleHeaderSource {
       const started = performance.now();
       try {
         await generateHeaderInWorker({ btf: bytes, base: path.join(this.btfDir, 'vmlinux'), outFile: tmp }, `the header of module ${instance.name}`);
+        await chmod(tmp, 0o644); // the worker's file is as the umask left it
         await rename(tmp, file);
       } catch (err) {
         await unlink(tmp).catch(() => {});

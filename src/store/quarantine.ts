@@ -11,6 +11,7 @@
 import { chmod, mkdir, readFile, readdir, rename, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { errnoOf } from '../errors.js';
+import { unreadableCache } from './cache-dir.js';
 
 export const QUARANTINE_DIR = 'quarantine';
 export const QUARANTINE_KEEP = 3;
@@ -43,7 +44,8 @@ export async function quarantineEntry(cacheDir: string, fromDir: string, name: s
   const dest = path.join(qdir, qname);
   await rename(path.join(fromDir, name), dest);
   const record: QuarantineRecord = { id, reason: why.reason, ...(why.file !== undefined ? { file: why.file } : {}), at, name: qname };
-  await writeFile(path.join(dest, REASON_FILE), JSON.stringify(record, null, 2) + '\n', { mode: 0o644 }).catch(() => {
+  const reasonFile = path.join(dest, REASON_FILE);
+  await writeFile(reasonFile, JSON.stringify(record, null, 2) + '\n', { mode: 0o644 }).then(() => chmod(reasonFile, 0o644)).catch(() => {
     // A full disk must not stop the entry from leaving entries/: the move is what matters.
   });
   await pruneQuarantine(cacheDir);
@@ -67,7 +69,7 @@ export async function listQuarantine(cacheDir: string): Promise<QuarantineRecord
     names = await readdir(qdir);
   } catch (err) {
     if (errnoOf(err) === 'ENOENT') return [];
-    throw err;
+    throw unreadableCache(qdir, err) ?? err;
   }
   const out: QuarantineRecord[] = [];
   for (const name of names.sort().reverse()) {

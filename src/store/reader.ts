@@ -25,6 +25,7 @@ import { constants as fsc } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { Readable } from 'node:stream';
 import { KheadersError, errnoOf } from '../errors.js';
+import { unreadableCache } from './cache-dir.js';
 import { ARCHIVE_FILE, PACK_FILE, entryFile, type CacheEntry, type Manifest } from './entry.js';
 import type { TreeIndex } from './tree-index.js';
 
@@ -317,7 +318,7 @@ export class EntryReader {
           if (code === 'ENOENT') throw new KheadersError('E_NOT_FOUND', `the entry ${this.id} was removed from the cache`, { id: this.id, errno: 'ENOENT' });
           if (code === 'ELOOP') throw this.damage(`${name} is a symbolic link`, node);
           if (code === 'EIO') throw this.damage(`${name} cannot be read (EIO)`, node);
-          throw err;
+          throw unreadableCache(entryFile(this.entry.dir, name), err) ?? err;
         }
         const st = await fh.stat();
         if (!st.isFile() || st.size !== size) {

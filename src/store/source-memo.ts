@@ -9,7 +9,7 @@
  * does not parse, or a record that breaks a rule, is ignored: the archive is then read, as if
  * nothing had been recorded, and the file is written anew.
  */
-import { rename, unlink, writeFile } from 'node:fs/promises';
+import { chmod, rename, unlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import type { ArchiveOrigin, ArchiveSource } from '../source/locate.js';
 import { readRegularFileSync } from './small-file.js';
@@ -99,6 +99,7 @@ export async function rememberArchive(cacheDir: string, key: string, what: Remem
   const tmp = `${file}.${process.pid}.tmp`;
   try {
     await writeFile(tmp, JSON.stringify({ format: FORMAT, sources: records }) + '\n', { mode: 0o644 });
+    await chmod(tmp, 0o644); // writeFile's mode is masked by the umask: it must not decide who can read the cache
     await rename(tmp, file);
   } catch (err) {
     await unlink(tmp).catch(() => {});
