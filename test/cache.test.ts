@@ -3,9 +3,10 @@
  * --max-cache-bytes, gc, never the current entry), a full filesystem, and two processes
  * ingesting into one cache at once.
  */
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFile, spawn, spawnSync } from 'node:child_process';
+import { execFile, spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { once } from 'node:events';
 import { chmod, chown, mkdir, readdir, readFile, rm, stat, utimes, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { KheadersError } from '../src/errors.js';
@@ -13,6 +14,7 @@ import { createLogger } from '../src/log.js';
 import { CacheStore } from '../src/store/cache.js';
 import { dataLocation, type Manifest } from '../src/store/entry.js';
 import { ingest, type IngestOptions } from '../src/store/ingest.js';
+import { withLock } from '../src/store/lock.js';
 import { MODULE_HEADERS_SUBDIR, ModuleHeaders } from '../src/store/module-btf.js';
 import { rememberArchive } from '../src/store/source-memo.js';
 import { CLI, REPO_ROOT, cleanEnv, goodTree, hasStackTrace, makeTar, randomBytes, runCli, runProcess, sha256, snapshot, tempDir, textLike, xz, xzAsync } from './helpers/archives.js';
@@ -561,4 +563,60 @@ test('a dead owner\'s lock (and a breaker that died mid-break) are cleared once,
   for (const r of results) assert.equal(r.code, 0, r.stderr);
   assert.equal(Number(await readFile(counter, 'utf8')), 240);
   assert.deepEqual(await readdir(dir), ['counter']);
+});
+
+/** A process that holds `lockPath` until killed (test/helpers/lock-holder.ts); resolves once it holds it. */
+async function holdLock(t: TestContext, lockPath: string): Promise<ChildProcess> {
+  const holder = spawn(process.execPath, [path.join(REPO_ROOT, 'dist/test/helpers/lock-holder.js'), lockPath], { stdio: ['pipe', 'pipe', 'inherit'] });
+  t.after(() => {
+    if (holder.exitCode === null && holder.signalCode === null) holder.kill('SIGKILL');
+  });
+  const [line] = (await once(holder.stdout.setEncoding('utf8'), 'data')) as [string];
+  assert.equal(line, 'held\n');
+  // Not what keeps this process alive: it exits when its stdin closes with this process.
+  holder.stdout.destroy();
+  holder.unref();
+  (holder.stdin as unknown as { unref(): void }).unref();
+  return holder;
+}
+
+test('a stop while waiting for a lock another process holds: rejects at once with the stop, touches no lock file, and the queue behind it still works', { timeout: 60_000 }, async (t) => {
+  const dir = await tempDir(t);
+  const lockPath = path.join(dir, 'lock');
+  const holder = await holdLock(t, lockPath);
+  const held = await readFile(lockPath, 'utf8');
+
+  const stop = new AbortController();
+  let ran = 0;
+  const waiting = withLock(lockPath, { timeoutMs: 10_000, signal: stop.signal }, async () => void ran++);
+  // Queued behind it in this process: one with the same stop, one without.
+  const queuedStopped = withLock(lockPath, { timeoutMs: 10_000, signal: stop.signal }, async () => void ran++);
+  const after = withLock(lockPath, { timeoutMs: 30_000 }, async () => readFile(lockPath, 'utf8'));
+  waiting.catch(() => {});
+  queuedStopped.catch(() => {});
+  await new Promise((r) => setTimeout(r, 300)); // waiting on the other process's lock by now
+  const t0 = performance.now();
+  stop.abort();
+  await assert.rejects(waiting, (err: Error) => err.name === 'AbortError', 'the wait rejects with the stop');
+  await assert.rejects(queuedStopped, (err: Error) => err.name === 'AbortError', 'a wait in the queue too');
+  const ms = performance.now() - t0;
+  assert.ok(ms < 200, `the stop took ${Math.round(ms)} ms`);
+  assert.equal(ran, 0, 'a stopped wait never runs its work');
+  assert.equal(await readFile(lockPath, 'utf8'), held, 'the holder\'s lock is untouched');
+
+  // The holder dies: the caller queued without a stop takes the lock (the queue is consistent).
+  holder.kill('SIGKILL');
+  const mine = await after;
+  assert.equal(mine.split(' ')[0], String(process.pid), 'the lock was ours while the queued caller ran');
+  assert.equal(await withLock(lockPath, { timeoutMs: 5_000, signal: new AbortController().signal }, async () => 'again'), 'again', 'and a later withLock on the path works');
+  assert.deepEqual(await readdir(dir), [], 'no lock file (or scratch file) of ours is left');
+});
+
+test('a stop that has already happened: withLock rejects without taking the lock', async (t) => {
+  const dir = await tempDir(t);
+  const lockPath = path.join(dir, 'lock');
+  const stop = new AbortController();
+  stop.abort();
+  await assert.rejects(withLock(lockPath, { timeoutMs: 1_000, signal: stop.signal }, async () => 'ran'), (err: Error) => err.name === 'AbortError');
+  assert.deepEqual(await readdir(dir), []);
 });

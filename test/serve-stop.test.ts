@@ -12,12 +12,13 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
+import { watch } from 'node:fs';
 import { chmod, copyFile, link, mkdir, readFile, readdir, unlink, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
-import { goodTree, makeTar, randomBytes, snapshot, tempDir, xzAsync } from './helpers/archives.js';
+import { REPO_ROOT, goodTree, makeTar, randomBytes, snapshot, tempDir, xzAsync } from './helpers/archives.js';
 import { fuseDeviceSkipReason } from './helpers/fuse-env.js';
 import { exitWithin, pollUntil, startServe, unmountIfLeft, type Daemon } from './helpers/serve-child.js';
 
@@ -312,4 +313,44 @@ test('SIGTERM while the daemon builds an entry itself (no ingest process could b
     assert.deepEqual(await readdir(path.join(s.cache, 'tmp')), [], 'the build left its staging behind');
     assert.ok(s.d.logs.some((l) => l.msg === 'ingest stopped: the daemon is stopping'), 'the stopped build is logged as such');
   });
+});
+
+test('SIGTERM while the start waits for the cache lock another process holds: exits 0 at once, the other process\'s lock untouched', async (t) => {
+  const dir = await tempDir(t, 'kheadersd-stop-locked-');
+  const cache = path.join(dir, 'cache');
+  const archive = path.join(dir, 'kheaders.tar.xz');
+  await writeFile(archive, await xzAsync(await makeTar(goodTree('6.92.0-locked'))));
+  await mkdir(cache, { mode: 0o755 });
+  const lockPath = path.join(cache, 'lock');
+  const holder = spawn(process.execPath, [path.join(REPO_ROOT, 'dist/test/helpers/lock-holder.js'), lockPath], { stdio: ['pipe', 'pipe', 'inherit'] });
+  t.after(() => {
+    if (holder.exitCode === null && holder.signalCode === null) holder.kill('SIGKILL');
+  });
+  assert.equal(String((await once(holder.stdout, 'data'))[0]), 'held\n');
+  // Not what keeps this process alive: it exits when its stdin closes with this process.
+  holder.stdout.destroy();
+  holder.unref();
+  (holder.stdin as unknown as { unref(): void }).unref();
+  const held = await readFile(lockPath, 'utf8');
+  // A lock timeout far past any stop bound: only the stop can end the wait.
+  // Each try for the lock makes a scratch file `lock.<pid>.<random>` beside it: seen, the daemon waits on the lock.
+  const watcher = watch(cache);
+  t.after(() => watcher.close());
+  const d = startServe(t, ['--archive', archive, '--release', '6.92.0-locked', '--cache-dir', cache, '--lock-timeout', '120', '--mount', 'off', '--http', '127.0.0.1:0', '--btf', 'off', '--log-level', 'info']);
+  try {
+    await new Promise<void>((resolve) => watcher.on('change', (_type, name) => String(name).startsWith(`lock.${d.child.pid}.`) && resolve()));
+    watcher.close();
+    await new Promise((r) => setTimeout(r, 200)); // a few tries
+    assert.equal(d.child.exitCode, null, 'the start ended on its own');
+    const t0 = performance.now();
+    d.child.kill('SIGTERM');
+    assert.equal(await exitWithin(d, STOP_BOUND_MS), 0, `the stop while waiting for the lock: ${JSON.stringify(d.logs.slice(-4))}`);
+    const ms = performance.now() - t0;
+    assert.ok(ms < 2_000, `the stop took ${Math.round(ms)} ms`);
+    assert.equal(await readFile(lockPath, 'utf8'), held, 'the holder\'s lock is untouched');
+    assert.ok(!d.logs.some((l) => l.msg === 'HTTP listening'), 'it went on starting after the stop');
+    assert.deepEqual((await readdir(cache)).filter((n) => n.startsWith('lock')), ['lock'], 'no lock file of the daemon is left');
+  } finally {
+    await d.stop();
+  }
 });

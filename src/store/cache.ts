@@ -118,9 +118,12 @@ export class CacheStore {
     return new CacheStore(abs, options.lockTimeoutMs ?? 30_000, options.bootId !== undefined ? options.bootId : await readBootId());
   }
 
-/** Run fn holding the cache's cross-process lock; E_LOCKED after the timeout. */
-  locked<T>(fn: () => Promise<T>, timeoutMs = this.lockTimeoutMs): Promise<T> {
-    return withLock(path.join(this.dir, 'lock'), { timeoutMs }, fn);
+  /**
+   * Run fn holding the cache's cross-process lock; E_LOCKED after the timeout. `signal` (a stop)
+   * ends the wait at once, rejecting with its reason (lock.ts).
+   */
+  locked<T>(fn: () => Promise<T>, signal?: AbortSignal): Promise<T> {
+    return withLock(path.join(this.dir, 'lock'), { timeoutMs: this.lockTimeoutMs, ...(signal ? { signal } : {}) }, fn);
   }
 
   /** Remove half-built entries left by a crash. Call only while holding the lock. */

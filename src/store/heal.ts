@@ -60,7 +60,7 @@ export async function healCache(opts: HealOptions): Promise<HealReport> {
   // repair does, and it checks again under the lock. A clean cache, nearly every start, costs no
   // lock round trips; the entries checked here stay loaded for the lock holder.
   if ((opts.known ?? []).length === 0 && (await store.scan()).damaged.length === 0) return { quarantined: [], rebuilt: [], unrepaired: [] };
-  return store.locked(() => healLocked(store, opts));
+  return store.locked(() => healLocked(store, opts), opts.signal);
 }
 
 /** healCache for a store whose lock the caller holds. */

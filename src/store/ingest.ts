@@ -267,7 +267,7 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
     const makeCurrent = opts.setCurrent ?? (source.live || entry.manifest.release === os.release());
     const evicted = await finish(store, entry, makeCurrent, existing !== undefined, opts);
     return { entry, reused: existing !== undefined, evicted, decoder, durationMs: Math.round(performance.now() - started) };
-  }));
+  }, opts.signal));
   const recalled = !wasRead(source);
   const result = (await lookOrBuild(opts.buildElsewhere || recalled ? 'ask' : undefined)) ?? (recalled ? undefined : await builtElsewhere(opts, lookOrBuild));
   // A recalled digest whose entry is gone (evicted, damaged): read the archive after all, and build.
@@ -501,7 +501,7 @@ async function reuseRunningKernelEntry(opts: IngestOptions, notFound: KheadersEr
     );
     const evicted = await finish(store, entry, opts.setCurrent ?? true, true, opts);
     return { entry, reused: true, evicted, decoder: null, durationMs: Math.round(performance.now() - started) };
-  });
+  }, opts.signal);
 }
 
 async function ingestBtfOnly(opts: IngestOptions, btf: BtfSource, live: LiveKernel, started: number): Promise<IngestResult> {
@@ -549,7 +549,7 @@ async function ingestBtfOnly(opts: IngestOptions, btf: BtfSource, live: LiveKern
     }
     const evicted = await finish(store, entry, opts.setCurrent ?? true, reused, opts);
     return { entry, reused, evicted, decoder: null, durationMs: Math.round(performance.now() - started) };
-  }));
+  }, opts.signal));
   return (await lookOrBuild(opts.buildElsewhere ? 'ask' : undefined)) ?? builtElsewhere(opts, lookOrBuild);
 }
 

@@ -11,6 +11,10 @@
  *   lock under it: two waiters that both saw the same dead owner cannot both unlink, the second
  *   removing the fresh lock the first one just took. The break section is a read and an unlink,
  *   so a `.break` older than BREAK_STALE_MS belongs to a process that died inside it.
+ *
+ * A stop (LockOptions.signal) ends a wait at once, in the queue or on another process's lock, and
+ * rejects with the stop's reason: a daemon told to stop does not wait out the lock timeout. It
+ * takes nothing with it: the queue moves on, and the lock file is only ever ours while fn runs.
  */
 import { randomBytes } from 'node:crypto';
 import { link, open, readFile, stat, unlink } from 'node:fs/promises';
@@ -22,6 +26,8 @@ export interface LockOptions {
   /** How long to wait for another process to finish (0: fail at once). */
   timeoutMs: number;
   pollMs?: number;
+  /** A stop: waiting for the lock ends at once, rejecting with the signal's reason. */
+  signal?: AbortSignal;
 }
 
 async function processStartTime(pid: number): Promise<string> {
@@ -56,18 +62,39 @@ export async function withLock<T>(lockPath: string, options: LockOptions, fn: ()
   const mine = new Promise<void>((r) => (releaseQueue = r));
   const chained = previous.then(() => mine);
   inProcess.set(lockPath, chained);
-  await previous;
   try {
+    await untilAborted(previous, options.signal);
     const release = await acquire(lockPath, options);
     try {
+      options.signal?.throwIfAborted(); // stopped as it took the lock: fn never starts
       return await fn();
     } finally {
       await release();
     }
   } finally {
     releaseQueue();
-    if (inProcess.get(lockPath) === chained) inProcess.delete(lockPath);
+    // Only once the holder before us is done (a stop can leave the queue before it is): a caller
+    // arriving meanwhile must still queue behind it.
+    void chained.then(() => {
+      if (inProcess.get(lockPath) === chained) inProcess.delete(lockPath);
+    });
   }
+}
+
+/** `p`, or the signal's reason as soon as it aborts. */
+function untilAborted<T>(p: Promise<T>, signal: AbortSignal | undefined): Promise<T> {
+  if (!signal) return p;
+  if (signal.aborted) return Promise.reject(signal.reason as Error);
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = (): void => reject(signal.reason as Error);
+    signal.addEventListener('abort', onAbort, { once: true });
+    p.then(resolve, reject).finally(() => signal.removeEventListener('abort', onAbort));
+  });
+}
+
+/** Wait `ms`, or reject with the signal's reason as soon as it aborts. */
+function pause(ms: number, signal: AbortSignal | undefined): Promise<void> {
+  return untilAborted(new Promise<void>((resolve) => setTimeout(resolve, ms)), signal);
 }
 
 /** Create `file` holding `content`, atomically: false if it exists already. */
@@ -108,10 +135,11 @@ async function breakStale(lockPath: string, holder: string, me: string): Promise
   }
 }
 
-async function acquire(lockPath: string, { timeoutMs, pollMs = 50 }: LockOptions): Promise<() => Promise<void>> {
+async function acquire(lockPath: string, { timeoutMs, pollMs = 50, signal }: LockOptions): Promise<() => Promise<void>> {
   const me = `${process.pid} ${await processStartTime(process.pid)}\n`;
   const deadline = Date.now() + timeoutMs;
   for (;;) {
+    signal?.throwIfAborted(); // before a try, never after one succeeded: a lock taken is released by the caller
     if (await createWithContent(lockPath, me)) {
       return async () => {
         // Only our own lock: never one that another process holds now.
@@ -131,6 +159,6 @@ async function acquire(lockPath: string, { timeoutMs, pollMs = 50 }: LockOptions
         pid: Number(pid),
       });
     }
-    await new Promise((r) => setTimeout(r, pollMs));
+    await pause(pollMs, signal);
   }
 }
