@@ -101,8 +101,49 @@ export async function ingestWithConfig(cfg: Config, io: CommandIO, extra: { setC
   return { ...result, healed };
 }
 
+/** The exit status of a command stopped by a signal: 128 + its number, as shells report it. */
+const STOPPED_EXIT = { SIGINT: 130, SIGTERM: 143 } as const;
+type StopSignal = keyof typeof STOPPED_EXIT;
+
+/**
+ * SIGINT (Ctrl-C) and SIGTERM stop the command: the first aborts `signal` (an ingest kills its
+ * decoder, removes its staging and releases the lock: ingest.ts, lock.ts), a second exits at once.
+ * `stoppedBy` says which signal stopped it; `dispose` restores the default handling.
+ */
+function stopOnSignals(): { signal: AbortSignal; stoppedBy(): StopSignal | undefined; dispose(): void } {
+  const controller = new AbortController();
+  let by: StopSignal | undefined;
+  const onSignal = (sig: StopSignal): void => {
+    if (by !== undefined) process.exit(STOPPED_EXIT[sig]); // the first stop already killed the decoder
+    by = sig;
+    controller.abort();
+  };
+  const handlers = (Object.keys(STOPPED_EXIT) as StopSignal[]).map((sig) => [sig, () => onSignal(sig)] as const);
+  for (const [sig, h] of handlers) process.on(sig, h);
+  return {
+    signal: controller.signal,
+    stoppedBy: () => by,
+    dispose: () => {
+      for (const [sig, h] of handlers) process.off(sig, h);
+    },
+  };
+}
+
 export async function cmdIngest(cfg: Config, io: CommandIO, json: boolean): Promise<void> {
-  const result = await ingestWithConfig(cfg, io);
+  const stop = stopOnSignals();
+  let result: IngestResult & { healed: HealReport };
+  try {
+    result = await ingestWithConfig(cfg, io, { signal: stop.signal });
+  } catch (err) {
+    // Whatever the ingest failed with as it was cut short (a decoder killed by the same Ctrl-C), the stop is what happened.
+    const by = stop.stoppedBy();
+    if (by === undefined) throw err;
+    io.stderr.write(`kheadersd: ingest stopped by ${by}: nothing was cached (the decoder killed, its staging removed, the lock released)\n`);
+    process.exitCode = STOPPED_EXIT[by];
+    return;
+  } finally {
+    stop.dispose();
+  }
   const store = await CacheStore.open(cfg.cacheDir);
   const summary = summarise(result.entry.manifest, await store.currentId(), await readLiveKernel({}, [result.entry.manifest]));
   if (json) {
