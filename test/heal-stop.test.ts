@@ -213,3 +213,41 @@ test('serve, SIGTERM while it repairs an entry a read found damaged: exits 0 at 
   second.child.kill('SIGTERM');
   assert.equal(await second.exited, 0);
 });
+
+test('serve SIGKILLed while its start rebuilds an outdated entry: the copy set aside in tmp/ is not swept; the next start puts it back and rebuilds it', async (t) => {
+  const dir = await tempDir(t, 'kheadersd-heal-kill-');
+  const cacheDir = path.join(dir, 'cache');
+  const xzs = await hangableXz(dir);
+  const old = await cached(dir, cacheDir, '6.96.1-old');
+  const live = await cached(dir, cacheDir, '6.96.2-live');
+  await DAMAGE.outdated(old);
+  const args = ['--archive', live.archive, '--release', live.release, '--cache-dir', cacheDir, '--keep', '20', '--mount', 'off', '--http', '127.0.0.1:0', '--btf', 'off', '--decoder', 'xz', '--log-level', 'info'];
+
+  await xzs.hang();
+  const first = startServe(t, args, { PATH: xzs.PATH });
+  try {
+    await whenStaging(cacheDir);
+    first.child.kill('SIGKILL');
+    await first.exited;
+  } finally {
+    await first.stop();
+    for (const pid of await xzs.leftRunning()) process.kill(pid, 'SIGKILL'); // its hung xz, orphaned
+  }
+  const tmp = await readdir(path.join(cacheDir, 'tmp'));
+  assert.ok(tmp.some((n) => n.startsWith('aside-') && n.endsWith(old.id)), `the outdated entry is set aside in tmp/: ${tmp.join(', ')}`);
+  assert.ok(!(await readdir(path.join(cacheDir, 'entries'))).includes(old.id), 'it was out of entries/ when the kill came');
+
+  await xzs.unhang();
+  const second = startServe(t, args, { PATH: xzs.PATH });
+  const url = String((await second.waitFor((l) => l.msg === 'HTTP listening', 'HTTP to listen')).url);
+  for (const c of [old, live]) {
+    const res = await fetch(`${url}/v1/kernels/${c.release}/files/${SCHED}`);
+    assert.equal(res.status, 200, `${c.release}: ${res.status}`);
+    assert.ok(Buffer.from(await res.arrayBuffer()).equals(SCHED_BYTES), `${c.release} serves the archived bytes`);
+  }
+  second.child.kill('SIGTERM');
+  assert.equal(await second.exited, 0);
+  assert.deepEqual(await readdir(path.join(cacheDir, 'tmp')), [], 'tmp/ is empty again');
+  const manifest = JSON.parse(await readFile(path.join(old.entryDir, MANIFEST_FILE), 'utf8')) as { formatVersion: number };
+  assert.notEqual(manifest.formatVersion, 1, 'rebuilt in the current format');
+});

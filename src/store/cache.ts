@@ -126,11 +126,47 @@ export class CacheStore {
     return withLock(path.join(this.dir, 'lock'), { timeoutMs: this.lockTimeoutMs, ...(signal ? { signal } : {}) }, fn);
   }
 
-  /** Remove half-built entries left by a crash. Call only while holding the lock. */
+  /**
+   * Remove half-built entries left by a crash; an entry set aside for a rebuild (setAside) that
+   * no rebuilt entry replaced goes back into entries/ first (restoreSetAside). Call only while
+   * holding the lock. Returns the names removed.
+   */
   async sweepTmp(): Promise<string[]> {
     const names = await readdir(this.tmpDir).catch(() => [] as string[]);
-    await Promise.all(names.map((n) => rm(path.join(this.tmpDir, n), { recursive: true, force: true })));
-    return names;
+    const restored = new Set(await this.restoreSetAside(names));
+    const doomed = names.filter((n) => !restored.has(n));
+    await Promise.all(doomed.map((n) => rm(path.join(this.tmpDir, n), { recursive: true, force: true })));
+    return doomed;
+  }
+
+  /** Entries set aside in tmp/ (setAside) by a rebuild that never finished: their ids by name. */
+  async setAsideLeft(names?: readonly string[]): Promise<Map<string, string>> {
+    const left = new Map<string, string>();
+    for (const name of names ?? (await readdir(this.tmpDir).catch(() => [] as string[]))) {
+      const id = SET_ASIDE.exec(name)?.[1];
+      if (id !== undefined && parseEntryId(id) !== undefined) left.set(name, id);
+    }
+    return left;
+  }
+
+  /**
+   * Put entries set aside for a rebuild back into entries/ when the process rebuilding them died
+   * (a SIGKILL, a power cut) before a rebuilt entry replaced them: in tmp/ the next sweep would
+   * delete the only copy. Under the lock, any set-aside entry is a dead process's. Returns the
+   * names (in tmp/) put back; their entries are rebuilt by the next heal, as before. `names`: tmp/'s, if read already.
+   */
+  async restoreSetAside(names?: readonly string[]): Promise<string[]> {
+    const back: string[] = [];
+    for (const [name, id] of await this.setAsideLeft(names)) {
+      try {
+        await rename(path.join(this.tmpDir, name), path.join(this.entriesDir, id));
+        back.push(name);
+      } catch (err) {
+        // Replaced by its rebuild (EEXIST, ENOTEMPTY): the copy is swept with the rest of tmp/.
+        if (!['EEXIST', 'ENOTEMPTY', 'ENOENT'].includes(errnoOf(err) ?? '')) throw err;
+      }
+    }
+    return back;
   }
 
   /** Names under entries/ that are entry ids (`<release>~<digest>`); anything else is not ours. */
@@ -277,7 +313,7 @@ export class CacheStore {
 
   /** Move an entry out of entries/ into tmp/ (to rebuild it from there). Call while holding the lock. */
   async setAside(id: string): Promise<string> {
-    const aside = path.join(this.tmpDir, `aside-${process.pid}-${Date.now()}-${id}`);
+    const aside = path.join(this.tmpDir, `aside-${process.pid}-${Date.now()}-${id}`); // SET_ASIDE
     await rename(path.join(this.entriesDir, id), aside);
     this.drop(id);
     return aside;
@@ -381,6 +417,9 @@ export class CacheStore {
     return (await this.list()).reduce((sum, m) => sum + m.packBytes + m.archiveBytes + (m.btf?.bytes ?? 0) + (m.config?.bytes ?? 0), 0);
   }
 }
+
+/** The name setAside gives an entry in tmp/: `aside-<pid>-<ms>-<id>`. */
+const SET_ASIDE = /^aside-\d+-\d+-(.+)$/;
 
 function isKheadersNotFound(err: unknown): boolean {
   return err instanceof KheadersError && err.code === 'E_NOT_FOUND';

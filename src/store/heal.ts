@@ -15,6 +15,10 @@
  * entries not reached yet are left alone, and the heal rejects with the stop. The next start's
  * heal finds them as this one did and rebuilds them; bytes a reader found wrong (an entry whose
  * structure loads) are found again by the first read of them, never served, and repaired then.
+ *
+ * A crash (SIGKILL, power cut) while an outdated entry is rebuilt leaves its copy set aside in
+ * tmp/: the next heal, or the next sweep of tmp/, puts it back into entries/ unless a rebuilt
+ * entry replaced it (CacheStore.restoreSetAside), and the heal rebuilds it then.
  */
 import { createHash } from 'node:crypto';
 import { readFile, rename, rm } from 'node:fs/promises';
@@ -59,13 +63,19 @@ export async function healCache(opts: HealOptions): Promise<HealReport> {
   // Checking needs no lock (entries come and go by one rename each, never half-made): only a
   // repair does, and it checks again under the lock. A clean cache, nearly every start, costs no
   // lock round trips; the entries checked here stay loaded for the lock holder.
-  if ((opts.known ?? []).length === 0 && (await store.scan()).damaged.length === 0) return { quarantined: [], rebuilt: [], unrepaired: [] };
+  // An entry set aside by a rebuild that a crash cut short is repaired too (healLocked puts it back first).
+  if ((opts.known ?? []).length === 0) {
+    const [{ damaged }, left] = await Promise.all([store.scan(), store.setAsideLeft()]);
+    if (damaged.length === 0 && left.size === 0) return { quarantined: [], rebuilt: [], unrepaired: [] };
+  }
   return store.locked(() => healLocked(store, opts), opts.signal);
 }
 
 /** healCache for a store whose lock the caller holds. */
 export async function healLocked(store: CacheStore, opts: HealOptions): Promise<HealReport> {
   const report: HealReport = { quarantined: [], rebuilt: [], unrepaired: [] };
+  const restored = await store.restoreSetAside();
+  if (restored.length > 0) opts.log?.warn({ restored }, `put back into the cache entries whose rebuild a crash cut short (${restored.join(', ')}): rebuilding them`);
   const { damaged } = await store.scan();
   const todo: DamagedEntry[] = [...damaged];
   for (const k of opts.known ?? []) {
