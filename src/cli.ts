@@ -319,7 +319,8 @@ export const PROGRAM: ProgramSpec<Run> = {
   commands: COMMANDS,
   footer:
     `Exit status: 0 ok, ${EXIT.usage} usage or configuration error, ${EXIT.archiveNotFound} no archive found, ${EXIT.badArchive} bad archive or BTF,\n` +
-    `${EXIT.environment} environment (cache locked, unsafe or full, no FUSE), ${EXIT.notFound} not found (no such entry, file or module), ${EXIT.internal} internal error.`,
+    `${EXIT.environment} environment (cache locked, unsafe or full, no FUSE), ${EXIT.notFound} not found (no such entry, file or module), ${EXIT.internal} internal error,\n` +
+    '130 / 143 ingest stopped by SIGINT / SIGTERM (nothing cached).',
 };
 
 /** Parse the words, then run the command, print help or the version, or refuse with exit status 2. */
