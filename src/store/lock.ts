@@ -17,8 +17,9 @@
  * takes nothing with it: the queue moves on, and the lock file is only ever ours while fn runs.
  */
 import { randomBytes } from 'node:crypto';
-import { link, open, readFile, stat, unlink } from 'node:fs/promises';
+import { closeSync, linkSync, openSync, statSync, unlinkSync, writeFileSync } from 'node:fs';
 import { KheadersError, errnoOf } from '../errors.js';
+import { readRegularFileSync } from './small-file.js';
 
 const BREAK_STALE_MS = 5_000;
 
@@ -30,9 +31,30 @@ export interface LockOptions {
   signal?: AbortSignal;
 }
 
+// The lock's files are read and written with synchronous calls: they are small files of the cache
+// directory (never of the mount), and as promises an uncontended lock and its release took ~16
+// thread-pool round trips, each costing more than its call (see small-file.ts).
+
+/** A lock file's content; undefined when it is gone (or is not a regular file). */
+function readLock(file: string): string | undefined {
+  try {
+    return readRegularFileSync(file)?.toString('utf8');
+  } catch {
+    return undefined;
+  }
+}
+
+function unlinkQuietly(file: string): void {
+  try {
+    unlinkSync(file);
+  } catch {
+    // gone already
+  }
+}
+
 async function processStartTime(pid: number): Promise<string> {
   try {
-    const procStat = await readFile(`/proc/${pid}/stat`, 'utf8');
+    const procStat = readRegularFileSync(`/proc/${pid}/stat`)?.toString('utf8') ?? '';
     // Field 22 (starttime) counts from after the parenthesised command name, which may hold spaces.
     return procStat.slice(procStat.lastIndexOf(')') + 2).split(' ')[19] ?? '';
   } catch {
@@ -98,40 +120,45 @@ function pause(ms: number, signal: AbortSignal | undefined): Promise<void> {
 }
 
 /** Create `file` holding `content`, atomically: false if it exists already. */
-async function createWithContent(file: string, content: string): Promise<boolean> {
+function createWithContent(file: string, content: string): boolean {
   const scratch = `${file}.${process.pid}.${randomBytes(6).toString('hex')}`;
-  const fh = await open(scratch, 'wx', 0o644);
+  const fd = openSync(scratch, 'wx', 0o644);
   try {
-    await fh.writeFile(content);
+    writeFileSync(fd, content);
   } catch (err) {
-    await unlink(scratch).catch(() => {}); // a full disk must not leave it behind
+    unlinkQuietly(scratch); // a full disk must not leave it behind
     throw err;
   } finally {
-    await fh.close();
+    closeSync(fd);
   }
   try {
-    await link(scratch, file);
+    linkSync(scratch, file);
     return true;
   } catch (err) {
     if (errnoOf(err) === 'EEXIST') return false;
     throw err;
   } finally {
-    await unlink(scratch).catch(() => {});
+    unlinkQuietly(scratch);
   }
 }
 
 /** Remove the lock if it still holds `holder` (whose owner is dead), one breaker at a time. */
 async function breakStale(lockPath: string, holder: string, me: string): Promise<void> {
   const breaker = `${lockPath}.break`;
-  if (!(await createWithContent(breaker, me))) {
-    const st = await stat(breaker).catch(() => undefined);
-    if (st && Date.now() - st.mtimeMs > BREAK_STALE_MS) await unlink(breaker).catch(() => {});
+  if (!createWithContent(breaker, me)) {
+    let st;
+    try {
+      st = statSync(breaker);
+    } catch {
+      st = undefined;
+    }
+    if (st && Date.now() - st.mtimeMs > BREAK_STALE_MS) unlinkQuietly(breaker);
     return;
   }
   try {
-    if ((await readFile(lockPath, 'utf8').catch(() => '')) === holder) await unlink(lockPath).catch(() => {});
+    if (readLock(lockPath) === holder) unlinkQuietly(lockPath);
   } finally {
-    await unlink(breaker).catch(() => {});
+    unlinkQuietly(breaker);
   }
 }
 
@@ -140,13 +167,14 @@ async function acquire(lockPath: string, { timeoutMs, pollMs = 50, signal }: Loc
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     signal?.throwIfAborted(); // before a try, never after one succeeded: a lock taken is released by the caller
-    if (await createWithContent(lockPath, me)) {
-      return async () => {
+    if (createWithContent(lockPath, me)) {
+      return () => {
         // Only our own lock: never one that another process holds now.
-        if ((await readFile(lockPath, 'utf8').catch(() => '')) === me) await unlink(lockPath).catch(() => {});
+        if (readLock(lockPath) === me) unlinkQuietly(lockPath);
+        return Promise.resolve();
       };
     }
-    const holder = await readFile(lockPath, 'utf8').catch(() => undefined);
+    const holder = readLock(lockPath);
     if (holder === undefined) continue; // released between our attempt and the read: try again
     if (!(await ownerAlive(holder))) {
       await breakStale(lockPath, holder, me);
