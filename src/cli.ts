@@ -197,7 +197,7 @@ const COMMANDS: ReadonlyArray<CommandSpec<Run>> = [
           installSignalHandlers(starting, io, stopRequest);
           await starting;
           // Ready: the code this start compiled is kept for the next one, before any V8 flag changes (V8 refuses code made under other flags).
-          saveCompiledCommands(io.log);
+          stopRequest.finishBeforeExit(saveCompiledCommands(io.log));
           // Then, a moment later, not in the way of the first requests: pino loads (a request that
           // comes then waits for it), and V8's young generation is held (only now: the start's
           // builtins are loaded, with node's code cache). Loading node:v8 for that took ~3 ms,

@@ -36,11 +36,11 @@ export async function loadCommand<K extends CommandName>(name: K, cacheDir: stri
 
 /**
  * Keep the code compiled so far for the next start (code-cache.ts's `save`): V8's data is taken
- * before this returns. Never throws: a cache that cannot be written costs the next start a
- * compile, nothing more, and says so in the log.
+ * before this returns; the promise is the write. Never rejects: a cache that cannot be written
+ * costs the next start a compile, nothing more, and says so in the log.
  */
-export function saveCompiledCommands(log: Logger): void {
-  if (loaded === undefined) return;
+export function saveCompiledCommands(log: Logger): Promise<void> {
+  if (loaded === undefined) return Promise.resolve();
   const { state } = loaded;
   let saving: Promise<boolean>;
   try {
@@ -48,7 +48,7 @@ export function saveCompiledCommands(log: Logger): void {
   } catch (err) {
     saving = Promise.reject(err instanceof Error ? err : new Error(String(err)));
   }
-  saving
+  return saving
     .then((wrote) => {
       if (wrote) log.debug({ previously: state }, 'compiled code kept for the next start');
     })

@@ -354,3 +354,25 @@ test('SIGTERM while the start waits for the cache lock another process holds: ex
     await d.stop();
   }
 });
+
+test('a clean stop lets the work given to finishBeforeExit finish before the process exits (the compiled code kept at ready)', async (t) => {
+  const work = await tempDir(t, 'kheadersd-stop-finish-');
+  const out = path.join(work, 'kept');
+  // installSignalHandlers as serve uses it, with a started daemon whose stop is immediate and one
+  // piece of work that takes 300 ms, as a code-cache save that syncs on a slow disk.
+  const program = `
+    const { writeFileSync } = await import('node:fs');
+    const { StopRequest, installSignalHandlers } = await import(${JSON.stringify(path.join(REPO_ROOT, 'dist/src/commands/serve.js'))});
+    const quiet = () => {};
+    const io = { stdout: process.stdout, stderr: process.stderr, log: { info: quiet, warn: quiet, error: quiet, debug: quiet } };
+    const stopRequest = new StopRequest();
+    installSignalHandlers(Promise.resolve({ stop: () => Promise.resolve() }), io, stopRequest);
+    stopRequest.finishBeforeExit(new Promise((resolve) => setTimeout(() => resolve(writeFileSync(process.argv[1], 'kept')), 300)));
+    process.stdout.write('ready\\n');`;
+  const child = spawn(process.execPath, ['--input-type=module', '-e', program, out], { stdio: ['ignore', 'pipe', 'inherit'] });
+  await once(child.stdout, 'data');
+  child.kill('SIGTERM');
+  const [code] = (await once(child, 'exit')) as [number | null];
+  assert.equal(code, 0);
+  assert.equal(await readFile(out, 'utf8'), 'kept', 'the process exited before the work was done');
+});

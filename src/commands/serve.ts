@@ -61,7 +61,22 @@ const STOP_DEADLINE_MS = 6_000;
 export class StopRequest {
   private readonly controller = new AbortController();
   private detach: () => Promise<void> = () => Promise.resolve();
+  private readonly pending: Array<Promise<unknown>> = [];
   readonly signal = this.controller.signal;
+
+  /**
+   * Work a clean stop lets finish before the process exits (within the stop's deadline): the
+   * compiled code being kept at ready, which a stop just after ready would otherwise cut short,
+   * so that every later start compiled again.
+   */
+  finishBeforeExit(work: Promise<unknown>): void {
+    this.pending.push(work.catch(() => undefined));
+  }
+
+  /** Resolves once the work given to finishBeforeExit is done. */
+  async finished(): Promise<void> {
+    await Promise.all(this.pending);
+  }
 
   request(): void {
     this.controller.abort();
@@ -393,6 +408,7 @@ export function installSignalHandlers(starting: Promise<RunningDaemon>, io: Comm
     setTimeout(() => exitNow(`the stop did not finish in ${STOP_DEADLINE_MS / 1000} s: exiting now`), STOP_DEADLINE_MS).unref();
     starting
       .then((daemon) => daemon.stop())
+      .then(() => stopRequest.finished())
       .then(
         () => process.exit(0),
         (err: unknown) => {
