@@ -241,18 +241,25 @@ export class CacheStore {
     // Callers asking at once (a scan, HTTP's catalog) share one read and check of the index.
     let pending = this.loading.get(id);
     if (!pending) {
-      const started = loadEntry(this.entriesDir, id, (err, m) => this.emitDamage(err, m)).finally(() => {
-        if (this.loading.get(id) === started) this.loading.delete(id);
-      });
+      const started: Promise<CacheEntry> = loadEntry(this.entriesDir, id, (err, m) => this.emitDamage(err, m))
+        .then((entry) => {
+          // Kept before the load stops being shared, with no turn between: a caller that came in
+          // between would find neither and read and check the entry again (the reads are
+          // synchronous, so a load can end in the same turn as the scan that asked for it).
+          // Dropped while it was read (quarantined, evicted, replaced): not kept, since it would
+          // be served on after the drop; the callers that asked before still get what was there.
+          if ((this.drops.get(id) ?? 0) === drops && !this.loaded.has(id)) this.loaded.set(id, entry);
+          return entry;
+        })
+        .finally(() => {
+          if (this.loading.get(id) === started) this.loading.delete(id);
+        });
       this.loading.set(id, started);
       pending = started;
     }
     const entry = await pending;
-    // Dropped while it was read (quarantined, evicted, replaced): this caller asked before, so it
-    // gets what was there; kept, it would be served on after the drop.
     if ((this.drops.get(id) ?? 0) !== drops) return entry;
-    this.loaded.set(id, this.loaded.get(id) ?? entry);
-    return this.loaded.get(id)!;
+    return this.loaded.get(id) ?? entry;
   }
 
   /** Forget an entry's in-memory copy, and any load of it under way (it changed on disk). */
