@@ -26,7 +26,6 @@ import { build } from 'esbuild';
 import { mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
-import { BUNDLE_WRAPPER } from '../dist/src/code-cache.js';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const compiled = path.join(root, 'dist', 'src');
@@ -77,6 +76,12 @@ const coreFromCoreJs = (core) => ({
     b.onResolve({ filter: /^\.\.?\// }, (args) => (core.has(resolveFrom(args)) ? { path: './core.js', external: true } : undefined));
   },
 });
+
+// The wrapper commands.js is written in: the loader's own constant (tsc's output, which this
+// script runs after; typed here since dist/ does not exist when the code is linted).
+/** @type {unknown} */
+const codeCache = await import(pathToFileURL(path.join(compiled, 'code-cache.js')).href);
+const { BUNDLE_WRAPPER } = /** @type {{ BUNDLE_WRAPPER: { head: string; tail: string } }} */ (codeCache);
 
 await rm(outdir, { recursive: true, force: true });
 await mkdir(outdir, { recursive: true });
