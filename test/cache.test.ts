@@ -7,7 +7,8 @@ import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
-import { chmod, chown, mkdir, readdir, readFile, rm, stat, utimes, writeFile } from 'node:fs/promises';
+import { chmod, chown, copyFile, mkdir, readdir, readFile, rm, stat, symlink, utimes, writeFile } from 'node:fs/promises';
+import { createServer } from 'node:net';
 import path from 'node:path';
 import { KheadersError } from '../src/errors.js';
 import { createLogger } from '../src/log.js';
@@ -331,6 +332,45 @@ test('a FIFO in the place of `current` or sources.json is no pointer and no memo
   const r = spawnSync(process.execPath, ['--input-type=module', '-e', program, cacheDir], { encoding: 'utf8', timeout: 10_000 });
   assert.equal(r.status, 0, r.stderr || 'it hung');
   assert.deepEqual(JSON.parse(r.stdout), { current: null, recalled: null, listed: [a.id] });
+});
+
+test('a symbolic link, a socket or an oversized file in the place of `current` or sources.json is no pointer and no memory, never followed nor an error', async (t) => {
+  const dir = await tempDir(t);
+  const cacheDir = path.join(dir, 'cache');
+  const archive = await archiveFile(dir, '6.99.0-odd');
+  const a = (await run({ cacheDir, archive, setCurrent: true })).entry.manifest;
+  const store = await CacheStore.open(cacheDir);
+  const { recallArchive, rememberArchive } = await import('../src/store/source-memo.js');
+  const recordedKey = `file:${archive}`;
+  await rememberArchive(cacheDir, recordedKey, { digest: a.digest, total: null, source: `file:${archive}`, obtained: 'file', live: false, buildId: null });
+  const memo = path.join(cacheDir, 'sources.json');
+  assert.equal(await store.currentId(), a.id);
+  assert.equal((await recallArchive(cacheDir, recordedKey))?.digest, a.digest);
+  // Whole and valid copies elsewhere: a link to either was followed, and the read of a link may
+  // go anywhere, the daemon's own mount included (daemon.test), from the thread that answers it.
+  const [pointerCopy, memoCopy] = [path.join(dir, 'current.copy'), path.join(dir, 'sources.copy')];
+  await copyFile(path.join(cacheDir, 'current'), pointerCopy);
+  await copyFile(memo, memoCopy);
+  const replace = async (name: string, make: (file: string) => Promise<void>): Promise<void> => {
+    await rm(path.join(cacheDir, name), { force: true });
+    await make(path.join(cacheDir, name));
+  };
+  const socketAt = async (file: string): Promise<void> => {
+    const server = createServer();
+    await new Promise<void>((resolve) => server.listen(file, resolve));
+    t.after(() => new Promise<void>((resolve) => server.close(() => resolve())));
+  };
+  const oversized = async (file: string, content: string): Promise<void> => writeFile(file, content + '\n'.repeat(2 << 20));
+  for (const [what, pointer, memoFile] of [
+    ['a symbolic link', (f: string) => symlink(pointerCopy, f), (f: string) => symlink(memoCopy, f)],
+    ['a socket', socketAt, socketAt],
+    ['an oversized file', async (f: string) => oversized(f, await readFile(pointerCopy, 'utf8')), async (f: string) => oversized(f, await readFile(memoCopy, 'utf8'))],
+  ] as const) {
+    await replace('current', pointer);
+    await replace('sources.json', memoFile);
+    assert.equal(await store.currentId(), null, `current as ${what}`);
+    assert.equal(await recallArchive(cacheDir, recordedKey), undefined, `sources.json as ${what}`);
+  }
 });
 
 test('`current` belongs to the boot that chose it: after a reboot it names nothing until this boot chooses', async (t) => {

@@ -4,7 +4,7 @@
  * SIGTERM must unmount and exit 0. Every access to the mount is async (the daemon is another
  * process, but a hung mount must fail the test, not hang it).
  */
-import { open, readFile, readlink, rename, stat, writeFile, type FileHandle } from 'node:fs/promises';
+import { open, readFile, readlink, rename, rm, stat, symlink, writeFile, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -76,6 +76,42 @@ test('serve: mount + HTTP, SIGHUP follows a kernel swap, open files keep reading
     await stat(mnt); // the mount point is a plain directory again (no ENOTCONN)
   } finally {
     await held?.close().catch(() => {});
+    await d.stop();
+    await unmountIfLeft(mnt);
+  }
+});
+
+test("serve: a symlink in the place of the cache's small files never leads its synchronous reads into its own mount", async (t) => {
+  const skip = await fuseDeviceSkipReason();
+  if (skip) return t.skip(skip);
+  const dir = await tempDir(t, 'kheadersd-daemon-');
+  const cache = path.join(dir, 'cache');
+  const mnt = path.join(dir, 'mnt');
+  const archive = path.join(dir, 'kernel.tar.xz');
+  await writeFile(archive, await goodArchive('6.93.0-links', 'links'));
+  const d = startServe(t, ['--archive', archive, '--cache-dir', cache, '--mount', mnt, '--http', '127.0.0.1:0', '--btf', 'off', '--log-level', 'info']);
+  try {
+    const url = String((await d.waitFor((l) => l.msg === 'HTTP listening', 'HTTP to listen')).url);
+    await d.waitFor((l) => l.msg === 'mounted', 'the mount');
+    const { digest } = (await (await fetch(`${url}/v1/kernels/current`)).json()) as { digest: string };
+    // current and sources.json are read with synchronous calls, on the thread that answers the
+    // mount: each points in turn at a file of the mount nobody has read yet (its READ would
+    // need this daemon's own answer), and a SIGHUP makes the daemon read it. Followed, the
+    // daemon hangs for good (a SIGTERM does not end it); refused, it is no pointer, no memory.
+    for (const [name, target] of [
+      ['sources.json', 'include/linux/types.h'],
+      ['current', 'include/linux/sched.h'],
+    ] as const) {
+      await rm(path.join(cache, name), { force: true });
+      await symlink(path.join(mnt, 'by-digest', digest, target), path.join(cache, name));
+      const served = d.logs.filter((l) => l.msg === 'serving').length;
+      d.child.kill('SIGHUP');
+      await d.waitFor(() => d.logs.filter((l) => l.msg === 'serving').length > served, `the refresh with ${name} a link into the mount to end (hung on its own mount?)`, 15_000);
+      assert.equal((await fetch(`${url}/readyz`, { signal: AbortSignal.timeout(5_000) })).status, 200);
+    }
+    d.child.kill('SIGTERM');
+    assert.equal(await d.exited, 0);
+  } finally {
     await d.stop();
     await unmountIfLeft(mnt);
   }

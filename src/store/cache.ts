@@ -59,6 +59,9 @@ export function parseCurrentPointer(text: string): CurrentPointer | null {
   return { id, bootId: field('boot') ?? null, reused: field('reused') === '1' };
 }
 
+/** Far above any pointer formatCurrentPointer writes (an id, a boot id, a flag). */
+const MAX_POINTER_BYTES = 1024;
+
 export function formatCurrentPointer(p: CurrentPointer): string {
   return `${p.id}\n${p.bootId !== null ? `boot=${p.bootId}\n` : ''}${p.reused ? 'reused=1\n' : ''}`;
 }
@@ -354,8 +357,9 @@ export class CacheStore {
   async currentPointer(): Promise<CurrentPointer | null> {
     let text: string;
     try {
-      // A start reads it three times (small-file.ts). Not a regular file: no pointer, as EISDIR.
-      const bytes = readRegularFileSync(path.join(this.dir, 'current'));
+      // A start reads it three times (small-file.ts). Not a regular file (a link, a FIFO), or one
+      // longer than any pointer: no pointer, as EISDIR.
+      const bytes = readRegularFileSync(path.join(this.dir, 'current'), MAX_POINTER_BYTES);
       if (bytes === undefined) return null;
       text = bytes.toString('utf8');
     } catch (err) {
@@ -363,7 +367,7 @@ export class CacheStore {
       if (errnoOf(err) === 'ENOENT' || errnoOf(err) === 'EISDIR') return null;
       throw unreadableCache(path.join(this.dir, 'current'), err) ?? err;
     }
-    const pointer = text.length > 1024 ? null : parseCurrentPointer(text);
+    const pointer = parseCurrentPointer(text);
     return pointer !== null && pointer.bootId === this.bootId ? pointer : null;
   }
 

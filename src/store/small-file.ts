@@ -2,16 +2,36 @@
  * A small file of the cache directory (the `current` pointer, sources.json), read whole with
  * synchronous calls: the cache directory is never the mount, and as promises each read was four
  * or five thread-pool round trips, which cost a start more than the reads (see entry-load.ts).
- * Opened O_NONBLOCK and checked on the open descriptor, so that a FIFO or a device put in the
- * file's place is refused at once instead of hanging the thread that serves.
+ *
+ * Synchronous, the read runs on the thread that answers the daemon's own FUSE mount, so nothing
+ * put in the file's place may make it wait: O_NONBLOCK, so that a FIFO is refused at once;
+ * O_NOFOLLOW, since a symbolic link may point into the mount, whose answer this thread would
+ * wait for itself, for good (seen: a `current` linked to a header of the mount hung the daemon
+ * at the next SIGHUP, past a SIGTERM); a bound on the size, checked on the open descriptor
+ * before anything is read. None of these is ever written here (each is a regular file renamed
+ * in): what is not is no file, as the callers' damage rules already say.
  */
 import { closeSync, constants, fstatSync, openSync, readFileSync } from 'node:fs';
+import { errnoOf } from '../errors.js';
 
-/** The file's bytes; undefined when it is there but is not a regular file. Throws what open(2) throws (ENOENT, ...). */
-export function readRegularFileSync(file: string): Buffer | undefined {
-  const fd = openSync(file, constants.O_RDONLY | constants.O_NONBLOCK);
+/** What open(2) answers for a name that is there but is no regular file it may read (a symlink, a socket, a device without its driver). */
+const NOT_A_FILE = new Set(['ELOOP', 'ENXIO', 'ENODEV', 'EISDIR']);
+
+/**
+ * The file's bytes; undefined when it is there but is not a regular file of at most `maxBytes`.
+ * Throws what open(2) throws otherwise (ENOENT, EACCES, ...).
+ */
+export function readRegularFileSync(file: string, maxBytes: number): Buffer | undefined {
+  let fd: number;
   try {
-    return fstatSync(fd).isFile() ? readFileSync(fd) : undefined;
+    fd = openSync(file, constants.O_RDONLY | constants.O_NONBLOCK | constants.O_NOFOLLOW);
+  } catch (err) {
+    if (NOT_A_FILE.has(errnoOf(err) ?? '')) return undefined;
+    throw err;
+  }
+  try {
+    const st = fstatSync(fd);
+    return st.isFile() && st.size <= maxBytes ? readFileSync(fd) : undefined;
   } finally {
     closeSync(fd);
   }

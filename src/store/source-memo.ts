@@ -18,6 +18,8 @@ export const SOURCE_MEMO_FILE = 'sources.json';
 const FORMAT = 1;
 /** Sources remembered (the newest): a device has one kernel at a time, a test host a few. */
 const KEEP = 16;
+/** Far above what KEEP records take (~0.5 KiB each): a bigger file is not one this code wrote. */
+const MAX_MEMO_BYTES = 1 << 20;
 
 /**
  * What an archive's source is known to hold: an ArchiveSource without its bytes and its module
@@ -71,7 +73,7 @@ function validRecord(r: unknown): r is MemoRecord {
 
 async function readRecords(cacheDir: string): Promise<MemoRecord[]> {
   try {
-    const bytes = readRegularFileSync(path.join(cacheDir, SOURCE_MEMO_FILE));
+    const bytes = readRegularFileSync(path.join(cacheDir, SOURCE_MEMO_FILE), MAX_MEMO_BYTES);
     if (bytes === undefined) return [];
     const parsed = JSON.parse(bytes.toString('utf8')) as { format?: unknown; sources?: unknown };
     if (parsed.format !== FORMAT || !Array.isArray(parsed.sources)) return [];
