@@ -109,6 +109,22 @@ test("serve: a symlink in the place of the cache's small files never leads its s
       await d.waitFor(() => d.logs.filter((l) => l.msg === 'serving').length > served, `the refresh with ${name} a link into the mount to end (hung on its own mount?)`, 15_000);
       assert.equal((await fetch(`${url}/readyz`, { signal: AbortSignal.timeout(5_000) })).status, 200);
     }
+    // entries/ itself a link to a directory of the mount nobody has listed: the listing would
+    // wait for this daemon. Refused (E_CACHE_UNSAFE, said), what was published is still served,
+    // and once entries/ is a directory again the next SIGHUP serves it: a refresh that failed to
+    // publish does not end every later one.
+    const entries = path.join(cache, 'entries');
+    await rename(entries, `${entries}.real`);
+    await symlink(path.join(mnt, 'by-digest', digest, 'include', 'linux'), entries);
+    const failed = d.logs.length;
+    d.child.kill('SIGHUP');
+    await d.waitFor(() => d.logs.slice(failed).some((l) => l.code === 'E_CACHE_UNSAFE' && typeof l.msg === 'string' && l.msg.startsWith('cannot read the cache')), 'the refresh with entries/ a link into the mount to fail (hung on its own mount?)', 15_000);
+    assert.equal((await fetch(`${url}/readyz`, { signal: AbortSignal.timeout(5_000) })).status, 200);
+    await rm(entries);
+    await rename(`${entries}.real`, entries);
+    const served = d.logs.filter((l) => l.msg === 'serving').length;
+    d.child.kill('SIGHUP');
+    await d.waitFor(() => d.logs.filter((l) => l.msg === 'serving').length > served, 'a SIGHUP after the failed one to serve again', 15_000);
     d.child.kill('SIGTERM');
     assert.equal(await d.exited, 0);
   } finally {

@@ -211,6 +211,19 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
     log.info({ current }, 'serving');
   };
 
+  /**
+   * publish() after a refresh or a repair. Its failure (the cache unreadable, entries/ not a
+   * directory) is said and leaves what was published served: thrown, it rejected `refreshing`,
+   * which every later SIGHUP and repair is chained on, so none of them ever ran again.
+   */
+  const publishOrSay = async (): Promise<void> => {
+    try {
+      await publish();
+    } catch (err) {
+      log.error({ code: isKheadersError(err) ? err.code : 'E_INTERNAL' }, `cannot read the cache, still serving what was published: ${(err as Error).message}`);
+    }
+  };
+
   const ingestNow = async (reason: string): Promise<void> => {
     const started = new Date().toISOString();
     try {
@@ -241,7 +254,7 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
         if (cancel.signal.aborted) return log.info({ reason }, 'ingest stopped: the daemon is stopping');
         log.error({ reason, code: isKheadersError(err) ? err.code : 'E_INTERNAL' }, `ingest failed, still serving the last good entry: ${(err as Error).message}`);
       }
-      await publish();
+      await publishOrSay();
     });
     return refreshing;
   };
@@ -273,7 +286,7 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
         if (cancel.signal.aborted) return log.info('ingest stopped: the daemon is stopping');
         log.error({ code: isKheadersError(err) ? err.code : 'E_INTERNAL' }, `ingest after a repair failed, still serving what is intact: ${(err as Error).message}`);
       }
-      await publish();
+      await publishOrSay();
     });
   };
   store.onDamage((err, manifest) => {

@@ -22,7 +22,7 @@ import { KheadersError, errnoOf } from '../errors.js';
 import { cacheDirProblem, unreadableCache } from './cache-dir.js';
 import { readBootId } from '../source/boot.js';
 import { readLiveBuildId } from '../source/notes.js';
-import { isDamage, loadEntry, loadManifest, openEntryLazily } from './entry-load.js';
+import { entriesDirPresent, isDamage, loadEntry, loadManifest, openEntryLazily } from './entry-load.js';
 import { parseEntryId, type CacheEntry, type Manifest } from './entry.js';
 import { readRegularFileSync } from './small-file.js';
 import { withLock } from './lock.js';
@@ -175,7 +175,8 @@ export class CacheStore {
   /** Names under entries/ that are entry ids (`<release>~<digest>`); anything else is not ours. */
   async entryIds(): Promise<string[]> {
     try {
-      // Synchronous, as the reads of manifests (entry-load.ts): a directory of the cache, never of the mount.
+      // Synchronous, as the reads of manifests (entry-load.ts), and so only through a real directory.
+      if (!entriesDirPresent(this.entriesDir)) return [];
       return readdirSync(this.entriesDir).filter((n) => parseEntryId(n) !== undefined);
     } catch (err) {
       if (errnoOf(err) === 'ENOENT') return [];

@@ -45,8 +45,30 @@ export function isDamage(err: unknown): err is KheadersError {
 // each read was five thread-pool round trips (lstat, open, fstat, read, close), which cost more
 // than the reads: ~0.3 ms each against ~0.06 ms (warm), and more in a cold start.
 
+/**
+ * Whether entries/ is there; a symbolic link or anything else in its place is E_CACHE_UNSAFE.
+ * Checked before every synchronous call that goes through it: those run on the thread that
+ * answers the daemon's own mount, and a link may lead into the mount, where that thread would
+ * wait for its own answer for good (the calls below refuse links only as their last component).
+ */
+export function entriesDirPresent(entriesDir: string): boolean {
+  let st;
+  try {
+    st = lstatSync(entriesDir);
+  } catch (err) {
+    if (errnoOf(err) === 'ENOENT') return false;
+    throw err;
+  }
+  if (!st.isDirectory()) {
+    const what = st.isSymbolicLink() ? 'a symbolic link' : 'not a directory';
+    throw new KheadersError('E_CACHE_UNSAFE', `${entriesDir} is ${what}: the cache's entries are read from a real directory only; fix with: mv ${entriesDir} elsewhere and make it a directory`, { dir: entriesDir });
+  }
+  return true;
+}
+
 /** The entry directory `entries/<id>`, which must be a real directory. */
 function entryDir(entriesDir: string, id: string): string {
+  if (!entriesDirPresent(entriesDir)) throw new KheadersError('E_NOT_FOUND', `no cache entry ${id}`, { id });
   const dir = path.join(entriesDir, id);
   let st;
   try {
