@@ -7,9 +7,11 @@
  * reason, kept bounded) and rebuilt from its own archive, and `serve` starts whatever is on disk.
  */
 import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
 import { mkdir, readFile, readdir, rm, stat, truncate, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
+import { promisify } from 'node:util';
 import { CacheStore } from '../src/store/cache.js';
 import { dataLocation, INDEX_FILE, MANIFEST_FILE, PACK_FILE } from '../src/store/entry.js';
 import { QUARANTINE_KEEP } from '../src/store/quarantine.js';
@@ -171,6 +173,25 @@ test('manifest.json truncated: ls shows it damaged, and ingesting the archive ag
   assert.equal(cat.stdout, SCHED_BYTES.toString());
   const [q] = await quarantineNames(c.cacheDir);
   assert.match((await reasonOf(c.cacheDir, q!)).reason, /manifest\.json is not valid JSON/);
+});
+
+test('a socket in the place of manifest.json or index.bin is damage like any other: ls shows it, ingest rebuilds it, no internal error', async (t) => {
+  for (const name of [MANIFEST_FILE, INDEX_FILE]) {
+    const c = await cached(t, `6.77.4-socket${name === MANIFEST_FILE ? 'm' : 'i'}`);
+    const file = path.join(c.entryDir, name);
+    await rm(file);
+    // A socket file outlives the process that bound it (open(2) on it fails with ENXIO). Bound
+    // by its name in the entry's directory: the whole path is longer than a socket address takes.
+    await promisify(execFile)(process.execPath, ['-e', 'require("node:net").createServer().listen(process.argv[1], () => process.exit(0))', name], { cwd: c.entryDir });
+    assert.ok((await stat(file)).isSocket());
+    const ls = await runCli(['ls', '--cache-dir', c.cacheDir]);
+    assert.equal(ls.code, 0, `${name}: ${ls.stderr}`);
+    assert.match(ls.stdout, new RegExp(`${name.replace('.', '\\.')} is not a regular file`), `${name}: ls shows the entry damaged`);
+    const r = await runCli(['ingest', '--archive', c.archive, '--release', c.release, '--cache-dir', c.cacheDir, '--btf', 'off', '--json']);
+    assert.equal(r.code, 0, `${name}: ingest: ${r.stderr}`);
+    assert.equal(hasStackTrace(r.stderr), false);
+    assert.equal((await runCli(['cat', c.release, SCHED, '--cache-dir', c.cacheDir])).stdout, SCHED_BYTES.toString());
+  }
 });
 
 // ---- serve starts whatever is on disk ----------------------------------------------------------

@@ -96,6 +96,8 @@ function openProblem(id: string, name: string, file: string, err: unknown): unkn
   if (code === 'ENOENT') return damaged(id, `${name} is missing`, { file: name });
   if (code === 'ELOOP') return damaged(id, `${name} is a symbolic link`, { file: name });
   if (code === 'EIO') return damaged(id, `${name} cannot be read (EIO)`, { file: name });
+  // A socket (or a device with no driver) in the file's place: open(2) refuses it before fstat could.
+  if (code === 'ENXIO' || code === 'ENODEV') return damaged(id, `${name} is not a regular file`, { file: name });
   return unreadableCache(file, err) ?? err;
 }
 
