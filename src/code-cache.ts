@@ -84,6 +84,8 @@ export async function runBundle(file: string, cacheDir: string | undefined): Pro
   run.call(module.exports, module.exports, createRequire(file), module, file, path.dirname(file));
   module.loaded = true;
   const why = state === 'rejected' ? 'V8 refused it (another node or other V8 flags)' : found.why;
+  /** The save under way: the next waits for it, since both write the same temporary file, and a save's sweep removes another's. */
+  let saving: Promise<unknown> = Promise.resolve();
   return {
     exports: module.exports,
     state,
@@ -91,7 +93,10 @@ export async function runBundle(file: string, cacheDir: string | undefined): Pro
     why,
     save: () => {
       if (cacheFile === undefined || state === 'used') return Promise.resolve(false);
-      return writeCodeCache(cacheFile, script.createCachedData(), path.basename(file, '.js')).then(() => true);
+      const data = script.createCachedData(); // now, whatever the flags are by the time it is written
+      const saved = saving.then(() => writeCodeCache(cacheFile, data, path.basename(file, '.js'))).then(() => true);
+      saving = saved.catch(() => undefined);
+      return saved;
     },
   };
 }

@@ -230,6 +230,33 @@ test('a process that exits while it saves (serve stopped just after ready) leave
   assert.deepEqual(await readdir(codeDir), [], 'a half-written file was left');
 });
 
+test('saves asked for at once are written in turn: each is kept, with one exit listener at a time (no MaxListenersExceededWarning)', async (t) => {
+  const { file, cacheDir } = await bundleFile(t, 'a');
+  // In a child: the warning is the process's, and its exit listeners are what is counted.
+  const program = `
+    const { runBundle } = await import(${JSON.stringify(CODE_CACHE)});
+    const warnings = [];
+    process.on('warning', (w) => warnings.push(w.name));
+    const r = await runBundle(process.argv[1], process.argv[2]);
+    const before = process.listenerCount('exit');
+    let most = 0;
+    const saves = Array.from({ length: 12 }, () => r.save());
+    const count = setInterval(() => (most = Math.max(most, process.listenerCount('exit') - before)), 0);
+    const outcomes = await Promise.allSettled(saves);
+    clearInterval(count);
+    await new Promise((resolve) => setImmediate(resolve)); // a warning is emitted on the next tick
+    process.stdout.write(JSON.stringify({ outcomes: outcomes.map((o) => o.status === 'fulfilled' ? o.value : String(o.reason)), warnings, most, after: process.listenerCount('exit') - before }));`;
+  const { stdout } = await promisify(execFile)(process.execPath, ['--input-type=module', '-e', program, file, cacheDir], { encoding: 'utf8' });
+  const got = JSON.parse(stdout) as { outcomes: unknown[]; warnings: string[]; most: number; after: number };
+  assert.deepEqual(got.outcomes, Array.from({ length: 12 }, () => true));
+  assert.deepEqual(got.warnings, []);
+  assert.ok(got.most <= 1, `${got.most} exit listeners at once`);
+  assert.equal(got.after, 0);
+  const names = await readdir(path.join(cacheDir, CODE_DIR));
+  assert.equal(names.length, 1, names.join(' '));
+  assert.match(names[0]!, /\.v8$/);
+});
+
 test('a disk that fills up during the save keeps no torn file: the save fails and says so, and the next start compiles', async (t) => {
   const { file, cacheDir, cacheFile } = await primed(t);
   const whole = (await readFile(cacheFile)).length;
