@@ -15,7 +15,7 @@ import { promisify } from 'node:util';
 import { CacheStore } from '../src/store/cache.js';
 import { dataLocation, INDEX_FILE, MANIFEST_FILE, PACK_FILE } from '../src/store/entry.js';
 import { QUARANTINE_KEEP } from '../src/store/quarantine.js';
-import { CLI, goodTree, hasStackTrace, makeTar, runCli, runProcess, tempDir, textLike, xz, type RunResult, type SynthEntry } from './helpers/archives.js';
+import { CLI, REPO_ROOT, goodTree, hasStackTrace, makeTar, runCli, runProcess, tempDir, textLike, xz, type RunResult, type SynthEntry } from './helpers/archives.js';
 import { BtfBuilder } from './helpers/btf-builder.js';
 import { fuseSkipReason } from './helpers/fuse-env.js';
 import { withBlobName } from './helpers/index-patch.js';
@@ -207,6 +207,25 @@ test('an entry file another user may not read is damage to that user (EACCES), n
   assert.equal(code, 0, stderr);
   assert.match(stdout, /manifest\.json cannot be read \(EACCES\)/);
   assert.equal(hasStackTrace(stderr), false);
+});
+
+test('an index.bin whose header does not describe its size is refused on its header, not read whole first (a sparse 500 MiB one)', async (t) => {
+  const c = await cached(t, '6.77.6-sparse');
+  const index = path.join(c.entryDir, INDEX_FILE);
+  const size = (await stat(index)).size;
+  await truncate(index, 500 * 1024 * 1024); // sparse: costs no disk, but a read of it is 500 MiB of zeros
+  // In a child, whose peak memory is its own: the read is synchronous, on the thread that answers the mount.
+  const program = `
+    const { CacheStore } = await import(${JSON.stringify(path.join(REPO_ROOT, 'dist/src/store/cache.js'))});
+    const store = await CacheStore.open(process.argv[1]);
+    const before = process.resourceUsage().maxRSS;
+    const { damaged } = await store.scan();
+    process.stdout.write(JSON.stringify({ messages: damaged.map((d) => d.error.message), grewKiB: process.resourceUsage().maxRSS - before }));`;
+  const { stdout } = await promisify(execFile)(process.execPath, ['--input-type=module', '-e', program, c.cacheDir], { encoding: 'utf8' });
+  const got = JSON.parse(stdout) as { messages: string[]; grewKiB: number };
+  assert.equal(got.messages.length, 1);
+  assert.match(got.messages[0]!, new RegExp(`index\\.bin: it is ${500 * 1024 * 1024} bytes, but its header describes ${size}`));
+  assert.ok(got.grewKiB < 100 * 1024, `reading it took ${Math.round(got.grewKiB / 1024)} MiB more`);
 });
 
 // ---- serve starts whatever is on disk ----------------------------------------------------------

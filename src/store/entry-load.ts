@@ -103,19 +103,29 @@ function openProblem(id: string, name: string, file: string, err: unknown): unkn
   return unreadableCache(file, err) ?? err;
 }
 
-/** A file of the entry, whole: a regular file of at most `max` bytes. */
-function readSmall(id: string, dir: string, name: string, max: number): Buffer {
+/**
+ * A file of the entry, whole: a regular file of at most `max` bytes. `head`: its first
+ * `head.bytes` are read and checked first (on a buffer of the whole file's length), so that a
+ * file refused on them is not read whole, on the thread that answers the mount.
+ */
+function readSmall(id: string, dir: string, name: string, max: number, head?: { bytes: number; check(buf: Buffer): void }): Buffer {
   const fd = openEntryFile(id, dir, name);
   try {
     const st = fstatSync(fd);
     if (!st.isFile()) throw damaged(id, `${name} is not a regular file`, { file: name });
     if (st.size > max) throw damaged(id, `${name} is ${st.size} bytes, more than any entry has`, { file: name });
     const buf = Buffer.allocUnsafeSlow(st.size); // its own memory: the index keeps it
-    for (let got = 0; got < buf.length; ) {
-      const n = readSync(fd, buf, got, buf.length - got, got);
-      if (n === 0) throw damaged(id, `${name} shrank while it was read`, { file: name });
-      got += n;
-    }
+    const readTo = (from: number, to: number): void => {
+      for (let got = from; got < to; ) {
+        const n = readSync(fd, buf, got, to - got, got);
+        if (n === 0) throw damaged(id, `${name} shrank while it was read`, { file: name });
+        got += n;
+      }
+    };
+    const first = head !== undefined && st.size >= head.bytes ? head.bytes : 0;
+    readTo(0, first);
+    if (first > 0) head!.check(buf);
+    readTo(first, buf.length);
     return buf;
   } finally {
     closeSync(fd);
@@ -168,7 +178,8 @@ export async function loadEntry(entriesDir: string, id: string, onDamage?: Damag
   const dir = path.join(entriesDir, id);
   let index: TreeIndex;
   try {
-    const buf = readSmall(id, dir, INDEX_FILE, MAX_INDEX_BYTES);
+    // A sparse index.bin of 511 MiB whose header says 1 KiB was read whole before it was refused: 2.6 s on that thread.
+    const buf = readSmall(id, dir, INDEX_FILE, MAX_INDEX_BYTES, { bytes: HEADER_BYTES, check: (b) => TreeIndex.checkHeader(b, { packBytes: manifest.packBytes }) });
     index = TreeIndex.decode(buf, { packBytes: manifest.packBytes, checksum: readVerificationEnabled() });
   } catch (err) {
     throw indexDamage(id, err);

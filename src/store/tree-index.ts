@@ -268,6 +268,15 @@ export class TreeIndex {
   }
 
   /**
+   * The checks of decode() that need only the header, on a buffer of the file's length of which
+   * only the header has been read: a file whose header is wrong is refused before the rest (up
+   * to 512 MiB, a sparse file say) is read.
+   */
+  static checkHeader(buf: Buffer, expect: { packBytes: number }): void {
+    readLayout(new MemoryView(buf), expect.packBytes);
+  }
+
+  /**
    * An index used in place through `view` (e.g. a FileView over index.bin), loading only the
    * records a lookup touches; each is validated when first touched. The checksum is the
    * caller's to verify (streaming, see verifyIndexChecksum in the loader).
