@@ -228,6 +228,16 @@ test('an index.bin whose header does not describe its size is refused on its hea
   assert.ok(got.grewKiB < 100 * 1024, `reading it took ${Math.round(got.grewKiB / 1024)} MiB more`);
 });
 
+test('a FIFO in the place of index.bin is damage to cat (which reads the index in place), at once', async (t) => {
+  const c = await cached(t, '6.77.7-fifo');
+  const index = path.join(c.entryDir, INDEX_FILE);
+  await rm(index);
+  await promisify(execFile)('mkfifo', [index]);
+  const r = await runCli(['cat', c.release, SCHED, '--cache-dir', c.cacheDir], { timeoutMs: 15_000 });
+  assert.notEqual(r.signal, 'SIGTERM', 'cat hung on the FIFO');
+  assertNamesTheDamage(r, c, /index\.bin/, 'cat');
+});
+
 // ---- serve starts whatever is on disk ----------------------------------------------------------
 
 test('serve starts over a cache of damaged, outdated and dangling entries, serves them rebuilt, and keeps only the newest quarantined copies', async (t) => {

@@ -201,7 +201,8 @@ export async function openEntryLazily(entriesDir: string, id: string, onDamage?:
   const manifest = await loadManifest(entriesDir, id);
   const dir = path.join(entriesDir, id);
   // A FileHandle: the index is read in place, page by page, for as long as the entry is open.
-  const fh = await open(entryFile(dir, INDEX_FILE), fsc.O_RDONLY | fsc.O_NOFOLLOW).catch((err: unknown) => {
+  // O_NONBLOCK as openEntryFile's: a FIFO in its place held `cat` on the open for good.
+  const fh = await open(entryFile(dir, INDEX_FILE), fsc.O_RDONLY | fsc.O_NOFOLLOW | fsc.O_NONBLOCK).catch((err: unknown) => {
     throw openProblem(id, INDEX_FILE, entryFile(dir, INDEX_FILE), err);
   });
   try {
