@@ -95,9 +95,7 @@ function openProblem(id: string, name: string, file: string, err: unknown): unkn
   const code = errnoOf(err);
   if (code === 'ENOENT') return damaged(id, `${name} is missing`, { file: name });
   if (code === 'ELOOP') return damaged(id, `${name} is a symbolic link`, { file: name });
-  // EACCES/EPERM too: ingest makes every file of an entry 0644 whatever the umask, so one this
-  // user may not read was changed since, and is of no use to it (serve, as the cache's owner, repairs it).
-  if (code === 'EIO' || code === 'EACCES' || code === 'EPERM') return damaged(id, `${name} cannot be read (${code})`, { file: name });
+  if (code === 'EIO') return damaged(id, `${name} cannot be read (EIO)`, { file: name });
   // A socket (or a device with no driver) in the file's place: open(2) refuses it before fstat could.
   if (code === 'ENXIO' || code === 'ENODEV') return damaged(id, `${name} is not a regular file`, { file: name });
   return unreadableCache(file, err) ?? err;

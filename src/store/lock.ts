@@ -35,10 +35,13 @@ export interface LockOptions {
 // directory (never of the mount), and as promises an uncontended lock and its release took ~16
 // thread-pool round trips, each costing more than its call (see small-file.ts).
 
+/** Far above a lock's content (a pid and a start time) and a /proc/<pid>/stat (which says it has 0 bytes). */
+const LOCK_MAX_BYTES = 4096;
+
 /** A lock file's content; undefined when it is gone (or is not a regular file). */
 function readLock(file: string): string | undefined {
   try {
-    return readRegularFileSync(file)?.toString('utf8');
+    return readRegularFileSync(file, LOCK_MAX_BYTES)?.toString('utf8');
   } catch {
     return undefined;
   }
@@ -54,7 +57,7 @@ function unlinkQuietly(file: string): void {
 
 async function processStartTime(pid: number): Promise<string> {
   try {
-    const procStat = readRegularFileSync(`/proc/${pid}/stat`)?.toString('utf8') ?? '';
+    const procStat = readRegularFileSync(`/proc/${pid}/stat`, LOCK_MAX_BYTES)?.toString('utf8') ?? '';
     // Field 22 (starttime) counts from after the parenthesised command name, which may hold spaces.
     return procStat.slice(procStat.lastIndexOf(')') + 2).split(' ')[19] ?? '';
   } catch {
