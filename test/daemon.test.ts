@@ -6,24 +6,36 @@
  */
 import { open, readFile, readlink, rename, rm, stat, symlink, writeFile, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { goodArchive, tempDir } from './helpers/archives.js';
 import { fuseDeviceSkipReason } from './helpers/fuse-env.js';
-import { pollUntil, startServe, unmountIfLeft } from './helpers/serve-child.js';
+import { pollUntil, startServe, unmountIfLeft, type Daemon } from './helpers/serve-child.js';
 
-test('serve: mount + HTTP, SIGHUP follows a kernel swap, open files keep reading, SIGTERM unmounts', async (t) => {
-  // serve's default backend as root is the kernel one: /dev/fuse and root, no libfuse.
+/**
+ * serve on a new cache of one generated archive, with a FUSE mount (serve's default backend as
+ * root is the kernel one: /dev/fuse and root, no libfuse) and HTTP; undefined when the test was
+ * skipped for want of FUSE. The archive names its release in include/generated/utsrelease.h, as
+ * the kernel's does.
+ */
+async function serveMounted(t: TestContext, release: string, salt: string): Promise<{ cache: string; mnt: string; archive: string; d: Daemon } | undefined> {
   const skip = await fuseDeviceSkipReason();
-  if (skip) return t.skip(skip);
+  if (skip) {
+    t.skip(skip);
+    return undefined;
+  }
   const dir = await tempDir(t, 'kheadersd-daemon-');
   const cache = path.join(dir, 'cache');
   const mnt = path.join(dir, 'mnt');
   const archive = path.join(dir, 'kernel.tar.xz');
-  await writeFile(archive, await goodArchive('6.90.0-old', 'old'));
+  await writeFile(archive, await goodArchive(release, salt));
+  return { cache, mnt, archive, d: startServe(t, ['--archive', archive, '--cache-dir', cache, '--mount', mnt, '--http', '127.0.0.1:0', '--btf', 'off', '--log-level', 'info']) };
+}
 
-  // The archive names its release in include/generated/utsrelease.h, as the kernel's does.
-  const d = startServe(t, ['--archive', archive, '--cache-dir', cache, '--mount', mnt, '--http', '127.0.0.1:0', '--btf', 'off', '--log-level', 'info']);
+test('serve: mount + HTTP, SIGHUP follows a kernel swap, open files keep reading, SIGTERM unmounts', async (t) => {
+  const served = await serveMounted(t, '6.90.0-old', 'old');
+  if (!served) return;
+  const { mnt, archive, d } = served;
   let held: FileHandle | undefined;
   // A failed assertion must end the file now, not at the runner's timeout: the file held open
   // on the mount, the daemon and the mount itself all go before the temp dir is removed.
@@ -82,14 +94,9 @@ test('serve: mount + HTTP, SIGHUP follows a kernel swap, open files keep reading
 });
 
 test("serve: a symlink in the place of the cache's small files never leads its synchronous reads into its own mount", async (t) => {
-  const skip = await fuseDeviceSkipReason();
-  if (skip) return t.skip(skip);
-  const dir = await tempDir(t, 'kheadersd-daemon-');
-  const cache = path.join(dir, 'cache');
-  const mnt = path.join(dir, 'mnt');
-  const archive = path.join(dir, 'kernel.tar.xz');
-  await writeFile(archive, await goodArchive('6.93.0-links', 'links'));
-  const d = startServe(t, ['--archive', archive, '--cache-dir', cache, '--mount', mnt, '--http', '127.0.0.1:0', '--btf', 'off', '--log-level', 'info']);
+  const served = await serveMounted(t, '6.93.0-links', 'links');
+  if (!served) return;
+  const { cache, mnt, d } = served;
   try {
     const url = String((await d.waitFor((l) => l.msg === 'HTTP listening', 'HTTP to listen')).url);
     await d.waitFor((l) => l.msg === 'mounted', 'the mount');
