@@ -4,12 +4,14 @@
  * and malformed input (short reads, bad lengths), which must be answered, never thrown.
  */
 import assert from 'node:assert/strict';
+import { mkdir, mkdtemp, rm, symlink, writeFile } from 'node:fs/promises';
 import os from 'node:os';
+import path from 'node:path';
 import { describe, test } from 'node:test';
 import { createLogger } from '../src/log.js';
 import { ROOT_INO, type FsAttr, type FsDirent, type FsInvalidation, type FsModel } from '../src/serve/fuse/fs-model.js';
 import type { FuseChannel } from '../src/serve/fuse/kernel/device.js';
-import { flavorFromVersion, mountArgs, mountOptionString } from '../src/serve/fuse/kernel/mount.js';
+import { detectMountFlavor, flavorFromBinary, flavorFromVersion, mountArgs, mountOptionString } from '../src/serve/fuse/kernel/mount.js';
 import {
   ATTR_OUT_SIZE,
   COMPAT_ENTRY_OUT_SIZE,
@@ -684,6 +686,47 @@ describe('mount command line', () => {
     assert.equal(flavorFromVersion('mount from util-linux 2.38.1 (libmount 2.38.1: selinux)'), 'util-linux');
     assert.equal(flavorFromVersion('toybox 0.8.9-android'), 'toybox');
     assert.equal(flavorFromVersion("mount: unrecognized option '--version'\nBusyBox v1.36.1"), 'busybox');
+  });
+  test('flavour from the binary itself, without running it', async (t) => {
+    const dir = await mkdtemp(path.join(os.tmpdir(), 'kh-flavor-'));
+    t.after(() => rm(dir, { recursive: true, force: true }));
+    const file = async (name: string, text: string, mode = 0o755): Promise<string> => {
+      await writeFile(path.join(dir, name), `\x7fELF\0\0${text}\0\0`, { mode });
+      return path.join(dir, name);
+    };
+    // Multi-call binaries by the name a link leads to (Android: /system/bin/mount -> toybox), whatever they hold.
+    await file('toybox', 'mount umount ls');
+    await symlink('toybox', path.join(dir, 'mount'));
+    assert.equal(await flavorFromBinary(path.join(dir, 'mount')), 'toybox');
+    await file('busybox', 'nothing to see');
+    await symlink('busybox', path.join(dir, 'bbmount'));
+    assert.equal(await flavorFromBinary(path.join(dir, 'bbmount')), 'busybox');
+    // Anything else by the one name its bytes hold.
+    assert.equal(await flavorFromBinary(await file('ul', 'usage: mount ... util-linux 2.38.1')), 'util-linux');
+    assert.equal(await flavorFromBinary(await file('bb', 'BusyBox v1.36.1 multi-call binary')), 'busybox');
+    // None, or more than one: undefined, and the caller asks --version.
+    assert.equal(await flavorFromBinary(await file('plain', 'mount from somewhere')), undefined);
+    assert.equal(await flavorFromBinary(await file('both', 'toybox, not util-linux')), undefined);
+    assert.equal(await flavorFromBinary(path.join(dir, 'missing')), undefined);
+    // A bare name is found on PATH, in PATH's order, as a child would find it.
+    const bin2 = path.join(dir, 'second');
+    await mkdir(bin2);
+    await writeFile(path.join(bin2, 'mymount'), 'util-linux', { mode: 0o755 });
+    await writeFile(path.join(dir, 'mymount'), 'toybox', { mode: 0o755 });
+    const saved = process.env['PATH'];
+    t.after(() => (process.env['PATH'] = saved));
+    process.env['PATH'] = `/nonexistent:${dir}:${bin2}`;
+    assert.equal(await flavorFromBinary('mymount'), 'toybox');
+    process.env['PATH'] = `${bin2}:${dir}`;
+    assert.equal(await flavorFromBinary('mymount'), 'util-linux');
+  });
+  test('detectMountFlavor knows this machine\'s mount without running it', async (t) => {
+    // The real `mount` here is util-linux's; what --version says and what the file says agree.
+    const { execFile } = await import('node:child_process');
+    const said = await new Promise<string>((resolve) => execFile('mount', ['--version'], (_e, out, err) => resolve(`${out}\n${err}`)));
+    if (!/util-linux/.test(said)) return t.skip('this machine\'s mount is not util-linux');
+    assert.equal(await flavorFromBinary('mount'), 'util-linux');
+    assert.equal(await detectMountFlavor('mount'), 'util-linux');
   });
 });
 

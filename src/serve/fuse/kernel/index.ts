@@ -14,7 +14,7 @@ import type { PrefetchStats } from '../prefetch.js';
 import type { FuseMount, FuseOpCounts, MountOptions } from '../types.js';
 import { within } from '../within.js';
 import { DevFuse, loopReaderAvailable, type DeviceEnd, type ReaderKind } from './device.js';
-import { mountFd, unmountPath, type MountFlavor } from './mount.js';
+import { detectMountFlavor, mountFd, unmountPath, type MountFlavor } from './mount.js';
 import { FUSE_MIN_READ_BUFFER } from './protocol.js';
 import { FuseSession, DEFAULT_SESSION_OPTIONS, type NegotiatedInit, type SessionOptions } from './session.js';
 
@@ -76,6 +76,9 @@ export async function mountKernel(opts: KernelMountOptions): Promise<KernelFuseM
   const devicePath = opts.devicePath ?? '/dev/fuse';
   const allowOther = opts.allowOther ?? true;
   await checkEnvironment(devicePath);
+  // Which `mount` this is is looked up while the mountpoint and the device are made ready.
+  // (It never rejects: a binary it cannot read is asked --version; one that cannot run is 'unknown', mounted as util-linux is.)
+  const flavor = opts.mountFlavor !== undefined ? Promise.resolve(opts.mountFlavor) : detectMountFlavor(opts.mountBin);
   const mountpoint = await prepareMountpoint(opts.mountpoint, log);
 
   const sessionOptions = { ...DEFAULT_SESSION_OPTIONS, ...opts.session };
@@ -111,7 +114,7 @@ export async function mountKernel(opts: KernelMountOptions): Promise<KernelFuseM
     // unattached descriptor (EPERM would end it), so it starts once mount(2) is done. The
     // kernel queues INIT at mount time and `mount` does not wait for it, so nothing is lost.
     if (reader === 'thread') startReader();
-    await mountFd(dev.fd, { mountpoint, allowOther, uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0, ...(opts.mountBin ? { mountBin: opts.mountBin } : {}), ...(opts.mountFlavor ? { flavor: opts.mountFlavor } : {}) }, log);
+    await mountFd(dev.fd, { mountpoint, allowOther, uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0, ...(opts.mountBin ? { mountBin: opts.mountBin } : {}), flavor: await flavor }, log);
     mounted = true;
     dev.mounted();
     if (reader === 'loop') {

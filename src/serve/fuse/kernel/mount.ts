@@ -9,6 +9,8 @@
  * thread answers the mount, so a synchronous child that touches it would never return.
  */
 import { execFile, spawn } from 'node:child_process';
+import { access, constants as fsConstants, readFile, realpath, stat } from 'node:fs/promises';
+import path from 'node:path';
 import { KheadersError } from '../../../errors.js';
 import type { Logger } from '../../../log.js';
 
@@ -40,10 +42,56 @@ export function flavorFromVersion(output: string): MountFlavor {
   return 'unknown';
 }
 
-export function detectMountFlavor(mountBin = 'mount'): Promise<MountFlavor> {
+/**
+ * Which `mount` this is, preferably without running it: a child costs every start a fork of the
+ * daemon and an exec before the mount can begin (~5 ms here, more on a phone). Multi-call
+ * binaries are known by the file a link leads to (Android's /system/bin/mount -> toybox), any
+ * other by the one name its bytes hold (util-linux's carries "util-linux <version>", the text
+ * --version prints). Only a binary that says none, or more than one, is asked `--version`.
+ */
+export async function detectMountFlavor(mountBin = 'mount'): Promise<MountFlavor> {
+  return (await flavorFromBinary(mountBin)) ?? askMountVersion(mountBin);
+}
+
+function askMountVersion(mountBin: string): Promise<MountFlavor> {
   return new Promise((resolve) => {
     execFile(mountBin, ['--version'], { timeout: CHILD_TIMEOUT_MS }, (_err, stdout, stderr) => resolve(flavorFromVersion(`${stdout}\n${stderr}`)));
   });
+}
+
+/** Beyond this a file is not a `mount` binary worth reading (toybox is ~1 MiB, busybox ~2). */
+const MAX_MOUNT_BINARY_BYTES = 8 * 1024 * 1024;
+const FLAVOR_MARKS: ReadonlyArray<[MountFlavor, string[]]> = [
+  ['util-linux', ['util-linux']],
+  ['toybox', ['toybox']],
+  ['busybox', ['BusyBox', 'busybox']],
+];
+
+/** The flavor the file itself shows, or undefined when it does not show exactly one. */
+export async function flavorFromBinary(mountBin: string): Promise<MountFlavor | undefined> {
+  const file = await onPath(mountBin);
+  if (file === undefined) return undefined;
+  try {
+    const real = await realpath(file);
+    const name = path.basename(real);
+    if (name === 'toybox' || name === 'busybox') return name;
+    const st = await stat(real);
+    if (!st.isFile() || st.size > MAX_MOUNT_BINARY_BYTES) return undefined;
+    const bytes = await readFile(real);
+    const shown = FLAVOR_MARKS.filter(([, marks]) => marks.some((m) => bytes.includes(m)));
+    return shown.length === 1 ? shown[0]![0] : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Where `cmd` is as a child would find it: itself when it names a path, else the first executable on PATH. */
+async function onPath(cmd: string): Promise<string | undefined> {
+  if (cmd.includes('/')) return cmd;
+  const candidates = (process.env['PATH'] ?? '').split(':').filter((dir) => dir !== '').map((dir) => path.join(dir, cmd));
+  // Probed at once (each a thread-pool round trip), the first in PATH's order wins.
+  const found = await Promise.all(candidates.map((file) => access(file, fsConstants.X_OK).then(() => true, () => false)));
+  return candidates[found.indexOf(true)];
 }
 
 /**
