@@ -19,7 +19,7 @@ import { CLI, REPO_ROOT, goodTree, hasStackTrace, makeTar, runCli, runProcess, t
 import { BtfBuilder } from './helpers/btf-builder.js';
 import { fuseSkipReason } from './helpers/fuse-env.js';
 import { withBlobName } from './helpers/index-patch.js';
-import { pollUntil, startServe, type Daemon } from './helpers/serve-child.js';
+import { pollUntil, repairedAndServed, startServe, type Daemon } from './helpers/serve-child.js';
 
 const SCHED = 'include/linux/sched.h';
 const SCHED_BYTES = textLike(20_000, 42); // what goodTree puts there
@@ -244,6 +244,9 @@ test('serve starts over a cache of damaged, outdated and dangling entries, serve
   const url = String((await d.waitFor((l) => l.msg === 'HTTP listening', 'HTTP to listen')).url);
   const ready = await fetch(`${url}/readyz`);
   assert.equal(ready.status, 200, await ready.text());
+  // HTTP answers once `current` is checked; the other entries are checked just after, and the
+  // damaged repaired then, in turn: served again once that repair has published them.
+  await repairedAndServed(d);
   for (const c of [...entries, manifestCut, old, live]) {
     const res = await fetch(`${url}/v1/kernels/${c.release}/files/${SCHED}`);
     assert.equal(res.status, 200, `${c.release}: ${res.status}`);

@@ -9,7 +9,10 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { readdir, writeFile } from 'node:fs/promises';
 import path from 'node:path';
+import { Writable } from 'node:stream';
 import { createLogger } from '../src/log.js';
+import { StopRequest, startDaemon } from '../src/commands/serve.js';
+import { resolveConfig } from '../src/config.js';
 import { readBounded } from '../src/source/locate.js';
 import { CacheStore } from '../src/store/cache.js';
 import { MANIFEST_FILE } from '../src/store/entry.js';
@@ -138,3 +141,48 @@ test('readBounded reads a file of known size in parts at once, byte for byte, wh
   await writer;
   assert.ok(got.equals(payload));
 });
+
+test('serve answers HTTP once `current` is checked; the other entries are checked next, before the start ends', async (t) => {
+  const dir = await tempDir(t);
+  const { cacheDir, ids } = await cacheOf(dir, ['6.90.1-other', '6.90.2-other', '6.90.3-now']);
+  const [first, second, now] = ids as [string, string, string];
+  // What each line says, and how many indexes had been checked when it was said.
+  const said: Array<{ msg: string; decodes: number }> = [];
+  let decodes = 0;
+  const lines = new Writable({
+    write(chunk: Buffer, _enc, done) {
+      for (const line of chunk.toString().split('\n').filter(Boolean)) said.push({ msg: (JSON.parse(line) as { msg: string }).msg, decodes });
+      done();
+    },
+  });
+  const { result: daemon } = await countingDecodesWith((n) => (decodes = n), async () => {
+    const cfg = resolveConfig({ flags: { cacheDir, archive: path.join(dir, '6.90.3-now.tar.xz'), release: '6.90.3-now', mount: 'off', http: '127.0.0.1:0', btf: 'off' }, env: {}, file: {}, fileName: 'none' });
+    return startDaemon(cfg, { stdout: process.stdout, stderr: process.stderr, log: createLogger('info', lines) }, new StopRequest());
+  });
+  t.after(() => daemon.stop());
+  assert.equal(daemon.state.currentId, now);
+  const listening = said.find((l) => l.msg === 'HTTP listening');
+  assert.ok(listening, `no "HTTP listening" line in ${JSON.stringify(said)}`);
+  assert.equal(listening.decodes, 1, 'HTTP waited for entries other than `current` to be checked');
+  assert.equal(decodes, 3, 'the start ended before every entry was checked');
+  // Each other entry was checked once, by the start, and HTTP serves it without another check.
+  const res = await fetch(`${daemon.httpUrl}/v1/kernels/6.90.1-other/files/`);
+  assert.equal(res.status, 200, await res.text());
+  assert.equal(decodes, 3);
+  assert.ok([first, second].every((id) => id !== daemon.state.currentId));
+});
+
+/** countingDecodes, reporting the count as it grows (to be read at a moment during `fn`). */
+async function countingDecodesWith<T>(onDecode: (n: number) => void, fn: () => Promise<T>): Promise<{ result: T; decodes: number }> {
+  const decode = TreeIndex.decode.bind(TreeIndex);
+  let decodes = 0;
+  TreeIndex.decode = (...args: Parameters<typeof TreeIndex.decode>) => {
+    onDecode(++decodes);
+    return decode(...args);
+  };
+  try {
+    return { result: await fn(), decodes };
+  } finally {
+    TreeIndex.decode = decode;
+  }
+}

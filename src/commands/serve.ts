@@ -3,8 +3,8 @@
  * FUSE mount until told to stop. Lifecycle only: what is served is the store's business, how it
  * is served belongs to serve/http and serve/fuse.
  *
- *   start ─ repair damaged entries ─ ingest (or reuse; a new entry is built in a child process) ─
- *     HTTP up ─ mount ─ ready (sd_notify)
+ *   start ─ ingest (or reuse, its entry checked; a new entry is built in a child process) ─
+ *     HTTP up ─ every other entry checked, the damaged repaired ─ mount ─ ready (sd_notify)
  *   SIGHUP ─ re-read the live kernel's release and archive digest; if new, ingest and flip `current`
  *   a read finds an entry's bytes wrong ─ that read fails (EIO / 500); the entry is moved to
  *     quarantine and rebuilt (from its archive, else the live source), then served again
@@ -14,8 +14,9 @@
  *     second signal, or a stop past STOP_DEADLINE_MS, removes the links, detaches the mount and
  *     exits 1 at once.
  *
- * Nothing on disk stops it from starting: damaged entries are quarantined and rebuilt before
- * the first ingest, and what is intact is served.
+ * Nothing on disk stops it from starting: the entry it serves is checked before HTTP answers (and
+ * rebuilt if damaged), every other just after (the damaged quarantined and rebuilt in turn), and
+ * what is intact is served.
  *
  * A mount that cannot be made is logged and reported by /readyz and `doctor`; HTTP keeps
  * working without it.
@@ -26,11 +27,11 @@ import type { Config } from '../config.js';
 import { KheadersError, errnoOf, isKheadersError } from '../errors.js';
 import { CacheStore } from '../store/cache.js';
 import { damageOf } from '../store/entry-load.js';
-import type { CacheEntry } from '../store/entry.js';
+import type { CacheEntry, Manifest } from '../store/entry.js';
 import type { HealReport, KnownDamage } from '../store/heal.js';
 import { Resolver } from '../store/resolve.js';
 import { readTokenFile } from '../token.js';
-import { matchRunning, readLiveKernel } from '../store/kernel-match.js';
+import { matchRunning, readLiveKernel, type LiveKernel } from '../store/kernel-match.js';
 import { MODULE_HEADERS_SUBDIR, ModuleHeaders } from '../store/module-btf.js';
 import { DaemonState } from '../serve/state.js';
 import { healWithConfig, ingestWithConfig, type CommandIO } from './store-commands.js';
@@ -160,6 +161,32 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
   /** What the last publish served, by id (to retire instances a repair replaced). */
   const published = new Map<string, CacheEntry>();
 
+  /**
+   * HTTP's view of the store, before the first publish(): which entry is `current` and which is
+   * the running kernel's, those two checked. HTTP reads every other entry through the store,
+   * checked when first asked for, so HTTP can answer (and /readyz say ready) before the start
+   * has checked them all; publish() does that next, before the mount shows any of them. An
+   * entry of the two that does not load is passed over, as publish() passes it over.
+   */
+  const publishForHttp = async (): Promise<void> => {
+    let candidates = await store.list();
+    live = await readLiveKernel({}, candidates);
+    state.live = live;
+    const pointer = await store.currentId();
+    for (;;) {
+      const serving = whatToServe(candidates, pointer, live);
+      const ids = [serving.currentId, serving.runningId].filter((id): id is string => id !== null);
+      const failed = (await Promise.all(ids.map((id) => store.load(id).then(() => null, () => id)))).find((id) => id !== null);
+      if (failed === undefined) {
+        state.currentId = serving.currentId;
+        state.runningId = serving.runningId;
+        state.ready = serving.currentId !== null;
+        return;
+      }
+      candidates = candidates.filter((m) => m.id !== failed);
+    }
+  };
+
   /** Bring the model and state up to date with the store (after any ingest or repair). */
   const publish = async (): Promise<void> => {
     const entries = await intactEntries();
@@ -168,17 +195,14 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
     state.live = live;
     const pointer = await store.currentId();
     // The same resolver decides `current` for FUSE (setEntries) and HTTP (state.currentId).
-    const current = new Resolver(
+    const { currentId: current, runningId } = whatToServe(
       entries.map((e) => e.manifest),
       pointer,
-      live.release,
-      live.buildId,
-    ).currentId;
+      live,
+    );
     state.currentId = current;
     state.ready = current !== null;
-    // The running kernel's entry: the current one if it is that, else any cached entry that is.
-    const running = entries.filter((e) => matchRunning(e.manifest, live).match === 'yes');
-    state.runningId = (running.find((e) => e.manifest.id === current) ?? running[0])?.manifest.id ?? null;
+    state.runningId = runningId;
     const currentEntry = entries.find((e) => e.manifest.id === current);
     if (currentEntry) {
       const m = matchRunning(currentEntry.manifest, live);
@@ -232,7 +256,9 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
       // Loaded only then: a start with its entry cached never spawns (nor loads child_process and readline).
       const buildElsewhere = async (): Promise<void> => (await import('./ingest-process.js')).ingestInChildProcess(cfg, io, process.execPath, cancel.signal);
       // The stop reaches a build made here too (no child could be started): it stops at its next step.
-      const result = await ingestWithConfig(cfg, io, { setCurrent: true, store, buildElsewhere, signal: cancel.signal });
+      // At the start, the entries other than the one served are checked by publish(), once HTTP is up.
+      const checkEntries = reason !== 'start';
+      const result = await ingestWithConfig(cfg, io, { setCurrent: true, store, buildElsewhere, signal: cancel.signal, checkEntries });
       counted(result.healed);
       state.lastIngest = { at: started, durationMs: result.durationMs, id: result.entry.manifest.id, reused: result.reused };
       state.lastIngestError = null;
@@ -348,15 +374,19 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
     const { IndexFsModel } = await serverModules.model;
     model = new IndexFsModel({ log, modules });
   }
-  await publish();
-  if (cancel.signal.aborted) return stoppedDuringStart();
-
   if (cfg.http && serverModules.http) {
+    // HTTP is up once `current` is checked: each other entry costs ~10 ms to check (its index),
+    // which HTTP's first requests need not wait for (see publishForHttp).
+    await publishForHttp();
+    if (cancel.signal.aborted) return stoppedDuringStart();
     const { startHttpServer } = await serverModules.http;
     const limits = { maxConnectionsPerClient: cfg.httpMaxConnectionsPerClient, headersTimeoutMs: cfg.httpHeadersTimeout * 1000, idleTimeoutMs: cfg.httpIdleTimeout * 1000 };
     // startHttpServer logs "HTTP listening" (url, token) itself.
     http = await startHttpServer({ listen: cfg.http, store, state, log, limits, modules, ...(token !== undefined ? { token } : {}) });
+    if (cancel.signal.aborted) return stoppedDuringStart();
   }
+  // Every entry checked (a damaged one sent to repair), the model given them all: before the mount.
+  await publish();
   if (cancel.signal.aborted) return stoppedDuringStart();
 
   if (cfg.mount && model) {
@@ -383,6 +413,17 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
   if (cancel.signal.aborted) return stoppedDuringStart();
   await (await serverModules.notify).notifyReady(log);
   return handle;
+}
+
+/**
+ * The entry `current` means (the pointer's, else the running kernel's newest) and the running
+ * kernel's own entry (the current one if it is that, else any that is), among `manifests`. One
+ * rule for FUSE (setEntries) and HTTP (state.currentId).
+ */
+function whatToServe(manifests: readonly Manifest[], pointer: string | null, live: LiveKernel): { currentId: string | null; runningId: string | null } {
+  const currentId = new Resolver(manifests, pointer, live.release, live.buildId).currentId;
+  const running = manifests.filter((m) => matchRunning(m, live).match === 'yes');
+  return { currentId, runningId: (running.find((m) => m.id === currentId) ?? running[0])?.id ?? null };
 }
 
 /** A promise awaited later: a rejection meanwhile is not unhandled (the await still throws it). */

@@ -40,8 +40,8 @@ function ingestOptions(cfg: Config, io: CommandIO, store?: CacheStore): IngestOp
  * what every writer does before it ingests, so nothing on disk can make it fail. `signal`: the
  * daemon's stop, which ends the repair (heal.ts says how) and rejects with the stop.
  */
-export async function healWithConfig(cfg: Config, io: CommandIO, known: readonly KnownDamage[] = [], store?: CacheStore, signal?: AbortSignal): Promise<HealReport> {
-  const report = await healCache({ ...ingestOptions(cfg, io, store), known, ...(signal ? { signal } : {}) });
+export async function healWithConfig(cfg: Config, io: CommandIO, known: readonly KnownDamage[] = [], store?: CacheStore, signal?: AbortSignal, checkEntries = true): Promise<HealReport> {
+  const report = await healCache({ ...ingestOptions(cfg, io, store), known, checkEntries, ...(signal ? { signal } : {}) });
   const summary = describeHeal(report);
   if (summary !== undefined) io.log.warn({ quarantined: report.quarantined.map((q) => q.id), rebuilt: report.rebuilt, unrepaired: report.unrepaired }, `cache repaired: ${summary}`);
   return report;
@@ -78,9 +78,15 @@ export function configuredIngest(cfg: Config, io: CommandIO, extra: { setCurrent
 
 /**
  * Repair the cache, then ingest (configuredIngest). `store`: the cache already open (the
- * daemon's), whose loaded entries the repair check and the ingest reuse.
+ * daemon's), whose loaded entries the repair check and the ingest reuse. `checkEntries: false`:
+ * only what a crash left set aside is repaired first; the caller checks the rest itself (serve's
+ * start, which need not wait for entries other than the one it serves).
  */
-export async function ingestWithConfig(cfg: Config, io: CommandIO, extra: { setCurrent?: boolean; store?: CacheStore; buildElsewhere?: () => Promise<void>; signal?: AbortSignal } = {}): Promise<IngestResult & { healed: HealReport }> {
+export async function ingestWithConfig(
+  cfg: Config,
+  io: CommandIO,
+  extra: { setCurrent?: boolean; store?: CacheStore; buildElsewhere?: () => Promise<void>; signal?: AbortSignal; checkEntries?: boolean } = {},
+): Promise<IngestResult & { healed: HealReport }> {
   const tty = io.stderr.isTTY === true;
   const opts = configuredIngest(cfg, io, extra);
   // The archive is read and hashed while the cache's entries are checked: the two wait on
@@ -90,7 +96,7 @@ export async function ingestWithConfig(cfg: Config, io: CommandIO, extra: { setC
   located.catch(() => {});
   // A repair that fails must not stop the ingest (nor serve's start): what is intact is still
   // served, and the ingest reports lock or ownership problems itself. A stopped one is a stop.
-  const healed = await healWithConfig(cfg, io, [], extra.store, extra.signal).catch((err: unknown): HealReport => {
+  const healed = await healWithConfig(cfg, io, [], extra.store, extra.signal, extra.checkEntries ?? true).catch((err: unknown): HealReport => {
     if (extra.signal?.aborted) throw err;
     io.log.error({ code: err instanceof KheadersError ? err.code : 'E_INTERNAL' }, `checking the cache's entries failed: ${err instanceof Error ? err.message : String(err)}`);
     return { quarantined: [], rebuilt: [], unrepaired: [] };

@@ -51,6 +51,12 @@ export interface HealReport {
 export interface HealOptions extends IngestOptions {
   /** Damage readers reported, to repair even if the entry's structure checks out. */
   known?: readonly KnownDamage[];
+  /**
+   * false: do not check every entry first, only repair what `known` names and what a crash left
+   * set aside. For a caller that checks the entries itself soon after (serve, once HTTP is up)
+   * and repairs what that finds.
+   */
+  checkEntries?: boolean;
 }
 
 /**
@@ -65,7 +71,7 @@ export async function healCache(opts: HealOptions): Promise<HealReport> {
   // lock round trips; the entries checked here stay loaded for the lock holder.
   // An entry set aside by a rebuild that a crash cut short is repaired too (healLocked puts it back first).
   if ((opts.known ?? []).length === 0) {
-    const [{ damaged }, left] = await Promise.all([store.scan(), store.setAsideLeft()]);
+    const [damaged, left] = await Promise.all([opts.checkEntries === false ? [] : store.scan().then((s) => s.damaged), store.setAsideLeft()]);
     if (damaged.length === 0 && left.size === 0) return { quarantined: [], rebuilt: [], unrepaired: [] };
   }
   return store.locked(() => healLocked(store, opts), opts.signal);

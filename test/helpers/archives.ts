@@ -44,7 +44,8 @@ export const sha256 = (buf: Buffer | string): string => createHash('sha256').upd
 /** A fresh temp dir under the OS temp dir, removed when the test ends. */
 export async function tempDir(t: TestContext, prefix = 'kheadersd-test-'): Promise<string> {
   const dir = await mkdtemp(path.join(os.tmpdir(), prefix));
-  t.after(() => rm(dir, { recursive: true, force: true }));
+  // Retried: a daemon a failed test left running may still be writing there (its stop is a later hook).
+  t.after(() => rm(dir, { recursive: true, force: true, maxRetries: 5 }));
   return dir;
 }
 

@@ -93,6 +93,16 @@ export function startDaemonProcess(t: TestContext, node: string, argv: string[],
   };
 }
 
+/**
+ * Wait until the daemon has repaired what its start found damaged and serves the result: serve
+ * answers for `current` first, and checks and repairs the other entries after.
+ */
+export async function repairedAndServed(d: Daemon): Promise<void> {
+  const repaired = (l: Record<string, unknown>): boolean => /^cache repaired/.test(String(l.msg));
+  await d.waitFor(repaired, 'the repair of the damaged entries');
+  await d.waitFor((l) => l.msg === 'serving' && d.logs.indexOf(l) > d.logs.findIndex(repaired), 'the repaired entries served');
+}
+
 /** The daemon's exit status, or 'still running' after `boundMs`. */
 export async function exitWithin(d: Daemon, boundMs: number): Promise<number | null | 'still running'> {
   let timer: NodeJS.Timeout | undefined;
