@@ -21,7 +21,7 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -108,11 +108,26 @@ interface Served {
   child: ChildProcess;
   /** spawn → first /readyz 200, with the process's CPU time (and its reaped children's) then. */
   ready: Timed;
+  /** spawn → the mount lists the release asked for (when one was). */
+  mountedMs: number | undefined;
   logs: () => string;
 }
 
-/** Start `kheadersd serve …` and poll /readyz until it answers 200. */
-async function startServe(serveArgs: string[], nodeOptions: string): Promise<Served> {
+/**
+ * Poll `mountpoint` every 5 ms until it lists `release`: what a tool on the device waits for.
+ * Asynchronous reads, on the bench's side: the daemon answers them.
+ */
+async function mountListing(mountpoint: string, release: string, started: number, gone: () => boolean): Promise<number | undefined> {
+  while (!gone() && performance.now() - started < 120_000) {
+    const names = await readdir(mountpoint).catch(() => [] as string[]);
+    if (names.includes(release)) return performance.now() - started;
+    await new Promise((r) => setTimeout(r, 5));
+  }
+  return undefined;
+}
+
+/** Start `kheadersd serve …` and poll /readyz until it answers 200 (and, given `mount`, the mount until it lists a release). */
+async function startServe(serveArgs: string[], nodeOptions: string, mount?: { dir: string; release: string }): Promise<Served> {
   const port = await freePort();
   let logs = '';
   const started = performance.now();
@@ -120,6 +135,7 @@ async function startServe(serveArgs: string[], nodeOptions: string): Promise<Ser
   const child = spawn(process.execPath, [CLI, 'serve', ...serveArgs, '--http', `127.0.0.1:${port}`], { stdio: ['ignore', 'pipe', 'pipe'], env });
   child.stdout.setEncoding('utf8').on('data', (s: string) => (logs += s));
   child.stderr.setEncoding('utf8').on('data', (s: string) => (logs += s));
+  const listed = mount ? mountListing(mount.dir, mount.release, started, () => child.exitCode !== null) : Promise.resolve(undefined);
   const deadline = started + 120_000;
   for (;;) {
     if (child.exitCode !== null) throw new Error(`serve exited ${child.exitCode}:\n${logs}`);
@@ -131,7 +147,8 @@ async function startServe(serveArgs: string[], nodeOptions: string): Promise<Ser
     await new Promise((r) => setTimeout(r, 5));
   }
   const wallMs = performance.now() - started;
-  return { child, ready: { wallMs, cpuMs: await cpuOf(child.pid!) }, logs: () => logs };
+  const ready = { wallMs, cpuMs: await cpuOf(child.pid!) };
+  return { child, ready, mountedMs: await listed, logs: () => logs };
 }
 
 async function stopChild(child: ChildProcess): Promise<void> {
@@ -201,6 +218,8 @@ async function main(): Promise<void> {
     const floor: Mem[] = [];
     const nodeIdle: Mem[] = [];
     const warm: Timed[] = [];
+    /** The same starts, spawn → the mount lists the second (not current) release. */
+    const warmMounted: number[] = [];
     const first: Timed[] = [];
     const ingests: Timed[] = [];
     const nodeStart: Timed[] = [];
@@ -212,8 +231,9 @@ async function main(): Promise<void> {
       // Idle memory, the daemon and node side by side, settled for the same time.
       const idleNode = spawn(process.execPath, ['-e', 'setTimeout(()=>{},1e9)'], { stdio: 'ignore' });
       for (const asShipped of [true, false]) {
-        const served = await startServe(serveArgs(cache, fuseOk), asShipped ? shipped : '');
+        const served = await startServe(serveArgs(cache, fuseOk), asShipped ? shipped : '', fuseOk ? { dir: mountDir, release: `${release}-second` } : undefined);
         if (keep && asShipped) warm.push(served.ready);
+        if (keep && asShipped && served.mountedMs !== undefined) warmMounted.push(served.mountedMs);
         if (fuseOk) mountedOk = await mounted(served);
         await new Promise((r) => setTimeout(r, SETTLE_MS));
         const mServe = await memoryOf(served.child.pid!);
@@ -294,12 +314,15 @@ async function main(): Promise<void> {
       `| the floor: node with the same flags, fastify listening, the daemon's modules loaded, nothing served: Private_Dirty, RSS | ${mib(pdFloor)}, ${mib(rssFloor)} | idle \`node -e\`: ${mib(pdNode)}, ${mib(rssNode)} | ${x(pdFloor, pdNode)}, ${x(rssFloor, rssNode)} | |`,
       `| \`serve\` start → /readyz 200, entry cached: wall | ${ms(wall(warm))} | \`node -e 0\`: ${ms(nodeW)} | ${x(wall(warm), nodeW)} (per round: ${warmRatios.map((r) => r.toFixed(1)).join(', ')}) | ≤ 2.5×: ${verdict(med(warmRatios) <= 2.5)} |`,
       `| the same, CPU user+sys | ${ms(cpu(warm))} | \`node -e 0\`: ${ms(nodeC)} | ${x(cpu(warm), nodeC)} | |`,
+      ...(warmMounted.length > 0
+        ? [`| the same starts, spawn → the mount lists the other cached release (what a tool on the device waits for) | ${ms(med(warmMounted))} | \`node -e 0\`: ${ms(nodeW)} | ${x(med(warmMounted), nodeW)} (per round: ${warmMounted.map((m, i) => (m / nodeStart[i]!.wallMs).toFixed(1)).join(', ')}) | |`]
+        : []),
       `| \`serve\` start → /readyz 200, first boot (ingest): wall | ${ms(wall(first))} | \`node -e 0\` + \`xz -dc\`: ${ms(nodeW + xzW)} | ${x(wall(first), nodeW + xzW)} | ≤ node + 1.3 × xz = ${ms(nodeW + 1.3 * xzW)}: ${verdict(wall(first) <= nodeW + 1.3 * xzW)} |`,
       `| the same, CPU user+sys (xz child included) | ${ms(cpu(first))} | ${ms(nodeC + xzC)} | ${x(cpu(first), nodeC + xzC)} | |`,
       `| \`kheadersd ingest\`, whole process: wall | ${ms(wall(ingests))} | \`xz -dc\`: ${ms(xzW)} | ${x(wall(ingests), xzW)} | ≤ 1.5×: ${verdict(wall(ingests) <= 1.5 * xzW)} |`,
       `| the same, CPU user+sys (xz child included) | ${ms(cpu(ingests))} | \`xz -dc\`: ${ms(xzC)} | ${x(cpu(ingests), xzC)} | |`,
       '',
-      `Runs: idle Private_Dirty ${idle.map((m) => mib(m.privateDirtyKiB)).join(' / ')}; after its own first ingest ${idleFirst.map((m) => mib(m.privateDirtyKiB)).join(' / ')}; warm start ${warm.map((s) => s.wallMs.toFixed(0)).join(' / ')} ms; first boot ${first.map((s) => s.wallMs.toFixed(0)).join(' / ')} ms; ingest ${ingests.map((s) => s.wallMs.toFixed(0)).join(' / ')} ms; \`xz -dc\` ${xz.map((s) => s.wallMs.toFixed(0)).join(' / ')} ms; \`node -e 0\` ${nodeStart.map((s) => s.wallMs.toFixed(0)).join(' / ')} ms.`,
+      `Runs: idle Private_Dirty ${idle.map((m) => mib(m.privateDirtyKiB)).join(' / ')}; after its own first ingest ${idleFirst.map((m) => mib(m.privateDirtyKiB)).join(' / ')}; warm start ${warm.map((s) => s.wallMs.toFixed(0)).join(' / ')} ms${warmMounted.length > 0 ? ` (the mount listing the other release: ${warmMounted.map((m) => m.toFixed(0)).join(' / ')} ms)` : ''}; first boot ${first.map((s) => s.wallMs.toFixed(0)).join(' / ')} ms; ingest ${ingests.map((s) => s.wallMs.toFixed(0)).join(' / ')} ms; \`xz -dc\` ${xz.map((s) => s.wallMs.toFixed(0)).join(' / ')} ms; \`node -e 0\` ${nodeStart.map((s) => s.wallMs.toFixed(0)).join(' / ')} ms.`,
       '',
       'How: memory from `/proc/PID/smaps_rollup` (Private_Dirty, Rss) and `/proc/PID/status` (VmHWM) of the running processes. Start-up is spawn → the first 200 from `/readyz` (polled every 5 ms), the CPU time then from `/proc/PID/stat` (utime+stime+cutime+cstime, 10 ms ticks); the references and `ingest` run under `/usr/bin/time` (user+sys, children included). The FUSE mount comes up just after HTTP, so /readyz does not wait for it; the idle figures are taken with it mounted.' + envNote(droppedEnv),
       '',
