@@ -7,7 +7,9 @@
  * the name (namesz bytes, NUL included) and the descriptor (descsz bytes), each padded to 4 bytes.
  */
 import { readFileSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
 import { endianness } from 'node:os';
+import type { ReadMode } from '../store/small-file.js';
 
 export interface ElfNote {
   name: string;
@@ -56,11 +58,12 @@ export function parseBuildId(notes: Buffer, littleEndian: boolean = endianness()
  * The running kernel's build id. Its notes are in the machine's own byte order. Null when the
  * file is missing or unreadable (not Linux, a container hiding /sys, permissions).
  */
-export async function readLiveBuildId(path: string = '/sys/kernel/notes'): Promise<string | null> {
+export async function readLiveBuildId(path: string = '/sys/kernel/notes', mode: ReadMode = 'sync'): Promise<string | null> {
   let notes: Buffer;
   try {
-    // Synchronous: a small file of sysfs (or a test's), read at every start and every refresh.
-    notes = readFileSync(path);
+    // Synchronous: a small file of sysfs (or a test's), read at every start. Through the thread
+    // pool ('async') when the HTTP catalog refreshes while serving: that is a request's path.
+    notes = mode === 'sync' ? readFileSync(path) : await readFile(path);
   } catch {
     return null;
   }

@@ -22,9 +22,9 @@ import { KheadersError, errnoOf } from '../errors.js';
 import { cacheDirProblem, unreadableCache } from './cache-dir.js';
 import { readBootId } from '../source/boot.js';
 import { readLiveBuildId } from '../source/notes.js';
-import { entriesDirPresent, isDamage, loadEntry, loadManifest, openEntryLazily } from './entry-load.js';
+import { entriesDirPresent, entriesDirPresentAsync, isDamage, loadEntry, loadManifest, openEntryLazily } from './entry-load.js';
 import { parseEntryId, type CacheEntry, type Manifest } from './entry.js';
-import { readRegularFileSync } from './small-file.js';
+import { readRegularFileAs, type ReadMode } from './small-file.js';
 import { withLock } from './lock.js';
 import { listQuarantine, pruneQuarantine, quarantineEntry, type QuarantineRecord } from './quarantine.js';
 import { makeEntry } from './reader.js';
@@ -172,24 +172,36 @@ export class CacheStore {
     return back;
   }
 
-  /** Names under entries/ that are entry ids (`<release>~<digest>`); anything else is not ours. */
-  async entryIds(): Promise<string[]> {
+  /**
+   * Names under entries/ that are entry ids (`<release>~<digest>`); anything else is not ours.
+   * `mode`: as the reads of manifests (entry-load.ts), and either way only through a real directory.
+   */
+  async entryIds(mode: ReadMode = 'sync'): Promise<string[]> {
     try {
-      // Synchronous, as the reads of manifests (entry-load.ts), and so only through a real directory.
-      if (!entriesDirPresent(this.entriesDir)) return [];
-      return readdirSync(this.entriesDir).filter((n) => parseEntryId(n) !== undefined);
+      const names =
+        mode === 'sync'
+          ? entriesDirPresent(this.entriesDir)
+            ? readdirSync(this.entriesDir)
+            : []
+          : (await entriesDirPresentAsync(this.entriesDir))
+            ? await readdir(this.entriesDir)
+            : [];
+      return names.filter((n) => parseEntryId(n) !== undefined);
     } catch (err) {
       if (errnoOf(err) === 'ENOENT') return [];
       throw unreadableCache(this.entriesDir, err) ?? err;
     }
   }
 
-  /** The manifests that read back and check out, newest first (damaged entries are in scan()). */
-  async list(): Promise<Manifest[]> {
+  /**
+   * The manifests that read back and check out, newest first (damaged entries are in scan()).
+   * `mode`: 'async' on a request's path (the HTTP catalog), where nothing may wait on the disk.
+   */
+  async list(mode: ReadMode = 'sync'): Promise<Manifest[]> {
     // Every manifest at once: read one after another, each entry cost a start five serial round trips.
     const read = await Promise.all(
-      (await this.entryIds()).map(async (id) => {
-        const m = await loadManifest(this.entriesDir, id).catch((err: unknown) => {
+      (await this.entryIds(mode)).map(async (id) => {
+        const m = await loadManifest(this.entriesDir, id, mode).catch((err: unknown) => {
           // Damage is scan()'s to report; a manifest this user may not read is not to be skipped silently.
           if (err instanceof KheadersError && err.code === 'E_CACHE_UNREADABLE') throw err;
           return undefined;
@@ -295,10 +307,14 @@ export class CacheStore {
     for (const l of this.damageListeners) l(err, manifest);
   }
 
-  /** Which entry each name means, as of now (see resolve.ts). `pointer` overrides the `current` file. */
-  async snapshot(pointer?: string | null): Promise<Resolver> {
-    const manifests = await this.list();
-    return new Resolver(manifests, pointer === undefined ? await this.currentId() : pointer, os.release(), await readLiveBuildId());
+  /**
+   * Which entry each name means, as of now (see resolve.ts). `pointer` overrides the `current`
+   * file. `mode`: how the cache (and the running kernel's notes) are read; see list().
+   */
+  async snapshot(pointer?: string | null, mode: ReadMode = 'sync'): Promise<Resolver> {
+    const manifests = await this.list(mode);
+    const current = pointer === undefined ? ((await this.currentPointer(mode))?.id ?? null) : pointer;
+    return new Resolver(manifests, current, os.release(), await readLiveBuildId(undefined, mode));
   }
 
   /** The entry `ref` names (current, a release, a digest or prefix, an id). */
@@ -354,13 +370,13 @@ export class CacheStore {
     return (await this.currentPointer())?.id ?? null;
   }
 
-  /** The `current` pointer if this boot wrote it, else null. */
-  async currentPointer(): Promise<CurrentPointer | null> {
+  /** The `current` pointer if this boot wrote it, else null. `mode`: see list(). */
+  async currentPointer(mode: ReadMode = 'sync'): Promise<CurrentPointer | null> {
     let text: string;
     try {
-      // A start reads it three times (small-file.ts). Not a regular file (a link, a FIFO), or one
-      // longer than any pointer: no pointer, as EISDIR.
-      const bytes = readRegularFileSync(path.join(this.dir, 'current'), MAX_POINTER_BYTES);
+      // A start reads it three times, synchronously (small-file.ts). Not a regular file (a link,
+      // a FIFO), or one longer than any pointer: no pointer, as EISDIR.
+      const bytes = await readRegularFileAs(mode, path.join(this.dir, 'current'), MAX_POINTER_BYTES);
       if (bytes === undefined) return null;
       text = bytes.toString('utf8');
     } catch (err) {

@@ -9,14 +9,15 @@
  * well-formed entry of an older format is E_ENTRY_DAMAGED with `outdated: true`: rebuilt too.
  */
 import { createHash } from 'node:crypto';
-import { closeSync, constants as fsc, fstatSync, lstatSync, openSync, readSync } from 'node:fs';
-import { open, type FileHandle } from 'node:fs/promises';
+import { closeSync, constants as fsc, fstatSync, lstatSync, openSync, readSync, type Stats } from 'node:fs';
+import { lstat, open, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import { KheadersError, errnoOf } from '../errors.js';
 import { unreadableCache } from './cache-dir.js';
 import { ARCHIVE_FILE, INDEX_FILE, MANIFEST_FILE, ManifestProblem, PACK_FILE, entryFile, parseManifest, type CacheEntry, type Manifest } from './entry.js';
 import { DIGEST_BYTES, FileView, H, HEADER_BYTES } from './index-format.js';
 import { makeEntry, readVerificationEnabled, type DamageHandler } from './reader.js';
+import type { ReadMode } from './small-file.js';
 import { IndexFormatError, TreeIndex } from './tree-index.js';
 
 /** No manifest is this large; a bigger file is damage, not something to read into memory. */
@@ -52,13 +53,17 @@ export function isDamage(err: unknown): err is KheadersError {
  * wait for its own answer for good (the calls below refuse links only as their last component).
  */
 export function entriesDirPresent(entriesDir: string): boolean {
-  let st;
-  try {
-    st = lstatSync(entriesDir);
-  } catch (err) {
-    if (errnoOf(err) === 'ENOENT') return false;
-    throw err;
-  }
+  return judgeEntriesDir(entriesDir, lstatSync(entriesDir, { throwIfNoEntry: false }));
+}
+
+/** entriesDirPresent through the thread pool (ReadMode 'async'). */
+export async function entriesDirPresentAsync(entriesDir: string): Promise<boolean> {
+  return judgeEntriesDir(entriesDir, await lstat(entriesDir).catch(missingAsUndefined));
+}
+
+/** What lstat answered for entries/ (undefined: it is not there), judged. */
+function judgeEntriesDir(entriesDir: string, st: Stats | undefined): boolean {
+  if (st === undefined) return false;
   if (!st.isDirectory()) {
     const what = st.isSymbolicLink() ? 'a symbolic link' : 'not a directory';
     throw new KheadersError('E_CACHE_UNSAFE', `${entriesDir} is ${what}: the cache's entries are read from a real directory only; fix with: mv ${entriesDir} elsewhere and make it a directory`, { dir: entriesDir });
@@ -66,26 +71,51 @@ export function entriesDirPresent(entriesDir: string): boolean {
   return true;
 }
 
+function missingAsUndefined(err: unknown): undefined {
+  if (errnoOf(err) === 'ENOENT') return undefined;
+  throw err;
+}
+
 /** The entry directory `entries/<id>`, which must be a real directory. */
 function entryDir(entriesDir: string, id: string): string {
-  if (!entriesDirPresent(entriesDir)) throw new KheadersError('E_NOT_FOUND', `no cache entry ${id}`, { id });
+  const present = entriesDirPresent(entriesDir);
   const dir = path.join(entriesDir, id);
   let st;
   try {
-    st = lstatSync(dir);
+    st = present ? lstatSync(dir) : undefined;
   } catch (err) {
-    if (errnoOf(err) === 'ENOENT') throw new KheadersError('E_NOT_FOUND', `no cache entry ${id}`, { id });
-    throw unreadableCache(dir, err) ?? err;
+    st = entryDirProblem(id, dir, err);
   }
+  return judgeEntryDir(id, dir, st);
+}
+
+/** entryDir through the thread pool. */
+async function entryDirAsync(entriesDir: string, id: string): Promise<string> {
+  const present = await entriesDirPresentAsync(entriesDir);
+  const dir = path.join(entriesDir, id);
+  const st = present ? await lstat(dir).catch((err: unknown) => entryDirProblem(id, dir, err)) : undefined;
+  return judgeEntryDir(id, dir, st);
+}
+
+/** A failed lstat of entries/<id>: missing is no such entry (undefined); anything else is thrown. */
+function entryDirProblem(id: string, dir: string, err: unknown): undefined {
+  if (errnoOf(err) === 'ENOENT') return undefined;
+  throw unreadableCache(dir, err) ?? err;
+}
+
+function judgeEntryDir(id: string, dir: string, st: Stats | undefined): string {
+  if (st === undefined) throw new KheadersError('E_NOT_FOUND', `no cache entry ${id}`, { id });
   if (!st.isDirectory()) throw damaged(id, 'it is not a directory');
   return dir;
 }
 
+/** O_NONBLOCK: a FIFO put in a file's place must not hang the thread that serves (it is refused on its fstat). */
+const ENTRY_FILE_FLAGS = fsc.O_RDONLY | fsc.O_NOFOLLOW | fsc.O_NONBLOCK;
+
 /** Open a file of the entry for reading, refusing symlinks; ENOENT is "missing" damage. */
 function openEntryFile(id: string, dir: string, name: string): number {
   try {
-    // O_NONBLOCK: a FIFO put in a file's place must not hang the thread that serves (it is refused below).
-    return openSync(entryFile(dir, name), fsc.O_RDONLY | fsc.O_NOFOLLOW | fsc.O_NONBLOCK);
+    return openSync(entryFile(dir, name), ENTRY_FILE_FLAGS);
   } catch (err) {
     throw openProblem(id, name, entryFile(dir, name), err);
   }
@@ -109,10 +139,7 @@ function openProblem(id: string, name: string, file: string, err: unknown): unkn
 function readSmall(id: string, dir: string, name: string, max: number, head?: { bytes: number; check(buf: Buffer): void }): Buffer {
   const fd = openEntryFile(id, dir, name);
   try {
-    const st = fstatSync(fd);
-    if (!st.isFile()) throw damaged(id, `${name} is not a regular file`, { file: name });
-    if (st.size > max) throw damaged(id, `${name} is ${st.size} bytes, more than any entry has`, { file: name });
-    const buf = Buffer.allocUnsafeSlow(st.size); // its own memory: the index keeps it
+    const buf = bufferFor(id, name, fstatSync(fd), max);
     const readTo = (from: number, to: number): void => {
       for (let got = from; got < to; ) {
         const n = readSync(fd, buf, got, to - got, got);
@@ -120,7 +147,7 @@ function readSmall(id: string, dir: string, name: string, max: number, head?: { 
         got += n;
       }
     };
-    const first = head !== undefined && st.size >= head.bytes ? head.bytes : 0;
+    const first = head !== undefined && buf.length >= head.bytes ? head.bytes : 0;
     readTo(0, first);
     if (first > 0) head!.check(buf);
     readTo(first, buf.length);
@@ -130,11 +157,42 @@ function readSmall(id: string, dir: string, name: string, max: number, head?: { 
   }
 }
 
-/** Read and check manifest.json. */
-export async function loadManifest(entriesDir: string, id: string): Promise<Manifest> {
-  const dir = entryDir(entriesDir, id);
+/** What fstat says of a file of the entry, judged: a buffer of its size if it is a regular file of at most `max` bytes. */
+function bufferFor(id: string, name: string, st: Stats, max: number): Buffer {
+  if (!st.isFile()) throw damaged(id, `${name} is not a regular file`, { file: name });
+  if (st.size > max) throw damaged(id, `${name} is ${st.size} bytes, more than any entry has`, { file: name });
+  return Buffer.allocUnsafeSlow(st.size); // its own memory: the index keeps it
+}
+
+/** readSmall (without `head`) through the thread pool: the same flags, checks and damage. */
+async function readSmallAsync(id: string, dir: string, name: string, max: number): Promise<Buffer> {
+  const fh = await open(entryFile(dir, name), ENTRY_FILE_FLAGS).catch((err: unknown) => {
+    throw openProblem(id, name, entryFile(dir, name), err);
+  });
   try {
-    return parseManifest(readSmall(id, dir, MANIFEST_FILE, MAX_MANIFEST_BYTES).toString('utf8'), id);
+    const buf = bufferFor(id, name, await fh.stat(), max);
+    for (let got = 0; got < buf.length; ) {
+      const { bytesRead } = await fh.read(buf, got, buf.length - got, got);
+      if (bytesRead === 0) throw damaged(id, `${name} shrank while it was read`, { file: name });
+      got += bytesRead;
+    }
+    return buf;
+  } finally {
+    await fh.close();
+  }
+}
+
+/**
+ * Read and check manifest.json. `mode`: synchronous reads (the start's, and every command's), or
+ * through the thread pool (the HTTP catalog's refresh while serving); one parser either way.
+ */
+export async function loadManifest(entriesDir: string, id: string, mode: ReadMode = 'sync'): Promise<Manifest> {
+  const bytes =
+    mode === 'sync'
+      ? readSmall(id, entryDir(entriesDir, id), MANIFEST_FILE, MAX_MANIFEST_BYTES)
+      : await readSmallAsync(id, await entryDirAsync(entriesDir, id), MANIFEST_FILE, MAX_MANIFEST_BYTES);
+  try {
+    return parseManifest(bytes.toString('utf8'), id);
   } catch (err) {
     if (err instanceof ManifestProblem) throw damaged(id, err.message, { outdated: err.outdated, file: MANIFEST_FILE });
     throw err;
@@ -200,7 +258,7 @@ export async function openEntryLazily(entriesDir: string, id: string, onDamage?:
   const dir = path.join(entriesDir, id);
   // A FileHandle: the index is read in place, page by page, for as long as the entry is open.
   // O_NONBLOCK as openEntryFile's: a FIFO in its place held `cat` on the open for good.
-  const fh = await open(entryFile(dir, INDEX_FILE), fsc.O_RDONLY | fsc.O_NOFOLLOW | fsc.O_NONBLOCK).catch((err: unknown) => {
+  const fh = await open(entryFile(dir, INDEX_FILE), ENTRY_FILE_FLAGS).catch((err: unknown) => {
     throw openProblem(id, INDEX_FILE, entryFile(dir, INDEX_FILE), err);
   });
   try {

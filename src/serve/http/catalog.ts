@@ -7,6 +7,11 @@
  * process may ingest or gc while the daemon runs) and at once when the daemon says something
  * changed (DaemonState.onChange). Concurrent requests share one refresh.
  *
+ * The first snapshot is the start's warm-up (server.ts) and reads the cache synchronously, as the
+ * rest of the start does (measured faster: entry-load.ts). Every later one is taken on a request's
+ * path while serving, so it reads through the thread pool: a synchronous listing of entries/ and
+ * read of every manifest would hold every other request (and the mount) meanwhile.
+ *
  * It also owns the ByteSource (hot bodies; see bytes.ts) and per-node ETag / Last-Modified
  * strings, computed once. Bytes come from each entry's EntryReader, shared with FUSE.
  */
@@ -17,6 +22,7 @@ import type { CacheStore } from '../../store/cache.js';
 import type { CacheEntry, Manifest } from '../../store/entry.js';
 import type { QuarantineRecord } from '../../store/quarantine.js';
 import type { Resolver } from '../../store/resolve.js';
+import type { ReadMode } from '../../store/small-file.js';
 import type { DaemonState } from '../state.js';
 import { ByteSource, entryBody, type Body, type ByteSourceOptions } from './bytes.js';
 import type { Representation } from './respond.js';
@@ -154,6 +160,8 @@ export class Catalog {
   private readonly served = new Map<string, ServedEntry>();
   private readonly unsubscribe: () => void;
   private changes = 0;
+  /** 'sync' for the warm-up only (see above). */
+  private readMode: ReadMode = 'sync';
 
   constructor(
     private readonly store: CacheStore,
@@ -205,7 +213,9 @@ export class Catalog {
 
   private async load(): Promise<Snapshot> {
     // The daemon's own idea of `current` wins over the file: FUSE shows the same.
-    const resolver = await this.store.snapshot(this.state.currentId ?? undefined);
+    const mode = this.readMode;
+    this.readMode = 'async';
+    const resolver = await this.store.snapshot(this.state.currentId ?? undefined, mode);
     for (const [id, served] of this.served) {
       // Gone from the cache, or replaced by a rebuilt instance: stop serving this one.
       const now = resolver.byId(id) ? await this.store.load(id).catch(() => undefined) : undefined;

@@ -1,0 +1,94 @@
+/**
+ * The HTTP catalog's refresh while serving (at most once a second under traffic) reads the cache
+ * through the thread pool, never with synchronous calls: those hold the one thread that answers
+ * every other request (and the daemon's mount) for as long as the disk takes. The start's warm-up
+ * keeps its synchronous reads (measured faster).
+ *
+ * Watched through node's own fs: its functions are wrapped (and the named imports of node:fs and
+ * node:fs/promises re-bound to the wrappers with syncBuiltinESMExports), counting the calls that
+ * name a path of the cache. Nothing of the daemon is replaced.
+ */
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import { createRequire, syncBuiltinESMExports } from 'node:module';
+import path from 'node:path';
+import { after, before, test } from 'node:test';
+import { ingestSynth, json, removeDir, request, startEnv, tempDir } from './helpers/http-env.js';
+
+const require = createRequire(import.meta.url);
+const fsp = require('node:fs/promises') as Record<string, unknown>;
+const fsSync = fs as unknown as Record<string, unknown>;
+
+let work: string;
+before(async () => {
+  work = await tempDir('http-catalog-refresh');
+});
+after(async () => {
+  await removeDir(work);
+});
+
+/** Count calls of these functions of `target` whose first argument is a path under `under`; undo() puts them back. */
+function watch(target: Record<string, unknown>, names: readonly string[], under: string): { calls: string[]; undo(): void } {
+  const calls: string[] = [];
+  const saved = new Map<string, unknown>();
+  for (const name of names) {
+    const original = target[name] as (...args: unknown[]) => unknown;
+    saved.set(name, original);
+    target[name] = function (this: unknown, ...args: unknown[]): unknown {
+      const p = args[0];
+      if (typeof p === 'string' && (p === under || p.startsWith(under + path.sep))) calls.push(`${name} ${path.relative(under, p)}`);
+      return original.apply(this, args);
+    };
+  }
+  syncBuiltinESMExports();
+  return {
+    calls,
+    undo: () => {
+      for (const [name, original] of saved) target[name] = original;
+      syncBuiltinESMExports();
+    },
+  };
+}
+
+test('a refresh of the catalog while serving reads entries/, the manifests and `current` asynchronously, and finds what changed', async () => {
+  const cacheDir = path.join(work, 'cache');
+  await ingestSynth(cacheDir, work, '6.6.1-one');
+  const env = await startEnv({ work, cacheDir });
+  try {
+    // The warm-up (synchronous, part of the start) is done once the first listing answers.
+    const first = await request(env.port, '/v1/kernels');
+    assert.deepEqual(
+      json<Array<{ release: string }>>(first).map((k) => k.release),
+      ['6.6.1-one'],
+    );
+    // Another process ingests meanwhile (in this one here, before the watch starts); and the
+    // daemon has no `current` of its own yet, so the refresh reads the file too.
+    await ingestSynth(cacheDir, work, '6.6.2-two', 'a', false);
+    env.state.currentId = null;
+    const sync = watch(fsSync, ['openSync', 'readdirSync', 'lstatSync', 'statSync', 'readFileSync', 'existsSync'], cacheDir);
+    const async = watch(fsp, ['open', 'readdir', 'lstat', 'stat', 'readFile'], cacheDir);
+    let after;
+    try {
+      await new Promise((resolve) => setTimeout(resolve, 1100)); // past the snapshot's second
+      after = await request(env.port, '/v1/kernels');
+    } finally {
+      sync.undo();
+      async.undo();
+    }
+    assert.deepEqual(
+      json<Array<{ release: string }>>(after)
+        .map((k) => k.release)
+        .sort(),
+      ['6.6.1-one', '6.6.2-two'],
+      'the refresh found the new entry',
+    );
+    assert.deepEqual(sync.calls, [], 'synchronous calls on the cache during a request');
+    for (const wanted of ['readdir entries', 'lstat entries', 'open current']) assert.ok(async.calls.includes(wanted), `${wanted} through the thread pool: ${async.calls.join(', ')}`);
+    assert.ok(
+      async.calls.some((c) => c.startsWith('open entries/') && c.endsWith('/manifest.json')),
+      `manifests read through the thread pool: ${async.calls.join(', ')}`,
+    );
+  } finally {
+    await env.close();
+  }
+});
