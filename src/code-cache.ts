@@ -24,7 +24,7 @@
  * (ERR_VM_DYNAMIC_IMPORT_CALLBACK_MISSING); the bundle turns every import() into require().
  */
 import { isAscii } from 'node:buffer';
-import { createHash } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { closeSync, constants, fstatSync, lstatSync, openSync, readFileSync, statSync, unlinkSync, type Stats } from 'node:fs';
 import { chmod, lstat, mkdir, open, readdir, rename, rm } from 'node:fs/promises';
 import { createRequire } from 'node:module';
@@ -37,6 +37,14 @@ const HEAD_BYTES = MAGIC.length + 32;
 /** Far above what V8 writes for the bundle (~0.4 MiB): a bigger file is not ours. */
 const MAX_CACHE_BYTES = 64 << 20;
 export const CODE_DIR = 'code';
+/**
+ * A temporary file of a save older than this is one a crash left: a save writes and renames it
+ * within milliseconds. A younger one may be another process's save under way (another daemon on
+ * the same cache volume), which its sweep must not take from under it.
+ */
+const STALE_TMP_MS = 10 * 60_000;
+/** `.<cache file>.<pid>-<random>.tmp` (and `.<pid>.tmp`, as saves before the random suffix named it). */
+const TMP_SUFFIX = /\.\d+(?:-[0-9a-f]{12})?\.tmp$/;
 
 /** What became of the cache for one compile. */
 export type CodeCacheState =
@@ -84,7 +92,7 @@ export async function runBundle(file: string, cacheDir: string | undefined): Pro
   run.call(module.exports, module.exports, createRequire(file), module, file, path.dirname(file));
   module.loaded = true;
   const why = state === 'rejected' ? 'V8 refused it (another node or other V8 flags)' : found.why;
-  /** The save under way: the next waits for it, since both write the same temporary file, and a save's sweep removes another's. */
+  /** The save under way: the next waits for it (one exit listener at a time; two writes of the same file at once gain nothing). */
   let saving: Promise<unknown> = Promise.resolve();
   return {
     exports: module.exports,
@@ -207,7 +215,9 @@ async function writeCodeCache(cacheFile: string, data: Buffer, base: string): Pr
   );
   const problem = cacheDirProblem(codeDir, await lstat(codeDir), process.getuid?.() ?? 0, true);
   if (problem) throw new Error(problem.what);
-  const tmp = path.join(codeDir, `.${path.basename(cacheFile)}.${process.pid}.tmp`);
+  // Not the pid alone: two daemons in two containers can have the same pid and share the cache
+  // volume; each would write into, rename or remove (at exit) the other's file.
+  const tmp = path.join(codeDir, `.${path.basename(cacheFile)}.${process.pid}-${randomBytes(6).toString('hex')}.tmp`);
   // A process that exits before the rename (serve stopped just after ready, as it saves) leaves
   // no half-written file behind: nothing else would remove it, since a start that finds its
   // code cached never saves (nor sweeps) again.
@@ -220,7 +230,8 @@ async function writeCodeCache(cacheFile: string, data: Buffer, base: string): Pr
   };
   process.once('exit', removeOnExit);
   try {
-    const fh = await open(tmp, constants.O_WRONLY | constants.O_CREAT | constants.O_TRUNC | constants.O_NOFOLLOW, 0o644);
+    // O_EXCL: a name that is somehow taken is another's file, never written into.
+    const fh = await open(tmp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o644);
     try {
       // writeFile, not writev: a full disk or a file-size limit makes write() short before it
       // fails, and writev takes the short count as done, which would rename a torn file in.
@@ -240,7 +251,7 @@ async function writeCodeCache(cacheFile: string, data: Buffer, base: string): Pr
   // What an older bundle or another node wrote for this file, and what a crash left half-written.
   for (const name of await readdir(codeDir)) {
     const stale = isCacheOf(base, name) && name !== path.basename(cacheFile);
-    const torn = name.startsWith('.') && name.endsWith('.tmp') && isCacheOf(base, name.slice(1).replace(/\.\d+\.tmp$/, ''));
+    const torn = name.startsWith('.') && TMP_SUFFIX.test(name) && isCacheOf(base, name.slice(1).replace(TMP_SUFFIX, '')) && (await leftLongAgo(path.join(codeDir, name)));
     if (stale || torn) await rm(path.join(codeDir, name), { force: true });
   }
   const dir = await open(codeDir, 'r');
@@ -249,4 +260,10 @@ async function writeCodeCache(cacheFile: string, data: Buffer, base: string): Pr
   } finally {
     await dir.close();
   }
+}
+
+/** Whether a temporary file was last written longer ago than any save takes (see STALE_TMP_MS). */
+async function leftLongAgo(file: string): Promise<boolean> {
+  const st = await lstat(file).catch(() => undefined);
+  return st !== undefined && Date.now() - st.mtimeMs > STALE_TMP_MS;
 }

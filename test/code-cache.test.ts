@@ -8,7 +8,7 @@
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { chmod, chown, mkdir, readdir, readFile, rm, stat, symlink, writeFile } from 'node:fs/promises';
+import { chmod, chown, mkdir, readdir, readFile, rm, stat, symlink, utimes, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { promisify } from 'node:util';
@@ -192,19 +192,52 @@ test('a save into a code/ that is not trusted writes nothing and says why', asyn
   assert.deepEqual(await readdir(path.join(cacheDir, CODE_DIR)), []);
 });
 
-test("what a crash left half-written and other nodes' code for the same file are swept by the next save; other files' code stays", async (t) => {
+test("what a crash left half-written and other nodes' code for the same file are swept by the next save; other files' code and saves under way stay", async (t) => {
   const { file, cacheDir } = await bundleFile(t, 'a');
   const codeDir = path.join(cacheDir, CODE_DIR);
   await mkdir(codeDir, { mode: 0o755 });
   const source = await readFile(file);
   const ours = cacheFileName(file, source, nodeBuild());
-  const leftovers = [`.${ours}.99999.tmp`, ours.replace(process.version, 'v18.0.0'), 'commands-0123456789abcdef-v20.0.0-x64-01234567.v8', ours.replace(/-[0-9a-f]{8}\.v8$/, '-89abcdef.v8')];
-  // Another bundle file's, even one whose name starts like this one's.
-  const others = ['ingest-0123456789abcdef-v20.0.0-x64-01234567.v8', 'commands-extra-0123456789abcdef-v20.0.0-x64-01234567.v8', '.commands-extra-0123456789abcdef-v20.0.0-x64-01234567.v8.1.tmp', 'README'];
+  // Half-written by a crash: an hour old, in the names saves gave them before and since the random suffix.
+  const torn = [`.${ours}.99999.tmp`, `.${ours}.99998-0123456789ab.tmp`];
+  const leftovers = [...torn, ours.replace(process.version, 'v18.0.0'), 'commands-0123456789abcdef-v20.0.0-x64-01234567.v8', ours.replace(/-[0-9a-f]{8}\.v8$/, '-89abcdef.v8')];
+  // Another bundle file's, even one whose name starts like this one's; and another process's
+  // save under way (written just now), which it will rename or remove itself.
+  const others = [
+    'ingest-0123456789abcdef-v20.0.0-x64-01234567.v8',
+    'commands-extra-0123456789abcdef-v20.0.0-x64-01234567.v8',
+    '.commands-extra-0123456789abcdef-v20.0.0-x64-01234567.v8.1.tmp',
+    'README',
+    `.${ours}.99997.tmp`,
+    `.${ours}.99996-ba9876543210.tmp`,
+  ];
   for (const n of [...leftovers, ...others]) await writeFile(path.join(codeDir, n), 'x');
+  const hourAgo = new Date(Date.now() - 3600_000);
+  for (const n of torn) await utimes(path.join(codeDir, n), hourAgo, hourAgo);
   const r = await runBundle(file, cacheDir, true);
   assert.equal(r.saved, true);
   assert.deepEqual((await readdir(codeDir)).sort(), [ours, ...others].sort());
+});
+
+test('a save leaves alone the temporary file of another daemon with the same pid (another container on the same cache volume)', async (t) => {
+  const { file, cacheDir } = await bundleFile(t, 'a');
+  const codeDir = path.join(cacheDir, CODE_DIR);
+  await mkdir(codeDir, { mode: 0o755 });
+  // The other daemon's save is under way when this one's starts: its file is named with this
+  // process's pid, as the other's pid is the same in its own pid namespace.
+  const program = `
+    const { readFileSync, writeFileSync } = await import('node:fs');
+    const path = await import('node:path');
+    const { runBundle } = await import(${JSON.stringify(CODE_CACHE)});
+    const r = await runBundle(process.argv[1], process.argv[2]);
+    const theirs = path.join(process.argv[3], '.' + path.basename(r.cacheFile) + '.' + process.pid + '.tmp');
+    writeFileSync(theirs, 'theirs');
+    const saved = await r.save().catch((err) => err.message);
+    let left;
+    try { left = readFileSync(theirs, 'utf8'); } catch (err) { left = err.code; }
+    process.stdout.write(JSON.stringify({ saved, left }));`;
+  const { stdout } = await promisify(execFile)(process.execPath, ['--input-type=module', '-e', program, file, cacheDir, codeDir], { encoding: 'utf8' });
+  assert.deepEqual(JSON.parse(stdout), { saved: true, left: 'theirs' });
 });
 
 test('a process that exits while it saves (serve stopped just after ready) leaves no half-written file', async (t) => {
