@@ -4,7 +4,7 @@
  * (`maxCacheBytes`). Precedence: flag, then variable, then file, then the default. Every value is
  * parsed and checked here, so a bad one is a clear E_CONFIG/E_USAGE at start, naming its source.
  */
-import { readFileSync } from 'node:fs';
+import { closeSync, constants, fstatSync, openSync, readSync, type Stats } from 'node:fs';
 import { KheadersError, errnoOf } from './errors.js';
 import { LOG_LEVELS, type LogLevel } from './log.js';
 import { DEFAULT_HTTP_LIMITS } from './serve/http/limits.js';
@@ -147,11 +147,15 @@ function parseValue(key: ConfigKey, raw: unknown, origin: string): string | numb
   }
 }
 
+/** Far above any configuration (a few dozen keys): a larger file is not one. */
+const MAX_CONFIG_BYTES = 1024 * 1024;
+
 export async function readConfigFile(file: string, required: boolean): Promise<Record<string, unknown>> {
   let text: string;
   try {
-    text = readFileSync(file, 'utf8'); // synchronous: one small file, before anything else is under way
+    text = readConfigText(file); // synchronous: one small file, before anything else is under way
   } catch (err) {
+    if (err instanceof KheadersError) throw err;
     if (!required && errnoOf(err) === 'ENOENT') return {};
     throw new KheadersError('E_CONFIG', `cannot read the configuration file ${file}: ${errnoOf(err) ?? String(err)}`, { file });
   }
@@ -240,4 +244,39 @@ export function resolveConfig({ flags, env, file, fileName }: ConfigSources): Co
   if (cfg.httpIdleTimeout < 1) refuse('httpIdleTimeout', 'httpIdleTimeout must be at least 1 (seconds)');
   if (cfg.release !== undefined && !validRelease(cfg.release)) refuse('release', `${JSON.stringify(cfg.release)} is not a valid kernel release (letters, digits, ".", "_", "+", "-")`);
   return cfg;
+}
+
+/**
+ * The configuration file's text: a regular file (a symbolic link to one is fine: /etc is often
+ * links) of at most MAX_CONFIG_BYTES. Anything else is refused before it is read: a FIFO with no
+ * writer held the start on the open for good, and /dev/zero was read until memory ran out.
+ * O_NONBLOCK, so that opening a FIFO returns at once (to be refused on its fstat); the read is
+ * bounded too, since a file may grow after its fstat.
+ */
+function readConfigText(file: string): string {
+  const fd = openSync(file, constants.O_RDONLY | constants.O_NONBLOCK);
+  try {
+    const st = fstatSync(fd);
+    if (!st.isFile()) {
+      throw new KheadersError('E_CONFIG', `the configuration file ${file} is ${fileKind(st)}, not a regular file: give --config (or KHEADERSD_CONFIG) a JSON file`, { file, reason: 'not a regular file' });
+    }
+    const tooBig = (): KheadersError => new KheadersError('E_CONFIG', `the configuration file ${file} is larger than ${MAX_CONFIG_BYTES} bytes: it is no kheadersd configuration`, { file, reason: 'too large' });
+    if (st.size > MAX_CONFIG_BYTES) throw tooBig();
+    const buf = Buffer.allocUnsafe(MAX_CONFIG_BYTES + 1); // not filled: only what is read is used
+    let got = 0;
+    for (let n = -1; n !== 0 && got < buf.length; got += n) n = readSync(fd, buf, got, buf.length - got, got);
+    if (got > MAX_CONFIG_BYTES) throw tooBig();
+    return buf.toString('utf8', 0, got);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+function fileKind(st: Stats): string {
+  if (st.isDirectory()) return 'a directory';
+  if (st.isFIFO()) return 'a FIFO (named pipe)';
+  if (st.isSocket()) return 'a socket';
+  if (st.isCharacterDevice()) return 'a character device';
+  if (st.isBlockDevice()) return 'a block device';
+  return 'not a regular file';
 }

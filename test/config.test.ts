@@ -4,11 +4,12 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { writeFile } from 'node:fs/promises';
+import { execFileSync } from 'node:child_process';
+import { symlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { KheadersError } from '../src/errors.js';
 import { envName, flagName, parseBytes, parseListen, readConfigFile, resolveConfig, KEYS, type ConfigKey } from '../src/config.js';
-import { tempDir } from './helpers/archives.js';
+import { REPO_ROOT, runProcess, tempDir, type RunResult } from './helpers/archives.js';
 
 test('parseBytes reads plain numbers and K/M/G/T suffixes (binary units)', () => {
   const cases: Array<[string, number]> = [
@@ -140,7 +141,7 @@ test('readConfigFile: missing, unreadable, not JSON, not an object, unknown keys
   const missing = path.join(dir, 'missing.json');
   assert.deepEqual(await readConfigFile(missing, false), {}, 'the default file may be absent');
   await assert.rejects(readConfigFile(missing, true), (err: unknown) => err instanceof KheadersError && err.code === 'E_CONFIG' && /cannot read .*missing\.json: ENOENT/.test(err.message));
-  await assert.rejects(readConfigFile(dir, true), (err: unknown) => err instanceof KheadersError && err.code === 'E_CONFIG' && /EISDIR/.test(err.message));
+  await assert.rejects(readConfigFile(dir, true), (err: unknown) => err instanceof KheadersError && err.code === 'E_CONFIG' && /is a directory, not a regular file/.test(err.message));
 
   const cases: Array<[string, string, RegExp]> = [
     ['syntax.json', '{"keep": 2,', /is not valid JSON/],
@@ -159,6 +160,43 @@ test('readConfigFile: missing, unreadable, not JSON, not an object, unknown keys
       return true;
     });
   }
+});
+
+/**
+ * readConfigFile in a node of its own, with a deadline: what it used to do with these files was
+ * block for good (a FIFO with no writer) or read until memory ran out (/dev/zero).
+ */
+async function readConfigElsewhere(file: string): Promise<RunResult> {
+  const program = `
+    const { readConfigFile } = await import(${JSON.stringify(path.join(REPO_ROOT, 'dist', 'src', 'config.js'))});
+    try { await readConfigFile(process.argv[1], true); process.stdout.write('read'); }
+    catch (err) { process.stdout.write(JSON.stringify({ code: err.code, message: err.message })); }`;
+  return runProcess(process.execPath, ['--max-old-space-size=256', '--input-type=module', '-e', program, file], { timeoutMs: 10_000 });
+}
+
+test('readConfigFile refuses at once, by name, what is not a regular file (a FIFO with no writer, a device), and a file too large to be one; a link to a file is read', async (t) => {
+  const dir = await tempDir(t);
+  const fifo = path.join(dir, 'config.fifo');
+  execFileSync('mkfifo', [fifo]);
+  const big = path.join(dir, 'big.json');
+  await writeFile(big, `{"keep": 2, "x": "${'a'.repeat(2 * 1024 * 1024)}"}`);
+  const cases: Array<[string, RegExp]> = [
+    [fifo, /is a FIFO \(named pipe\), not a regular file/],
+    ['/dev/zero', /is a character device, not a regular file/],
+    [big, /is larger than 1048576 bytes/],
+  ];
+  for (const [file, pattern] of cases) {
+    const r = await readConfigElsewhere(file);
+    assert.equal(r.signal, null, `${file}: killed at the deadline (${r.signal}): it did not return`);
+    const got = JSON.parse(r.stdout) as { code: string; message: string };
+    assert.equal(got.code, 'E_CONFIG', file);
+    assert.match(got.message, pattern);
+    assert.ok(got.message.includes(file), 'the message names the file');
+  }
+  const good = path.join(dir, 'good.json');
+  await writeFile(good, '{"keep": 2}');
+  await symlink(good, path.join(dir, 'link.json'));
+  assert.deepEqual(await readConfigFile(path.join(dir, 'link.json'), true), { keep: 2 });
 });
 
 test('resolveConfig: the HTTP slow-client settings (per-client cap, header and idle timeouts)', () => {
