@@ -11,7 +11,7 @@ import http from 'node:http';
 import type { Socket } from 'node:net';
 import path from 'node:path';
 import { PassThrough } from 'node:stream';
-import { after, before, test } from 'node:test';
+import { after, before, test, type TestContext } from 'node:test';
 import { setTimeout as delay } from 'node:timers/promises';
 import { cmdPull, digestFromHeaders, parseAdbDevices, pull, shellQuote, type PullOptions } from '../src/commands/pull.js';
 import type { CommandIO } from '../src/commands/store-commands.js';
@@ -186,31 +186,47 @@ test('pull with a token; without it a clear message', async (t) => {
   assert.equal(r.digest, entry.manifest.digest);
 });
 
+/**
+ * A stand-in daemon on loopback, for what a real one never does. It names an entry of `digest`
+ * at /v1/kernels/current (or `current` answers that) and lists no files beside the archive (or
+ * `listing` answers that), so a pull goes on to the archive, which `archive` answers. Closed, its
+ * connections too, when the test ends. Returns its URL.
+ */
+async function standIn(t: TestContext, digest: Buffer, answer: { current?: http.RequestListener; listing?: http.RequestListener; archive?: http.RequestListener }): Promise<string> {
+  const json = (body: unknown): http.RequestListener => (_req, res) => {
+    res.setHeader('content-type', 'application/json');
+    res.end(JSON.stringify(body));
+  };
+  const current = answer.current ?? json({ release: SYNTH_RELEASE, digest: digest.toString('hex'), kind: 'headers' });
+  const listing = answer.listing ?? json({ entries: [] });
+  const server = http.createServer((req, res) => {
+    if (req.url === '/v1/kernels/current') return current(req, res);
+    if (req.url?.endsWith('/files/')) return listing(req, res);
+    if (answer.archive) return answer.archive(req, res);
+    res.statusCode = 404;
+    res.end();
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  t.after(() => {
+    server.closeAllConnections();
+    server.close();
+  });
+  return `http://127.0.0.1:${(server.address() as { port: number }).port}`;
+}
+
 test('pull refuses an archive whose bytes or Digest header do not match', async (t) => {
   const archive = await readFile(path.join(entry.dir, 'archive.tar.xz'));
   const real = createHash('sha256').update(archive).digest();
   let mode: 'bad-bytes' | 'bad-header' | 'no-header' = 'bad-bytes';
   // A lying server: announces the real digest, then misbehaves in one way per mode.
-  const liar = http.createServer((req, res) => {
-    if (req.url === '/v1/kernels/current') {
-      res.setHeader('content-type', 'application/json');
-      res.end(JSON.stringify({ release: SYNTH_RELEASE, digest: real.toString('hex'), kind: 'headers' }));
-      return;
-    }
-    // The listing comes before the archive: answered, so that each mode reaches the download.
-    if (req.url?.endsWith('/files/')) {
-      res.setHeader('content-type', 'application/json');
-      res.end(JSON.stringify({ entries: [] }));
-      return;
-    }
-    const body = mode === 'bad-bytes' ? Buffer.concat([archive.subarray(0, -1), Buffer.from([archive.at(-1)! ^ 1])]) : archive;
-    if (mode !== 'no-header') res.setHeader('repr-digest', `sha-256=:${(mode === 'bad-header' ? createHash('sha256').update('x').digest() : real).toString('base64')}:`);
-    res.setHeader('content-length', body.length);
-    res.end(body);
+  const u = await standIn(t, real, {
+    archive: (_req, res) => {
+      const body = mode === 'bad-bytes' ? Buffer.concat([archive.subarray(0, -1), Buffer.from([archive.at(-1)! ^ 1])]) : archive;
+      if (mode !== 'no-header') res.setHeader('repr-digest', `sha-256=:${(mode === 'bad-header' ? createHash('sha256').update('x').digest() : real).toString('base64')}:`);
+      res.setHeader('content-length', body.length);
+      res.end(body);
+    },
   });
-  await new Promise<void>((resolve) => liar.listen(0, '127.0.0.1', resolve));
-  t.after(() => liar.close());
-  const u = `http://127.0.0.1:${(liar.address() as { port: number }).port}`;
   const refusal = { 'bad-bytes': /has sha256 .* as announced: refusing it/, 'bad-header': /is not the digest the entry names/, 'no-header': /without a Repr-Digest or Digest header/ };
   for (const m of ['bad-bytes', 'bad-header', 'no-header'] as const) {
     mode = m;
@@ -227,29 +243,15 @@ test('a download refused on its headers, or stalled, drops its connection: pull 
   let archiveSocket: Socket | undefined;
   // A daemon that answers the archive's headers, sends a few bytes and then nothing more, with
   // the connection left open: only the client can end it.
-  const stalling = http.createServer((req, res) => {
-    if (req.url === '/v1/kernels/current') {
-      res.setHeader('content-type', 'application/json');
-      res.end(JSON.stringify({ release: SYNTH_RELEASE, digest: digest.toString('hex'), kind: 'headers' }));
-      return;
-    }
-    if (req.url?.endsWith('/files/')) {
-      res.setHeader('content-type', 'application/json');
-      res.end(JSON.stringify({ entries: [] }));
-      return;
-    }
-    archiveSocket = req.socket;
-    const stated = mode === 'bad-header' ? createHash('sha256').update('x').digest() : digest;
-    if (mode !== 'no-header') res.setHeader('repr-digest', `sha-256=:${stated.toString('base64')}:`);
-    res.setHeader('content-length', mode === 'too-large' ? 2 * 1024 ** 3 : 4096);
-    res.write(Buffer.alloc(16));
+  const url = await standIn(t, digest, {
+    archive: (req, res) => {
+      archiveSocket = req.socket;
+      const stated = mode === 'bad-header' ? createHash('sha256').update('x').digest() : digest;
+      if (mode !== 'no-header') res.setHeader('repr-digest', `sha-256=:${stated.toString('base64')}:`);
+      res.setHeader('content-length', mode === 'too-large' ? 2 * 1024 ** 3 : 4096);
+      res.write(Buffer.alloc(16));
+    },
   });
-  await new Promise<void>((resolve) => stalling.listen(0, '127.0.0.1', resolve));
-  t.after(() => {
-    stalling.closeAllConnections();
-    stalling.close();
-  });
-  const url = `http://127.0.0.1:${(stalling.address() as { port: number }).port}`;
   const expected: Record<Mode, RegExp> = {
     'no-header': /without a Repr-Digest or Digest header/,
     'bad-header': /is not the digest the entry names/,
@@ -269,6 +271,28 @@ test('a download refused on its headers, or stalled, drops its connection: pull 
       const closed = await Promise.race([once(socket, 'close').then(() => true), delay(2000).then(() => false)]);
       assert.ok(closed, `${m}: pull failed but left the archive's connection open`);
     }
+  }
+});
+
+test('an answer whose body stalls (the entry, the listing) is said to have stalled, not to be a wrong answer', async (t) => {
+  const digest = createHash('sha256').update('the archive').digest();
+  // Its headers and the start of a JSON body, then nothing, the connection left open.
+  const stall: http.RequestListener = (_req, res) => {
+    res.setHeader('content-type', 'application/json');
+    res.setHeader('content-length', 4096);
+    res.write('{"release": ');
+  };
+  const cases: Array<[string, { current?: http.RequestListener; listing?: http.RequestListener }, RegExp]> = [
+    ['the entry', { current: stall }, /stalled: its answer for current did not arrive in full within 0\.5 s/],
+    ['the listing', { listing: stall }, /stalled: the entry's listing did not arrive in full within 0\.5 s/],
+  ];
+  for (const [what, answer, expected] of cases) {
+    const url = await standIn(t, digest, answer);
+    await assert.rejects(pull({ url, ...dirs(), timeoutMs: 500 }, io()), (err: unknown) => {
+      assert.ok(isKheadersError(err, 'E_HTTP'), what);
+      assert.match(err.message, expected, what);
+      return true;
+    });
   }
 });
 

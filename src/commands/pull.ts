@@ -181,8 +181,9 @@ async function pullFrom(base: URL, opts: PullOptions, io: CommandIO, cacheDir: s
   const ref = opts.release ?? 'current';
   const where = base.origin + base.pathname.replace(/\/$/, '');
 
-  const res = await request(endpoint(base, `v1/kernels/${encodeURIComponent(ref)}`), headers, AbortSignal.timeout(timeoutMs), where);
-  const summary = validSummary(await res.json().catch(() => undefined), where);
+  const asked = AbortSignal.timeout(timeoutMs);
+  const res = await request(endpoint(base, `v1/kernels/${encodeURIComponent(ref)}`), headers, asked, where);
+  const summary = validSummary(await jsonBody(res, asked, timeoutMs, where, `its answer for ${ref}`), where);
   const { release, digest } = summary;
   const withHeaders = summary.kind !== 'btf-only';
   const dir = path.join(out, `${release}-${digest.slice(0, 12)}`);
@@ -248,8 +249,9 @@ async function pullFrom(base: URL, opts: PullOptions, io: CommandIO, cacheDir: s
 
 /** The files at the root of an entry, from its listing (directories and links are the archive's business). */
 async function rootFiles(base: URL, digest: string, headers: Record<string, string>, timeoutMs: number, where: string): Promise<RootFile[]> {
-  const res = await request(endpoint(base, `v1/blobs/${digest}/files/`), { ...headers, accept: 'application/json' }, AbortSignal.timeout(timeoutMs), where);
-  const body = (await res.json().catch(() => undefined)) as { entries?: unknown } | undefined;
+  const asked = AbortSignal.timeout(timeoutMs);
+  const res = await request(endpoint(base, `v1/blobs/${digest}/files/`), { ...headers, accept: 'application/json' }, asked, where);
+  const body = (await jsonBody(res, asked, timeoutMs, where, "the entry's listing")) as { entries?: unknown } | undefined;
   if (!body || !Array.isArray(body.entries)) throw new KheadersError('E_HTTP', `${where} did not answer the entry's listing with JSON`);
   const files: RootFile[] = [];
   for (const raw of body.entries as Array<Record<string, unknown>>) {
@@ -269,6 +271,20 @@ async function rootFiles(base: URL, digest: string, headers: Record<string, stri
 async function archOf(dir: string): Promise<string | undefined> {
   const names = await readdir(path.join(dir, 'arch')).catch(() => [] as string[]);
   return names.length === 1 && /^[a-z0-9]+$/.test(names[0]!) ? names[0] : undefined;
+}
+
+/**
+ * An answer's body as JSON; undefined when it is not JSON (the caller says what was expected).
+ * A body that stops coming until `asked` times out is said to have stalled: it was not a wrong
+ * answer, and "did not answer with an entry" sent users looking for the wrong fault.
+ */
+async function jsonBody(res: Response, asked: AbortSignal, timeoutMs: number, where: string, what: string): Promise<unknown> {
+  try {
+    return await res.json();
+  } catch (err) {
+    if (asked.aborted) throw new KheadersError('E_HTTP', `${where} stalled: ${what} did not arrive in full within ${timeoutMs / 1000} s`, { url: res.url }, { cause: err });
+    return undefined;
+  }
 }
 
 function validSummary(body: unknown, where: string): EntrySummary {
