@@ -106,6 +106,30 @@ async function stopWhileRebuilding(d: Daemon, cacheDir: string, xzs: HangableXz,
   }
 }
 
+/** A directory for one test, its cache directory in it, and an xz on PATH that can be made to hang. */
+async function workspace(t: TestContext, prefix: string): Promise<{ dir: string; cacheDir: string; xzs: HangableXz }> {
+  const dir = await tempDir(t, prefix);
+  return { dir, cacheDir: path.join(dir, 'cache'), xzs: await hangableXz(dir) };
+}
+
+/**
+ * serve's arguments with `live` as the running kernel's archive: over `cacheDir`, keeping every
+ * entry a test makes, HTTP on a free port, no mount, no BTF, the xz decoder (the one on PATH,
+ * which can hang), and the log lines the test waits for.
+ */
+function serveArgs(live: Cached, cacheDir: string): string[] {
+  return ['--archive', live.archive, '--release', live.release, '--cache-dir', cacheDir, '--keep', '20', '--mount', 'off', '--http', '127.0.0.1:0', '--btf', 'off', '--decoder', 'xz', '--log-level', 'info'];
+}
+
+/** Each of `entries` is served over HTTP with its archive's bytes: rebuilt, not lost. */
+async function assertServed(url: string, entries: readonly Cached[]): Promise<void> {
+  for (const c of entries) {
+    const res = await fetch(`${url}/v1/kernels/${c.release}/files/${SCHED}`);
+    assert.equal(res.status, 200, `${c.release}: ${res.status}`);
+    assert.ok(Buffer.from(await res.arrayBuffer()).equals(SCHED_BYTES), `${c.release} serves the archived bytes`);
+  }
+}
+
 /** Run with `process.env.PATH` set (the decoder finds xz there) until the test ends. */
 function usePath(t: TestContext, PATH: string): void {
   const before = process.env.PATH;
@@ -117,9 +141,7 @@ function usePath(t: TestContext, PATH: string): void {
 
 for (const [what, damage] of Object.entries(DAMAGE)) {
   test(`heal stopped while it rebuilds (${what}): the entries are back as they were, nothing is quarantined or swept, the xz is gone; the next heal rebuilds them`, async (t) => {
-    const dir = await tempDir(t, 'kheadersd-heal-stop-');
-    const cacheDir = path.join(dir, 'cache');
-    const xzs = await hangableXz(dir);
+    const { dir, cacheDir, xzs } = await workspace(t, 'kheadersd-heal-stop-');
     usePath(t, xzs.PATH);
     // Two entries: the stop finds one being rebuilt, and the other not reached yet.
     const entries = [await cached(dir, cacheDir, '6.93.1-heal'), await cached(dir, cacheDir, '6.93.2-heal')];
@@ -155,16 +177,14 @@ for (const [what, damage] of Object.entries(DAMAGE)) {
 }
 
 test('serve, SIGTERM while it rebuilds an outdated and a damaged entry its start found: exits 0 at once, both wait in entries/; the next start rebuilds and serves them', async (t) => {
-  const dir = await tempDir(t, 'kheadersd-heal-stop-serve-');
-  const cacheDir = path.join(dir, 'cache');
-  const xzs = await hangableXz(dir);
+  const { dir, cacheDir, xzs } = await workspace(t, 'kheadersd-heal-stop-serve-');
   const old = await cached(dir, cacheDir, '6.94.1-old');
   const cut = await cached(dir, cacheDir, '6.94.2-cut');
   const live = await cached(dir, cacheDir, '6.94.3-live');
   await DAMAGE.outdated(old);
   await DAMAGE['manifest cut'](cut);
   const before = await treeContent(path.join(cacheDir, 'entries'));
-  const args = ['--archive', live.archive, '--release', live.release, '--cache-dir', cacheDir, '--keep', '20', '--mount', 'off', '--http', '127.0.0.1:0', '--btf', 'off', '--decoder', 'xz', '--log-level', 'info'];
+  const args = serveArgs(live, cacheDir);
 
   await xzs.hang();
   const first = startServe(t, args, { PATH: xzs.PATH });
@@ -176,23 +196,17 @@ test('serve, SIGTERM while it rebuilds an outdated and a damaged entry its start
   const second = startServe(t, args, { PATH: xzs.PATH });
   const url = String((await second.waitFor((l) => l.msg === 'HTTP listening', 'HTTP to listen')).url);
   await repairedAndServed(second);
-  for (const c of [old, cut, live]) {
-    const res = await fetch(`${url}/v1/kernels/${c.release}/files/${SCHED}`);
-    assert.equal(res.status, 200, `${c.release}: ${res.status}`);
-    assert.ok(Buffer.from(await res.arrayBuffer()).equals(SCHED_BYTES), `${c.release} serves the archived bytes`);
-  }
+  await assertServed(url, [old, cut, live]);
   second.child.kill('SIGTERM');
   assert.equal(await second.exited, 0);
 });
 
 test('serve, SIGTERM while it repairs an entry a read found damaged: exits 0 at once, the entry waits in entries/; the next start serves it, and repairs it at the first read of the bad bytes', async (t) => {
-  const dir = await tempDir(t, 'kheadersd-heal-stop-repair-');
-  const cacheDir = path.join(dir, 'cache');
-  const xzs = await hangableXz(dir);
+  const { dir, cacheDir, xzs } = await workspace(t, 'kheadersd-heal-stop-repair-');
   const flipped = await cached(dir, cacheDir, '6.95.1-read');
   await DAMAGE['found by a reader'](flipped);
   const before = await treeContent(path.join(cacheDir, 'entries'));
-  const args = ['--archive', flipped.archive, '--release', flipped.release, '--cache-dir', cacheDir, '--mount', 'off', '--http', '127.0.0.1:0', '--btf', 'off', '--decoder', 'xz', '--log-level', 'info'];
+  const args = serveArgs(flipped, cacheDir);
   const sched = (url: string): Promise<Response> => fetch(`${url}/v1/kernels/${flipped.release}/files/${SCHED}`);
 
   const first = startServe(t, args, { PATH: xzs.PATH });
@@ -217,13 +231,11 @@ test('serve, SIGTERM while it repairs an entry a read found damaged: exits 0 at 
 });
 
 test('serve SIGKILLed while its start rebuilds an outdated entry: the copy set aside in tmp/ is not swept; the next start puts it back and rebuilds it', async (t) => {
-  const dir = await tempDir(t, 'kheadersd-heal-kill-');
-  const cacheDir = path.join(dir, 'cache');
-  const xzs = await hangableXz(dir);
+  const { dir, cacheDir, xzs } = await workspace(t, 'kheadersd-heal-kill-');
   const old = await cached(dir, cacheDir, '6.96.1-old');
   const live = await cached(dir, cacheDir, '6.96.2-live');
   await DAMAGE.outdated(old);
-  const args = ['--archive', live.archive, '--release', live.release, '--cache-dir', cacheDir, '--keep', '20', '--mount', 'off', '--http', '127.0.0.1:0', '--btf', 'off', '--decoder', 'xz', '--log-level', 'info'];
+  const args = serveArgs(live, cacheDir);
 
   await xzs.hang();
   const first = startServe(t, args, { PATH: xzs.PATH });
@@ -242,11 +254,7 @@ test('serve SIGKILLed while its start rebuilds an outdated entry: the copy set a
   await xzs.unhang();
   const second = startServe(t, args, { PATH: xzs.PATH });
   const url = String((await second.waitFor((l) => l.msg === 'HTTP listening', 'HTTP to listen')).url);
-  for (const c of [old, live]) {
-    const res = await fetch(`${url}/v1/kernels/${c.release}/files/${SCHED}`);
-    assert.equal(res.status, 200, `${c.release}: ${res.status}`);
-    assert.ok(Buffer.from(await res.arrayBuffer()).equals(SCHED_BYTES), `${c.release} serves the archived bytes`);
-  }
+  await assertServed(url, [old, live]);
   second.child.kill('SIGTERM');
   assert.equal(await second.exited, 0);
   assert.deepEqual(await readdir(path.join(cacheDir, 'tmp')), [], 'tmp/ is empty again');
