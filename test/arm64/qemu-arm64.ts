@@ -8,12 +8,12 @@
  * harness (test/vm/vm.ts, startVm with an initrd root) was not yet in the tree: the options and
  * the session have the same names and meaning, so moving over is a change of import.
  */
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { freePort, killWithThisProcess } from '../vm/vm.js';
+import { DISPOSE_WAIT_MS, freePort, killWithThisProcess } from '../vm/vm.js';
 
 /**
  * A Cortex-A76: a phone core (ARMv8.2, LSE atomics), and what V8 runs correctly under qemu 7.2's
@@ -38,6 +38,8 @@ export interface Arm64VmOptions {
   /** qemu's -cpu (default ARM64_CPU). */
   cpu?: string;
   timeoutMs?: number;
+  /** The qemu binary (default qemu-system-aarch64; the harness's own test gives a stand-in). */
+  qemu?: string;
   onEvent?: (e: VmEvent) => void;
   consoleTo?: NodeJS.WritableStream;
 }
@@ -103,30 +105,38 @@ export async function startArm64Vm(opts: Arm64VmOptions): Promise<VmSession> {
     });
     sock.on('error', () => {});
   });
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(socketPath, resolve);
-  });
-
-  const httpPort = opts.forwardHttp ? await freePort() : null;
-  const append = ['console=ttyAMA0', 'quiet', 'panic=-1', 'rdinit=/init', ...(httpPort !== null ? ['kh_net=1'] : [])];
-  const args = [
-    ...['-nodefaults', '-display', 'none', '-no-reboot', '-machine', 'virt', '-cpu', opts.cpu ?? ARM64_CPU, '-accel', 'tcg'],
-    ...['-m', String(opts.memoryMiB ?? 1536), '-smp', String(opts.cpus ?? 2), '-serial', 'stdio'],
-    ...['-kernel', opts.kernel, '-initrd', opts.initrd],
-    ...['-fsdev', `local,id=khshare,path=${share},security_model=none`, '-device', 'virtio-9p-pci,fsdev=khshare,mount_tag=khshare'],
-    ...['-device', 'virtio-serial-pci', '-chardev', `socket,id=khev,path=${socketPath}`, '-device', 'virtserialport,chardev=khev,name=kh.events'],
-    ...(httpPort !== null ? ['-nic', `user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:${httpPort}-:${GUEST_HTTP_PORT}`] : []),
-    ...['-append', append.join(' ')],
-  ];
-  const child = spawn('qemu-system-aarch64', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  let child: ChildProcess;
+  let httpPort: number | null;
+  try {
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(socketPath, resolve);
+    });
+    httpPort = opts.forwardHttp ? await freePort() : null;
+    const append = ['console=ttyAMA0', 'quiet', 'panic=-1', 'rdinit=/init', ...(httpPort !== null ? ['kh_net=1'] : [])];
+    const args = [
+      ...['-nodefaults', '-display', 'none', '-no-reboot', '-machine', 'virt', '-cpu', opts.cpu ?? ARM64_CPU, '-accel', 'tcg'],
+      ...['-m', String(opts.memoryMiB ?? 1536), '-smp', String(opts.cpus ?? 2), '-serial', 'stdio'],
+      ...['-kernel', opts.kernel, '-initrd', opts.initrd],
+      ...['-fsdev', `local,id=khshare,path=${share},security_model=none`, '-device', 'virtio-9p-pci,fsdev=khshare,mount_tag=khshare'],
+      ...['-device', 'virtio-serial-pci', '-chardev', `socket,id=khev,path=${socketPath}`, '-device', 'virtserialport,chardev=khev,name=kh.events'],
+      ...(httpPort !== null ? ['-nic', `user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:${httpPort}-:${GUEST_HTTP_PORT}`] : []),
+      ...['-append', append.join(' ')],
+    ];
+    child = spawn(opts.qemu ?? 'qemu-system-aarch64', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  } catch (err) {
+    // No session to dispose() of yet: a listening events server would hold the test process open (as in vm.ts).
+    server.close();
+    await rm(work, { recursive: true, force: true });
+    throw err;
+  }
   killWithThisProcess(child);
   const onConsole = (s: string): void => {
     consoleText += s;
     opts.consoleTo?.write(s);
   };
-  child.stdout.setEncoding('utf8').on('data', onConsole);
-  child.stderr.setEncoding('utf8').on('data', onConsole);
+  child.stdout?.setEncoding('utf8').on('data', onConsole);
+  child.stderr?.setEncoding('utf8').on('data', onConsole);
   let timedOut = false;
   const timer = setTimeout(() => {
     timedOut = true;
@@ -134,7 +144,11 @@ export async function startArm64Vm(opts: Arm64VmOptions): Promise<VmSession> {
   }, opts.timeoutMs ?? 600_000);
 
   const result = new Promise<VmResult>((resolve, reject) => {
-    child.on('error', reject);
+    child.on('error', (err) => {
+      clearTimeout(timer);
+      server.close();
+      reject(err);
+    });
     child.on('close', () => {
       clearTimeout(timer);
       ended = true;
@@ -183,8 +197,25 @@ export async function startArm64Vm(opts: Arm64VmOptions): Promise<VmSession> {
     async dispose() {
       if (!ended) {
         child.kill('SIGKILL');
-        await result.catch(() => undefined);
+        // As vm.ts's dispose: SIGKILL ends qemu at once, but its 'close' waits for its pipes, and
+        // a qemu stuck in the kernel (D state) must not hold the test process; the wait is
+        // bounded and whatever is still open is closed below regardless.
+        await new Promise<void>((resolve) => {
+          const bound = setTimeout(resolve, DISPOSE_WAIT_MS);
+          void result.catch(() => undefined).finally(() => {
+            clearTimeout(bound);
+            resolve();
+          });
+        });
       }
+      clearTimeout(timer);
+      child.stdout?.destroy();
+      child.stderr?.destroy();
+      eventSocket?.destroy();
+      server.close();
+      // A waitFor still pending rejects now rather than holding its timer for minutes.
+      ended = true;
+      for (const w of [...waiters]) w();
       await rm(work, { recursive: true, force: true });
     },
   };

@@ -45,7 +45,7 @@ export const KHEADERSD_CLI = CLI;
 /** The port the daemon's HTTP listens on inside the VM (its default). */
 export const GUEST_HTTP_PORT = 7711;
 /** How long dispose() waits for a SIGKILLed qemu to close before closing its pipes itself. */
-const DISPOSE_WAIT_MS = 10_000;
+export const DISPOSE_WAIT_MS = 10_000;
 
 export interface VmArch {
   name: string;
