@@ -249,15 +249,18 @@ export class CacheStore {
     return { entries: newestFirst(entries), damaged };
   }
 
-  /** The full entry, checked (see entry-load.ts); memoised, since entries never change. */
-  async load(id: string): Promise<CacheEntry> {
+  /**
+   * The full entry, checked (see entry-load.ts); memoised, since entries never change. `mode`:
+   * see list(); a load already under way is shared whichever way it reads.
+   */
+  async load(id: string, mode: ReadMode = 'sync'): Promise<CacheEntry> {
     const hit = this.loaded.get(id);
     if (hit) return hit;
     const drops = this.drops.get(id) ?? 0;
     // Callers asking at once (a scan, HTTP's catalog) share one read and check of the index.
     let pending = this.loading.get(id);
     if (!pending) {
-      const started: Promise<CacheEntry> = loadEntry(this.entriesDir, id, (err, m) => this.emitDamage(err, m))
+      const started: Promise<CacheEntry> = loadEntry(this.entriesDir, id, (err, m) => this.emitDamage(err, m), mode)
         .then((entry) => {
           // Kept before the load stops being shared, with no turn between: a caller that came in
           // between would find neither and read and check the entry again (the reads are

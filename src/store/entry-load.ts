@@ -164,18 +164,24 @@ function bufferFor(id: string, name: string, st: Stats, max: number): Buffer {
   return Buffer.allocUnsafeSlow(st.size); // its own memory: the index keeps it
 }
 
-/** readSmall (without `head`) through the thread pool: the same flags, checks and damage. */
-async function readSmallAsync(id: string, dir: string, name: string, max: number): Promise<Buffer> {
+/** readSmall through the thread pool: the same flags, checks and damage. */
+async function readSmallAsync(id: string, dir: string, name: string, max: number, head?: { bytes: number; check(buf: Buffer): void }): Promise<Buffer> {
   const fh = await open(entryFile(dir, name), ENTRY_FILE_FLAGS).catch((err: unknown) => {
     throw openProblem(id, name, entryFile(dir, name), err);
   });
   try {
     const buf = bufferFor(id, name, await fh.stat(), max);
-    for (let got = 0; got < buf.length; ) {
-      const { bytesRead } = await fh.read(buf, got, buf.length - got, got);
-      if (bytesRead === 0) throw damaged(id, `${name} shrank while it was read`, { file: name });
-      got += bytesRead;
-    }
+    const readTo = async (from: number, to: number): Promise<void> => {
+      for (let got = from; got < to; ) {
+        const { bytesRead } = await fh.read(buf, got, to - got, got);
+        if (bytesRead === 0) throw damaged(id, `${name} shrank while it was read`, { file: name });
+        got += bytesRead;
+      }
+    };
+    const first = head !== undefined && buf.length >= head.bytes ? head.bytes : 0;
+    await readTo(0, first);
+    if (first > 0) head!.check(buf);
+    await readTo(first, buf.length);
     return buf;
   } finally {
     await fh.close();
@@ -205,9 +211,25 @@ function expectFile(id: string, dir: string, name: string, size: number): void {
   try {
     st = lstatSync(entryFile(dir, name));
   } catch (err) {
-    if (errnoOf(err) === 'ENOENT') throw damaged(id, `${name} is missing`, { file: name });
-    throw unreadableCache(entryFile(dir, name), err) ?? err;
+    throw dataFileProblem(id, dir, name, err);
   }
+  judgeDataFile(id, name, size, st);
+}
+
+/** expectFile through the thread pool. */
+async function expectFileAsync(id: string, dir: string, name: string, size: number): Promise<void> {
+  const st = await lstat(entryFile(dir, name)).catch((err: unknown) => {
+    throw dataFileProblem(id, dir, name, err);
+  });
+  judgeDataFile(id, name, size, st);
+}
+
+function dataFileProblem(id: string, dir: string, name: string, err: unknown): unknown {
+  if (errnoOf(err) === 'ENOENT') return damaged(id, `${name} is missing`, { file: name });
+  return unreadableCache(entryFile(dir, name), err) ?? err;
+}
+
+function judgeDataFile(id: string, name: string, size: number, st: Stats): void {
   if (!st.isFile()) throw damaged(id, `${name} is not a regular file`, { file: name });
   if (st.size !== size) throw damaged(id, `${name} is ${st.size} bytes, not the ${size} it was written with`, { file: name });
 }
@@ -217,25 +239,39 @@ function indexDamage(id: string, err: unknown): unknown {
   return err;
 }
 
-/** The files beside the index: the pack and archive (headers entries) and every blob. */
-function checkDataFiles(id: string, dir: string, manifest: Manifest, index: TreeIndex): void {
+/** The files beside the index, with their sizes: the pack and archive (headers entries) and every blob. */
+function dataFiles(manifest: Manifest, index: TreeIndex): Array<[string, number]> {
   const expected: Array<[string, number]> = manifest.kind === 'headers' ? [[PACK_FILE, manifest.packBytes], [ARCHIVE_FILE, manifest.archiveBytes]] : [];
   for (let k = 0; k < index.blobCount; k++) {
     const b = index.blob(k);
     expected.push([b.name, b.size]);
   }
-  // The first problem in this order is the one reported.
-  for (const [name, size] of expected) expectFile(id, dir, name, size);
+  return expected;
 }
 
-/** The whole entry, every check passed. Throws E_ENTRY_DAMAGED, or E_NOT_FOUND when absent. */
-export async function loadEntry(entriesDir: string, id: string, onDamage?: DamageHandler): Promise<CacheEntry> {
-  const manifest = await loadManifest(entriesDir, id);
+/** Each of dataFiles() a regular file of its size. */
+function checkDataFiles(id: string, dir: string, manifest: Manifest, index: TreeIndex): void {
+  // The first problem in this order is the one reported.
+  for (const [name, size] of dataFiles(manifest, index)) expectFile(id, dir, name, size);
+}
+
+/** checkDataFiles through the thread pool; the same order, so the same problem is reported. */
+async function checkDataFilesAsync(id: string, dir: string, manifest: Manifest, index: TreeIndex): Promise<void> {
+  for (const [name, size] of dataFiles(manifest, index)) await expectFileAsync(id, dir, name, size);
+}
+
+/**
+ * The whole entry, every check passed. Throws E_ENTRY_DAMAGED, or E_NOT_FOUND when absent.
+ * `mode`: as loadManifest's ('async' when a request of the HTTP catalog is the first to ask).
+ */
+export async function loadEntry(entriesDir: string, id: string, onDamage?: DamageHandler, mode: ReadMode = 'sync'): Promise<CacheEntry> {
+  const manifest = await loadManifest(entriesDir, id, mode);
   const dir = path.join(entriesDir, id);
   let index: TreeIndex;
   try {
     // A sparse index.bin of 511 MiB whose header says 1 KiB was read whole before it was refused: 2.6 s on that thread.
-    const buf = readSmall(id, dir, INDEX_FILE, MAX_INDEX_BYTES, { bytes: HEADER_BYTES, check: (b) => TreeIndex.checkHeader(b, { packBytes: manifest.packBytes }) });
+    const head = { bytes: HEADER_BYTES, check: (b: Buffer) => TreeIndex.checkHeader(b, { packBytes: manifest.packBytes }) };
+    const buf = mode === 'sync' ? readSmall(id, dir, INDEX_FILE, MAX_INDEX_BYTES, head) : await readSmallAsync(id, dir, INDEX_FILE, MAX_INDEX_BYTES, head);
     index = TreeIndex.decode(buf, { packBytes: manifest.packBytes, checksum: readVerificationEnabled() });
   } catch (err) {
     throw indexDamage(id, err);
@@ -244,7 +280,8 @@ export async function loadEntry(entriesDir: string, id: string, onDamage?: Damag
   for (const [k, v] of Object.entries(counts)) {
     if (manifest[k as keyof typeof counts] !== v) throw damaged(id, `the manifest says ${manifest[k as keyof typeof counts]} ${k} but the index has ${v}`);
   }
-  checkDataFiles(id, dir, manifest, index);
+  if (mode === 'sync') checkDataFiles(id, dir, manifest, index);
+  else await checkDataFilesAsync(id, dir, manifest, index);
   return makeEntry(manifest, dir, index, onDamage);
 }
 

@@ -10,7 +10,8 @@
  * The first snapshot is the start's warm-up (server.ts) and reads the cache synchronously, as the
  * rest of the start does (measured faster: entry-load.ts). Every later one is taken on a request's
  * path while serving, so it reads through the thread pool: a synchronous listing of entries/ and
- * read of every manifest would hold every other request (and the mount) meanwhile.
+ * read of every manifest would hold every other request (and the mount) meanwhile. So is an entry
+ * a request is the first to serve (its index, up to hundreds of MiB, and its files' checks).
  *
  * It also owns the ByteSource (hot bodies; see bytes.ts) and per-node ETag / Last-Modified
  * strings, computed once. Bytes come from each entry's EntryReader, shared with FUSE.
@@ -160,7 +161,7 @@ export class Catalog {
   private readonly served = new Map<string, ServedEntry>();
   private readonly unsubscribe: () => void;
   private changes = 0;
-  /** 'sync' for the warm-up only (see above). */
+  /** 'sync' for the warm-up's snapshot only (see above); entries are read as snapshots are. */
   private readMode: ReadMode = 'sync';
 
   constructor(
@@ -218,7 +219,7 @@ export class Catalog {
     const resolver = await this.store.snapshot(this.state.currentId ?? undefined, mode);
     for (const [id, served] of this.served) {
       // Gone from the cache, or replaced by a rebuilt instance: stop serving this one.
-      const now = resolver.byId(id) ? await this.store.load(id).catch(() => undefined) : undefined;
+      const now = resolver.byId(id) ? await this.store.load(id, this.readMode).catch(() => undefined) : undefined;
       // A request may have served the rebuilt copy while we waited: that one is not ours to drop.
       if (now === served.entry || this.served.get(id) !== served) continue;
       this.drop(id, served);
@@ -243,7 +244,8 @@ export class Catalog {
   private async serve(id: string): Promise<ServedEntry | undefined> {
     let entry: CacheEntry;
     try {
-      entry = await this.store.load(id);
+      // An entry first served by a request (or rebuilt since) is read on that request's path.
+      entry = await this.store.load(id, this.readMode);
     } catch (err) {
       // Gone, or damaged (the daemon hears of it through the store and repairs it): not served.
       if (err instanceof KheadersError && (err.code === 'E_NOT_FOUND' || err.code === 'E_ENTRY_DAMAGED')) {
