@@ -3,7 +3,8 @@
  * makes (per architecture, root, cache and port forward), the events it parses, the shell
  * scripts the VM runs (POSIX sh, shellcheck-clean: they run under the host's /bin/sh as PID 1),
  * and that nothing a VM test opens outlives it: dispose() and a failed start close all of a
- * VM's handles (with a stand-in qemu: a shell script), and a test file that leaks one exits.
+ * VM's handles (with a stand-in qemu: a shell script), in this harness and in test/arm64's, and
+ * a test file that leaks one exits.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -11,7 +12,8 @@ import { readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
 import { activeHandles } from './vm/exit-guard.js';
-import { parseEvent, qemuArgs, REPO_ROOT, startVm, VM_SCRIPTS, X86_64, type VmArch } from './vm/vm.js';
+import { parseEvent, qemuArgs, REPO_ROOT, startVm, VM_SCRIPTS, X86_64, type VmArch, type VmSession } from './vm/vm.js';
+import { startArm64Vm } from './arm64/qemu-arm64.js';
 import { removeDir, run, tempDir, toolSkipReason } from './helpers/fuse-env.js';
 import { tool } from './vm/support.js';
 
@@ -77,41 +79,49 @@ async function handlesSettled(): Promise<string[]> {
   return activeHandles();
 }
 
-test('dispose() of a VM whose qemu will not finish dying: bounded, and nothing of the VM is left open', { timeout: 60_000 }, async (t) => {
-  const work = await tempDir('vm-dispose');
-  t.after(() => removeDir(work));
-  // A "qemu" whose stdout outlives it, as a qemu stuck in the kernel keeps its pipes after
-  // SIGKILL: its 'close' never comes (a child it leaves behind holds the pipe).
-  const fake = path.join(work, 'qemu');
-  await writeFile(fake, `#!/bin/sh\nsleep 600 &\necho $! >"${work}/holder.pid"\necho $$ >"${work}/qemu.pid"\nexec sleep 600\n`, { mode: 0o755 });
-  const pidOf = async (name: string): Promise<number> => {
-    for (let i = 0; i < 100; i++) {
-      const text = await readFile(path.join(work, name), 'utf8').catch(() => '');
-      if (text.endsWith('\n')) return Number(text);
-      await delay(50);
-    }
-    throw new Error(`the stand-in qemu never wrote ${name}`);
-  };
-  const before = await handlesSettled();
-  const vm = await startVm({ kernel: { arch: { ...X86_64, qemu: fake }, image: '/nonexistent' }, scenario: 'true', forwardHttp: true });
-  const holder = await pidOf('holder.pid');
-  t.after(() => process.kill(holder, 'SIGKILL'));
-  const qemu = await pidOf('qemu.pid');
-  const waiting = assert.rejects(vm.waitFor(() => false, 'an event that never comes', 600_000), /the VM ended before an event that never comes/, 'a pending waitFor ends with the VM');
-  const t0 = performance.now();
-  await vm.dispose();
-  assert.ok(performance.now() - t0 < 20_000, `dispose() took ${Math.round(performance.now() - t0)} ms`);
-  await waiting;
-  assert.throws(() => process.kill(qemu, 0), { code: 'ESRCH' }, 'qemu was killed');
-  assert.deepEqual(await handlesSettled(), before, 'the events server, qemu\'s pipes and its process handle are all closed');
-});
+/** The two harnesses, started with `qemu` as their qemu binary: test/vm's, and test/arm64's (its own, for the initramfs it boots). */
+const HARNESSES: ReadonlyArray<[string, (qemu: string) => Promise<{ waitFor: VmSession['waitFor']; dispose(): Promise<void> }>]> = [
+  ['vm.ts', (qemu) => startVm({ kernel: { arch: { ...X86_64, qemu }, image: '/nonexistent' }, scenario: 'true', forwardHttp: true })],
+  ['arm64/qemu-arm64.ts', (qemu) => startArm64Vm({ qemu, kernel: '/nonexistent', initrd: '/nonexistent', scenario: 'true', forwardHttp: true })],
+];
 
-test('a VM that fails to start leaves nothing listening', async () => {
-  const before = await handlesSettled();
-  // spawn refuses a file name with a NUL byte at once: a failure after the events server listens.
-  await assert.rejects(startVm({ kernel: { arch: { ...X86_64, qemu: 'qemu\0' }, image: '/nonexistent' }, scenario: 'true', forwardHttp: true }));
-  assert.deepEqual(await handlesSettled(), before);
-});
+for (const [harness, start] of HARNESSES) {
+  test(`${harness}: dispose() of a VM whose qemu will not finish dying: bounded, and nothing of the VM is left open`, { timeout: 60_000 }, async (t) => {
+    const work = await tempDir('vm-dispose');
+    t.after(() => removeDir(work));
+    // A "qemu" whose stdout outlives it, as a qemu stuck in the kernel keeps its pipes after
+    // SIGKILL: its 'close' never comes (a child it leaves behind holds the pipe).
+    const fake = path.join(work, 'qemu');
+    await writeFile(fake, `#!/bin/sh\nsleep 600 &\necho $! >"${work}/holder.pid"\necho $$ >"${work}/qemu.pid"\nexec sleep 600\n`, { mode: 0o755 });
+    const pidOf = async (name: string): Promise<number> => {
+      for (let i = 0; i < 100; i++) {
+        const text = await readFile(path.join(work, name), 'utf8').catch(() => '');
+        if (text.endsWith('\n')) return Number(text);
+        await delay(50);
+      }
+      throw new Error(`the stand-in qemu never wrote ${name}`);
+    };
+    const before = await handlesSettled();
+    const vm = await start(fake);
+    const holder = await pidOf('holder.pid');
+    t.after(() => process.kill(holder, 'SIGKILL'));
+    const qemu = await pidOf('qemu.pid');
+    const waiting = assert.rejects(vm.waitFor(() => false, 'an event that never comes', 600_000), /the VM ended before an event that never comes/, 'a pending waitFor ends with the VM');
+    const t0 = performance.now();
+    await vm.dispose();
+    assert.ok(performance.now() - t0 < 20_000, `dispose() took ${Math.round(performance.now() - t0)} ms`);
+    await waiting;
+    assert.throws(() => process.kill(qemu, 0), { code: 'ESRCH' }, 'qemu was killed');
+    assert.deepEqual(await handlesSettled(), before, 'the events server, qemu\'s pipes and its process handle are all closed');
+  });
+
+  test(`${harness}: a VM that fails to start leaves nothing listening`, async () => {
+    const before = await handlesSettled();
+    // spawn refuses a file name with a NUL byte at once: a failure after the events server listens.
+    await assert.rejects(start('qemu\0'));
+    assert.deepEqual(await handlesSettled(), before);
+  });
+}
 
 test('exitWhenDone: a test file that leaks a server exits once its grace is over, names what held it, and fails; a clean one exits at once', async () => {
   const child = path.join(REPO_ROOT, 'dist/test/helpers/exit-guard-child.js');

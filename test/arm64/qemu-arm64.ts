@@ -8,12 +8,12 @@
  * harness (test/vm/vm.ts, startVm with an initrd root) was not yet in the tree: the options and
  * the session have the same names and meaning, so moving over is a change of import.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { DISPOSE_WAIT_MS, freePort, killWithThisProcess } from '../vm/vm.js';
+import { killAndClose, killWithThisProcess, startQemu } from '../vm/vm.js';
 
 /**
  * A Cortex-A76: a phone core (ARMv8.2, LSE atomics), and what V8 runs correctly under qemu 7.2's
@@ -105,31 +105,19 @@ export async function startArm64Vm(opts: Arm64VmOptions): Promise<VmSession> {
     });
     sock.on('error', () => {});
   });
-  let child: ChildProcess;
-  let httpPort: number | null;
-  try {
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      server.listen(socketPath, resolve);
-    });
-    httpPort = opts.forwardHttp ? await freePort() : null;
-    const append = ['console=ttyAMA0', 'quiet', 'panic=-1', 'rdinit=/init', ...(httpPort !== null ? ['kh_net=1'] : [])];
+  const { child, httpPort } = await startQemu({ server, socketPath, work, forwardHttp: opts.forwardHttp === true }, (port) => {
+    const append = ['console=ttyAMA0', 'quiet', 'panic=-1', 'rdinit=/init', ...(port !== null ? ['kh_net=1'] : [])];
     const args = [
       ...['-nodefaults', '-display', 'none', '-no-reboot', '-machine', 'virt', '-cpu', opts.cpu ?? ARM64_CPU, '-accel', 'tcg'],
       ...['-m', String(opts.memoryMiB ?? 1536), '-smp', String(opts.cpus ?? 2), '-serial', 'stdio'],
       ...['-kernel', opts.kernel, '-initrd', opts.initrd],
       ...['-fsdev', `local,id=khshare,path=${share},security_model=none`, '-device', 'virtio-9p-pci,fsdev=khshare,mount_tag=khshare'],
       ...['-device', 'virtio-serial-pci', '-chardev', `socket,id=khev,path=${socketPath}`, '-device', 'virtserialport,chardev=khev,name=kh.events'],
-      ...(httpPort !== null ? ['-nic', `user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:${httpPort}-:${GUEST_HTTP_PORT}`] : []),
+      ...(port !== null ? ['-nic', `user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:${port}-:${GUEST_HTTP_PORT}`] : []),
       ...['-append', append.join(' ')],
     ];
-    child = spawn(opts.qemu ?? 'qemu-system-aarch64', args, { stdio: ['ignore', 'pipe', 'pipe'] });
-  } catch (err) {
-    // No session to dispose() of yet: a listening events server would hold the test process open (as in vm.ts).
-    server.close();
-    await rm(work, { recursive: true, force: true });
-    throw err;
-  }
+    return spawn(opts.qemu ?? 'qemu-system-aarch64', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  });
   killWithThisProcess(child);
   const onConsole = (s: string): void => {
     consoleText += s;
@@ -195,24 +183,9 @@ export async function startArm64Vm(opts: Arm64VmOptions): Promise<VmSession> {
       else pending.push(`${line}\n`);
     },
     async dispose() {
-      if (!ended) {
-        child.kill('SIGKILL');
-        // As vm.ts's dispose: SIGKILL ends qemu at once, but its 'close' waits for its pipes, and
-        // a qemu stuck in the kernel (D state) must not hold the test process; the wait is
-        // bounded and whatever is still open is closed below regardless.
-        await new Promise<void>((resolve) => {
-          const bound = setTimeout(resolve, DISPOSE_WAIT_MS);
-          void result.catch(() => undefined).finally(() => {
-            clearTimeout(bound);
-            resolve();
-          });
-        });
-      }
+      // Bounded as test/vm's: a qemu that will not finish dying must not hold the test process.
+      await killAndClose(child, result, !ended, { socket: eventSocket, server });
       clearTimeout(timer);
-      child.stdout?.destroy();
-      child.stderr?.destroy();
-      eventSocket?.destroy();
-      server.close();
       // A waitFor still pending rejects now rather than holding its timer for minutes.
       ended = true;
       for (const w of [...waiters]) w();

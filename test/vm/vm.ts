@@ -45,7 +45,7 @@ export const KHEADERSD_CLI = CLI;
 /** The port the daemon's HTTP listens on inside the VM (its default). */
 export const GUEST_HTTP_PORT = 7711;
 /** How long dispose() waits for a SIGKILLed qemu to close before closing its pipes itself. */
-export const DISPOSE_WAIT_MS = 10_000;
+const DISPOSE_WAIT_MS = 10_000;
 
 export interface VmArch {
   name: string;
@@ -232,22 +232,9 @@ export async function startVm(opts: VmOptions): Promise<VmSession> {
     });
     sock.on('error', () => {}); // qemu going away mid-line is the power cut, not an error
   });
-  let child: ChildProcess;
-  let httpPort: number | null;
-  try {
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      server.listen(socketPath, resolve);
-    });
-    httpPort = opts.forwardHttp ? await freePort() : null;
-    const args = qemuArgs(opts, { share, socket: socketPath, httpPort });
-    child = spawn(arch.qemu, args, { stdio: opts.interactive ? 'inherit' : ['ignore', 'pipe', 'pipe'] });
-  } catch (err) {
-    // No session to dispose() of yet: a listening events server would hold the test process open.
-    server.close();
-    await rm(work, { recursive: true, force: true });
-    throw err;
-  }
+  const { child, httpPort } = await startQemu({ server, socketPath, work, forwardHttp: opts.forwardHttp === true }, (port) =>
+    spawn(arch.qemu, qemuArgs(opts, { share, socket: socketPath, httpPort: port }), { stdio: opts.interactive ? 'inherit' : ['ignore', 'pipe', 'pipe'] }),
+  );
   killWithThisProcess(child);
   const onConsole = (s: string): void => {
     consoleText += s;
@@ -342,32 +329,63 @@ export async function startVm(opts: VmOptions): Promise<VmSession> {
       return result;
     },
     async dispose() {
-      if (!ended) {
-        killed = true;
-        child.kill('SIGKILL');
-        // SIGKILL ends qemu at once, but its 'close' waits for its pipes; a qemu stuck in the
-        // kernel (D state) must not hold the test process, so the wait is bounded and whatever
-        // is still open is closed below regardless.
-        await new Promise<void>((resolve) => {
-          const bound = setTimeout(resolve, DISPOSE_WAIT_MS);
-          void result.catch(() => undefined).finally(() => {
-            clearTimeout(bound);
-            resolve();
-          });
-        });
-      }
+      if (!ended) killed = true;
+      await killAndClose(child, result, !ended, { socket: eventSocket, server });
       clearTimeout(timer);
       clearInterval(cpuSampler);
-      child.stdout?.destroy();
-      child.stderr?.destroy();
-      eventSocket?.destroy();
-      server.close();
       // A waitFor still pending rejects now rather than holding its timer for minutes.
       ended = true;
       for (const w of [...waiters]) w();
       await rm(work, { recursive: true, force: true });
     },
   };
+}
+
+/**
+ * The events server listening on `socketPath`, a free port to forward (when asked), and qemu
+ * spawned (here and in test/arm64). If any of it fails there is no session to dispose() of yet:
+ * the server is closed and `work` removed here, since a listening server would hold the test
+ * process open.
+ */
+export async function startQemu(
+  where: { server: net.Server; socketPath: string; work: string; forwardHttp: boolean },
+  spawnQemu: (httpPort: number | null) => ChildProcess,
+): Promise<{ child: ChildProcess; httpPort: number | null }> {
+  try {
+    await new Promise<void>((resolve, reject) => {
+      where.server.once('error', reject);
+      where.server.listen(where.socketPath, resolve);
+    });
+    const httpPort = where.forwardHttp ? await freePort() : null;
+    return { child: spawnQemu(httpPort), httpPort };
+  } catch (err) {
+    where.server.close();
+    await rm(where.work, { recursive: true, force: true });
+    throw err;
+  }
+}
+
+/**
+ * A VM's end, for dispose() (here and in test/arm64): SIGKILL qemu when it still `runs`, and wait
+ * for its 'close' (`result`) at most DISPOSE_WAIT_MS. SIGKILL ends qemu at once, but its 'close'
+ * waits for its pipes; a qemu stuck in the kernel (D state) must not hold the test process, so
+ * whatever of it is still open is then closed regardless: its pipes, the events socket and server.
+ */
+export async function killAndClose(child: ChildProcess, result: Promise<unknown>, runs: boolean, events: { socket: net.Socket | null; server: net.Server }): Promise<void> {
+  if (runs) {
+    child.kill('SIGKILL');
+    await new Promise<void>((resolve) => {
+      const bound = setTimeout(resolve, DISPOSE_WAIT_MS);
+      void result.catch(() => undefined).finally(() => {
+        clearTimeout(bound);
+        resolve();
+      });
+    });
+  }
+  child.stdout?.destroy();
+  child.stderr?.destroy();
+  events.socket?.destroy();
+  events.server.close();
 }
 
 /** Boot, run the scenario to its end, and return the result (dispose() it when done with outDir). */
