@@ -14,6 +14,7 @@ import { CLI, FIXTURE_ARCHIVE, cleanEnv, fixtureMissing, goodArchive, tempDir } 
 import { startServe, type Daemon } from './helpers/serve-child.js';
 import { mountTmpfs } from './helpers/tmpfs.js';
 import { CacheStore } from '../src/store/cache.js';
+import { SOURCE_MEMO_FILE } from '../src/store/source-memo.js';
 import { ERRORS } from '../src/errors.js';
 import { resolveConfig } from '../src/config.js';
 import { createLogger } from '../src/log.js';
@@ -211,6 +212,29 @@ test('the ingest child reads the archive at once: the daemon recalled a digest w
   assert.deepEqual(recalled.map((l) => l.ingestPid), [undefined], 'recalled once, by the daemon, not again by the child');
   assert.ok(d.logs.some((l) => l.msg === 'kernel headers ingested' && l.reused === false), msgs(d).join('\n'));
   assert.equal((await readdir(path.join(cache, 'entries'))).length, 1);
+});
+
+test('serve on an archive source this cache has not read, whose entry is cached all the same: the ingest process started ahead is killed unasked, and the entry is reused', async (t) => {
+  const dir = await tempDir(t, 'kheadersd-ingest-process-');
+  const cache = path.join(dir, 'cache');
+  const archive = path.join(dir, 'kernel.tar.xz');
+  await writeFile(archive, await goodArchive('6.90.3-ahead'));
+  const first = await runCli(['ingest', '--archive', archive, '--cache-dir', cache, '--btf', 'off', '--log-level', 'warn']);
+  assert.equal(first.code, 0, first.stderr);
+  // The digest's record gone (or never made): the daemon reads the archive, as for a new kernel.
+  await rm(path.join(cache, SOURCE_MEMO_FILE), { force: true });
+
+  const { d, code } = await serveOnce(t, ['--archive', archive, '--cache-dir', cache, '--btf', 'off']);
+  assert.equal(code, 0, msgs(d).join('\n'));
+  const discarded = d.logs.find((l) => l.msg === 'the ingest process started ahead is not needed (the entry is cached): killed unasked');
+  assert.ok(discarded, `an ingest process was started ahead, then killed:\n${msgs(d).join('\n')}`);
+  assert.ok(!d.logs.some((l) => l.msg === 'building the entry in a child process'), 'nothing was built');
+  assert.ok(d.logs.some((l) => l.msg === 'kernel unchanged' && l.reused === true), msgs(d).join('\n'));
+  const pid = Number(discarded.ingestPid);
+  assert.ok(pid > 0);
+  assert.ok(!(await processes()).some((p) => p.pid === pid), `the ingest process ${pid} still runs`);
+  assert.equal((await readdir(path.join(cache, 'entries'))).length, 1);
+  assert.deepEqual(await readdir(path.join(cache, 'tmp')), [], 'it left nothing in tmp/');
 });
 
 async function groupMembers(pgid: number): Promise<number[]> {

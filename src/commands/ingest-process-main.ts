@@ -8,7 +8,7 @@
  */
 import { once } from 'node:events';
 import { EXIT, KheadersError } from '../errors.js';
-import { createLogger } from '../log.js';
+import { createDeferredLogger } from '../log.js';
 import { optimizeForSize } from '../v8-flags.js';
 import type { IngestOutcome, IngestRequest } from './ingest-process.js';
 
@@ -33,17 +33,19 @@ process.on('disconnect', dieWithParent);
 /** One ingest, as the daemon asks (a function, not top-level code: the bundle is CommonJS). */
 async function main(): Promise<void> {
   const [request] = (await once(process, 'message')) as [IngestRequest];
-  const log = createLogger(request.logLevel, process.stdout);
+  // pino loads once xz decodes (ingest warms it then), not before the archive is even looked at.
+  const log = createDeferredLogger(request.logLevel, process.stdout);
   const [{ ingest }, { configuredIngest }] = await Promise.all([import('../store/ingest.js'), import('./store-commands.js')]);
   optimizeForSize();
   let outcome: IngestOutcome;
   try {
     const io = { stdout: process.stdout, stderr: process.stderr, log };
     // The daemon looked for the archive before starting this process, and logged what it found.
-    // It starts this process only after it has read the archive itself and found no entry for its
+    // It asks for a build only after it has read the archive itself and found no entry for its
     // digest (a digest it recalled and found no entry for, it reads before asking): a recalled
     // digest here would find that same absence and be read anyway. So the archive is read and
-    // hashed here at once, and that is what is built and committed.
+    // hashed here at once, and that is what is built and committed. (Sending the daemon's bytes
+    // over the IPC channel instead took 70–200 ms for 3.8 MiB, against ~25 ms to read and hash.)
     await ingest({ ...configuredIngest(request.cfg, io, { setCurrent: true }), locatedBefore: true, recall: false });
     outcome = { ok: true };
   } catch (err) {

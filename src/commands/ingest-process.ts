@@ -9,6 +9,10 @@
  * IPC channel; its log lines come back through the daemon's logger, its failure as the same
  * KheadersError (code, message, details: E_NO_SPACE keeps its step). It dies with the daemon,
  * however the daemon ends: the closing of the channel kills it and whatever it started.
+ *
+ * serve starts it as soon as it finds its archive's source unread by this cache (a new kernel's
+ * first boot, almost always a build), so that node starts while the daemon still hashes the
+ * archive and looks it up.
  */
 import { spawn } from 'node:child_process';
 import { createInterface } from 'node:readline';
@@ -30,41 +34,66 @@ export type IngestOutcome = { ok: true } | { ok: false; code: string; message: s
 const MAIN = fileURLToPath(new URL('./ingest-process-main.js', import.meta.url));
 const LEVELS: Record<number, LogLevel> = { 10: 'trace', 20: 'debug', 30: 'info', 40: 'warn', 50: 'error', 60: 'fatal' };
 
+/** An ingest process, started ahead of the moment it is needed. */
+export interface IngestProcess {
+  /**
+   * Run the configured ingest in it; resolves when its entry is committed (its answer, not its
+   * exit: what is left of it then is its own exit), or at once when no child could be started
+   * (the ingest then builds in this process).
+   */
+  run(): Promise<void>;
+  /** Not needed after all (the entry was cached): it is killed before it was asked anything, so it has written nothing. */
+  discard(): void;
+}
+
 /**
- * Build the configured ingest's entry in a child process; resolves when it is committed, or at
- * once when no child can be started (the ingest then builds in this process). `node` is the
+ * Build the configured ingest's entry in a child process (see IngestProcess.run). `node` is the
  * program to run it with: this node, except in a test of a node that cannot be started.
  * `cancel` (the daemon stopping) kills the child's process group, its xz with it: a stop does
  * not wait for a build to finish.
  */
 export function ingestInChildProcess(cfg: Config, io: CommandIO, node = process.execPath, cancel?: AbortSignal): Promise<void> {
-  return new Promise((resolve, reject) => {
-    // detached: the child leads a process group of its own, so that it can kill itself and its
-    // xz together when the channel closes (a terminal's ^C goes to the daemon, which stops in order).
-    const child = spawn(node, [MAIN], { stdio: ['ignore', 'pipe', 'pipe', 'ipc'], detached: true });
-    io.log.info({ ingestPid: child.pid }, 'building the entry in a child process');
-    const kill = (): void => {
-      try {
-        if (child.pid !== undefined) process.kill(-child.pid, 'SIGKILL');
-      } catch {
-        // already gone
-      }
-    };
-    if (cancel?.aborted) kill();
-    else cancel?.addEventListener('abort', kill, { once: true });
-    child.once('close', () => cancel?.removeEventListener('abort', kill));
-    let outcome: IngestOutcome | undefined;
-    let stderr = '';
-    createInterface({ input: child.stdout! }).on('line', (line) => relay(io.log, line, child.pid));
-    child.stderr!.setEncoding('utf8').on('data', (s: string) => (stderr = (stderr + s).slice(-4096)));
-    child.on('message', (msg: IngestOutcome) => (outcome = msg));
+  return startIngestProcess(cfg, io, node, cancel).run();
+}
+
+/**
+ * Start the child now, to be given its work later: node's own start and the compile of the
+ * child's code (~100 ms, on the other core) then overlap the daemon's reading, hashing and
+ * cache lookup, instead of following them. Until run(), the child only waits for its request.
+ */
+export function startIngestProcess(cfg: Config, io: CommandIO, node = process.execPath, cancel?: AbortSignal): IngestProcess {
+  // detached: the child leads a process group of its own, so that it can kill itself and its
+  // xz together when the channel closes (a terminal's ^C goes to the daemon, which stops in order).
+  const child = spawn(node, [MAIN], { stdio: ['ignore', 'pipe', 'pipe', 'ipc'], detached: true });
+  const kill = (): void => {
+    try {
+      if (child.pid !== undefined) process.kill(-child.pid, 'SIGKILL');
+    } catch {
+      // already gone
+    }
+  };
+  if (cancel?.aborted) kill();
+  else cancel?.addEventListener('abort', kill, { once: true });
+  child.once('close', () => cancel?.removeEventListener('abort', kill));
+  let discarded = false;
+  let asked = false;
+  let outcome: IngestOutcome | undefined;
+  let stderr = '';
+  createInterface({ input: child.stdout! }).on('line', (line) => relay(io.log, line, child.pid));
+  child.stderr!.setEncoding('utf8').on('data', (s: string) => (stderr = (stderr + s).slice(-4096)));
+  const settled = new Promise<void>((resolve, reject) => {
+    child.on('message', (msg: IngestOutcome) => {
+      outcome = msg;
+      // Committed, and the lock released: the daemon goes on while the child exits.
+      if (msg.ok) resolve();
+    });
     child.on('error', (err) => {
       // Once it runs, how it ended is told by 'close' (a send to a child already dead fails too).
       if (child.pid !== undefined) return;
       // No child at all (EAGAIN, ENOMEM, node gone from under us): the daemon must still start,
       // so the ingest builds in this process as it did before there was a child (resolving
       // without an entry is the hook's "build it here"); only the idle memory pays.
-      io.log.warn({ err: err.message }, `cannot start the ingest process (${node} ${MAIN}): building the entry in the daemon instead`);
+      if (!discarded) io.log.warn({ err: err.message }, `cannot start the ingest process (${node} ${MAIN}): building the entry in the daemon instead`);
       resolve();
     });
     child.on('close', (code, signal) => {
@@ -74,11 +103,26 @@ export function ingestInChildProcess(cfg: Config, io: CommandIO, node = process.
       else if (signal) reject(endedBySignal(`the ingest process (pid ${child.pid})`, signal, { pid: child.pid }));
       else reject(new KheadersError('E_INTERNAL', `the ingest process (pid ${child.pid}) exited with status ${code} before it finished; nothing it left is served`, { pid: child.pid, status: code }));
     });
-    const request: IngestRequest = { cfg, logLevel: io.log.level as LogLevel };
-    child.send(request, () => {}); // a failed send means the child died: 'close' reports it
-    // The daemon now waits on the child: the moment for pino to load (and serve's held start lines to be written).
-    setImmediate(() => warmLogger(io.log));
   });
+  settled.catch(() => {}); // observed by run(); a child discarded or dead before run() is not "unhandled"
+  return {
+    run(): Promise<void> {
+      if (asked || discarded) throw new Error('an ingest process runs one ingest');
+      asked = true;
+      if (child.pid !== undefined) io.log.info({ ingestPid: child.pid }, 'building the entry in a child process');
+      const request: IngestRequest = { cfg, logLevel: io.log.level as LogLevel };
+      if (child.connected) child.send(request, () => {}); // a failed send means the child died: 'close' reports it
+      // The daemon now waits on the child: the moment for pino to load (and serve's held start lines to be written).
+      setImmediate(() => warmLogger(io.log));
+      return settled;
+    },
+    discard(): void {
+      if (asked || discarded) return;
+      discarded = true;
+      kill();
+      io.log.debug({ ingestPid: child.pid }, 'the ingest process started ahead is not needed (the entry is cached): killed unasked');
+    },
+  };
 }
 
 /** One JSON log line of the child's, logged again by the daemon's logger at its level (with the child's pid); anything else as a warning. */

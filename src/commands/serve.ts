@@ -37,6 +37,7 @@ import { DaemonState } from '../serve/state.js';
 import { healWithConfig, ingestWithConfig, type CommandIO } from './store-commands.js';
 import type { FuseMount } from '../serve/fuse/types.js';
 import type { IndexFsModel } from '../serve/fuse/index-model.js';
+import type { IngestProcess } from './ingest-process.js';
 
 export interface RunningDaemon {
   state: DaemonState;
@@ -254,11 +255,19 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
       // The daemon's own store: what the repair check validated is not read and validated again.
       // A new entry is built in a child process (ingest-process.ts), so its buffers die with it.
       // Loaded only then: a start with its entry cached never spawns (nor loads child_process and readline).
-      const buildElsewhere = async (): Promise<void> => (await import('./ingest-process.js')).ingestInChildProcess(cfg, io, process.execPath, cancel.signal);
+      // The child is started as soon as the archive's source turns out unread by this cache (a
+      // new kernel's), so that its node start overlaps the reading, hashing and lookup here; if
+      // the entry is cached after all, it is killed unasked.
+      let child: Promise<IngestProcess> | undefined;
+      const startChild = (): Promise<IngestProcess> => (child ??= import('./ingest-process.js').then((m) => m.startIngestProcess(cfg, io, process.execPath, cancel.signal)));
+      const willRead = (): void => void startChild().catch(() => {}); // a failed import is the build's failure, below
+      const buildElsewhere = async (): Promise<void> => (await startChild()).run();
       // The stop reaches a build made here too (no child could be started): it stops at its next step.
       // At the start, the entries other than the one served are checked by publish(), once HTTP is up.
       const checkEntries = reason !== 'start';
-      const result = await ingestWithConfig(cfg, io, { setCurrent: true, store, buildElsewhere, signal: cancel.signal, checkEntries });
+      const result = await ingestWithConfig(cfg, io, { setCurrent: true, store, buildElsewhere, willRead, signal: cancel.signal, checkEntries }).finally(() => {
+        void child?.then((c) => c.discard(), () => {}); // nothing after run()
+      });
       counted(result.healed);
       state.lastIngest = { at: started, durationMs: result.durationMs, id: result.entry.manifest.id, reused: result.reused };
       state.lastIngestError = null;

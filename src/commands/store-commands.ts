@@ -47,12 +47,15 @@ export async function healWithConfig(cfg: Config, io: CommandIO, known: readonly
   return report;
 }
 
+/** What a caller adds to the configured ingest (see IngestOptions). */
+export type IngestExtra = Pick<IngestOptions, 'setCurrent' | 'store' | 'buildElsewhere' | 'willRead' | 'signal'>;
+
 /**
  * The options of an ingest of the configured archive (or the running kernel's), with eviction
  * afterwards; a progress bar when stderr is a terminal. `store`: the cache already open (the
  * daemon's); `buildElsewhere`, `signal`: see IngestOptions.
  */
-export function configuredIngest(cfg: Config, io: CommandIO, extra: { setCurrent?: boolean; store?: CacheStore; buildElsewhere?: () => Promise<void>; signal?: AbortSignal } = {}): IngestOptions {
+export function configuredIngest(cfg: Config, io: CommandIO, extra: IngestExtra = {}): IngestOptions {
   return {
     ...ingestOptions(cfg, io, extra.store),
     ...(cfg.archive !== undefined ? { archive: cfg.archive } : {}),
@@ -69,6 +72,7 @@ export function configuredIngest(cfg: Config, io: CommandIO, extra: { setCurrent
     ...(cfg.maxCacheBytes !== undefined ? { maxCacheBytes: cfg.maxCacheBytes } : {}),
     ...(extra.setCurrent !== undefined ? { setCurrent: extra.setCurrent } : {}),
     ...(extra.buildElsewhere ? { buildElsewhere: extra.buildElsewhere } : {}),
+    ...(extra.willRead ? { willRead: extra.willRead } : {}),
     ...(extra.signal ? { signal: extra.signal } : {}),
     ...(io.stderr.isTTY === true
       ? { onProgress: (p) => io.stderr.write(progressBar(p.total ? p.bytes / p.total : undefined, `${humanBytes(p.bytes)}, ${p.entries} entries`)) }
@@ -82,11 +86,7 @@ export function configuredIngest(cfg: Config, io: CommandIO, extra: { setCurrent
  * only what a crash left set aside is repaired first; the caller checks the rest itself (serve's
  * start, which need not wait for entries other than the one it serves).
  */
-export async function ingestWithConfig(
-  cfg: Config,
-  io: CommandIO,
-  extra: { setCurrent?: boolean; store?: CacheStore; buildElsewhere?: () => Promise<void>; signal?: AbortSignal; checkEntries?: boolean } = {},
-): Promise<IngestResult & { healed: HealReport }> {
+export async function ingestWithConfig(cfg: Config, io: CommandIO, extra: IngestExtra & { checkEntries?: boolean } = {}): Promise<IngestResult & { healed: HealReport }> {
   const tty = io.stderr.isTTY === true;
   const opts = configuredIngest(cfg, io, extra);
   // The archive is read and hashed while the cache's entries are checked: the two wait on

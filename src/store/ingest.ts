@@ -115,6 +115,13 @@ export interface IngestOptions {
    */
   buildElsewhere?: () => Promise<void>;
   /**
+   * Called when the archive is about to be read because this cache holds no digest for its
+   * source (one it has not read before: almost always a new kernel's, to build), so that a
+   * caller that builds elsewhere can get that ready meanwhile. Not called for a source that
+   * cannot be identified (read at every start) nor when its digest is recalled.
+   */
+  willRead?: () => void;
+  /**
    * Stops a build here at its next step (serve stopping): the decoder is killed at once, the
    * staging removed, nothing committed, and the ingest fails with the signal's reason (the cache
    * is as it was). A build that has committed is not undone.
@@ -192,6 +199,7 @@ export async function locateForIngest(opts: IngestOptions): Promise<LocatedArchi
       return { source, digest, total: total ?? undefined };
     }
   }
+  if (identity) opts.willRead?.();
   let source = await locateArchive(where);
   if (opts.sourceLabel !== undefined) source = { ...source, source: opts.sourceLabel };
   const digest = createHash('sha256').update(source.bytes).digest('hex');
