@@ -22,6 +22,7 @@
  * working without it.
  */
 import { chmod, lstat, mkdir, readlink, rmdir, symlink, unlink } from 'node:fs/promises';
+import os from 'node:os';
 import path from 'node:path';
 import type { Config } from '../config.js';
 import { KheadersError, errnoOf, isKheadersError } from '../errors.js';
@@ -255,12 +256,19 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
       // The daemon's own store: what the repair check validated is not read and validated again.
       // A new entry is built in a child process (ingest-process.ts), so its buffers die with it.
       // Loaded only then: a start with its entry cached never spawns (nor loads child_process and readline).
-      // The child is started as soon as the archive's source turns out unread by this cache (a
-      // new kernel's), so that its node start overlaps the reading, hashing and lookup here; if
-      // the entry is cached after all, it is killed unasked.
+      // The child is started as soon as the archive's source turns out unread by this cache and
+      // no cached entry can be its (a new kernel's first boot), so that its node start overlaps
+      // the reading, hashing and lookup here; if the entry is cached after all, it is killed
+      // unasked. A source merely not remembered (a file just written, sources.json lost) with
+      // an entry of its release cached starts none: a child for nothing is a node start on the
+      // other core, and a cached start loads none of the ingest process's code.
       let child: Promise<IngestProcess> | undefined;
       const startChild = (): Promise<IngestProcess> => (child ??= import('./ingest-process.js').then((m) => m.startIngestProcess(cfg, io, process.execPath, cancel.signal)));
-      const willRead = (): void => void startChild().catch(() => {}); // a failed import is the build's failure, below
+      // The archive's release, when known before it is read: --release, or the running kernel's for its own archive.
+      const release = cfg.release ?? (cfg.archive === undefined ? os.release() : undefined);
+      const mayBeCached = async (): Promise<boolean> => (await store.list()).some((m) => release === undefined || m.release === release);
+      // A failed import or list is the build's failure, below, if there is a build.
+      const willRead = (): void => void mayBeCached().then((cached) => (cached ? undefined : startChild()), () => undefined).catch(() => {});
       const buildElsewhere = async (): Promise<void> => (await startChild()).run();
       // The stop reaches a build made here too (no child could be started): it stops at its next step.
       // At the start, the entries other than the one served are checked by publish(), once HTTP is up.
