@@ -9,6 +9,7 @@
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { mkdir, readFile, readdir, rm, stat, truncate, writeFile } from 'node:fs/promises';
+import os from 'node:os';
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { promisify } from 'node:util';
@@ -265,6 +266,28 @@ test('serve starts over a cache of damaged, outdated and dangling entries, serve
   d.child.kill('SIGTERM');
   assert.equal(await d.exited, 0);
   assert.equal(d.logs.some((l) => /internal error/.test(String(l.msg))), false);
+});
+
+test('no header archive now and the running kernel\'s cached entry damaged: serve rebuilds it from its own archive before HTTP answers, and serves it', async (t) => {
+  // The module gone (or not loadable) on this boot: the entry cached on an earlier one is all
+  // there is, and its own archive.tar.xz can rebuild it. Quarantined without that rebuild, the
+  // running kernel's headers were lost and serve served nothing (current null, /readyz 503).
+  const exposed = ['/sys/kernel/kheaders.tar.xz', '/proc/kheaders.tar.xz'];
+  for (const live of exposed) if (await stat(live).then(() => true, () => false)) return t.skip(`${live} exists: this kernel has a live archive`);
+  const c = await cached(t, os.release());
+  await truncate(path.join(c.entryDir, INDEX_FILE), (await stat(path.join(c.entryDir, INDEX_FILE))).size - 7);
+  const noModules = path.join(c.dir, 'no-modules');
+  await mkdir(noModules);
+  const d = startServe(t, ['--cache-dir', c.cacheDir, '--no-modprobe', '--module-dirs', noModules, '--btf', 'off', '--mount', 'off', '--http', '127.0.0.1:0', '--log-level', 'info']);
+  const url = String((await d.waitFor((l) => l.msg === 'HTTP listening', 'HTTP to listen')).url);
+  const ready = await fetch(`${url}/readyz`);
+  assert.equal(ready.status, 200, `current is served as soon as HTTP answers: ${await ready.text()}; logs: ${JSON.stringify(d.logs.map((l) => l.msg))}`);
+  const res = await fetch(`${url}/v1/kernels/current/files/${SCHED}`);
+  assert.equal(res.status, 200);
+  assert.ok(Buffer.from(await res.arrayBuffer()).equals(SCHED_BYTES), 'the archived bytes, rebuilt');
+  assert.ok(d.logs.some((l) => l.msg === 'cache entry rebuilt from its own archive' && l.id === c.id), JSON.stringify(d.logs.map((l) => l.msg)));
+  d.child.kill('SIGTERM');
+  assert.equal(await d.exited, 0);
 });
 
 /** Rewrite an entry as format 1 wrote it (index.json; no index.bin), with a blob that walks out. */

@@ -222,13 +222,17 @@ export class CacheStore {
     if (held && held.manifest.ingestedAt !== onDisk?.ingestedAt) this.drop(id);
   }
 
-  /** Every entry fully checked (manifest, index, file sizes): the good ones, newest first, and the damaged. */
-  async scan(): Promise<{ entries: Manifest[]; damaged: DamagedEntry[] }> {
+  /**
+   * Every entry fully checked (manifest, index, file sizes): the good ones, newest first, and the
+   * damaged. `only`: just the entries whose id it accepts (judged by id, so a manifest that does
+   * not read is still checked, and found damaged).
+   */
+  async scan(only?: (id: string) => boolean): Promise<{ entries: Manifest[]; damaged: DamagedEntry[] }> {
     const entries: Manifest[] = [];
     const damaged: DamagedEntry[] = [];
     // Entries at once: one's reads overlap another's index check (CPU), instead of waiting in turn.
     const outcomes = await Promise.all(
-      (await this.entryIds()).map(async (id) => {
+      (await this.entryIds()).filter((id) => only?.(id) ?? true).map(async (id) => {
         try {
           this.dropIfReplaced(id, await loadManifest(this.entriesDir, id).catch(() => undefined));
           return { id, manifest: (await this.load(id)).manifest };
