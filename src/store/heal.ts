@@ -53,9 +53,8 @@ export interface HealOptions extends IngestOptions {
   /** Damage readers reported, to repair even if the entry's structure checks out. */
   known?: readonly KnownDamage[];
   /**
-   * false: do not check every entry first, only the running kernel's (`release`, else this
-   * kernel's) and the one `current` names, and repair what `known` names and what a crash left
-   * set aside. For a caller that checks the others itself soon after (serve, once HTTP is up)
+   * false: do not check every entry first, only the running kernel's and the one `current`
+   * names, and repair what `known` names and what a crash left set aside. For a caller that checks the others itself soon after (serve, once HTTP is up)
    * and repairs what that finds.
    */
   checkEntries?: boolean;
@@ -73,7 +72,7 @@ export async function healCache(opts: HealOptions): Promise<HealReport> {
   // lock round trips; the entries checked here stay loaded for the lock holder.
   // An entry set aside by a rebuild that a crash cut short is repaired too (healLocked puts it back first).
   if ((opts.known ?? []).length === 0) {
-    const [damaged, left] = await Promise.all([store.scan(opts.checkEntries === false ? await servedFirst(store, opts) : undefined).then((s) => s.damaged), store.setAsideLeft()]);
+    const [damaged, left] = await Promise.all([store.scan(opts.checkEntries === false ? await servedFirst(store) : undefined).then((s) => s.damaged), store.setAsideLeft()]);
     if (damaged.length === 0 && left.size === 0) return { quarantined: [], rebuilt: [], unrepaired: [] };
   }
   return store.locked(() => healLocked(store, opts), opts.signal);
@@ -86,8 +85,9 @@ export async function healCache(opts: HealOptions): Promise<HealReport> {
  * entry, and one it found damaged it could only quarantine, leaving nothing to serve. (Checked
  * here, an intact entry stays loaded: the ingest's own check of it costs nothing more.)
  */
-async function servedFirst(store: CacheStore, opts: HealOptions): Promise<(id: string) => boolean> {
-  const release = opts.release ?? os.release();
+async function servedFirst(store: CacheStore): Promise<(id: string) => boolean> {
+  // This kernel's, whatever --release says: only for it does an ingest reuse an entry with no archive at hand.
+  const release = os.release();
   const pointer = await store.currentId().catch(() => null);
   return (id) => id === pointer || parseEntryId(id)?.release === release;
 }
