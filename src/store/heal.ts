@@ -54,8 +54,8 @@ export interface HealOptions extends IngestOptions {
   known?: readonly KnownDamage[];
   /**
    * false: do not check every entry first, only the running kernel's and the one `current`
-   * names, and repair what `known` names and what a crash left set aside. For a caller that checks the others itself soon after (serve, once HTTP is up)
-   * and repairs what that finds.
+   * names, and repair what `known` names and what a crash left set aside. For a caller that
+   * checks the others itself soon after (serve, once HTTP is up) and repairs what that finds.
    */
   checkEntries?: boolean;
 }
