@@ -9,7 +9,6 @@
 import { readFileSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { endianness } from 'node:os';
-import type { ReadMode } from '../store/small-file.js';
 
 export interface ElfNote {
   name: string;
@@ -56,9 +55,10 @@ export function parseBuildId(notes: Buffer, littleEndian: boolean = endianness()
 
 /**
  * The running kernel's build id. Its notes are in the machine's own byte order. Null when the
- * file is missing or unreadable (not Linux, a container hiding /sys, permissions).
+ * file is missing or unreadable (not Linux, a container hiding /sys, permissions). `mode` is
+ * store/small-file's ReadMode, spelled out: source/ sits below the store and imports none of it.
  */
-export async function readLiveBuildId(path: string = '/sys/kernel/notes', mode: ReadMode = 'sync'): Promise<string | null> {
+export async function readLiveBuildId(path: string = '/sys/kernel/notes', mode: 'sync' | 'async' = 'sync'): Promise<string | null> {
   let notes: Buffer;
   try {
     // Synchronous: a small file of sysfs (or a test's), read at every start. Through the thread
