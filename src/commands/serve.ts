@@ -267,13 +267,16 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
       // The archive's release, when known before it is read: --release, or the running kernel's for its own archive.
       const release = cfg.release ?? (cfg.archive === undefined ? os.release() : undefined);
       const mayBeCached = async (): Promise<boolean> => (await store.list()).some((m) => release === undefined || m.release === release);
+      // Once the ingest has ended, nothing starts a child: one started then would wait unasked for good.
+      let ended = false;
       // A failed import or list is the build's failure, below, if there is a build.
-      const willRead = (): void => void mayBeCached().then((cached) => (cached ? undefined : startChild()), () => undefined).catch(() => {});
+      const willRead = (): void => void mayBeCached().then((cached) => (cached || ended ? undefined : startChild()), () => undefined).catch(() => {});
       const buildElsewhere = async (): Promise<void> => (await startChild()).run();
       // The stop reaches a build made here too (no child could be started): it stops at its next step.
       // At the start, the entries other than the one served are checked by publish(), once HTTP is up.
       const checkEntries = reason !== 'start';
       const result = await ingestWithConfig(cfg, io, { setCurrent: true, store, buildElsewhere, willRead, signal: cancel.signal, checkEntries }).finally(() => {
+        ended = true;
         void child?.then((c) => c.discard(), () => {}); // nothing after run()
       });
       counted(result.healed);
