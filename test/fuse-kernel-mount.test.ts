@@ -274,6 +274,60 @@ describe('kernel FUSE backend: invalidations, concurrency, the session\'s end, E
     }
   });
 
+  /** A mount held by `until`: made (mount(2) done), answering nothing yet. */
+  async function heldMount(name: string, reader: ReaderKind): Promise<{ made: Promise<KernelFuseMount>; dir: string; model: IndexFsModel; release: (ok: boolean) => void }> {
+    const model = new IndexFsModel({ log });
+    const dir = path.join(work!, name);
+    let release!: (ok: boolean) => void;
+    const until = new Promise<void>((resolve, reject) => (release = (ok) => (ok ? resolve() : reject(new Error('the caller gave up')))));
+    let underWay = false;
+    const made = mountKernel({ mountpoint: dir, model, log, reader, until, onUnderWay: () => (underWay = true) });
+    made.catch(() => {}); // awaited by each test
+    await waitFor(async () => underWay && (await isMounted(dir)), true, 'the held mount is made');
+    return { made, dir, model, release };
+  }
+
+  const settledWithin = (p: Promise<unknown>, ms: number): Promise<boolean> =>
+    Promise.race([p.then(() => true, () => true), new Promise<boolean>((resolve) => setTimeout(() => resolve(false), ms))]);
+
+  for (const reader of readers) {
+    test(`held by until (${reader} reader): the mount exists but answers nothing, INIT included, until the model is ready; then the whole tree`, { skip }, async () => {
+      const { made, dir, model, release } = await heldMount(`mnt-held-${reader}`, reader);
+      try {
+        // The model is still empty: a listing now would show a tree without the entry.
+        const listing = readdir(dir);
+        assert.equal(await settledWithin(listing, 300), false, 'a listing was answered while the mount was held');
+        model.setEntries([entry], entry.manifest.id);
+        release(true);
+        const m = await made;
+        assert.equal(m.init.kernelMajor, 7);
+        const names = await listing;
+        assert.ok(names.includes('current') && names.includes(FIXTURE_RELEASE), `the first listing saw ${names.join(', ')}`);
+        await m.unmount();
+      } finally {
+        await model.close();
+      }
+    });
+
+    test(`held, then given up (${reader} reader): the mount comes down at once having answered nothing, with the caller's reason`, { skip }, async () => {
+      const { made, dir, model, release } = await heldMount(`mnt-given-up-${reader}`, reader);
+      try {
+        const listing = readdir(dir);
+        listing.catch(() => {});
+        const started = performance.now();
+        release(false);
+        await assert.rejects(made, { message: 'the caller gave up' });
+        // An unmount before the device is closed waits in the kernel for INIT's answer: the
+        // `mount` child's 15 s bound, then the unmount fails and the mount stays.
+        assert.ok(performance.now() - started < 5000, `coming down took ${Math.round(performance.now() - started)} ms`);
+        assert.equal(await isMounted(dir), false);
+        await assert.rejects(listing, 'the waiting listing fails, it does not hang or see an empty tree');
+      } finally {
+        await model.close();
+      }
+    });
+  }
+
   test('E_FUSE when the device path is missing', { skip: deviceSkip }, async (t) => {
     const tmp = await tempDir('kfuse-nodev');
     t.after(() => removeDir(tmp));

@@ -160,6 +160,9 @@ export async function mountNative(opts: MountOptions & { tuning?: Partial<Native
   await checkPermission(allowOther);
   const Fuse = loadFuseNative();
   const mountpoint = await prepareMountpoint(opts.mountpoint, log);
+  // fuse-native answers as soon as it mounts: held, it mounts only once the model is ready.
+  opts.onUnderWay?.();
+  await opts.until;
 
   const counts: Record<string, number> = {};
   const count = (op: string): void => {

@@ -13,6 +13,19 @@ export interface MountOptions {
   log: Logger;
   /** Let other users (compilers run by anyone) read the mount. Default true. */
   allowOther?: boolean;
+  /**
+   * Requests wait for this: the mount may be made before the model holds what it is to show,
+   * while `until` is pending (the daemon checks its entries meanwhile), but nothing is answered
+   * before it resolves, so no reader ever sees a partial tree. A rejection takes the mount down
+   * again and the mount's promise rejects. Default: serve at once.
+   */
+  until?: Promise<void>;
+  /**
+   * With `until`: called once the mount has gone as far as it can without this thread (its
+   * `mount` child is running, or it waits for `until`), so the caller can give the thread to its
+   * own work. Not called when the mount fails before then.
+   */
+  onUnderWay?: () => void;
 }
 
 /** Requests the backend answered, by operation name ('lookup', 'getattr', 'read', ...). */

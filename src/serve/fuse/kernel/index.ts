@@ -109,14 +109,28 @@ export async function mountKernel(opts: KernelMountOptions): Promise<KernelFuseM
 
   let init: NegotiatedInit;
   let mounted = false;
+  // The caller's reason for not serving after all (opts.until rejected): handed back as it is.
+  // Its handler is attached now: a rejection while `mount` still runs is not left unhandled.
+  const held = opts.until?.then(
+    () => undefined,
+    (reason: unknown) => ({ reason }),
+  );
+  let heldBack: { reason: unknown } | undefined;
   try {
     // A reader thread waits for the mount by itself; the event-loop reader must not read an
     // unattached descriptor (EPERM would end it), so it starts once mount(2) is done. The
     // kernel queues INIT at mount time and `mount` does not wait for it, so nothing is lost.
-    if (reader === 'thread') startReader();
-    await mountFd(dev.fd, { mountpoint, allowOther, uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0, ...(opts.mountBin ? { mountBin: opts.mountBin } : {}), flavor: await flavor }, log);
+    // Held (opts.until), neither starts before it resolves: the kernel keeps INIT, and every
+    // request after it waits for INIT's answer, so the mount exists but answers nothing yet.
+    if (reader === 'thread' && !held) startReader();
+    await mountFd(dev.fd, { mountpoint, allowOther, uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0, ...(opts.mountBin ? { mountBin: opts.mountBin } : {}), ...(opts.onUnderWay ? { onSpawn: opts.onUnderWay } : {}), flavor: await flavor }, log);
     mounted = true;
     dev.mounted();
+    if (held) {
+      heldBack = await held;
+      if (heldBack) throw heldBack.reason;
+      if (reader === 'thread') startReader();
+    }
     if (reader === 'loop') {
       try {
         startReader();
@@ -133,9 +147,11 @@ export async function mountKernel(opts: KernelMountOptions): Promise<KernelFuseM
   } catch (err) {
     unmounting = true;
     session.end('mount failed');
-    if (mounted) await unmountPath(mountpoint, log, opts.umountBin);
+    // The device first: closing it aborts the connection. An unmount of a mount whose INIT was
+    // never answered (held back, or the kernel's INIT lost) waits for that answer in the kernel.
     await dev.close();
-    if (err instanceof KheadersError) throw err;
+    if (mounted) await unmountPath(mountpoint, log, opts.umountBin);
+    if (heldBack || err instanceof KheadersError) throw err;
     throw fuseError(`cannot mount ${mountpoint}: ${err instanceof Error ? err.message : String(err)}`, { mountpoint }, err);
   }
   log.info({ mountpoint, backend: 'kernel', reader, protocol: `7.${init.minor}`, kernelProtocol: `${init.kernelMajor}.${init.kernelMinor}`, flags: `0x${init.flags.toString(16)}` }, 'FUSE mounted');

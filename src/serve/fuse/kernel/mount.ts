@@ -32,6 +32,8 @@ export interface FdMountOptions {
   /** Default 'mount' from PATH. */
   mountBin?: string;
   flavor?: MountFlavor;
+  /** Called once the `mount` child is spawned: the rest happens in that process. */
+  onSpawn?: () => void;
 }
 
 /** What `mount --version` says about which implementation this is. */
@@ -111,7 +113,7 @@ export function mountArgs(flavor: MountFlavor, o: { mountpoint: string; allowOth
   return args;
 }
 
-function runChild(cmd: string, args: string[], extraFd?: number): Promise<{ code: number | null; output: string }> {
+function runChild(cmd: string, args: string[], extraFd?: number, onSpawn?: () => void): Promise<{ code: number | null; output: string }> {
   return new Promise((resolve) => {
     const stdio: Array<'ignore' | 'pipe' | number> = ['ignore', 'pipe', 'pipe'];
     if (extraFd !== undefined) stdio.push(extraFd);
@@ -123,6 +125,7 @@ function runChild(cmd: string, args: string[], extraFd?: number): Promise<{ code
       resolve({ code: null, output: err instanceof Error ? err.message : String(err) });
       return;
     }
+    onSpawn?.();
     child.stdout?.on('data', (d: Buffer) => (output += d.toString()));
     child.stderr?.on('data', (d: Buffer) => (output += d.toString()));
     child.on('error', (err) => resolve({ code: null, output: `${output}${err.message}` }));
@@ -140,7 +143,7 @@ export async function mountFd(fd: number, o: FdMountOptions, log: Logger): Promi
   const flavor = o.flavor ?? (await detectMountFlavor(bin));
   const args = mountArgs(flavor, o);
   log.debug({ bin, args, flavor }, 'mounting /dev/fuse descriptor');
-  let r = await runChild(bin, args, fd);
+  let r = await runChild(bin, args, fd, o.onSpawn);
   if (r.code !== 0 && /unknown filesystem type/i.test(r.output)) {
     // A kernel or mount without subtype support: plain `fuse` is the same filesystem.
     r = await runChild(bin, mountArgs(flavor, { ...o, fstype: 'fuse' }), fd);
