@@ -4,7 +4,8 @@
  * is served belongs to serve/http and serve/fuse.
  *
  *   start ─ ingest (or reuse, its entry checked; a new entry is built in a child process) ─
- *     HTTP up ─ every other entry checked, the damaged repaired ─ mount ─ ready (sd_notify)
+ *     HTTP up ─ every other entry checked, the damaged repaired, while the mount is made ─
+ *     the mount answers ─ ready (sd_notify)
  *   SIGHUP ─ re-read the live kernel's release and archive digest; if new, ingest and flip `current`
  *   a read finds an entry's bytes wrong ─ that read fails (EIO / 500); the entry is moved to
  *     quarantine and rebuilt (from its archive, else the live source), then served again
@@ -31,6 +32,7 @@ import { damageOf } from '../store/entry-load.js';
 import type { CacheEntry, Manifest } from '../store/entry.js';
 import type { HealReport, KnownDamage } from '../store/heal.js';
 import { Resolver } from '../store/resolve.js';
+import type { ReadMode } from '../store/small-file.js';
 import { readTokenFile } from '../token.js';
 import { matchRunning, readLiveKernel, type LiveKernel } from '../store/kernel-match.js';
 import { MODULE_HEADERS_SUBDIR, ModuleHeaders } from '../store/module-btf.js';
@@ -148,13 +150,13 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
   };
 
   /** The entries that load; a damaged one is left out (and repaired: see repair()). */
-  const intactEntries = async (): Promise<CacheEntry[]> => {
-    const { entries, damaged } = await store.scan();
+  const intactEntries = async (mode: ReadMode): Promise<CacheEntry[]> => {
+    const { entries, damaged } = await store.scan(undefined, mode);
     for (const d of damaged) log.warn({ id: d.id }, `not serving ${d.error.message}`);
     if (damaged.length > 0) repair([]);
     const out: CacheEntry[] = [];
     for (const m of entries) {
-      const entry = await store.load(m.id).catch(() => undefined);
+      const entry = await store.load(m.id, mode).catch(() => undefined);
       if (entry) out.push(entry);
     }
     return out;
@@ -189,13 +191,18 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
     }
   };
 
-  /** Bring the model and state up to date with the store (after any ingest or repair). */
-  const publish = async (): Promise<void> => {
-    const entries = await intactEntries();
+  /**
+   * Bring the model and state up to date with the store (after any ingest or repair). `mode`:
+   * how the cache is read. The start's reads are synchronous (fastest; the mount being made
+   * waits on another process meanwhile); once serving, through the thread pool ('async'), so
+   * HTTP and the mount answer between the reads and wait only behind each index's check.
+   */
+  const publish = async (mode: ReadMode = 'async'): Promise<void> => {
+    const entries = await intactEntries(mode);
     // Every entry HTTP may summarise (a damaged one's manifest may still read), not only the intact ones.
-    live = await readLiveKernel({}, await store.list());
+    live = await readLiveKernel({}, await store.list(mode), mode);
     state.live = live;
-    const pointer = await store.currentId();
+    const pointer = await store.currentId(mode);
     // The same resolver decides `current` for FUSE (setEntries) and HTTP (state.currentId).
     const { currentId: current, runningId } = whatToServe(
       entries.map((e) => e.manifest),
@@ -230,7 +237,7 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
       }
     }
     if (cfg.linkModules && mount && current) {
-      const entry = await store.load(current);
+      const entry = await store.load(current, mode);
       await links.point(entry.manifest.release, path.join(mount.mountpoint, entry.manifest.release));
     }
     state.changed();
@@ -394,26 +401,56 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
     const { IndexFsModel } = await serverModules.model;
     model = new IndexFsModel({ log, modules });
   }
-  if (cfg.http && serverModules.http) {
-    // HTTP is up once `current` is checked: each other entry costs ~10 ms to check (its index),
-    // which HTTP's first requests need not wait for (see publishForHttp).
-    await publishForHttp();
-    if (cancel.signal.aborted) return stoppedDuringStart();
-    const { startHttpServer } = await serverModules.http;
-    const limits = { maxConnectionsPerClient: cfg.httpMaxConnectionsPerClient, headersTimeoutMs: cfg.httpHeadersTimeout * 1000, idleTimeoutMs: cfg.httpIdleTimeout * 1000 };
-    // startHttpServer logs "HTTP listening" (url, token) itself.
-    http = await startHttpServer({ listen: cfg.http, store, state, log, limits, modules, ...(token !== undefined ? { token } : {}) });
-    if (cancel.signal.aborted) return stoppedDuringStart();
+  // The mount is made while HTTP comes up and publish() checks every entry (a damaged one sent
+  // to repair) and gives the model them all: its device, mountpoint and `mount` child (another
+  // process, on the other core) overlap that work. It answers nothing, INIT included, before the
+  // model has them (`until`): a tool that looks in meanwhile waits, then sees the whole tree.
+  let modelReady!: (ready: boolean) => void;
+  const until = new Promise<void>((resolve, reject) => {
+    modelReady = (ready) => (ready ? resolve() : reject(new KheadersError('E_INTERNAL', 'the start ended before the mount could serve')));
+  });
+  until.catch(() => {}); // with no mount, nothing else awaits it
+  let onUnderWay!: () => void;
+  const underWay = new Promise<void>((resolve) => (onUnderWay = resolve));
+  const [mountOn, fsModel] = [cfg.mount, model];
+  const made = mountOn && fsModel ? import('../serve/fuse/index.js').then(({ mountFuse }) => mountFuse({ mountpoint: mountOn, model: fsModel, log, allowOther: true, backend: cfg.fuseBackend, until, onUnderWay })) : undefined;
+  mounting = made?.catch(() => null) ?? mounting;
+  /** The start ends here without serving: the mount, made or being made, comes down having answered nothing. */
+  const abandonMount = async (): Promise<void> => {
+    modelReady(false);
+    await mounting;
+  };
+  try {
+    if (cfg.http && serverModules.http) {
+      // HTTP is up once `current` is checked: each other entry costs ~10 ms to check (its index),
+      // which HTTP's first requests need not wait for (see publishForHttp).
+      await publishForHttp();
+      if (cancel.signal.aborted) {
+        await abandonMount();
+        return stoppedDuringStart();
+      }
+      const { startHttpServer } = await serverModules.http;
+      const limits = { maxConnectionsPerClient: cfg.httpMaxConnectionsPerClient, headersTimeoutMs: cfg.httpHeadersTimeout * 1000, idleTimeoutMs: cfg.httpIdleTimeout * 1000 };
+      // startHttpServer logs "HTTP listening" (url, token) itself.
+      http = await startHttpServer({ listen: cfg.http, store, state, log, limits, modules, ...(token !== undefined ? { token } : {}) });
+    }
+    // publish() reads and checks without a turn of the event loop: the mount's own steps
+    // (device, mountpoint, which `mount`) go first, so its child works while publish() does.
+    // A mount that fails first ends the wait too (`mounting`).
+    if (made) await Promise.race([underWay, mounting]);
+    if (!cancel.signal.aborted) await publish('sync');
+  } catch (err) {
+    await abandonMount();
+    throw err;
   }
-  // Every entry checked (a damaged one sent to repair), the model given them all: before the mount.
-  await publish();
-  if (cancel.signal.aborted) return stoppedDuringStart();
+  if (cancel.signal.aborted) {
+    await abandonMount();
+    return stoppedDuringStart();
+  }
+  modelReady(true);
 
-  if (cfg.mount && model) {
+  if (made) {
     try {
-      const { mountFuse } = await import('../serve/fuse/index.js');
-      const made = mountFuse({ mountpoint: cfg.mount, model, log, allowOther: true, backend: cfg.fuseBackend });
-      mounting = made.catch(() => null);
       mount = await made;
       state.mountpoint = mount.mountpoint;
       state.mountError = null;

@@ -225,17 +225,18 @@ export class CacheStore {
   /**
    * Every entry fully checked (manifest, index, file sizes): the good ones, newest first, and the
    * damaged. `only`: just the entries whose id it accepts (judged by id, so a manifest that does
-   * not read is still checked, and found damaged).
+   * not read is still checked, and found damaged). `mode`: see list(); 'async' while serving, so
+   * requests (and a mount being made) go on between the reads.
    */
-  async scan(only?: (id: string) => boolean): Promise<{ entries: Manifest[]; damaged: DamagedEntry[] }> {
+  async scan(only?: (id: string) => boolean, mode: ReadMode = 'sync'): Promise<{ entries: Manifest[]; damaged: DamagedEntry[] }> {
     const entries: Manifest[] = [];
     const damaged: DamagedEntry[] = [];
     // Entries at once: one's reads overlap another's index check (CPU), instead of waiting in turn.
     const outcomes = await Promise.all(
-      (await this.entryIds()).filter((id) => only?.(id) ?? true).map(async (id) => {
+      (await this.entryIds(mode)).filter((id) => only?.(id) ?? true).map(async (id) => {
         try {
-          this.dropIfReplaced(id, await loadManifest(this.entriesDir, id).catch(() => undefined));
-          return { id, manifest: (await this.load(id)).manifest };
+          this.dropIfReplaced(id, await loadManifest(this.entriesDir, id, mode).catch(() => undefined));
+          return { id, manifest: (await this.load(id, mode)).manifest };
         } catch (err) {
           return { id, err };
         }
@@ -373,8 +374,8 @@ export class CacheStore {
    * pointer left by an earlier boot names what ran then (maybe another kernel, or another build
    * of this release): it is never taken for this boot's.
    */
-  async currentId(): Promise<string | null> {
-    return (await this.currentPointer())?.id ?? null;
+  async currentId(mode: ReadMode = 'sync'): Promise<string | null> {
+    return (await this.currentPointer(mode))?.id ?? null;
   }
 
   /** The `current` pointer if this boot wrote it, else null. `mode`: see list(). */

@@ -18,6 +18,7 @@ import { open } from 'node:fs/promises';
 import os from 'node:os';
 import { readLiveBuildId } from '../source/notes.js';
 import type { Manifest } from './entry.js';
+import type { ReadMode } from './small-file.js';
 
 export interface LiveKernel {
   release: string;
@@ -67,11 +68,11 @@ export interface LivePaths {
  * The running kernel's release, build id and BTF digest. Given the manifests it will be matched
  * against, the BTF (~5 MiB, read 4 KiB per system call from sysfs) is hashed only when one of
  * them needs it (see needsBtfDigest); btfDigest is null otherwise, which matchRunning then never
- * reads for those manifests.
+ * reads for those manifests. `mode`: how the notes are read ('async' while serving).
  */
-export async function readLiveKernel(paths: LivePaths = {}, against?: readonly Manifest[]): Promise<LiveKernel> {
+export async function readLiveKernel(paths: LivePaths = {}, against?: readonly Manifest[], mode: ReadMode = 'sync'): Promise<LiveKernel> {
   const release = os.release();
-  const buildId = await readLiveBuildId(paths.notesPath);
+  const buildId = await readLiveBuildId(paths.notesPath, mode);
   const needed = against === undefined || against.some((m) => needsBtfDigest(m, { release, buildId }));
   const btfDigest = needed ? await sha256OfFile(paths.btfPath ?? RUNNING_KERNEL_BTF) : null;
   return { release, buildId, btfDigest };
