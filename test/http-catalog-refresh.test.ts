@@ -9,15 +9,10 @@
  * name a path of the cache. Nothing of the daemon is replaced.
  */
 import assert from 'node:assert/strict';
-import fs from 'node:fs';
-import { createRequire, syncBuiltinESMExports } from 'node:module';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
+import { fsp, fsSync, watch } from './helpers/fs-watch.js';
 import { ingestSynth, json, removeDir, request, startEnv, tempDir } from './helpers/http-env.js';
-
-const require = createRequire(import.meta.url);
-const fsp = require('node:fs/promises') as Record<string, unknown>;
-const fsSync = fs as unknown as Record<string, unknown>;
 
 let work: string;
 before(async () => {
@@ -26,29 +21,6 @@ before(async () => {
 after(async () => {
   await removeDir(work);
 });
-
-/** Count calls of these functions of `target` whose first argument is a path under `under`; undo() puts them back. */
-function watch(target: Record<string, unknown>, names: readonly string[], under: string): { calls: string[]; undo(): void } {
-  const calls: string[] = [];
-  const saved = new Map<string, unknown>();
-  for (const name of names) {
-    const original = target[name] as (...args: unknown[]) => unknown;
-    saved.set(name, original);
-    target[name] = function (this: unknown, ...args: unknown[]): unknown {
-      const p = args[0];
-      if (typeof p === 'string' && (p === under || p.startsWith(under + path.sep))) calls.push(`${name} ${path.relative(under, p)}`);
-      return original.apply(this, args);
-    };
-  }
-  syncBuiltinESMExports();
-  return {
-    calls,
-    undo: () => {
-      for (const [name, original] of saved) target[name] = original;
-      syncBuiltinESMExports();
-    },
-  };
-}
 
 test('a refresh of the catalog while serving reads entries/, the manifests and `current` asynchronously, and finds what changed; so does the first serve of the new entry', async () => {
   const cacheDir = path.join(work, 'cache');

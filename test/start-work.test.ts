@@ -20,6 +20,7 @@ import { healCache } from '../src/store/heal.js';
 import { ingest } from '../src/store/ingest.js';
 import { TreeIndex } from '../src/store/tree-index.js';
 import { goodTree, makeTar, sha256, tempDir, xz } from './helpers/archives.js';
+import { fsp, fsSync, watch } from './helpers/fs-watch.js';
 
 const silent = createLogger('silent');
 
@@ -170,6 +171,32 @@ test('serve answers HTTP once `current` is checked; the other entries are checke
   assert.equal(res.status, 200, await res.text());
   assert.equal(decodes, 3);
   assert.ok([first, second].every((id) => id !== daemon.state.currentId));
+});
+
+test('a refresh while serving (SIGHUP) reads another process\'s new entry through the thread pool, never synchronously', async (t) => {
+  const dir = await tempDir(t);
+  const { cacheDir } = await cacheOf(dir, ['6.90.6-now']);
+  const cfg = resolveConfig({ flags: { cacheDir, archive: path.join(dir, '6.90.6-now.tar.xz'), release: '6.90.6-now', mount: 'off', http: '127.0.0.1:0', btf: 'off' }, env: {}, file: {}, fileName: 'none' });
+  const daemon = await startDaemon(cfg, { stdout: process.stdout, stderr: process.stderr, log: silent }, new StopRequest());
+  t.after(() => daemon.stop());
+  // Another process ingests a new release meanwhile (here, before the watch starts).
+  const [newId] = (await cacheOf(dir, ['6.90.7-new'])).ids as [string];
+  const sync = watch(fsSync, ['openSync', 'readdirSync', 'readFileSync'], cacheDir);
+  const async = watch(fsp, ['open', 'readdir', 'readFile'], cacheDir);
+  try {
+    await daemon.refresh('test');
+  } finally {
+    sync.undo();
+    async.undo();
+  }
+  // The refresh's ingest (the same kernel: nothing to do) checks only the served entries, and
+  // still lists the manifests synchronously (small files); the publish after it reads and checks
+  // the index it has never seen through the pool. Before, the ingest read every index synchronously.
+  const ofNew = (calls: string[]): string[] => calls.filter((c) => c.includes(`entries/${newId}/`));
+  assert.deepEqual(ofNew(sync.calls).filter((c) => c.endsWith('/index.bin')), [], 'the new entry\'s index read synchronously on the serving thread');
+  for (const file of ['manifest.json', 'index.bin']) assert.ok(ofNew(async.calls).some((c) => c.endsWith(`/${file}`)), `${file} through the thread pool: ${async.calls.join(', ')}`);
+  const res = await fetch(`${daemon.httpUrl}/v1/kernels/6.90.7-new/files/`);
+  assert.equal(res.status, 200, await res.text());
 });
 
 /** countingDecodes, reporting the count as it grows (to be read at a moment during `fn`). */

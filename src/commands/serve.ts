@@ -280,8 +280,10 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
       const willRead = (): void => void mayBeCached().then((cached) => (cached || ended ? undefined : startChild()), () => undefined).catch(() => {});
       const buildElsewhere = async (): Promise<void> => (await startChild()).run();
       // The stop reaches a build made here too (no child could be started): it stops at its next step.
-      // At the start, the entries other than the one served are checked by publish(), once HTTP is up.
-      const checkEntries = reason !== 'start';
+      // Only the served entries are checked here (and rebuilt if damaged); every other is checked
+      // by the publish() that follows (once serving, through the thread pool; a damaged one is
+      // sent to repair), so a SIGHUP does not read every index synchronously on the serving thread.
+      const checkEntries = false;
       const result = await ingestWithConfig(cfg, io, { setCurrent: true, store, buildElsewhere, willRead, signal: cancel.signal, checkEntries }).finally(() => {
         ended = true;
         void child?.then((c) => c.discard(), () => {}); // nothing after run()
@@ -458,7 +460,8 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
       // Now that the mount exists, --link-modules can point at it. Without links nothing the
       // first publish did depends on the mount: listeners only learn that it is there (a second
       // publish would list the store and read the running kernel again, and log it all twice).
-      if (cfg.linkModules) await publish();
+      // Synchronous, as the start's first: in one turn, it cannot interleave with a repair's publish() queued meanwhile.
+      if (cfg.linkModules) await publish('sync');
       else state.changed();
     } catch (err) {
       state.mountError = err instanceof Error ? err.message : String(err);
