@@ -99,7 +99,11 @@ function lazyLogger(level: LogLevel, destination: NodeJS.WritableStream, hold: b
     const resolved = (): Logger => (mine ??= bindings.reduce((log: Logger, b) => log.child(b), make()));
     return new Proxy({} as Logger, {
       get(_target, prop) {
-        if (prop === WARM) return make;
+        if (prop === WARM) {
+          return (at?: Exclude<LogLevel, 'silent'>): void => {
+            if (at === undefined || LEVEL_VALUES[at] >= threshold) make();
+          };
+        }
         if (prop === RELEASE) return make;
         if (real === undefined) {
           if (prop === 'level') return level;
@@ -130,8 +134,9 @@ function lazyLogger(level: LogLevel, destination: NodeJS.WritableStream, hold: b
 /**
  * Make a deferred logger's pino now (nothing for any other logger): for a moment when the process
  * waits anyway (ingest: while xz decodes on another core), so that the line logged at the end
- * does not wait for pino to load.
+ * does not wait for pino to load. `forLevel`: only if a line at that level would be written (the
+ * lines the caller will log): a logger that drops them all would load pino for nothing.
  */
-export function warmLogger(log: Logger | undefined): void {
-  (log as unknown as Record<symbol, (() => Logger) | undefined> | undefined)?.[WARM]?.();
+export function warmLogger(log: Logger | undefined, forLevel?: Exclude<LogLevel, 'silent'>): void {
+  (log as unknown as Record<symbol, ((at?: Exclude<LogLevel, 'silent'>) => void) | undefined> | undefined)?.[WARM]?.(forLevel);
 }

@@ -29,6 +29,7 @@ import {
   SYNTH_RELEASE,
   fixtureMissing,
   gnuLongMember,
+  goodArchive,
   goodTree,
   makeTar,
   paxBody,
@@ -372,6 +373,27 @@ test('re-ingesting the same archive is "reused" and touches nothing', async (t) 
   assert.deepEqual(await snapshot(first.entry.dir), before, 'every file keeps its inode, mtime and bytes');
   const store = await CacheStore.open(cacheDir);
   assert.equal((await store.list()).length, 1);
+});
+
+test('kheadersd ingest loads its logger only at a level that writes its lines: not at --log-level warn, at info', async (t) => {
+  const dir = await tempDir(t);
+  const archive = path.join(dir, 'a.tar.xz');
+  await writeFile(archive, await goodArchive());
+  // Says so on stderr when pino is required, as the CLI's logger loads it (createRequire).
+  const hook = path.join(dir, 'pino-hook.cjs');
+  await writeFile(hook, `const M = require('node:module'); const load = M._load; M._load = function (request, ...rest) { if (request === 'pino') process._rawDebug('pino required'); return load.call(this, request, ...rest); };`);
+  const ingestAt = (level: string, cacheDir: string): ReturnType<typeof runCli> =>
+    runCli(['ingest', '--archive', archive, '--cache-dir', path.join(dir, cacheDir), '--log-level', level, '--btf', 'off'], { env: { NODE_OPTIONS: `--require ${hook}` } });
+  // warn: pino's ~25 ms of CPU (warmed while xz decodes) would be for nothing, and in one piece on
+  // the thread that feeds xz its input.
+  const warn = await ingestAt('warn', 'c1');
+  assert.equal(warn.code, 0, warn.stderr);
+  assert.match(warn.stderr, /^ingested: /m);
+  assert.doesNotMatch(warn.stderr, /pino required/, 'an ingest that logs nothing loaded pino');
+  const info = await ingestAt('info', 'c2');
+  assert.equal(info.code, 0, info.stderr);
+  assert.match(info.stderr, /pino required/, 'the hook sees pino loaded');
+  assert.ok(info.stdout.split('\n').some((l) => l.startsWith('{') && (JSON.parse(l) as { msg?: string }).msg === 'ingested'), `no 'ingested' log line at info:\n${info.stdout}`);
 });
 
 test('no archive now (module gone), but this kernel\'s headers cached on an earlier boot: reused, not a vmlinux.h-only entry', async (t) => {

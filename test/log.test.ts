@@ -61,6 +61,8 @@ test('a deferred logger loads pino only for a line at or above its level, or whe
   assert.equal(probe(`log.debug('below'); log.trace('below'); void log.level;`), false, 'lines below the level and the level itself: pino not loaded');
   assert.equal(probe(`log.info('at')`), true, 'a line at the level loads it');
   assert.equal(probe(`warmLogger(log)`), true, 'warmLogger loads it');
+  assert.equal(probe(`warmLogger(log, 'debug')`), false, 'warmed for lines below its level: not loaded');
+  assert.equal(probe(`warmLogger(log, 'info')`), true, 'warmed for lines at its level: loaded');
 });
 
 test('a held logger writes nothing until released, then what createLogger writes, in order, each line with the time it was logged', async () => {

@@ -609,8 +609,11 @@ async function buildHeadersEntry(
     mark('decoderStarted');
     if ('intoFile' in decoding) void decoding.intoFile.whenExited().then(() => mark('decoderExited'));
     // The logger's own start-up (a CLI's is deferred) is paid now, while xz decodes, rather than
-    // by the line logged when the entry is made.
-    setImmediate(() => warmLogger(opts.log));
+    // by the line logged when the entry is made; not at all when the level drops that line and the
+    // progress lines (info), as nothing else may need pino. Loading it is ~25 ms of CPU in one
+    // piece on the thread that feeds xz its input, which starved xz once the pipe had drained
+    // (`kheadersd ingest --log-level warn`, interleaved, 10 rounds: paired 0.946).
+    setImmediate(() => warmLogger(opts.log, 'info'));
 
     const { FACT_FILES } = await import('./extras.js');
     const indexer = new TarIndexer(limits, new Set([UTSRELEASE_H, ...FACT_FILES]));
