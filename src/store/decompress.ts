@@ -106,19 +106,32 @@ export interface DecodeTarget {
   maxBytes: number;
 }
 
+/** The decoder startDecoder runs: an xz binary and the shell that bounds it, or lzma-native. */
+export type DecoderPlan = { xz: { file: string; args: string[] }; shell: string } | { lzmaNative: true };
+
 /**
- * Start decoding `input` (a whole .xz file): with an xz binary, straight into `target.file`;
- * with lzma-native, as a stream the caller reads and writes to the file itself.
+ * Which decoder `choice` means on this machine (E_USAGE when it is xz and there is none). Apart
+ * from the start, so that a caller can look it up (some twenty access() calls) while it makes
+ * the file the decoder writes, not after.
  */
-export async function startDecoder(input: Buffer, choice: DecoderChoice, target: DecodeTarget): Promise<{ intoFile: FileDecoder } | { stream: Decoder }> {
+export async function planDecoder(choice: DecoderChoice): Promise<DecoderPlan> {
   if (choice !== 'lzma-native') {
-    const xz = await findXzBinary();
-    const shell = xz && (await findShell());
-    if (xz && shell) return { intoFile: startXzIntoFile(input, xz, target, { shell }) };
+    const [xz, shell] = await Promise.all([findXzBinary(), findShell()]);
+    if (xz && shell) return { xz, shell };
     if (choice === 'xz') {
       throw new KheadersError('E_USAGE', xz ? `no shell (${SHELLS.join(' or ')}) to run ${xz.file} under a file-size limit (--decoder xz); use --decoder auto` : 'no xz or xzcat binary on PATH (--decoder xz); install xz-utils or use --decoder auto');
     }
   }
+  return { lzmaNative: true };
+}
+
+/**
+ * Start decoding `input` (a whole .xz file) with the decoder `plan` names: with an xz binary,
+ * straight into `target.file`; with lzma-native, as a stream the caller reads and writes to the
+ * file itself.
+ */
+export async function startDecoder(input: Buffer, plan: DecoderPlan, target: DecodeTarget): Promise<{ intoFile: FileDecoder } | { stream: Decoder }> {
+  if ('xz' in plan) return { intoFile: startXzIntoFile(input, plan.xz, target, { shell: plan.shell }) };
   return { stream: await startLzmaNative(input) };
 }
 

@@ -582,11 +582,15 @@ async function buildHeadersEntry(
   const mark = (name: string): void => {
     phases[name] = Math.round(performance.now() - t0);
   };
-  const [tmp, { startDecoder }] = await Promise.all([mkdtemp(path.join(store.tmpDir, `ingest-${process.pid}-`)), import('./decompress.js')]);
+  const decompress = import('./decompress.js');
+  // Which decoder (an xz on PATH, a shell) is looked up while its output file is made, not after.
+  const plan = decompress.then((m) => m.planDecoder(opts.decoder ?? 'auto'));
+  plan.catch(() => {}); // awaited below; failing first must not be an unhandled rejection
+  const [tmp, { startDecoder }] = await Promise.all([mkdtemp(path.join(store.tmpDir, `ingest-${process.pid}-`)), decompress]);
   // Everything that holds a file in tmp/ open or may still write there; a failure waits for all
   // of it before tmp/ goes, so nothing is left open (holding the space of deleted files) or recreated.
   const handles: FileHandle[] = [];
-  const running: Array<Promise<unknown>> = [];
+  const running: Array<Promise<unknown>> = [plan];
   let decoder: { name: DecoderName; done: Promise<void>; abort(): void } | undefined;
   let progressTimer: NodeJS.Timeout | undefined;
   let followed: { pack: FileHandle; indexer: TarIndexer } | undefined;
@@ -603,7 +607,7 @@ async function buildHeadersEntry(
     const packFh = await open(path.join(tmp, PACK_FILE), 'a+', 0o644);
     handles.push(packFh);
     mark('setup');
-    const decoding = await startDecoder(source.bytes, opts.decoder ?? 'auto', { file: packFh, maxBytes: limits.maxTotalBytes });
+    const decoding = await startDecoder(source.bytes, await plan, { file: packFh, maxBytes: limits.maxTotalBytes });
     decoder = 'intoFile' in decoding ? decoding.intoFile : decoding.stream;
     if (opts.signal?.aborted) decoder.abort(); // stopped while it started
     mark('decoderStarted');
