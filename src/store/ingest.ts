@@ -821,9 +821,10 @@ function makeManifest(m: {
 }
 
 /**
- * Make a built directory a cache entry: index and manifest written, every file fsynced (together,
- * so the filesystem can commit them in one journal transaction), then one rename. The caller
- * still owns `files` (it closes them again on failure; closing twice is harmless).
+ * Make a built directory a cache entry: index and manifest written, every file's mode set, then
+ * every file and the directory fsynced (together, so the filesystem can commit them in one
+ * journal transaction), then one rename. The caller still owns `files` (it closes them again on
+ * failure; closing twice is harmless).
  */
 async function commitEntry(store: CacheStore, tmp: string, manifest: Manifest, index: TreeIndex, files: readonly FileHandle[]): Promise<CacheEntry> {
   const all = [...files];
@@ -838,15 +839,16 @@ async function commitEntry(store: CacheStore, tmp: string, manifest: Manifest, i
       all.push(fh);
       await inStep(step, fh.writeFile(text));
     }
-    await settleAll(all.map((h) => inStep('cache', h.sync())));
+    // The modes before the flush, so that it makes them durable with the rest: set after it, they
+    // took a flush of the directory of their own (one more journal commit) before the rename.
+    await Promise.all((await readdir(tmp)).map((f) => chmod(path.join(tmp, f), 0o644))); // the umask must not decide who can read
+    await chmod(tmp, 0o755); // mkdtemp made it 0700; entries are world-readable like the headers
+    await settleAll([...all.map((h) => inStep('cache', h.sync())), fsyncDir(tmp)]);
   } catch (err) {
     await Promise.allSettled(all.map((h) => h.close()));
     throw err;
   }
   await settleAll(all.map((h) => h.close()));
-  await Promise.all((await readdir(tmp)).map((f) => chmod(path.join(tmp, f), 0o644))); // the umask must not decide who can read
-  await chmod(tmp, 0o755); // mkdtemp made it 0700; entries are world-readable like the headers
-  await fsyncDir(tmp);
   const finalDir = path.join(store.entriesDir, manifest.id);
   await moveAsideUnusable(store, manifest.id);
   await rename(tmp, finalDir);
