@@ -213,17 +213,25 @@ const COMMANDS: ReadonlyArray<CommandSpec<Run>> = [
             const starting = startDaemon(cfg, io, stopRequest, {}, ahead);
             installSignalHandlers(starting, io, stopRequest);
             await starting;
-            // Ready: the code this start compiled is kept for the next one, before any V8 flag changes (V8 refuses code made under other flags).
-            stopRequest.finishBeforeExit(saveCompiledCommands(io.log));
-            // Then, a moment later, not in the way of the first requests: pino loads (a request that
-            // comes then waits for it), and V8's young generation is held (only now: the start's
-            // builtins are loaded, with node's code cache). Loading node:v8 for that took ~3 ms,
-            // which a first request waited out when it was done here.
+            // Ready; a moment later, not in the way of the first requests: the code this start
+            // compiled is kept for the next one (a start that compiled it: V8's createCachedData
+            // took ~6 ms of this thread, which a first boot's first request waited out), before
+            // any V8 flag changes (V8 refuses code made under other flags); pino loads (a request
+            // that comes then waits for it); and V8's young generation is held (only now: the
+            // start's builtins are loaded, with node's code cache). Loading node:v8 for that took
+            // ~3 ms, which a first request waited out when it was done at ready. A stop before
+            // then waits for the save (finishBeforeExit).
             clearTimeout(latest);
-            setTimeout(() => {
-              release();
-              holdYoungGeneration();
-            }, 100);
+            stopRequest.finishBeforeExit(
+              new Promise<void>((resolve) =>
+                setTimeout(() => {
+                  const saved = saveCompiledCommands(io.log);
+                  release();
+                  holdYoungGeneration();
+                  void saved.then(resolve);
+                }, 100),
+              ),
+            );
           } finally {
             // Not taken by the start (it failed, or stopped, before its ingest): killed, having written nothing.
             ahead?.discard();
