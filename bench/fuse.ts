@@ -36,7 +36,9 @@
  * Options: --runs N (warm rounds, default 7), --cold N (default 3), --no-native, --no-unverified,
  * --no-reference (no C servers), --no-trace (no bpftrace counts), --pinned, --no-write,
  * --only a,b (these columns only, e.g. kernel,bindfs,squashfuse; implies --no-write),
- * --cold-only (only the cold compile and its requests; implies --no-write).
+ * --cold-only (only the cold compile and its requests; implies --no-write),
+ * --baseline DIST/bench/fuse.js (adds 'kernel-base': the default backend served by another build,
+ * e.g. main's, in the same rounds).
  */
 import { fork, type ChildProcess } from 'node:child_process';
 import { access, readFile, writeFile } from 'node:fs/promises';
@@ -45,6 +47,7 @@ import { fileURLToPath } from 'node:url';
 import { createLogger } from '../src/log.js';
 import { IndexFsModel } from '../src/serve/fuse/index-model.js';
 import { mountKernel, type SessionOptions } from '../src/serve/fuse/kernel/index.js';
+import type { PrefetchStats } from '../src/serve/fuse/prefetch.js';
 import type { FuseMount, FuseOpCounts } from '../src/serve/fuse/types.js';
 import { CacheStore } from '../src/store/cache.js';
 import { setReadVerification } from '../src/store/reader.js';
@@ -65,9 +68,10 @@ import {
 import { pinClient, pinServer, REFERENCE_LABEL, ReferenceServer, REFERENCES, makeSquashfsImage, referenceSkipReason, traceRequests, traceSkipReason, type Reference, type TracedRequests } from './fuse-ref.js';
 import { machineLine, median, writeSection } from './report.js';
 
-type Backend = 'kernel' | 'kernel-classic-open' | 'kernel-thread' | 'kernel-adaptive' | 'native' | 'kernel-unverified' | 'native-unverified';
+type Backend = 'kernel' | 'kernel-base' | 'kernel-classic-open' | 'kernel-thread' | 'kernel-adaptive' | 'native' | 'kernel-unverified' | 'native-unverified';
 const LABEL: Record<Backend, string> = {
   kernel: 'kernel (default)',
+  'kernel-base': 'kernel (default), baseline build',
   'kernel-classic-open': 'kernel, OPEN per open(2)',
   'kernel-thread': 'kernel, reader thread',
   'kernel-adaptive': 'kernel, no lookup prefetch, adaptive READDIRPLUS',
@@ -80,7 +84,7 @@ type Side = 'plain' | Backend | Reference;
 const isReference = (side: Side): side is Reference => (REFERENCES as readonly string[]).includes(side);
 const sideLabel = (side: Backend | Reference): string => (isReference(side) ? REFERENCE_LABEL[side] : LABEL[side]);
 
-type ServerMsg = { type: 'ready'; mountpoint: string } | { type: 'counts'; counts: FuseOpCounts; prefetched: number } | { type: 'rss'; rssKiB: number; hwmKiB: number } | { type: 'error'; message: string };
+type ServerMsg = { type: 'ready'; mountpoint: string } | { type: 'counts'; counts: FuseOpCounts; prefetched: number; prefetch?: PrefetchStats } | { type: 'rss'; rssKiB: number; hwmKiB: number } | { type: 'error'; message: string };
 
 // ---- child: the daemon's half -----------------------------------------------------------------
 
@@ -94,6 +98,7 @@ async function serve(backend: Backend, cacheDir: string, id: string, mountpoint:
   model.setEntries([entry], id);
   let mount: FuseMount;
   let prefetched = (): number => 0;
+  let prefetchStats = (): PrefetchStats | undefined => undefined;
   if (backend === 'native' || backend === 'native-unverified') {
     const { mountNative } = await import('../src/serve/fuse/native.js');
     mount = await mountNative({ mountpoint, model, log });
@@ -101,6 +106,7 @@ async function serve(backend: Backend, cacheDir: string, id: string, mountpoint:
     const session: SessionOptions = backend === 'kernel-classic-open' ? { zeroMessageOpen: false } : backend === 'kernel-adaptive' ? { prefetch: false, readdirplus: 'auto' } : {};
     const km = await mountKernel({ mountpoint, model, log, session, reader: backend === 'kernel-thread' ? 'thread' : 'auto' });
     prefetched = () => km.prefetchCounts().used;
+    prefetchStats = () => km.prefetchCounts();
     mount = km;
   }
   const send = (m: ServerMsg): void => {
@@ -108,8 +114,10 @@ async function serve(backend: Backend, cacheDir: string, id: string, mountpoint:
   };
   process.on('message', (msg: string) => {
     void (async () => {
-      if (msg === 'counts') send({ type: 'counts', counts: mount.opCounts?.() ?? {}, prefetched: prefetched() });
-      else if (msg === 'rss') {
+      if (msg === 'counts') {
+        const stats = prefetchStats();
+        send({ type: 'counts', counts: mount.opCounts?.() ?? {}, prefetched: prefetched(), ...(stats ? { prefetch: stats } : {}) });
+      } else if (msg === 'rss') {
         const status = await readFile('/proc/self/status', 'utf8');
         const kib = (k: string): number => Number(new RegExp(`^${k}:\\s+(\\d+)`, 'm').exec(status)?.[1] ?? 0);
         send({ type: 'rss', rssKiB: kib('VmRSS'), hwmKiB: kib('VmHWM') });
@@ -140,9 +148,11 @@ class Server {
     return this.child.pid!;
   }
 
-  static async start(backend: Backend, cacheDir: string, id: string, mountpoint: string): Promise<Server> {
+  static async start(backend: Backend, cacheDir: string, id: string, mountpoint: string, baseline?: string): Promise<Server> {
     const t0 = performance.now();
-    const child = fork(fileURLToPath(import.meta.url), ['--serve', backend, cacheDir, id, mountpoint], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+    // 'kernel-base': the default backend as another build serves it (--baseline), for A/B in the same rounds.
+    const [script, as] = backend === 'kernel-base' ? [baseline!, 'kernel'] : [fileURLToPath(import.meta.url), backend];
+    const child = fork(script, ['--serve', as, cacheDir, id, mountpoint], { stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
     const ready = await new Promise<ServerMsg>((resolve, reject) => {
       child.once('message', (m: ServerMsg) => resolve(m));
       child.once('exit', (code) => reject(new Error(`${backend} server exited ${code} before mounting`)));
@@ -159,7 +169,7 @@ class Server {
   }
 
   counts(): Promise<FuseOpCounts> {
-    return this.ask('counts', 'counts').then((m) => ({ ...m.counts, prefetched: m.prefetched }));
+    return this.ask('counts', 'counts').then((m) => ({ ...m.counts, prefetched: m.prefetched, ...(m.prefetch ? { [FOLLOWED]: m.prefetch.followed, [READY]: m.prefetch.ready } : {}) }));
   }
 
   rss(): Promise<{ rssKiB: number; hwmKiB: number }> {
@@ -176,11 +186,15 @@ class Server {
 
 /** Not a request: READs (already counted) that were answered from the lookup prefetch. */
 const PREFETCHED = 'prefetched';
+/** Not requests: included headers read ahead, and READs whose prefetched bytes were already in hand. */
+const FOLLOWED = 'prefetch-followed';
+const READY = 'prefetch-ready';
+const NOT_REQUESTS = new Set([PREFETCHED, FOLLOWED, READY]);
 
 function diff(after: FuseOpCounts, before: FuseOpCounts): Record<string, number> {
   const out: Record<string, number> = {};
   for (const [k, v] of Object.entries(after)) {
-    if (k === PREFETCHED) continue;
+    if (NOT_REQUESTS.has(k)) continue;
     const d = v - (before[k] ?? 0);
     if (d > 0) out[k] = d;
   }
@@ -245,7 +259,8 @@ async function main(): Promise<void> {
   const only = args.includes('--only') ? (args[args.indexOf('--only') + 1] ?? '').split(',') : undefined;
   const coldOnly = args.includes('--cold-only');
   const pinned = args.includes('--pinned');
-  const write = !args.includes('--no-write') && !only && !coldOnly;
+  const baseline = args.includes('--baseline') ? path.resolve(args[args.indexOf('--baseline') + 1]!) : undefined;
+  const write = !args.includes('--no-write') && !only && !coldOnly && !baseline;
 
   for (const reason of [
     process.getuid?.() === 0 ? undefined : 'needs root (mounting, drop_caches)',
@@ -261,6 +276,7 @@ async function main(): Promise<void> {
   const unverified = !args.includes('--no-unverified');
   const all: Backend[] = [
     'kernel',
+    ...(baseline ? (['kernel-base'] as const) : []),
     ...(unverified ? (['kernel-unverified'] as const) : []),
     'kernel-classic-open',
     'kernel-thread',
@@ -268,7 +284,7 @@ async function main(): Promise<void> {
     ...(noNative ? [] : (['native'] as const)),
     ...(noNative || !unverified ? [] : (['native-unverified'] as const)),
   ];
-  const backends = all.filter((b) => !only || only.includes(b));
+  const backends = all.filter((b) => !only || only.includes(b) || b === 'kernel-base');
   const referenceSkips: string[] = [];
   const references: Reference[] = [];
   for (const ref of args.includes('--no-reference') ? [] : REFERENCES.filter((r) => !only || only.includes(r))) {
@@ -299,7 +315,7 @@ async function main(): Promise<void> {
     const mnt = (b: Backend | Reference): string => path.join(work, `mnt-${b}`);
     const start = async (b: Backend | Reference): Promise<Server | ReferenceServer> => {
       await servers.get(b)?.stop();
-      const s = isReference(b) ? await ReferenceServer.start(b, plain!, image, mnt(b)) : await Server.start(b, cacheDir, entry.manifest.id, mnt(b));
+      const s = isReference(b) ? await ReferenceServer.start(b, plain!, image, mnt(b)) : await Server.start(b, cacheDir, entry.manifest.id, mnt(b), baseline);
       if (pinned) await pinServer(s.pid);
       servers.set(b, s);
       return s;
@@ -332,8 +348,10 @@ async function main(): Promise<void> {
     const startTimes = series();
     const coldCounts: Record<string, Record<string, number>> = {};
     const coldPrefetched: Record<string, number> = {};
+    const coldAhead: Record<string, string> = {};
     for (let i = 0; i < coldRuns; i++) {
-      for (const side of sides) {
+      // Every other round the mounts go in reverse order, so none always runs first after plain.
+      for (const side of i % 2 === 0 ? sides : ['plain' as const, ...mounts.slice().reverse()]) {
         if (side !== 'plain') startTimes[side]!.push((await start(side)).startMs);
         const before = await countsOf(side);
         await dropCaches();
@@ -342,6 +360,8 @@ async function main(): Promise<void> {
           const after = await countsOf(side);
           coldCounts[side] = diff(after, before);
           coldPrefetched[side] = (after[PREFETCHED] ?? 0) - (before[PREFETCHED] ?? 0);
+          const d = (k: string): number => (after[k] ?? 0) - (before[k] ?? 0);
+          coldAhead[side] = `${coldPrefetched[side]} READs from the prefetch, ${d(READY)} of them already in hand; ${d(FOLLOWED)} included headers read ahead`;
         }
       }
     }
@@ -374,6 +394,7 @@ ${coldTable}
 Cold compile runs: ${sides.map((s) => `${s} ${cold[s]!.map((x) => x.toFixed(0)).join('/')}`).join('; ')} ms.
 Start to mounted: ${mounts.map((m) => `${m} ${median(startTimes[m]!).toFixed(0)}`).join('; ')} ms.
 Daemon-counted requests (cold): ${backends.map((b) => `${b} ${fmtCounts(coldCounts[b] ?? {})}`).join('; ')}.
+Prefetch (cold, last round): ${backends.map((b) => `${b}: ${coldAhead[b] ?? 'none'}`).join('; ')}.
 
 ${tracedTable}
 

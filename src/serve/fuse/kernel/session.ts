@@ -212,7 +212,7 @@ export class FuseSession {
 
   /** What the lookup prefetch did (all zero when it is off). */
   prefetchCounts(): PrefetchStats {
-    return this.prefetch?.counts() ?? { started: 0, used: 0, dropped: 0, held: 0 };
+    return this.prefetch?.counts() ?? { started: 0, used: 0, dropped: 0, followed: 0, ready: 0, held: 0 };
   }
 
   /** How many node ids the kernel currently holds references to. */
@@ -414,10 +414,11 @@ export class FuseSession {
 
   private answerLookup(req: FuseRequest & { kind: 'lookup' }, name: string | undefined): void {
     const a = name === undefined ? undefined : this.model.lookup(req.nodeid, name);
+    if (name !== undefined) this.prefetch?.probed(req.nodeid, name);
     if (a) {
       this.remember(a, req.nodeid);
       this.replyOk(req, encodeEntryOut(this.entryFor(a), this.minor));
-      this.prefetch?.looked(a);
+      this.prefetch?.looked(a, req.nodeid);
       return;
     }
     const parent = this.model.getattr(req.nodeid);
