@@ -169,7 +169,7 @@ class Server {
   }
 
   counts(): Promise<FuseOpCounts> {
-    return this.ask('counts', 'counts').then((m) => ({ ...m.counts, prefetched: m.prefetched, ...(m.prefetch ? { [FOLLOWED]: m.prefetch.followed, [READY]: m.prefetch.ready, [STORED]: m.prefetch.stored } : {}) }));
+    return this.ask('counts', 'counts').then((m) => ({ ...m.counts, prefetched: m.prefetched, ...(m.prefetch ? { [FOLLOWED]: m.prefetch.followed, [READY]: m.prefetch.ready } : {}) }));
   }
 
   rss(): Promise<{ rssKiB: number; hwmKiB: number }> {
@@ -189,13 +189,12 @@ const PREFETCHED = 'prefetched';
 /** Not requests: included headers read ahead, and READs whose prefetched bytes were already in hand. */
 const FOLLOWED = 'prefetch-followed';
 const READY = 'prefetch-ready';
-const STORED = 'prefetch-stored';
-const NOT_REQUESTS = new Set([PREFETCHED, FOLLOWED, READY, STORED]);
+const NOT_REQUESTS = new Set([PREFETCHED, FOLLOWED, READY]);
 
 function diff(after: FuseOpCounts, before: FuseOpCounts): Record<string, number> {
   const out: Record<string, number> = {};
   for (const [k, v] of Object.entries(after)) {
-    if (NOT_REQUESTS.has(k) || k.startsWith('store')) continue;
+    if (NOT_REQUESTS.has(k)) continue;
     const d = v - (before[k] ?? 0);
     if (d > 0) out[k] = d;
   }
@@ -362,7 +361,7 @@ async function main(): Promise<void> {
           coldCounts[side] = diff(after, before);
           coldPrefetched[side] = (after[PREFETCHED] ?? 0) - (before[PREFETCHED] ?? 0);
           const d = (k: string): number => (after[k] ?? 0) - (before[k] ?? 0);
-          coldAhead[side] = `${coldPrefetched[side]} READs from the prefetch, ${d(READY)} of them already in hand; ${d(FOLLOWED)} included headers read ahead, ${d(STORED)} handed to the page cache at their LOOKUP (${after['store-ENOENT'] ?? 0} too early)`;
+          coldAhead[side] = `${coldPrefetched[side]} READs from the prefetch, ${d(READY)} of them already in hand; ${d(FOLLOWED)} included headers read ahead`;
         }
       }
     }

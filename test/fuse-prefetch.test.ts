@@ -40,13 +40,13 @@ describe('LookupPrefetch', () => {
     const p = new LookupPrefetch(model);
     const a = file('include/linux/a.h');
     p.looked(a);
-    assert.deepEqual(p.counts(), { started: 1, used: 0, dropped: 0, followed: 0, ready: 0, stored: 0, held: 1 });
+    assert.deepEqual(p.counts(), { started: 1, used: 0, dropped: 0, followed: 0, ready: 0, held: 1 });
     // The kernel asks for whole pages: more than the file holds.
     const got = p.take(a.ino, 0, 4096);
     assert.ok(got, 'answered from the prefetch');
     assert.deepEqual(await got, await model.read(a.ino, 0, 4096));
     assert.equal(p.take(a.ino, 0, 4096), undefined, 'used once: the kernel keeps the pages');
-    assert.deepEqual(p.counts(), { started: 1, used: 1, dropped: 0, followed: 0, ready: 0, stored: 0, held: 0 });
+    assert.deepEqual(p.counts(), { started: 1, used: 1, dropped: 0, followed: 0, ready: 0, held: 0 });
   });
 
   test('a large file: only its first window is read, and only a READ within it is answered', async () => {
@@ -61,7 +61,7 @@ describe('LookupPrefetch', () => {
     const part = p.take(big.ino, 0, 1000);
     assert.ok(part);
     assert.deepEqual(await part, await model.read(big.ino, 0, 1000));
-    assert.deepEqual({ ...p.counts(), ready: 0 }, { started: 3, used: 1, dropped: 2, followed: 0, ready: 0, stored: 0, held: 0 });
+    assert.deepEqual({ ...p.counts(), ready: 0 }, { started: 3, used: 1, dropped: 2, followed: 0, ready: 0, held: 0 });
   });
 
   test('directories, symlinks, empty and volatile files start no read', () => {
@@ -71,7 +71,7 @@ describe('LookupPrefetch', () => {
     const a = file('include/linux/a.h');
     p.looked({ ...a, size: 0 });
     p.looked({ ...a, volatile: true });
-    assert.deepEqual(p.counts(), { started: 0, used: 0, dropped: 0, followed: 0, ready: 0, stored: 0, held: 0 });
+    assert.deepEqual(p.counts(), { started: 0, used: 0, dropped: 0, followed: 0, ready: 0, held: 0 });
   });
 
   test('bounded by count and bytes (oldest dropped first) and by age', async () => {
@@ -88,13 +88,13 @@ describe('LookupPrefetch', () => {
     const byBytes = new LookupPrefetch(model, { maxBytes: 96 * 1024 + 10, maxFileBytes: 96 * 1024 });
     byBytes.looked(a);
     byBytes.looked(big);
-    assert.deepEqual(byBytes.counts(), { started: 2, used: 0, dropped: 1, followed: 0, ready: 0, stored: 0, held: 1 });
+    assert.deepEqual(byBytes.counts(), { started: 2, used: 0, dropped: 1, followed: 0, ready: 0, held: 1 });
     assert.ok(byBytes.take(big.ino, 0, 96 * 1024));
 
     const byAge = new LookupPrefetch(model, { ttlMs: 30 });
     byAge.looked(a);
     await new Promise((r) => setTimeout(r, 120));
-    assert.deepEqual(byAge.counts(), { started: 1, used: 0, dropped: 1, followed: 0, ready: 0, stored: 0, held: 0 }, 'nothing is held once idle');
+    assert.deepEqual(byAge.counts(), { started: 1, used: 0, dropped: 1, followed: 0, ready: 0, held: 0 }, 'nothing is held once idle');
 
     const cleared = new LookupPrefetch(model);
     cleared.looked(a);
@@ -132,7 +132,7 @@ describe('LookupPrefetch', () => {
       p.looked(at('include/linux/top.h'), at('include/linux').ino);
       for (let i = 0; i < 50 && p.counts().started < 5; i++) await new Promise((r) => setTimeout(r, 10));
       await new Promise((r) => setTimeout(r, 20));
-      assert.deepEqual(p.counts(), { started: 5, used: 0, dropped: 0, followed: 4, ready: 0, stored: 0, held: 5 }, 'mid.h, leaf.h (inside #ifndef), near.h, asm/arch.h');
+      assert.deepEqual(p.counts(), { started: 5, used: 0, dropped: 0, followed: 4, ready: 0, held: 5 }, 'mid.h, leaf.h (inside #ifndef), near.h, asm/arch.h');
       for (const h of ['include/linux/mid.h', 'include/linux/leaf.h', 'include/linux/near.h', 'arch/x86/include/asm/arch.h']) {
         const a = at(h);
         const got = p.take(a.ino, 0, 4096);

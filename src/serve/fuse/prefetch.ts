@@ -73,8 +73,6 @@ export interface PrefetchStats {
   followed: number;
   /** Of `used`: READs whose bytes were already in hand when they arrived (no wait at all). */
   ready: number;
-  /** Files handed to the kernel's page cache at their LOOKUP (NOTIFY_STORE): no READ follows. */
-  stored: number;
   /** Files held now. */
   held: number;
 }
@@ -86,8 +84,6 @@ interface Pending {
   whole: boolean;
   /** The read has finished. */
   settled: boolean;
-  /** Its bytes, once read. */
-  buf?: Buffer;
   at: number;
 }
 
@@ -96,7 +92,7 @@ export class LookupPrefetch {
   private readonly pending = new Map<number, Pending>();
   private bytes = 0;
   private timer: NodeJS.Timeout | undefined;
-  private readonly stats = { started: 0, used: 0, dropped: 0, followed: 0, ready: 0, stored: 0 };
+  private readonly stats = { started: 0, used: 0, dropped: 0, followed: 0, ready: 0 };
   /** Directories the compiler searches for `<...>` includes (see the file comment). */
   private readonly roots = new Set<number>();
   private readonly includeDirs = new Set<string>(SEED_INCLUDE_DIRS);
@@ -141,7 +137,6 @@ export class LookupPrefetch {
     data.then(
       (buf) => {
         p.settled = true;
-        p.buf = buf;
         if (dir !== undefined) this.follow(a.ino, dir, buf);
       },
       () => {
@@ -233,21 +228,6 @@ export class LookupPrefetch {
     this.stats.used++;
     if (p.settled) this.stats.ready++;
     return size >= p.length ? p.data : p.data.then((buf) => buf.subarray(0, size));
-  }
-
-  /** The whole of file `ino` if it is already read (not taken: a READ may still take it). */
-  inHand(ino: number): Buffer | undefined {
-    const p = this.pending.get(ino);
-    return p?.whole && p.buf ? p.buf : undefined;
-  }
-
-  /** The kernel's page cache holds `ino`'s bytes now (NOTIFY_STORE): nothing will READ them. */
-  stored(ino: number): void {
-    const p = this.pending.get(ino);
-    if (!p) return;
-    this.forget(ino, p);
-    this.stats.stored++;
-    this.pump();
   }
 
   counts(): PrefetchStats {

@@ -800,21 +800,6 @@ export function encodeNotifyInvalInode(ino: number, offset = 0, length = 0): Buf
 }
 
 /**
- * Put `data` into the kernel's page cache of `nodeid` at `offset` (7.15+): a later read of those
- * bytes is answered by the kernel without a READ. The write waits for the pages' locks, so it
- * must never come from the thread that answers READs (a READ in flight holds them).
- */
-export function encodeNotifyStore(nodeid: number, offset: number, data: Buffer): Buffer {
-  const body = Buffer.allocUnsafe(24 + data.length);
-  writeU64(body, 0, nodeid);
-  writeU64(body, 8, offset);
-  body.writeUInt32LE(data.length, 16);
-  body.writeUInt32LE(0, 20);
-  data.copy(body, 24);
-  return notification(Notify.STORE, body);
-}
-
-/**
  * Ask the kernel to send back (as a NOTIFY_REPLY request) `size` cached bytes of `nodeid`.
  * Used with size 0 on the root purely to make a request appear on /dev/fuse, which wakes a
  * reader blocked in read() so it can see that it should stop (7.15+).

@@ -41,7 +41,6 @@ import {
   encodeInitOut,
   encodeNotifyInvalEntry,
   encodeNotifyInvalInode,
-  encodeNotifyStore,
   encodeOpenOut,
   encodeOutHeader,
   encodeReply,
@@ -82,8 +81,6 @@ export interface SessionOptions {
   maxBackground?: number;
   /** Read a file's first bytes when it is looked up (prefetch.ts); false turns it off. */
   prefetch?: boolean | Partial<PrefetchOptions>;
-  /** Hand a looked-up file's bytes, when already read, to the kernel's page cache (NOTIFY_STORE). */
-  storeData?: boolean;
 }
 
 export interface ResolvedSessionOptions {
@@ -96,7 +93,6 @@ export interface ResolvedSessionOptions {
   maxPages: number;
   maxBackground: number;
   prefetch: boolean | Partial<PrefetchOptions>;
-  storeData: boolean;
 }
 
 export const DEFAULT_SESSION_OPTIONS: Readonly<ResolvedSessionOptions> = {
@@ -109,7 +105,6 @@ export const DEFAULT_SESSION_OPTIONS: Readonly<ResolvedSessionOptions> = {
   maxPages: 256,
   maxBackground: 64,
   prefetch: true,
-  storeData: true,
 };
 
 /** What INIT settled on, for logs and tests. */
@@ -217,7 +212,7 @@ export class FuseSession {
 
   /** What the lookup prefetch did (all zero when it is off). */
   prefetchCounts(): PrefetchStats {
-    return this.prefetch?.counts() ?? { started: 0, used: 0, dropped: 0, followed: 0, ready: 0, stored: 0, held: 0 };
+    return this.prefetch?.counts() ?? { started: 0, used: 0, dropped: 0, followed: 0, ready: 0, held: 0 };
   }
 
   /** How many node ids the kernel currently holds references to. */
@@ -421,11 +416,9 @@ export class FuseSession {
     const a = name === undefined ? undefined : this.model.lookup(req.nodeid, name);
     if (name !== undefined) this.prefetch?.probed(req.nodeid, name);
     if (a) {
-      const known = this.lookups.has(a.ino);
       this.remember(a, req.nodeid);
       this.replyOk(req, encodeEntryOut(this.entryFor(a), this.minor));
       this.prefetch?.looked(a, req.nodeid);
-      if (!known) this.store(a.ino);
       return;
     }
     const parent = this.model.getattr(req.nodeid);
@@ -437,28 +430,6 @@ export class FuseSession {
     // compiler's probing of every -I directory for every header is answered without us.
     if (this.options.negativeTimeoutSec <= 0 || this.minor < 4) return this.replyError(req, Errno.ENOENT);
     return this.replyOk(req, encodeEntryOut({ nodeid: 0, generation: 0, entryValid: this.negativeValid, attrValid: timeout(0) }, this.minor));
-  }
-
-  /**
-   * A file the kernel has just met, whose bytes are already read (a followed include): put them
-   * in its page cache now, so the compiler's read is answered by the kernel, with no READ round
-   * trip. Only for a node the kernel held no inode for (no page of it cached, no READ of it in
-   * flight), and through the notifier thread: a STORE waits for page locks, and a READ in flight
-   * holds them until this thread answers it. Losing the race costs nothing: the READ is answered
-   * from the same bytes, and a STORE that arrives before the kernel made the inode is refused
-   * (ENOENT) and changes nothing.
-   */
-  private store(ino: number, retry = true): void {
-    if (!this.options.storeData || this.minor < 15 || !this.prefetch || this.destroyed) return;
-    const buf = this.prefetch.inHand(ino);
-    if (!buf) return;
-    const prefetch = this.prefetch;
-    void this.channel.notify(encodeNotifyStore(ino, 0, buf)).then((code) => {
-      this.count(code ? `store-${code}` : 'store');
-      if (!code) prefetch.stored(ino);
-      // Ahead of the kernel's inode: once more, a moment later, unless a READ took the bytes.
-      else if (code === 'ENOENT' && retry) setTimeout(() => this.store(ino, false), 1).unref();
-    });
   }
 
   private forget(nodeid: number, nlookup: number): void {
