@@ -448,7 +448,10 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
     if (made) await Promise.race([underWay, mounting]);
     if (!cancel.signal.aborted) await publish('sync');
   } catch (err) {
+    // The start fails: what it brought up comes down with the mount. HTTP left listening kept the
+    // process, its failure reported, answering (/readyz "ready") for good, never restarted.
     await abandonMount();
+    await stop().catch(() => {});
     throw err;
   }
   if (cancel.signal.aborted) {
