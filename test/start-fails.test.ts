@@ -9,9 +9,9 @@ import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { goodArchive, tempDir } from './helpers/archives.js';
+import { REPO_ROOT, goodArchive, tempDir } from './helpers/archives.js';
 import { fuseDeviceSkipReason } from './helpers/fuse-env.js';
-import { exitWithin, startServe, unmountIfLeft } from './helpers/serve-child.js';
+import { exitWithin, startDaemonProcess, startServe, unmountIfLeft } from './helpers/serve-child.js';
 
 const EXIT_BOUND_MS = 10_000;
 
@@ -53,6 +53,33 @@ test('the cache turns unreadable after HTTP is up, while the mount is made: the 
     assert.equal(stillAnswers, null, 'nothing listens on the failed start\'s HTTP address');
     const mountinfo = await readFile('/proc/self/mountinfo', 'utf8');
     assert.ok(!mountinfo.includes(` ${mnt} `), 'no mount left');
+  } finally {
+    await d.stop();
+  }
+});
+
+test('--link-modules cannot link once mounted (a file where <release>/ goes): the start fails, exits, and takes its mount down', async (t) => {
+  const skip = await fuseDeviceSkipReason();
+  if (skip) return t.skip(skip);
+  const release = '6.92.0-startfail';
+  const dir = await tempDir(t, 'kheadersd-startfail-');
+  const [cache, mnt, modulesRoot, archive] = ['cache', 'mnt', 'lib-modules', 'kernel.tar.xz'].map((n) => path.join(dir, n)) as [string, string, string, string];
+  await mkdir(mnt);
+  await mkdir(modulesRoot);
+  // <release>/build cannot be made: its directory is a file (lstat: ENOTDIR).
+  await writeFile(path.join(modulesRoot, release), '');
+  await writeFile(archive, await goodArchive(release));
+  const flags = { archive, cacheDir: cache, mount: mnt, http: 'off', btf: 'off', logLevel: 'info', fuseBackend: 'kernel' };
+  // serve-links.ts: serve's start as cli.ts runs it, its links under modulesRoot, not /lib/modules.
+  const d = startDaemonProcess(t, process.execPath, [path.join(REPO_ROOT, 'dist/test/helpers/serve-links.js'), modulesRoot, JSON.stringify(flags)]);
+  t.after(() => unmountIfLeft(mnt));
+  try {
+    await d.waitFor((l) => l.msg === 'FUSE mounted', 'the mount');
+    const code = await exitWithin(d, EXIT_BOUND_MS);
+    const mountinfo = await readFile('/proc/self/mountinfo', 'utf8');
+    assert.notEqual(code, 'still running', `the failed start must exit; mounted: ${mountinfo.includes(` ${mnt} `)}; logs: ${JSON.stringify(d.logs.slice(-3))}`);
+    assert.notEqual(code, 0);
+    assert.ok(!mountinfo.includes(` ${mnt} `), 'no mount left (a dead ENOTCONN directory once the process is gone)');
   } finally {
     await d.stop();
   }

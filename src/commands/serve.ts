@@ -473,6 +473,13 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
       if (cfg.linkModules) await publish('sync');
       else state.changed();
     } catch (err) {
+      // Mounted, the start's second publish failed (a link it cannot make, the cache unreadable):
+      // not the mount's failure. The start fails, its mount taken down: left up, the process
+      // stayed (or, once gone, left a dead ENOTCONN directory), and "no FUSE mount" was untrue.
+      if (mount) {
+        await stop().catch(() => {});
+        throw err;
+      }
       state.mountError = err instanceof Error ? err.message : String(err);
       if (!http) throw err;
       log.error({ code: isKheadersError(err) ? err.code : 'E_FUSE' }, `no FUSE mount, serving HTTP only: ${state.mountError}`);
