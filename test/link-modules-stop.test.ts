@@ -12,6 +12,8 @@ import assert from 'node:assert/strict';
 import { chmod, lstat, mkdir, readdir, readFile, readlink, symlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
+import { ModuleLinks } from '../src/commands/serve.js';
+import { createLogger } from '../src/log.js';
 import { REPO_ROOT, goodTree, makeTar, tempDir, xz } from './helpers/archives.js';
 import { fuseDeviceSkipReason } from './helpers/fuse-env.js';
 import { exitWithin, pollUntil, startDaemonProcess, unmountIfLeft, type Daemon } from './helpers/serve-child.js';
@@ -126,4 +128,16 @@ test('a second SIGTERM with a build link it found (and left alone): that link st
   } finally {
     await s.d.stop();
   }
+});
+
+test('two publishes linking at once (the start\'s and a repair\'s) make the one link, and neither fails', async (t) => {
+  const dir = await tempDir(t, 'kheadersd-links-');
+  const modulesRoot = path.join(dir, 'lib-modules');
+  const links = new ModuleLinks(createLogger('silent'), modulesRoot);
+  const target = path.join(dir, 'mnt', RELEASE);
+  // Both checked for the link before either made it: the second symlink() failed with EEXIST.
+  await Promise.all([links.point(RELEASE, target), links.point(RELEASE, target)]);
+  assert.equal(await readlink(path.join(modulesRoot, RELEASE, 'build')), target);
+  await links.removeAll();
+  assert.deepEqual(await readdir(modulesRoot), [], 'what it made is gone, once');
 });

@@ -558,16 +558,24 @@ export function installSignalHandlers(starting: Promise<RunningDaemon>, io: Comm
  * Once removeAll() has run (the daemon stops), it links nothing more: a publish still under way
  * then must not leave a link into a mount that is going away.
  */
-class ModuleLinks {
+export class ModuleLinks {
   private readonly made: Array<{ link: string; target: string; dirMade: string | null }> = [];
   private closed = false;
+  /** One point() at a time: two publishes at once (the start's and a repair's) both found no link, and the second symlink() failed with EEXIST. */
+  private pointing: Promise<void> = Promise.resolve();
 
   constructor(
     private readonly log: CommandIO['log'],
     private readonly modulesRoot = '/lib/modules',
   ) {}
 
-  async point(release: string, target: string): Promise<void> {
+  point(release: string, target: string): Promise<void> {
+    const done = this.pointing.then(() => this.pointNow(release, target));
+    this.pointing = done.catch(() => {});
+    return done;
+  }
+
+  private async pointNow(release: string, target: string): Promise<void> {
     if (this.closed) return;
     const dir = path.join(this.modulesRoot, release);
     const link = path.join(dir, 'build');
