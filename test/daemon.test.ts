@@ -125,7 +125,7 @@ test("serve: a symlink in the place of the cache's small files never leads its s
     await symlink(path.join(mnt, 'by-digest', digest, 'include', 'linux'), entries);
     const failed = d.logs.length;
     d.child.kill('SIGHUP');
-    await d.waitFor(() => d.logs.slice(failed).some((l) => l.code === 'E_CACHE_UNSAFE' && typeof l.msg === 'string' && l.msg.startsWith('cannot read the cache')), 'the refresh with entries/ a link into the mount to fail (hung on its own mount?)', 15_000);
+    await d.waitFor(() => d.logs.slice(failed).some((l) => l.code === 'E_CACHE_UNSAFE' && typeof l.msg === 'string' && l.msg.startsWith('cannot publish the cache')), 'the refresh with entries/ a link into the mount to fail (hung on its own mount?)', 15_000);
     assert.equal((await fetch(`${url}/readyz`, { signal: AbortSignal.timeout(5_000) })).status, 200);
     await rm(entries);
     await rename(`${entries}.real`, entries);

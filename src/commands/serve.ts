@@ -249,14 +249,15 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
 
   /**
    * publish() after a refresh or a repair. Its failure (the cache unreadable, entries/ not a
-   * directory) is said and leaves what was published served: thrown, it rejected `refreshing`,
+   * directory, a --link-modules link it cannot make) is said as it is and leaves what was
+   * published served: thrown, it rejected `refreshing`,
    * which every later SIGHUP and repair is chained on, so none of them ever ran again.
    */
   const publishOrSay = async (): Promise<void> => {
     try {
       await publish();
     } catch (err) {
-      log.error({ code: isKheadersError(err) ? err.code : 'E_INTERNAL' }, `cannot read the cache, still serving what was published: ${(err as Error).message}`);
+      log.error({ code: isKheadersError(err) ? err.code : 'E_INTERNAL' }, `cannot publish the cache's entries, still serving what was published: ${(err as Error).message}`);
     }
   };
 
