@@ -104,7 +104,7 @@ export function startIngestProcess(cfg: Config, io: CommandIO, node = process.ex
       if (asked || discarded) return;
       discarded = true;
       kill();
-      io.log.debug({ ingestPid: child.pid }, 'the ingest process started ahead is not needed (the entry is cached, or the ingest ended without a build): killed unasked');
+      io.log.debug({ ingestPid: child.pid }, 'the ingest process started ahead is not needed (the entry is cached): killed unasked');
     },
   };
 }
