@@ -72,11 +72,9 @@ async function main(): Promise<void> {
     const rereadable = cfg.archive === undefined || (await stat(cfg.archive).then((s) => s.isFile(), () => false));
     const early = rereadable ? locateForIngest({ ...opts, modprobe: false }).catch(() => undefined) : Promise.resolve(undefined);
     const { digest } = await next('build');
-    // Only bytes of the digest the daemon found no entry for are built from; others (the file
-    // changed between the two reads), or a build the daemon names no digest for (BTF alone: its
-    // own search found no archive), are looked for again, as before there was an early read.
+    // Bytes of another digest than the daemon's (the file changed between the two reads) are read again.
     const located = await early;
-    const same = located !== undefined && digest !== undefined && located.digest === digest;
+    const same = located !== undefined && (digest === undefined || located.digest === digest);
     await ingest({ ...opts, ...(same ? { located: Promise.resolve(located) } : {}) });
     outcome = { ok: true };
   } catch (err) {
