@@ -201,7 +201,6 @@ const COMMANDS: ReadonlyArray<CommandSpec<Run>> = [
           // and reads the archive while the daemon starts; the start runs it or discards it
           // (ingest-child.ts). A cached start spawns nothing here.
           const ahead = startIngestAhead(cfg);
-          if (ahead) io.log.debug({ ingestPid: ahead.child.pid }, 'ingest process started ahead: the cache holds no entry');
           try {
             const { StopRequest, startDaemon, installSignalHandlers } = await loadCommand('serve', cfg.cacheDir, io.log);
             const stopRequest = new StopRequest();

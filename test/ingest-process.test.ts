@@ -5,13 +5,12 @@
  * leaves nothing served; a killed daemon takes the child's whole process group with it.
  */
 import { execFileSync, spawn } from 'node:child_process';
-import { once } from 'node:events';
-import { access, chmod, mkdir, readFile, readdir, rm, writeFile } from 'node:fs/promises';
+import { access, readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
-import { CLI, FIXTURE_ARCHIVE, REPO_ROOT, cleanEnv, fixtureMissing, goodArchive, tempDir } from './helpers/archives.js';
+import { CLI, FIXTURE_ARCHIVE, cleanEnv, fixtureMissing, goodArchive, tempDir } from './helpers/archives.js';
 import { startServe, type Daemon } from './helpers/serve-child.js';
 import { mountTmpfs } from './helpers/tmpfs.js';
 import { CacheStore } from '../src/store/cache.js';
@@ -251,73 +250,6 @@ test('serve of a new release on a cache that holds another: one ingest process (
   assert.equal(pids.size, 1, `one ingest process:\n${msgs(d).join('\n')}`);
   assert.ok(d.logs.some((l) => l.msg === 'building the entry in a child process'), msgs(d).join('\n'));
   assert.equal((await readdir(path.join(cache, 'entries'))).length, 2);
-});
-
-/** The line cli.ts logs when it starts the ingest process ahead (a cache with no entry). */
-const STARTED_AHEAD = 'ingest process started ahead: the cache holds no entry';
-
-/** Whether process `pid` is gone (not there, or a zombie), waiting up to 10 s for it. */
-async function goneSoon(pid: number): Promise<boolean> {
-  const deadline = Date.now() + 10_000;
-  for (;;) {
-    const stat = await readFile(`/proc/${pid}/stat`, 'utf8').catch(() => '');
-    if (stat === '' || stat.slice(stat.lastIndexOf(')') + 2).startsWith('Z')) return true;
-    if (Date.now() > deadline) return false;
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
-
-/** What an ingest left in the cache: its entries and its staging (none when the directory is not there). */
-async function leftIn(cache: string): Promise<{ entries: string[]; tmp: string[] }> {
-  const list = (dir: string): Promise<string[]> => readdir(path.join(cache, dir)).catch(() => []);
-  return { entries: await list('entries'), tmp: await list('tmp') };
-}
-
-test('serve on a cache with no entry starts the ingest process before the commands load; a start that fails before its ingest kills it unasked, and it wrote nothing', async (t) => {
-  const dir = await tempDir(t, 'kheadersd-ingest-ahead-');
-  const cache = path.join(dir, 'cache');
-  const archive = path.join(dir, 'kernel.tar.xz');
-  await writeFile(archive, await goodArchive('6.90.6-ahead'));
-  // A token file others may read: startDaemon refuses it at its first step, before any ingest.
-  const token = path.join(dir, 'token');
-  await writeFile(token, 'a-token-of-sixteen-characters-or-more\n');
-  await chmod(token, 0o644);
-  const d = startServe(t, ['--archive', archive, '--cache-dir', cache, '--btf', 'off', '--mount', 'off', '--http', '127.0.0.1:0', '--token-file', token, '--log-level', 'debug']);
-  // Exits on its own: a child left alive would hold it up through the IPC channel.
-  assert.equal(await d.exited, ERRORS.E_CONFIG.exit, msgs(d).join('\n'));
-  const at = d.logs.findIndex((l) => l.msg === STARTED_AHEAD);
-  assert.ok(at >= 0, `no ingest process was started ahead:\n${msgs(d).join('\n')}`);
-  const pid = Number(d.logs[at]!.ingestPid);
-  assert.ok(pid > 0);
-  // Before the commands bundle ran (the loader logs its compiled code once it has run it).
-  const loaded = d.logs.findIndex((l) => typeof l.msg === 'string' && l.msg.startsWith('compiled code: '));
-  assert.ok(loaded > at, `the commands loaded before the ingest process was started:\n${msgs(d).join('\n')}`);
-  assert.ok(await goneSoon(pid), `the ingest process ${pid} outlived the failed start`);
-  assert.deepEqual(await leftIn(cache), { entries: [], tmp: [] });
-});
-
-test('serve stopped while the ingest process it started ahead waits for its build (the daemon waits for the cache lock): exits 0, the process gone, nothing cached or staged', async (t) => {
-  const dir = await tempDir(t, 'kheadersd-ingest-ahead-');
-  const cache = path.join(dir, 'cache');
-  const archive = path.join(dir, 'kernel.tar.xz');
-  await writeFile(archive, await goodArchive('6.90.7-ahead'));
-  await mkdir(cache, { mode: 0o755 });
-  const holder = spawn(process.execPath, [path.join(REPO_ROOT, 'dist/test/helpers/lock-holder.js'), path.join(cache, 'lock')], { stdio: ['pipe', 'pipe', 'inherit'] });
-  t.after(() => {
-    if (holder.exitCode === null && holder.signalCode === null) holder.kill('SIGKILL');
-  });
-  assert.equal(String((await once(holder.stdout, 'data'))[0]), 'held\n');
-  const d = startServe(t, ['--archive', archive, '--cache-dir', cache, '--lock-timeout', '120', '--btf', 'off', '--mount', 'off', '--http', '127.0.0.1:0', '--log-level', 'debug']);
-  // The start's lines are held for at most a second while it waits (cli.ts).
-  const ahead = await d.waitFor((l) => l.msg === STARTED_AHEAD, 'the ingest process started ahead');
-  const pid = Number(ahead.ingestPid);
-  assert.ok(pid > 0);
-  assert.ok(!msgs(d).includes('building the entry in a child process'), 'it built with the lock held by another');
-  assert.match(await readFile(`/proc/${pid}/cmdline`, 'utf8'), /ingest-process-main\.js/);
-  d.child.kill('SIGTERM');
-  assert.equal(await d.exited, 0, msgs(d).join('\n'));
-  assert.ok(await goneSoon(pid), `the ingest process ${pid} outlived the stop`);
-  assert.deepEqual(await leftIn(cache), { entries: [], tmp: [] });
 });
 
 async function groupMembers(pgid: number): Promise<number[]> {

@@ -6,7 +6,6 @@
  * name the same file in tsc's output and in the bundle, where every entry point is a file of one
  * flat directory (scripts/bundle.mjs).
  */
-import { stat } from 'node:fs/promises';
 import { EXIT, KheadersError } from '../errors.js';
 import { createDeferredLogger } from '../log.js';
 import { optimizeForSize } from '../v8-flags.js';
@@ -66,11 +65,8 @@ async function main(): Promise<void> {
     const opts = { ...configuredIngest(cfg, io, { setCurrent: true }), locatedBefore: true, recall: false };
     // Read and hashed now, while the daemon does the same and looks the digest up; this writes
     // nothing, and loads no module (modprobe: the daemon may be loading and unloading one for its
-    // own read at this moment); not found so, the archive is looked for in full on the build. A
-    // given file that is not a regular one (a FIFO, /dev/stdin) is not read before the build: its
-    // bytes, read here, would be missing from the daemon's read.
-    const rereadable = cfg.archive === undefined || (await stat(cfg.archive).then((s) => s.isFile(), () => false));
-    const early = rereadable ? locateForIngest({ ...opts, modprobe: false }).catch(() => undefined) : Promise.resolve(undefined);
+    // own read at this moment); not found so, the archive is looked for in full on the build.
+    const early = locateForIngest({ ...opts, modprobe: false }).catch(() => undefined);
     const { digest } = await next('build');
     // Bytes of another digest than the daemon's (the file changed between the two reads) are read again.
     const located = await early;
