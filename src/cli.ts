@@ -12,7 +12,6 @@ import { DEFAULT_CONFIG_FILE, KEYS, envName, flagName, readConfigFile, resolveCo
 import { EXIT, KheadersError, errnoOf } from './errors.js';
 import { createDeferredLogger, createHeldLogger, createLogger, LOG_LEVELS, releaseLogger, type Logger } from './log.js';
 import { holdYoungGeneration, optimizeForSize } from './v8-flags.js';
-import { startIngestAhead } from './commands/ingest-child.js';
 import type { CommandIO } from './commands/store-commands.js';
 
 const VERSION = '0.1.0';
@@ -196,45 +195,35 @@ const COMMANDS: ReadonlyArray<CommandSpec<Run>> = [
         o,
         false,
         async (cfg, io) => {
-          // A cache with no entry (a first boot): the ingest process starts now, before the
-          // commands load (~50 ms of compiling on a first boot, which has no compiled code kept),
-          // and reads the archive while the daemon starts; the start runs it or discards it
-          // (ingest-child.ts). A cached start spawns nothing here.
-          const ahead = startIngestAhead(cfg);
-          try {
-            const { StopRequest, startDaemon, installSignalHandlers } = await loadCommand('serve', cfg.cacheDir, io.log);
-            const stopRequest = new StopRequest();
-            // The start's lines are held until it is ready, fails, is stopped or waits on a build
-            // (ingest-process.ts warms the logger then), and for at most START_LINES_HELD_MS: pino loads then.
-            const release = (): void => releaseLogger(io.log);
-            stopRequest.signal.addEventListener('abort', release, { once: true });
-            const latest = setTimeout(release, START_LINES_HELD_MS);
-            const starting = startDaemon(cfg, io, stopRequest, {}, ahead);
-            installSignalHandlers(starting, io, stopRequest);
-            await starting;
-            // Ready; a moment later, not in the way of the first requests: the code this start
-            // compiled is kept for the next one (a start that compiled it: V8's createCachedData
-            // took ~6 ms of this thread, which a first boot's first request waited out), before
-            // any V8 flag changes (V8 refuses code made under other flags); pino loads (a request
-            // that comes then waits for it); and V8's young generation is held (only now: the
-            // start's builtins are loaded, with node's code cache). Loading node:v8 for that took
-            // ~3 ms, which a first request waited out when it was done at ready. A stop before
-            // then waits for the save (finishBeforeExit).
-            clearTimeout(latest);
-            stopRequest.finishBeforeExit(
-              new Promise<void>((resolve) =>
-                setTimeout(() => {
-                  const saved = saveCompiledCommands(io.log);
-                  release();
-                  holdYoungGeneration();
-                  void saved.then(resolve);
-                }, 100),
-              ),
-            );
-          } finally {
-            // Not taken by the start (it failed, or stopped, before its ingest): killed, having written nothing.
-            ahead?.discard();
-          }
+          const { StopRequest, startDaemon, installSignalHandlers } = await loadCommand('serve', cfg.cacheDir, io.log);
+          const stopRequest = new StopRequest();
+          // The start's lines are held until it is ready, fails, is stopped or waits on a build
+          // (ingest-process.ts warms the logger then), and for at most START_LINES_HELD_MS: pino loads then.
+          const release = (): void => releaseLogger(io.log);
+          stopRequest.signal.addEventListener('abort', release, { once: true });
+          const latest = setTimeout(release, START_LINES_HELD_MS);
+          const starting = startDaemon(cfg, io, stopRequest);
+          installSignalHandlers(starting, io, stopRequest);
+          await starting;
+          // Ready; a moment later, not in the way of the first requests: the code this start
+          // compiled is kept for the next one (a start that compiled it: V8's createCachedData
+          // took ~6 ms of this thread, which a first boot's first request waited out), before
+          // any V8 flag changes (V8 refuses code made under other flags); pino loads (a request
+          // that comes then waits for it); and V8's young generation is held (only now: the
+          // start's builtins are loaded, with node's code cache). Loading node:v8 for that took
+          // ~3 ms, which a first request waited out when it was done at ready. A stop before
+          // then waits for the save (finishBeforeExit).
+          clearTimeout(latest);
+          stopRequest.finishBeforeExit(
+            new Promise<void>((resolve) =>
+              setTimeout(() => {
+                const saved = saveCompiledCommands(io.log);
+                release();
+                holdYoungGeneration();
+                void saved.then(resolve);
+              }, 100),
+            ),
+          );
         },
         createHeldLogger,
       ),

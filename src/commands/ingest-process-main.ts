@@ -6,11 +6,11 @@
  * name the same file in tsc's output and in the bundle, where every entry point is a file of one
  * flat directory (scripts/bundle.mjs).
  */
+import { once } from 'node:events';
 import { EXIT, KheadersError } from '../errors.js';
 import { createDeferredLogger } from '../log.js';
 import { optimizeForSize } from '../v8-flags.js';
-import type { IngestMessage } from './ingest-child.js';
-import type { IngestOutcome } from './ingest-process.js';
+import type { IngestOutcome, IngestRequest } from './ingest-process.js';
 
 if (!process.send) {
   process.stderr.write('this is the ingest process of `kheadersd serve`, started by it only; run `kheadersd ingest`\n');
@@ -30,48 +30,23 @@ const dieWithParent = (): void => {
 };
 process.on('disconnect', dieWithParent);
 
-// The daemon's messages, kept from the first: one that comes while the archive is read is not lost.
-const inbox: IngestMessage[] = [];
-let waiting: ((m: IngestMessage) => void) | undefined;
-process.on('message', (m: IngestMessage) => {
-  if (waiting) waiting(m);
-  else inbox.push(m);
-  waiting = undefined;
-});
-/** The daemon's next message, which must be of `kind`. */
-async function next<K extends IngestMessage['kind']>(kind: K): Promise<Extract<IngestMessage, { kind: K }>> {
-  const m = inbox.shift() ?? (await new Promise<IngestMessage>((resolve) => (waiting = resolve)));
-  if (m.kind !== kind) throw new Error(`expected the daemon's ${kind} message, got ${m.kind}`);
-  return m as Extract<IngestMessage, { kind: K }>;
-}
-
 /** One ingest, as the daemon asks (a function, not top-level code: the bundle is CommonJS). */
 async function main(): Promise<void> {
-  const { cfg, logLevel } = await next('configure');
+  const [request] = (await once(process, 'message')) as [IngestRequest];
   // pino loads once xz decodes (ingest warms it then), not before the archive is even looked at.
-  const log = createDeferredLogger(logLevel, process.stdout);
-  const [{ ingest, locateForIngest }, { configuredIngest }] = await Promise.all([import('../store/ingest.js'), import('./store-commands.js')]);
+  const log = createDeferredLogger(request.logLevel, process.stdout);
+  const [{ ingest }, { configuredIngest }] = await Promise.all([import('../store/ingest.js'), import('./store-commands.js')]);
   optimizeForSize();
   let outcome: IngestOutcome;
   try {
     const io = { stdout: process.stdout, stderr: process.stderr, log };
-    // The daemon looked for the archive before starting this process, or does it meanwhile, and
-    // logs what it found. It asks for a build only after it has read the archive itself and found
-    // no entry for its digest (a digest it recalled and found no entry for, it reads before
-    // asking): a recalled digest here would find that same absence and be read anyway. So the
-    // archive is read and hashed here (recall: false), and that is what is built and committed.
-    // (Sending the daemon's bytes over the IPC channel instead took 70-200 ms for 3.8 MiB,
-    // against ~25 ms to read and hash.)
-    const opts = { ...configuredIngest(cfg, io, { setCurrent: true }), locatedBefore: true, recall: false };
-    // Read and hashed now, while the daemon does the same and looks the digest up; this writes
-    // nothing, and loads no module (modprobe: the daemon may be loading and unloading one for its
-    // own read at this moment); not found so, the archive is looked for in full on the build.
-    const early = locateForIngest({ ...opts, modprobe: false }).catch(() => undefined);
-    const { digest } = await next('build');
-    // Bytes of another digest than the daemon's (the file changed between the two reads) are read again.
-    const located = await early;
-    const same = located !== undefined && (digest === undefined || located.digest === digest);
-    await ingest({ ...opts, ...(same ? { located: Promise.resolve(located) } : {}) });
+    // The daemon looked for the archive before starting this process, and logged what it found.
+    // It asks for a build only after it has read the archive itself and found no entry for its
+    // digest (a digest it recalled and found no entry for, it reads before asking): a recalled
+    // digest here would find that same absence and be read anyway. So the archive is read and
+    // hashed here at once, and that is what is built and committed. (Sending the daemon's bytes
+    // over the IPC channel instead took 70–200 ms for 3.8 MiB, against ~25 ms to read and hash.)
+    await ingest({ ...configuredIngest(request.cfg, io, { setCurrent: true }), locatedBefore: true, recall: false });
     outcome = { ok: true };
   } catch (err) {
     if (err instanceof KheadersError) outcome = { ok: false, code: err.code, message: err.message, details: err.details };

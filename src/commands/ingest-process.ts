@@ -12,29 +12,36 @@
  *
  * serve starts it as soon as it finds its archive's source unread by this cache (a new kernel's
  * first boot, almost always a build), so that node starts while the daemon still hashes the
- * archive and looks it up; on a cache with no entry at all, cli.ts has started it before the
- * commands even load (ingest-child.ts, which also says the protocol).
+ * archive and looks it up.
  */
+import { spawn } from 'node:child_process';
 import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
 import type { Config } from '../config.js';
 import { KheadersError, endedBySignal, isErrorCode } from '../errors.js';
 import { warmLogger, type Logger, type LogLevel } from '../log.js';
-import { spawnIngestChild, type IngestChild, type IngestMessage } from './ingest-child.js';
 import type { CommandIO } from './store-commands.js';
+
+/** What the daemon sends: the ingest to run. */
+export interface IngestRequest {
+  cfg: Config;
+  logLevel: LogLevel;
+}
 
 /** What the child answers before it exits. */
 export type IngestOutcome = { ok: true } | { ok: false; code: string; message: string; details: Record<string, unknown> };
 
+const MAIN = fileURLToPath(new URL('./ingest-process-main.js', import.meta.url));
 const LEVELS: Record<number, LogLevel> = { 10: 'trace', 20: 'debug', 30: 'info', 40: 'warn', 50: 'error', 60: 'fatal' };
 
 /** An ingest process, started ahead of the moment it is needed. */
 export interface IngestProcess {
   /**
-   * Run the configured ingest in it (`digest`: the archive's the daemon found no entry for); resolves when its entry is committed (its answer, not its
+   * Run the configured ingest in it; resolves when its entry is committed (its answer, not its
    * exit: what is left of it then is its own exit), or at once when no child could be started
    * (the ingest then builds in this process).
    */
-  run(digest?: string): Promise<void>;
+  run(): Promise<void>;
   /** Not needed after all (the entry was cached): it is killed before it was asked anything, so it has written nothing. */
   discard(): void;
 }
@@ -45,22 +52,29 @@ export interface IngestProcess {
  * `cancel` (the daemon stopping) kills the child's process group, its xz with it: a stop does
  * not wait for a build to finish.
  */
-export function ingestInChildProcess(cfg: Config, io: CommandIO, node = process.execPath, cancel?: AbortSignal, digest?: string): Promise<void> {
-  return startIngestProcess(cfg, io, node, cancel).run(digest);
+export function ingestInChildProcess(cfg: Config, io: CommandIO, node = process.execPath, cancel?: AbortSignal): Promise<void> {
+  return startIngestProcess(cfg, io, node, cancel).run();
 }
 
 /**
- * Start the child now, to be given its work later: node's own start, the compile of the child's
- * code and its reading and hashing of the archive (~100 ms, on the other core) then overlap the
- * daemon's reading, hashing and cache lookup, instead of following them. Until run(), the child
- * writes nothing. `ahead`: the child cli.ts started already (ingest-child.ts), run instead of a new one.
+ * Start the child now, to be given its work later: node's own start and the compile of the
+ * child's code (~100 ms, on the other core) then overlap the daemon's reading, hashing and
+ * cache lookup, instead of following them. Until run(), the child only waits for its request.
  */
-export function startIngestProcess(cfg: Config, io: CommandIO, node = process.execPath, cancel?: AbortSignal, ahead?: IngestChild): IngestProcess {
-  const started = ahead?.take() === true ? ahead : spawnIngestChild(node, cfg, io.log.level as LogLevel);
-  const { child, kill } = started;
+export function startIngestProcess(cfg: Config, io: CommandIO, node = process.execPath, cancel?: AbortSignal): IngestProcess {
+  // detached: the child leads a process group of its own, so that it can kill itself and its
+  // xz together when the channel closes (a terminal's ^C goes to the daemon, which stops in order).
+  const child = spawn(node, [MAIN], { stdio: ['ignore', 'pipe', 'pipe', 'ipc'], detached: true });
+  const kill = (): void => {
+    try {
+      if (child.pid !== undefined) process.kill(-child.pid, 'SIGKILL');
+    } catch {
+      // already gone
+    }
+  };
   if (cancel?.aborted) kill();
   else cancel?.addEventListener('abort', kill, { once: true });
-  void started.closed.then(() => cancel?.removeEventListener('abort', kill));
+  child.once('close', () => cancel?.removeEventListener('abort', kill));
   let discarded = false;
   let asked = false;
   let outcome: IngestOutcome | undefined;
@@ -73,14 +87,16 @@ export function startIngestProcess(cfg: Config, io: CommandIO, node = process.ex
       // Committed, and the lock released: the daemon goes on while the child exits.
       if (msg.ok) resolve();
     });
-    void started.notStarted.then((err) => {
+    child.on('error', (err) => {
+      // Once it runs, how it ended is told by 'close' (a send to a child already dead fails too).
+      if (child.pid !== undefined) return;
       // No child at all (EAGAIN, ENOMEM, node gone from under us): the daemon must still start,
       // so the ingest builds in this process as it did before there was a child (resolving
       // without an entry is the hook's "build it here"); only the idle memory pays.
-      if (!discarded) io.log.warn({ err: err.message }, `cannot start the ingest process (${node}): building the entry in the daemon instead`);
+      if (!discarded) io.log.warn({ err: err.message }, `cannot start the ingest process (${node} ${MAIN}): building the entry in the daemon instead`);
       resolve();
     });
-    void started.closed.then(({ code, signal }) => {
+    child.on('close', (code, signal) => {
       if (stderr.trim() !== '') io.log.warn({ pid: child.pid }, `the ingest process said: ${stderr.trim()}`);
       if (outcome?.ok) resolve();
       else if (outcome) reject(new KheadersError(isErrorCode(outcome.code) ? outcome.code : 'E_INTERNAL', outcome.message, outcome.details));
@@ -90,12 +106,12 @@ export function startIngestProcess(cfg: Config, io: CommandIO, node = process.ex
   });
   settled.catch(() => {}); // observed by run(); a child discarded or dead before run() is not "unhandled"
   return {
-    run(digest?: string): Promise<void> {
+    run(): Promise<void> {
       if (asked || discarded) throw new Error('an ingest process runs one ingest');
       asked = true;
       if (child.pid !== undefined) io.log.info({ ingestPid: child.pid }, 'building the entry in a child process');
-      const build: IngestMessage = { kind: 'build', ...(digest !== undefined ? { digest } : {}) };
-      if (child.connected) child.send(build, () => {}); // a failed send means the child died: 'close' reports it
+      const request: IngestRequest = { cfg, logLevel: io.log.level as LogLevel };
+      if (child.connected) child.send(request, () => {}); // a failed send means the child died: 'close' reports it
       // The daemon now waits on the child: the moment for pino to load (and serve's held start lines to be written).
       setImmediate(() => warmLogger(io.log));
       return settled;

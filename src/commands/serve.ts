@@ -40,7 +40,6 @@ import { DaemonState } from '../serve/state.js';
 import { healWithConfig, ingestWithConfig, type CommandIO } from './store-commands.js';
 import type { FuseMount } from '../serve/fuse/types.js';
 import type { IndexFsModel } from '../serve/fuse/index-model.js';
-import type { IngestChild } from './ingest-child.js';
 import type { IngestProcess } from './ingest-process.js';
 
 export interface RunningDaemon {
@@ -110,10 +109,8 @@ export interface SystemPaths {
  * Start the daemon; resolves once it is serving, or, when `stopRequest` is requested during the
  * start, once what was started is stopped again (its stop() then resolves at once). Signal
  * handling is `installSignalHandlers`, which requests the stop at the first SIGTERM/SIGINT.
- * `ingestAhead`: the ingest process cli.ts started on a cache with no entry (ingest-child.ts),
- * which the start's ingest runs or discards; the caller discards it if the start ends before.
  */
-export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: StopRequest, paths: SystemPaths = {}, ingestAhead?: IngestChild): Promise<RunningDaemon> {
+export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: StopRequest, paths: SystemPaths = {}): Promise<RunningDaemon> {
   const { log } = io;
   const stopSignal = stopRequest?.signal;
   // Aborted by the stop, however it comes: kills an ingest process at work (its xz with it).
@@ -274,10 +271,7 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
       // an entry of its release cached starts none: a child for nothing is a node start on the
       // other core, and a cached start loads none of the ingest process's code.
       let child: Promise<IngestProcess> | undefined;
-      // The process cli.ts started ahead is the start's: taken now, so that the stop and the end below reach it.
-      const ahead = reason === 'start' ? ingestAhead : undefined;
-      const startChild = (): Promise<IngestProcess> => (child ??= import('./ingest-process.js').then((m) => m.startIngestProcess(cfg, io, process.execPath, cancel.signal, ahead)));
-      if (ahead) void startChild().catch(() => {});
+      const startChild = (): Promise<IngestProcess> => (child ??= import('./ingest-process.js').then((m) => m.startIngestProcess(cfg, io, process.execPath, cancel.signal)));
       // The archive's release, when known before it is read: --release, or the running kernel's for its own archive.
       const release = cfg.release ?? (cfg.archive === undefined ? os.release() : undefined);
       const mayBeCached = async (): Promise<boolean> => (await store.list()).some((m) => release === undefined || m.release === release);
@@ -285,7 +279,7 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
       let ended = false;
       // A failed import or list is the build's failure, below, if there is a build.
       const willRead = (): void => void mayBeCached().then((cached) => (cached || ended ? undefined : startChild()), () => undefined).catch(() => {});
-      const buildElsewhere = async (digest?: string): Promise<void> => (await startChild()).run(digest);
+      const buildElsewhere = async (): Promise<void> => (await startChild()).run();
       // The stop reaches a build made here too (no child could be started): it stops at its next step.
       // Only the served entries are checked here (and rebuilt if damaged); every other is checked
       // by the publish() that follows (once serving, through the thread pool; a damaged one is

@@ -111,10 +111,9 @@ export interface IngestOptions {
   /**
    * Called, with the lock released, instead of building an entry that is not cached yet (`serve`
    * builds it in a short-lived process of its own, so the daemon never holds the decode buffers).
-   * The ingest then looks again, and builds here only if the entry is still missing. `digest`: the
-   * archive's, looked up and not found (none for an entry made from BTF alone).
+   * The ingest then looks again, and builds here only if the entry is still missing.
    */
-  buildElsewhere?: (digest?: string) => Promise<void>;
+  buildElsewhere?: () => Promise<void>;
   /**
    * Called when the archive is about to be read because this cache holds no digest for its
    * source (one it has not read before: almost always a new kernel's, to build), so that a
@@ -278,7 +277,7 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
     return { entry, reused: existing !== undefined, evicted, decoder, durationMs: Math.round(performance.now() - started) };
   }, opts.signal));
   const recalled = !wasRead(source);
-  const result = (await lookOrBuild(opts.buildElsewhere || recalled ? 'ask' : undefined)) ?? (recalled ? undefined : await builtElsewhere(opts, lookOrBuild, digest));
+  const result = (await lookOrBuild(opts.buildElsewhere || recalled ? 'ask' : undefined)) ?? (recalled ? undefined : await builtElsewhere(opts, lookOrBuild));
   // A recalled digest whose entry is gone (evicted, damaged): read the archive after all, and build.
   if (!result) return ingest({ ...opts, located: locateForIngest({ ...opts, recall: false }) });
   // Only once the ingest has succeeded: one that fails leaves the cache as it was.
@@ -291,8 +290,8 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
 }
 
 /** The entry is not cached: opts.buildElsewhere builds it, then it is looked up (and made current) here. */
-async function builtElsewhere(opts: IngestOptions, lookOrBuild: (elsewhere?: 'ask' | 'built') => Promise<IngestResult | undefined>, digest?: string): Promise<IngestResult> {
-  await opts.buildElsewhere!(digest);
+async function builtElsewhere(opts: IngestOptions, lookOrBuild: (elsewhere?: 'ask' | 'built') => Promise<IngestResult | undefined>): Promise<IngestResult> {
+  await opts.buildElsewhere!();
   const result = (await lookOrBuild('built'))!;
   return { ...result, reused: false };
 }
