@@ -189,7 +189,9 @@ const PREFETCHED = 'prefetched';
 /** Not requests: included headers read ahead, and READs whose prefetched bytes were already in hand. */
 const FOLLOWED = 'prefetch-followed';
 const READY = 'prefetch-ready';
-const NOT_REQUESTS = new Set([PREFETCHED, FOLLOWED, READY]);
+/** Not requests: the LOOKUPs (already counted) answered with a negative entry (include-path misses). */
+const NEGATIVE = 'lookup-negative';
+const NOT_REQUESTS = new Set([PREFETCHED, FOLLOWED, READY, NEGATIVE]);
 
 function diff(after: FuseOpCounts, before: FuseOpCounts): Record<string, number> {
   const out: Record<string, number> = {};
@@ -361,7 +363,7 @@ async function main(): Promise<void> {
           coldCounts[side] = diff(after, before);
           coldPrefetched[side] = (after[PREFETCHED] ?? 0) - (before[PREFETCHED] ?? 0);
           const d = (k: string): number => (after[k] ?? 0) - (before[k] ?? 0);
-          coldAhead[side] = `${coldPrefetched[side]} READs from the prefetch, ${d(READY)} of them already in hand; ${d(FOLLOWED)} included headers read ahead`;
+          coldAhead[side] = `${coldPrefetched[side]} READs from the prefetch, ${d(READY)} of them already in hand; ${d(FOLLOWED)} included headers read ahead; ${d(NEGATIVE)} of the LOOKUPs negative`;
         }
       }
     }

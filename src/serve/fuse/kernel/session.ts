@@ -129,6 +129,8 @@ interface DirRecord {
 
 /** Seconds the kernel may cache a volatile node (FsAttr.volatile): long enough for one compile's lookups. */
 const VOLATILE_TIMEOUT_SEC = 1;
+/** Not an opcode: of the LOOKUPs counted, those answered with a negative entry. */
+export const NEGATIVE_LOOKUP = 'lookup-negative';
 const O_ACCMODE = 3;
 const W_OK = fs.constants.W_OK;
 const DOT = Buffer.from('.');
@@ -205,7 +207,8 @@ export class FuseSession {
     return this.negotiated;
   }
 
-  /** Requests answered, by opcode name, plus 'malformed' and 'notify'. */
+  /** Requests answered, by opcode name, plus 'malformed', 'notify' and 'lookup-negative' (the
+   * LOOKUPs among them answered with a cached negative entry: a compile's include-path misses). */
   opCounts(): FuseOpCounts {
     return Object.fromEntries(this.counts);
   }
@@ -429,6 +432,7 @@ export class FuseSession {
     // A negative entry: nodeid 0 with a timeout makes the kernel cache "no such name", so the
     // compiler's probing of every -I directory for every header is answered without us.
     if (this.options.negativeTimeoutSec <= 0 || this.minor < 4) return this.replyError(req, Errno.ENOENT);
+    this.count(NEGATIVE_LOOKUP);
     return this.replyOk(req, encodeEntryOut({ nodeid: 0, generation: 0, entryValid: this.negativeValid, attrValid: timeout(0) }, this.minor));
   }
 
