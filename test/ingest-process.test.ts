@@ -5,7 +5,9 @@
  * leaves nothing served; a killed daemon takes the child's whole process group with it.
  */
 import { execFileSync, spawn } from 'node:child_process';
-import { access, readFile, readdir, rm, writeFile } from 'node:fs/promises';
+import { access, readFile, readdir, rm, truncate, writeFile } from 'node:fs/promises';
+import { readFileSync } from 'node:fs';
+import { createHash } from 'node:crypto';
 import os from 'node:os';
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
@@ -18,7 +20,7 @@ import { SOURCE_MEMO_FILE } from '../src/store/source-memo.js';
 import { ERRORS } from '../src/errors.js';
 import { resolveConfig } from '../src/config.js';
 import { createLogger } from '../src/log.js';
-import { ingest } from '../src/store/ingest.js';
+import { ingest, locateForIngest } from '../src/store/ingest.js';
 import { ingestInChildProcess } from '../src/commands/ingest-process.js';
 import { PassThrough } from 'node:stream';
 
@@ -320,4 +322,31 @@ test('no ingest process can be started (spawn fails): the entry is built in the 
   assert.match(logged, /cannot start the ingest process .*no-such-node.*building the entry in the daemon instead/);
   const store = await CacheStore.open(cacheDir);
   assert.equal((await store.list()).length, 1, 'one entry, built in this process');
+});
+
+/** This process's anonymous memory now (KiB): what V8 and the C allocator hold dirty. */
+const privateDirtyKiB = (): number => Number(/^Private_Dirty:\s+(\d+) kB/m.exec(readFileSync('/proc/self/smaps_rollup', 'utf8'))?.[1]);
+
+test("an ingest built elsewhere (serve's) gives the archive's memory back once it is hashed, not at V8's next full collection", async (t) => {
+  const dir = await tempDir(t, 'kheadersd-hashonly-');
+  // 64 MiB that start as an xz stream: only hashed here, never decoded. Sparse, so that making it costs this process no memory.
+  const archive = path.join(dir, 'big.tar.xz');
+  await writeFile(archive, Buffer.from([0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00, 0x00, 0x04]));
+  await truncate(archive, 64 << 20);
+  const digest = createHash('sha256');
+  digest.update(Buffer.from([0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00, 0x00, 0x04]));
+  digest.update(Buffer.alloc((64 << 20) - 8));
+  const want = digest.digest('hex');
+  const opts = { cacheDir: path.join(dir, 'cache'), archive, release: '6.6.0-hashonly', btf: 'off', limits: { maxTotalBytes: 128 << 20 } };
+  const before = privateDirtyKiB();
+  const located = await locateForIngest({ ...opts, buildElsewhere: () => Promise.resolve() });
+  const grown = privateDirtyKiB() - before;
+  assert.equal(located.digest, want);
+  assert.equal(located.source.bytes, undefined, 'no bytes kept: the build elsewhere reads the archive itself');
+  // Held until V8 collects it, the archive's buffer alone is 64 MiB.
+  assert.ok(grown < 16 * 1024, `the process grew ${grown} KiB hashing a 64 MiB archive`);
+  // A build here (ingest's own read) keeps them, to decode.
+  const kept = await locateForIngest(opts);
+  assert.equal(kept.source.bytes?.length, 64 << 20);
+  assert.equal(kept.digest, want);
 });

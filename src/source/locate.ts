@@ -96,6 +96,12 @@ export interface LocateOptions {
   commands?: Partial<ModuleCommands>;
   searchPath?: string;
   procStat?: string;
+  /**
+   * Read the archive, when it is a file of known size (sysfs, a given file), into memory that
+   * releaseBytes() gives back at once: for a caller that only hashes it (serve, which builds
+   * its entries in another process).
+   */
+  releasable?: boolean;
 }
 
 /**
@@ -172,7 +178,7 @@ interface LoadAttempt {
 }
 
 export async function locateArchive(opts: LocateOptions): Promise<ArchiveSource> {
-  if (opts.archive !== undefined) return readArchiveFile(opts.archive, opts.maxArchiveBytes, opts.archiveOrigin ?? '--archive');
+  if (opts.archive !== undefined) return readArchiveFile(opts.archive, opts.maxArchiveBytes, opts.archiveOrigin ?? '--archive', opts.releasable);
 
   const release = opts.release ?? os.release();
   const livePaths = opts.livePaths ?? LIVE_ARCHIVE_PATHS;
@@ -184,7 +190,7 @@ export async function locateArchive(opts: LocateOptions): Promise<ArchiveSource>
         tried.push(`${p} (absent)`);
         continue;
       }
-      const bytes = await readBounded(p, opts.maxArchiveBytes);
+      const bytes = await readBounded(p, opts.maxArchiveBytes, opts.releasable);
       if (!isXz(bytes)) throw notXz(p, bytes);
       return { bytes, source: p, obtained: 'exposed', live: true, release, buildId };
     }
@@ -311,10 +317,10 @@ async function moduleInfo(module: FoundModule, bootTime: Promise<Date>): Promise
   return st ? { file: module.file, mtime: st.mtime.toISOString(), bootTime: (await bootTime).toISOString() } : undefined;
 }
 
-async function readArchiveFile(file: string, maxBytes: number, origin: string): Promise<ArchiveSource> {
+async function readArchiveFile(file: string, maxBytes: number, origin: string, releasable = false): Promise<ArchiveSource> {
   let bytes: Buffer;
   try {
-    bytes = await readBounded(file, maxBytes);
+    bytes = await readBounded(file, maxBytes, releasable);
   } catch (err) {
     const code = errnoOf(err);
     if (code === 'ENOENT' || code === 'EACCES' || code === 'EISDIR') {
@@ -349,9 +355,10 @@ function notXz(file: string, bytes: Buffer): KheadersError {
 
 /**
  * Read a whole file, refusing one over the limit. sysfs reports a binary attribute's size, but
- * procfs files report 0, so read until EOF rather than trusting stat.
+ * procfs files report 0, so read until EOF rather than trusting stat. `releasable`: a file of
+ * known size is read into memory that releaseBytes() can give back (see there).
  */
-export async function readBounded(file: string, maxBytes: number): Promise<Buffer> {
+export async function readBounded(file: string, maxBytes: number, releasable = false): Promise<Buffer> {
   const fh = await open(file, 'r');
   try {
     const chunks: Buffer[] = [];
@@ -360,7 +367,7 @@ export async function readBounded(file: string, maxBytes: number): Promise<Buffe
     // the whole archive less, and its page faults, at every start.
     const { size } = await fh.stat();
     if (size > 0 && size <= maxBytes) {
-      const whole = Buffer.allocUnsafe(size);
+      const whole = releasable ? releasableBuffer(size) : Buffer.allocUnsafe(size);
       total = await readRegions(fh, whole);
       chunks.push(whole.subarray(0, total));
       if (total < size) return chunks[0]!; // shrank while read: what was there
@@ -381,6 +388,32 @@ export async function readBounded(file: string, maxBytes: number): Promise<Buffe
   } finally {
     await fh.close();
   }
+}
+
+/** ArrayBuffer's constructor as ES2024 has it (this project's TypeScript library is ES2022's). */
+type ResizableArrayBufferConstructor = new (byteLength: number, options: { maxByteLength: number }) => ArrayBuffer;
+type MaybeResizable = ArrayBufferLike & { readonly resizable?: boolean; resize?: (byteLength: number) => void };
+
+/**
+ * A buffer whose memory releaseBytes() can give back to the system at once. Its ArrayBuffer is
+ * resizable: V8 maps such a buffer's pages apart from the C allocator's and, resized to 0, makes
+ * them inaccessible and discards them (measured: a 4 MiB archive's pages left Private_Dirty at
+ * the resize). A plain Buffer's memory is freed only when V8 collects its object, in a full
+ * collection for one that lived through a few scavenges: an idle daemon may run none for many
+ * seconds after its start, and held the archive it had only hashed (4 MiB) until then.
+ */
+function releasableBuffer(size: number): Buffer {
+  return Buffer.from(new (ArrayBuffer as unknown as ResizableArrayBufferConstructor)(size, { maxByteLength: size }), 0, size);
+}
+
+/**
+ * Give back the memory under `bytes` now if it was read releasable (readBounded); otherwise it
+ * is left to V8's collector, as any buffer. Every view of that memory reads as empty afterwards:
+ * only for bytes nothing else will read, and that no I/O under way still reads or writes.
+ */
+export function releaseBytes(bytes: Buffer): void {
+  const buffer = bytes.buffer as MaybeResizable;
+  if (buffer.resizable === true) buffer.resize?.(0);
 }
 
 /**

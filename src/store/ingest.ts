@@ -23,7 +23,7 @@ import path from 'node:path';
 import { KheadersError, diskFullErrno, errnoOf, isKheadersError } from '../errors.js';
 import { recallArchive, rememberArchive, rememberedArchive, type RememberedArchive } from './source-memo.js';
 import { warmLogger, type Logger } from '../log.js';
-import { identifyArchive, locateArchive, type ArchiveOrigin, type ArchiveSource, type ModuleFileInfo } from '../source/locate.js';
+import { identifyArchive, locateArchive, releaseBytes, type ArchiveOrigin, type ArchiveSource, type ModuleFileInfo } from '../source/locate.js';
 import { xzUncompressedSize } from '../source/xz.js';
 import { CacheStore, entryId, fsyncDir, validRelease } from './cache.js';
 import type { Decoder, DecoderChoice, DecoderName, FileDecoder } from './decompress.js';
@@ -154,7 +154,10 @@ export interface IngestResult {
   durationMs: number;
 }
 
-/** An archive's source as located: `bytes` is absent when its digest was recalled (source-memo.ts), not read. */
+/**
+ * An archive's source as located: `bytes` is absent when its digest was recalled (source-memo.ts),
+ * not read, or when it was read only to be hashed (LocatedArchive.released).
+ */
 export type LocatedSource = Omit<ArchiveSource, 'bytes'> & { bytes?: Buffer };
 
 /** Whether the archive was read here (its bytes are in memory, to build from), not its digest recalled. */
@@ -170,6 +173,11 @@ export interface LocatedArchive {
   total: number | undefined;
   /** What to record for a source that was read, once the cache is open: its identity's key and facts. */
   remember?: { key: string; what: RememberedArchive };
+  /**
+   * Read and hashed, then its bytes given back (a caller that builds elsewhere needs only its
+   * digest): a build in this process after all reads it again.
+   */
+  released?: boolean;
 }
 
 /**
@@ -200,16 +208,27 @@ export async function locateForIngest(opts: IngestOptions): Promise<LocatedArchi
     }
   }
   if (identity) opts.willRead?.();
-  let source = await locateArchive(where);
+  // Built in another process (serve's ingest process), the archive is read here only for its
+  // digest and size: its memory is given back once they are taken, not at V8's next full
+  // collection, which an idle daemon may not run for many seconds (it idled 4 MiB heavier
+  // after a first boot's ingest than after a cached start, the archive it had only hashed).
+  const hashOnly = opts.buildElsewhere !== undefined;
+  let source: LocatedSource = await locateArchive({ ...where, releasable: hashOnly });
   if (opts.sourceLabel !== undefined) source = { ...source, source: opts.sourceLabel };
-  const digest = createHash('sha256').update(source.bytes).digest('hex');
-  const total = xzUncompressedSize(source.bytes);
+  const bytes = source.bytes!;
+  const digest = createHash('sha256').update(bytes).digest('hex');
+  const total = xzUncompressedSize(bytes);
+  if (hashOnly) {
+    // Nothing else holds these bytes, and no read of them is under way: the hash and the size are synchronous.
+    releaseBytes(bytes);
+    delete source.bytes;
+  }
   // Recorded only if what was read is the identified source, unchanged while it was read.
   let remember: LocatedArchive['remember'];
   if (identity?.settled && identity.sources.includes(source.source) && (await identifyArchive(where).catch(() => undefined))?.key === identity.key) {
     remember = { key: identity.key, what: rememberedArchive({ ...source, digest, total: total ?? null }) };
   }
-  return { source, digest, total, ...(remember ? { remember } : {}) };
+  return { source, digest, total, ...(remember ? { remember } : {}), ...(hashOnly ? { released: true } : {}) };
 }
 
 export async function ingest(opts: IngestOptions): Promise<IngestResult> {
@@ -276,8 +295,8 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
     const evicted = await finish(store, entry, makeCurrent, existing !== undefined, opts);
     return { entry, reused: existing !== undefined, evicted, decoder, durationMs: Math.round(performance.now() - started) };
   }, opts.signal));
-  const recalled = !wasRead(source);
-  const result = (await lookOrBuild(opts.buildElsewhere || recalled ? 'ask' : undefined)) ?? (recalled ? undefined : await builtElsewhere(opts, lookOrBuild));
+  const recalled = !wasRead(source) && located.released !== true;
+  const result = (await lookOrBuild(opts.buildElsewhere || !wasRead(source) ? 'ask' : undefined)) ?? (recalled ? undefined : await builtElsewhere(opts, lookOrBuild));
   // A recalled digest whose entry is gone (evicted, damaged): read the archive after all, and build.
   if (!result) return ingest({ ...opts, located: locateForIngest({ ...opts, recall: false }) });
   // Only once the ingest has succeeded: one that fails leaves the cache as it was.
@@ -292,7 +311,13 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
 /** The entry is not cached: opts.buildElsewhere builds it, then it is looked up (and made current) here. */
 async function builtElsewhere(opts: IngestOptions, lookOrBuild: (elsewhere?: 'ask' | 'built') => Promise<IngestResult | undefined>): Promise<IngestResult> {
   await opts.buildElsewhere!();
-  const result = (await lookOrBuild('built'))!;
+  // Still missing (no process could be started to build it): built here, from the archive read
+  // again if its bytes were given back after hashing.
+  const here: IngestOptions = { ...opts, recall: false };
+  delete here.buildElsewhere;
+  delete here.willRead;
+  delete here.located;
+  const result = (await lookOrBuild('built')) ?? (await ingest(here));
   return { ...result, reused: false };
 }
 
