@@ -100,6 +100,33 @@ describe('IndexFsModel on small archives', () => {
     assert.equal(m.readlink(release.ino), tree.slice(1));
   });
 
+  test('setEntries walks no tree; a directory\'s links are counted when it is first asked for', () => {
+    // setEntries runs on the serving thread before the mount answers: it must not read every
+    // node of every entry (it did, for st_nlink, ~12-45 ms a start with two real entries).
+    const index = B.index;
+    let reads = 0;
+    const kindOf = index.kindOf.bind(index);
+    const parentOf = index.parentOf.bind(index);
+    Object.assign(index, { kindOf: (id: number) => (reads++, kindOf(id)), parentOf: (id: number) => (reads++, parentOf(id)) });
+    try {
+      const m = newModel();
+      m.setEntries([B], B.manifest.id);
+      assert.equal(reads, 0, 'nodes read by setEntries');
+      // Every directory's st_nlink is still 2 + its subdirectories, asked in any order, twice.
+      const dirs: number[] = [];
+      for (let id = 0; id < index.nodeCount; id++) if (kindOf(id) === 'dir') dirs.push(id);
+      const tree = must(m.lookup(BY_DIGEST_INO, B.manifest.digest), 'the tree');
+      for (const id of [...dirs].reverse().concat(dirs)) {
+        let want = 2;
+        for (let c = 0; c < index.nodeCount; c++) if (c !== 0 && parentOf(c) === id && kindOf(c) === 'dir') want++;
+        assert.equal(must(m.getattr(tree.ino + id), `dir ${id}`).nlink, want, index.pathOf(id));
+      }
+    } finally {
+      delete (index as unknown as Record<string, unknown>)['kindOf'];
+      delete (index as unknown as Record<string, unknown>)['parentOf'];
+    }
+  });
+
   test('mtimes are the archived seconds; the millisecond part tells entries apart', () => {
     const m = newModel();
     m.setEntries([A, A2], A.manifest.id);

@@ -69,7 +69,12 @@ interface Slot {
   readonly seq: number;
   readonly base: number;
   readonly count: number;
-  /** st_nlink of each dir node (2 + subdirectories), computed once when the slot is made. */
+  /**
+   * st_nlink of each dir node (2 + subdirectories), counted the first time the node's attributes
+   * are asked for (0: not yet). Not when the slot is made: a walk of every node of every entry,
+   * in code V8 has not optimised yet, cost each start 12-45 ms on the serving thread before the
+   * mount could answer; a compile asks for a few hundred directories of one entry.
+   */
   readonly nlinks: Uint32Array;
 }
 
@@ -329,13 +334,7 @@ export class IndexFsModel implements FsModel {
     if (this.nextBase + count > MAX_INO) {
       throw new KheadersError('E_FUSE', 'inode numbers exhausted: restart the daemon', { entries: this.slots.length });
     }
-    const nlinks = new Uint32Array(count);
-    for (let id = 0; id < count; id++) {
-      if (index.kindOf(id) !== 'dir') continue;
-      nlinks[id]! += 2;
-      if (id !== 0) nlinks[index.parentOf(id)]! += 1;
-    }
-    const slot: Slot = { entry, seq: this.slots.length, base: this.nextBase, count, nlinks };
+    const slot: Slot = { entry, seq: this.slots.length, base: this.nextBase, count, nlinks: new Uint32Array(count) };
     this.nextBase += count;
     this.slots.push(slot);
     this.slotByEntry.set(entry, slot);
@@ -387,7 +386,7 @@ export class IndexFsModel implements FsModel {
       mode: TYPE[kind] | PERM[kind],
       size: kind === 'dir' ? BLOCK_SIZE : index.sizeOf(node),
       // The running entry's root also holds `btf/`.
-      nlink: kind === 'dir' ? slot.nlinks[node]! + (node === 0 && slot.base === this.modules?.parent ? 1 : 0) : 1,
+      nlink: kind === 'dir' ? dirLinks(slot, node) + (node === 0 && slot.base === this.modules?.parent ? 1 : 0) : 1,
       mtimeMs: index.mtimeOf(node) * 1000 + (slot.seq % 1000),
     };
   }
@@ -443,4 +442,16 @@ function validName(name: string): boolean {
     !name.includes('\0') &&
     Buffer.byteLength(name) <= NAME_MAX
   );
+}
+
+/** A directory's st_nlink: 2 + its subdirectories (counted once, then kept in the slot). */
+function dirLinks(slot: Slot, node: number): number {
+  const known = slot.nlinks[node]!;
+  if (known !== 0) return known;
+  const index = slot.entry.index;
+  const { first, count } = index.childRange(node);
+  let links = 2;
+  for (let child = first; child < first + count; child++) if (index.kindOf(child) === 'dir') links++;
+  slot.nlinks[node] = links;
+  return links;
 }
