@@ -21,6 +21,10 @@ import { ingest } from '../src/store/ingest.js';
 import { TreeIndex } from '../src/store/tree-index.js';
 import { goodTree, makeTar, sha256, tempDir, xz } from './helpers/archives.js';
 import { fsp, fsSync, watch } from './helpers/fs-watch.js';
+import { fuseDeviceSkipReason } from './helpers/fuse-env.js';
+// Loaded now, as a daemon's bundle has them at hand: the start's import() of them is then no slower than a turn.
+import '../src/serve/fuse/index.js';
+import '../src/serve/fuse/kernel/index.js';
 
 const silent = createLogger('silent');
 
@@ -171,6 +175,35 @@ test('serve answers HTTP once `current` is checked; the other entries are checke
   assert.equal(res.status, 200, await res.text());
   assert.equal(decodes, 3);
   assert.ok([first, second].every((id) => id !== daemon.state.currentId));
+});
+
+test('serve begins the mount once HTTP listens: nothing of it runs ahead of the listen', { skip: await fuseDeviceSkipReason() }, async (t) => {
+  const dir = await tempDir(t);
+  const { cacheDir } = await cacheOf(dir, ['6.90.4-now']);
+  // Ahead of the listen, the mount's first step (its /dev/fuse check) held /readyz up.
+  const watched = watch(fsp, ['access'], '/dev/fuse');
+  t.after(() => watched.undo());
+  const said: Array<{ msg: string; mountSteps: number }> = [];
+  const lines = new Writable({
+    write(chunk: Buffer, _enc, done) {
+      for (const line of chunk.toString().split('\n').filter(Boolean)) said.push({ msg: (JSON.parse(line) as { msg: string }).msg, mountSteps: watched.calls.length });
+      done();
+    },
+  });
+  const mnt = path.join(dir, 'mnt');
+  const cfg = resolveConfig({ flags: { cacheDir, archive: path.join(dir, '6.90.4-now.tar.xz'), release: '6.90.4-now', mount: mnt, fuseBackend: 'kernel', http: '127.0.0.1:0', btf: 'off' }, env: {}, file: {}, fileName: 'none' });
+  const daemon = await startDaemon(cfg, { stdout: process.stdout, stderr: process.stderr, log: createLogger('info', lines) }, new StopRequest());
+  try {
+    assert.equal(daemon.state.mountpoint, mnt, `no mount: ${daemon.state.mountError}`);
+    const listening = said.find((l) => l.msg === 'HTTP listening');
+    assert.ok(listening, `no "HTTP listening" line in ${JSON.stringify(said)}`);
+    assert.equal(listening.mountSteps, 0, 'the mount began before HTTP listened');
+    assert.ok(watched.calls.length > 0, 'the mount never checked /dev/fuse: the watch saw nothing');
+    assert.deepEqual(await readdir(path.join(mnt, '6.90.4-now', 'include')), await readdir(path.join(mnt, 'current', 'include')));
+  } finally {
+    // Before the temporary directory is removed (t.after), the mount in it must be gone.
+    await daemon.stop();
+  }
 });
 
 test('a refresh while serving (SIGHUP) reads another process\'s new entry through the thread pool, never synchronously', async (t) => {

@@ -404,10 +404,12 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
     const { IndexFsModel } = await serverModules.model;
     model = new IndexFsModel({ log, modules });
   }
-  // The mount is made while HTTP comes up and publish() checks every entry (a damaged one sent
-  // to repair) and gives the model them all: its device, mountpoint and `mount` child (another
-  // process, on the other core) overlap that work. It answers nothing, INIT included, before the
-  // model has them (`until`): a tool that looks in meanwhile waits, then sees the whole tree.
+  // The mount is made while publish() checks every entry (a damaged one sent to repair) and
+  // gives the model them all: its device, mountpoint and `mount` child (another process, on the
+  // other core) overlap that work. It is begun once HTTP listens, not before: its modules'
+  // evaluation and first steps (3-20 ms here) held up the listen, and with it /readyz, while its
+  // steps before the child wait on the thread pool anyway. It answers nothing, INIT included,
+  // before the model has them (`until`): a tool that looks in meanwhile waits, then sees the whole tree.
   let modelReady!: (ready: boolean) => void;
   const until = new Promise<void>((resolve, reject) => {
     modelReady = (ready) => (ready ? resolve() : reject(new KheadersError('E_INTERNAL', 'the start ended before the mount could serve')));
@@ -416,8 +418,11 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
   let onUnderWay!: () => void;
   const underWay = new Promise<void>((resolve) => (onUnderWay = resolve));
   const [mountOn, fsModel] = [cfg.mount, model];
-  const made = mountOn && fsModel ? import('../serve/fuse/index.js').then(({ mountFuse }) => mountFuse({ mountpoint: mountOn, model: fsModel, log, allowOther: true, backend: cfg.fuseBackend, until, onUnderWay })) : undefined;
-  mounting = made?.catch(() => null) ?? mounting;
+  let made: Promise<FuseMount> | undefined;
+  const beginMount = (): void => {
+    made = mountOn && fsModel ? import('../serve/fuse/index.js').then(({ mountFuse }) => mountFuse({ mountpoint: mountOn, model: fsModel, log, allowOther: true, backend: cfg.fuseBackend, until, onUnderWay })) : undefined;
+    mounting = made?.catch(() => null) ?? mounting;
+  };
   /** The start ends here without serving: the mount, made or being made, comes down having answered nothing. */
   const abandonMount = async (): Promise<void> => {
     modelReady(false);
@@ -437,6 +442,7 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
       // startHttpServer logs "HTTP listening" (url, token) itself.
       http = await startHttpServer({ listen: cfg.http, store, state, log, limits, modules, ...(token !== undefined ? { token } : {}) });
     }
+    beginMount();
     // publish() reads and checks without a turn of the event loop: the mount's own steps
     // (device, mountpoint, which `mount`) go first, so its child works while publish() does.
     // A mount that fails first ends the wait too (`mounting`).
