@@ -4,14 +4,16 @@
  * and malformed input (short reads, bad lengths), which must be answered, never thrown.
  */
 import assert from 'node:assert/strict';
-import { mkdir, mkdtemp, rm, symlink, writeFile } from 'node:fs/promises';
+import { access, mkdir, mkdtemp, rm, symlink, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import { createLogger } from '../src/log.js';
 import { ROOT_INO, type FsAttr, type FsDirent, type FsInvalidation, type FsModel } from '../src/serve/fuse/fs-model.js';
 import type { FuseChannel } from '../src/serve/fuse/kernel/device.js';
-import { detectMountFlavor, flavorFromBinary, flavorFromVersion, mountArgs, mountOptionString } from '../src/serve/fuse/kernel/mount.js';
+import { detectMountFlavor, flavorFromBinary, flavorFromVersion, mountArgs, mountOptionString, onPath } from '../src/serve/fuse/kernel/mount.js';
+import { prepareMountpoint } from '../src/serve/fuse/mountpoint.js';
+import { fsp, watch } from './helpers/fs-watch.js';
 import {
   ATTR_OUT_SIZE,
   COMPAT_ENTRY_OUT_SIZE,
@@ -719,6 +721,44 @@ describe('mount command line', () => {
     assert.equal(await flavorFromBinary('mymount'), 'toybox');
     process.env['PATH'] = `${bin2}:${dir}`;
     assert.equal(await flavorFromBinary('mymount'), 'util-linux');
+  });
+  test('`mount` is looked for in the system directories on this thread; only other PATH directories ahead of them go through the pool', async (t) => {
+    if (!(await access('/usr/bin/mount').then(() => true, () => false))) return t.skip('no /usr/bin/mount here');
+    const dir = await mkdtemp(path.join(os.tmpdir(), 'kh-onpath-'));
+    t.after(() => rm(dir, { recursive: true, force: true }));
+    const saved = process.env['PATH'];
+    t.after(() => (process.env['PATH'] = saved));
+    const system = watch(fsp, ['access'], '/usr/bin');
+    const other = watch(fsp, ['access'], dir);
+    t.after(() => (system.undo(), other.undo()));
+    // At a start each probe was a thread-pool round trip ahead of the mount's own steps.
+    process.env['PATH'] = `/usr/bin:${dir}`;
+    assert.equal(await onPath('mount'), '/usr/bin/mount');
+    process.env['PATH'] = `${dir}:/nonexistent-kh:/usr/local/bin:/usr/bin`;
+    assert.equal(await onPath('mount'), '/usr/bin/mount');
+    assert.deepEqual(system.calls, [], 'a system directory was probed through the pool');
+    assert.deepEqual(other.calls, ['access mount'], 'the directory ahead of the system ones was not probed');
+    // PATH's order still decides: an executable ahead of the system one wins, a file that is not executable does not.
+    await writeFile(path.join(dir, 'mount'), 'not executable', { mode: 0o644 });
+    if (process.getuid?.() !== 0) assert.equal(await onPath('mount'), '/usr/bin/mount');
+    await writeFile(path.join(dir, 'mymount'), '#!/bin/sh\n', { mode: 0o755 });
+    await symlink('/usr/bin/mount', path.join(dir, 'mount2'));
+    process.env['PATH'] = `${dir}:/usr/bin`;
+    assert.equal(await onPath('mount2'), path.join(dir, 'mount2'));
+    process.env['PATH'] = `/usr/bin:${dir}`;
+    assert.equal(await onPath('mymount'), path.join(dir, 'mymount'));
+    assert.equal(await onPath('no-such-kh-binary'), undefined);
+    process.env['PATH'] = `${path.join(dir, 'mymount')}:/usr/bin`; // a PATH entry that is no directory
+    assert.equal(await onPath('mount'), '/usr/bin/mount');
+  });
+  test('prepareMountpoint reads the mount table on this thread, and still refuses a mount point', async () => {
+    const table = watch(fsp, ['readFile'], '/proc/self/mountinfo');
+    try {
+      await assert.rejects(prepareMountpoint('/proc', createLogger('silent')), /already a mount point/);
+      assert.deepEqual(table.calls, [], 'the mount table was read through the thread pool');
+    } finally {
+      table.undo();
+    }
   });
   test('detectMountFlavor knows this machine\'s mount without running it', async (t) => {
     // The real `mount` here is util-linux's; what --version says and what the file says agree.

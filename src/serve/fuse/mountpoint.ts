@@ -2,12 +2,14 @@
  * The mount point's life, shared by both FUSE backends: make it, notice a mount left behind by a
  * crash and clear it, tell whether something is mounted there, and detach.
  *
- * Everything here is asynchronous, including the child processes: once a backend has mounted,
+ * Everything here that could reach a mount is asynchronous, including the child processes (only
+ * /proc/self/mountinfo, the kernel's own table, is read at once): once a backend has mounted,
  * its callbacks run on this process's JS thread, so any synchronous call that ends up touching
  * the mount (spawnSync('umount'), fs.statSync on it) waits for an answer only this thread can
  * give, and never returns.
  */
 import { execFile } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { mkdir, readFile, readdir, realpath, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { KheadersError, errnoOf } from '../../errors.js';
@@ -77,8 +79,11 @@ export async function canonicalMountpoint(dir: string): Promise<string> {
 /** The mount whose mount point is exactly `dir` (the topmost, if stacked), or undefined. */
 export async function mountAt(dir: string, mountinfo: string = MOUNTINFO): Promise<MountInfo | undefined> {
   const want = await canonicalMountpoint(dir);
-  const all = await readMountInfo(mountinfo);
-  for (let i = all.length - 1; i >= 0; i--) if (all[i]!.mountPoint === want) return all[i];
+  return topmostAt(await readMountInfo(mountinfo), want);
+}
+
+function topmostAt(all: readonly MountInfo[], canonical: string): MountInfo | undefined {
+  for (let i = all.length - 1; i >= 0; i--) if (all[i]!.mountPoint === canonical) return all[i];
   return undefined;
 }
 
@@ -146,7 +151,9 @@ export async function prepareMountpoint(dir: string, log: Logger): Promise<strin
   });
   const target = await canonicalMountpoint(abs);
 
-  const existing = await mountAt(target);
+  // Read at once, on this thread: procfs answers from the kernel's own tables, never through a
+  // mount; through the thread pool it was four round trips in a row ahead of the `mount` child.
+  const existing = topmostAt(parseMountInfo(readFileSync(MOUNTINFO, 'utf8')), target);
   let probe = await statWithin(target, PROBE_TIMEOUT_MS);
   if (existing && isFuse(existing)) {
     if (!probe.ok && (STALE_ERRNOS.has(probe.errno) || probe.errno === 'ETIMEDOUT')) {

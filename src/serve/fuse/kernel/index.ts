@@ -14,7 +14,7 @@ import type { PrefetchStats } from '../prefetch.js';
 import type { FuseMount, FuseOpCounts, MountOptions } from '../types.js';
 import { within } from '../within.js';
 import { DevFuse, loopReaderAvailable, type DeviceEnd, type ReaderKind } from './device.js';
-import { detectMountFlavor, mountFd, unmountPath, type MountFlavor } from './mount.js';
+import { detectMountFlavor, mountFd, onPath, unmountPath, type MountFlavor } from './mount.js';
 import { FUSE_MIN_READ_BUFFER } from './protocol.js';
 import { FuseSession, DEFAULT_SESSION_OPTIONS, type NegotiatedInit, type SessionOptions } from './session.js';
 
@@ -78,7 +78,10 @@ export async function mountKernel(opts: KernelMountOptions): Promise<KernelFuseM
   await checkEnvironment(devicePath);
   // Which `mount` this is is looked up while the mountpoint and the device are made ready.
   // (It never rejects: a binary it cannot read is asked --version; one that cannot run is 'unknown', mounted as util-linux is.)
-  const flavor = opts.mountFlavor !== undefined ? Promise.resolve(opts.mountFlavor) : detectMountFlavor(opts.mountBin);
+  // The child is started by the path found here, the file whose flavor is read: a bare name had
+  // it walk PATH's directories itself while this thread waited for its exec (libuv's spawn does).
+  const bin = onPath(opts.mountBin ?? 'mount').then((found) => found ?? opts.mountBin ?? 'mount', () => opts.mountBin ?? 'mount');
+  const flavor = opts.mountFlavor !== undefined ? Promise.resolve(opts.mountFlavor) : bin.then((file) => detectMountFlavor(file));
   const mountpoint = await prepareMountpoint(opts.mountpoint, log);
 
   const sessionOptions = { ...DEFAULT_SESSION_OPTIONS, ...opts.session };
@@ -123,7 +126,7 @@ export async function mountKernel(opts: KernelMountOptions): Promise<KernelFuseM
     // Held (opts.until), neither starts before it resolves: the kernel keeps INIT, and every
     // request after it waits for INIT's answer, so the mount exists but answers nothing yet.
     if (reader === 'thread' && !held) startReader();
-    await mountFd(dev.fd, { mountpoint, allowOther, uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0, ...(opts.mountBin ? { mountBin: opts.mountBin } : {}), ...(opts.onUnderWay ? { onSpawn: opts.onUnderWay } : {}), flavor: await flavor }, log);
+    await mountFd(dev.fd, { mountpoint, allowOther, uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0, mountBin: await bin, ...(opts.onUnderWay ? { onSpawn: opts.onUnderWay } : {}), flavor: await flavor }, log);
     mounted = true;
     dev.mounted();
     if (held) {

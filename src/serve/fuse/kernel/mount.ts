@@ -9,7 +9,8 @@
  * thread answers the mount, so a synchronous child that touches it would never return.
  */
 import { execFile, spawn } from 'node:child_process';
-import { access, constants as fsConstants, readFile, realpath, stat } from 'node:fs/promises';
+import { accessSync, constants as fsConstants, statSync } from 'node:fs';
+import { access, readFile, realpath, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { KheadersError } from '../../../errors.js';
 import type { Logger } from '../../../log.js';
@@ -87,13 +88,37 @@ export async function flavorFromBinary(mountBin: string): Promise<MountFlavor | 
   }
 }
 
-/** Where `cmd` is as a child would find it: itself when it names a path, else the first executable on PATH. */
-async function onPath(cmd: string): Promise<string | undefined> {
+/**
+ * The system's own binary directories, on the root or system partition: looked in synchronously
+ * (a stat that finds nothing builds no Error), which is never a FUSE mount's answer to wait for.
+ * Any other PATH directory (a home, a network file system) is probed through the thread pool.
+ */
+const SYSTEM_BIN_DIRS: ReadonlySet<string> = new Set(['/usr/local/sbin', '/usr/local/bin', '/usr/sbin', '/usr/bin', '/sbin', '/bin', '/system/bin', '/system/xbin', '/vendor/bin']);
+
+function executableNow(file: string): boolean {
+  try {
+    if (statSync(file, { throwIfNoEntry: false })?.isFile() !== true) return false;
+    accessSync(file, fsConstants.X_OK);
+    return true;
+  } catch {
+    return false; // not executable, or PATH names something that is no directory
+  }
+}
+
+/**
+ * Where `cmd` is as a child would find it: itself when it names a path, else the first
+ * executable on PATH. The system directories are looked in at once, on this thread; only the
+ * other directories PATH names ahead of the first system one that has it are probed through the
+ * thread pool (at once; the first in PATH's order wins). At a start each probe that failed was a
+ * pool round trip, ahead of the mount's own, and an Error with its stack on this thread.
+ */
+export async function onPath(cmd: string): Promise<string | undefined> {
   if (cmd.includes('/')) return cmd;
-  const candidates = (process.env['PATH'] ?? '').split(':').filter((dir) => dir !== '').map((dir) => path.join(dir, cmd));
-  // Probed at once (each a thread-pool round trip), the first in PATH's order wins.
-  const found = await Promise.all(candidates.map((file) => access(file, fsConstants.X_OK).then(() => true, () => false)));
-  return candidates[found.indexOf(true)];
+  const candidates = (process.env['PATH'] ?? '').split(':').filter((dir) => dir !== '').map((dir) => ({ dir, file: path.join(dir, cmd) }));
+  const hit = candidates.findIndex(({ dir, file }) => SYSTEM_BIN_DIRS.has(path.normalize(dir)) && executableNow(file));
+  const ahead = (hit < 0 ? candidates : candidates.slice(0, hit)).filter(({ dir }) => !SYSTEM_BIN_DIRS.has(path.normalize(dir)));
+  const found = await Promise.all(ahead.map(({ file }) => access(file, fsConstants.X_OK).then(() => true, () => false)));
+  return ahead[found.indexOf(true)]?.file ?? candidates[hit]?.file;
 }
 
 /**
