@@ -324,6 +324,39 @@ test('no ingest process can be started (spawn fails): the entry is built in the 
   assert.equal((await store.list()).length, 1, 'one entry, built in this process');
 });
 
+test('no ingest process can be started and the archive was a FIFO written once: the daemon builds from what it read, not from a second read that waits for a writer for good', async (t) => {
+  const dir = await tempDir(t, 'kheadersd-nospawn-fifo-');
+  const fifo = path.join(dir, 'k.tar.xz');
+  execFileSync('mkfifo', [fifo]);
+  const bytes = await goodArchive('6.6.1-nospawn');
+  const fed = writeFile(fifo, bytes); // one reader: the hash
+  const cacheDir = path.join(dir, 'cache');
+  const cfg = resolveConfig({ flags: { cacheDir, archive: fifo, release: '6.6.1-nospawn', btf: 'off' }, env: {}, file: {}, fileName: 'none' });
+  const log = createLogger('warn', new PassThrough());
+  const io = { stdout: process.stdout, stderr: process.stderr, log };
+  const missingNode = path.join(dir, 'no-such-node');
+  const built = ingest({ cacheDir, archive: fifo, release: '6.6.1-nospawn', btf: 'off', log, buildElsewhere: () => ingestInChildProcess(cfg, io, missingNode) }).then(
+    (result) => ({ result }),
+    (err: unknown) => ({ err }),
+  );
+  // A second read of the FIFO waits in open(2) for a writer: one that writes nothing ends it (at
+  // EOF, an empty archive), so that the test fails instead of hanging its process for good.
+  let waited = false;
+  const deadline = setTimeout(() => {
+    waited = true;
+    void writeFile(fifo, Buffer.alloc(0));
+  }, 10_000);
+  const outcome = await built;
+  clearTimeout(deadline);
+  await fed;
+  assert.ok(!waited, 'the archive was read again, and that read waited for a writer');
+  assert.ok('result' in outcome, `the ingest failed: ${'err' in outcome ? String(outcome.err) : ''}`);
+  assert.equal(outcome.result.reused, false);
+  assert.equal(outcome.result.entry.manifest.digest, createHash('sha256').update(bytes).digest('hex'), 'the entry is the bytes the FIFO gave');
+  const store = await CacheStore.open(cacheDir);
+  assert.equal((await store.list()).length, 1, 'one entry, built in this process');
+});
+
 /** This process's anonymous memory now (KiB): what V8 and the C allocator hold dirty. */
 const privateDirtyKiB = (): number => Number(/^Private_Dirty:\s+(\d+) kB/m.exec(readFileSync('/proc/self/smaps_rollup', 'utf8'))?.[1]);
 

@@ -410,10 +410,14 @@ function releasableBuffer(size: number): Buffer {
  * Give back the memory under `bytes` now if it was read releasable (readBounded); otherwise it
  * is left to V8's collector, as any buffer. Every view of that memory reads as empty afterwards:
  * only for bytes nothing else will read, and that no I/O under way still reads or writes.
+ * Whether it was given back: bytes that were not (a pipe's, a FIFO's, procfs's: files of no
+ * known size, which may not be there to read a second time) are still whole.
  */
-export function releaseBytes(bytes: Buffer): void {
+export function releaseBytes(bytes: Buffer): boolean {
   const buffer = bytes.buffer as MaybeResizable;
-  if (buffer.resizable === true) buffer.resize?.(0);
+  if (buffer.resizable !== true || buffer.resize === undefined) return false;
+  buffer.resize(0);
+  return true;
 }
 
 /**

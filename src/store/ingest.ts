@@ -218,17 +218,17 @@ export async function locateForIngest(opts: IngestOptions): Promise<LocatedArchi
   const bytes = source.bytes!;
   const digest = createHash('sha256').update(bytes).digest('hex');
   const total = xzUncompressedSize(bytes);
-  if (hashOnly) {
-    // Nothing else holds these bytes, and no read of them is under way: the hash and the size are synchronous.
-    releaseBytes(bytes);
-    delete source.bytes;
-  }
+  // Nothing else holds these bytes, and no read of them is under way: the hash and the size are
+  // synchronous. Bytes that could not be given back (a FIFO's, a pipe's: no second read gives
+  // them again, and one of a FIFO waits for a writer for good) are kept, for a build here after all.
+  const released = hashOnly && releaseBytes(bytes);
+  if (released) delete source.bytes;
   // Recorded only if what was read is the identified source, unchanged while it was read.
   let remember: LocatedArchive['remember'];
   if (identity?.settled && identity.sources.includes(source.source) && (await identifyArchive(where).catch(() => undefined))?.key === identity.key) {
     remember = { key: identity.key, what: rememberedArchive({ ...source, digest, total: total ?? null }) };
   }
-  return { source, digest, total, ...(remember ? { remember } : {}), ...(hashOnly ? { released: true } : {}) };
+  return { source, digest, total, ...(remember ? { remember } : {}), ...(released ? { released: true } : {}) };
 }
 
 export async function ingest(opts: IngestOptions): Promise<IngestResult> {
