@@ -191,6 +191,11 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
     }
   };
 
+  /** --link-modules: `<release>/build` into the mount, for `current`'s entry (once mounted). */
+  const linkModules = async (entry: CacheEntry | undefined): Promise<void> => {
+    if (cfg.linkModules && mount && entry) await links.point(entry.manifest.release, path.join(mount.mountpoint, entry.manifest.release));
+  };
+
   /**
    * Bring the model and state up to date with the store (after any ingest or repair). `mode`:
    * how the cache is read. The start's reads are synchronous (fastest; the mount being made
@@ -236,12 +241,8 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
         void before.reader.kill(new KheadersError('E_ENTRY_DAMAGED', `cache entry ${entry.manifest.id} was rebuilt after damage; this copy is no longer read`, { id: entry.manifest.id, errno: 'EIO' }));
       }
     }
-    if (cfg.linkModules && mount && current) {
-      const entry = await store.load(current, mode);
-      await links.point(entry.manifest.release, path.join(mount.mountpoint, entry.manifest.release));
-    }
+    await linkModules(currentEntry);
     state.changed();
-    log.info({ current }, 'serving');
   };
 
   /**
@@ -253,6 +254,7 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
   const publishOrSay = async (): Promise<void> => {
     try {
       await publish();
+      log.info({ current: state.currentId }, 'serving');
     } catch (err) {
       log.error({ code: isKheadersError(err) ? err.code : 'E_INTERNAL' }, `cannot publish the cache's entries, still serving what was published: ${(err as Error).message}`);
     }
@@ -467,15 +469,15 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
       state.mountpoint = mount.mountpoint;
       state.mountError = null;
       log.info({ mountpoint: mount.mountpoint, backend: mount.backend }, 'mounted');
-      // Now that the mount exists, --link-modules can point at it. Without links nothing the
-      // first publish did depends on the mount: listeners only learn that it is there (a second
-      // publish would list the store and read the running kernel again, and log it all twice).
-      // Synchronous, as the start's first: in one turn, it cannot interleave with a repair's publish() queued meanwhile.
-      if (cfg.linkModules) await publish('sync');
-      else state.changed();
+      // Now that the mount exists, --link-modules can point at it: nothing else the publish did
+      // depends on the mount, so only the link is made (a second publish listed the store and
+      // read the running kernel again, logged its damage twice and sent it to repair again).
+      // `current` is what the last publish served: a repair's, if one ran meanwhile.
+      await linkModules(state.currentId === null ? undefined : published.get(state.currentId));
+      state.changed();
     } catch (err) {
-      // Mounted, the start's second publish failed (a link it cannot make, the cache unreadable):
-      // not the mount's failure. The start fails, its mount taken down: left up, the process
+      // Mounted, the start's --link-modules link failed (<release> a file, say): not the mount's
+      // failure. The start fails, its mount taken down: left up, the process
       // stayed (or, once gone, left a dead ENOTCONN directory), and "no FUSE mount" was untrue.
       if (mount) {
         await stop().catch(() => {});
@@ -488,6 +490,8 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
   }
 
   if (cancel.signal.aborted) return stoppedDuringStart();
+  // Said once the start has succeeded: a start that fails (its mount, with no HTTP) never served.
+  log.info({ current: state.currentId }, 'serving');
   await (await serverModules.notify).notifyReady(log);
   return handle;
 }
