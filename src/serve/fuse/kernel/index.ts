@@ -55,6 +55,13 @@ function fuseError(message: string, details: Record<string, unknown> = {}, cause
   return new KheadersError('E_FUSE', message, { backend: 'kernel', ...details }, cause === undefined ? undefined : { cause });
 }
 
+/** Carries the caller's reason for not serving after all (opts.until's rejection) out of the mount's steps, to be handed back as it is. */
+class GivenUp extends Error {
+  constructor(readonly reason: unknown) {
+    super('the mount was given up');
+  }
+}
+
 async function checkEnvironment(devicePath: string): Promise<void> {
   if (process.platform !== 'linux' && process.platform !== 'android') {
     throw fuseError(`the kernel FUSE backend needs Linux (this is ${process.platform})`);
@@ -112,13 +119,10 @@ export async function mountKernel(opts: KernelMountOptions): Promise<KernelFuseM
 
   let init: NegotiatedInit;
   let mounted = false;
-  // The caller's reason for not serving after all (opts.until rejected): handed back as it is.
-  // Its handler is attached now: a rejection while `mount` still runs is not left unhandled.
-  const held = opts.until?.then(
-    () => undefined,
-    (reason: unknown) => ({ reason }),
-  );
-  let heldBack: { reason: unknown } | undefined;
+  const held = opts.until?.catch((reason: unknown) => {
+    throw new GivenUp(reason);
+  });
+  held?.catch(() => {}); // a rejection while `mount` still runs is not left unhandled
   try {
     // A reader thread waits for the mount by itself; the event-loop reader must not read an
     // unattached descriptor (EPERM would end it), so it starts once mount(2) is done. The
@@ -130,8 +134,7 @@ export async function mountKernel(opts: KernelMountOptions): Promise<KernelFuseM
     mounted = true;
     dev.mounted();
     if (held) {
-      heldBack = await held;
-      if (heldBack) throw heldBack.reason;
+      await held;
       if (reader === 'thread') startReader();
     }
     if (reader === 'loop') {
@@ -154,7 +157,8 @@ export async function mountKernel(opts: KernelMountOptions): Promise<KernelFuseM
     // never answered (held back, or the kernel's INIT lost) waits for that answer in the kernel.
     await dev.close();
     if (mounted) await unmountPath(mountpoint, log, opts.umountBin);
-    if (heldBack || err instanceof KheadersError) throw err;
+    if (err instanceof GivenUp) throw err.reason;
+    if (err instanceof KheadersError) throw err;
     throw fuseError(`cannot mount ${mountpoint}: ${err instanceof Error ? err.message : String(err)}`, { mountpoint }, err);
   }
   log.info({ mountpoint, backend: 'kernel', reader, protocol: `7.${init.minor}`, kernelProtocol: `${init.kernelMajor}.${init.kernelMinor}`, flags: `0x${init.flags.toString(16)}` }, 'FUSE mounted');
