@@ -422,7 +422,7 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
   const [mountOn, fsModel] = [cfg.mount, model];
   let made: Promise<FuseMount> | undefined;
   const beginMount = (): void => {
-    made = mountOn && fsModel ? import('../serve/fuse/index.js').then(({ mountFuse }) => mountFuse({ mountpoint: mountOn, model: fsModel, log, allowOther: true, backend: cfg.fuseBackend, until, onUnderWay })) : undefined;
+    made = mountOn && fsModel ? import('../serve/fuse/index.js').then(({ mountFuse }) => mountFuse({ mountpoint: mountOn, model: fsModel, log, allowOther: true, backend: cfg.fuseBackend, until, onUnderWay, signal: cancel.signal })) : undefined;
     mounting = made?.catch(() => null) ?? mounting;
   };
   /** The start ends here without serving: the mount, made or being made, comes down having answered nothing. */
@@ -483,6 +483,8 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
         await stop().catch(() => {});
         throw err;
       }
+      // A stop gave the mount up while its `mount` child ran: the start stops, below.
+      if (cancel.signal.aborted) return stoppedDuringStart();
       state.mountError = err instanceof Error ? err.message : String(err);
       if (!http) throw err;
       log.error({ code: isKheadersError(err) ? err.code : 'E_FUSE' }, `no FUSE mount, serving HTTP only: ${state.mountError}`);

@@ -26,6 +26,13 @@ export interface MountOptions {
    * own work. Not called when the mount fails before then.
    */
   onUnderWay?: () => void;
+  /**
+   * Gives up the mount while the kernel backend's `mount` child runs, as a rejected `until` does,
+   * without waiting for that child (killed: one that hangs would hold a stop until its timeout):
+   * the mount's promise rejects with the signal's reason, nothing left mounted. No effect once
+   * the child is done (`until` decides then), nor on the native backend, which has no child.
+   */
+  signal?: AbortSignal;
 }
 
 /** Requests the backend answered, by operation name ('lookup', 'getattr', 'read', ...). */

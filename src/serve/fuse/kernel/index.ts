@@ -9,12 +9,12 @@
  */
 import { access, constants as fsConstants } from 'node:fs/promises';
 import { KheadersError, errnoOf } from '../../../errors.js';
-import { isMounted, prepareMountpoint } from '../mountpoint.js';
+import { isFuse, isMounted, mountAt, prepareMountpoint } from '../mountpoint.js';
 import type { PrefetchStats } from '../prefetch.js';
 import type { FuseMount, FuseOpCounts, MountOptions } from '../types.js';
 import { within } from '../within.js';
 import { DevFuse, loopReaderAvailable, type DeviceEnd, type ReaderKind } from './device.js';
-import { detectMountFlavor, mountFd, onPath, unmountPath, type MountFlavor } from './mount.js';
+import { FUSE_SOURCE, detectMountFlavor, mountFd, onPath, unmountPath, type MountFlavor } from './mount.js';
 import { FUSE_MIN_READ_BUFFER } from './protocol.js';
 import { FuseSession, DEFAULT_SESSION_OPTIONS, type NegotiatedInit, type SessionOptions } from './session.js';
 
@@ -55,11 +55,17 @@ function fuseError(message: string, details: Record<string, unknown> = {}, cause
   return new KheadersError('E_FUSE', message, { backend: 'kernel', ...details }, cause === undefined ? undefined : { cause });
 }
 
-/** Carries the caller's reason for not serving after all (opts.until's rejection) out of the mount's steps, to be handed back as it is. */
+/** Carries the caller's reason for not serving after all (opts.until's rejection, opts.signal's reason) out of the mount's steps, to be handed back as it is. */
 class GivenUp extends Error {
   constructor(readonly reason: unknown) {
     super('the mount was given up');
   }
+}
+
+/** Whether our mount is at `mountpoint` (prepareMountpoint found none there: any is ours). */
+async function mountedHere(mountpoint: string): Promise<boolean> {
+  const m = await mountAt(mountpoint).catch(() => undefined);
+  return m !== undefined && isFuse(m) && m.source === FUSE_SOURCE;
 }
 
 async function checkEnvironment(devicePath: string): Promise<void> {
@@ -119,8 +125,16 @@ export async function mountKernel(opts: KernelMountOptions): Promise<KernelFuseM
 
   let init: NegotiatedInit;
   let mounted = false;
+  // Given up (opts.until rejected, opts.signal aborted), a `mount` child still running is killed:
+  // one that hangs must not hold the start, or a stop, until its timeout, and leave its mount.
+  const giveUp = new AbortController();
+  const onAbort = (): void => giveUp.abort(new GivenUp(opts.signal?.reason));
+  if (opts.signal?.aborted) onAbort();
+  else opts.signal?.addEventListener('abort', onAbort, { once: true });
   const held = opts.until?.catch((reason: unknown) => {
-    throw new GivenUp(reason);
+    const given = new GivenUp(reason);
+    giveUp.abort(given);
+    throw given;
   });
   held?.catch(() => {}); // a rejection while `mount` still runs is not left unhandled
   try {
@@ -130,7 +144,7 @@ export async function mountKernel(opts: KernelMountOptions): Promise<KernelFuseM
     // Held (opts.until), neither starts before it resolves: the kernel keeps INIT, and every
     // request after it waits for INIT's answer, so the mount exists but answers nothing yet.
     if (reader === 'thread' && !held) startReader();
-    await mountFd(dev.fd, { mountpoint, allowOther, uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0, mountBin: await bin, ...(opts.onUnderWay ? { onSpawn: opts.onUnderWay } : {}), flavor: await flavor }, log);
+    await mountFd(dev.fd, { mountpoint, allowOther, uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0, mountBin: await bin, ...(opts.onUnderWay ? { onSpawn: opts.onUnderWay } : {}), flavor: await flavor, signal: giveUp.signal }, log).finally(() => opts.signal?.removeEventListener('abort', onAbort));
     mounted = true;
     dev.mounted();
     if (held) {
@@ -156,7 +170,8 @@ export async function mountKernel(opts: KernelMountOptions): Promise<KernelFuseM
     // The device first: closing it aborts the connection. An unmount of a mount whose INIT was
     // never answered (held back, or the kernel's INIT lost) waits for that answer in the kernel.
     await dev.close();
-    if (mounted) await unmountPath(mountpoint, log, opts.umountBin);
+    // A `mount` child that failed, timed out or was killed may have mounted all the same.
+    if (mounted || (await mountedHere(mountpoint))) await unmountPath(mountpoint, log, opts.umountBin);
     if (err instanceof GivenUp) throw err.reason;
     if (err instanceof KheadersError) throw err;
     throw fuseError(`cannot mount ${mountpoint}: ${err instanceof Error ? err.message : String(err)}`, { mountpoint }, err);

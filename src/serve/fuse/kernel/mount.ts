@@ -35,6 +35,11 @@ export interface FdMountOptions {
   flavor?: MountFlavor;
   /** Called once the `mount` child is spawned: the rest happens in that process. */
   onSpawn?: () => void;
+  /**
+   * Gives the mount up: a `mount` child still running is killed, and mountFd throws the signal's
+   * reason once it has exited. It may have mounted first: the caller looks (and unmounts).
+   */
+  signal?: AbortSignal;
 }
 
 /** What `mount --version` says about which implementation this is. */
@@ -138,23 +143,36 @@ export function mountArgs(flavor: MountFlavor, o: { mountpoint: string; allowOth
   return args;
 }
 
-function runChild(cmd: string, args: string[], extraFd?: number, onSpawn?: () => void): Promise<{ code: number | null; output: string }> {
+function runChild(cmd: string, args: string[], extraFd?: number, onSpawn?: () => void, signal?: AbortSignal): Promise<{ code: number | null; output: string }> {
   return new Promise((resolve) => {
+    if (signal?.aborted) return resolve({ code: null, output: 'given up' });
     const stdio: Array<'ignore' | 'pipe' | number> = ['ignore', 'pipe', 'pipe'];
     if (extraFd !== undefined) stdio.push(extraFd);
     let output = '';
-    let child;
+    let child: ReturnType<typeof spawn>;
     try {
       child = spawn(cmd, args, { stdio, timeout: CHILD_TIMEOUT_MS });
     } catch (err) {
       resolve({ code: null, output: err instanceof Error ? err.message : String(err) });
       return;
     }
+    // Killed when given up, and done once it has exited (not once its pipes close: a process
+    // it left behind may hold them): whatever it did to the mount is done by then.
+    const givenUp = (): void => resolve({ code: null, output: 'given up' });
+    const giveUp = (): void => {
+      if (child.exitCode !== null || child.signalCode !== null) return givenUp();
+      child.once('exit', givenUp);
+      child.kill('SIGKILL');
+    };
+    signal?.addEventListener('abort', giveUp, { once: true });
     onSpawn?.();
     child.stdout?.on('data', (d: Buffer) => (output += d.toString()));
     child.stderr?.on('data', (d: Buffer) => (output += d.toString()));
     child.on('error', (err) => resolve({ code: null, output: `${output}${err.message}` }));
-    child.on('close', (code) => resolve({ code, output: output.trim() }));
+    child.on('close', (code) => {
+      signal?.removeEventListener('abort', giveUp);
+      resolve({ code, output: output.trim() });
+    });
   });
 }
 
@@ -168,11 +186,12 @@ export async function mountFd(fd: number, o: FdMountOptions, log: Logger): Promi
   const flavor = o.flavor ?? (await detectMountFlavor(bin));
   const args = mountArgs(flavor, o);
   log.debug({ bin, args, flavor }, 'mounting /dev/fuse descriptor');
-  let r = await runChild(bin, args, fd, o.onSpawn);
-  if (r.code !== 0 && /unknown filesystem type/i.test(r.output)) {
+  let r = await runChild(bin, args, fd, o.onSpawn, o.signal);
+  if (r.code !== 0 && /unknown filesystem type/i.test(r.output) && !o.signal?.aborted) {
     // A kernel or mount without subtype support: plain `fuse` is the same filesystem.
-    r = await runChild(bin, mountArgs(flavor, { ...o, fstype: 'fuse' }), fd);
+    r = await runChild(bin, mountArgs(flavor, { ...o, fstype: 'fuse' }), fd, undefined, o.signal);
   }
+  if (o.signal?.aborted) throw o.signal.reason;
   if (r.code !== 0) {
     const why = r.code === null ? `could not run ${bin}` : `${bin} exited with ${r.code}`;
     throw new KheadersError('E_FUSE', `cannot mount ${o.mountpoint}: ${why}${r.output ? `: ${r.output}` : ''}`, { mountpoint: o.mountpoint, args, backend: 'kernel' });
