@@ -28,11 +28,12 @@ interface Hung {
 
 /**
  * A serve whose `mount` child hangs; resolves once it does. `hang`: 'after' the real mount(2)
- * (the same process then sleeps, holding the connection as a real child would), or 'before' it
- * (waiting on a file nobody writes). `gate`: a file its `mount --version` (asked before the mount
- * child is spawned) waits for, up to 15 s.
+ * (the same process then sleeps, holding the connection as a real child would), 'before' it
+ * (waiting on a file nobody writes), or at 'version' (`mount --version`, asked which `mount` this
+ * is before the mount child is spawned, waits on a file nobody writes). `gate`: a file its
+ * `mount --version` waits for, up to 15 s.
  */
-async function hungMount(t: TestContext, http: boolean, release: string, hang: 'after' | 'before' = 'after', gate?: string): Promise<Hung> {
+async function hungMount(t: TestContext, http: boolean, release: string, hang: 'after' | 'before' | 'version' = 'after', gate?: string): Promise<Hung> {
   const dir = await tempDir(t, 'kheadersd-mounthang-');
   const [cache, mnt, bin, archive, pidFile] = ['cache', 'mnt', 'bin', 'kernel.tar.xz', 'mount.pid'].map((n) => path.join(dir, n)) as [string, string, string, string, string];
   await mkdir(mnt);
@@ -40,7 +41,10 @@ async function hungMount(t: TestContext, http: boolean, release: string, hang: '
   await writeFile(archive, await goodArchive(release));
   const real = `for m in ${REAL_MOUNT.map((m) => `'${m}'`).join(' ')}; do [ -x "$m" ] && break; done`;
   const waitFor = (file: string, tenths: number): string => `i=0; while [ ! -e '${file}' ] && [ $i -lt ${tenths * 2} ]; do sleep 0.05; i=$((i+1)); done`;
-  const version = `[ "$1" = --version ] && { ${gate === undefined ? ':' : waitFor(gate, 150)}; exec "$m" "$@"; }`;
+  const version =
+    hang === 'version'
+      ? `[ "$1" = --version ] && { echo $$ > '${pidFile}'; ${waitFor(path.join(dir, 'never'), 600)}; exec "$m" "$@"; }`
+      : `[ "$1" = --version ] && { ${gate === undefined ? ':' : waitFor(gate, 150)}; exec "$m" "$@"; }`;
   const mountThenHang = hang === 'after' ? `"$m" "$@" || exit $?\necho $$ > '${pidFile}'\nexec sleep 60` : `echo $$ > '${pidFile}'\n${waitFor(path.join(dir, 'never'), 600)}\nexec "$m" "$@"`;
   await writeFile(path.join(bin, 'mount'), `#!/bin/sh\n${real}\n${version}\n${mountThenHang}\n`);
   await chmod(path.join(bin, 'mount'), 0o755);
@@ -132,3 +136,20 @@ test('a mount child that hangs after mounting, until its timeout: the mount is t
     await s.d.stop();
   }
 });
+
+for (const http of [true, false]) {
+  test(`SIGTERM while \`mount --version\` hangs (HTTP ${http ? 'on' : 'off'}): exits 0 at once, nothing mounted`, async (t) => {
+    const skip = await fuseDeviceSkipReason();
+    if (skip) return t.skip(skip);
+    const s = await hungMount(t, http, `6.97.${http ? 22 : 23}-mounthang`, 'version');
+    try {
+      s.d.child.kill('SIGTERM');
+      const code = await exitWithin(s.d, EXIT_BOUND_MS);
+      assert.notEqual(code, 'still running', `must not wait on \`mount --version\`; logs: ${JSON.stringify(s.d.logs.slice(-3))}`);
+      assert.equal(code, 0, 'a stop during the start is a clean stop');
+      await assertNoMount(s.mnt);
+    } finally {
+      await s.d.stop();
+    }
+  });
+}

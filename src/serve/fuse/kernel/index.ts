@@ -89,12 +89,18 @@ export async function mountKernel(opts: KernelMountOptions): Promise<KernelFuseM
   const devicePath = opts.devicePath ?? '/dev/fuse';
   const allowOther = opts.allowOther ?? true;
   await checkEnvironment(devicePath);
+  // Given up (opts.until rejected, opts.signal aborted), a `mount` child still running is killed:
+  // one that hangs must not hold the start, or a stop, until its timeout, and leave its mount.
+  const giveUp = new AbortController();
+  const onAbort = (): void => giveUp.abort(new GivenUp(opts.signal?.reason));
+  if (opts.signal?.aborted) onAbort();
+  else opts.signal?.addEventListener('abort', onAbort, { once: true });
   // Which `mount` this is is looked up while the mountpoint and the device are made ready.
   // (It never rejects: a binary it cannot read is asked --version; one that cannot run is 'unknown', mounted as util-linux is.)
   // The child is started by the path found here, the file whose flavor is read: a bare name had
   // it walk PATH's directories itself while this thread waited for its exec (libuv's spawn does).
   const bin = onPath(opts.mountBin ?? 'mount').then((found) => found ?? opts.mountBin ?? 'mount', () => opts.mountBin ?? 'mount');
-  const flavor = opts.mountFlavor !== undefined ? Promise.resolve(opts.mountFlavor) : bin.then((file) => detectMountFlavor(file));
+  const flavor = opts.mountFlavor !== undefined ? Promise.resolve(opts.mountFlavor) : bin.then((file) => detectMountFlavor(file, giveUp.signal));
   const mountpoint = await prepareMountpoint(opts.mountpoint, log);
 
   const sessionOptions = { ...DEFAULT_SESSION_OPTIONS, ...opts.session };
@@ -125,12 +131,6 @@ export async function mountKernel(opts: KernelMountOptions): Promise<KernelFuseM
 
   let init: NegotiatedInit;
   let mounted = false;
-  // Given up (opts.until rejected, opts.signal aborted), a `mount` child still running is killed:
-  // one that hangs must not hold the start, or a stop, until its timeout, and leave its mount.
-  const giveUp = new AbortController();
-  const onAbort = (): void => giveUp.abort(new GivenUp(opts.signal?.reason));
-  if (opts.signal?.aborted) onAbort();
-  else opts.signal?.addEventListener('abort', onAbort, { once: true });
   const held = opts.until?.catch((reason: unknown) => {
     const given = new GivenUp(reason);
     giveUp.abort(given);

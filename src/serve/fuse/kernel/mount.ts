@@ -57,13 +57,14 @@ export function flavorFromVersion(output: string): MountFlavor {
  * other by the one name its bytes hold (util-linux's carries "util-linux <version>", the text
  * --version prints). Only a binary that says none, or more than one, is asked `--version`.
  */
-export async function detectMountFlavor(mountBin = 'mount'): Promise<MountFlavor> {
-  return (await flavorFromBinary(mountBin)) ?? askMountVersion(mountBin);
+export async function detectMountFlavor(mountBin = 'mount', signal?: AbortSignal): Promise<MountFlavor> {
+  return (await flavorFromBinary(mountBin)) ?? askMountVersion(mountBin, signal);
 }
 
-function askMountVersion(mountBin: string): Promise<MountFlavor> {
+/** `signal`: the mount is given up; a `--version` that hangs is killed (and says 'unknown'). */
+function askMountVersion(mountBin: string, signal?: AbortSignal): Promise<MountFlavor> {
   return new Promise((resolve) => {
-    execFile(mountBin, ['--version'], { timeout: CHILD_TIMEOUT_MS }, (_err, stdout, stderr) => resolve(flavorFromVersion(`${stdout}\n${stderr}`)));
+    execFile(mountBin, ['--version'], { timeout: CHILD_TIMEOUT_MS, ...(signal ? { signal, killSignal: 'SIGKILL' as const } : {}) }, (_err, stdout, stderr) => resolve(flavorFromVersion(`${stdout}\n${stderr}`)));
   });
 }
 
