@@ -164,6 +164,8 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
 
   /** What the last publish served, by id (to retire instances a repair replaced). */
   const published = new Map<string, CacheEntry>();
+  /** The start has succeeded (and said "serving"). */
+  let started = false;
 
   /**
    * HTTP's view of the store, before the first publish(): which entry is `current` and which is
@@ -254,7 +256,8 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
   const publishOrSay = async (): Promise<void> => {
     try {
       await publish();
-      log.info({ current: state.currentId }, 'serving');
+      // A repair's publish during the start is not said: the start says it once it has succeeded.
+      if (started) log.info({ current: state.currentId }, 'serving');
     } catch (err) {
       log.error({ code: isKheadersError(err) ? err.code : 'E_INTERNAL' }, `cannot publish the cache's entries, still serving what was published: ${(err as Error).message}`);
     }
@@ -477,8 +480,8 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
       state.changed();
     } catch (err) {
       // Mounted, the start's --link-modules link failed (<release> a file, say): not the mount's
-      // failure. The start fails, its mount taken down: left up, the process
-      // stayed (or, once gone, left a dead ENOTCONN directory), and "no FUSE mount" was untrue.
+      // failure. The start fails, its mount taken down: left up, the process stayed (or, once
+      // gone, left a dead ENOTCONN directory), and "no FUSE mount" was untrue.
       if (mount) {
         await stop().catch(() => {});
         throw err;
@@ -493,6 +496,7 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
 
   if (cancel.signal.aborted) return stoppedDuringStart();
   // Said once the start has succeeded: a start that fails (its mount, with no HTTP) never served.
+  started = true;
   log.info({ current: state.currentId }, 'serving');
   await (await serverModules.notify).notifyReady(log);
   return handle;
