@@ -128,8 +128,9 @@ test('a mount child that hangs after mounting, until its timeout: the mount is t
   const s = await hungMount(t, true, '6.97.21-mounthang');
   try {
     // The child's bound is 15 s (mount.ts).
-    await s.d.waitFor((l) => typeof l.msg === 'string' && l.msg.startsWith('no FUSE mount, serving HTTP only'), 'the mount to be given up', 30_000);
+    const given = await s.d.waitFor((l) => typeof l.msg === 'string' && l.msg.startsWith('no FUSE mount, serving HTTP only'), 'the mount to be given up', 30_000);
     await assertNoMount(s.mnt);
+    assert.match(String(given.msg), /mount did not finish in 15 s/, 'said as it was: the child ran, and hung');
     s.d.child.kill('SIGTERM');
     assert.equal(await exitWithin(s.d, EXIT_BOUND_MS), 0);
   } finally {

@@ -144,7 +144,8 @@ export function mountArgs(flavor: MountFlavor, o: { mountpoint: string; allowOth
   return args;
 }
 
-function runChild(cmd: string, args: string[], extraFd?: number, onSpawn?: () => void, signal?: AbortSignal): Promise<{ code: number | null; output: string }> {
+/** `ended`: how a child that ran ended without an exit status (killed at its bound, or by a signal). */
+function runChild(cmd: string, args: string[], extraFd?: number, onSpawn?: () => void, signal?: AbortSignal): Promise<{ code: number | null; output: string; ended?: string }> {
   return new Promise((resolve) => {
     if (signal?.aborted) return resolve({ code: null, output: 'given up' });
     const stdio: Array<'ignore' | 'pipe' | number> = ['ignore', 'pipe', 'pipe'];
@@ -170,9 +171,11 @@ function runChild(cmd: string, args: string[], extraFd?: number, onSpawn?: () =>
     child.stdout?.on('data', (d: Buffer) => (output += d.toString()));
     child.stderr?.on('data', (d: Buffer) => (output += d.toString()));
     child.on('error', (err) => resolve({ code: null, output: `${output}${err.message}` }));
-    child.on('close', (code) => {
+    child.on('close', (code, by) => {
       signal?.removeEventListener('abort', giveUp);
-      resolve({ code, output: output.trim() });
+      // Only the timeout kills it here (child.killed): said as that, not as a child that could not run.
+      const ended = by === null ? undefined : child.killed ? `did not finish in ${CHILD_TIMEOUT_MS / 1000} s` : `was killed by ${by}`;
+      resolve({ code, output: output.trim(), ...(ended ? { ended } : {}) });
     });
   });
 }
@@ -194,7 +197,7 @@ export async function mountFd(fd: number, o: FdMountOptions, log: Logger): Promi
   }
   if (o.signal?.aborted) throw o.signal.reason;
   if (r.code !== 0) {
-    const why = r.code === null ? `could not run ${bin}` : `${bin} exited with ${r.code}`;
+    const why = r.ended ? `${bin} ${r.ended}` : r.code === null ? `could not run ${bin}` : `${bin} exited with ${r.code}`;
     throw new KheadersError('E_FUSE', `cannot mount ${o.mountpoint}: ${why}${r.output ? `: ${r.output}` : ''}`, { mountpoint: o.mountpoint, args, backend: 'kernel' });
   }
 }
