@@ -154,3 +154,44 @@ for (const http of [true, false]) {
     }
   });
 }
+
+for (const stop of STOPS) {
+  test(`${stop.name} with a \`umount\` on PATH that hangs: exits soon, the mount detached all the same`, async (t) => {
+    const skip = await fuseDeviceSkipReason();
+    if (skip) return t.skip(skip);
+    const dir = await tempDir(t, 'kheadersd-umounthang-');
+    const [cache, mnt, bin, archive, pidFile] = ['cache', 'mnt', 'bin', 'kernel.tar.xz', 'umount.pids'].map((n) => path.join(dir, n)) as [string, string, string, string, string];
+    await mkdir(mnt);
+    await mkdir(bin);
+    await writeFile(archive, await goodArchive(`6.97.${30 + STOPS.indexOf(stop)}-umounthang`));
+    await writeFile(path.join(bin, 'umount'), `#!/bin/sh\necho $$ >> '${pidFile}'\nexec sleep 60\n`);
+    await chmod(path.join(bin, 'umount'), 0o755);
+    const d = startServe(t, ['--archive', archive, '--cache-dir', cache, '--mount', mnt, '--http', 'off', '--btf', 'off', '--fuse-backend', 'kernel', '--log-level', 'info'], {
+      PATH: `${bin}${path.delimiter}${process.env.PATH ?? ''}`,
+    });
+    t.after(() => unmountIfLeft(mnt));
+    // Its sleeps outlive a daemon that does not kill them: killed when the test ends.
+    t.after(async () => {
+      for (const pid of (await readFile(pidFile, 'utf8').catch(() => '')).split('\n').filter(Boolean)) {
+        try {
+          process.kill(Number(pid), 'SIGKILL');
+        } catch {
+          // gone already
+        }
+      }
+    });
+    try {
+      await d.waitFor((l) => l.msg === 'serving', 'the start to end');
+      for (const [i, signal] of stop.signals.entries()) {
+        if (i > 0) await d.waitFor((l) => l.msg === 'stopping', 'the first stop to begin');
+        d.child.kill(signal);
+      }
+      const code = await exitWithin(d, EXIT_BOUND_MS);
+      assert.notEqual(code, 'still running', `must not wait on a hung umount; logs: ${JSON.stringify(d.logs.slice(-3))}`);
+      await assertNoMount(mnt);
+      assert.equal(code, stop.code);
+    } finally {
+      await d.stop();
+    }
+  });
+}

@@ -537,8 +537,9 @@ export function installSignalHandlers(starting: Promise<RunningDaemon>, io: Comm
   const exitNow = (why: string): void => {
     io.log.warn(why);
     const detached = stopRequest.detachNow().catch(() => {});
-    // Referenced: the process must not end on its own, with status 0, before this exit.
-    const bound = new Promise((resolve) => setTimeout(resolve, 2_000));
+    // Referenced: the process must not end on its own, with status 0, before this exit. Above the
+    // unmount's own bounds (mount.ts: three children, 0.9 s each), so a hung `umount` is outlasted.
+    const bound = new Promise((resolve) => setTimeout(resolve, 3_000));
     void Promise.race([detached, bound]).then(() => process.exit(1));
   };
   const onStop = (signal: NodeJS.Signals): void => {

@@ -202,13 +202,26 @@ export async function mountFd(fd: number, o: FdMountOptions, log: Logger): Promi
   }
 }
 
-/** `umount DIR`; on failure (busy) `umount -l DIR`. Says which one worked. */
+/**
+ * How long one unmount child may take (one takes milliseconds): a `umount` that hangs must not
+ * hold a stop past its deadline (6 s), nor a second signal's detach past its bound (3 s, both
+ * serve.ts), after which the process exits and leaves the mount behind, answering ENOTCONN.
+ */
+const UNMOUNT_CHILD_BOUND_MS = 900;
+
+/**
+ * `umount DIR`; on failure (busy), or no answer in time, `umount -l DIR`; then `fusermount -u -z
+ * DIR`, which detaches it where that `umount` cannot. Says which one worked.
+ */
 export async function unmountPath(mountpoint: string, log: Logger, umountBin = 'umount'): Promise<'clean' | 'lazy' | 'failed'> {
-  const r = await runChild(umountBin, [mountpoint]);
+  const bounded = (cmd: string, args: string[]): ReturnType<typeof runChild> => runChild(cmd, args, undefined, undefined, AbortSignal.timeout(UNMOUNT_CHILD_BOUND_MS));
+  const r = await bounded(umountBin, [mountpoint]);
   if (r.code === 0) return 'clean';
   log.debug({ mountpoint, output: r.output }, 'umount failed; detaching lazily');
-  const l = await runChild(umountBin, ['-l', mountpoint]);
+  const l = await bounded(umountBin, ['-l', mountpoint]);
   if (l.code === 0) return 'lazy';
-  log.warn({ mountpoint, output: l.output }, 'umount -l failed');
+  const f = await bounded('fusermount', ['-u', '-z', mountpoint]);
+  if (f.code === 0) return 'lazy';
+  log.warn({ mountpoint, output: l.output, fusermount: f.output }, 'umount -l failed');
   return 'failed';
 }
