@@ -52,6 +52,7 @@ test('a start whose mount fails, with no HTTP (a damaged entry repaired meanwhil
     assert.deepEqual(d.logs.filter((l) => l.msg === 'serving'), [], 'a failed start never said it was serving');
   } finally {
     await d.stop();
+    await unmountIfLeft(mnt);
   }
 });
 
@@ -78,5 +79,6 @@ test('--link-modules start over a damaged entry: "not serving" said once, the li
     assert.equal(await exitWithin(d, EXIT_BOUND_MS), 0);
   } finally {
     await d.stop();
+    await unmountIfLeft(mnt);
   }
 });

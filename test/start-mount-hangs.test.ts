@@ -64,6 +64,9 @@ async function hungMount(t: TestContext, http: boolean, release: string, hang: '
   return { d, mnt, cache };
 }
 
+// Each test's `finally` stops the daemon and unmounts what a failure left: the t.after hooks stop
+// at the first that fails, and the temp dir's removal (added first) fails on a live mount.
+
 async function assertNoMount(mnt: string): Promise<void> {
   const mountinfo = await readFile('/proc/self/mountinfo', 'utf8');
   assert.ok(!mountinfo.includes(` ${mnt} `), `${mnt} is still mounted after the daemon exited`);
@@ -96,6 +99,7 @@ for (const http of [true, false]) {
         assert.equal(s.d.logs.some((l) => l.msg === 'serving'), false, 'a start stopped before it was done never said it was serving');
       } finally {
         await s.d.stop();
+        await unmountIfLeft(s.mnt);
       }
     });
   }
@@ -119,6 +123,7 @@ test('the start fails (the cache unreadable after HTTP is up) while the mount ch
     await assertNoMount(s.mnt);
   } finally {
     await s.d.stop();
+    await unmountIfLeft(s.mnt);
   }
 });
 
@@ -135,6 +140,7 @@ test('a mount child that hangs after mounting, until its timeout: the mount is t
     assert.equal(await exitWithin(s.d, EXIT_BOUND_MS), 0);
   } finally {
     await s.d.stop();
+    await unmountIfLeft(s.mnt);
   }
 });
 
@@ -151,6 +157,7 @@ for (const http of [true, false]) {
       await assertNoMount(s.mnt);
     } finally {
       await s.d.stop();
+      await unmountIfLeft(s.mnt);
     }
   });
 }
@@ -192,6 +199,7 @@ for (const stop of STOPS) {
       assert.equal(code, stop.code);
     } finally {
       await d.stop();
+      await unmountIfLeft(mnt);
     }
   });
 }
