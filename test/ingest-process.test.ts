@@ -5,7 +5,7 @@
  * leaves nothing served; a killed daemon takes the child's whole process group with it.
  */
 import { execFileSync, spawn } from 'node:child_process';
-import { access, readFile, readdir, rm, truncate, writeFile } from 'node:fs/promises';
+import { access, open, readFile, readdir, rm, symlink, truncate, writeFile } from 'node:fs/promises';
 import { readFileSync } from 'node:fs';
 import { createHash } from 'node:crypto';
 import os from 'node:os';
@@ -13,7 +13,7 @@ import path from 'node:path';
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { CLI, FIXTURE_ARCHIVE, cleanEnv, fixtureMissing, goodArchive, tempDir } from './helpers/archives.js';
-import { startServe, type Daemon } from './helpers/serve-child.js';
+import { startDaemonProcess, startServe, type Daemon } from './helpers/serve-child.js';
 import { mountTmpfs } from './helpers/tmpfs.js';
 import { CacheStore } from '../src/store/cache.js';
 import { SOURCE_MEMO_FILE } from '../src/store/source-memo.js';
@@ -22,6 +22,7 @@ import { resolveConfig } from '../src/config.js';
 import { createLogger } from '../src/log.js';
 import { ingest, locateForIngest } from '../src/store/ingest.js';
 import { ingestInChildProcess } from '../src/commands/ingest-process.js';
+import { readableElsewhere } from '../src/source/locate.js';
 import { PassThrough } from 'node:stream';
 
 const LIVE_BTF = '/sys/kernel/btf/vmlinux';
@@ -168,17 +169,16 @@ test('serve on a full disk: the child\'s ENOSPC is the daemon\'s E_NO_SPACE, wit
 });
 
 /**
- * `serve` on an empty cache, its archive a FIFO written once: the daemon reads it, and its child,
- * reading it again, waits there for a writer that never comes. A child caught at a known point,
- * alive and holding nothing open in the cache: the pid of that child. (Caught while xz ran, the
- * run raced the decode, which a loaded machine sometimes finished first.)
+ * `serve` on an empty cache, its --btf a FIFO nobody writes: the daemon, building elsewhere, never
+ * opens the BTF (only a build reads it), and its child, building, waits in that open for a writer
+ * that never comes. A child caught at a known point, alive and uncommitted: the pid of that child.
+ * (Caught while xz ran, the run raced the decode, which a loaded machine sometimes finished first.
+ * The archive itself a FIFO no longer holds the child: the daemon builds such an archive itself.)
  */
 async function serveWithWaitingChild(t: TestContext, dir: string, cache: string): Promise<{ d: Daemon; childPid: number }> {
-  const fifo = path.join(dir, 'kernel.tar.xz');
+  const fifo = path.join(dir, 'vmlinux.btf');
   execFileSync('mkfifo', [fifo]);
-  const fed = writeFile(fifo, await readFile(FIXTURE_ARCHIVE)); // one reader: the daemon
-  const d = startServe(t, ['--archive', fifo, '--cache-dir', cache, '--btf', 'off', '--decoder', 'xz', '--mount', 'off', '--http', '127.0.0.1:0', '--log-level', 'info']);
-  await fed;
+  const d = startServe(t, ['--archive', FIXTURE_ARCHIVE, '--cache-dir', cache, '--btf', fifo, '--decoder', 'xz', '--mount', 'off', '--http', '127.0.0.1:0', '--log-level', 'info']);
   const spawned = await d.waitFor((l) => l.msg === 'building the entry in a child process', 'the child to start');
   return { d, childPid: Number(spawned.ingestPid) };
 }
@@ -294,7 +294,7 @@ test('serve killed (-9) while its child works: the child\'s whole process group 
     await new Promise((r) => setTimeout(r, 50));
     left = await groupMembers(childPid);
   }
-  // Without its disconnect handler the child would wait on the FIFO for ever.
+  // Without its disconnect handler the child would wait on the BTF's FIFO for ever.
   assert.deepEqual(left, [], `processes of the ingest still running after the daemon died (they were ${group.join(', ')})`);
   assert.deepEqual(await readdir(path.join(cache, 'entries')), []);
 
@@ -355,6 +355,84 @@ test('no ingest process can be started and the archive was a FIFO written once: 
   assert.equal(outcome.result.entry.manifest.digest, createHash('sha256').update(bytes).digest('hex'), 'the entry is the bytes the FIFO gave');
   const store = await CacheStore.open(cacheDir);
   assert.equal((await store.list()).length, 1, 'one entry, built in this process');
+});
+
+/** `d` once it says 'serving' (failing if it exits or takes 60 s): its HTTP URL. */
+async function servingUrl(d: Daemon): Promise<string> {
+  // Polled, not waitFor(): its timer would keep the test alive after a start that fails.
+  const deadline = Date.now() + 60_000;
+  while (d.child.exitCode === null && !d.logs.some((l) => l.msg === 'serving')) {
+    if (Date.now() > deadline) assert.fail(`serve did not start serving in 60 s:\n${msgs(d).join('\n')}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  assert.equal(d.child.exitCode, null, `serve exited:\n${msgs(d).join('\n')}`);
+  return String(d.logs.find((l) => l.msg === 'HTTP listening')?.url);
+}
+
+/** What a serve started on an empty cache with an archive no other process can read again serves: built in the daemon, from what it read. */
+async function servesWhatItRead(d: Daemon, salt: string): Promise<void> {
+  try {
+    const url = await servingUrl(d);
+    assert.equal((await fetch(`${url}/readyz`)).status, 200);
+    const res = await fetch(`${url}/v1/kernels/current/files/include/linux/types.h`);
+    assert.equal(res.status, 200);
+    assert.equal(await res.text(), `/* SPDX-License-Identifier: GPL-2.0 */\ntypedef unsigned int u32;${salt}\n`);
+    assert.ok(!d.logs.some((l) => l.ingestPid !== undefined), `an ingest process was asked to read it again:\n${msgs(d).join('\n')}`);
+  } finally {
+    await d.stop();
+  }
+}
+
+const SERVE_ARGS = ['--btf', 'off', '--mount', 'off', '--http', '127.0.0.1:0', '--log-level', 'info'];
+
+test('serve --archive /dev/stdin, a pipe, on an empty cache: built from what the daemon read, and served', async (t) => {
+  const dir = await tempDir(t, 'kheadersd-stdin-pipe-');
+  const archive = path.join(dir, 'kernel.tar.xz');
+  await writeFile(archive, await goodArchive('6.90.8-pipe', '/* piped */'));
+  // A pipe (node's own stdio 'pipe' is a socket, which /dev/stdin cannot open), and exec: the daemon keeps the pid stopped at the end.
+  const argv = ['-c', 'exec "$0" "$@" < <(cat "$KH_TEST_ARCHIVE")', process.execPath, CLI, 'serve', '--archive', '/dev/stdin', '--cache-dir', path.join(dir, 'cache'), ...SERVE_ARGS];
+  const d = startDaemonProcess(t, '/bin/bash', argv, { KH_TEST_ARCHIVE: archive });
+  await servesWhatItRead(d, '/* piped */');
+});
+
+test('serve --archive /dev/stdin < FILE on an empty cache: built from what the daemon read (a child\'s /dev/stdin is its own), and served', async (t) => {
+  const dir = await tempDir(t, 'kheadersd-stdin-file-');
+  const archive = path.join(dir, 'kernel.tar.xz');
+  await writeFile(archive, await goodArchive('6.90.9-redirect', '/* redirected */'));
+  const argv = ['-c', 'exec "$0" "$@" < "$KH_TEST_ARCHIVE"', process.execPath, CLI, 'serve', '--archive', '/dev/stdin', '--cache-dir', path.join(dir, 'cache'), ...SERVE_ARGS];
+  const d = startDaemonProcess(t, '/bin/sh', argv, { KH_TEST_ARCHIVE: archive });
+  await servesWhatItRead(d, '/* redirected */');
+});
+
+test('serve --archive FIFO written once, on an empty cache: built from what the daemon read (no second open that waits for a writer for good), and served', async (t) => {
+  const dir = await tempDir(t, 'kheadersd-fifo-once-');
+  const fifo = path.join(dir, 'kernel.tar.xz');
+  execFileSync('mkfifo', [fifo]);
+  const fed = writeFile(fifo, await goodArchive('6.90.10-fifo', '/* fifo */')); // one reader: the daemon
+  const d = startServe(t, ['--archive', fifo, '--cache-dir', path.join(dir, 'cache'), ...SERVE_ARGS]);
+  await fed;
+  await servesWhatItRead(d, '/* fifo */');
+});
+
+test('which archives another process can read again: a regular file by any shared name, not a FIFO nor a name for this process\'s own descriptors', async (t) => {
+  const dir = await tempDir(t, 'kheadersd-elsewhere-');
+  const file = path.join(dir, 'k.tar.xz');
+  await writeFile(file, 'x');
+  await symlink(file, path.join(dir, 'link.tar.xz'));
+  execFileSync('mkfifo', [path.join(dir, 'fifo')]);
+  assert.equal(await readableElsewhere(file), true);
+  assert.equal(await readableElsewhere(path.join(dir, 'link.tar.xz')), true, 'through a link');
+  assert.equal(await readableElsewhere(path.join(dir, 'fifo')), false, 'a FIFO');
+  assert.equal(await readableElsewhere(path.join(dir, 'missing')), false);
+  const fh = await open(file, 'r');
+  try {
+    // A regular file all the same, but by a name another process reads as its own descriptor.
+    for (const name of [`/dev/fd/${fh.fd}`, `/proc/self/fd/${fh.fd}`, `/proc/${process.pid}/fd/${fh.fd}`]) {
+      assert.equal(await readableElsewhere(name), false, name);
+    }
+  } finally {
+    await fh.close();
+  }
 });
 
 /** This process's anonymous memory now (KiB): what V8 and the C allocator hold dirty. */

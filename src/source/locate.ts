@@ -15,7 +15,7 @@
  *      file found but not readable here (the kernel checks its vermagic), unloaded afterwards.
  * A module whose vermagic names another release is never used or loaded.
  */
-import { access, open, stat, statfs, type FileHandle } from 'node:fs/promises';
+import { access, open, readlink, realpath, stat, statfs, type FileHandle } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { KheadersError, errnoOf } from '../errors.js';
@@ -388,6 +388,30 @@ export async function readBounded(file: string, maxBytes: number, releasable = f
   } finally {
     await fh.close();
   }
+}
+
+/**
+ * Whether another process that opens `file` reads the bytes this one read there: a regular file
+ * named by a path that means the same to every process. Not a FIFO, a pipe, a socket or a
+ * terminal (what one reader took, no later reader gets; a second open of a FIFO written once
+ * waits for a writer for good), nor a name for one of this process's own descriptors or
+ * directories (/dev/stdin, /dev/fd/N, /proc/self/...: in another process, that process's own;
+ * `--archive /dev/stdin < file` is a regular file here and /dev/null in a child).
+ */
+export async function readableElsewhere(file: string): Promise<boolean> {
+  if (!(await stat(file).catch(() => undefined))?.isFile()) return false;
+  let p = path.resolve(file);
+  // Each link followed by hand, the directory it lands in resolved: /proc/self and /proc/thread-self
+  // resolve to /proc/<pid>. 40: the kernel's own limit on links in one lookup.
+  for (let links = 0; links < 40; links++) {
+    const dir = await realpath(path.dirname(p)).catch(() => undefined);
+    if (dir === undefined) return false;
+    if (/^\/proc\/\d+(\/|$)/.test(dir)) return false;
+    const target = await readlink(path.join(dir, path.basename(p))).catch(() => undefined);
+    if (target === undefined) return true; // not a link: the file itself
+    p = path.resolve(dir, target);
+  }
+  return false;
 }
 
 /** ArrayBuffer's constructor as ES2024 has it (this project's TypeScript library is ES2022's). */

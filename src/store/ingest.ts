@@ -23,7 +23,7 @@ import path from 'node:path';
 import { KheadersError, diskFullErrno, errnoOf, isKheadersError } from '../errors.js';
 import { recallArchive, rememberArchive, rememberedArchive, type RememberedArchive } from './source-memo.js';
 import { warmLogger, type Logger } from '../log.js';
-import { identifyArchive, locateArchive, releaseBytes, type ArchiveOrigin, type ArchiveSource, type ModuleFileInfo } from '../source/locate.js';
+import { identifyArchive, locateArchive, readableElsewhere, releaseBytes, type ArchiveOrigin, type ArchiveSource, type ModuleFileInfo } from '../source/locate.js';
 import { xzUncompressedSize } from '../source/xz.js';
 import { CacheStore, entryId, fsyncDir, validRelease } from './cache.js';
 import type { Decoder, DecoderChoice, DecoderName, FileDecoder } from './decompress.js';
@@ -178,6 +178,11 @@ export interface LocatedArchive {
    * digest): a build in this process after all reads it again.
    */
   released?: boolean;
+  /**
+   * Read, and no other process could read it again (readableElsewhere: a FIFO, a pipe,
+   * /dev/stdin): built here from its bytes, even by a caller that builds elsewhere.
+   */
+  onlyHere?: boolean;
 }
 
 /**
@@ -207,12 +212,17 @@ export async function locateForIngest(opts: IngestOptions): Promise<LocatedArchi
       return { source, digest, total: total ?? undefined };
     }
   }
-  if (identity) opts.willRead?.();
+  // A given archive another process cannot read again (a FIFO, a pipe, /dev/stdin) is built here,
+  // from the bytes read now: an ingest process reading it again would wait for good on a FIFO
+  // written once, or read its own stdin (/dev/null). This daemon then holds the decode buffers
+  // after the build, as it did before there was a child: the price of a rare way to start.
+  const onlyHere = opts.buildElsewhere !== undefined && opts.archive !== undefined && !(await readableElsewhere(opts.archive));
+  if (identity && !onlyHere) opts.willRead?.();
   // Built in another process (serve's ingest process), the archive is read here only for its
   // digest and size: its memory is given back once they are taken, not at V8's next full
   // collection, which an idle daemon may not run for many seconds (it idled 4 MiB heavier
   // after a first boot's ingest than after a cached start, the archive it had only hashed).
-  const hashOnly = opts.buildElsewhere !== undefined;
+  const hashOnly = opts.buildElsewhere !== undefined && !onlyHere;
   let source: LocatedSource = await locateArchive({ ...where, releasable: hashOnly });
   if (opts.sourceLabel !== undefined) source = { ...source, source: opts.sourceLabel };
   const bytes = source.bytes!;
@@ -228,7 +238,7 @@ export async function locateForIngest(opts: IngestOptions): Promise<LocatedArchi
   if (identity?.settled && identity.sources.includes(source.source) && (await identifyArchive(where).catch(() => undefined))?.key === identity.key) {
     remember = { key: identity.key, what: rememberedArchive({ ...source, digest, total: total ?? null }) };
   }
-  return { source, digest, total, ...(remember ? { remember } : {}), ...(released ? { released: true } : {}) };
+  return { source, digest, total, ...(remember ? { remember } : {}), ...(released ? { released: true } : {}), ...(onlyHere ? { onlyHere: true } : {}) };
 }
 
 export async function ingest(opts: IngestOptions): Promise<IngestResult> {
@@ -296,7 +306,8 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
     return { entry, reused: existing !== undefined, evicted, decoder, durationMs: Math.round(performance.now() - started) };
   }, opts.signal));
   const recalled = !wasRead(source) && located.released !== true;
-  const result = (await lookOrBuild(opts.buildElsewhere || !wasRead(source) ? 'ask' : undefined)) ?? (recalled ? undefined : await builtElsewhere(opts, lookOrBuild));
+  const elsewhere = opts.buildElsewhere !== undefined && located.onlyHere !== true;
+  const result = (await lookOrBuild(elsewhere || !wasRead(source) ? 'ask' : undefined)) ?? (recalled ? undefined : await builtElsewhere(opts, lookOrBuild));
   // A recalled digest whose entry is gone (evicted, damaged): read the archive after all, and build.
   if (!result) return ingest({ ...opts, located: locateForIngest({ ...opts, recall: false }) });
   // Only once the ingest has succeeded: one that fails leaves the cache as it was.
