@@ -7,6 +7,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readdir, readFile, symlink, writeFile } from 'node:fs/promises';
+import { once } from 'node:events';
+import net from 'node:net';
 import path from 'node:path';
 import type { ErrorCode } from '../src/errors.js';
 import { KheadersError } from '../src/errors.js';
@@ -282,6 +284,17 @@ test('not an archive at all: a text file, an empty file, a tar without xz, a dir
       return true;
     });
   }
+  // A socket (what /dev/stdin is under a supervisor's socketpair) cannot be opened: said so, not an internal error.
+  const socketPath = path.join(c.dir, 'archive.sock');
+  const server = net.createServer().listen(socketPath);
+  await once(server, 'listening');
+  t.after(() => server.close());
+  await assert.rejects(ingest({ cacheDir: c.cacheDir, archive: socketPath, btf: 'off', log: silent }), (err: unknown) => {
+    assert.ok(err instanceof KheadersError);
+    assert.equal(err.code, 'E_ARCHIVE_NOT_FOUND');
+    assert.match(err.message, /archive\.sock: it is a socket/);
+    return true;
+  });
   // A symlink to the archive is followed like any path the user names.
   const link = path.join(c.dir, 'link.tar.xz');
   await writeFile(path.join(c.dir, 'real.tar.xz'), xz(await makeTar(goodTree('6.99.7-linked'))));

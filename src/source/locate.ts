@@ -326,6 +326,11 @@ async function readArchiveFile(file: string, maxBytes: number, origin: string, r
     if (code === 'ENOENT' || code === 'EACCES' || code === 'EISDIR') {
       throw new KheadersError('E_ARCHIVE_NOT_FOUND', `cannot read ${origin} ${file}: ${code}`, { file, origin });
     }
+    // A socket has a name but no open(2): `--archive /dev/stdin` when stdin is one (a supervisor's
+    // socketpair, node's stdio 'pipe') ends here too, and said "internal error".
+    if (code === 'ENXIO') {
+      throw new KheadersError('E_ARCHIVE_NOT_FOUND', `cannot read ${origin} ${file}: it is a socket, which cannot be opened as a file (ENXIO); give a file, a pipe or a FIFO`, { file, origin });
+    }
     throw err;
   }
   if (isXz(bytes)) return { bytes, source: `file:${file}`, obtained: 'file', live: false, buildId: null };
