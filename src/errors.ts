@@ -57,6 +57,12 @@ export const ERRORS = {
     http: 500,
     public: false,
   },
+  E_ARCHIVE_CHANGED: {
+    what: 'the archive changed between two reads of one ingest (the daemon\'s and its ingest process\'s): nothing was cached; the next ingest reads it as it is then',
+    exit: EXIT.environment,
+    http: 500,
+    public: false,
+  },
   E_KILLED: {
     what: 'a process doing the work (the xz decoder, the ingest process) was killed by a signal: the out-of-memory killer or someone\'s kill, not a bug and not the archive',
     exit: EXIT.environment,

@@ -6,11 +6,11 @@
  * name the same file in tsc's output and in the bundle, where every entry point is a file of one
  * flat directory (scripts/bundle.mjs).
  */
-import { once } from 'node:events';
 import { EXIT, KheadersError } from '../errors.js';
 import { createDeferredLogger } from '../log.js';
 import { optimizeForSize } from '../v8-flags.js';
 import type { IngestOutcome, IngestRequest } from './ingest-process.js';
+import { RemoteDecoder, isDecoderEvent, type DecoderAbort } from './remote-decoder.js';
 
 if (!process.send) {
   process.stderr.write('this is the ingest process of `kheadersd serve`, started by it only; run `kheadersd ingest`\n');
@@ -30,11 +30,21 @@ const dieWithParent = (): void => {
 };
 process.on('disconnect', dieWithParent);
 
+// The daemon's decoder of a staged build: listened for from the start, as its events may come
+// right behind the request, before main() has taken the request in (remote-decoder.ts).
+const decoder = new RemoteDecoder(() => process.send?.({ abortDecoder: true } satisfies DecoderAbort, () => {}));
+const request = new Promise<IngestRequest>((resolve) => {
+  process.on('message', (msg: IngestRequest | unknown) => {
+    if (isDecoderEvent(msg)) decoder.deliver(msg);
+    else resolve(msg as IngestRequest); // the first message; there is no other kind
+  });
+});
+
 /** One ingest, as the daemon asks (a function, not top-level code: the bundle is CommonJS). */
 async function main(): Promise<void> {
-  const [request] = (await once(process, 'message')) as [IngestRequest];
+  const { cfg, logLevel, staged } = await request;
   // pino loads once xz decodes (ingest warms it then), not before the archive is even looked at.
-  const log = createDeferredLogger(request.logLevel, process.stdout);
+  const log = createDeferredLogger(logLevel, process.stdout);
   const [{ ingest }, { configuredIngest }] = await Promise.all([import('../store/ingest.js'), import('./store-commands.js')]);
   optimizeForSize();
   let outcome: IngestOutcome;
@@ -46,7 +56,9 @@ async function main(): Promise<void> {
     // digest here would find that same absence and be read anyway. So the archive is read and
     // hashed here at once, and that is what is built and committed. (Sending the daemon's bytes
     // over the IPC channel instead took 70–200 ms for 3.8 MiB, against ~25 ms to read and hash.)
-    await ingest({ ...configuredIngest(request.cfg, io, { setCurrent: true }), locatedBefore: true, recall: false });
+    // A staged build: the daemon holds the cache lock for this process and started xz into
+    // `staged.tmp`; this process builds from it (ingest.ts, StagedBuild).
+    await ingest({ ...configuredIngest(cfg, io, { setCurrent: true }), locatedBefore: true, recall: false, ...(staged ? { staged: { ...staged, decoder } } : {}) });
     outcome = { ok: true };
   } catch (err) {
     if (err instanceof KheadersError) outcome = { ok: false, code: err.code, message: err.message, details: err.details };

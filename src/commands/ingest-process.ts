@@ -20,12 +20,19 @@ import { fileURLToPath } from 'node:url';
 import type { Config } from '../config.js';
 import { KheadersError, endedBySignal, isErrorCode } from '../errors.js';
 import { warmLogger, type Logger, type LogLevel } from '../log.js';
+import type { StagedBuild } from '../store/ingest.js';
+import { forwardDecoder, isDecoderAbort, type DecoderEvent } from './remote-decoder.js';
 import type { CommandIO } from './store-commands.js';
 
 /** What the daemon sends: the ingest to run. */
 export interface IngestRequest {
   cfg: Config;
   logLevel: LogLevel;
+  /**
+   * Build from the staging the daemon made, under the cache lock the daemon holds for this
+   * process (see StagedBuild): the decoder's events follow on the channel (remote-decoder.ts).
+   */
+  staged?: { tmp: string; digest: string };
 }
 
 /** What the child answers before it exits. */
@@ -42,6 +49,14 @@ export interface IngestProcess {
    * (the ingest then builds in this process).
    */
   run(): Promise<void>;
+  /**
+   * Run the ingest from `staged`, the daemon's staging with the daemon's xz decoding into it,
+   * under the lock the daemon holds: true once its entry is committed, false at once when no
+   * child could be started (nothing was asked: the caller still owns the staging and its
+   * decoder). Its failure rejects as run()'s does. Either way the decoder is the caller's to
+   * kill and wait for: the child may have died with it still running.
+   */
+  runStaged(staged: StagedBuild): Promise<boolean>;
   /** Not needed after all (the entry was cached): it is killed before it was asked anything, so it has written nothing. */
   discard(): void;
 }
@@ -81,8 +96,12 @@ export function startIngestProcess(cfg: Config, io: CommandIO, node = process.ex
   let stderr = '';
   createInterface({ input: child.stdout! }).on('line', (line) => relay(io.log, line, child.pid));
   child.stderr!.setEncoding('utf8').on('data', (s: string) => (stderr = (stderr + s).slice(-4096)));
+  let started = true;
+  /** The staged build's decoder, which the child may ask to kill. */
+  let decoder: StagedBuild['decoder'] | undefined;
   const settled = new Promise<void>((resolve, reject) => {
-    child.on('message', (msg: IngestOutcome) => {
+    child.on('message', (msg: IngestOutcome | { abortDecoder: true }) => {
+      if (isDecoderAbort(msg)) return decoder?.abort();
       outcome = msg;
       // Committed, and the lock released: the daemon goes on while the child exits.
       if (msg.ok) resolve();
@@ -94,6 +113,7 @@ export function startIngestProcess(cfg: Config, io: CommandIO, node = process.ex
       // so the ingest builds in this process as it did before there was a child (resolving
       // without an entry is the hook's "build it here"); only the idle memory pays.
       if (!discarded) io.log.warn({ err: err.message }, `cannot start the ingest process (${node} ${MAIN}): building the entry in the daemon instead`);
+      started = false;
       resolve();
     });
     child.on('close', (code, signal) => {
@@ -105,16 +125,33 @@ export function startIngestProcess(cfg: Config, io: CommandIO, node = process.ex
     });
   });
   settled.catch(() => {}); // observed by run(); a child discarded or dead before run() is not "unhandled"
+  const ask = (staged?: StagedBuild): Promise<void> => {
+    if (asked || discarded) throw new Error('an ingest process runs one ingest');
+    asked = true;
+    if (child.pid !== undefined) io.log.info({ ingestPid: child.pid, ...(staged ? { decoding: 'daemon' } : {}) }, 'building the entry in a child process');
+    const request: IngestRequest = { cfg, logLevel: io.log.level as LogLevel, ...(staged ? { staged: { tmp: staged.tmp, digest: staged.digest } } : {}) };
+    if (child.connected) child.send(request, () => {}); // a failed send means the child died: 'close' reports it
+    if (staged) {
+      decoder = staged.decoder;
+      // After the request, in order on the channel; a child gone meanwhile misses them harmlessly.
+      forwardDecoder(staged.decoder, (event: DecoderEvent) => {
+        if (child.connected) child.send(event, () => {});
+      });
+    }
+    // The daemon now waits on the child: the moment for pino to load (and serve's held start lines to be written).
+    setImmediate(() => warmLogger(io.log));
+    return settled;
+  };
   return {
-    run(): Promise<void> {
-      if (asked || discarded) throw new Error('an ingest process runs one ingest');
-      asked = true;
-      if (child.pid !== undefined) io.log.info({ ingestPid: child.pid }, 'building the entry in a child process');
-      const request: IngestRequest = { cfg, logLevel: io.log.level as LogLevel };
-      if (child.connected) child.send(request, () => {}); // a failed send means the child died: 'close' reports it
-      // The daemon now waits on the child: the moment for pino to load (and serve's held start lines to be written).
-      setImmediate(() => warmLogger(io.log));
-      return settled;
+    run: () => ask(),
+    async runStaged(staged: StagedBuild): Promise<boolean> {
+      // A child that could not be started has said so already ('error' comes at once): ask nothing of it.
+      if (child.pid === undefined) {
+        await settled;
+        return false;
+      }
+      await ask(staged);
+      return started;
     },
     discard(): void {
       if (asked || discarded) return;

@@ -41,6 +41,7 @@ import { healWithConfig, ingestWithConfig, type CommandIO } from './store-comman
 import type { FuseMount } from '../serve/fuse/types.js';
 import type { IndexFsModel } from '../serve/fuse/index-model.js';
 import type { IngestProcess } from './ingest-process.js';
+import type { StagedBuild } from '../store/ingest.js';
 
 export interface RunningDaemon {
   state: DaemonState;
@@ -285,12 +286,15 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
       // A failed import or list is the build's failure, below, if there is a build.
       const willRead = (): void => void mayBeCached().then((cached) => (cached || ended ? undefined : startChild()), () => undefined).catch(() => {});
       const buildElsewhere = async (): Promise<void> => (await startChild()).run();
+      // With xz, the daemon starts the decode itself as soon as it knows it must build, and the
+      // child builds from it: xz no longer waits for the child's node to start (ingest.ts, StagedBuild).
+      const buildStaged = async (staged: StagedBuild): Promise<boolean> => (await startChild()).runStaged(staged);
       // The stop reaches a build made here too (no child could be started): it stops at its next step.
       // Only the served entries are checked here (and rebuilt if damaged); every other is checked
       // by the publish() that follows (once serving, through the thread pool; a damaged one is
       // sent to repair), so a SIGHUP does not read every index synchronously on the serving thread.
       const checkEntries = false;
-      const result = await ingestWithConfig(cfg, io, { setCurrent: true, store, buildElsewhere, willRead, signal: cancel.signal, checkEntries }).finally(() => {
+      const result = await ingestWithConfig(cfg, io, { setCurrent: true, store, buildElsewhere, buildStaged, willRead, signal: cancel.signal, checkEntries }).finally(() => {
         ended = true;
         void child?.then((c) => c.discard(), () => {}); // nothing after run()
       });

@@ -48,7 +48,7 @@ export async function healWithConfig(cfg: Config, io: CommandIO, known: readonly
 }
 
 /** What a caller adds to the configured ingest (see IngestOptions). */
-export type IngestExtra = Pick<IngestOptions, 'setCurrent' | 'store' | 'buildElsewhere' | 'willRead' | 'signal'>;
+export type IngestExtra = Pick<IngestOptions, 'setCurrent' | 'store' | 'buildElsewhere' | 'buildStaged' | 'willRead' | 'signal'>;
 
 /**
  * The options of an ingest of the configured archive (or the running kernel's), with eviction
@@ -72,6 +72,7 @@ export function configuredIngest(cfg: Config, io: CommandIO, extra: IngestExtra 
     ...(cfg.maxCacheBytes !== undefined ? { maxCacheBytes: cfg.maxCacheBytes } : {}),
     ...(extra.setCurrent !== undefined ? { setCurrent: extra.setCurrent } : {}),
     ...(extra.buildElsewhere ? { buildElsewhere: extra.buildElsewhere } : {}),
+    ...(extra.buildStaged ? { buildStaged: extra.buildStaged } : {}),
     ...(extra.willRead ? { willRead: extra.willRead } : {}),
     ...(extra.signal ? { signal: extra.signal } : {}),
     ...(io.stderr.isTTY === true

@@ -130,8 +130,8 @@ export async function planDecoder(choice: DecoderChoice): Promise<DecoderPlan> {
  * straight into `target.file`; with lzma-native, as a stream the caller reads and writes to the
  * file itself.
  */
-export async function startDecoder(input: Buffer, plan: DecoderPlan, target: DecodeTarget): Promise<{ intoFile: FileDecoder } | { stream: Decoder }> {
-  if ('xz' in plan) return { intoFile: startXzIntoFile(input, plan.xz, target, { shell: plan.shell }) };
+export async function startDecoder(input: Buffer, plan: DecoderPlan, target: DecodeTarget, onInputTaken?: () => void): Promise<{ intoFile: FileDecoder } | { stream: Decoder }> {
+  if ('xz' in plan) return { intoFile: startXzIntoFile(input, plan.xz, target, { shell: plan.shell, ...(onInputTaken ? { onInputTaken } : {}) }) };
   return { stream: await startLzmaNative(input) };
 }
 
@@ -151,6 +151,11 @@ function memoryLimit(detail: string): KheadersError {
 export interface XzChildOptions {
   /** A POSIX shell. Default: /bin/sh (findShell() picks the one that exists). */
   shell?: string;
+  /**
+   * Called once xz has taken the whole input (its stdin finished), or can take no more of it
+   * (closed early): the caller may give the input's memory back then, not at the decode's end.
+   */
+  onInputTaken?: () => void;
 }
 
 /** How long after xz's exit its stderr may stay open (held by a process it left behind) before it is closed. */
@@ -196,6 +201,16 @@ export function startXzIntoFile(input: Buffer, xz: { file: string; args: string[
   });
   // xz exits early on bad input (or is killed); the EPIPE that follows on a pipe is expected.
   child.stdin.on('error', () => {});
+  if (opts.onInputTaken) {
+    let taken = false;
+    const given = (): void => {
+      if (taken) return;
+      taken = true;
+      opts.onInputTaken!();
+    };
+    // 'close' covers an xz that exited (or was killed) before it took everything: no write is pending then either.
+    child.stdin.once('finish', given).once('close', given);
+  }
   child.stdin.end(input);
   let exited = false;
   const exit = new Promise<void>((resolve) => {

@@ -26,7 +26,7 @@ import { warmLogger, type Logger } from '../log.js';
 import { identifyArchive, locateArchive, readableElsewhere, releaseBytes, type ArchiveOrigin, type ArchiveSource, type ModuleFileInfo } from '../source/locate.js';
 import { xzUncompressedSize } from '../source/xz.js';
 import { CacheStore, entryId, fsyncDir, validRelease } from './cache.js';
-import type { Decoder, DecoderChoice, DecoderName, FileDecoder } from './decompress.js';
+import type { Decoder, DecoderChoice, DecoderName, DecoderPlan, FileDecoder } from './decompress.js';
 import type { PackWriter } from './pack-writer.js';
 import { ARCHIVE_FILE, CONFIG_FILE, CONFIG_PATH, ENTRY_FORMAT, INDEX_FILE, MANIFEST_FILE, PACK_FILE, type CacheEntry, type Manifest } from './entry.js';
 import { damageOf, isDamage } from './entry-load.js';
@@ -115,6 +115,18 @@ export interface IngestOptions {
    */
   buildElsewhere?: () => Promise<void>;
   /**
+   * With buildElsewhere: the build elsewhere can follow a decode this process starts (serve's
+   * ingest process, told over its channel). When the entry is missing and the decoder is the xz
+   * binary, xz is started here, under the lock, into a staging in tmp/, from the bytes just
+   * hashed, and this is called, still under the lock, to build from it; it resolves true once
+   * the entry is committed, false when nothing could build it (no process could be started:
+   * the decode is stopped and the entry built as buildElsewhere's fallback builds it). The
+   * process it starts must not lock the cache: see StagedBuild.
+   */
+  buildStaged?: (staged: StagedBuild) => Promise<boolean>;
+  /** Build from a staging another process made and decodes into, under the lock it holds for this one (StagedBuild). */
+  staged?: StagedBuild;
+  /**
    * Called when the archive is about to be read because this cache holds no digest for its
    * source (one it has not read before: almost always a new kernel's, to build), so that a
    * caller that builds elsewhere can get that ready meanwhile. Not called for a source that
@@ -186,6 +198,29 @@ export interface LocatedArchive {
 }
 
 /**
+ * A build handed from the process that holds the cache lock (serve's daemon) to the process that
+ * builds (its ingest process), its decode already started.
+ *
+ * Why the daemon holds the lock for the builder, rather than the builder taking it: the staging
+ * is made under the lock, and tmp/ is swept wholesale by whoever takes the lock next (leftovers
+ * of a crash). Were the lock released between the lookup and the build, another kheadersd (or
+ * this daemon's next SIGHUP) could sweep the staging from under xz; a sweep that spared live
+ * builders' stagings would have to trust pids in names, and their reuse. Held by the daemon from
+ * the lookup to its own look at the built entry, the lock covers the whole build in one owner,
+ * and stays what it was: the builder neither locks nor sweeps (it runs only while the daemon
+ * waits on it, and dies with it), and a daemon killed mid-build leaves a lock naming a dead pid,
+ * broken as stale by the next start, whose sweep removes the staging.
+ */
+export interface StagedBuild {
+  /** The staging directory (tmp/ingest-<daemon's pid>-…) holding the pack xz writes. */
+  tmp: string;
+  /** The sha256 of the archive bytes xz decodes: the builder's own read must have the same. */
+  digest: string;
+  /** The decoder writing `tmp`'s pack; its end is the pack's. */
+  decoder: FileDecoder;
+}
+
+/**
  * Find the archive ingest() would use (the same options) and hash it; or, when its source is the
  * same as when the cache last read it (identifyArchive), recall the digest instead of reading.
  */
@@ -231,7 +266,9 @@ export async function locateForIngest(opts: IngestOptions): Promise<LocatedArchi
   // Nothing else holds these bytes, and no read of them is under way: the hash and the size are
   // synchronous. Bytes that could not be given back (a FIFO's, a pipe's: no second read gives
   // them again, and one of a FIFO waits for a writer for good) are kept, for a build here after all.
-  const released = hashOnly && releaseBytes(bytes);
+  // Kept, when this process may start the decode itself (buildStaged): xz is fed these very bytes,
+  // and they are given back as soon as it has taken them, or at the lookup if nothing is built.
+  const released = hashOnly && opts.buildStaged === undefined && releaseBytes(bytes);
   if (released) delete source.bytes;
   // Recorded only if what was read is the identified source, unchanged while it was read.
   let remember: LocatedArchive['remember'];
@@ -251,6 +288,9 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
   try {
     located = await (opts.located ?? locateForIngest(opts));
   } catch (err) {
+    // A staged build was asked for this archive: no other entry is built instead (and none of
+    // the fallbacks below may lock the cache, whose lock the asking process holds for this one).
+    if (opts.staged) throw err;
     const noLiveArchive = opts.archive === undefined && isKheadersError(err, 'E_ARCHIVE_NOT_FOUND');
     // No header archive now (the module is gone, or cannot be loaded), but this kernel's headers
     // were cached on an earlier boot: they are still its headers.
@@ -264,6 +304,15 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
   }
 
   const { source, digest, total } = located;
+  if (opts.staged && digest !== opts.staged.digest) {
+    // The staging's pack is the decode of the bytes the asking process read; these are what the
+    // entry would keep and be keyed by. Different bytes: the archive changed between the two reads.
+    throw new KheadersError(
+      'E_ARCHIVE_CHANGED',
+      `the archive ${source.source} changed while it was being ingested (its sha256 was ${opts.staged.digest} when the daemon read it, ${digest} when the ingest process read it again): nothing was cached; the next start ingests it as it is then`,
+      { source: source.source, digestBefore: opts.staged.digest, digestAfter: digest },
+    );
+  }
   if (total !== undefined && total > limits.maxTotalBytes) {
     throw new KheadersError('E_LIMIT', `the archive would expand to ${total} bytes, over the limit of ${limits.maxTotalBytes} (--max-total-bytes)`, {
       limit: 'maxTotalBytes',
@@ -278,8 +327,27 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
   const store = await openStore(opts);
 
   // `elsewhere`: undefined builds here; 'ask' returns undefined instead; 'built' looks after it was.
-  const lookOrBuild = (elsewhere?: 'ask' | 'built'): Promise<IngestResult | undefined> => inStep('cache', store.locked(async () => {
-    await sweep(store, opts.log);
+  // A staged build runs under the lock its asking process holds for it (StagedBuild): it neither
+  // takes the lock nor sweeps tmp/ (its own staging is there).
+  const underLock = <T>(fn: () => Promise<T>): Promise<T> =>
+    opts.staged
+      ? fn()
+      : store.locked(async () => {
+          await sweep(store, opts.log);
+          return fn();
+        }, opts.signal);
+  // The bytes hashed for a build elsewhere that this process may decode itself (buildStaged):
+  // given back as soon as no decode here needs them, as locateForIngest gives them back otherwise.
+  const giveBack = (): void => {
+    if (opts.buildStaged === undefined || located.onlyHere === true || !wasRead(source)) return;
+    if (releaseBytes(source.bytes)) {
+      delete (source as LocatedSource).bytes;
+      located.released = true;
+    }
+  };
+  // `elsewhere`: undefined builds here; 'ask' returns undefined instead (or has it built from a
+  // decode started here: buildStaged); 'built' looks after it was.
+  const lookOrBuild = (elsewhere?: 'ask' | 'built'): Promise<IngestResult | undefined> => inStep('cache', underLock(async () => {
     const manifests = await store.list();
     const found = store.findByDigest(manifests, digest, namedRelease);
     const existing = found && (await usableEntry(store, found.id, opts.log));
@@ -289,6 +357,13 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
     if (existing) {
       entry = existing;
       if (elsewhere !== 'built') opts.log?.info({ id: existing.manifest.id }, 'archive already cached: nothing to do');
+    } else if (elsewhere === 'ask' && opts.buildStaged !== undefined && wasRead(source) && (await decodeForBuilder(store, source.bytes, digest, limits, opts, giveBack))) {
+      // Built by the other process from the decode started here, all under this lock: looked up as it left it.
+      const built = store.findByDigest(await store.list(), digest, namedRelease);
+      const loaded = built && (await usableEntry(store, built.id, opts.log));
+      if (!loaded) throw new KheadersError('E_INTERNAL', `the ingest process reported its entry committed, but the cache holds no usable entry for the archive's digest ${digest}`, { digest });
+      entry = loaded;
+      decoder = 'xz';
     } else if (elsewhere === 'ask' || !wasRead(source)) {
       return undefined;
     } else {
@@ -304,10 +379,11 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
     const makeCurrent = opts.setCurrent ?? (source.live || entry.manifest.release === os.release());
     const evicted = await finish(store, entry, makeCurrent, existing !== undefined, opts);
     return { entry, reused: existing !== undefined, evicted, decoder, durationMs: Math.round(performance.now() - started) };
-  }, opts.signal));
+  }));
   const recalled = !wasRead(source) && located.released !== true;
   const elsewhere = opts.buildElsewhere !== undefined && located.onlyHere !== true;
-  const result = (await lookOrBuild(elsewhere || !wasRead(source) ? 'ask' : undefined)) ?? (recalled ? undefined : await builtElsewhere(opts, lookOrBuild));
+  const asked = await lookOrBuild(elsewhere || !wasRead(source) ? 'ask' : undefined).finally(giveBack);
+  const result = asked ?? (recalled ? undefined : await builtElsewhere(opts, lookOrBuild));
   // A recalled digest whose entry is gone (evicted, damaged): read the archive after all, and build.
   if (!result) return ingest({ ...opts, located: locateForIngest({ ...opts, recall: false }) });
   // Only once the ingest has succeeded: one that fails leaves the cache as it was.
@@ -330,6 +406,87 @@ async function builtElsewhere(opts: IngestOptions, lookOrBuild: (elsewhere?: 'as
   delete here.located;
   const result = (await lookOrBuild('built')) ?? (await ingest(here));
   return { ...result, reused: false };
+}
+
+/**
+ * The entry is missing, and its build is for another process (buildStaged): start xz here on
+ * `input`, the bytes whose digest keys the entry, into a staging in tmp/, and have that process
+ * build from it, while this one holds the lock. False when the decoder is not the xz binary
+ * (lzma-native decodes in the builder's own process, from its own read, as before) or nothing
+ * could build (no process could be started): nothing is left running or staged then. `giveBack`
+ * is called once xz has taken all of `input`.
+ *
+ * xz is fed through a pipe from this process, never from a file: if this process is killed, xz
+ * reads the end of its input and exits, and the builder dies with its channel (ingest-process-main.ts).
+ */
+async function decodeForBuilder(store: CacheStore, input: Buffer, digest: string, limits: IngestLimits, opts: IngestOptions, giveBack: () => void): Promise<boolean> {
+  const { planDecoder } = await import('./decompress.js');
+  const plan = await planDecoder(opts.decoder ?? 'auto');
+  if (!('xz' in plan)) return false;
+  opts.signal?.throwIfAborted();
+  const { tmp, decoder } = await stageDecode(store, input, plan, limits.maxTotalBytes, giveBack);
+  opts.log?.debug({ tmp: path.basename(tmp) }, 'xz started in the daemon, for the ingest process to build from');
+  // A stop kills xz here; the builder is killed by the same stop (ingest-process.ts).
+  const stop = (): void => decoder.abort();
+  opts.signal?.addEventListener('abort', stop, { once: true });
+  if (opts.signal?.aborted) stop();
+  let built = false;
+  try {
+    built = await opts.buildStaged!({ tmp, digest, decoder });
+    return built;
+  } finally {
+    opts.signal?.removeEventListener('abort', stop);
+    // The builder failed, died or never started: xz is killed and waited for before that is
+    // told, so nothing still writes in tmp/, and the staging goes (a committed build moved it
+    // into entries/; its xz has exited: the builder waited for it, and a kill then is a no-op).
+    decoder.abort();
+    await decoder.done.catch(() => {});
+    if (!built) await rm(tmp, { recursive: true, force: true }).catch(() => {});
+  }
+}
+
+/**
+ * Make a staging directory in tmp/ and start decoding `input` into its pack with the xz `plan`,
+ * for a build in another process (decodeForBuilder). This process keeps no handle on the pack:
+ * xz holds its own.
+ */
+async function stageDecode(store: CacheStore, input: Buffer, plan: DecoderPlan, maxBytes: number, onInputTaken: () => void): Promise<{ tmp: string; decoder: FileDecoder }> {
+  const tmp = await mkdtemp(path.join(store.tmpDir, `ingest-${process.pid}-`));
+  try {
+    const { packFh, decoding } = await startStagedDecode(tmp, input, plan, maxBytes, onInputTaken);
+    await packFh.close();
+    if (!('intoFile' in decoding)) throw new Error('an xz plan decodes into the file'); // startDecoder's contract
+    return { tmp, decoder: decoding.intoFile };
+  } catch (err) {
+    await rm(tmp, { recursive: true, force: true }).catch(() => {});
+    throw err;
+  }
+}
+
+/**
+ * Open the pack in the staging `tmp` and start the decoder of `plan` on `input`: xz writes into
+ * it itself, lzma-native is a stream for the caller to write. The pack's handle is the caller's
+ * once this returns (closed here if the decoder does not start).
+ */
+async function startStagedDecode(
+  tmp: string,
+  input: Buffer,
+  plan: DecoderPlan,
+  maxBytes: number,
+  onInputTaken?: () => void,
+): Promise<{ packFh: FileHandle; decoding: { intoFile: FileDecoder } | { stream: Decoder } }> {
+  const { startDecoder } = await import('./decompress.js');
+  // O_APPEND ('a+'): xz writes this file as its stdout, and a write without it lands at xz's own
+  // offset even after another process truncates the file, leaving a hole of zeros the reader
+  // would hash, at the right final size. Appending, a truncation shrinks the pack, and its size
+  // no longer matches the archive's index (refused by the build). Reads are at explicit offsets.
+  const packFh = await open(path.join(tmp, PACK_FILE), 'a+', 0o644);
+  try {
+    return { packFh, decoding: await startDecoder(input, plan, { file: packFh, maxBytes }, onInputTaken) };
+  } catch (err) {
+    await packFh.close().catch(() => {});
+    throw err;
+  }
 }
 
 /**
@@ -618,15 +775,16 @@ async function buildHeadersEntry(
   const mark = (name: string): void => {
     phases[name] = Math.round(performance.now() - t0);
   };
-  const decompress = import('./decompress.js');
+  // A staged build's decoder was planned and started by the process that made its staging.
+  const staged = opts.staged;
   // Which decoder (an xz on PATH, a shell) is looked up while its output file is made, not after.
-  const plan = decompress.then((m) => m.planDecoder(opts.decoder ?? 'auto'));
-  plan.catch(() => {}); // awaited below; failing first must not be an unhandled rejection
-  const [tmp, { startDecoder }] = await Promise.all([mkdtemp(path.join(store.tmpDir, `ingest-${process.pid}-`)), decompress]);
+  const plan = staged ? undefined : import('./decompress.js').then((m) => m.planDecoder(opts.decoder ?? 'auto'));
+  plan?.catch(() => {}); // awaited below; failing first must not be an unhandled rejection
+  const tmp = staged?.tmp ?? (await mkdtemp(path.join(store.tmpDir, `ingest-${process.pid}-`)));
   // Everything that holds a file in tmp/ open or may still write there; a failure waits for all
   // of it before tmp/ goes, so nothing is left open (holding the space of deleted files) or recreated.
   const handles: FileHandle[] = [];
-  const running: Array<Promise<unknown>> = [plan];
+  const running: Array<Promise<unknown>> = plan ? [plan] : [];
   let decoder: { name: DecoderName; done: Promise<void>; abort(): void } | undefined;
   let progressTimer: NodeJS.Timeout | undefined;
   let followed: { pack: FileHandle; indexer: TarIndexer } | undefined;
@@ -636,14 +794,20 @@ async function buildHeadersEntry(
   try {
     opts.signal?.throwIfAborted();
     // The decoder first: everything below runs while it decodes on the other core.
-    // O_APPEND ('a+'): xz writes this file as its stdout, and a write without it lands at xz's own
-    // offset even after another process truncates the file, leaving a hole of zeros the reader
-    // would hash, at the right final size. Appending, a truncation shrinks the pack, and its size
-    // no longer matches the archive's index (refused below). Reads are at explicit offsets.
-    const packFh = await open(path.join(tmp, PACK_FILE), 'a+', 0o644);
-    handles.push(packFh);
-    mark('setup');
-    const decoding = await startDecoder(source.bytes, await plan, { file: packFh, maxBytes: limits.maxTotalBytes });
+    let packFh: FileHandle;
+    let decoding: { intoFile: FileDecoder } | { stream: Decoder };
+    if (staged) {
+      // xz writes the pack through the other process's handle; this one reads it at explicit
+      // offsets and flushes it (fsync needs no write access), as its own.
+      packFh = await open(path.join(tmp, PACK_FILE), 'r');
+      handles.push(packFh);
+      mark('setup');
+      decoding = { intoFile: staged.decoder };
+    } else {
+      ({ packFh, decoding } = await startStagedDecode(tmp, source.bytes, await plan!, limits.maxTotalBytes));
+      handles.push(packFh);
+      mark('setup');
+    }
     decoder = 'intoFile' in decoding ? decoding.intoFile : decoding.stream;
     if (opts.signal?.aborted) decoder.abort(); // stopped while it started
     mark('decoderStarted');
@@ -798,7 +962,8 @@ async function buildHeadersEntry(
     const entry = await commitEntry(store, tmp, manifest, index, handles);
     mark('committed');
     report();
-    opts.log?.info({ id: manifest.id, files: manifest.files, bytes: manifest.bytes, decoder: decoder.name, vmlinuxH: manifest.btf !== null, phasesMs: phases }, 'ingested');
+    // decodedBy: which process ran the decoder ('daemon': serve's, for its ingest process).
+    opts.log?.info({ id: manifest.id, files: manifest.files, bytes: manifest.bytes, decoder: decoder.name, decodedBy: staged ? 'daemon' : 'self', vmlinuxH: manifest.btf !== null, phasesMs: phases }, 'ingested');
     return { entry, decoder: decoder.name };
   } catch (err) {
     decoder?.abort();
