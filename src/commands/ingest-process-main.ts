@@ -34,7 +34,7 @@ process.on('disconnect', dieWithParent);
 // right behind the request, before main() has taken the request in (remote-decoder.ts).
 const decoder = new RemoteDecoder(() => process.send?.({ abortDecoder: true } satisfies DecoderAbort, () => {}));
 const request = new Promise<IngestRequest>((resolve) => {
-  process.on('message', (msg: IngestRequest | unknown) => {
+  process.on('message', (msg: unknown) => {
     if (isDecoderEvent(msg)) decoder.deliver(msg);
     else resolve(msg as IngestRequest); // the first message; there is no other kind
   });

@@ -1,0 +1,253 @@
+/**
+ * serve's first boot with the xz binary: the daemon starts xz itself, under the cache lock it
+ * holds for its ingest process, into a staging in tmp/, and the ingest process builds from that
+ * staging (src/store/ingest.ts, StagedBuild; src/commands/remote-decoder.ts). Its failures are
+ * the same typed errors as `kheadersd ingest`'s; a daemon killed mid-decode leaves nothing running
+ * on tmp/ and a stale lock; an ingest process killed mid-decode takes xz with it and leaves the
+ * cache as it was.
+ */
+import { spawn } from 'node:child_process';
+import { mkdtemp, readFile, readdir, readlink, rm, stat, writeFile } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { after, test, type TestContext } from 'node:test';
+import assert from 'node:assert/strict';
+import { CLI, FIXTURE_ARCHIVE, FIXTURE_SHA256, cleanEnv, fixtureMissing, goodArchive, goodTree, makeTar, tempDir, textLike, xz, xzAsync } from './helpers/archives.js';
+import { xzBomb } from './helpers/xz-bombs.js';
+import { startServe, type Daemon } from './helpers/serve-child.js';
+import { ERRORS } from '../src/errors.js';
+import { PACK_FILE } from '../src/store/entry.js';
+import { CacheStore } from '../src/store/cache.js';
+import { createLogger } from '../src/log.js';
+import { ingest } from '../src/store/ingest.js';
+import { startIngestProcess } from '../src/commands/ingest-process.js';
+import { resolveConfig } from '../src/config.js';
+import { findXzBinary } from '../src/store/decompress.js';
+
+const msgs = (d: Daemon): string[] => d.logs.map((l) => String(l.msg));
+const STAGED = 'xz started in the daemon, for the ingest process to build from';
+
+function runCli(args: readonly string[]): Promise<{ code: number | null; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'ignore', 'pipe'], env: cleanEnv() });
+    let stderr = '';
+    child.stderr.setEncoding('utf8').on('data', (s: string) => (stderr += s));
+    child.on('error', reject).on('close', (code) => resolve({ code, stderr }));
+  });
+}
+
+/** `serve` over `cache` until it listens (then stopped) or exits; its logs and exit status. */
+async function serveOnce(t: TestContext, args: readonly string[]): Promise<{ d: Daemon; code: number | null }> {
+  const d = startServe(t, [...args, '--decoder', 'xz', '--mount', 'off', '--http', '127.0.0.1:0', '--log-level', 'debug']);
+  const deadline = Date.now() + 120_000;
+  while (d.child.exitCode === null && !d.logs.some((l) => l.msg === 'HTTP listening')) {
+    if (Date.now() > deadline) throw new Error(`serve neither listened nor exited:\n${msgs(d).join('\n')}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  if (d.child.exitCode === null) d.child.kill('SIGTERM');
+  return { d, code: await d.exited };
+}
+
+/** The processes holding a file under `dir` open (fd links). */
+async function holdersUnder(dir: string): Promise<string[]> {
+  const held: string[] = [];
+  for (const pid of await readdir('/proc')) {
+    if (!/^\d+$/.test(pid) || Number(pid) === process.pid) continue;
+    for (const fd of await readdir(`/proc/${pid}/fd`).catch(() => [] as string[])) {
+      const target = await readlink(`/proc/${pid}/fd/${fd}`).catch(() => '');
+      if (target.startsWith(dir + '/')) held.push(`${pid} -> ${target}`);
+    }
+  }
+  return held;
+}
+
+/** The failure serve logged at its start, as `kheadersd ingest` words it on stderr. */
+function startFailure(d: Daemon): { code: string; message: string } {
+  const failed = d.logs.find((l) => typeof l.code === 'string' && l.level === 50 && String(l.msg) !== '');
+  assert.ok(failed, msgs(d).join('\n'));
+  return { code: String(failed.code), message: String(failed.msg) };
+}
+
+test('serve first boot with xz: the daemon starts xz, the ingest process builds from its staging, and the entry is the one `kheadersd ingest` makes', async (t) => {
+  const missing = fixtureMissing();
+  if (missing) return t.skip(missing);
+  const dir = await tempDir(t, 'kheadersd-daemon-xz-');
+  const cache = path.join(dir, 'cache');
+  const { d, code } = await serveOnce(t, ['--archive', FIXTURE_ARCHIVE, '--cache-dir', cache, '--btf', 'off']);
+  assert.equal(code, 0, msgs(d).join('\n'));
+  assert.ok(msgs(d).includes(STAGED), msgs(d).join('\n'));
+  const ingested = d.logs.find((l) => l.msg === 'ingested');
+  assert.ok(ingested, msgs(d).join('\n'));
+  assert.equal(ingested.decodedBy, 'daemon');
+  assert.equal(ingested.decoder, 'xz');
+  assert.notEqual(ingested.ingestPid, d.child.pid, 'the build itself ran in the ingest process');
+  const [m] = await (await CacheStore.open(cache)).list();
+  assert.equal(m?.digest, FIXTURE_SHA256);
+  assert.deepEqual(await readdir(path.join(cache, 'tmp')), []);
+
+  // The same entry, file for file, as the CLI's own build (which decodes in its own process).
+  const other = path.join(dir, 'other');
+  const r = await runCli(['ingest', '--archive', FIXTURE_ARCHIVE, '--cache-dir', other, '--btf', 'off', '--decoder', 'xz', '--log-level', 'warn']);
+  assert.equal(r.code, 0, r.stderr);
+  for (const name of ['pack.tar', 'index.bin', 'archive.tar.xz']) {
+    assert.ok((await readFile(path.join(cache, 'entries', m.id, name))).equals(await readFile(path.join(other, 'entries', m.id, name))), name);
+  }
+});
+
+test('serve first boot with xz, a corrupt archive and an xz bomb: the same typed errors as `kheadersd ingest`, nothing cached, nothing left in tmp/', async (t) => {
+  const dir = await tempDir(t, 'kheadersd-daemon-xz-bad-');
+  const release = '6.99.70-dxz';
+  const good = xz(await makeTar(goodTree(release)));
+  const corrupt = Buffer.from(good);
+  corrupt[Math.floor(corrupt.length / 2)]! ^= 0x55; // inside the compressed data: xz's CRC or its decoder refuses it
+  const cases: Array<[string, Buffer, string[]]> = [
+    ['corrupt', corrupt, []],
+    ['bomb', await xzBomb('hidden-index', 256 * 1024 * 1024, release), ['--max-total-bytes', String(32 * 1024 * 1024)]],
+  ];
+  for (const [label, bytes, extra] of cases) {
+    const archive = path.join(dir, `${label}.tar.xz`);
+    await writeFile(archive, bytes);
+    const cache = path.join(dir, `cache-${label}`);
+    const { d, code } = await serveOnce(t, ['--archive', archive, '--release', release, '--cache-dir', cache, '--btf', 'off', ...extra]);
+    assert.ok(msgs(d).includes(STAGED), `${label}: ${msgs(d).join('\n')}`);
+    const served = startFailure(d);
+    const cli = await runCli(['ingest', '--archive', archive, '--release', release, '--cache-dir', path.join(dir, `cli-${label}`), '--btf', 'off', '--decoder', 'xz', '--log-level', 'warn', ...extra]);
+    const want = label === 'corrupt' ? 'E_ARCHIVE_CORRUPT' : 'E_LIMIT';
+    assert.equal(served.code, want, `${label}: ${served.message}`);
+    assert.equal(code, ERRORS[want].exit, label);
+    assert.equal(cli.code, ERRORS[want].exit, `${label}: ${cli.stderr}`);
+    assert.ok(cli.stderr.includes(served.message), `${label}: serve said "${served.message}", ingest said "${cli.stderr}"`);
+    assert.deepEqual(await readdir(path.join(cache, 'entries')), [], label);
+    assert.deepEqual(await readdir(path.join(cache, 'tmp')), [], label);
+  }
+});
+
+/** ~120 MiB of header-like text, xz'ed: long enough to decode (seconds) that a kill lands mid-pack. */
+let bigRoot: string | undefined;
+let big: Promise<{ archive: string; tarBytes: number; release: string }> | undefined;
+after(async () => {
+  if (bigRoot) await rm(bigRoot, { recursive: true, force: true });
+});
+function bigArchive(): Promise<{ archive: string; tarBytes: number; release: string }> {
+  big ??= (async () => {
+    bigRoot = await mkdtemp(path.join(os.tmpdir(), 'kheadersd-daemon-xz-big-'));
+    const release = '6.99.71-dxzbig';
+    const tree = goodTree(release);
+    for (let i = 0; i < 120; i++) tree.push({ name: `./include/big/part${String(i).padStart(3, '0')}.h`, content: textLike(1024 * 1024, 2000 + i) });
+    const tar = await makeTar(tree);
+    const archive = path.join(bigRoot, 'big.tar.xz');
+    await writeFile(archive, await xzAsync(tar, 0));
+    return { archive, tarBytes: tar.length, release };
+  })();
+  return big;
+}
+
+/** Until the staging's pack in `tmpDir` has grown past `minBytes` (the daemon's xz at work). */
+async function growingPack(tmpDir: string, d: Daemon, minBytes: number): Promise<string> {
+  const deadline = Date.now() + 120_000;
+  while (Date.now() < deadline) {
+    if (d.child.exitCode !== null) throw new Error(`serve ended before its pack could be caught growing:\n${msgs(d).join('\n')}`);
+    const staging = (await readdir(tmpDir).catch(() => [] as string[])).find((n) => n.startsWith('ingest-'));
+    const size = staging ? await stat(path.join(tmpDir, staging, PACK_FILE)).then((s) => s.size, () => 0) : 0;
+    if (staging && size >= minBytes) return staging;
+    await new Promise((r) => setTimeout(r, 5));
+  }
+  throw new Error('no growing pack appeared in tmp/');
+}
+
+test('serve killed (-9) while its own xz decodes: xz stops, nothing holds a file of tmp/, the lock is stale and the next start breaks it and builds', { timeout: 300_000 }, async (t) => {
+  const b = await bigArchive();
+  const dir = await tempDir(t, 'kheadersd-daemon-xz-kill-');
+  const cache = path.join(dir, 'cache');
+  const tmpDir = path.join(cache, 'tmp');
+  const d = startServe(t, ['--archive', b.archive, '--release', b.release, '--cache-dir', cache, '--btf', 'off', '--decoder', 'xz', '--mount', 'off', '--http', '127.0.0.1:0', '--log-level', 'debug']);
+  await growingPack(tmpDir, d, 4 * 1024 * 1024);
+  assert.ok(msgs(d).includes(STAGED), msgs(d).join('\n'));
+  d.child.kill('SIGKILL');
+  await d.exited;
+  // xz's input is a pipe from the dead daemon: it meets the end of its input and exits; the
+  // ingest process dies with its channel. A deadline for a hung process only, not a timing.
+  let holders = await holdersUnder(tmpDir);
+  for (let i = 0; i < 600 && holders.length > 0; i++) {
+    await new Promise((r) => setTimeout(r, 50));
+    holders = await holdersUnder(tmpDir);
+  }
+  assert.deepEqual(holders, [], 'a process still holds a file of the staging open 30 s after the daemon died');
+  const lock = await readFile(path.join(cache, 'lock'), 'utf8');
+  assert.equal(Number(lock.split(' ')[0]), d.child.pid, 'the lock the daemon held for its ingest process is left, naming the dead daemon');
+  assert.deepEqual(await readdir(path.join(cache, 'entries')), []);
+
+  const again = await serveOnce(t, ['--archive', b.archive, '--release', b.release, '--cache-dir', cache, '--btf', 'off']);
+  assert.equal(again.code, 0, msgs(again.d).join('\n'));
+  assert.ok(again.d.logs.some((l) => l.msg === 'removed leftovers of an interrupted ingest'), msgs(again.d).join('\n'));
+  assert.equal((await readdir(path.join(cache, 'entries'))).length, 1);
+  assert.deepEqual(await readdir(tmpDir), []);
+});
+
+test('the ingest process killed while the daemon\'s xz decodes: the daemon kills xz and waits for it, reports E_KILLED, and the last good cache is as it was', { timeout: 300_000 }, async (t) => {
+  const b = await bigArchive();
+  const dir = await tempDir(t, 'kheadersd-daemon-xz-child-');
+  const cache = path.join(dir, 'cache');
+  const tmpDir = path.join(cache, 'tmp');
+  // A good entry first, current.
+  const first = path.join(dir, 'first.tar.xz');
+  await writeFile(first, await goodArchive('6.99.72-first'));
+  const r = await runCli(['ingest', '--archive', first, '--cache-dir', cache, '--btf', 'off', '--log-level', 'warn']);
+  assert.equal(r.code, 0, r.stderr);
+  const store = await CacheStore.open(cache);
+  const before = { ids: await store.entryIds(), current: await store.currentId() };
+
+  const d = startServe(t, ['--archive', b.archive, '--release', b.release, '--cache-dir', cache, '--btf', 'off', '--decoder', 'xz', '--mount', 'off', '--http', '127.0.0.1:0', '--log-level', 'debug']);
+  const asked = await d.waitFor((l) => l.msg === 'building the entry in a child process', 'the ingest process to be asked', 120_000);
+  await growingPack(tmpDir, d, 4 * 1024 * 1024);
+  const childPid = Number(asked.ingestPid);
+  process.kill(childPid, 'SIGKILL');
+  assert.equal(await d.exited, ERRORS.E_KILLED.exit, msgs(d).join('\n'));
+  // The daemon reported only once xz was gone: nothing holds the staging at its exit, at once.
+  assert.deepEqual(await holdersUnder(tmpDir), []);
+  assert.ok(d.logs.some((l) => l.code === 'E_KILLED' && String(l.msg).startsWith(`the ingest process (pid ${childPid}) was killed by SIGKILL`)), msgs(d).join('\n'));
+  assert.deepEqual(await readdir(tmpDir), []);
+  const after = await CacheStore.open(cache);
+  assert.deepEqual({ ids: await after.entryIds(), current: await after.currentId() }, before);
+  assert.equal(before.ids.length, 1);
+  await after.load(before.ids[0]!); // intact: it still passes its checks
+});
+
+test('the archive changed between the daemon\'s read and the ingest process\'s: E_ARCHIVE_CHANGED, nothing committed, the staging and xz gone', async (t) => {
+  const dir = await tempDir(t, 'kheadersd-daemon-xz-changed-');
+  const release = '6.99.73-changed';
+  const archive = path.join(dir, 'k.tar.xz');
+  const bytes = await goodArchive(release);
+  await writeFile(archive, bytes);
+  const cacheDir = path.join(dir, 'cache');
+  const xzBin = await findXzBinary();
+  if (!xzBin) return t.skip('no xz on PATH');
+  const cfg = resolveConfig({ flags: { cacheDir, archive, release, btf: 'off', decoder: 'xz' }, env: {}, file: {}, fileName: 'none' });
+  const log = createLogger('silent');
+  const io = { stdout: process.stdout, stderr: process.stderr, log };
+  const child = startIngestProcess(cfg, io);
+  // The daemon's side, as serve runs it, except that the archive is rewritten (other bytes, the
+  // same release) between this process's read and the ingest process's: deterministically, by
+  // rewriting it once the decode has been started here and before the ingest process is asked.
+  const err = await ingest({
+    cacheDir,
+    archive,
+    release,
+    btf: 'off',
+    decoder: 'xz',
+    log,
+    buildElsewhere: () => child.run(),
+    buildStaged: async (staged) => {
+      await writeFile(archive, await goodArchive(release, 'changed'));
+      return child.runStaged(staged);
+    },
+  }).then(
+    () => assert.fail('the ingest succeeded'),
+    (e: unknown) => e as { code?: string; message: string },
+  );
+  assert.equal(err.code, 'E_ARCHIVE_CHANGED', err.message);
+  const store = await CacheStore.open(cacheDir);
+  assert.deepEqual(await store.entryIds(), []);
+  assert.deepEqual(await readdir(store.tmpDir), []);
+  assert.deepEqual(await holdersUnder(store.tmpDir), []);
+});
