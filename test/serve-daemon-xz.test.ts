@@ -251,3 +251,52 @@ test('the archive changed between the daemon\'s read and the ingest process\'s: 
   assert.deepEqual(await readdir(store.tmpDir), []);
   assert.deepEqual(await holdersUnder(store.tmpDir), []);
 });
+
+test('serve stopped (SIGTERM) while its own xz decodes: xz and the ingest process killed and waited for, nothing staged or locked left, exit 0', { timeout: 300_000 }, async (t) => {
+  const b = await bigArchive();
+  const dir = await tempDir(t, 'kheadersd-daemon-xz-stop-');
+  const cache = path.join(dir, 'cache');
+  const tmpDir = path.join(cache, 'tmp');
+  const d = startServe(t, ['--archive', b.archive, '--release', b.release, '--cache-dir', cache, '--btf', 'off', '--decoder', 'xz', '--mount', 'off', '--http', '127.0.0.1:0', '--log-level', 'debug']);
+  const asked = await d.waitFor((l) => l.msg === 'building the entry in a child process', 'the ingest process to be asked', 120_000);
+  await growingPack(tmpDir, d, 4 * 1024 * 1024);
+  d.child.kill('SIGTERM');
+  assert.equal(await d.exited, 0, msgs(d).join('\n'));
+  assert.deepEqual(await holdersUnder(tmpDir), [], 'xz outlived the stop');
+  assert.throws(() => process.kill(Number(asked.ingestPid), 0), /ESRCH/, 'the ingest process outlived the stop');
+  assert.deepEqual(await readdir(tmpDir), []);
+  assert.deepEqual(await readdir(path.join(cache, 'entries')), []);
+  await assert.rejects(readFile(path.join(cache, 'lock')), /ENOENT/);
+});
+
+test('no ingest process can be started: the decode the daemon started is stopped, and the entry built in the daemon as before', async (t) => {
+  const dir = await tempDir(t, 'kheadersd-daemon-xz-nospawn-');
+  const release = '6.6.0-dxz-nospawn';
+  const archive = path.join(dir, 'k.tar.xz');
+  await writeFile(archive, await goodArchive(release));
+  const cacheDir = path.join(dir, 'cache');
+  if (!(await findXzBinary())) return t.skip('no xz on PATH');
+  const cfg = resolveConfig({ flags: { cacheDir, archive, release, btf: 'off' }, env: {}, file: {}, fileName: 'none' });
+  const log = createLogger('silent');
+  const child = startIngestProcess(cfg, { stdout: process.stdout, stderr: process.stderr, log }, path.join(dir, 'no-such-node'));
+  let staged = 0;
+  const result = await ingest({
+    cacheDir,
+    archive,
+    release,
+    btf: 'off',
+    decoder: 'xz',
+    log,
+    buildElsewhere: () => child.run(),
+    buildStaged: (s) => {
+      staged++;
+      return child.runStaged(s);
+    },
+  });
+  assert.equal(staged, 1, 'a decode was started here for the child');
+  assert.equal(result.reused, false);
+  assert.equal(result.decoder, 'xz');
+  const store = await CacheStore.open(cacheDir);
+  assert.equal((await store.list()).length, 1);
+  assert.deepEqual(await readdir(store.tmpDir), []);
+});
