@@ -20,7 +20,9 @@ if (!process.send) {
 // Dies with the daemon: the channel closes when the daemon exits, however it exits (kill -9
 // included), and neither this process nor the xz it started may go on writing into the cache. It
 // leads its process group (spawned detached), so one signal ends them all; what they left in the
-// cache's tmp/ is swept by the next ingest, and the lock they held is stale.
+// cache's tmp/ is swept by the next ingest, and the lock they held is stale. (A staged build's
+// xz is the daemon's, not in this group: fed by the daemon through a pipe, it meets the end of
+// its input when the daemon dies, and the lock, the daemon's, is stale as well.)
 const dieWithParent = (): void => {
   try {
     process.kill(-process.pid, 'SIGKILL');

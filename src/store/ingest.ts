@@ -351,7 +351,7 @@ export async function ingest(opts: IngestOptions): Promise<IngestResult> {
     const manifests = await store.list();
     const found = store.findByDigest(manifests, digest, namedRelease);
     const existing = found && (await usableEntry(store, found.id, opts.log));
-    opts.log?.debug({ locatedMs, lockedMs: Math.round(performance.now() - started) }, 'archive located, cache locked');
+    opts.log?.debug({ locatedMs, lockedMs: Math.round(performance.now() - started) }, opts.staged ? 'archive located, cache locked (by the daemon, for this process)' : 'archive located, cache locked');
     let entry: CacheEntry;
     let decoder: DecoderName | null = null;
     if (existing) {
