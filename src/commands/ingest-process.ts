@@ -13,6 +13,11 @@
  * serve starts it as soon as it finds its archive's source unread by this cache (a new kernel's
  * first boot, almost always a build), so that node starts while the daemon still hashes the
  * archive and looks it up.
+ *
+ * With the xz binary, the daemon goes further (runStaged): it starts xz itself, on the bytes it
+ * hashed, into a staging under the lock it then holds for the child, and the child builds from
+ * that staging, told xz's end over the channel (remote-decoder.ts; ingest.ts, StagedBuild). xz
+ * then decodes while the child's node is still starting, instead of after it.
  */
 import { spawn } from 'node:child_process';
 import { createInterface } from 'node:readline';
@@ -96,7 +101,6 @@ export function startIngestProcess(cfg: Config, io: CommandIO, node = process.ex
   let stderr = '';
   createInterface({ input: child.stdout! }).on('line', (line) => relay(io.log, line, child.pid));
   child.stderr!.setEncoding('utf8').on('data', (s: string) => (stderr = (stderr + s).slice(-4096)));
-  let started = true;
   /** The staged build's decoder, which the child may ask to kill. */
   let decoder: StagedBuild['decoder'] | undefined;
   const settled = new Promise<void>((resolve, reject) => {
@@ -113,7 +117,6 @@ export function startIngestProcess(cfg: Config, io: CommandIO, node = process.ex
       // so the ingest builds in this process as it did before there was a child (resolving
       // without an entry is the hook's "build it here"); only the idle memory pays.
       if (!discarded) io.log.warn({ err: err.message }, `cannot start the ingest process (${node} ${MAIN}): building the entry in the daemon instead`);
-      started = false;
       resolve();
     });
     child.on('close', (code, signal) => {
@@ -150,8 +153,9 @@ export function startIngestProcess(cfg: Config, io: CommandIO, node = process.ex
         await settled;
         return false;
       }
+      // A child that was started answers with its entry committed, or fails.
       await ask(staged);
-      return started;
+      return true;
     },
     discard(): void {
       if (asked || discarded) return;

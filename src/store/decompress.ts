@@ -128,7 +128,7 @@ export async function planDecoder(choice: DecoderChoice): Promise<DecoderPlan> {
 /**
  * Start decoding `input` (a whole .xz file) with the decoder `plan` names: with an xz binary,
  * straight into `target.file`; with lzma-native, as a stream the caller reads and writes to the
- * file itself.
+ * file itself. `onInputTaken`: xz only (XzChildOptions); lzma-native reads `input` to the end.
  */
 export async function startDecoder(input: Buffer, plan: DecoderPlan, target: DecodeTarget, onInputTaken?: () => void): Promise<{ intoFile: FileDecoder } | { stream: Decoder }> {
   if ('xz' in plan) return { intoFile: startXzIntoFile(input, plan.xz, target, { shell: plan.shell, ...(onInputTaken ? { onInputTaken } : {}) }) };

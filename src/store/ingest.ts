@@ -430,18 +430,17 @@ async function decodeForBuilder(store: CacheStore, input: Buffer, digest: string
   const stop = (): void => decoder.abort();
   opts.signal?.addEventListener('abort', stop, { once: true });
   if (opts.signal?.aborted) stop();
-  let built = false;
   try {
-    built = await opts.buildStaged!({ tmp, digest, decoder });
-    return built;
+    return await opts.buildStaged!({ tmp, digest, decoder });
   } finally {
     opts.signal?.removeEventListener('abort', stop);
     // The builder failed, died or never started: xz is killed and waited for before that is
-    // told, so nothing still writes in tmp/, and the staging goes (a committed build moved it
-    // into entries/; its xz has exited: the builder waited for it, and a kill then is a no-op).
+    // told, so nothing still writes in tmp/, and the staging goes. A committed build moved it
+    // into entries/ (nothing left to remove) once its xz had exited (the builder waited for it:
+    // a kill then is a no-op); one that committed nothing from it leaves nothing behind either.
     decoder.abort();
     await decoder.done.catch(() => {});
-    if (!built) await rm(tmp, { recursive: true, force: true }).catch(() => {});
+    await rm(tmp, { recursive: true, force: true }).catch(() => {});
   }
 }
 
@@ -804,9 +803,10 @@ async function buildHeadersEntry(
       mark('setup');
       decoding = { intoFile: staged.decoder };
     } else {
-      ({ packFh, decoding } = await startStagedDecode(tmp, source.bytes, await plan!, limits.maxTotalBytes));
-      handles.push(packFh);
+      const planned = await plan!;
       mark('setup');
+      ({ packFh, decoding } = await startStagedDecode(tmp, source.bytes, planned, limits.maxTotalBytes));
+      handles.push(packFh);
     }
     decoder = 'intoFile' in decoding ? decoding.intoFile : decoding.stream;
     if (opts.signal?.aborted) decoder.abort(); // stopped while it started
