@@ -300,3 +300,52 @@ test('no ingest process can be started: the decode the daemon started is stopped
   assert.equal((await store.list()).length, 1);
   assert.deepEqual(await readdir(store.tmpDir), []);
 });
+
+/** The pids of `parent`'s children running `comm` (from /proc/<pid>/stat). */
+async function childrenNamed(parent: number, comm: string): Promise<number[]> {
+  const found: number[] = [];
+  for (const pid of await readdir('/proc')) {
+    if (!/^\d+$/.test(pid)) continue;
+    const stat = await readFile(`/proc/${pid}/stat`, 'utf8').catch(() => '');
+    const close = stat.lastIndexOf(')');
+    if (stat.slice(stat.indexOf('(') + 1, close) !== comm) continue;
+    if (Number(stat.slice(close + 2).split(' ')[1]) === parent) found.push(Number(pid));
+  }
+  return found;
+}
+
+test('serve killed (-9) while its own xz decodes a bomb: xz dies with the ingest process, it does not decode on into tmp/ what it had buffered', { timeout: 300_000 }, async (t) => {
+  // An xz bomb decodes hundreds of MiB from the few KiB a pipe buffers: an xz orphaned by the
+  // daemon's death went on writing them into a staging nobody owns any more (measured: 52 MB
+  // -> 1.45 GB in 5 s), where the ingest process's own xz (the old path) died with its group.
+  const dir = await tempDir(t, 'kheadersd-daemon-xz-killbomb-');
+  const release = '6.99.74-dxzbomb';
+  const limit = 1024 * 1024 * 1024;
+  const archive = path.join(dir, 'bomb.tar.xz');
+  await writeFile(archive, await xzBomb('hidden-index', limit, release));
+  const cache = path.join(dir, 'cache');
+  const tmpDir = path.join(cache, 'tmp');
+  const d = startServe(t, ['--archive', archive, '--release', release, '--cache-dir', cache, '--btf', 'off', '--decoder', 'xz', '--mount', 'off', '--http', '127.0.0.1:0', '--log-level', 'debug', '--max-total-bytes', String(limit)]);
+  const asked = await d.waitFor((l) => l.msg === 'building the entry in a child process', 'the ingest process to be asked', 120_000);
+  const staging = await growingPack(tmpDir, d, 16 * 1024 * 1024);
+  const [xzPid] = await childrenNamed(d.child.pid!, 'xz');
+  assert.ok(xzPid, 'the daemon runs xz');
+  d.child.kill('SIGKILL');
+  await d.exited;
+  // Deadlines for a hung process only, not timings.
+  for (let i = 0; i < 600 && isAlive(Number(asked.ingestPid)); i++) await new Promise((r) => setTimeout(r, 50));
+  assert.equal(isAlive(Number(asked.ingestPid)), false, 'the ingest process outlived the daemon');
+  for (let i = 0; i < 600 && isAlive(xzPid); i++) await new Promise((r) => setTimeout(r, 50));
+  assert.equal(isAlive(xzPid), false, 'xz outlived the daemon by 30 s');
+  const size = (await stat(path.join(tmpDir, staging, PACK_FILE))).size;
+  assert.ok(size < limit / 2, `xz went on decoding after the daemon died: its pack reached ${size} bytes`);
+});
+
+function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}

@@ -10,7 +10,7 @@ import { EXIT, KheadersError } from '../errors.js';
 import { createDeferredLogger } from '../log.js';
 import { optimizeForSize } from '../v8-flags.js';
 import type { IngestOutcome, IngestRequest } from './ingest-process.js';
-import { RemoteDecoder, isDecoderEvent, type DecoderAbort } from './remote-decoder.js';
+import { RemoteDecoder, isDecoderEvent, killDecoder, type DecoderAbort, type DecoderIdentity } from './remote-decoder.js';
 
 if (!process.send) {
   process.stderr.write('this is the ingest process of `kheadersd serve`, started by it only; run `kheadersd ingest`\n');
@@ -21,9 +21,14 @@ if (!process.send) {
 // included), and neither this process nor the xz it started may go on writing into the cache. It
 // leads its process group (spawned detached), so one signal ends them all; what they left in the
 // cache's tmp/ is swept by the next ingest, and the lock they held is stale. (A staged build's
-// xz is the daemon's, not in this group: fed by the daemon through a pipe, it meets the end of
-// its input when the daemon dies, and the lock, the daemon's, is stale as well.)
+// xz is the daemon's, not in this group: it is killed here by its pid and start time, as the end
+// of its input pipe would stop it only once it had decoded all it had buffered, hundreds of MiB
+// for a bomb; the lock, the daemon's, is stale as well.)
+/** The daemon's xz of a staged build: killed with this process (remote-decoder.ts, DecoderIdentity). */
+let daemonDecoder: DecoderIdentity | undefined;
 const dieWithParent = (): void => {
+  // First: the kill of this process's group below ends this process too.
+  if (daemonDecoder) killDecoder(daemonDecoder);
   try {
     process.kill(-process.pid, 'SIGKILL');
   } catch {
@@ -38,7 +43,11 @@ const decoder = new RemoteDecoder(() => process.send?.({ abortDecoder: true } sa
 const request = new Promise<IngestRequest>((resolve) => {
   process.on('message', (msg: unknown) => {
     if (isDecoderEvent(msg)) decoder.deliver(msg);
-    else resolve(msg as IngestRequest); // the first message; there is no other kind
+    else {
+      const req = msg as IngestRequest; // the first message; there is no other kind
+      daemonDecoder = req.staged?.decoder;
+      resolve(req);
+    }
   });
 });
 

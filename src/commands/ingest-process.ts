@@ -26,7 +26,7 @@ import type { Config } from '../config.js';
 import { KheadersError, endedBySignal, isErrorCode } from '../errors.js';
 import { warmLogger, type Logger, type LogLevel } from '../log.js';
 import type { StagedBuild } from '../store/ingest.js';
-import { forwardDecoder, isDecoderAbort, type DecoderEvent } from './remote-decoder.js';
+import { decoderIdentity, forwardDecoder, isDecoderAbort, type DecoderEvent, type DecoderIdentity } from './remote-decoder.js';
 import type { CommandIO } from './store-commands.js';
 
 /** What the daemon sends: the ingest to run. */
@@ -37,7 +37,7 @@ export interface IngestRequest {
    * Build from the staging the daemon made, under the cache lock the daemon holds for this
    * process (see StagedBuild): the decoder's events follow on the channel (remote-decoder.ts).
    */
-  staged?: { tmp: string; digest: string };
+  staged?: { tmp: string; digest: string; decoder?: DecoderIdentity };
 }
 
 /** What the child answers before it exits. */
@@ -132,7 +132,13 @@ export function startIngestProcess(cfg: Config, io: CommandIO, node = process.ex
     if (asked || discarded) throw new Error('an ingest process runs one ingest');
     asked = true;
     if (child.pid !== undefined) io.log.info({ ingestPid: child.pid, ...(staged ? { decoding: 'daemon' } : {}) }, 'building the entry in a child process');
-    const request: IngestRequest = { cfg, logLevel: io.log.level as LogLevel, ...(staged ? { staged: { tmp: staged.tmp, digest: staged.digest } } : {}) };
+    // The staged decoder is named so that the child kills it if this process dies (remote-decoder.ts, DecoderIdentity).
+    const identity = staged && decoderIdentity(staged.decoder);
+    const request: IngestRequest = {
+      cfg,
+      logLevel: io.log.level as LogLevel,
+      ...(staged ? { staged: { tmp: staged.tmp, digest: staged.digest, ...(identity ? { decoder: identity } : {}) } } : {}),
+    };
     if (child.connected) child.send(request, () => {}); // a failed send means the child died: 'close' reports it
     if (staged) {
       decoder = staged.decoder;

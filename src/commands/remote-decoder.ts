@@ -10,6 +10,7 @@
  * The daemon side forwards; the ingest-process side is a FileDecoder that the build uses
  * unchanged. Both sides only ever see these messages, never each other's objects.
  */
+import { readFileSync } from 'node:fs';
 import { KheadersError, isErrorCode } from '../errors.js';
 import type { FileDecoder } from '../store/decompress.js';
 
@@ -23,6 +24,54 @@ export interface DecoderAbort {
 
 /** A decoder's failure as it crosses the channel: a KheadersError (code) or an errno error (errno). */
 export type WireError = { code: string; message: string; details: Record<string, unknown> } | { errno: string; message: string };
+
+/**
+ * The daemon's xz, named to the ingest process so that it can kill it if the daemon dies: a pid
+ * and that process's start time (a pid alone may be another process's by then).
+ *
+ * Why the ingest process kills it: xz is the daemon's child, not in the ingest process's group,
+ * and an xz that has its whole input (a pipe buffers ~64 KiB, and node keeps it full) decodes
+ * on after the daemon's death; an xz bomb's few KiB are hundreds of MiB, written into a staging
+ * nobody owns any more (measured: 52 MB to 1.45 GB over 5 s). The ingest process dies with its
+ * channel, however the daemon died (ingest-process-main.ts): it takes the daemon's xz with it, as
+ * it takes its own xz when it runs one.
+ */
+export interface DecoderIdentity {
+  pid: number;
+  start: string;
+}
+
+/** Field 22 of /proc/<pid>/stat (its start time, in clock ticks since boot); undefined if there is no such process. */
+export function processStartTime(pid: number): string | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // Counted from after the parenthesised command name, which may hold spaces.
+    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19];
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Daemon side: `decoder`'s identity, read now. Undefined once it has exited (node has reaped it:
+ * its pid may be anyone's), or when it is no process (or /proc cannot say). Not yet exited, it is
+ * not yet reaped (node reaps and reports the exit in one step), so the pid is still xz's.
+ */
+export function decoderIdentity(decoder: FileDecoder): DecoderIdentity | undefined {
+  if (decoder.exited || decoder.pid === undefined) return undefined;
+  const start = processStartTime(decoder.pid);
+  return start === undefined ? undefined : { pid: decoder.pid, start };
+}
+
+/** Ingest-process side: kill the daemon's decoder named by `identity`, if that process is still the one named. */
+export function killDecoder(identity: DecoderIdentity): void {
+  if (processStartTime(identity.pid) !== identity.start) return;
+  try {
+    process.kill(identity.pid, 'SIGKILL');
+  } catch {
+    // gone meanwhile
+  }
+}
 
 export function isDecoderEvent(msg: unknown): msg is DecoderEvent {
   return typeof msg === 'object' && msg !== null && 'decoder' in msg;

@@ -98,6 +98,11 @@ export interface FileDecoder extends FileWriter {
   /** Resolves when the decoder has verified the whole stream; rejects with E_ARCHIVE_CORRUPT, E_LIMIT, or ENOSPC (an errno error). */
   readonly done: Promise<void>;
   abort(): void;
+  /**
+   * The decoder's process, when it is one (xz): for a process it decodes for to kill it when the
+   * process that started it dies (remote-decoder.ts, decoderIdentity). Undefined if it did not start.
+   */
+  readonly pid?: number;
 }
 
 /** Where a decoder writes the decoded stream: `file`, opened for writing and reading at offset 0, holding at most `maxBytes`. */
@@ -239,6 +244,7 @@ export function startXzIntoFile(input: Buffer, xz: { file: string; args: string[
   done.catch(() => {}); // observed by the caller later; a rejection before then is not "unhandled"
   return {
     name: 'xz',
+    ...(child.pid !== undefined ? { pid: child.pid } : {}),
     get exited() {
       return exited;
     },

@@ -417,7 +417,8 @@ async function builtElsewhere(opts: IngestOptions, lookOrBuild: (elsewhere?: 'as
  * is called once xz has taken all of `input`.
  *
  * xz is fed through a pipe from this process, never from a file: if this process is killed, xz
- * reads the end of its input and exits, and the builder dies with its channel (ingest-process-main.ts).
+ * reads the end of its input, and the builder, which dies with its channel, kills it first (it
+ * would otherwise decode on what the pipe holds: remote-decoder.ts, DecoderIdentity).
  */
 async function decodeForBuilder(store: CacheStore, input: Buffer, digest: string, limits: IngestLimits, opts: IngestOptions, giveBack: () => void): Promise<boolean> {
   const { planDecoder } = await import('./decompress.js');
