@@ -7,12 +7,13 @@
  * cache as it was.
  */
 import { spawn } from 'node:child_process';
+import { mkdir, open } from 'node:fs/promises';
 import { mkdtemp, readFile, readdir, readlink, rm, stat, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { after, test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
-import { CLI, FIXTURE_ARCHIVE, FIXTURE_SHA256, cleanEnv, fixtureMissing, goodArchive, goodTree, makeTar, tempDir, textLike, xz, xzAsync } from './helpers/archives.js';
+import { CLI, FIXTURE_ARCHIVE, FIXTURE_SHA256, cleanEnv, sha256, fixtureMissing, goodArchive, goodTree, makeTar, tempDir, textLike, xz, xzAsync } from './helpers/archives.js';
 import { xzBomb } from './helpers/xz-bombs.js';
 import { startServe, type Daemon } from './helpers/serve-child.js';
 import { ERRORS } from '../src/errors.js';
@@ -22,7 +23,9 @@ import { createLogger } from '../src/log.js';
 import { ingest } from '../src/store/ingest.js';
 import { startIngestProcess } from '../src/commands/ingest-process.js';
 import { resolveConfig } from '../src/config.js';
-import { findXzBinary } from '../src/store/decompress.js';
+import { findXzBinary, planDecoder, startXzIntoFile } from '../src/store/decompress.js';
+import { decoderIdentity } from '../src/commands/remote-decoder.js';
+import type { IngestRequest } from '../src/commands/ingest-process.js';
 
 const msgs = (d: Daemon): string[] => d.logs.map((l) => String(l.msg));
 const STAGED = 'xz started in the daemon, for the ingest process to build from';
@@ -349,3 +352,41 @@ function isAlive(pid: number): boolean {
     return false;
   }
 }
+
+test('the ingest process whose daemon is gone from its log pipe (EPIPE) kills the daemon\'s xz and dies, not left decoding by an uncaught write error', { timeout: 300_000 }, async (t) => {
+  // A daemon killed -9 closes the ingest process's stdout as well as its channel, and the ingest
+  // process often logs before it reads the channel's end: that write's EPIPE was an uncaught
+  // error (exit 1) that skipped the kill of the daemon's xz, which decoded on (seen in ~1 of 3
+  // kills of serve early in its first boot: 21 MB -> 400 MB). Here this process is the daemon,
+  // alive, with the ingest process's stdout closed at once, so that its first log line fails.
+  const plan = await planDecoder('xz');
+  if (!('xz' in plan)) return t.skip('no xz on PATH');
+  const dir = await tempDir(t, 'kheadersd-daemon-xz-epipe-');
+  const release = '6.99.75-dxzepipe';
+  const limit = 1024 * 1024 * 1024;
+  const bytes = await xzBomb('hidden-index', limit, release);
+  const archive = path.join(dir, 'bomb.tar.xz');
+  await writeFile(archive, bytes);
+  const cacheDir = path.join(dir, 'cache');
+  await mkdir(path.join(cacheDir, 'tmp'), { recursive: true });
+  const tmp = await mkdtemp(path.join(cacheDir, 'tmp', 'ingest-test-'));
+  const pack = await open(path.join(tmp, PACK_FILE), 'a+', 0o644);
+  const decoder = startXzIntoFile(bytes, plan.xz, { file: pack, maxBytes: limit }, { shell: plan.shell });
+  await pack.close();
+  t.after(() => decoder.abort());
+  const identity = decoderIdentity(decoder);
+  assert.ok(identity, 'xz has a pid and a start time');
+  const cfg = resolveConfig({ flags: { cacheDir, archive, release, btf: 'off', decoder: 'xz', maxTotalBytes: String(limit) }, env: {}, file: {}, fileName: 'none' });
+  const main = new URL('../src/commands/ingest-process-main.js', import.meta.url);
+  const child = spawn(process.execPath, [main.pathname], { stdio: ['ignore', 'pipe', 'ignore', 'ipc'], detached: true });
+  child.stdout!.destroy(); // the daemon's end of the log pipe: gone
+  const request: IngestRequest = { cfg, logLevel: 'debug', staged: { tmp, digest: sha256(bytes), decoder: identity } };
+  child.send(request);
+  const [code, signal] = await new Promise<[number | null, NodeJS.Signals | null]>((resolve) => child.on('exit', (c, s) => resolve([c, s])));
+  assert.equal(signal, 'SIGKILL', `the ingest process ended with status ${code}, not by the kill that takes its daemon's xz with it`);
+  const err = await decoder.done.then(
+    () => assert.fail('xz decoded the whole bomb'),
+    (e: unknown) => e as { code?: string; message: string },
+  );
+  assert.equal(err.code, 'E_KILLED', `xz was not killed by the ingest process: ${err.message}`);
+});

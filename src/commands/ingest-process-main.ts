@@ -36,6 +36,17 @@ const dieWithParent = (): void => {
   }
 };
 process.on('disconnect', dieWithParent);
+// The daemon's end of this process's stdout and stderr closes with it too, and this process
+// often logs before it reads the channel's end: the EPIPE of that write was an uncaught error
+// (exit 1) that skipped the kills above, and the daemon's xz (or this process's own) decoded on.
+// A write that fails here means the daemon is gone: die with it, the same way.
+process.stdout.on('error', dieWithParent);
+process.stderr.on('error', dieWithParent);
+// Any other end of this process (a crash) still takes the daemon's xz with it: harmless while the
+// daemon lives (it kills xz once this process has ended; one already exited is not the named one).
+process.on('exit', () => {
+  if (daemonDecoder) killDecoder(daemonDecoder);
+});
 
 // The daemon's decoder of a staged build: listened for from the start, as its events may come
 // right behind the request, before main() has taken the request in (remote-decoder.ts).
