@@ -404,9 +404,13 @@ export async function startDaemon(cfg: Config, io: CommandIO, stopRequest?: Stop
   } catch (err) {
     if (cancel.signal.aborted) return stoppedDuringStart();
     // With no archive but an earlier entry for this kernel (e.g. the module cannot be loaded any
-    // more), serve what the cache has rather than nothing.
-    if (!isKheadersError(err, 'E_ARCHIVE_NOT_FOUND') || (await store.currentId()) === null) throw err;
-    log.warn({ code: err.code }, `no live archive; serving the cached entry: ${err.message}`);
+    // more), or a cache volume too full to take even its lock, serve what the cache has rather
+    // than nothing: what is on disk must not stop the start. A SIGHUP ingests again.
+    const code = err instanceof KheadersError ? err.code : undefined;
+    if ((code !== 'E_ARCHIVE_NOT_FOUND' && code !== 'E_NO_SPACE') || (await store.currentId()) === null) throw err;
+    const why = (err as KheadersError).message;
+    if (code === 'E_NO_SPACE') log.error({ code }, `serving the cached entry, not checked against the archive: ${why}`);
+    else log.warn({ code }, `no live archive; serving the cached entry: ${why}`);
   }
 
   if (serverModules.model) {

@@ -126,13 +126,23 @@ export class ModuleHeaders implements ModuleHeaderSource {
     this.log = opts.log ?? createLogger('silent');
   }
 
-  /** Open (creating) the header directory and take stock of the headers already in it. */
+  /**
+   * Open (creating) the header directory and take stock of the headers already in it. A directory
+   * that cannot be made or read now (a cache volume out of space or inodes) does not stop the
+   * daemon: it starts with none kept, says why, and tries again when a header is asked for.
+   */
   static async open(opts: ModuleHeadersOptions): Promise<ModuleHeaders> {
     const self = new ModuleHeaders(path.resolve(opts.dir), opts);
-    await mkdir(self.dir, { recursive: true, mode: 0o755 });
-    await chmod(self.dir, 0o755); // the umask must not decide who can read the cache
+    let names: string[];
+    try {
+      await self.makeDir();
+      names = await readdir(self.dir);
+    } catch (err) {
+      self.log.warn({ dir: self.dir, errno: errnoOf(err) }, `module headers cannot be kept in ${self.dir} now (${(err as Error).message}): none are reused; each is made when first asked for, if the directory can be made then`);
+      return self;
+    }
     const found: Array<{ key: string; file: string; size: number; mtimeMs: number }> = [];
-    for (const name of await readdir(self.dir)) {
+    for (const name of names) {
       const file = path.join(self.dir, name);
       const m = KEY_FILE_RE.exec(name);
       if (!m) {
@@ -317,6 +327,7 @@ export class ModuleHeaders implements ModuleHeaderSource {
       const file = path.join(this.dir, `${key}.h`);
       const tmp = `${file}.${process.pid}.tmp`;
       const started = performance.now();
+      await this.makeDir(); // gone since open (a cache wiped by hand), or never made (see open)
       try {
         await generateHeaderInWorker({ btf: bytes, base: path.join(this.btfDir, 'vmlinux'), outFile: tmp }, `the header of module ${instance.name}`);
         await chmod(tmp, 0o644); // the worker's file is as the umask left it
@@ -334,6 +345,22 @@ export class ModuleHeaders implements ModuleHeaderSource {
     this.cached.set(key, made);
     await this.evict();
     return made;
+  }
+
+  /**
+   * The header directory, made if missing, readable by all (the umask must not decide who can
+   * read the cache). Made without `recursive` first (the cache directory, its parent, is there):
+   * node's recursive mkdir reports a full disk or inode table as ENOENT (it stats the path after
+   * the failure), which would read as a missing parent.
+   */
+  private async makeDir(): Promise<void> {
+    try {
+      await mkdir(this.dir, { mode: 0o755 });
+    } catch (err) {
+      if (errnoOf(err) === 'ENOENT') await mkdir(this.dir, { recursive: true, mode: 0o755 });
+      else if (errnoOf(err) !== 'EEXIST') throw err;
+    }
+    await chmod(this.dir, 0o755);
   }
 
   private touch(key: string): void {
