@@ -7,13 +7,14 @@
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { mkdtemp, open, readdir, readFile, readlink, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdtemp, open, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { createLogger } from '../src/log.js';
 import { CacheStore } from '../src/store/cache.js';
 import { PACK_FILE } from '../src/store/entry.js';
 import { ingest } from '../src/store/ingest.js';
+import { holdersUnder } from './helpers/open-files.js';
 import { INGEST_CHILD, cleanEnv, goodTree, makeTar, runCli, sha256, snapshot, tempDir, textLike, xz, xzAsync } from './helpers/archives.js';
 
 const silent = createLogger('silent');
@@ -159,19 +160,6 @@ for (const decoder of ['lzma-native', 'xz'] as const) {
       await fh.close();
     }
   });
-}
-
-/** Processes other than this one holding a file under `dir` open, as "pid -> path". */
-async function holdersUnder(dir: string): Promise<string[]> {
-  const held: string[] = [];
-  for (const pid of await readdir('/proc')) {
-    if (!/^\d+$/.test(pid) || Number(pid) === process.pid) continue;
-    for (const fd of await readdir(`/proc/${pid}/fd`).catch(() => [] as string[])) {
-      const target = await readlink(`/proc/${pid}/fd/${fd}`).catch(() => '');
-      if (target.startsWith(dir + '/')) held.push(`${pid} -> ${target}`);
-    }
-  }
-  return held;
 }
 
 test('kill -9 of the ingesting process alone (not its group): its xz child, which writes the pack itself, stops soon after', { timeout: 300_000 }, async (t) => {

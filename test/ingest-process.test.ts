@@ -4,7 +4,7 @@
  * as the same errors (a full disk, a BTF that does not parse); a killed child fails the start and
  * leaves nothing served; a killed daemon takes the child's whole process group with it.
  */
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { access, open, readFile, readdir, rm, symlink, truncate, writeFile } from 'node:fs/promises';
 import { readFileSync } from 'node:fs';
 import { createHash } from 'node:crypto';
@@ -12,7 +12,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
-import { CLI, FIXTURE_ARCHIVE, cleanEnv, fixtureMissing, goodArchive, tempDir } from './helpers/archives.js';
+import { CLI, FIXTURE_ARCHIVE, fixtureMissing, goodArchive, runCli, tempDir } from './helpers/archives.js';
 import { startDaemonProcess, startServe, type Daemon } from './helpers/serve-child.js';
 import { mountTmpfs } from './helpers/tmpfs.js';
 import { CacheStore } from '../src/store/cache.js';
@@ -26,16 +26,6 @@ import { readableElsewhere } from '../src/source/locate.js';
 import { PassThrough } from 'node:stream';
 
 const LIVE_BTF = '/sys/kernel/btf/vmlinux';
-
-/** A kheadersd command to its end: exit status and stderr. */
-function runCli(args: readonly string[]): Promise<{ code: number | null; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'ignore', 'pipe'], env: cleanEnv() });
-    let stderr = '';
-    child.stderr.setEncoding('utf8').on('data', (s: string) => (stderr += s));
-    child.on('error', reject).on('close', (code) => resolve({ code, stderr }));
-  });
-}
 
 const msgs = (d: Daemon): string[] => d.logs.map((l) => String(l.msg));
 

@@ -8,13 +8,14 @@
  */
 import { spawn } from 'node:child_process';
 import { mkdir, open } from 'node:fs/promises';
-import { mkdtemp, readFile, readdir, readlink, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { after, test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
-import { CLI, FIXTURE_ARCHIVE, FIXTURE_SHA256, cleanEnv, sha256, fixtureMissing, goodArchive, goodTree, makeTar, tempDir, textLike, xz, xzAsync } from './helpers/archives.js';
+import { FIXTURE_ARCHIVE, FIXTURE_SHA256, runCli, sha256, fixtureMissing, goodArchive, goodTree, makeTar, tempDir, textLike, xz, xzAsync } from './helpers/archives.js';
 import { xzBomb } from './helpers/xz-bombs.js';
+import { holdersUnder } from './helpers/open-files.js';
 import { startServe, type Daemon } from './helpers/serve-child.js';
 import { ERRORS } from '../src/errors.js';
 import { PACK_FILE } from '../src/store/entry.js';
@@ -30,15 +31,6 @@ import type { IngestRequest } from '../src/commands/ingest-process.js';
 const msgs = (d: Daemon): string[] => d.logs.map((l) => String(l.msg));
 const STAGED = 'xz started in the daemon, for the ingest process to build from';
 
-function runCli(args: readonly string[]): Promise<{ code: number | null; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'ignore', 'pipe'], env: cleanEnv() });
-    let stderr = '';
-    child.stderr.setEncoding('utf8').on('data', (s: string) => (stderr += s));
-    child.on('error', reject).on('close', (code) => resolve({ code, stderr }));
-  });
-}
-
 /** `serve` over `cache` until it listens (then stopped) or exits; its logs and exit status. */
 async function serveOnce(t: TestContext, args: readonly string[]): Promise<{ d: Daemon; code: number | null }> {
   const d = startServe(t, [...args, '--decoder', 'xz', '--mount', 'off', '--http', '127.0.0.1:0', '--log-level', 'debug']);
@@ -49,19 +41,6 @@ async function serveOnce(t: TestContext, args: readonly string[]): Promise<{ d: 
   }
   if (d.child.exitCode === null) d.child.kill('SIGTERM');
   return { d, code: await d.exited };
-}
-
-/** The processes holding a file under `dir` open (fd links). */
-async function holdersUnder(dir: string): Promise<string[]> {
-  const held: string[] = [];
-  for (const pid of await readdir('/proc')) {
-    if (!/^\d+$/.test(pid) || Number(pid) === process.pid) continue;
-    for (const fd of await readdir(`/proc/${pid}/fd`).catch(() => [] as string[])) {
-      const target = await readlink(`/proc/${pid}/fd/${fd}`).catch(() => '');
-      if (target.startsWith(dir + '/')) held.push(`${pid} -> ${target}`);
-    }
-  }
-  return held;
 }
 
 /** The failure serve logged at its start, as `kheadersd ingest` words it on stderr. */
