@@ -13,7 +13,7 @@ import path from 'node:path';
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { CLI, FIXTURE_ARCHIVE, fixtureMissing, goodArchive, runCli, tempDir } from './helpers/archives.js';
-import { startDaemonProcess, startServe, type Daemon } from './helpers/serve-child.js';
+import { serveOnce, startDaemonProcess, startServe, type Daemon } from './helpers/serve-child.js';
 import { mountTmpfs } from './helpers/tmpfs.js';
 import { CacheStore } from '../src/store/cache.js';
 import { SOURCE_MEMO_FILE } from '../src/store/source-memo.js';
@@ -28,19 +28,6 @@ import { PassThrough } from 'node:stream';
 const LIVE_BTF = '/sys/kernel/btf/vmlinux';
 
 const msgs = (d: Daemon): string[] => d.logs.map((l) => String(l.msg));
-
-/** `serve` over `cache` until it listens (then stopped) or exits; its logs and exit status. */
-async function serveOnce(t: TestContext, args: readonly string[]): Promise<{ d: Daemon; code: number | null }> {
-  const d = startServe(t, [...args, '--mount', 'off', '--http', '127.0.0.1:0', '--log-level', 'debug']);
-  // Polled, not waitFor(): its timer would keep the test alive after a start that fails.
-  const deadline = Date.now() + 120_000;
-  while (d.child.exitCode === null && !d.logs.some((l) => l.msg === 'HTTP listening')) {
-    if (Date.now() > deadline) throw new Error(`serve neither listened nor exited:\n${msgs(d).join('\n')}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  if (d.child.exitCode === null) d.child.kill('SIGTERM');
-  return { d, code: await d.exited };
-}
 
 /** The one entry in `cache`: its files' bytes, its manifest (less the time of ingest) and its index (less the extras' mtimes, the time of ingest). */
 async function entryOf(cache: string): Promise<{ files: Map<string, Buffer>; manifest: Record<string, unknown>; nodes: unknown[] }> {

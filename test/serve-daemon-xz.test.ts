@@ -11,12 +11,12 @@ import { mkdir, open } from 'node:fs/promises';
 import { mkdtemp, readFile, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { after, test, type TestContext } from 'node:test';
+import { after, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { FIXTURE_ARCHIVE, FIXTURE_SHA256, runCli, sha256, fixtureMissing, goodArchive, goodTree, makeTar, tempDir, textLike, xz, xzAsync } from './helpers/archives.js';
 import { xzBomb } from './helpers/xz-bombs.js';
 import { holdersUnder } from './helpers/open-files.js';
-import { startServe, type Daemon } from './helpers/serve-child.js';
+import { serveOnce, startServe, type Daemon } from './helpers/serve-child.js';
 import { ERRORS } from '../src/errors.js';
 import { PACK_FILE } from '../src/store/entry.js';
 import { CacheStore } from '../src/store/cache.js';
@@ -31,18 +31,6 @@ import type { IngestRequest } from '../src/commands/ingest-process.js';
 const msgs = (d: Daemon): string[] => d.logs.map((l) => String(l.msg));
 const STAGED = 'xz started in the daemon, for the ingest process to build from';
 
-/** `serve` over `cache` until it listens (then stopped) or exits; its logs and exit status. */
-async function serveOnce(t: TestContext, args: readonly string[]): Promise<{ d: Daemon; code: number | null }> {
-  const d = startServe(t, [...args, '--decoder', 'xz', '--mount', 'off', '--http', '127.0.0.1:0', '--log-level', 'debug']);
-  const deadline = Date.now() + 120_000;
-  while (d.child.exitCode === null && !d.logs.some((l) => l.msg === 'HTTP listening')) {
-    if (Date.now() > deadline) throw new Error(`serve neither listened nor exited:\n${msgs(d).join('\n')}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  if (d.child.exitCode === null) d.child.kill('SIGTERM');
-  return { d, code: await d.exited };
-}
-
 /** The failure serve logged at its start, as `kheadersd ingest` words it on stderr. */
 function startFailure(d: Daemon): { code: string; message: string } {
   const failed = d.logs.find((l) => typeof l.code === 'string' && l.level === 50 && String(l.msg) !== '');
@@ -55,7 +43,7 @@ test('serve first boot with xz: the daemon starts xz, the ingest process builds 
   if (missing) return t.skip(missing);
   const dir = await tempDir(t, 'kheadersd-daemon-xz-');
   const cache = path.join(dir, 'cache');
-  const { d, code } = await serveOnce(t, ['--archive', FIXTURE_ARCHIVE, '--cache-dir', cache, '--btf', 'off']);
+  const { d, code } = await serveOnce(t, ['--decoder', 'xz', '--archive', FIXTURE_ARCHIVE, '--cache-dir', cache, '--btf', 'off']);
   assert.equal(code, 0, msgs(d).join('\n'));
   assert.ok(msgs(d).includes(STAGED), msgs(d).join('\n'));
   const ingested = d.logs.find((l) => l.msg === 'ingested');
@@ -90,7 +78,7 @@ test('serve first boot with xz, a corrupt archive and an xz bomb: the same typed
     const archive = path.join(dir, `${label}.tar.xz`);
     await writeFile(archive, bytes);
     const cache = path.join(dir, `cache-${label}`);
-    const { d, code } = await serveOnce(t, ['--archive', archive, '--release', release, '--cache-dir', cache, '--btf', 'off', ...extra]);
+    const { d, code } = await serveOnce(t, ['--decoder', 'xz', '--archive', archive, '--release', release, '--cache-dir', cache, '--btf', 'off', ...extra]);
     assert.ok(msgs(d).includes(STAGED), `${label}: ${msgs(d).join('\n')}`);
     const served = startFailure(d);
     const cli = await runCli(['ingest', '--archive', archive, '--release', release, '--cache-dir', path.join(dir, `cli-${label}`), '--btf', 'off', '--decoder', 'xz', '--log-level', 'warn', ...extra]);
@@ -159,7 +147,7 @@ test('serve killed (-9) while its own xz decodes: xz stops, nothing holds a file
   assert.equal(Number(lock.split(' ')[0]), d.child.pid, 'the lock the daemon held for its ingest process is left, naming the dead daemon');
   assert.deepEqual(await readdir(path.join(cache, 'entries')), []);
 
-  const again = await serveOnce(t, ['--archive', b.archive, '--release', b.release, '--cache-dir', cache, '--btf', 'off']);
+  const again = await serveOnce(t, ['--decoder', 'xz', '--archive', b.archive, '--release', b.release, '--cache-dir', cache, '--btf', 'off']);
   assert.equal(again.code, 0, msgs(again.d).join('\n'));
   assert.ok(again.d.logs.some((l) => l.msg === 'removed leftovers of an interrupted ingest'), msgs(again.d).join('\n'));
   assert.equal((await readdir(path.join(cache, 'entries'))).length, 1);

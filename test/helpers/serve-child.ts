@@ -124,3 +124,18 @@ export async function pollUntil<T>(fn: () => Promise<T | undefined>, what: strin
   }
 }
 
+/**
+ * `serve` with `args` (and no mount, HTTP on a free loopback port, debug logs) until it listens,
+ * then stopped; or until it exits. Its logs and exit status. Polled, not waitFor(): its timer
+ * would keep the test alive after a start that fails.
+ */
+export async function serveOnce(t: TestContext, args: readonly string[]): Promise<{ d: Daemon; code: number | null }> {
+  const d = startServe(t, [...args, '--mount', 'off', '--http', '127.0.0.1:0', '--log-level', 'debug']);
+  const deadline = Date.now() + 120_000;
+  while (d.child.exitCode === null && !d.logs.some((l) => l.msg === 'HTTP listening')) {
+    if (Date.now() > deadline) throw new Error(`serve neither listened nor exited:\n${d.logs.map((l) => String(l.msg)).join('\n')}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  if (d.child.exitCode === null) d.child.kill('SIGTERM');
+  return { d, code: await d.exited };
+}
