@@ -260,7 +260,8 @@ test('serve killed (-9) while its child works: the child\'s whole process group 
   const dir = await tempDir(t, 'kheadersd-ingest-process-');
   const cache = path.join(dir, 'cache');
   const { d, childPid } = await serveWithWaitingChild(t, dir, cache);
-  // Whatever the child starts (xz) joins this group: it must lead one of its own.
+  // Whatever the child starts joins this group: it must lead one of its own. (The xz of a staged
+  // build is the daemon's, outside it: test/serve-daemon-xz.test.ts shows the child kills that one.)
   const group = await groupMembers(childPid);
   assert.ok(group.includes(childPid), `the child leads its own process group (${group.join(', ')})`);
   d.child.kill('SIGKILL');

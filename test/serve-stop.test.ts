@@ -129,7 +129,8 @@ async function withServe(t: TestContext, opts: ServeOptions, body: (s: Served) =
 
 /**
  * Once the ingest child (`building` is the daemon's line that names it) decodes, SIGTERM: the
- * daemon exits 0 and unmounts, and the child and its xz (its process group) are gone with it.
+ * daemon exits 0 and unmounts, and the child's process group is gone with it. (With the xz
+ * binary, xz is the daemon's own: test/serve-daemon-xz.test.ts shows a stop ends it too.)
  */
 async function assertStopEndsIngestChild(s: Served, building: Record<string, unknown>): Promise<void> {
   const pgid = Number(building.ingestPid);
