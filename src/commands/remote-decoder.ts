@@ -10,9 +10,9 @@
  * The daemon side forwards; the ingest-process side is a FileDecoder that the build uses
  * unchanged. Both sides only ever see these messages, never each other's objects.
  */
-import { readFileSync } from 'node:fs';
 import { KheadersError, isErrorCode } from '../errors.js';
 import type { FileDecoder } from '../store/decompress.js';
+import { processStartTime } from '../store/lock.js';
 
 /** The daemon's decoder, told to the ingest process. */
 export type DecoderEvent = { decoder: 'exited' } | { decoder: 'done'; failure?: WireError };
@@ -39,17 +39,6 @@ export type WireError = { code: string; message: string; details: Record<string,
 export interface DecoderIdentity {
   pid: number;
   start: string;
-}
-
-/** Field 22 of /proc/<pid>/stat (its start time, in clock ticks since boot); undefined if there is no such process. */
-export function processStartTime(pid: number): string | undefined {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    // Counted from after the parenthesised command name, which may hold spaces.
-    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19];
-  } catch {
-    return undefined;
-  }
 }
 
 /**

@@ -55,13 +55,19 @@ function unlinkQuietly(file: string): void {
   }
 }
 
-async function processStartTime(pid: number): Promise<string> {
+/**
+ * When process `pid` started (field 22 of /proc/<pid>/stat, in clock ticks since boot): with the
+ * pid, it names one process for good, where a pid alone may be reused. Undefined when /proc
+ * cannot say (the process is gone, or no /proc). Read synchronously: procfs answers from the
+ * kernel's own tables, never through a mount.
+ */
+export function processStartTime(pid: number): string | undefined {
   try {
-    const procStat = readRegularFileSync(`/proc/${pid}/stat`, LOCK_MAX_BYTES)?.toString('utf8') ?? '';
+    const procStat = readRegularFileSync(`/proc/${pid}/stat`, LOCK_MAX_BYTES)?.toString('utf8');
     // Field 22 (starttime) counts from after the parenthesised command name, which may hold spaces.
-    return procStat.slice(procStat.lastIndexOf(')') + 2).split(' ')[19] ?? '';
+    return procStat === undefined ? undefined : procStat.slice(procStat.lastIndexOf(')') + 2).split(' ')[19];
   } catch {
-    return '';
+    return undefined;
   }
 }
 
@@ -74,7 +80,7 @@ async function ownerAlive(content: string): Promise<boolean> {
   } catch (err) {
     if (errnoOf(err) === 'ESRCH') return false;
   }
-  const now = await processStartTime(pid);
+  const now = processStartTime(pid) ?? '';
   return start === '' || now === '' || now === start;
 }
 
@@ -166,7 +172,7 @@ async function breakStale(lockPath: string, holder: string, me: string): Promise
 }
 
 async function acquire(lockPath: string, { timeoutMs, pollMs = 50, signal }: LockOptions): Promise<() => Promise<void>> {
-  const me = `${process.pid} ${await processStartTime(process.pid)}\n`;
+  const me = `${process.pid} ${processStartTime(process.pid) ?? ''}\n`;
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     signal?.throwIfAborted(); // before a try, never after one succeeded: a lock taken is released by the caller
