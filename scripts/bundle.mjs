@@ -13,6 +13,8 @@
 //   ingest-process-main.js, io-worker.js, vmlinux-worker.js
 //                what node starts by path (the ingest child, the two worker threads), each
 //                whole in itself: they run in a process or thread of their own.
+//   code/        commands.js's compiled code, made by the node that built it, for the starts
+//                that have none kept in their cache directory yet (src/code-cache.ts)
 //
 // - cli.js and commands.js take the core's modules from core.js (require('./core.js')), never a
 //   copy: one KheadersError class, one logger module, whichever file threw.
@@ -81,7 +83,7 @@ const coreFromCoreJs = (core) => ({
 // script runs after; typed here since dist/ does not exist when the code is linted).
 /** @type {unknown} */
 const codeCache = await import(pathToFileURL(path.join(compiled, 'code-cache.js')).href);
-const { BUNDLE_WRAPPER } = /** @type {{ BUNDLE_WRAPPER: { head: string; tail: string } }} */ (codeCache);
+const { BUNDLE_WRAPPER, shipCompiledCode } = /** @type {{ BUNDLE_WRAPPER: { head: string; tail: string }; shipCompiledCode: (file: string) => Promise<string> }} */ (codeCache);
 
 await rm(outdir, { recursive: true, force: true });
 await mkdir(outdir, { recursive: true });
@@ -164,3 +166,8 @@ for (const name of await readdir(outdir)) {
 }
 
 await writeFile(path.join(outdir, 'package.json'), `${JSON.stringify({ type: 'commonjs' }, null, 2)}\n`);
+
+// 4. commands.js's code as V8 compiles it before running anything, for the starts that find none
+// kept in their cache directory (a first boot, every command but serve): src/code-cache.ts. Made
+// by this node, it serves this node only; a device's other node compiles from source, as before.
+await shipCompiledCode(path.join(outdir, 'commands.js'));

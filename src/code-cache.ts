@@ -7,6 +7,13 @@
  *   <cache>/code/<file>-<sha256 of the file, 16 hex>-<node version>-<arch>-<node build, 8 hex>.v8
  *     8 bytes magic, 32 bytes sha256 of the rest, then V8's data
  *
+ * A start that finds none there (the first boot, the first start of a new bundle, every command
+ * but serve, which alone keeps its code) takes the code compiled when the bundle was built, in
+ * the same form beside it (`<dir of the file>/code/`, shipCompiledCode): only what V8 compiles
+ * before running anything, but that is the file's parse, ~16 ms of a first boot and of an
+ * ingest here (19 against 2.7 ms for commands.js). It is used only by the node that made it
+ * (the name says which), and held to the same rule as the cache directory's.
+ *
  * What V8 is given is executable code, so it is held to the cache directory's rule and more:
  * - It is used only from a trusted place: the cache directory and code/ pass cacheDirProblem
  *   (a directory writable by its owner only, owned by this user or root), and the file is a
@@ -48,9 +55,10 @@ const TMP_SUFFIX = /\.\d+(?:-[0-9a-f]{12})?\.tmp$/;
 
 /** What became of the cache for one compile. */
 export type CodeCacheState =
-  | 'used' // V8 took the cached code
+  | 'used' // V8 took the code kept in the cache directory
+  | 'shipped' // none kept there yet: V8 took the code compiled when the bundle was built
   | 'rejected' // V8 refused it (another node, V8 flags that differ): compiled from source
-  | 'absent' // none yet for this file and this node
+  | 'absent' // none yet for this file and this node, kept or shipped
   | 'untrusted' // not in a trusted place, or not trusted itself: ignored
   | 'damaged' // its digest or magic is wrong: ignored
   | 'off'; // no cache directory was given
@@ -68,30 +76,29 @@ export interface RunBundleResult {
    * next start should find compiled is done. V8's data is taken synchronously, before this
    * returns its promise: call it before any V8 flag changes, since V8 refuses code made under
    * other flags. Resolves to false when nothing was written because the cache was used (or off).
+   * A start that ran with the shipped code keeps its own: it holds the functions the start ran.
    */
   save(): Promise<boolean>;
 }
 
-/** Compile and run `file` (CommonJS), with its compiled code from `<cacheDir>/code/` when that can be trusted. */
+/** Compile and run `file` (CommonJS), with its compiled code from `<cacheDir>/code/`, else the code shipped beside it, when that can be trusted. */
 export async function runBundle(file: string, cacheDir: string | undefined): Promise<RunBundleResult> {
   // Synchronous reads, on purpose: this runs once per process, before the command has made any
   // mount, on a file of the installation and files of the cache directory; asynchronous, its
   // seven calls cost a start ~1.5 ms more here (thread-pool round trips; marks, six starts each).
   const source = readFileSync(file);
-  const cacheFile = cacheDir === undefined ? undefined : path.join(cacheDir, CODE_DIR, cacheFileName(file, source, nodeBuild()));
-  const found: Found = cacheFile === undefined ? { state: 'off' } : readTrusted(cacheFile);
-  // The bundle is ASCII (scripts/bundle.mjs), which latin1 copies as it is; utf8 would scan it first.
-  const text = isAscii(source) ? source.toString('latin1') : source.toString('utf8');
-  const script = new Script(text.startsWith(BUNDLE_WRAPPER.head) ? text : wrapped(text), {
-    filename: file,
-    ...(found.data ? { cachedData: found.data } : {}),
-  });
-  const state: CodeCacheState = found.data ? (script.cachedDataRejected === true ? 'rejected' : 'used') : found.state;
+  const name = cacheFileName(file, source, nodeBuild());
+  const cacheFile = cacheDir === undefined ? undefined : path.join(cacheDir, CODE_DIR, name);
+  const kept: Found = cacheFile === undefined ? { state: 'off' } : readTrusted(cacheFile);
+  const shipped: Found | undefined = kept.data === undefined ? readTrusted(path.join(path.dirname(file), CODE_DIR, name)) : undefined;
+  const data = kept.data ?? shipped?.data;
+  const script = compile(file, source, data);
+  const state: CodeCacheState = data ? (script.cachedDataRejected === true ? 'rejected' : kept.data ? 'used' : 'shipped') : kept.state;
   const module = { exports: {} as unknown, filename: file, id: file, loaded: false };
   const run = script.runInThisContext() as (exports: unknown, require: NodeJS.Require, module: unknown, filename: string, dirname: string) => void;
   run.call(module.exports, module.exports, createRequire(file), module, file, path.dirname(file));
   module.loaded = true;
-  const why = state === 'rejected' ? 'V8 refused it (another node or other V8 flags)' : found.why;
+  const why = state === 'rejected' ? 'V8 refused it (another node or other V8 flags)' : (kept.why ?? shipped?.why);
   /** The save under way: the next waits for it (one exit listener at a time; two writes of the same file at once gain nothing). */
   let saving: Promise<unknown> = Promise.resolve();
   return {
@@ -107,6 +114,25 @@ export async function runBundle(file: string, cacheDir: string | undefined): Pro
       return saved;
     },
   };
+}
+
+/**
+ * Compile the bundle `file` as it was built, and keep V8's code for it beside it (in `code/`),
+ * where runBundle looks when the cache directory has none: the build's last step
+ * (scripts/bundle.mjs), run by the node that will run the bundle. Resolves to the file written.
+ */
+export async function shipCompiledCode(file: string): Promise<string> {
+  const source = readFileSync(file);
+  const shipped = path.join(path.dirname(file), CODE_DIR, cacheFileName(file, source, nodeBuild()));
+  await writeCodeCache(shipped, compile(file, source, undefined).createCachedData(), path.basename(file, '.js'));
+  return shipped;
+}
+
+/** The bundle as V8 is given it, with the code cached for it if any: one way, so that shipped code fits what runs. */
+function compile(file: string, source: Buffer, cachedData: Buffer | undefined): Script {
+  // The bundle is ASCII (scripts/bundle.mjs), which latin1 copies as it is; utf8 would scan it first.
+  const text = isAscii(source) ? source.toString('latin1') : source.toString('utf8');
+  return new Script(text.startsWith(BUNDLE_WRAPPER.head) ? text : wrapped(text), { filename: file, ...(cachedData ? { cachedData } : {}) });
 }
 
 /**

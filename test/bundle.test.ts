@@ -12,7 +12,7 @@ import { createRequire } from 'node:module';
 import path from 'node:path';
 import { test } from 'node:test';
 import { pathToFileURL } from 'node:url';
-import { BUNDLE_WRAPPER } from '../src/code-cache.js';
+import { BUNDLE_WRAPPER, cacheFileName, nodeBuild } from '../src/code-cache.js';
 import { systemdQuote } from '../src/commands/install.js';
 import { CLI, REPO_ROOT, SYNTH_RELEASE, goodArchive, runCli, tempDir } from './helpers/archives.js';
 import { request } from './helpers/http-env.js';
@@ -148,9 +148,11 @@ test('a serve start with its entry cached runs none of the lazily imported code,
   for (const s of lazy) assert.ok(first.ran.has(s), `commands.js has no module ${s} (renamed? update this test)`);
   assert.deepEqual(lazy.filter((s) => (first.ran.get(s) ?? 0) > 0), [], 'code imported lazily ran at a cached start');
 
-  // The first start compiled from source and kept the code; the second runs with it.
+  // The first start ran with the code the build shipped (scripts/bundle.mjs, made by this node)
+  // and kept its own; the second runs with that.
   const state = (log: Array<Record<string, unknown>>): unknown => log.find((l) => l['codeCache'] !== undefined)?.['codeCache'];
-  assert.equal(state(first.log), 'absent');
+  assert.deepEqual(await readdir(path.join(APP, 'code')), [cacheFileName(path.join(APP, 'commands.js'), await readFile(path.join(APP, 'commands.js')), nodeBuild())]);
+  assert.equal(state(first.log), 'shipped');
   const kept = await readdir(path.join(cacheDir, 'code'));
   assert.equal(kept.length, 1, kept.join(' '));
   assert.match(kept[0]!, /^commands-[0-9a-f]{16}-v\d+\.\d+\.\d+-\w+-[0-9a-f]{8}\.v8$/);

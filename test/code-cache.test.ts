@@ -319,3 +319,72 @@ test('code/ and its file are readable by all whatever the umask: the users who a
   assert.equal((await stat(path.join(cacheDir, CODE_DIR))).mode & 0o777, 0o755);
   assert.equal((await stat(r.cacheFile!)).mode & 0o777, 0o644);
 });
+
+/** shipCompiledCode(file) in a fresh node, as the build's last step runs it: the file it wrote. */
+async function ship(file: string): Promise<string> {
+  const program = `
+    const { shipCompiledCode } = await import(${JSON.stringify(CODE_CACHE)});
+    process.stdout.write(await shipCompiledCode(process.argv[1]));`;
+  const { stdout } = await promisify(execFile)(process.execPath, ['--input-type=module', '-e', program, file], { encoding: 'utf8' });
+  return stdout;
+}
+
+test('the code shipped beside the file runs a start whose cache directory has none; that start keeps its own, which the next start prefers', async (t) => {
+  const { file, cacheDir } = await bundleFile(t, 'a');
+  const shipped = await ship(file);
+  assert.equal(path.dirname(shipped), path.join(path.dirname(file), CODE_DIR));
+  assert.equal(path.basename(shipped), cacheFileName(file, await readFile(file), nodeBuild()));
+  const first = await runBundle(file, cacheDir, true);
+  assert.equal(first.state, 'shipped');
+  assert.deepEqual(exportsOf(first), { version: 'a', answer: 42, dir: path.dirname(file), req: 'function' });
+  // Kept in the cache directory, as after a compile from source: it holds what the start ran.
+  assert.equal(first.saved, true);
+  assert.deepEqual(await readdir(path.join(cacheDir, CODE_DIR)), [path.basename(shipped)]);
+  const second = await runBundle(file, cacheDir, true);
+  assert.equal(second.state, 'used');
+  assert.equal(second.saved, false);
+  // Without a cache directory (a command given none), the shipped code still runs it; nothing is written.
+  const off = await runBundle(file, undefined, true);
+  assert.equal(off.state, 'shipped');
+  assert.equal(off.saved, false);
+});
+
+test("shipped code is held to the same rule: another file's (same length), a damaged one, one in an untrusted place or V8's refusal each cost a compile, never what runs", async (t) => {
+  const { file, cacheDir } = await bundleFile(t, 'a');
+  const shipped = await ship(file);
+  const good = await readFile(shipped);
+
+  // The file changed after the build (same length: V8 alone would run the old code).
+  await writeFile(file, bundleSource('b'));
+  const changed = await runBundle(file, cacheDir);
+  assert.equal(changed.state, 'absent');
+  assert.equal(exportsOf(changed)['version'], 'b');
+  await writeFile(file, bundleSource('a'));
+  assert.equal((await runBundle(file, cacheDir)).state, 'shipped');
+
+  await writeFile(shipped, Buffer.concat([good.subarray(0, good.length - 10), Buffer.from([good[good.length - 10]! ^ 0xff]), good.subarray(good.length - 9)]));
+  const damaged = await runBundle(file, cacheDir);
+  assert.equal(damaged.state, 'absent');
+  assert.match(String(damaged.why), /digest/);
+  assert.equal(exportsOf(damaged)['answer'], 42);
+
+  const payload = Buffer.alloc(4096, 0x5a);
+  await writeFile(shipped, Buffer.concat([Buffer.from('KHV8CODE'), createHash('sha256').update(payload).digest(), payload]));
+  const refused = await runBundle(file, cacheDir, true);
+  assert.equal(refused.state, 'rejected');
+  assert.equal(exportsOf(refused)['answer'], 42);
+  assert.equal(refused.saved, true, 'a start V8 refused the shipped code keeps its own');
+  await rm(path.join(cacheDir, CODE_DIR), { recursive: true });
+
+  await writeFile(shipped, good);
+  await chmod(shipped, 0o666);
+  const writable = await runBundle(file, cacheDir);
+  assert.equal(writable.state, 'absent');
+  assert.match(String(writable.why), /writable by others/);
+  await chmod(shipped, 0o644);
+  await chmod(path.dirname(shipped), 0o777);
+  const openDir = await runBundle(file, cacheDir);
+  assert.equal(openDir.state, 'absent');
+  assert.match(String(openDir.why), /writable by everyone/);
+  assert.equal(exportsOf(openDir)['answer'], 42);
+});
