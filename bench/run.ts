@@ -9,7 +9,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
-const ALL = ['ingest', 'tar-parse', 'fuse', 'http', 'btf', 'footprint', 'floors'];
+const ALL = ['ingest', 'tar-parse', 'fuse', 'http', 'btf', 'footprint', 'floors', 'vm-footprint'];
 const asked = process.argv.slice(2);
 const unknown = asked.filter((name) => !ALL.includes(name));
 if (unknown.length > 0) throw new Error(`no bench ${unknown.join(', ')}; the benches are ${ALL.join(', ')}`);
