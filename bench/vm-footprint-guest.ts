@@ -43,6 +43,8 @@ export interface GuestServe {
   moduleLoadedAfter: boolean;
   /** The daemon's own words on the entry ("kernel headers ingested", "kernel unchanged"; reused). */
   outcome: string;
+  /** The build's phases (ms since it began: decoderStarted, decoded, indexed, committed, ...), when it built the entry. */
+  phasesMs?: Record<string, number>;
   cacheDir: string;
 }
 
@@ -86,10 +88,10 @@ function arg(name: string): string {
   return v;
 }
 
-/** A progress line to the host (the events port, fd 3), when this runs in the VM. */
+/** A progress line to the host (the events port, fd 3, one event per line), when this runs in the VM. */
 function say(text: string): void {
   try {
-    writeSync(3, `vmfoot ${text}\n`);
+    writeSync(3, `vmfoot ${text.replace(/\n+/g, ' | ')}\n`);
   } catch {
     process.stderr.write(`${text}\n`);
   }
@@ -151,18 +153,30 @@ async function stop(child: ChildProcess): Promise<void> {
   clearTimeout(timer);
 }
 
-/** What the daemon logged of the entry it serves: "kernel headers ingested" or "kernel unchanged", and whether it reused one. */
-function outcomeOf(logs: string): string {
+/** The daemon's JSON log lines (pino), others skipped. */
+function logLines(logs: string): Array<Record<string, unknown>> {
+  const lines: Array<Record<string, unknown>> = [];
   for (const line of logs.split('\n')) {
     if (!line.startsWith('{')) continue;
     try {
-      const o = JSON.parse(line) as { msg?: unknown; reused?: unknown };
-      if (o.msg === 'kernel headers ingested' || o.msg === 'kernel unchanged') return `${o.msg}${o.reused === true ? ', reused' : ''}`;
+      lines.push(JSON.parse(line) as Record<string, unknown>);
     } catch {
       // not a log line
     }
   }
-  return 'no ingest logged';
+  return lines;
+}
+
+/**
+ * What the daemon logged of the entry it serves: "kernel headers ingested" or "kernel unchanged"
+ * (and whether it reused one), and, when it built the entry, its "ingested" line's phasesMs.
+ */
+function outcomeOf(logs: string): { outcome: string; phasesMs?: Record<string, number> } {
+  const lines = logLines(logs);
+  const said = lines.find((o) => o['msg'] === 'kernel headers ingested' || o['msg'] === 'kernel unchanged');
+  const outcome = said ? `${String(said['msg'])}${said['reused'] === true ? ', reused' : ''}` : 'no ingest logged';
+  const phases = lines.find((o) => o['msg'] === 'ingested')?.['phasesMs'];
+  return phases !== null && typeof phases === 'object' ? { outcome, phasesMs: phases as Record<string, number> } : { outcome };
 }
 
 /** `kheadersd serve [args]` as the unit runs it: spawn → /readyz 200, the mount, idle memory, stop. */
@@ -193,8 +207,7 @@ async function serve(cli: string, nodeOptions: string, settleMs: number, cacheDi
     await sleep(Math.max(0, settleMs - (performance.now() - readyAt)));
     const idle = memoryOf(child.pid!);
     await stop(child);
-    const outcome = outcomeOf(logs);
-    return { readyMs, mountedMs, idle, moduleLoadedAfter: moduleLoaded(), outcome, cacheDir };
+    return { readyMs, mountedMs, idle, moduleLoadedAfter: moduleLoaded(), ...outcomeOf(logs), cacheDir };
   } finally {
     if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
   }

@@ -38,7 +38,7 @@ const opt = (name: string): number | undefined => {
   if (!Number.isFinite(v) || v < 0) throw new Error(`${name} needs a number, not ${args[i + 1]}`);
   return v;
 };
-const RUNS = Math.max(1, opt('--runs') ?? 3);
+const RUNS = Math.max(1, opt('--runs') ?? 4);
 const WARMUP = opt('--warmup') ?? 1;
 const SETTLE_MS = Math.max(1, opt('--settle') ?? 5) * 1000;
 const WRITE = !args.includes('--no-write');
@@ -112,6 +112,8 @@ function report(res: GuestResults, run: { bootMs: number | null; durationMs: num
   const cachedOutcomes = [...new Set(rounds.map((r) => r.cached.outcome))].join('; ');
   const unloaded = rounds.every((r) => !r.first.moduleLoadedAfter && !r.cached.moduleLoadedAfter);
   const mounted = rounds.every((r) => r.first.mountedMs !== undefined && r.cached.mountedMs !== undefined);
+  const phaseNames = [...new Set(rounds.flatMap((r) => Object.keys(r.first.phasesMs ?? {})))];
+  const phases = phaseNames.map((p) => `${p} ${ms(median(rounds.map((r) => r.first.phasesMs?.[p]).filter((v): v is number => v !== undefined)))}`).join(', ');
   const boot = run.bootMs === null ? 'n/a' : `${(run.bootMs / 1000).toFixed(1)} s`;
 
   return [
@@ -131,7 +133,7 @@ function report(res: GuestResults, run: { bootMs: number | null; durationMs: num
     '',
     `Runs (ms): cached start ${list(rounds.map((r) => r.cached.readyMs))}; first boot ${list(rounds.map((r) => r.first.readyMs))}; ingest ${list(rounds.map((r) => r.ingestMs))}; \`node -e 0\` ${list(rounds.map((r) => r.nodeMs))}; \`xz -dc\` ${list(rounds.map((r) => r.xzMs))}. Idle Private_Dirty (MiB): cached ${list(rounds.map((r) => r.cached.idle.privateDirtyKiB / 1024), 1)}; after first boot ${list(rounds.map((r) => r.first.idle.privateDirtyKiB / 1024), 1)}; node ${list(nodeMem.map((m) => m.privateDirtyKiB / 1024), 1)}.`,
     '',
-    `What the daemon did: first boots said "${firstOutcomes}", cached starts "${cachedOutcomes}"; the kheaders module was ${unloaded ? 'not loaded after any daemon run (it read the archive without loading it, or unloaded what it loaded)' : '**still loaded after some daemon run**'}. The xz reference decodes ${mib(res.archiveBytes / 1024)} from /sys/kernel/kheaders.tar.xz. The run: VM boot to the scenario ${boot}, whole run ${(run.durationMs / 1000).toFixed(0)} s wall, qemu ${(run.cpuMs / 1000).toFixed(0)} s CPU.`,
+    `What the daemon did: first boots said "${firstOutcomes}", cached starts "${cachedOutcomes}"; the kheaders module was ${unloaded ? 'not loaded after any daemon run (it read the archive without loading it, or unloaded what it loaded)' : '**still loaded after some daemon run**'}. ${phases === '' ? 'The first boots logged no build phases.' : `The first boots' build, as the daemon logged it (ms since the build began, medians): ${phases}.`} The xz reference decodes ${mib(res.archiveBytes / 1024)} from /sys/kernel/kheaders.tar.xz. The run: VM boot to the scenario ${boot}, whole run ${(run.durationMs / 1000).toFixed(0)} s wall, qemu ${(run.cpuMs / 1000).toFixed(0)} s CPU.`,
     '',
     `How: one node process in the VM spawns each command and times it with performance.now() (monotonic): whole commands spawn → exit; \`serve\` spawn → the first 200 from /readyz, polled over loopback every ${res.pollMs} ms (no process start per poll). Memory from /proc/PID/smaps_rollup (Private_Dirty, Rss) and /proc/PID/status (VmHWM), ${res.settleMs / 1000} s after ready with the mount up; the idle node's at the end of its round. The guest's environment is init's (no NODE_EXTRA_CA_CERTS).`,
     '',
