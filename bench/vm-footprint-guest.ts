@@ -11,7 +11,10 @@
  *   first boot  `serve` on an empty cache with the module unloaded (as at a device's boot):
  *               spawn → /readyz 200, then Private_Dirty/Rss SETTLE after ready, SIGTERM
  *   cached      `serve` on the cache the first first boot filled: the same figures
- *   ingest      `kheadersd ingest` into an empty cache dir, the whole process
+ *   ingest      `kheadersd ingest` into an empty cache dir, the whole process; then the same with
+ *               `--btf off`: the running kernel's entry gets vmlinux.h made from its BTF, which the
+ *               host bench's ingest (another kernel's archive) never makes, so this is the figure
+ *               to hold beside that one
  *   idle node   `node -e 'setInterval(()=>{},1e6)'`, alive the whole round: its memory at the end
  * The first first boot runs as the systemd unit does (no flags at all, the default cache
  * /var/cache/kheadersd, which the harness mounts as an empty tmpfs); the later ones get a fresh
@@ -57,6 +60,8 @@ export interface GuestRound {
   first: GuestServe;
   cached: GuestServe;
   ingestMs: number;
+  /** The same ingest with --btf off (no vmlinux.h). */
+  ingestNoBtfMs: number;
   nodeIdle: GuestMem;
 }
 
@@ -250,10 +255,13 @@ async function main(): Promise<void> {
       await mkdir(ingestDir, { mode: 0o755 });
       const ingestMs = await wall(process.execPath, [cli, 'ingest', '--cache-dir', ingestDir, '--log-level', 'warn']);
       await rm(ingestDir, { recursive: true, force: true });
+      await mkdir(ingestDir, { mode: 0o755 });
+      const ingestNoBtfMs = await wall(process.execPath, [cli, 'ingest', '--cache-dir', ingestDir, '--btf', 'off', '--log-level', 'warn']);
+      await rm(ingestDir, { recursive: true, force: true });
       setModule(false);
       const nodeIdle = memoryOf(idleNode.pid!);
-      rounds.push({ round: r, warmup: r < 0, nodeMs, xzMs, first, cached, ingestMs, nodeIdle });
-      say(`${label}: node -e 0 ${nodeMs.toFixed(0)} ms, xz -dc ${xzMs.toFixed(0)} ms, first boot ${first.readyMs.toFixed(0)} ms (${first.outcome}), cached ${cached.readyMs.toFixed(0)} ms (${cached.outcome}), ingest ${ingestMs.toFixed(0)} ms`);
+      rounds.push({ round: r, warmup: r < 0, nodeMs, xzMs, first, cached, ingestMs, ingestNoBtfMs, nodeIdle });
+      say(`${label}: node -e 0 ${nodeMs.toFixed(0)} ms, xz -dc ${xzMs.toFixed(0)} ms, first boot ${first.readyMs.toFixed(0)} ms (${first.outcome}), cached ${cached.readyMs.toFixed(0)} ms (${cached.outcome}), ingest ${ingestMs.toFixed(0)} ms (--btf off ${ingestNoBtfMs.toFixed(0)} ms)`);
     } finally {
       await stop(idleNode);
     }

@@ -38,7 +38,7 @@ const opt = (name: string): number | undefined => {
   if (!Number.isFinite(v) || v < 0) throw new Error(`${name} needs a number, not ${args[i + 1]}`);
   return v;
 };
-const RUNS = Math.max(1, opt('--runs') ?? 4);
+const RUNS = Math.max(1, opt('--runs') ?? 3);
 const WARMUP = opt('--warmup') ?? 1;
 const SETTLE_MS = Math.max(1, opt('--settle') ?? 5) * 1000;
 const WRITE = !args.includes('--no-write');
@@ -104,6 +104,8 @@ function report(res: GuestResults, run: { bootMs: number | null; durationMs: num
   const cachedRatios = rounds.map((r) => r.cached.readyMs / r.nodeMs);
   const firstRatios = rounds.map((r) => r.first.readyMs / (r.nodeMs + r.xzMs));
   const ingestRatios = rounds.map((r) => r.ingestMs / r.xzMs);
+  const ingestNoBtf = median(rounds.map((r) => r.ingestNoBtfMs));
+  const noBtfRatios = rounds.map((r) => r.ingestNoBtfMs / r.xzMs);
   const nodeMem = rounds.map((r) => r.nodeIdle);
   const warm = memRows('cached', rounds.map((r) => r.cached.idle), nodeMem);
   const fresh = memRows('first', rounds.map((r) => r.first.idle), nodeMem);
@@ -119,7 +121,7 @@ function report(res: GuestResults, run: { bootMs: number | null; durationMs: num
   return [
     '## Footprint inside the real-kernel VM (qemu TCG): ratios to node itself, as on a device',
     '',
-    `Kernel ${res.release} (../shared/kernels/${X86_KERNELS.a}, CONFIG_IKHEADERS=m, not loaded at the start) booted once under qemu TCG (${res.cpus} vCPUs, ${mib(res.memTotalKiB)}), this machine's / as its root over 9p, the cache on tmpfs; node ${res.node}. The daemon finds the archive itself, as on a device: ${obtainedOf(res.sources)}. \`serve\` runs as the systemd unit does (no flags, \`NODE_OPTIONS=${shipped}\`, FUSE mount at /run/kheaders${mounted ? '' : ' — **not mounted in every round**'}, HTTP 127.0.0.1:7711); each round: \`node -e 0\`, \`xz -dc /sys/kernel/kheaders.tar.xz\` (module loaded for it, unloaded after), first boot (empty cache, module unloaded), cached start, \`ingest\` into an empty cache dir, with an idle \`node -e 'setInterval(()=>{},1e6)'\` alive throughout. ${rounds.length} rounds after ${res.rounds.length - rounds.length} warm-up; medians. Host: ${machineLine()}; load average at the end ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}. TCG makes the guest ~10× slower and unevenly so: **read the ratios and the memory, not the absolute times.**`,
+    `Kernel ${res.release} (../shared/kernels/${X86_KERNELS.a}, CONFIG_IKHEADERS=m, not loaded at the start) booted once under qemu TCG (${res.cpus} vCPUs, ${mib(res.memTotalKiB)}), this machine's / as its root over 9p, the cache on tmpfs; node ${res.node}. The daemon finds the archive itself, as on a device: ${obtainedOf(res.sources)}. \`serve\` runs as the systemd unit does (no flags, \`NODE_OPTIONS=${shipped}\`, FUSE mount at /run/kheaders${mounted ? '' : ' — **not mounted in every round**'}, HTTP 127.0.0.1:7711); each round: \`node -e 0\`, \`xz -dc /sys/kernel/kheaders.tar.xz\` (module loaded for it, unloaded after), first boot (empty cache, module unloaded), cached start, \`ingest\` into an empty cache dir (then again with \`--btf off\`), with an idle \`node -e 'setInterval(()=>{},1e6)'\` alive throughout. ${rounds.length} rounds after ${res.rounds.length - rounds.length} warm-up; medians. Host: ${machineLine()}; load average at the end ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}. TCG makes the guest ~10× slower and unevenly so: **read the ratios and the memory, not the absolute times.** Unlike bench/footprint's, the archive here is the running kernel's, so a first boot and \`ingest\` also make vmlinux.h from its BTF (on a worker thread, beside xz and the indexing, on 2 vCPUs), as a device does.`,
     '',
     '| figure (in the VM) | kheadersd | reference (same rounds) | ratio | goal (as bench/footprint) |',
     '| --- | ---: | ---: | ---: | --- |',
@@ -130,8 +132,9 @@ function report(res: GuestResults, run: { bootMs: number | null; durationMs: num
     ...(cachedMounted.length > 0 ? [`| the same starts, spawn → "mounted" logged | ${ms(median(cachedMounted))} | \`node -e 0\`: ${ms(nodeW)} | ${x(median(cachedMounted), nodeW)} | |`] : []),
     `| \`serve\` start → /readyz 200, first boot (empty cache): wall | ${ms(first)} | \`node -e 0\` + \`xz -dc\`: ${ms(nodeW + xzW)} | ${x(first, nodeW + xzW)} (per round: ${list(firstRatios, 2)}) | ≤ node + 1.3 × xz = ${ms(firstGoal)} (${x(first, firstGoal)} of it): ${verdict(first <= firstGoal)} |`,
     `| \`kheadersd ingest\` into an empty cache dir, whole process: wall | ${ms(ingest)} | \`xz -dc\`: ${ms(xzW)} | ${x(ingest, xzW)} (per round: ${list(ingestRatios, 2)}) | ≤ 1.5×: ${verdict(ingest <= 1.5 * xzW)} |`,
+    `| the same with \`--btf off\` (no vmlinux.h, like bench/footprint's ingest, whose archive is not the running kernel's) | ${ms(ingestNoBtf)} | \`xz -dc\`: ${ms(xzW)} | ${x(ingestNoBtf, xzW)} (per round: ${list(noBtfRatios, 2)}) | |`,
     '',
-    `Runs (ms): cached start ${list(rounds.map((r) => r.cached.readyMs))}; first boot ${list(rounds.map((r) => r.first.readyMs))}; ingest ${list(rounds.map((r) => r.ingestMs))}; \`node -e 0\` ${list(rounds.map((r) => r.nodeMs))}; \`xz -dc\` ${list(rounds.map((r) => r.xzMs))}. Idle Private_Dirty (MiB): cached ${list(rounds.map((r) => r.cached.idle.privateDirtyKiB / 1024), 1)}; after first boot ${list(rounds.map((r) => r.first.idle.privateDirtyKiB / 1024), 1)}; node ${list(nodeMem.map((m) => m.privateDirtyKiB / 1024), 1)}.`,
+    `Runs (ms): cached start ${list(rounds.map((r) => r.cached.readyMs))}; first boot ${list(rounds.map((r) => r.first.readyMs))}; ingest ${list(rounds.map((r) => r.ingestMs))} (\`--btf off\` ${list(rounds.map((r) => r.ingestNoBtfMs))}); \`node -e 0\` ${list(rounds.map((r) => r.nodeMs))}; \`xz -dc\` ${list(rounds.map((r) => r.xzMs))}. Idle Private_Dirty (MiB): cached ${list(rounds.map((r) => r.cached.idle.privateDirtyKiB / 1024), 1)}; after first boot ${list(rounds.map((r) => r.first.idle.privateDirtyKiB / 1024), 1)}; node ${list(nodeMem.map((m) => m.privateDirtyKiB / 1024), 1)}.`,
     '',
     `What the daemon did: first boots said "${firstOutcomes}", cached starts "${cachedOutcomes}"; the kheaders module was ${unloaded ? 'not loaded after any daemon run (it read the archive without loading it, or unloaded what it loaded)' : '**still loaded after some daemon run**'}. ${phases === '' ? 'The first boots logged no build phases.' : `The first boots' build, as the daemon logged it (ms since the build began, medians): ${phases}.`} The xz reference decodes ${mib(res.archiveBytes / 1024)} from /sys/kernel/kheaders.tar.xz. The run: VM boot to the scenario ${boot}, whole run ${(run.durationMs / 1000).toFixed(0)} s wall, qemu ${(run.cpuMs / 1000).toFixed(0)} s CPU.`,
     '',
