@@ -2,8 +2,9 @@
  * The inside of bench/vm-footprint.ts: runs in the VM (a real kernel under qemu TCG, this
  * machine's / as its root), started by the scenario as `node vm-footprint-guest.js …`. One node
  * process does all the timing: it spawns each command, times it with performance.now() (the
- * monotonic clock) and polls /readyz itself over loopback every POLL_MS, so no process start
- * (a curl, a date) is added to what it measures; under TCG one costs a good part of a second.
+ * monotonic clock) and polls /readyz itself over loopback every POLL_MS (once the port listens:
+ * see listensOn), so no process start (a curl, a date) is added to what it measures; under TCG
+ * one costs a good part of a second.
  *
  * No --archive anywhere: the daemon finds the running kernel's archive itself, as on a device.
  * Each round, interleaved:
@@ -81,10 +82,11 @@ export interface GuestResults {
 }
 
 const POLL_MS = 10;
+const HTTP_PORT = 7711;
 const READY_TIMEOUT_MS = 300_000;
 const DEFAULT_CACHE = '/var/cache/kheadersd';
 const LIVE_ARCHIVE = '/sys/kernel/kheaders.tar.xz';
-const READYZ = 'http://127.0.0.1:7711/readyz';
+const READYZ = `http://127.0.0.1:${HTTP_PORT}/readyz`;
 
 function arg(name: string): string {
   const i = process.argv.indexOf(name);
@@ -134,6 +136,24 @@ function setModule(loaded: boolean): void {
   if (moduleLoaded() === loaded) return;
   const r = spawnSync('modprobe', loaded ? ['kheaders'] : ['-r', 'kheaders'], { encoding: 'utf8' });
   if (r.status !== 0 || moduleLoaded() !== loaded) throw new Error(`modprobe ${loaded ? '' : '-r '}kheaders failed (${r.status}): ${r.stderr}`);
+}
+
+/**
+ * Whether a socket listens on 127.0.0.1:`port` (or any address), from /proc/net/tcp. Nothing can
+ * answer /readyz before that, and a first boot listens only once it has ingested: polling by
+ * connecting all that time would cost the guest a refused connect (a socket, an error through
+ * libuv and JS) every POLL_MS, CPU taken under TCG from xz, the build and vmlinux.h on 2 vCPUs.
+ * Reading this file is one small read. (Not the daemon's "HTTP listening" log line: serve holds
+ * its lines until it is ready.)
+ */
+function listensOn(port: number): boolean {
+  const hexPort = `:${port.toString(16).toUpperCase().padStart(4, '0')}`;
+  return readFileSync('/proc/net/tcp', 'utf8')
+    .split('\n')
+    .some((line) => {
+      const f = line.trim().split(/\s+/);
+      return f[1]?.endsWith(hexPort) === true && f[3] === '0A'; // 0A: TCP_LISTEN
+    });
 }
 
 function statusOf(url: string): Promise<number> {
@@ -192,6 +212,7 @@ async function serve(cli: string, nodeOptions: string, settleMs: number, cacheDi
   const child = spawn(process.execPath, [cli, 'serve', ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, NODE_OPTIONS: nodeOptions } });
   let mountedMs: number | undefined;
   let noMount = false;
+  let listening = false;
   const onLog = (s: string): void => {
     logs += s;
     if (mountedMs === undefined && logs.includes('"msg":"mounted"')) mountedMs = performance.now() - started;
@@ -202,7 +223,9 @@ async function serve(cli: string, nodeOptions: string, settleMs: number, cacheDi
   try {
     for (;;) {
       if (child.exitCode !== null) throw new Error(`serve exited ${child.exitCode} before /readyz answered 200:\n${logs}`);
-      if ((await statusOf(READYZ)) === 200) break;
+      // Until the port listens, a look at /proc/net/tcp instead of a connect: see listensOn.
+      listening ||= listensOn(HTTP_PORT);
+      if (listening && (await statusOf(READYZ)) === 200) break;
       if (performance.now() - started > READY_TIMEOUT_MS) throw new Error(`serve not ready after ${READY_TIMEOUT_MS / 1000} s:\n${logs}`);
       await sleep(POLL_MS);
     }
