@@ -13,7 +13,7 @@
  * the medians and ratios are computed here. A warm-up round (discarded) first reads node, xz and
  * the daemon's code over the 9p root into the guest's page cache, as the host bench's warm-up does.
  *
- * Reproduce: npm run build && flock /work/bench.lock node dist/bench/vm-footprint.js
+ * Reproduce: npm run build && node dist/bench/vm-footprint.js
  *            [--runs N] [--warmup N] [--settle S] [--no-write]     (or npm run bench -- vm-footprint)
  */
 import { existsSync } from 'node:fs';
@@ -140,7 +140,7 @@ function report(res: GuestResults, run: { bootMs: number | null; durationMs: num
     '',
     `How: one node process in the VM spawns each command and times it with performance.now() (monotonic): whole commands spawn → exit; \`serve\` spawn → the first 200 from /readyz, polled over loopback every ${res.pollMs} ms once /proc/net/tcp shows the port listening (looked at every ${res.pollMs} ms before: under TCG a refused connect every ${res.pollMs} ms would take CPU from a first boot's ingest; no process start per poll). Memory from /proc/PID/smaps_rollup (Private_Dirty, Rss) and /proc/PID/status (VmHWM), ${res.settleMs / 1000} s after ready with the mount up; the idle node's at the end of its round. The guest's environment is init's (no NODE_EXTRA_CA_CERTS).`,
     '',
-    'Reproduce: `npm run build && flock /work/bench.lock node dist/bench/vm-footprint.js` (`--runs N`, `--warmup N`, `--settle S`, `--no-write`), or `npm run bench -- vm-footprint`.',
+    'Reproduce: `npm run build && node dist/bench/vm-footprint.js` (`--runs N`, `--warmup N`, `--settle S`, `--no-write`), or `npm run bench -- vm-footprint`.',
   ].join('\n');
 }
 
