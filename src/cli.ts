@@ -198,8 +198,8 @@ const COMMANDS: ReadonlyArray<CommandSpec<Run>> = [
           const { StopRequest, startDaemon, installSignalHandlers } = await loadCommand('serve', cfg.cacheDir, io.log);
           const stopRequest = new StopRequest();
           // The start's lines are held until it is ready, fails, is stopped or waits on a build
-          // (ingest-process.ts warms the logger then, or once the daemon's own xz has exited),
-          // and for at most START_LINES_HELD_MS: pino loads then.
+          // (ingest-process.ts warms the logger then, unless the daemon runs xz itself), and for
+          // at most START_LINES_HELD_MS: pino loads then.
           const release = (): void => releaseLogger(io.log);
           stopRequest.signal.addEventListener('abort', release, { once: true });
           const latest = setTimeout(release, START_LINES_HELD_MS);

@@ -131,7 +131,7 @@ test('serve killed (-9) while its own xz decodes: xz stops, nothing holds a file
   const cache = path.join(dir, 'cache');
   const tmpDir = path.join(cache, 'tmp');
   const d = startServe(t, ['--archive', b.archive, '--release', b.release, '--cache-dir', cache, '--btf', 'off', '--decoder', 'xz', '--mount', 'off', '--http', '127.0.0.1:0', '--log-level', 'debug']);
-  // Logged at once, but written when the start's lines are released (xz's exit, or 1 s in).
+  // Logged at once, but written when the start's lines are released (at ready, or 1 s in).
   await d.waitFor((l) => l.msg === STAGED, 'xz started in the daemon');
   await growingPack(tmpDir, d, 4 * 1024 * 1024);
   d.child.kill('SIGKILL');

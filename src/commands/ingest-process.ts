@@ -148,11 +148,10 @@ export function startIngestProcess(cfg: Config, io: CommandIO, node = process.ex
       });
     }
     // The daemon now waits on the child: the moment for pino to load (and serve's held start
-    // lines to be written). With the daemon's own xz, only once xz has exited: until then this
-    // thread feeds xz its input through a pipe, and pino's load (~50 ms of this thread in one
-    // piece) starved it (a first boot, interleaved: paired 0.939 with the load moved here).
-    if (staged) void staged.decoder.whenExited().then(() => warmLogger(io.log));
-    else setImmediate(() => warmLogger(io.log));
+    // lines to be written). Not with the daemon's own xz: this thread feeds xz its input through
+    // a pipe, and pino's load (~50 ms of it in one piece) starved xz; loaded when xz has exited,
+    // it held up the child's answer instead. The start's lines then wait for ready (cli.ts).
+    if (!staged) setImmediate(() => warmLogger(io.log));
     return settled;
   };
   return {
