@@ -26,13 +26,15 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { CLI, goodArchive } from '../test/helpers/archives.js';
-import { freePort, statusOf } from './probe.js';
+import { freePort, statusOf, stopChild } from './probe.js';
 import { envNote, machineLine, median, useDeviceLikeEnvironment, writeSection } from './report.js';
 
 const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const FIXTURE = path.resolve(REPO, '../shared/fixtures/kheaders-6.1-x86_64.tar.xz');
 const TIME = '/usr/bin/time';
 const LIVE_BTF = '/sys/kernel/btf/vmlinux';
+/** A stopped daemon that has not exited by then is killed. */
+const KILL_AFTER_MS = 15_000;
 
 const args = process.argv.slice(2);
 const opt = (name: string): number | undefined => {
@@ -151,15 +153,6 @@ async function startServe(serveArgs: string[], nodeOptions: string, mount?: { di
   return { child, ready, mountedMs: await listed, logs: () => logs };
 }
 
-async function stopChild(child: ChildProcess): Promise<void> {
-  if (child.exitCode !== null || child.signalCode !== null) return;
-  const closed = new Promise((r) => child.once('close', r));
-  child.kill('SIGTERM');
-  const timer = setTimeout(() => child.kill('SIGKILL'), 15_000);
-  await closed;
-  clearTimeout(timer);
-}
-
 /** Wait until the FUSE mount is up (the daemon logs it), so idle memory includes it. */
 async function mounted(served: Served): Promise<boolean> {
   for (let i = 0; i < 600; i++) {
@@ -238,7 +231,7 @@ async function main(): Promise<void> {
         await new Promise((r) => setTimeout(r, SETTLE_MS));
         const mServe = await memoryOf(served.child.pid!);
         if (keep) (asShipped ? idle : idlePlain).push(mServe);
-        await stopChild(served.child);
+        await stopChild(served.child, KILL_AFTER_MS);
       }
       // The same daemon idle after it ingested on its own start (an empty cache: a new kernel's first boot).
       const emptyIdle = await mkdtemp(path.join(root, 'first-idle-'));
@@ -246,24 +239,24 @@ async function main(): Promise<void> {
       if (fuseOk) await mounted(fresh);
       await new Promise((r) => setTimeout(r, SETTLE_MS));
       if (keep) idleFirst.push(await memoryOf(fresh.child.pid!));
-      await stopChild(fresh.child);
+      await stopChild(fresh.child, KILL_AFTER_MS);
       await rm(emptyIdle, { recursive: true, force: true });
       if (keep) nodeIdle.push(await memoryOf(idleNode.pid!));
-      await stopChild(idleNode);
+      await stopChild(idleNode, KILL_AFTER_MS);
       // The floor: node with the shipped flags, fastify listening and the daemon's modules
       // loaded, serving nothing: what any daemon built from these parts costs before its data.
       const floorProc = spawn(process.execPath, ['--input-type=module', '-e', FLOOR_SCRIPT], { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, NODE_OPTIONS: shipped }, cwd: REPO });
       await new Promise((r) => floorProc.stdout.once('data', r));
       await new Promise((r) => setTimeout(r, SETTLE_MS));
       if (keep) floor.push(await memoryOf(floorProc.pid!));
-      await stopChild(floorProc);
+      await stopChild(floorProc, KILL_AFTER_MS);
 
       // References, then first boot and ingest on empty caches.
       const n = await timed([process.execPath, '-e', '0']);
       const z = await timed(['xz', '-dc', archive]);
       const emptyFirst = await mkdtemp(path.join(root, 'first-'));
       const boot = await startServe(serveArgs(emptyFirst, false), shipped);
-      await stopChild(boot.child);
+      await stopChild(boot.child, KILL_AFTER_MS);
       const emptyIngest = await mkdtemp(path.join(root, 'ingest-'));
       const ing = await timed([process.execPath, ...ingestArgs(emptyIngest, release)]);
       await rm(emptyFirst, { recursive: true, force: true });

@@ -1,7 +1,8 @@
 /**
- * Probes the start-up benches share: a free loopback port to give a server, and the status of one
- * GET (0 while nothing answers), to poll a starting server until it is ready.
+ * Probes the start-up benches share: a free loopback port to give a server, the status of one
+ * GET (0 while nothing answers), to poll a starting server until it is ready, and its stop.
  */
+import type { ChildProcess } from 'node:child_process';
 import http from 'node:http';
 import net from 'node:net';
 
@@ -25,4 +26,14 @@ export function statusOf(url: string): Promise<number> {
     req.on('error', () => resolve(0));
     req.setTimeout(2000, () => req.destroy());
   });
+}
+
+/** SIGTERM `child` and wait for it to close; SIGKILL it if it has not after `killAfterMs`. */
+export async function stopChild(child: ChildProcess, killAfterMs: number): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const closed = new Promise((r) => child.once('close', r));
+  child.kill('SIGTERM');
+  const timer = setTimeout(() => child.kill('SIGKILL'), killAfterMs);
+  await closed;
+  clearTimeout(timer);
 }

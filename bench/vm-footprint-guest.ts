@@ -24,11 +24,12 @@
  * Writes every figure, per round, to --out (JSON), and progress lines to fd 3 (the VM's events
  * port) when it is open. Exits non-zero, saying why, when anything fails: the host then throws.
  */
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, readFileSync, writeSync } from 'node:fs';
 import { mkdir, readFile, rm, writeFile } from 'node:fs/promises';
 import http from 'node:http';
 import os from 'node:os';
+import { stopChild } from './probe.js';
 
 export interface GuestMem {
   privateDirtyKiB: number;
@@ -169,15 +170,6 @@ function statusOf(url: string): Promise<number> {
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
-async function stop(child: ChildProcess): Promise<void> {
-  if (child.exitCode !== null || child.signalCode !== null) return;
-  const closed = new Promise((r) => child.once('close', r));
-  child.kill('SIGTERM');
-  const timer = setTimeout(() => child.kill('SIGKILL'), 60_000);
-  await closed;
-  clearTimeout(timer);
-}
-
 /** The daemon's JSON log lines (pino), others skipped. */
 function logLines(logs: string): Array<Record<string, unknown>> {
   const lines: Array<Record<string, unknown>> = [];
@@ -234,7 +226,7 @@ async function serve(cli: string, nodeOptions: string, settleMs: number, cacheDi
     while (mountedMs === undefined && !noMount && performance.now() - readyAt < 120_000) await sleep(50);
     await sleep(Math.max(0, settleMs - (performance.now() - readyAt)));
     const idle = memoryOf(child.pid!);
-    await stop(child);
+    await stopChild(child, 60_000);
     return { readyMs, mountedMs, idle, moduleLoadedAfter: moduleLoaded(), ...outcomeOf(logs), cacheDir };
   } finally {
     if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
@@ -286,7 +278,7 @@ async function main(): Promise<void> {
       rounds.push({ round: r, warmup: r < 0, nodeMs, xzMs, first, cached, ingestMs, ingestNoBtfMs, nodeIdle });
       say(`${label}: node -e 0 ${nodeMs.toFixed(0)} ms, xz -dc ${xzMs.toFixed(0)} ms, first boot ${first.readyMs.toFixed(0)} ms (${first.outcome}), cached ${cached.readyMs.toFixed(0)} ms (${cached.outcome}), ingest ${ingestMs.toFixed(0)} ms (--btf off ${ingestNoBtfMs.toFixed(0)} ms)`);
     } finally {
-      await stop(idleNode);
+      await stopChild(idleNode, 60_000);
     }
   }
   // Absent or unreadable: the report then says "not recorded".
